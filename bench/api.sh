@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# API throughput benchmark: the gateway end to end against a bare hyper server (DESIGN.md section 7).
+#
+# wrk drives POST /v1/verifications, a new valid phone number every request, over keep-alive
+# connections, first through the whole gateway pipeline to the loadgen sink (a fast fake HTTP
+# carrier), then against `loadgen bare`, which answers 202 and does no work.
+# It prints requests/s, p50, p99 and errors for both, their ratio, and how many of the SMS the
+# gateway accepted reached the sink.
+# It exits non-zero if any request failed or any SMS was lost or duplicated.
+#
+# Settings, from the environment: DURATION (default 10s), CONNECTIONS (64), THREADS (1),
+# SKIP_BUILD (set it to reuse the release binaries), KEEP_WORK_DIR (set it to keep the logs).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+TARGET_RATIO=0.33
+
+# Runs wrk against one server and sets RPS, P50_MS, P99_MS, N_REQUESTS, N_NON_2XX and
+# N_SOCKET_ERRORS from the line the Lua script prints.
+# Usage: run_wrk NAME ADDR
+run_wrk() {
+    local name=$1 addr=$2
+    say "wrk -t$THREADS -c$CONNECTIONS -d$DURATION against $name"
+    wrk "-t$THREADS" "-c$CONNECTIONS" "-d$DURATION" -s "$BENCH_DIR/verifications.lua" \
+        "http://$addr/v1/verifications" >"$WORK_DIR/wrk-$name.txt"
+    local result
+    result=$(grep '^wrk-result ' "$WORK_DIR/wrk-$name.txt") || die "wrk printed no result"
+    # Reads one key=value field of the result line.
+    field() { echo "$result" | tr ' ' '\n' | awk -F= -v key="$1" '$1 == key { print $2 }'; }
+    local requests duration_us p50_us p99_us
+    requests=$(field requests)
+    duration_us=$(field duration_us)
+    p50_us=$(field p50_us)
+    p99_us=$(field p99_us)
+    N_REQUESTS=$requests
+    RPS=$(awk -v n="$requests" -v us="$duration_us" 'BEGIN { printf "%.0f", n / (us / 1e6) }')
+    P50_MS=$(awk -v us="$p50_us" 'BEGIN { printf "%.2f", us / 1000 }')
+    P99_MS=$(awk -v us="$p99_us" 'BEGIN { printf "%.2f", us / 1000 }')
+    N_NON_2XX=$(field status)
+    N_SOCKET_ERRORS=$(($(field connect) + $(field read) + $(field write) + $(field timeout)))
+}
+
+ensure_wrk
+build_release
+for binary in otpgate loadgen; do
+    [[ -x "$BIN/$binary" ]] || die "$BIN/$binary is missing; build it or unset SKIP_BUILD"
+done
+
+# The gateway end to end. The sink gets one worker thread: it is part of the pipeline being
+# measured, and on a small machine a second thread only adds scheduling overhead.
+start_loadgen_server sink sink --worker-threads 1
+SINK_ADDR=$LOADGEN_ADDR
+SINK_PID=${STARTED_PIDS[-1]}
+start_gateway "$SINK_ADDR"
+run_wrk gateway "$GATEWAY_ADDR"
+GATEWAY_RPS=$RPS GATEWAY_P50=$P50_MS GATEWAY_P99=$P99_MS
+GATEWAY_ERRORS=$((N_NON_2XX + N_SOCKET_ERRORS))
+GATEWAY_ANSWERED_2XX=$((N_REQUESTS - N_NON_2XX))
+GATEWAY_DETAIL="non-2xx $N_NON_2XX, socket errors $N_SOCKET_ERRORS"
+say "waiting for the queue to drain to the sink"
+wait_for_sink "$SINK_ADDR"
+DISTINCT=$(sink_stat "$SINK_ADDR" distinct_message_ids)
+BAD_REQUESTS=$(sink_stat "$SINK_ADDR" bad_requests)
+stop_pid "$GATEWAY_PID"
+stop_pid "$SINK_PID"
+
+# The bare server, alone on the machine like the gateway was.
+start_loadgen_server bare bare
+BARE_PID=${STARTED_PIDS[-1]}
+run_wrk bare "$LOADGEN_ADDR"
+BARE_RPS=$RPS BARE_P50=$P50_MS BARE_P99=$P99_MS
+BARE_ERRORS=$((N_NON_2XX + N_SOCKET_ERRORS))
+BARE_DETAIL="non-2xx $N_NON_2XX, socket errors $N_SOCKET_ERRORS"
+stop_pid "$BARE_PID"
+
+RATIO=$(awk -v a="$GATEWAY_RPS" -v b="$BARE_RPS" 'BEGIN { printf "%.3f", a / b }')
+RATIO_MET=$(awk -v r="$RATIO" -v t="$TARGET_RATIO" 'BEGIN { print (r >= t) ? "met" : "NOT met" }')
+
+echo
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION, POST /v1/verifications"
+printf '%-8s %12s %10s %10s %8s\n' target requests/s p50 p99 errors
+printf '%-8s %12s %7s ms %7s ms %8s  (%s)\n' \
+    gateway "$GATEWAY_RPS" "$GATEWAY_P50" "$GATEWAY_P99" "$GATEWAY_ERRORS" "$GATEWAY_DETAIL"
+printf '%-8s %12s %7s ms %7s ms %8s  (%s)\n' \
+    bare "$BARE_RPS" "$BARE_P50" "$BARE_P99" "$BARE_ERRORS" "$BARE_DETAIL"
+echo "ratio gateway/bare: $RATIO (target >= $TARGET_RATIO: $RATIO_MET)"
+echo "SMS at sink: $DELIVERED of $ACCEPTED accepted" \
+    "(distinct message ids $DISTINCT, bad requests $BAD_REQUESTS;" \
+    "wrk counted $GATEWAY_ANSWERED_2XX 2xx answers and does not count requests in flight when it stops)"
+
+failed=0
+if ((GATEWAY_ERRORS > 0 || BARE_ERRORS > 0)); then
+    echo "FAIL: requests failed" >&2
+    failed=1
+fi
+if ((ACCEPTED == 0 || DELIVERED != ACCEPTED || DISTINCT != ACCEPTED || BAD_REQUESTS > 0)); then
+    echo "FAIL: SMS lost, duplicated or malformed" >&2
+    failed=1
+fi
+exit "$failed"

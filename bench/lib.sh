@@ -1,0 +1,213 @@
+# Helpers shared by the benchmark scripts in this directory; source it, don't run it.
+#
+# Every process a script starts through these helpers is recorded and stopped by PID on exit,
+# and every file goes into one temporary directory that is removed on exit.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_DIR="$ROOT/bench"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+WORK_DIR=$(mktemp -d -t otpgate-bench.XXXXXX)
+STARTED_PIDS=()
+
+# Stops every process this script started, then removes the temporary directory.
+cleanup() {
+    local pid
+    for pid in "${STARTED_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${STARTED_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ -n "${KEEP_WORK_DIR:-}" ]]; then
+        echo "logs kept in $WORK_DIR" >&2
+    else
+        rm -rf "$WORK_DIR"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Prints a message on stderr and exits non-zero.
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+# Prints a progress message on stderr, so stdout holds only results.
+say() {
+    echo "== $*" >&2
+}
+
+# Installs wrk from Debian's packages when it is missing.
+ensure_wrk() {
+    if command -v wrk >/dev/null; then
+        return
+    fi
+    say "installing wrk"
+    local sudo=""
+    if [[ $(id -u) -ne 0 ]]; then
+        sudo="sudo"
+    fi
+    $sudo apt-get update -qq >&2
+    $sudo apt-get install -y -qq wrk >&2
+}
+
+# Builds the release binaries of the gateway and loadgen, unless SKIP_BUILD is set.
+build_release() {
+    if [[ -n "${SKIP_BUILD:-}" ]]; then
+        return
+    fi
+    say "building release binaries"
+    (cd "$ROOT" && cargo build --release -p gateway -p loadgen) >&2
+}
+
+# Sets FREE_PORT to a TCP port on 127.0.0.1 that nothing listens on and that this script has not
+# handed out before (it sets a variable rather than printing, since a subshell would forget that).
+# Another process could still take it before the gateway binds it; the gateway would then fail to
+# start, and the script says so.
+HANDED_OUT_PORTS=" "
+free_port() {
+    local port
+    for _ in $(seq 1 100); do
+        port=$((20000 + RANDOM % 40000))
+        if [[ "$HANDED_OUT_PORTS" != *" $port "* ]] && [[ -z $(ss -Htln "sport = :$port") ]]; then
+            HANDED_OUT_PORTS+="$port "
+            FREE_PORT=$port
+            return
+        fi
+    done
+    die "no free port found"
+}
+
+# Starts `loadgen SUBCOMMAND` on port 0 and sets LOADGEN_ADDR to the address it prints.
+# Usage: start_loadgen_server NAME SUBCOMMAND [FLAG...]
+start_loadgen_server() {
+    local name=$1 subcommand=$2
+    shift 2
+    "$BIN/loadgen" "$subcommand" --listen 127.0.0.1:0 "$@" \
+        >"$WORK_DIR/$name.out" 2>"$WORK_DIR/$name.err" &
+    STARTED_PIDS+=("$!")
+    local pid=$!
+    for _ in $(seq 1 100); do
+        if [[ -s "$WORK_DIR/$name.out" ]]; then
+            LOADGEN_ADDR=$(head -n 1 "$WORK_DIR/$name.out" | awk '{ print $3 }')
+            return
+        fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    cat "$WORK_DIR/$name.err" >&2
+    die "loadgen $subcommand did not start"
+}
+
+# Stops a process this script started and waits for it.
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# Writes a gateway configuration for benchmarks: no auth on loopback, no per-IP limit,
+# a queue large enough for any run, and one HTTP carrier (the sink) paced far above what the
+# machine can send.
+# Usage: write_gateway_config FILE LISTEN ADMIN_LISTEN SINK_ADDR
+write_gateway_config() {
+    cat >"$1" <<TOML
+listen = "$2"
+admin_listen = "$3"
+max_connections = 10000
+
+[verification]
+code_ttl_secs = 600
+
+[limits]
+phone_sends = [{ max = 1, per_secs = 30 }]
+ip_sends = []
+failed_checks_per_phone = { max = 100, per_secs = 86400 }
+countries = []
+
+[queue]
+capacity = 2000000
+
+[[carriers]]
+name = "sink"
+kind = "http"
+url = "http://$4/sms"
+pace_per_sec = 1000000
+window = 256
+timeout_ms = 5000
+TOML
+}
+
+# Starts the gateway with a fresh configuration pointing at the sink at SINK_ADDR,
+# waits until /readyz answers 200, and sets GATEWAY_PID, GATEWAY_ADDR and ADMIN_ADDR.
+# Usage: start_gateway SINK_ADDR
+start_gateway() {
+    free_port
+    GATEWAY_ADDR="127.0.0.1:$FREE_PORT"
+    free_port
+    ADMIN_ADDR="127.0.0.1:$FREE_PORT"
+    local config="$WORK_DIR/otpgate.toml"
+    write_gateway_config "$config" "$GATEWAY_ADDR" "$ADMIN_ADDR" "$1"
+    "$BIN/otpgate" --config "$config" >"$WORK_DIR/gateway.out" 2>"$WORK_DIR/gateway.err" &
+    GATEWAY_PID=$!
+    STARTED_PIDS+=("$GATEWAY_PID")
+    for _ in $(seq 1 300); do
+        if [[ $(curl -s -o /dev/null -w '%{http_code}' "http://$ADMIN_ADDR/readyz") == 200 ]]; then
+            return
+        fi
+        if ! kill -0 "$GATEWAY_PID" 2>/dev/null; then
+            tail -n 20 "$WORK_DIR/gateway.err" >&2
+            die "the gateway exited during start-up"
+        fi
+        sleep 0.1
+    done
+    tail -n 20 "$WORK_DIR/gateway.err" >&2
+    die "the gateway was not ready after 30 s"
+}
+
+# Prints the sum of every series of a counter or gauge on the gateway's /metrics, 0 when absent.
+# Usage: gateway_metric NAME
+gateway_metric() {
+    curl -sf "http://$ADMIN_ADDR/metrics" | awk -v name="$1" '
+        $1 == name || index($1, name "{") == 1 { sum += $NF }
+        END { printf "%.0f\n", sum }'
+}
+
+# Prints one field of the sink's /stats.
+# Usage: sink_stat SINK_ADDR FIELD
+sink_stat() {
+    curl -sf "http://$1/stats" | jq -r ".$2"
+}
+
+# Waits until the sink has received as many SMS as the gateway started verifications, or until
+# the count stops moving for STALL_SECS (default 10), then sets ACCEPTED and DELIVERED.
+# Usage: wait_for_sink SINK_ADDR
+wait_for_sink() {
+    local stall_secs=${STALL_SECS:-10} last_delivered=-1 stalled_since=$SECONDS
+    while true; do
+        ACCEPTED=$(gateway_metric otpgate_verifications_started_total)
+        DELIVERED=$(sink_stat "$1" received)
+        if ((DELIVERED >= ACCEPTED)); then
+            # Anything still in flight would show up as a duplicate; give it a moment.
+            sleep 1
+            ACCEPTED=$(gateway_metric otpgate_verifications_started_total)
+            DELIVERED=$(sink_stat "$1" received)
+            return
+        fi
+        if ((DELIVERED != last_delivered)); then
+            last_delivered=$DELIVERED
+            stalled_since=$SECONDS
+        elif ((SECONDS - stalled_since >= stall_secs)); then
+            say "the sink stopped receiving at $DELIVERED of $ACCEPTED"
+            return
+        fi
+        sleep 0.2
+    done
+}
+
+# Prints a process's resident set size in kB, from /proc.
+# Usage: rss_kb PID
+rss_kb() {
+    awk '$1 == "VmRSS:" { print $2 }' "/proc/$1/status"
+}

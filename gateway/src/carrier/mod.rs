@@ -1,0 +1,114 @@
+//! Carrier connectors: the only code that talks to carriers.
+//!
+//! A connector takes one [`OutboundSms`] and answers with what the carrier said, classified the
+//! way the dispatcher needs it (DESIGN.md section 5): accepted with the carrier's message id,
+//! throttled (slow down and retry within milliseconds), a temporary failure (retry, or fail over
+//! to another carrier) or a permanent one (fail the verification). Retry policy, pacing and
+//! windows belong to the dispatcher, never to a connector.
+
+mod console;
+mod http;
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::{CarrierConfig, CarrierKind};
+use crate::sms::SmsText;
+
+pub use self::console::ConsoleConnector;
+pub use self::http::HttpConnector;
+
+/// One SMS, ready for a carrier. Its text holds the code, so it never prints.
+pub struct OutboundSms {
+    /// Unique per submit attempt family: `<verification id>.<send number>`.
+    pub message_id: String,
+    /// E.164, in full: only connectors see it.
+    pub to: String,
+    /// The same number masked, for logs.
+    pub to_masked: String,
+    pub from: String,
+    pub text: SmsText,
+    /// Where the carrier posts its delivery receipt.
+    pub receipt_url: String,
+}
+
+/// The carrier's `2xx`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// `None` when the carrier accepted but sent no usable id (receipts cannot match then).
+    pub carrier_message_id: Option<String>,
+}
+
+/// Why a submit did not go through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("carrier throttled the submit")]
+    Throttled { retry_after: Option<Duration> },
+    #[error("temporary carrier failure: {reason}")]
+    Temporary { reason: FailureKind },
+    #[error("carrier refused the message permanently: {reason}")]
+    Permanent { reason: FailureKind },
+}
+
+/// A closed set of failure causes, safe for logs and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    Timeout,
+    Connect,
+    Status(u16),
+    BadResponse,
+}
+
+/// A carrier connector, by kind.
+#[derive(Debug)]
+pub enum Connector {
+    Http(HttpConnector),
+    Console(ConsoleConnector),
+}
+
+// === impl Connector ===
+
+impl Connector {
+    pub fn new(config: &CarrierConfig) -> Result<Connector, reqwest::Error> {
+        Ok(match &config.kind {
+            CarrierKind::Http { url, headers, timeout } => Connector::Http(HttpConnector::new(
+                config.name.clone(),
+                url.clone(),
+                headers.clone(),
+                *timeout,
+                config.window.get() as usize,
+            )?),
+            CarrierKind::Console => Connector::Console(ConsoleConnector::new(config.name.clone())),
+        })
+    }
+
+    /// Hands one SMS to the carrier.
+    pub async fn submit(&self, sms: &OutboundSms) -> Result<Accepted, SubmitError> {
+        match self {
+            Connector::Http(http) => http.submit(sms).await,
+            Connector::Console(console) => console.submit(sms),
+        }
+    }
+}
+
+impl fmt::Debug for OutboundSms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboundSms")
+            .field("message_id", &self.message_id)
+            .field("to", &self.to_masked)
+            .field("from", &self.from)
+            .field("text", &self.text)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailureKind::Timeout => f.write_str("timed out"),
+            FailureKind::Connect => f.write_str("connection failed"),
+            FailureKind::Status(status) => write!(f, "status {status}"),
+            FailureKind::BadResponse => f.write_str("malformed response"),
+        }
+    }
+}

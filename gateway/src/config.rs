@@ -1,0 +1,741 @@
+//! Configuration: command-line flags and `OTPGATE_*` variables over an optional TOML file,
+//! validated into a typed [`Config`].
+//!
+//! The file is read into [`RawConfig`] (every key optional, unknown keys refused), the flags are
+//! laid over it, and [`RawConfig::validate`] turns the result into a [`Config`] of durations,
+//! non-zero numbers and parsed addresses, or a [`ConfigError`] naming the key at fault.
+//! `otpgate.example.toml` at the repository root documents every key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::phone::CountryAllowList;
+use crate::sms::Templates;
+
+/// Command-line flags. Each one overrides the same key of the config file.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "otpgate", version, about = "SMS one-time-passcode gateway")]
+pub struct Cli {
+    /// TOML config file; see otpgate.example.toml. Without it, embedded defaults apply.
+    #[arg(long, short = 'c', env = "OTPGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Address of the frontend API listener.
+    #[arg(long, env = "OTPGATE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Address of the admin listener (/metrics, /healthz, /readyz).
+    #[arg(long, env = "OTPGATE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
+    /// Storage back-end: "embedded" (in process memory).
+    #[arg(long, env = "OTPGATE_STORE")]
+    pub store: Option<String>,
+
+    /// Hex server secret (32 bytes or more) keying the code HMACs. Prefer the variable.
+    #[arg(long, env = "OTPGATE_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+
+    /// Base URL carriers use to reach this gateway (for receipt_url).
+    #[arg(long, env = "OTPGATE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Seconds to finish requests and hand queued SMS to carriers after SIGTERM or SIGINT.
+    #[arg(long, env = "OTPGATE_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+
+    /// Log format: "text" or "json".
+    #[arg(long, env = "OTPGATE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Validate the configuration, print a summary and exit (0 when valid, 2 when not).
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// How logs are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The config file as written: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub store: Option<String>,
+    pub secret: Option<String>,
+    pub public_url: Option<String>,
+    pub default_locale: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub shutdown_grace_secs: Option<u64>,
+    pub sweep_interval_ms: Option<u64>,
+    #[serde(default)]
+    pub verification: RawVerification,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub queue: RawQueue,
+    #[serde(default)]
+    pub templates: BTreeMap<String, String>,
+    #[serde(default)]
+    pub carriers: Vec<RawCarrier>,
+    #[serde(default)]
+    pub clients: Vec<RawClient>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerification {
+    pub code_length: Option<u8>,
+    pub code_ttl_secs: Option<u64>,
+    pub max_extension_secs: Option<u64>,
+    pub max_attempts: Option<u8>,
+    pub resend_cooldown_secs: Option<u64>,
+    pub retention_secs: Option<u64>,
+    pub idempotency_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub phone_sends: Option<Vec<RawRule>>,
+    pub ip_sends: Option<Vec<RawRule>>,
+    pub failed_checks_per_phone: Option<RawRule>,
+    pub countries: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub max: u32,
+    pub per_secs: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub capacity: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCarrier {
+    pub name: String,
+    pub kind: String,
+    pub url: Option<String>,
+    pub pace_per_sec: Option<u32>,
+    pub window: Option<u32>,
+    pub from: Option<String>,
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClient {
+    pub name: String,
+    pub api_key_sha256: String,
+    pub rate_per_sec: Option<u32>,
+    pub priority: Option<u8>,
+}
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Server secret keying code HMACs; `None` draws a random one at start-up.
+    pub secret: Option<Vec<u8>>,
+    /// Base URL put in each SMS's `receipt_url`.
+    pub public_url: String,
+    pub templates: Templates,
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+    pub sweep_interval: Duration,
+    pub verification: VerificationPolicy,
+    pub limits: Limits,
+    pub queue_capacity: usize,
+    pub carriers: Vec<CarrierConfig>,
+    pub clients: Vec<ClientConfig>,
+}
+
+/// How verifications behave (DESIGN.md section 4).
+#[derive(Debug, Clone)]
+pub struct VerificationPolicy {
+    pub code_length: u8,
+    pub code_ttl: Duration,
+    pub max_extension: Duration,
+    pub max_attempts: u8,
+    pub resend_cooldown: Duration,
+    pub retention: Duration,
+    pub idempotency_ttl: Duration,
+}
+
+/// Limits on sends and checks.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub phone_sends: Vec<Rule>,
+    pub ip_sends: Vec<Rule>,
+    pub failed_checks_per_phone: Rule,
+    pub countries: CountryAllowList,
+}
+
+/// At most `max` events per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub max: NonZeroU32,
+    pub per: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CarrierConfig {
+    pub name: String,
+    pub kind: CarrierKind,
+    /// SMS segments per second.
+    pub pace_per_sec: NonZeroU32,
+    /// Requests in flight.
+    pub window: NonZeroU32,
+    /// Sender id.
+    pub from: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum CarrierKind {
+    Http {
+        url: reqwest::Url,
+        headers: Vec<(http::HeaderName, http::HeaderValue)>,
+        timeout: Duration,
+    },
+    Console,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    pub api_key_sha256: [u8; 32],
+    pub rate_per_sec: NonZeroU32,
+    /// Higher priorities are served first from the SMS queue.
+    pub priority: u8,
+}
+
+/// A configuration that cannot be used, naming where it went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: cannot read it")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config key {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// The largest window a carrier may have: beyond it, pooled connections cannot keep up anyway.
+const MAX_WINDOW: u32 = 10_000;
+
+// === impl Config ===
+
+impl Config {
+    /// Reads the file named by `cli` (if any), lays the flags over it and validates the result.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let mut raw = match &cli.config {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        raw.apply_cli(cli);
+        raw.validate()
+    }
+
+    /// Parses and validates a TOML document (for tests and tools).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        RawConfig::from_toml(text, Path::new("<inline>"))?.validate()
+    }
+
+    /// Whether the API is open to anyone on the listener (no clients configured).
+    pub fn is_unauthenticated(&self) -> bool {
+        self.clients.is_empty()
+    }
+}
+
+// === impl RawConfig ===
+
+impl RawConfig {
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        RawConfig::from_toml(&text, path)
+    }
+
+    fn from_toml(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Lays command-line flags (and their variables) over the file.
+    pub fn apply_cli(&mut self, cli: &Cli) {
+        if let Some(listen) = cli.listen {
+            self.listen = Some(listen);
+        }
+        if let Some(admin_listen) = cli.admin_listen {
+            self.admin_listen = Some(admin_listen);
+        }
+        if let Some(store) = &cli.store {
+            self.store = Some(store.clone());
+        }
+        if let Some(secret) = &cli.secret {
+            self.secret = Some(secret.clone());
+        }
+        if let Some(public_url) = &cli.public_url {
+            self.public_url = Some(public_url.clone());
+        }
+        if let Some(grace) = cli.shutdown_grace_secs {
+            self.shutdown_grace_secs = Some(grace);
+        }
+    }
+
+    /// Checks every key and builds the typed [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen = self.listen.unwrap_or(([127, 0, 0, 1], 8080).into());
+        let admin_listen = self.admin_listen.unwrap_or(([127, 0, 0, 1], 9464).into());
+        if listen == admin_listen && listen.port() != 0 {
+            return invalid("admin_listen", "must differ from listen");
+        }
+        match self.store.as_deref().unwrap_or("embedded") {
+            "embedded" => {}
+            other => {
+                return invalid(
+                    "store",
+                    format!("unknown back-end {other:?}; this build supports \"embedded\""),
+                );
+            }
+        }
+        let secret = match self.secret {
+            None => None,
+            Some(hex_secret) => {
+                let bytes = hex::decode(hex_secret.trim())
+                    .or_else(|_| invalid("secret", "must be hex"))?;
+                if bytes.len() < 32 {
+                    return invalid("secret", "must be at least 32 bytes (64 hex digits)");
+                }
+                Some(bytes)
+            }
+        };
+        let public_url = self
+            .public_url
+            .unwrap_or_else(|| format!("http://{listen}"))
+            .trim_end_matches('/')
+            .to_owned();
+        if reqwest::Url::parse(&public_url).is_err() {
+            return invalid("public_url", "must be an absolute URL");
+        }
+
+        let default_locale = self.default_locale.unwrap_or_else(|| "en".to_owned());
+        let templates = if self.templates.is_empty() {
+            let builtin = Templates::builtin();
+            if !builtin.has_locale(&default_locale) {
+                return invalid("default_locale", "no built-in template for it (en, it)");
+            }
+            Templates::new(builtin_pairs(), &default_locale)
+                .or_else(|error| invalid("templates", error.to_string()))?
+        } else {
+            let mut pairs: BTreeMap<String, String> = builtin_pairs().collect();
+            // Keys are compared the way templates match locales, so `IT` replaces `it`.
+            pairs.extend(
+                self.templates
+                    .into_iter()
+                    .map(|(locale, text)| (locale.to_ascii_lowercase().replace('_', "-"), text)),
+            );
+            Templates::new(pairs, &default_locale)
+                .or_else(|error| invalid("templates", error.to_string()))?
+        };
+
+        let max_body_bytes = self.max_body_bytes.unwrap_or(8 * 1024);
+        if !(256..=1024 * 1024).contains(&max_body_bytes) {
+            return invalid("max_body_bytes", "must be between 256 and 1048576");
+        }
+        let max_connections = self.max_connections.unwrap_or(10_000);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return invalid("max_connections", "must be between 1 and 1000000");
+        }
+        let shutdown_grace = Duration::from_secs(self.shutdown_grace_secs.unwrap_or(30));
+        let sweep_interval = Duration::from_millis(self.sweep_interval_ms.unwrap_or(1000));
+        if sweep_interval.is_zero() || sweep_interval > Duration::from_secs(60) {
+            return invalid("sweep_interval_ms", "must be between 1 and 60000");
+        }
+
+        let verification = self.verification.validate()?;
+        let limits = self.limits.validate()?;
+        let queue_capacity = self.queue.capacity.unwrap_or(200_000);
+        if !(1..=100_000_000).contains(&queue_capacity) {
+            return invalid("queue.capacity", "must be between 1 and 100000000");
+        }
+
+        let mut carriers = Vec::with_capacity(self.carriers.len());
+        let mut carrier_names = HashSet::new();
+        for (index, raw) in self.carriers.into_iter().enumerate() {
+            let carrier = raw.validate(index)?;
+            if !carrier_names.insert(carrier.name.clone()) {
+                return invalid(format!("carriers[{index}].name"), "duplicate carrier name");
+            }
+            carriers.push(carrier);
+        }
+        if carriers.len() > 64 {
+            return invalid("carriers", "at most 64 carriers");
+        }
+
+        let mut clients = Vec::with_capacity(self.clients.len());
+        let mut client_names = HashSet::new();
+        let mut client_keys = HashSet::new();
+        for (index, raw) in self.clients.into_iter().enumerate() {
+            let client = raw.validate(index)?;
+            if !client_names.insert(client.name.clone()) {
+                return invalid(format!("clients[{index}].name"), "duplicate client name");
+            }
+            if !client_keys.insert(client.api_key_sha256) {
+                return invalid(
+                    format!("clients[{index}].api_key_sha256"),
+                    "the same key belongs to another client",
+                );
+            }
+            clients.push(client);
+        }
+        if clients.len() > 1000 {
+            return invalid("clients", "at most 1000 clients");
+        }
+        if clients.is_empty() && !(listen.ip().is_loopback() && admin_listen.ip().is_loopback()) {
+            return invalid(
+                "clients",
+                "no clients (API keys) are configured, which is allowed only while listen and \
+                 admin_listen are both on loopback; add [[clients]] or bind to 127.0.0.1",
+            );
+        }
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            secret,
+            public_url,
+            templates,
+            max_body_bytes,
+            max_connections,
+            shutdown_grace,
+            sweep_interval,
+            verification,
+            limits,
+            queue_capacity,
+            carriers,
+            clients,
+        })
+    }
+}
+
+fn builtin_pairs() -> impl Iterator<Item = (String, String)> {
+    crate::sms::BUILTIN_TEMPLATES
+        .iter()
+        .map(|(locale, text)| (locale.to_string(), text.to_string()))
+}
+
+impl RawVerification {
+    fn validate(self) -> Result<VerificationPolicy, ConfigError> {
+        let code_length = self.code_length.unwrap_or(6);
+        if !(4..=9).contains(&code_length) {
+            return invalid("verification.code_length", "must be between 4 and 9");
+        }
+        let code_ttl = secs("verification.code_ttl_secs", self.code_ttl_secs, 600, 10, 86_400)?;
+        let max_extension = secs(
+            "verification.max_extension_secs",
+            self.max_extension_secs,
+            900,
+            0,
+            86_400,
+        )?;
+        let max_attempts = self.max_attempts.unwrap_or(5);
+        if !(1..=20).contains(&max_attempts) {
+            return invalid("verification.max_attempts", "must be between 1 and 20");
+        }
+        let resend_cooldown = secs(
+            "verification.resend_cooldown_secs",
+            self.resend_cooldown_secs,
+            30,
+            1,
+            3600,
+        )?;
+        let retention = secs("verification.retention_secs", self.retention_secs, 3600, 0, 604_800)?;
+        let idempotency_ttl = secs(
+            "verification.idempotency_ttl_secs",
+            self.idempotency_ttl_secs,
+            86_400,
+            1,
+            604_800,
+        )?;
+        Ok(VerificationPolicy {
+            code_length,
+            code_ttl,
+            max_extension,
+            max_attempts,
+            resend_cooldown,
+            retention,
+            idempotency_ttl,
+        })
+    }
+}
+
+impl RawLimits {
+    fn validate(self) -> Result<Limits, ConfigError> {
+        let default_phone = vec![
+            RawRule { max: 1, per_secs: 30 },
+            RawRule { max: 5, per_secs: 600 },
+        ];
+        let default_ip = vec![RawRule { max: 150, per_secs: 3600 }];
+        let phone_sends = rules("limits.phone_sends", self.phone_sends.unwrap_or(default_phone))?;
+        let ip_sends = rules("limits.ip_sends", self.ip_sends.unwrap_or(default_ip))?;
+        let failed_checks_per_phone = self
+            .failed_checks_per_phone
+            .unwrap_or(RawRule { max: 100, per_secs: 86_400 })
+            .validate("limits.failed_checks_per_phone")?;
+        let countries = CountryAllowList::new(&self.countries.unwrap_or_default())
+            .or_else(|message| invalid("limits.countries", message))?;
+        Ok(Limits {
+            phone_sends,
+            ip_sends,
+            failed_checks_per_phone,
+            countries,
+        })
+    }
+}
+
+fn rules(key: &str, raw: Vec<RawRule>) -> Result<Vec<Rule>, ConfigError> {
+    if raw.len() > 8 {
+        return invalid(key, "at most 8 rules");
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(index, rule)| rule.validate(&format!("{key}[{index}]")))
+        .collect()
+}
+
+impl RawRule {
+    fn validate(self, key: &str) -> Result<Rule, ConfigError> {
+        let Some(max) = NonZeroU32::new(self.max) else {
+            return invalid(format!("{key}.max"), "must be at least 1");
+        };
+        if !(1..=30 * 86_400).contains(&self.per_secs) {
+            return invalid(format!("{key}.per_secs"), "must be between 1 and 2592000");
+        }
+        Ok(Rule {
+            max,
+            per: Duration::from_secs(self.per_secs),
+        })
+    }
+}
+
+impl RawCarrier {
+    fn validate(self, index: usize) -> Result<CarrierConfig, ConfigError> {
+        let key = |field: &str| format!("carriers[{index}].{field}");
+        let valid_name = !self.name.is_empty()
+            && self.name.len() <= 32
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid_name {
+            return invalid(key("name"), "must be 1 to 32 of a-z, 0-9, '-' and '_'");
+        }
+        let pace = self.pace_per_sec.unwrap_or(100);
+        let Some(pace_per_sec) = NonZeroU32::new(pace) else {
+            return invalid(key("pace_per_sec"), "must be at least 1");
+        };
+        let window = self.window.unwrap_or(10);
+        let Some(window) = NonZeroU32::new(window).filter(|w| w.get() <= MAX_WINDOW) else {
+            return invalid(key("window"), format!("must be between 1 and {MAX_WINDOW}"));
+        };
+        let from = self.from.unwrap_or_else(|| "otpgate".to_owned());
+        if from.is_empty() || from.len() > 16 {
+            return invalid(key("from"), "must be 1 to 16 characters");
+        }
+        let kind = match self.kind.as_str() {
+            "console" => {
+                if self.url.is_some() {
+                    return invalid(key("url"), "a console carrier takes no url");
+                }
+                CarrierKind::Console
+            }
+            "http" => {
+                let Some(url) = self.url else {
+                    return invalid(key("url"), "an http carrier needs a url");
+                };
+                let url = reqwest::Url::parse(&url)
+                    .ok()
+                    .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host());
+                let Some(url) = url else {
+                    return invalid(key("url"), "must be an absolute http:// or https:// URL");
+                };
+                let mut headers = Vec::with_capacity(self.headers.len());
+                for (name, value) in self.headers {
+                    let parsed_name = http::HeaderName::from_bytes(name.as_bytes())
+                        .or_else(|_| invalid(key("headers"), format!("bad header name {name:?}")))?;
+                    let mut parsed_value = http::HeaderValue::from_str(&value)
+                        .or_else(|_| invalid(key("headers"), format!("bad value for {name:?}")))?;
+                    parsed_value.set_sensitive(true);
+                    headers.push((parsed_name, parsed_value));
+                }
+                let timeout_ms = self.timeout_ms.unwrap_or(5000);
+                if !(1..=120_000).contains(&timeout_ms) {
+                    return invalid(key("timeout_ms"), "must be between 1 and 120000");
+                }
+                CarrierKind::Http {
+                    url,
+                    headers,
+                    timeout: Duration::from_millis(timeout_ms),
+                }
+            }
+            other => {
+                return invalid(
+                    key("kind"),
+                    format!("unknown kind {other:?}; expected \"http\" or \"console\""),
+                );
+            }
+        };
+        Ok(CarrierConfig {
+            name: self.name,
+            kind,
+            pace_per_sec,
+            window,
+            from,
+        })
+    }
+}
+
+impl RawClient {
+    fn validate(self, index: usize) -> Result<ClientConfig, ConfigError> {
+        let key = |field: &str| format!("clients[{index}].{field}");
+        let valid_name = !self.name.is_empty()
+            && self.name.len() <= 32
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid_name {
+            return invalid(key("name"), "must be 1 to 32 of a-z, 0-9, '-' and '_'");
+        }
+        let mut api_key_sha256 = [0u8; 32];
+        if hex::decode_to_slice(self.api_key_sha256.trim(), &mut api_key_sha256).is_err() {
+            return invalid(key("api_key_sha256"), "must be 64 hex digits (a SHA-256)");
+        }
+        let Some(rate_per_sec) = NonZeroU32::new(self.rate_per_sec.unwrap_or(100)) else {
+            return invalid(key("rate_per_sec"), "must be at least 1");
+        };
+        let priority = self.priority.unwrap_or(0);
+        if priority > 9 {
+            return invalid(key("priority"), "must be between 0 and 9");
+        }
+        Ok(ClientConfig {
+            name: self.name,
+            api_key_sha256,
+            rate_per_sec,
+            priority,
+        })
+    }
+}
+
+fn secs(key: &str, value: Option<u64>, default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(default);
+    if !(min..=max).contains(&value) {
+        return invalid(key, format!("must be between {min} and {max}"));
+    }
+    Ok(Duration::from_secs(value))
+}
+
+fn invalid<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.admin_listen, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(config.verification.code_ttl, Duration::from_secs(600));
+        assert_eq!(config.verification.max_extension, Duration::from_secs(900));
+        assert_eq!(config.limits.phone_sends.len(), 2);
+        assert!(config.is_unauthenticated());
+        assert!(config.carriers.is_empty());
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../otpgate.example.toml");
+        let config = Config::from_toml(text).unwrap();
+        assert_eq!(config.carriers[0].name, "alpha");
+        assert_eq!(config.clients[0].priority, 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let error = Config::from_toml("listne = \"127.0.0.1:1\"").unwrap_err();
+        assert!(error.to_string().contains("listne"), "{error}");
+        let error = Config::from_toml("[verification]\ncode_tll_secs = 3").unwrap_err();
+        assert!(error.to_string().contains("code_tll_secs"), "{error}");
+    }
+
+    #[test]
+    fn refuses_unauthenticated_on_a_public_address() {
+        let error = Config::from_toml("listen = \"0.0.0.0:8080\"").unwrap_err();
+        assert!(error.to_string().starts_with("config key clients:"), "{error}");
+        let key = "00".repeat(32);
+        let ok = format!(
+            "listen = \"0.0.0.0:8080\"\n[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\""
+        );
+        assert!(Config::from_toml(&ok).is_ok());
+    }
+
+    #[test]
+    fn names_the_key_at_fault() {
+        let cases = [
+            ("[verification]\ncode_length = 3", "verification.code_length"),
+            ("[[carriers]]\nname = \"a\"\nkind = \"http\"", "carriers[0].url"),
+            ("[[carriers]]\nname = \"a\"\nkind = \"pigeon\"", "carriers[0].kind"),
+            ("[[carriers]]\nname = \"A B\"\nkind = \"console\"", "carriers[0].name"),
+            ("[[clients]]\nname = \"a\"\napi_key_sha256 = \"zz\"", "clients[0].api_key_sha256"),
+            ("[limits]\ncountries = [\"XX\"]", "limits.countries"),
+            ("[limits]\nphone_sends = [{ max = 0, per_secs = 1 }]", "limits.phone_sends[0].max"),
+            ("secret = \"abcd\"", "secret"),
+            ("store = \"mongo\"", "store"),
+            ("[templates]\nen = \"no code here\"", "templates"),
+        ];
+        for (text, key) in cases {
+            let error = Config::from_toml(text).unwrap_err().to_string();
+            assert!(error.starts_with(&format!("config key {key}:")), "{text:?} gave {error}");
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The dispatcher: one task per carrier that keeps the carrier's window full, up to its pace,
+//! with jobs from the shared queue.
+//!
+//! For each carrier: take a window permit, wait for the pacer to allow a segment, take the most
+//! urgent job, have the engine render it (or drop it, if its verification ended), wait for the
+//! pacer to allow its remaining segments, and submit it on a task of its own. The permit goes
+//! back when the carrier has answered and the engine has recorded the answer.
+//!
+//! Throttle answers and temporary failures put the job back in line, keeping its place, after a
+//! short pause (a throttle) or an exponential back-off with full jitter (a failure).
+//! The carrier dispatch issue grows this into adaptive pacing, failover and circuit breaking.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::{Quota, RateLimiter};
+use rand::Rng;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::carrier::{Connector, SubmitError};
+use crate::config::CarrierConfig;
+use crate::metrics::{CarrierMetrics, SubmitOutcome};
+use crate::queue::Job;
+use crate::verification::CarrierId;
+use crate::verifier::{Completion, Prepared, Verifier};
+
+/// Longest pause after a throttle answer before the job is offered again.
+const MAX_THROTTLE_PAUSE: Duration = Duration::from_secs(1);
+/// Pause after a throttle answer that gave no Retry-After.
+const DEFAULT_THROTTLE_PAUSE: Duration = Duration::from_millis(20);
+/// Back-off after a temporary failure: base and cap.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// One carrier as the dispatcher drives it.
+#[derive(Debug)]
+pub struct Carrier {
+    pub id: CarrierId,
+    pub config: CarrierConfig,
+    pub connector: Connector,
+    pub metrics: CarrierMetrics,
+}
+
+/// Starts a dispatcher task per carrier. The returned set finishes once the queue is closed and
+/// every job has been handed to a carrier (or dropped).
+pub fn spawn(verifier: Verifier, carriers: Vec<Carrier>) -> JoinSet<()> {
+    let mut tasks = JoinSet::new();
+    for carrier in carriers {
+        tasks.spawn(run_carrier(verifier.clone(), Arc::new(carrier)));
+    }
+    tasks
+}
+
+async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
+    let window = carrier.config.window.get() as usize;
+    let permits = Arc::new(Semaphore::new(window));
+    let pace = carrier.config.pace_per_sec;
+    // A burst of a twentieth of a second's worth: smooth enough that the carrier never sees more
+    // than its pace over any window it is likely to measure.
+    let burst = NonZeroU32::new((pace.get() / 20).max(1)).unwrap_or(NonZeroU32::MIN);
+    let pacer = RateLimiter::direct(Quota::per_second(pace).allow_burst(burst));
+    carrier.metrics.set_pace(pace.get() as f64);
+    let queue = verifier.queue().clone();
+    loop {
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            pacer.until_ready().await;
+            let Some(job) = queue.pop().await else {
+                break;
+            };
+            let sms = match verifier.prepare(&job, carrier.id) {
+                Prepared::Send(sms) => sms,
+                Prepared::Dropped => continue,
+            };
+            let segments = sms.text.segments();
+            if let Some(more) = NonZeroU32::new(u32::from(segments.saturating_sub(1))) {
+                // A message longer than the burst still goes, at the pace, rather than never.
+                if pacer.until_n_ready(more).await.is_err() {
+                    for _ in 1..segments {
+                        pacer.until_ready().await;
+                    }
+                }
+            }
+            carrier.metrics.segments(sms.text.encoding(), segments);
+            carrier.metrics.set_in_flight(window - permits.available_permits());
+            let verifier = verifier.clone();
+            let carrier = carrier.clone();
+            let permits_for_gauge = permits.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = carrier.connector.submit(&sms).await;
+                drop(sms);
+                let seconds = started.elapsed().as_secs_f64();
+                handle_result(&verifier, &carrier, job, result, seconds).await;
+                drop(permit);
+                carrier
+                    .metrics
+                    .set_in_flight(window - permits_for_gauge.available_permits());
+            });
+        }
+        // The queue is closed and was empty: wait for every submit in flight, since a retry may
+        // put a job back, and stop only when nothing came back.
+        if let Ok(all) = permits.acquire_many(window as u32).await {
+            drop(all);
+        }
+        if queue.is_empty() {
+            return;
+        }
+    }
+}
+
+async fn handle_result(
+    verifier: &Verifier,
+    carrier: &Carrier,
+    mut job: Job,
+    result: Result<crate::carrier::Accepted, SubmitError>,
+    seconds: f64,
+) {
+    match result {
+        Ok(accepted) => {
+            carrier.metrics.submitted(SubmitOutcome::Accepted, seconds);
+            verifier.complete(
+                &job,
+                carrier.id,
+                Completion::Accepted {
+                    carrier_message_id: accepted.carrier_message_id,
+                },
+            );
+        }
+        Err(SubmitError::Throttled { retry_after }) => {
+            carrier.metrics.submitted(SubmitOutcome::Throttled, seconds);
+            tracing::debug!(carrier = %carrier.config.name, verification = %job.id, "carrier throttled a submit");
+            let pause = retry_after.map_or(DEFAULT_THROTTLE_PAUSE, |after| after.min(MAX_THROTTLE_PAUSE));
+            tokio::time::sleep(pause).await;
+            job.attempts = job.attempts.saturating_add(1);
+            verifier.complete(&job, carrier.id, Completion::Retry);
+            verifier.requeue(job);
+        }
+        Err(SubmitError::Temporary { reason }) => {
+            carrier.metrics.submitted(SubmitOutcome::Temporary, seconds);
+            tracing::warn!(carrier = %carrier.config.name, verification = %job.id, %reason, "temporary carrier failure; retrying");
+            tokio::time::sleep(backoff(job.attempts)).await;
+            job.attempts = job.attempts.saturating_add(1);
+            verifier.complete(&job, carrier.id, Completion::Retry);
+            verifier.requeue(job);
+        }
+        Err(SubmitError::Permanent { reason }) => {
+            carrier.metrics.submitted(SubmitOutcome::Permanent, seconds);
+            tracing::warn!(carrier = %carrier.config.name, verification = %job.id, %reason, "carrier refused an SMS permanently");
+            verifier.complete(&job, carrier.id, Completion::Permanent);
+        }
+    }
+}
+
+/// Exponential back-off with full jitter: uniform in `[0, min(max, base * 2^attempts)]`.
+pub fn backoff(attempts: u16) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1u32 << attempts.min(16))
+        .min(BACKOFF_MAX);
+    let millis = rand::rng().random_range(0..=ceiling.as_millis() as u64);
+    Duration::from_millis(millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn backoff_stays_within_bounds(attempts in 0u16..1000) {
+            let delay = backoff(attempts);
+            prop_assert!(delay <= BACKOFF_MAX);
+            let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempts.min(16)).min(BACKOFF_MAX);
+            prop_assert!(delay <= ceiling);
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! otpgate: a high-throughput SMS one-time-passcode gateway.
+//!
+//! Frontends start a verification over the HTTP API; the gateway answers at once, queues the
+//! SMS, paces it to each carrier, and checks the code the user types. See DESIGN.md for the
+//! contract and ARCHITECTURE.md for the map of this crate.
+//!
+//! # Layout
+//! - [`run`]: the testable entry point; `main.rs` only parses flags and binds.
+//! - [`routes`] and [`admin`]: the API and admin listeners, over [`server`]'s accept loop.
+//! - [`verifier`]: the engine behind every call, over [`store`], [`ratelimit`] and [`queue`].
+//! - [`dispatch`] and [`carrier`]: from the queue to the carriers.
+//! - [`verification`], [`otp`], [`phone`], [`sms`]: the domain.
+//! - [`config`], [`metrics`], [`clock`], [`error`], [`shutdown`]: the plumbing.
+
+pub mod admin;
+pub mod carrier;
+pub mod clock;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod metrics;
+pub mod otp;
+pub mod phone;
+pub mod queue;
+pub mod ratelimit;
+pub mod routes;
+pub mod server;
+pub mod shutdown;
+pub mod sms;
+pub mod store;
+pub mod verification;
+pub mod verifier;
+
+use std::future::Future;
+use std::num::NonZeroU32;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::carrier::Connector;
+use crate::clock::Clock;
+use crate::config::{CarrierConfig, CarrierKind, Config};
+use crate::dispatch::Carrier;
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use crate::verifier::Verifier;
+
+/// The two bound listeners the gateway serves.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The frontend API.
+    pub api: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub admin: TcpListener,
+}
+
+/// Runs the gateway until `shutdown` resolves, then shuts down gracefully: stop accepting, finish
+/// in-flight requests, hand queued SMS to carriers, all within `config.shutdown_grace`.
+///
+/// # Errors
+/// Fails only at start-up, when a carrier connector cannot be built.
+pub async fn run(
+    listeners: Listeners,
+    mut config: Config,
+    clock: Clock,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if config.carriers.is_empty() {
+        tracing::warn!(
+            "no carriers configured: using the built-in console carrier, which prints every SMS \
+             (codes included) on standard output; a development aid, never for production"
+        );
+        config.carriers.push(CarrierConfig {
+            name: "console".to_owned(),
+            kind: CarrierKind::Console,
+            pace_per_sec: NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN),
+            window: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+            from: "otpgate".to_owned(),
+        });
+    }
+    if config.is_unauthenticated() {
+        tracing::warn!(
+            "NO API KEYS CONFIGURED: the API accepts unauthenticated calls. This is allowed only \
+             because every listener is on loopback; configure [[clients]] before exposing it"
+        );
+    }
+
+    let carrier_names: Vec<String> = config.carriers.iter().map(|c| c.name.clone()).collect();
+    let metrics = Metrics::new(&Verifier::lanes(&config), &carrier_names);
+    let queue = Queue::new(config.queue_capacity);
+    let verifier = Verifier::new(&config, clock, metrics.clone(), queue.clone());
+
+    let mut carriers = Vec::with_capacity(config.carriers.len());
+    for (index, carrier_config) in config.carriers.iter().enumerate() {
+        let connector = Connector::new(carrier_config)
+            .map_err(|error| anyhow::anyhow!("carrier {}: cannot build its client: {error}", carrier_config.name))?;
+        carriers.push(Carrier {
+            id: index as u8,
+            config: carrier_config.clone(),
+            connector,
+            metrics: metrics.carrier(index),
+        });
+    }
+    let mut dispatchers = dispatch::spawn(verifier.clone(), carriers);
+
+    let background = CancellationToken::new();
+    let sweeper = tokio::spawn(sweep(verifier.clone(), config.sweep_interval, background.clone()));
+
+    let api_shutdown = CancellationToken::new();
+    let api_addr = listeners.api.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    let api = tokio::spawn(server::serve(
+        listeners.api,
+        routes::router(routes::ApiState {
+            verifier: verifier.clone(),
+            max_body_bytes: config.max_body_bytes,
+            shutdown: api_shutdown.clone(),
+        }),
+        config.max_connections,
+        api_shutdown.clone(),
+        config.shutdown_grace,
+    ));
+    let admin = tokio::spawn(server::serve(
+        listeners.admin,
+        admin::router(admin::AdminState {
+            verifier: verifier.clone(),
+            carriers: carrier_names,
+        }),
+        64,
+        background.clone(),
+        std::time::Duration::from_secs(1),
+    ));
+    tracing::info!(api = %api_addr, admin = %admin_addr, carriers = config.carriers.len(), "otpgate listening");
+
+    shutdown.await;
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    tracing::info!(grace_secs = config.shutdown_grace.as_secs(), "shutting down: no new verifications");
+    verifier.stop_accepting();
+    api_shutdown.cancel();
+    match api.await {
+        Ok(true) => tracing::info!("in-flight requests finished"),
+        Ok(false) => tracing::warn!("some connections were still open when the grace period ended"),
+        Err(error) => tracing::error!(%error, "api listener task failed"),
+    }
+
+    let queued = queue.len();
+    queue.close();
+    tracing::info!(queued, "handing queued SMS to carriers");
+    let drained = tokio::time::timeout_at(deadline, async {
+        while dispatchers.join_next().await.is_some() {}
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("every queued SMS was handed to a carrier"),
+        Err(_) => {
+            let n_left = queue.clear();
+            dispatchers.abort_all();
+            tracing::warn!(n_left, "grace period over: SMS still queued were not sent");
+        }
+    }
+
+    background.cancel();
+    let _ = sweeper.await;
+    let _ = admin.await;
+    tracing::info!("otpgate stopped");
+    Ok(())
+}
+
+/// The sweeper: expiry, retention, limiter housekeeping and gauges, on a timer, until cancelled.
+async fn sweep(verifier: Verifier, interval: std::time::Duration, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                let verifier = verifier.clone();
+                // A sweep walks every shard; keep it off the request-serving workers' hot path.
+                let _ = tokio::task::spawn_blocking(move || verifier.sweep()).await;
+            }
+            _ = cancel.cancelled() => return,
+        }
+    }
+}

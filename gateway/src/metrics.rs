@@ -1,0 +1,505 @@
+//! The metrics catalogue: every series the gateway exports, registered at start-up.
+//!
+//! Each gateway owns its own Prometheus recorder (no global one), so several gateways can run in
+//! one test process, and every handle is registered once in [`Metrics::new`]: counters start at
+//! zero and gauges are set, so dashboards and alerts never meet an absent series on a fresh
+//! instance. Labels are closed sets only (route templates, carrier and client names from the
+//! config, fixed outcome and reason enums); never a phone number, an IP, a code or error text.
+
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// Buckets for request handling and carrier submits, in seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets for queue waits and session extensions, in seconds (up to the 15-minute maximum).
+const WAIT_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0,
+];
+
+/// The API routes, by template: the closed set behind the `route` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    StartVerification,
+    GetVerification,
+    CheckVerification,
+    ResendVerification,
+    CancelVerification,
+    OpenApi,
+    Unmatched,
+}
+
+/// Statuses the API answers with: the closed set behind the `status` label.
+pub const STATUSES: &[u16] = &[200, 202, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 500, 503];
+
+/// Outcomes of a verification that ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Approved,
+    Expired,
+    Canceled,
+    TooManyAttempts,
+    Undeliverable,
+}
+
+/// Outcomes of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    Valid,
+    Invalid,
+    Locked,
+}
+
+/// How a start request was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// A new verification.
+    Created,
+    /// The live verification for this phone and client, returned again.
+    Existing,
+    /// An `Idempotency-Key` replay.
+    Replayed,
+}
+
+/// The limits that can turn a request away: the closed set behind the `limit` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Phone,
+    Ip,
+    Client,
+    FailedChecks,
+    ResendCooldown,
+    Country,
+}
+
+/// Why a queued SMS was dropped or refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueDrop {
+    Expired,
+    Canceled,
+}
+
+/// Why a new verification was refused at the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueRefusal {
+    Full,
+    PredictedWait,
+}
+
+/// Outcomes of one submit to a carrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    Accepted,
+    Throttled,
+    Temporary,
+    Permanent,
+}
+
+/// Every handle the gateway records into. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    handle: PrometheusHandle,
+    http_requests: Vec<Vec<Counter>>,
+    http_duration: Vec<Histogram>,
+    started: [Counter; 3],
+    checks: [Counter; 3],
+    ended: [Counter; 5],
+    live: Gauge,
+    rejections: [Counter; 6],
+    limiter_keys: [Gauge; 2],
+    session_extension: Histogram,
+    queue_dropped: [Counter; 2],
+    queue_refused: [Counter; 2],
+    lanes: Vec<Lane>,
+    carriers: Vec<CarrierMetrics>,
+}
+
+struct Lane {
+    priority: u8,
+    depth: Gauge,
+    wait: Histogram,
+}
+
+/// Handles for one carrier.
+#[derive(Clone)]
+pub struct CarrierMetrics {
+    submits: [Counter; 4],
+    duration: Histogram,
+    segments: [Counter; 2],
+    in_flight: Gauge,
+    pace: Gauge,
+}
+
+// === impl Route ===
+
+impl Route {
+    pub const ALL: [Route; 7] = [
+        Route::StartVerification,
+        Route::GetVerification,
+        Route::CheckVerification,
+        Route::ResendVerification,
+        Route::CancelVerification,
+        Route::OpenApi,
+        Route::Unmatched,
+    ];
+
+    /// The route for a matched path template and method.
+    pub fn from_template(method: &http::Method, template: Option<&str>) -> Route {
+        match (method.as_str(), template) {
+            ("POST", Some("/v1/verifications")) => Route::StartVerification,
+            ("GET", Some("/v1/verifications/{id}")) => Route::GetVerification,
+            ("POST", Some("/v1/verifications/{id}/check")) => Route::CheckVerification,
+            ("POST", Some("/v1/verifications/{id}/resend")) => Route::ResendVerification,
+            ("DELETE", Some("/v1/verifications/{id}")) => Route::CancelVerification,
+            ("GET", Some("/v1/openapi.json")) => Route::OpenApi,
+            _ => Route::Unmatched,
+        }
+    }
+
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Route::StartVerification => ("POST", "/v1/verifications"),
+            Route::GetVerification => ("GET", "/v1/verifications/{id}"),
+            Route::CheckVerification => ("POST", "/v1/verifications/{id}/check"),
+            Route::ResendVerification => ("POST", "/v1/verifications/{id}/resend"),
+            Route::CancelVerification => ("DELETE", "/v1/verifications/{id}"),
+            Route::OpenApi => ("GET", "/v1/openapi.json"),
+            Route::Unmatched => ("other", "unmatched"),
+        }
+    }
+
+    fn index(self) -> usize {
+        Route::ALL.iter().position(|r| *r == self).unwrap_or(Route::ALL.len() - 1)
+    }
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Builds the recorder and registers every series for these lanes (priorities) and carriers.
+    pub fn new(lane_priorities: &[u8], carrier_names: &[String]) -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("wait_seconds".into()), WAIT_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("extension_seconds".into()), WAIT_BUCKETS)
+            })
+            .expect("bucket lists are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let r = Registrar { recorder: &recorder };
+
+        r.describe_counter("otpgate_http_requests_total", "API requests answered, by route template, method and status.");
+        r.describe_histogram("otpgate_http_request_duration_seconds", Unit::Seconds, "Time to answer an API request, by route template and method.");
+        r.describe_counter("otpgate_verifications_started_total", "Start requests answered with a verification: created, an existing live one, or an idempotent replay.");
+        r.describe_counter("otpgate_verification_checks_total", "Code checks, by outcome (valid, invalid, locked by the failed-checks limit).");
+        r.describe_counter("otpgate_verifications_ended_total", "Verifications that left pending, by outcome.");
+        r.describe_gauge("otpgate_verifications_live", "Verifications held in the store, pending or ended within retention.");
+        r.describe_counter("otpgate_ratelimit_rejections_total", "Requests turned away by a limit, by limit.");
+        r.describe_gauge("otpgate_ratelimit_keys", "Keys held by a keyed rate limiter, by limit.");
+        r.describe_histogram("otpgate_session_extension_seconds", Unit::Seconds, "How far queueing pushed a verification's expiry, recorded when a carrier accepts its first SMS.");
+        r.describe_gauge("otpgate_queue_depth", "SMS jobs waiting for a carrier, by lane (client priority).");
+        r.describe_histogram("otpgate_queue_wait_seconds", Unit::Seconds, "Time an SMS job waited in the queue before a carrier took it, by lane.");
+        r.describe_counter("otpgate_queue_dropped_total", "Queued SMS jobs dropped instead of sent late, by reason.");
+        r.describe_counter("otpgate_queue_rejected_total", "Start requests refused with 503 at the queue, by reason.");
+        r.describe_counter("otpgate_sms_submitted_total", "Submits to carriers, by carrier and outcome.");
+        r.describe_histogram("otpgate_carrier_submit_duration_seconds", Unit::Seconds, "Time for a carrier to answer a submit, by carrier.");
+        r.describe_counter("otpgate_sms_segments_total", "SMS segments handed to carriers, by carrier and encoding.");
+        r.describe_gauge("otpgate_carrier_window_in_use", "Submits in flight, by carrier.");
+        r.describe_gauge("otpgate_carrier_pace_per_second", "Segments per second the dispatcher allows a carrier now.");
+        r.describe_gauge("otpgate_build_info", "Always 1; the version label says which build runs.");
+
+        r.gauge("otpgate_build_info", vec![Label::new("version", env!("CARGO_PKG_VERSION"))]).set(1.0);
+
+        let http_requests = Route::ALL
+            .iter()
+            .map(|route| {
+                let (method, template) = route.labels();
+                STATUSES
+                    .iter()
+                    .map(|status| {
+                        r.counter(
+                            "otpgate_http_requests_total",
+                            vec![
+                                Label::new("route", template),
+                                Label::new("method", method),
+                                Label::new("status", status.to_string()),
+                            ],
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let http_duration = Route::ALL
+            .iter()
+            .map(|route| {
+                let (method, template) = route.labels();
+                r.histogram(
+                    "otpgate_http_request_duration_seconds",
+                    vec![Label::new("route", template), Label::new("method", method)],
+                )
+            })
+            .collect();
+
+        let outcome = |name: &str, values: &[&'static str]| -> Vec<Counter> {
+            values
+                .iter()
+                .map(|value| r.counter(name, vec![Label::new("outcome", *value)]))
+                .collect()
+        };
+        let started = outcome("otpgate_verifications_started_total", &["created", "existing", "replayed"]);
+        let checks = outcome("otpgate_verification_checks_total", &["valid", "invalid", "locked"]);
+        let ended = outcome(
+            "otpgate_verifications_ended_total",
+            &["approved", "expired", "canceled", "too_many_attempts", "undeliverable"],
+        );
+        let rejections: Vec<Counter> = ["phone", "ip", "client", "failed_checks", "resend_cooldown", "country"]
+            .iter()
+            .map(|limit| r.counter("otpgate_ratelimit_rejections_total", vec![Label::new("limit", *limit)]))
+            .collect();
+        let limiter_keys: Vec<Gauge> = ["phone", "ip"]
+            .iter()
+            .map(|limit| r.gauge("otpgate_ratelimit_keys", vec![Label::new("limit", *limit)]))
+            .collect();
+        let reason = |name: &str, values: &[&'static str]| -> Vec<Counter> {
+            values
+                .iter()
+                .map(|value| r.counter(name, vec![Label::new("reason", *value)]))
+                .collect()
+        };
+        let queue_dropped = reason("otpgate_queue_dropped_total", &["expired", "canceled"]);
+        let queue_refused = reason("otpgate_queue_rejected_total", &["full", "predicted_wait"]);
+
+        let lanes = lane_priorities
+            .iter()
+            .map(|&priority| {
+                let labels = || vec![Label::new("lane", priority.to_string())];
+                let depth = r.gauge("otpgate_queue_depth", labels());
+                depth.set(0.0);
+                Lane {
+                    priority,
+                    depth,
+                    wait: r.histogram("otpgate_queue_wait_seconds", labels()),
+                }
+            })
+            .collect();
+        let carriers = carrier_names
+            .iter()
+            .map(|name| {
+                let carrier = || Label::new("carrier", name.clone());
+                let submits: Vec<Counter> = ["accepted", "throttled", "temporary", "permanent"]
+                    .iter()
+                    .map(|outcome| {
+                        r.counter(
+                            "otpgate_sms_submitted_total",
+                            vec![carrier(), Label::new("outcome", *outcome)],
+                        )
+                    })
+                    .collect();
+                let segments: Vec<Counter> = ["gsm7", "ucs2"]
+                    .iter()
+                    .map(|encoding| {
+                        r.counter(
+                            "otpgate_sms_segments_total",
+                            vec![carrier(), Label::new("encoding", *encoding)],
+                        )
+                    })
+                    .collect();
+                let in_flight = r.gauge("otpgate_carrier_window_in_use", vec![carrier()]);
+                in_flight.set(0.0);
+                CarrierMetrics {
+                    submits: to_array(submits),
+                    duration: r.histogram("otpgate_carrier_submit_duration_seconds", vec![carrier()]),
+                    segments: to_array(segments),
+                    in_flight,
+                    pace: r.gauge("otpgate_carrier_pace_per_second", vec![carrier()]),
+                }
+            })
+            .collect();
+        let live = r.gauge("otpgate_verifications_live", vec![]);
+        live.set(0.0);
+        let session_extension = r.histogram("otpgate_session_extension_seconds", vec![]);
+
+        Metrics {
+            shared: Arc::new(Shared {
+                handle,
+                http_requests,
+                http_duration,
+                started: to_array(started),
+                checks: to_array(checks),
+                ended: to_array(ended),
+                live,
+                rejections: to_array(rejections),
+                limiter_keys: to_array(limiter_keys),
+                session_extension,
+                queue_dropped: to_array(queue_dropped),
+                queue_refused: to_array(queue_refused),
+                lanes,
+                carriers,
+            }),
+        }
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        self.shared.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; run on a timer so memory stays bounded.
+    pub fn run_upkeep(&self) {
+        self.shared.handle.run_upkeep();
+    }
+
+    pub fn http_request(&self, route: Route, status: u16, seconds: f64) {
+        let route_index = route.index();
+        let status_index = STATUSES.iter().position(|s| *s == status).unwrap_or(STATUSES.len() - 1);
+        self.shared.http_requests[route_index][status_index].increment(1);
+        self.shared.http_duration[route_index].record(seconds);
+    }
+
+    pub fn started(&self, how: Started) {
+        self.shared.started[how as usize].increment(1);
+    }
+
+    pub fn checked(&self, outcome: Checked) {
+        self.shared.checks[outcome as usize].increment(1);
+    }
+
+    pub fn ended(&self, outcome: Ended) {
+        self.shared.ended[outcome as usize].increment(1);
+    }
+
+    pub fn set_live(&self, n_live: usize) {
+        self.shared.live.set(n_live as f64);
+    }
+
+    pub fn rejected(&self, limit: LimitKind) {
+        self.shared.rejections[limit as usize].increment(1);
+    }
+
+    pub fn set_limiter_keys(&self, n_phone_keys: usize, n_ip_keys: usize) {
+        self.shared.limiter_keys[0].set(n_phone_keys as f64);
+        self.shared.limiter_keys[1].set(n_ip_keys as f64);
+    }
+
+    pub fn session_extended(&self, seconds: f64) {
+        self.shared.session_extension.record(seconds);
+    }
+
+    pub fn set_queue_depth(&self, priority: u8, depth: usize) {
+        if let Some(lane) = self.lane(priority) {
+            lane.depth.set(depth as f64);
+        }
+    }
+
+    pub fn queue_wait(&self, priority: u8, seconds: f64) {
+        if let Some(lane) = self.lane(priority) {
+            lane.wait.record(seconds);
+        }
+    }
+
+    pub fn queue_dropped(&self, reason: QueueDrop) {
+        self.shared.queue_dropped[reason as usize].increment(1);
+    }
+
+    pub fn queue_refused(&self, reason: QueueRefusal) {
+        self.shared.queue_refused[reason as usize].increment(1);
+    }
+
+    /// Handles for the carrier at `index` in the config.
+    pub fn carrier(&self, index: usize) -> CarrierMetrics {
+        self.shared.carriers[index].clone()
+    }
+
+    fn lane(&self, priority: u8) -> Option<&Lane> {
+        self.shared.lanes.iter().find(|lane| lane.priority == priority)
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+// === impl CarrierMetrics ===
+
+impl CarrierMetrics {
+    pub fn submitted(&self, outcome: SubmitOutcome, seconds: f64) {
+        self.submits[outcome as usize].increment(1);
+        self.duration.record(seconds);
+    }
+
+    pub fn segments(&self, encoding: crate::sms::Encoding, n_segments: u16) {
+        let index = match encoding {
+            crate::sms::Encoding::Gsm7 => 0,
+            crate::sms::Encoding::Ucs2 => 1,
+        };
+        self.segments[index].increment(n_segments as u64);
+    }
+
+    pub fn set_in_flight(&self, n_in_flight: usize) {
+        self.in_flight.set(n_in_flight as f64);
+    }
+
+    pub fn set_pace(&self, per_sec: f64) {
+        self.pace.set(per_sec);
+    }
+}
+
+impl std::fmt::Debug for CarrierMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CarrierMetrics").finish_non_exhaustive()
+    }
+}
+
+/// Registers series on one recorder.
+struct Registrar<'a> {
+    recorder: &'a PrometheusRecorder,
+}
+
+impl Registrar<'_> {
+    fn describe_counter(&self, name: &'static str, help: &'static str) {
+        self.recorder.describe_counter(KeyName::from_const_str(name), None, SharedString::const_str(help));
+    }
+
+    fn describe_gauge(&self, name: &'static str, help: &'static str) {
+        self.recorder.describe_gauge(KeyName::from_const_str(name), None, SharedString::const_str(help));
+    }
+
+    fn describe_histogram(&self, name: &'static str, unit: Unit, help: &'static str) {
+        self.recorder
+            .describe_histogram(KeyName::from_const_str(name), Some(unit), SharedString::const_str(help));
+    }
+
+    fn counter(&self, name: &str, labels: Vec<Label>) -> Counter {
+        let counter = self.recorder.register_counter(&Key::from_parts(name.to_owned(), labels), &metadata());
+        counter.increment(0);
+        counter
+    }
+
+    fn gauge(&self, name: &str, labels: Vec<Label>) -> Gauge {
+        self.recorder.register_gauge(&Key::from_parts(name.to_owned(), labels), &metadata())
+    }
+
+    fn histogram(&self, name: &str, labels: Vec<Label>) -> Histogram {
+        self.recorder.register_histogram(&Key::from_parts(name.to_owned(), labels), &metadata())
+    }
+}
+
+fn metadata() -> Metadata<'static> {
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
+}
+
+fn to_array<T, const N: usize>(items: Vec<T>) -> [T; N] {
+    items
+        .try_into()
+        .unwrap_or_else(|items: Vec<T>| panic!("expected {N} handles, built {}", items.len()))
+}

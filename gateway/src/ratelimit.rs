@@ -1,0 +1,222 @@
+//! Rate limits on sends: per phone, per citizen IP, and per client (API key), with governor's
+//! GCRA limiters on the gateway's [`Clock`].
+//!
+//! Keyed limiters grow by one entry per phone or IP they have seen; [`Limiters::housekeep`] runs
+//! on the sweeper's timer and drops the entries whose limits have fully recovered, so memory
+//! stays bounded by the traffic of one limit period. Wrong codes are limited elsewhere: per
+//! verification in its record, per phone in the store's shard (they must count exactly, and
+//! are cleared with the verification's own lock).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::DashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+use crate::clock::Clock;
+use crate::config::{ClientConfig, Limits, Rule};
+use crate::metrics::LimitKind;
+use crate::verification::ClientId;
+
+type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, Clock, NoOpMiddleware<Nanos>>;
+type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<Nanos>>;
+
+/// Every send limiter of the gateway.
+#[derive(Debug)]
+pub struct Limiters {
+    clock: Clock,
+    phone: Vec<(Rule, Keyed<u64>)>,
+    ip: Vec<(Rule, Keyed<IpAddr>)>,
+    /// One per client, indexed by [`ClientId`].
+    clients: Vec<(Rule, Direct)>,
+}
+
+/// A request turned away by a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    pub limit: LimitKind,
+    /// The rule that refused; for the `RateLimit-*` headers.
+    pub rule: Rule,
+    /// When to try again.
+    pub retry_after: Duration,
+}
+
+// === impl Limiters ===
+
+impl Limiters {
+    pub fn new(limits: &Limits, clients: &[ClientConfig], anonymous_rate: Rule, clock: Clock) -> Limiters {
+        let phone = limits
+            .phone_sends
+            .iter()
+            .map(|rule| (*rule, RateLimiter::new(quota(rule), DashMapStateStore::default(), clock.clone())))
+            .collect();
+        let ip = limits
+            .ip_sends
+            .iter()
+            .map(|rule| (*rule, RateLimiter::new(quota(rule), DashMapStateStore::default(), clock.clone())))
+            .collect();
+        let client_rules: Vec<Rule> = if clients.is_empty() {
+            vec![anonymous_rate]
+        } else {
+            clients
+                .iter()
+                .map(|client| Rule {
+                    max: client.rate_per_sec,
+                    per: Duration::from_secs(1),
+                })
+                .collect()
+        };
+        let clients = client_rules
+            .into_iter()
+            .map(|rule| (rule, RateLimiter::new(quota(&rule), InMemoryState::default(), clock.clone())))
+            .collect();
+        Limiters {
+            clock,
+            phone,
+            ip,
+            clients,
+        }
+    }
+
+    /// Counts one request of `client` against its rate.
+    pub fn check_client(&self, client: ClientId) -> Result<(), Rejection> {
+        let Some((rule, limiter)) = self.clients.get(client as usize) else {
+            return Ok(());
+        };
+        limiter.check().map_err(|not_until| Rejection {
+            limit: LimitKind::Client,
+            rule: *rule,
+            retry_after: not_until.wait_time_from(governor::clock::Clock::now(&self.clock)),
+        })
+    }
+
+    /// Counts one send to a citizen IP against every IP rule.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Rejection> {
+        check_all(&self.ip, &ip, LimitKind::Ip, &self.clock)
+    }
+
+    /// Counts one SMS to `phone` against every phone rule.
+    pub fn check_phone(&self, phone: u64) -> Result<(), Rejection> {
+        check_all(&self.phone, &phone, LimitKind::Phone, &self.clock)
+    }
+
+    /// Drops limiter entries that have fully recovered and reports how many keys remain
+    /// (phones, IPs).
+    pub fn housekeep(&self) -> (usize, usize) {
+        let mut n_phone_keys = 0;
+        for (_, limiter) in &self.phone {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+            n_phone_keys += limiter.len();
+        }
+        let mut n_ip_keys = 0;
+        for (_, limiter) in &self.ip {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+            n_ip_keys += limiter.len();
+        }
+        (n_phone_keys, n_ip_keys)
+    }
+}
+
+/// Checks every rule; all must allow. The longest wait wins when several refuse.
+fn check_all<K>(rules: &[(Rule, Keyed<K>)], key: &K, limit: LimitKind, clock: &Clock) -> Result<(), Rejection>
+where
+    K: std::hash::Hash + Eq + Clone,
+{
+    let mut refused: Option<Rejection> = None;
+    for (rule, limiter) in rules {
+        if let Err(not_until) = limiter.check_key(key) {
+            let retry_after = not_until.wait_time_from(governor::clock::Clock::now(clock));
+            if refused.is_none_or(|r| r.retry_after < retry_after) {
+                refused = Some(Rejection {
+                    limit,
+                    rule: *rule,
+                    retry_after,
+                });
+            }
+        }
+    }
+    refused.map_or(Ok(()), Err)
+}
+
+/// A GCRA quota allowing bursts of `max` and recovering all of them over `per`.
+fn quota(rule: &Rule) -> Quota {
+    Quota::with_period(rule.per / rule.max.get())
+        .unwrap_or_else(|| Quota::per_second(rule.max))
+        .allow_burst(rule.max)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+    use crate::phone::CountryAllowList;
+
+    fn rule(max: u32, per_secs: u64) -> Rule {
+        Rule {
+            max: NonZeroU32::new(max).unwrap(),
+            per: Duration::from_secs(per_secs),
+        }
+    }
+
+    fn limiters(clock: &Clock) -> Limiters {
+        let limits = Limits {
+            phone_sends: vec![rule(1, 30), rule(5, 600)],
+            ip_sends: vec![rule(3, 3600)],
+            failed_checks_per_phone: rule(100, 86_400),
+            countries: CountryAllowList::default(),
+        };
+        Limiters::new(&limits, &[], rule(2, 1), clock.clone())
+    }
+
+    #[test]
+    fn phone_allows_one_per_30s_and_five_per_10min() {
+        let clock = Clock::system();
+        let limiters = limiters(&clock);
+        assert!(limiters.check_phone(1).is_ok());
+        let refused = limiters.check_phone(1).unwrap_err();
+        assert_eq!(refused.limit, LimitKind::Phone);
+        assert!(refused.retry_after <= Duration::from_secs(30));
+        assert!(refused.retry_after > Duration::from_secs(25));
+        // Another phone is unaffected.
+        assert!(limiters.check_phone(2).is_ok());
+        for _ in 0..4 {
+            clock.advance(Duration::from_secs(31));
+            assert!(limiters.check_phone(1).is_ok());
+        }
+        clock.advance(Duration::from_secs(31));
+        let refused = limiters.check_phone(1).unwrap_err();
+        assert_eq!(refused.rule, rule(5, 600));
+    }
+
+    #[test]
+    fn ip_and_client_limits_hold() {
+        let clock = Clock::system();
+        let limiters = limiters(&clock);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..3 {
+            assert!(limiters.check_ip(ip).is_ok());
+        }
+        assert_eq!(limiters.check_ip(ip).unwrap_err().limit, LimitKind::Ip);
+        assert!(limiters.check_client(0).is_ok());
+        assert!(limiters.check_client(0).is_ok());
+        assert_eq!(limiters.check_client(0).unwrap_err().limit, LimitKind::Client);
+    }
+
+    #[test]
+    fn housekeeping_forgets_recovered_keys() {
+        let clock = Clock::system();
+        let limiters = limiters(&clock);
+        for phone in 0..100 {
+            limiters.check_phone(phone).unwrap();
+        }
+        assert_eq!(limiters.housekeep().0, 200);
+        clock.advance(Duration::from_secs(601));
+        assert_eq!(limiters.housekeep(), (0, 0));
+    }
+}

@@ -1,0 +1,335 @@
+//! The frontend API v1 (DESIGN.md section 3): routes, request parsing, and responses.
+//!
+//! Handlers parse and validate input into the engine's types, call the [`Verifier`], and turn
+//! its answers into JSON. Bodies are read with a hard cap and parsed here (not by an extractor),
+//! so every bad input gets the API's own error shape: a code and a message naming the field.
+
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::metrics::{Route, Started};
+use crate::phone::{Phone, PhoneError};
+use crate::store::VerificationId;
+use crate::verifier::{NewVerification, Verifier};
+
+/// Every API route, as `(method, path template)`: the OpenAPI document must list exactly these.
+pub const API_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/verifications"),
+    ("GET", "/v1/verifications/{id}"),
+    ("DELETE", "/v1/verifications/{id}"),
+    ("POST", "/v1/verifications/{id}/check"),
+    ("POST", "/v1/verifications/{id}/resend"),
+    ("GET", "/v1/openapi.json"),
+];
+
+/// The OpenAPI 3 description of this API.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+/// The longest `?wait=` a long-poll may ask for, in seconds.
+pub const MAX_WAIT_SECS: u64 = 60;
+
+/// What every handler needs.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    pub verifier: Verifier,
+    pub max_body_bytes: usize,
+    /// Fires when shutdown begins, ending long-polls early.
+    pub shutdown: CancellationToken,
+}
+
+/// The peer's address, put on each request by the server.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    phone: String,
+    client_ip: Option<String>,
+    locale: Option<String>,
+    web_origin: Option<String>,
+    app_hash: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    code: String,
+}
+
+/// Builds the API router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/verifications", post(start))
+        .route("/v1/verifications/{id}", get(read).delete(cancel))
+        .route("/v1/verifications/{id}/check", post(check))
+        .route("/v1/verifications/{id}/resend", post(resend))
+        .route("/v1/openapi.json", get(openapi))
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Records each request's route, status and duration.
+async fn observe(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = Route::from_template(
+        request.method(),
+        request.extensions().get::<MatchedPath>().map(MatchedPath::as_str),
+    );
+    let response = next.run(request).await;
+    state
+        .verifier
+        .metrics()
+        .http_request(route, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+async fn start(State(state): State<ApiState>, request: Request) -> Result<Response, ApiError> {
+    let peer = request.extensions().get::<PeerAddr>().map(|peer| peer.0.ip());
+    let (parts, body) = request.into_parts();
+    let client = state.verifier.authenticate(bearer(&parts.headers))?;
+    let bytes = read_body(&parts.headers, body, state.max_body_bytes).await?;
+    let body: StartBody = parse_json(&bytes)?;
+
+    let (phone, region) = Phone::parse(&body.phone).map_err(|error| {
+        let message = match error {
+            PhoneError::NotE164 => "phone: expected an E.164 number such as +393331234567",
+            PhoneError::Invalid => "phone: not a valid number for its country",
+            PhoneError::NotMobile => "phone: not a number that can receive SMS",
+        };
+        ApiError::bad_request("invalid_phone", message)
+    })?;
+    let ip = match body.client_ip.as_deref() {
+        Some(text) => text
+            .trim()
+            .parse::<IpAddr>()
+            .map_err(|_| ApiError::bad_request("invalid_client_ip", "client_ip: expected an IPv4 or IPv6 address"))?,
+        None => peer.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+    };
+    let locale = match body.locale {
+        Some(locale) if locale.len() > 35 || !locale.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
+            return Err(ApiError::bad_request("invalid_locale", "locale: expected a language tag such as \"it\" or \"en-GB\""));
+        }
+        other => other,
+    };
+    let web_origin_host = body
+        .web_origin
+        .as_deref()
+        .map(crate::sms::web_otp_host)
+        .transpose()
+        .map_err(|error| ApiError::bad_request("invalid_web_origin", format!("web_origin: {error}")))?;
+    if let Some(hash) = &body.app_hash {
+        if !crate::sms::is_valid_app_hash(hash) {
+            return Err(ApiError::bad_request(
+                "invalid_app_hash",
+                "app_hash: expected the 11-character Android SMS Retriever hash",
+            ));
+        }
+    }
+    let idempotency = idempotency_key(&parts.headers)?.map(|key| {
+        let mut hasher = std::hash::DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        (key, hasher.finish())
+    });
+
+    let (started, view) = state.verifier.start(
+        client,
+        NewVerification {
+            phone,
+            region,
+            ip,
+            locale,
+            web_origin_host,
+            app_hash: body.app_hash,
+            idempotency,
+        },
+    )?;
+    let location = format!("/v1/verifications/{}", view.id);
+    let mut response = (StatusCode::ACCEPTED, axum::Json(view)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    if started == Started::Replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+async fn read(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let client = state.verifier.authenticate(bearer(&headers))?;
+    let id = parse_id(&id)?;
+    let wait = wait_secs(request.uri().query())?;
+    let (view, version) = state.verifier.get(client, &id)?;
+    if wait.is_zero() {
+        return Ok(axum::Json(view).into_response());
+    }
+    let view = state
+        .verifier
+        .wait_for_change(client, &id, version, wait, &state.shutdown)
+        .await?;
+    Ok(axum::Json(view).into_response())
+}
+
+async fn check(State(state): State<ApiState>, Path(id): Path<String>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let client = state.verifier.authenticate(bearer(&parts.headers))?;
+    let id = parse_id(&id)?;
+    let bytes = read_body(&parts.headers, body, state.max_body_bytes).await?;
+    let body: CheckBody = parse_json(&bytes)?;
+    let answer = state.verifier.check(client, &id, body.code.trim())?;
+    Ok(axum::Json(answer).into_response())
+}
+
+async fn resend(State(state): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let client = state.verifier.authenticate(bearer(&headers))?;
+    let id = parse_id(&id)?;
+    let view = state.verifier.resend(client, &id)?;
+    Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
+}
+
+async fn cancel(State(state): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let client = state.verifier.authenticate(bearer(&headers))?;
+    let id = parse_id(&id)?;
+    let view = state.verifier.cancel(client, &id)?;
+    Ok(axum::Json(view).into_response())
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+// --- parsing helpers ---
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn parse_id(text: &str) -> Result<VerificationId, ApiError> {
+    // A malformed id is as unknown as a well-formed one that does not exist.
+    VerificationId::parse(text).ok_or(ApiError::NotFound)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(|key| key.trim().trim_matches('"'))
+        .filter(|key| !key.is_empty() && key.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key: expected 1 to 255 visible ASCII characters")
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+fn wait_secs(query: Option<&str>) -> Result<Duration, ApiError> {
+    let mut wait = Duration::ZERO;
+    for pair in query.unwrap_or("").split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name == "wait" {
+            let secs: u64 = value.parse().ok().filter(|secs| *secs <= MAX_WAIT_SECS).ok_or_else(|| {
+                ApiError::bad_request("invalid_wait", format!("wait: expected whole seconds from 0 to {MAX_WAIT_SECS}"))
+            })?;
+            wait = Duration::from_secs(secs);
+        }
+    }
+    Ok(wait)
+}
+
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let too_large = std::error::Error::source(&error)
+            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::bad_request("unreadable_body", "request body could not be read")
+        }
+    })
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        use serde_json::error::Category;
+        match error.classify() {
+            Category::Data => {
+                // serde names the field ("missing field `phone`", "unknown field `phon`"); keep
+                // that part and drop the position.
+                let message = error.to_string();
+                let message = message.split(" at line ").next().unwrap_or("invalid field").to_owned();
+                ApiError::bad_request("invalid_field", message)
+            }
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::bad_request("malformed_json", "request body is not valid JSON")
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_is_case_insensitive() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer k1"));
+        assert_eq!(bearer(&headers), Some("k1"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic k1"));
+        assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn wait_is_bounded() {
+        assert_eq!(wait_secs(None).unwrap(), Duration::ZERO);
+        assert_eq!(wait_secs(Some("wait=5")).unwrap(), Duration::from_secs(5));
+        assert!(wait_secs(Some("wait=61")).is_err());
+        assert!(wait_secs(Some("wait=-1")).is_err());
+        assert!(wait_secs(Some("wait=x")).is_err());
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let error = parse_json::<StartBody>(b"{}").err().unwrap();
+        assert_eq!(error.code(), "invalid_field");
+        assert_eq!(error.to_string(), "missing field `phone`");
+        let error = parse_json::<StartBody>(br#"{"phone":"+39","phon":1}"#).err().unwrap();
+        assert!(error.to_string().starts_with("unknown field `phon`"), "{error}");
+        let error = parse_json::<StartBody>(br#"{"phone": 12}"#).err().unwrap();
+        assert!(error.to_string().contains("invalid type"), "{error}");
+        assert_eq!(parse_json::<StartBody>(b"{").err().unwrap().code(), "malformed_json");
+    }
+}

@@ -1,0 +1,1389 @@
+//! SMS text: per-locale templates, the GSM-7 or UCS-2 choice, and segment counting.
+//!
+//! Every text the gateway hands to a carrier is built here.
+//! [`Templates`] renders the per-locale message with the code, then the optional Android app hash
+//! line and the optional WebOTP origin line, which must come last.
+//! [`SmsText`] records the encoding the text needs and the number of segments it costs,
+//! which is what carriers bill and pace by.
+//!
+//! # Encoding and segments
+//!
+//! A text is GSM-7 when every character is in the GSM 03.38 default alphabet or its extension
+//! table, where an extension character costs two septets (an escape, then the character).
+//! Any other text is UCS-2, counted in UTF-16 code units.
+//! One SMS holds 160 septets or 70 units.
+//! A longer text travels as concatenated segments of 153 septets or 67 units, because the user
+//! data header takes the rest.
+//! A split never separates an escape from its character or the halves of a surrogate pair, so the
+//! count can exceed a plain division of the length.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+/// How a text travels over the air.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// The GSM 03.38 7-bit default alphabet with its extension table.
+    Gsm7,
+    /// UCS-2 (UTF-16 in practice), for any text GSM-7 cannot carry.
+    Ucs2,
+}
+
+/// A text ready to send, with the encoding it needs and its cost in segments.
+///
+/// `Debug` and `Display` never print the text, because it carries the one-time code.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SmsText {
+    text: String,
+    encoding: Encoding,
+    units: usize,
+    /// Saturates at `u16::MAX`, far beyond anything a template can produce.
+    segments: u16,
+}
+
+/// The SMS templates of every configured locale.
+#[derive(Debug, Clone)]
+pub struct Templates {
+    /// Parsed templates keyed by normalised locale: lowercase, subtags joined by `-`.
+    by_locale: BTreeMap<String, Template>,
+    default_locale: String,
+    /// A copy of the default locale's template, so that a lookup always has an answer.
+    default_template: Template,
+}
+
+/// What a template is rendered with.
+///
+/// `Debug` does not print the code.
+#[derive(Clone, Copy)]
+pub struct RenderParams<'a> {
+    /// The one-time code, for `{code}` and the WebOTP line.
+    pub code: &'a str,
+    /// The code's lifetime, for `{ttl_minutes}`.
+    pub ttl_minutes: u64,
+    /// The WebOTP host from [`web_otp_host`], such as `portal.example.it`.
+    pub web_origin_host: Option<&'a str>,
+    /// The Android SMS Retriever hash, checked by [`is_valid_app_hash`].
+    pub app_hash: Option<&'a str>,
+}
+
+/// Why a set of templates was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error(
+        "locale {locale:?}: not a language tag (ASCII letters and digits separated by '-' or '_')"
+    )]
+    InvalidLocale { locale: String },
+    #[error("locale {locale:?}: more than one template")]
+    DuplicateLocale { locale: String },
+    #[error("default locale {locale:?}: no template for it")]
+    MissingDefaultLocale { locale: String },
+    #[error("template for locale {locale:?}: empty template")]
+    Empty { locale: String },
+    #[error("template for locale {locale:?}: missing the {{code}} placeholder")]
+    MissingCode { locale: String },
+    #[error("template for locale {locale:?}: the {{code}} placeholder appears more than once")]
+    DuplicateCode { locale: String },
+    #[error("template for locale {locale:?}: unknown placeholder {{{name}}}")]
+    UnknownPlaceholder { locale: String, name: String },
+    #[error("template for locale {locale:?}: unclosed '{{' at byte {offset}")]
+    UnclosedBrace { locale: String, offset: usize },
+    #[error("template for locale {locale:?}: unmatched '}}' at byte {offset}")]
+    UnmatchedBrace { locale: String, offset: usize },
+    #[error(
+        "template for locale {locale:?}: a sample with a 10-digit code takes {segments} segments, over the limit of {limit}",
+        limit = MAX_TEMPLATE_SEGMENTS
+    )]
+    TooLong { locale: String, segments: u16 },
+}
+
+/// Why a web origin cannot be used for WebOTP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OriginError {
+    #[error("web origin: scheme must be https (http only for localhost and 127.0.0.1)")]
+    NotHttps,
+    #[error("web origin: must not contain user info")]
+    UserInfo,
+    #[error("web origin: must not have a path, not even a trailing '/'")]
+    Path,
+    #[error("web origin: must not have a query or fragment")]
+    QueryOrFragment,
+    #[error("web origin: empty host")]
+    EmptyHost,
+    #[error("web origin: host is {len} characters, over the limit of 253")]
+    HostTooLong { len: usize },
+    #[error(
+        "web origin: host must be an ASCII domain name or IPv4 address (use the xn-- form for international names)"
+    )]
+    InvalidHost,
+    #[error("web origin: port must be a number from 1 to 65535")]
+    InvalidPort,
+}
+
+/// Converts `text` to GSM 03.38 default-alphabet septets, one per byte, unpacked.
+///
+/// An extension character becomes the escape `0x1B` followed by its code.
+/// Returns `None` when any character is outside the alphabet and its extension table.
+pub fn gsm7_unpacked(text: &str) -> Option<Vec<u8>> {
+    let mut septets = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        match gsm7_septet(c)? {
+            Septet::Basic(code) => septets.push(code),
+            Septet::Extension(code) => septets.extend([GSM7_ESCAPE, code]),
+        }
+    }
+    Some(septets)
+}
+
+/// Turns a web origin into the host the WebOTP origin line names.
+///
+/// `https://portal.example.it` gives `portal.example.it` and `https://a.b:8443` gives `a.b:8443`.
+/// The host is lowercased and a default port (443, or 80 for http) is dropped, as browsers do.
+///
+/// # Errors
+///
+/// Returns an [`OriginError`] unless `origin` is `https://` (or `http://` for `localhost` and
+/// `127.0.0.1`) followed by a host of at most 253 characters and an optional port, with no
+/// user info, path, query or fragment.
+pub fn web_otp_host(origin: &str) -> Result<String, OriginError> {
+    let (scheme, rest) = origin.split_once("://").ok_or(OriginError::NotHttps)?;
+    let is_https = scheme.eq_ignore_ascii_case("https");
+    if !is_https && !scheme.eq_ignore_ascii_case("http") {
+        return Err(OriginError::NotHttps);
+    }
+
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    if authority.contains('@') {
+        return Err(OriginError::UserInfo);
+    }
+    if tail.starts_with('/') {
+        return Err(OriginError::Path);
+    }
+    if !tail.is_empty() {
+        return Err(OriginError::QueryOrFragment);
+    }
+
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    if host.is_empty() {
+        return Err(OriginError::EmptyHost);
+    }
+    if host.len() > MAX_HOST_LEN {
+        return Err(OriginError::HostTooLong { len: host.len() });
+    }
+    if !is_valid_domain(host) {
+        return Err(OriginError::InvalidHost);
+    }
+    let host = host.to_ascii_lowercase();
+    let port = port.map(parse_port).transpose()?;
+
+    if !is_https && host != "localhost" && host != "127.0.0.1" {
+        return Err(OriginError::NotHttps);
+    }
+    let default_port = if is_https { 443 } else { 80 };
+    match port {
+        Some(port) if port != default_port => Ok(format!("{host}:{port}")),
+        _ => Ok(host),
+    }
+}
+
+/// Whether `s` is an Android SMS Retriever app hash: exactly 11 characters of `[A-Za-z0-9+/]`.
+pub fn is_valid_app_hash(s: &str) -> bool {
+    s.len() == APP_HASH_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+// === impl Encoding ===
+
+impl Encoding {
+    /// The name used in logs and metric labels: `gsm7` or `ucs2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Gsm7 => "gsm7",
+            Encoding::Ucs2 => "ucs2",
+        }
+    }
+
+    /// The units (septets or UTF-16 code units) that fit in a single, unsplit SMS.
+    pub fn single_segment_units(self) -> usize {
+        match self {
+            Encoding::Gsm7 => 160,
+            Encoding::Ucs2 => 70,
+        }
+    }
+
+    /// The units that fit in each segment of a concatenated SMS.
+    pub fn multipart_segment_units(self) -> usize {
+        match self {
+            Encoding::Gsm7 => 153,
+            Encoding::Ucs2 => 67,
+        }
+    }
+}
+
+// === impl SmsText ===
+
+impl SmsText {
+    /// Picks the encoding for `text` and counts its units and segments.
+    pub fn new(text: String) -> SmsText {
+        let (encoding, units) = analyse(&text);
+        let mut n_segments: usize = 0;
+        walk_segments(&text, encoding, units, |_| n_segments += 1);
+        SmsText {
+            segments: u16::try_from(n_segments).unwrap_or(u16::MAX),
+            text,
+            encoding,
+            units,
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Gives the text back, for handing to a carrier without a copy.
+    pub fn into_text(self) -> String {
+        self.text
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// Septets for GSM-7 (an extension character counts two), UTF-16 code units for UCS-2.
+    pub fn units(&self) -> usize {
+        self.units
+    }
+
+    /// The number of SMS segments; an empty text is one segment.
+    ///
+    /// The count saturates at `u16::MAX` for a text of some ten megabytes or more.
+    pub fn segments(&self) -> u16 {
+        self.segments
+    }
+
+    /// The byte range of `text()` that each segment carries, in order.
+    ///
+    /// The ranges cover the text exactly, start and end on character boundaries, and there is
+    /// one per segment.
+    pub fn segment_ranges(&self) -> Vec<Range<usize>> {
+        let mut ranges = Vec::with_capacity(usize::from(self.segments));
+        walk_segments(&self.text, self.encoding, self.units, |range| {
+            ranges.push(range)
+        });
+        ranges
+    }
+}
+
+impl fmt::Debug for SmsText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmsText")
+            .field("encoding", &self.encoding)
+            .field("units", &self.units)
+            .field("segments", &self.segments)
+            .field("text", &Redacted)
+            .finish()
+    }
+}
+
+impl fmt::Display for SmsText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = if self.segments == 1 { "" } else { "s" };
+        write!(
+            f,
+            "{REDACTED} ({}, {} segment{plural})",
+            self.encoding.as_str(),
+            self.segments
+        )
+    }
+}
+
+// === impl Templates ===
+
+impl Templates {
+    /// The shipped templates: `en` (the default) and `it`, both GSM-7.
+    ///
+    /// # Panics
+    ///
+    /// Never: the built-in templates are constants, and a unit test checks that they are accepted.
+    pub fn builtin() -> Templates {
+        let by_locale = BUILTIN_TEMPLATES.map(|(locale, source)| (locale.to_owned(), source.to_owned()));
+        Templates::new(by_locale, "en").expect("built-in templates are valid")
+    }
+
+    /// Parses and checks one template per locale.
+    ///
+    /// Locales are matched case-insensitively, with `_` and `-` equivalent.
+    ///
+    /// # Errors
+    ///
+    /// Returns a [`TemplateError`] when a locale is not a language tag or appears twice, the
+    /// default locale has no template, or a template is empty, lacks `{code}` or has it twice,
+    /// uses a placeholder other than `{code}` and `{ttl_minutes}`, has an unbalanced brace, or
+    /// renders to more than three segments with a 10-digit code.
+    pub fn new(
+        by_locale: impl IntoIterator<Item = (String, String)>,
+        default_locale: &str,
+    ) -> Result<Templates, TemplateError> {
+        let mut parsed = BTreeMap::new();
+        for (locale, source) in by_locale {
+            let Some(key) = normalise_locale(&locale) else {
+                return Err(TemplateError::InvalidLocale { locale });
+            };
+            let template = Template::parse(&locale, &source)?;
+            let sample = SmsText::new(template.render(&SAMPLE_PARAMS));
+            if sample.segments() > MAX_TEMPLATE_SEGMENTS {
+                return Err(TemplateError::TooLong {
+                    locale,
+                    segments: sample.segments(),
+                });
+            }
+            if parsed.contains_key(&key) {
+                return Err(TemplateError::DuplicateLocale { locale: key });
+            }
+            parsed.insert(key, template);
+        }
+
+        let default = normalise_locale(default_locale)
+            .and_then(|key| parsed.get_key_value(&key))
+            .map(|(key, template)| (key.clone(), template.clone()));
+        let Some((default_locale, default_template)) = default else {
+            return Err(TemplateError::MissingDefaultLocale {
+                locale: default_locale.to_owned(),
+            });
+        };
+        Ok(Templates {
+            by_locale: parsed,
+            default_locale,
+            default_template,
+        })
+    }
+
+    /// Whether `locale` has its own template, directly or through its language (`it-IT` → `it`),
+    /// rather than falling back to the default.
+    pub fn has_locale(&self, locale: &str) -> bool {
+        self.find(locale).is_some()
+    }
+
+    /// The normalised locale whose template `render` uses for `locale`.
+    pub fn resolve_locale(&self, locale: Option<&str>) -> &str {
+        locale
+            .and_then(|locale| self.find(locale))
+            .map_or(self.default_locale.as_str(), |(key, _)| key)
+    }
+
+    /// The normalised default locale.
+    pub fn default_locale(&self) -> &str {
+        &self.default_locale
+    }
+
+    /// Renders the text for `locale`, falling back to its language and then to the default locale.
+    ///
+    /// The template comes first, then the app hash on its own line, then the WebOTP line
+    /// `@<host> #<code>`, which WebOTP requires to be the last line.
+    /// An app hash that fails [`is_valid_app_hash`], or a host that [`web_otp_host`] would reject,
+    /// is left out rather than let it add arbitrary lines to the SMS.
+    pub fn render(&self, locale: Option<&str>, params: &RenderParams<'_>) -> SmsText {
+        let template = locale
+            .and_then(|locale| self.find(locale))
+            .map_or(&self.default_template, |(_, template)| template);
+        let mut text = template.render(params);
+        if let Some(app_hash) = params.app_hash.filter(|hash| is_valid_app_hash(hash)) {
+            text.push('\n');
+            text.push_str(app_hash);
+        }
+        if let Some(host) = params.web_origin_host.and_then(checked_web_otp_host) {
+            text.push_str("\n@");
+            text.push_str(&host);
+            text.push_str(" #");
+            text.push_str(params.code);
+        }
+        SmsText::new(text)
+    }
+
+    /// Finds the template for `locale` or, failing that, for its shorter prefixes.
+    fn find(&self, locale: &str) -> Option<(&str, &Template)> {
+        let mut key = normalise_locale(locale)?;
+        loop {
+            if let Some((key, template)) = self.by_locale.get_key_value(&key) {
+                return Some((key.as_str(), template));
+            }
+            let cut = key.rfind('-')?;
+            key.truncate(cut);
+        }
+    }
+}
+
+// === impl RenderParams ===
+
+impl fmt::Debug for RenderParams<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RenderParams")
+            .field("code", &Redacted)
+            .field("ttl_minutes", &self.ttl_minutes)
+            .field("web_origin_host", &self.web_origin_host)
+            .field("app_hash", &self.app_hash)
+            .finish()
+    }
+}
+
+/// The shipped templates, by locale; a config's `[templates]` add to them or replace them.
+pub const BUILTIN_TEMPLATES: [(&str, &str); 2] = [("en", BUILTIN_EN), ("it", BUILTIN_IT)];
+
+// === private ===
+
+const BUILTIN_EN: &str = concat!(
+    "Your verification code is {code}. ",
+    "It expires in {ttl_minutes} minutes. ",
+    "Never share it with anyone.",
+);
+const BUILTIN_IT: &str = concat!(
+    "Il tuo codice di verifica è {code}. ",
+    "Scade tra {ttl_minutes} minuti. ",
+    "Non condividerlo con nessuno.",
+);
+
+/// A template must fit this many segments with [`SAMPLE_PARAMS`], leaving room for the extra lines.
+const MAX_TEMPLATE_SEGMENTS: u16 = 3;
+
+/// The worst plausible values, used to check a template's length.
+const SAMPLE_PARAMS: RenderParams<'static> = RenderParams {
+    code: "0123456789",
+    ttl_minutes: 1440,
+    web_origin_host: None,
+    app_hash: None,
+};
+
+const MAX_LOCALE_LEN: usize = 35;
+const MAX_HOST_LEN: usize = 253;
+const MAX_LABEL_LEN: usize = 63;
+const APP_HASH_LEN: usize = 11;
+const REDACTED: &str = "**REDACTED**";
+
+const GSM7_ESCAPE: u8 = 0x1B;
+
+/// The GSM 03.38 default alphabet, indexed by septet.
+/// Slot `0x1B` is the escape to the extension table, not a character.
+#[rustfmt::skip]
+const GSM7_BASIC: [char; 128] = [
+    '@', '£', '$', '¥', 'è', 'é', 'ù', 'ì', 'ò', 'Ç', '\n', 'Ø', 'ø', '\r', 'Å', 'å',
+    'Δ', '_', 'Φ', 'Γ', 'Λ', 'Ω', 'Π', 'Ψ', 'Σ', 'Θ', 'Ξ', '\u{1B}', 'Æ', 'æ', 'ß', 'É',
+    ' ', '!', '"', '#', '¤', '%', '&', '\'', '(', ')', '*', '+', ',', '-', '.', '/',
+    '0', '1', '2', '3', '4', '5', '6', '7', '8', '9', ':', ';', '<', '=', '>', '?',
+    '¡', 'A', 'B', 'C', 'D', 'E', 'F', 'G', 'H', 'I', 'J', 'K', 'L', 'M', 'N', 'O',
+    'P', 'Q', 'R', 'S', 'T', 'U', 'V', 'W', 'X', 'Y', 'Z', 'Ä', 'Ö', 'Ñ', 'Ü', '§',
+    '¿', 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l', 'm', 'n', 'o',
+    'p', 'q', 'r', 's', 't', 'u', 'v', 'w', 'x', 'y', 'z', 'ä', 'ö', 'ñ', 'ü', 'à',
+];
+
+/// The GSM 03.38 extension table: each character and the septet that follows the escape.
+const GSM7_EXTENSION: [(char, u8); 10] = [
+    ('\u{0C}', 0x0A),
+    ('^', 0x14),
+    ('{', 0x28),
+    ('}', 0x29),
+    ('\\', 0x2F),
+    ('[', 0x3C),
+    ('~', 0x3D),
+    (']', 0x3E),
+    ('|', 0x40),
+    ('€', 0x65),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Septet {
+    Basic(u8),
+    Extension(u8),
+}
+
+/// A parsed template.
+#[derive(Debug, Clone)]
+struct Template {
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone)]
+enum Piece {
+    Literal(String),
+    Code,
+    TtlMinutes,
+}
+
+/// Prints as `**REDACTED**` in place of a secret.
+struct Redacted;
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+// === impl Septet ===
+
+impl Septet {
+    fn cost(self) -> usize {
+        match self {
+            Septet::Basic(_) => 1,
+            Septet::Extension(_) => 2,
+        }
+    }
+}
+
+// === impl Template ===
+
+impl Template {
+    fn parse(locale: &str, source: &str) -> Result<Template, TemplateError> {
+        if source.trim().is_empty() {
+            return Err(TemplateError::Empty {
+                locale: locale.to_owned(),
+            });
+        }
+        let mut pieces = Vec::new();
+        let mut n_codes = 0;
+        // Everything before `cursor` has been turned into pieces.
+        let mut cursor = 0;
+        while let Some(found) = source[cursor..].find(['{', '}']) {
+            let brace = cursor + found;
+            if source[brace..].starts_with('}') {
+                return Err(TemplateError::UnmatchedBrace {
+                    locale: locale.to_owned(),
+                    offset: brace,
+                });
+            }
+            let Some(close) = source[brace..].find('}').map(|close| brace + close) else {
+                return Err(TemplateError::UnclosedBrace {
+                    locale: locale.to_owned(),
+                    offset: brace,
+                });
+            };
+            let piece = match &source[brace + 1..close] {
+                "code" => {
+                    n_codes += 1;
+                    Piece::Code
+                }
+                "ttl_minutes" => Piece::TtlMinutes,
+                name => {
+                    return Err(TemplateError::UnknownPlaceholder {
+                        locale: locale.to_owned(),
+                        name: name.to_owned(),
+                    });
+                }
+            };
+            if cursor < brace {
+                pieces.push(Piece::Literal(source[cursor..brace].to_owned()));
+            }
+            pieces.push(piece);
+            cursor = close + 1;
+        }
+        if cursor < source.len() {
+            pieces.push(Piece::Literal(source[cursor..].to_owned()));
+        }
+        match n_codes {
+            0 => Err(TemplateError::MissingCode {
+                locale: locale.to_owned(),
+            }),
+            1 => Ok(Template { pieces }),
+            _ => Err(TemplateError::DuplicateCode {
+                locale: locale.to_owned(),
+            }),
+        }
+    }
+
+    fn render(&self, params: &RenderParams<'_>) -> String {
+        let mut text = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Literal(literal) => text.push_str(literal),
+                Piece::Code => text.push_str(params.code),
+                Piece::TtlMinutes => text.push_str(&params.ttl_minutes.to_string()),
+            }
+        }
+        text
+    }
+}
+
+fn gsm7_septet(c: char) -> Option<Septet> {
+    if u32::from(c) == u32::from(GSM7_ESCAPE) {
+        return None;
+    }
+    if let Some(index) = GSM7_BASIC.iter().position(|&basic| basic == c) {
+        return u8::try_from(index).ok().map(Septet::Basic);
+    }
+    GSM7_EXTENSION
+        .iter()
+        .find(|&&(extension, _)| extension == c)
+        .map(|&(_, code)| Septet::Extension(code))
+}
+
+/// Picks the encoding for `text` and counts its units.
+fn analyse(text: &str) -> (Encoding, usize) {
+    let mut septets = 0;
+    for c in text.chars() {
+        match gsm7_septet(c) {
+            Some(septet) => septets += septet.cost(),
+            None => return (Encoding::Ucs2, text.encode_utf16().count()),
+        }
+    }
+    (Encoding::Gsm7, septets)
+}
+
+/// The units `c` costs in `encoding`.
+fn char_units(encoding: Encoding, c: char) -> usize {
+    match encoding {
+        // A GSM-7 text holds only GSM-7 characters, so the fallback is never taken.
+        Encoding::Gsm7 => gsm7_septet(c).map_or(2, Septet::cost),
+        Encoding::Ucs2 => c.len_utf16(),
+    }
+}
+
+/// Calls `on_segment` with the byte range of each segment of `text`, in order.
+///
+/// Segments are filled greedily, and a character that does not fit whole starts the next one.
+fn walk_segments(
+    text: &str,
+    encoding: Encoding,
+    units: usize,
+    mut on_segment: impl FnMut(Range<usize>),
+) {
+    if units <= encoding.single_segment_units() {
+        on_segment(0..text.len());
+        return;
+    }
+    let capacity = encoding.multipart_segment_units();
+    let mut start = 0;
+    let mut used = 0;
+    for (index, c) in text.char_indices() {
+        let cost = char_units(encoding, c);
+        if used + cost > capacity {
+            on_segment(start..index);
+            start = index;
+            used = 0;
+        }
+        used += cost;
+    }
+    on_segment(start..text.len());
+}
+
+/// Lowercases `locale` and writes `_` as `-`, or returns `None` if it is not a language tag.
+fn normalise_locale(locale: &str) -> Option<String> {
+    if locale.is_empty() || locale.len() > MAX_LOCALE_LEN {
+        return None;
+    }
+    let normalised: String = locale
+        .chars()
+        .map(|c| {
+            if c == '_' {
+                '-'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect();
+    let is_tag = normalised
+        .split('-')
+        .all(|subtag| !subtag.is_empty() && subtag.bytes().all(|b| b.is_ascii_alphanumeric()));
+    is_tag.then_some(normalised)
+}
+
+/// Whether `host` is a dot-separated ASCII domain name (an IPv4 address is one too).
+fn is_valid_domain(host: &str) -> bool {
+    host.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= MAX_LABEL_LEN
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    })
+}
+
+fn parse_port(port: &str) -> Result<u16, OriginError> {
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(OriginError::InvalidPort);
+    }
+    match port.parse::<u16>() {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(OriginError::InvalidPort),
+    }
+}
+
+/// Checks `host` as [`web_otp_host`] checks an origin's host, so that it is safe to put in the SMS.
+fn checked_web_otp_host(host: &str) -> Option<String> {
+    web_otp_host(&format!("https://{host}")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn params(code: &str) -> RenderParams<'_> {
+        RenderParams {
+            code,
+            ttl_minutes: 10,
+            web_origin_host: None,
+            app_hash: None,
+        }
+    }
+
+    fn parse_templates(
+        entries: &[(&str, &str)],
+        default_locale: &str,
+    ) -> Result<Templates, TemplateError> {
+        let by_locale = entries
+            .iter()
+            .map(|&(locale, source)| (locale.to_owned(), source.to_owned()));
+        Templates::new(by_locale, default_locale)
+    }
+
+    /// The cost of a piece of text in `encoding`, computed independently of the segmenter.
+    fn cost(encoding: Encoding, text: &str) -> usize {
+        match encoding {
+            Encoding::Gsm7 => gsm7_unpacked(text).map_or(usize::MAX, |septets| septets.len()),
+            Encoding::Ucs2 => text.encode_utf16().count(),
+        }
+    }
+
+    /// Checks every property `segment_ranges` promises, for any text.
+    fn check_segmentation(text: &str) {
+        let sms = SmsText::new(text.to_owned());
+        let ranges = sms.segment_ranges();
+        assert_eq!(usize::from(sms.segments()), ranges.len());
+        assert_eq!(
+            sms.encoding() == Encoding::Gsm7,
+            gsm7_unpacked(text).is_some()
+        );
+        assert_eq!(sms.units(), cost(sms.encoding(), text));
+
+        let mut expected_start = 0;
+        for range in &ranges {
+            assert_eq!(range.start, expected_start, "ranges must be contiguous");
+            assert!(range.start <= range.end);
+            assert!(text.is_char_boundary(range.start) && text.is_char_boundary(range.end));
+            expected_start = range.end;
+        }
+        assert_eq!(expected_start, text.len(), "ranges must cover the text");
+
+        let limit = if ranges.len() == 1 {
+            sms.encoding().single_segment_units()
+        } else {
+            sms.encoding().multipart_segment_units()
+        };
+        let mut total = 0;
+        for (index, range) in ranges.iter().enumerate() {
+            let segment_cost = cost(sms.encoding(), &text[range.clone()]);
+            assert!(
+                segment_cost <= limit,
+                "segment {index} costs {segment_cost} > {limit}"
+            );
+            if ranges.len() > 1 {
+                assert!(!range.is_empty());
+            }
+            // Greedy packing: the next character would not have fitted.
+            if let Some(next) = text[range.end..].chars().next() {
+                let next_cost = cost(sms.encoding(), next.encode_utf8(&mut [0; 4]));
+                assert!(
+                    segment_cost + next_cost > limit,
+                    "segment {index} was cut short"
+                );
+            }
+            total += segment_cost;
+        }
+        assert_eq!(total, sms.units());
+    }
+
+    #[test]
+    fn encoding_units_and_segments_at_the_boundaries() {
+        let a = |n: usize| "a".repeat(n);
+        let euro = |n: usize| "€".repeat(n);
+        let a_acute = |n: usize| "á".repeat(n);
+        let cases: Vec<(&str, String, Encoding, usize, u16)> = vec![
+            ("empty", String::new(), Encoding::Gsm7, 0, 1),
+            ("one char", a(1), Encoding::Gsm7, 1, 1),
+            ("160 septets", a(160), Encoding::Gsm7, 160, 1),
+            ("161 septets", a(161), Encoding::Gsm7, 161, 2),
+            ("306 septets", a(306), Encoding::Gsm7, 306, 2),
+            ("307 septets", a(307), Encoding::Gsm7, 307, 3),
+            ("80 escapes", euro(80), Encoding::Gsm7, 160, 1),
+            ("80 escapes and one", euro(80) + "a", Encoding::Gsm7, 161, 2),
+            (
+                "escape ends segment",
+                a(151) + "€" + &a(153),
+                Encoding::Gsm7,
+                306,
+                2,
+            ),
+            (
+                "escape straddles",
+                a(152) + "€" + &a(152),
+                Encoding::Gsm7,
+                306,
+                3,
+            ),
+            ("70 units", a_acute(70), Encoding::Ucs2, 70, 1),
+            ("71 units", a_acute(71), Encoding::Ucs2, 71, 2),
+            ("134 units", a_acute(134), Encoding::Ucs2, 134, 2),
+            ("135 units", a_acute(135), Encoding::Ucs2, 135, 3),
+            (
+                "emoji fits single",
+                a_acute(68) + "😀",
+                Encoding::Ucs2,
+                70,
+                1,
+            ),
+            ("emoji after 69", a_acute(69) + "😀", Encoding::Ucs2, 71, 2),
+            (
+                "pair ends segment",
+                a_acute(65) + "😀" + &a_acute(67),
+                Encoding::Ucs2,
+                134,
+                2,
+            ),
+            (
+                "pair straddles",
+                a_acute(66) + "😀" + &a_acute(66),
+                Encoding::Ucs2,
+                134,
+                3,
+            ),
+            (
+                "extension in ucs2 costs one",
+                "€á".to_owned(),
+                Encoding::Ucs2,
+                2,
+                1,
+            ),
+            (
+                "emoji is two units",
+                "Ciao 😀".to_owned(),
+                Encoding::Ucs2,
+                7,
+                1,
+            ),
+            ("brackets", "[]".to_owned(), Encoding::Gsm7, 4, 1),
+        ];
+        for (name, text, encoding, units, segments) in cases {
+            let sms = SmsText::new(text.clone());
+            assert_eq!(
+                (sms.encoding(), sms.units(), sms.segments()),
+                (encoding, units, segments),
+                "{name}"
+            );
+            check_segmentation(&text);
+        }
+    }
+
+    #[test]
+    fn straddling_characters_move_to_the_next_segment() {
+        let text = "a".repeat(152) + "€" + &"a".repeat(152);
+        let ranges = SmsText::new(text).segment_ranges();
+        assert_eq!(ranges, vec![0..152, 152..306, 306..307]);
+
+        let text = "á".repeat(66) + "😀" + &"á".repeat(66);
+        let ranges = SmsText::new(text).segment_ranges();
+        assert_eq!(ranges, vec![0..132, 132..266, 266..268]);
+    }
+
+    #[test]
+    fn gsm7_alphabet() {
+        for (index, &c) in GSM7_BASIC.iter().enumerate() {
+            let expected = if index == usize::from(GSM7_ESCAPE) {
+                None
+            } else {
+                Some(vec![u8::try_from(index).unwrap()])
+            };
+            assert_eq!(gsm7_unpacked(c.encode_utf8(&mut [0; 4])), expected, "{c:?}");
+        }
+        for &(c, code) in &GSM7_EXTENSION {
+            let text = c.to_string();
+            assert_eq!(gsm7_unpacked(&text), Some(vec![GSM7_ESCAPE, code]), "{c:?}");
+            assert_eq!(SmsText::new(text).units(), 2, "{c:?}");
+        }
+        let mut seen: Vec<char> = GSM7_BASIC.to_vec();
+        seen.extend(GSM7_EXTENSION.iter().map(|&(c, _)| c));
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 128 + 10, "every character appears once");
+
+        assert_eq!(gsm7_unpacked("@£$"), Some(vec![0x00, 0x01, 0x02]));
+        assert_eq!(
+            gsm7_unpacked("Ciao è€"),
+            Some(vec![0x43, 0x69, 0x61, 0x6F, 0x20, 0x04, 0x1B, 0x65])
+        );
+        assert_eq!(gsm7_unpacked(""), Some(vec![]));
+    }
+
+    #[test]
+    fn lookalikes_force_ucs2() {
+        // Each of these resembles a GSM-7 character but is not one.
+        let lookalikes = [
+            ('á', "a with acute"),
+            ('ê', "e with circumflex"),
+            ('`', "grave accent"),
+            ('ç', "lowercase c cedilla; only uppercase Ç is basic"),
+            ('\u{2126}', "ohm sign; GSM-7 has the Greek capital omega"),
+            ('\u{2206}', "increment; GSM-7 has the Greek capital delta"),
+            ('È', "uppercase E grave"),
+            ('’', "typographic apostrophe"),
+            ('“', "typographic quote"),
+            ('\u{A0}', "no-break space"),
+            ('\t', "tab"),
+            ('\u{1B}', "the escape itself"),
+        ];
+        for (c, name) in lookalikes {
+            let sms = SmsText::new(format!("Code {c}"));
+            assert_eq!(sms.encoding(), Encoding::Ucs2, "{name}");
+        }
+        let genuine = [
+            'Ç', 'Ω', 'Δ', 'É', 'è', 'é', 'ù', 'ì', 'ò', 'à', '¤', '§', '¿', '¡', '€',
+        ];
+        for c in genuine {
+            let sms = SmsText::new(format!("Code {c}"));
+            assert_eq!(sms.encoding(), Encoding::Gsm7, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn encoding_names() {
+        assert_eq!(Encoding::Gsm7.as_str(), "gsm7");
+        assert_eq!(Encoding::Ucs2.as_str(), "ucs2");
+    }
+
+    #[test]
+    fn builtin_templates_are_gsm7_and_one_segment() {
+        let templates = Templates::builtin();
+        assert_eq!(templates.default_locale(), "en");
+        let cases = [
+            (
+                "en",
+                "Your verification code is 123456. It expires in 10 minutes. Never share it with anyone.",
+            ),
+            (
+                "it",
+                "Il tuo codice di verifica è 123456. Scade tra 10 minuti. Non condividerlo con nessuno.",
+            ),
+        ];
+        for (locale, expected) in cases {
+            let sms = templates.render(Some(locale), &params("123456"));
+            assert_eq!(sms.text(), expected, "{locale}");
+            assert_eq!(sms.encoding(), Encoding::Gsm7, "{locale}");
+            assert_eq!(sms.segments(), 1, "{locale}");
+
+            let with_lines = RenderParams {
+                web_origin_host: Some("portal.example.it"),
+                app_hash: Some("FA+9qCX9VSu"),
+                ..params("123456")
+            };
+            let sms = templates.render(Some(locale), &with_lines);
+            assert_eq!(sms.encoding(), Encoding::Gsm7, "{locale} with extra lines");
+            assert_eq!(sms.segments(), 1, "{locale} with extra lines");
+        }
+    }
+
+    #[test]
+    fn template_errors() {
+        let cases: Vec<(&str, &str, &str, &str)> = vec![
+            (
+                "missing code",
+                "en",
+                "Hello",
+                "template for locale \"en\": missing the {code} placeholder",
+            ),
+            (
+                "duplicate code",
+                "en",
+                "{code} {code}",
+                "template for locale \"en\": the {code} placeholder appears more than once",
+            ),
+            (
+                "unknown placeholder",
+                "en",
+                "{code} {name}",
+                "template for locale \"en\": unknown placeholder {name}",
+            ),
+            (
+                "empty",
+                "en",
+                "",
+                "template for locale \"en\": empty template",
+            ),
+            (
+                "blank",
+                "en",
+                "  \n",
+                "template for locale \"en\": empty template",
+            ),
+            (
+                "unclosed",
+                "en",
+                "{code} {ttl",
+                "template for locale \"en\": unclosed '{' at byte 7",
+            ),
+            (
+                "stray close",
+                "en",
+                "{code} }",
+                "template for locale \"en\": unmatched '}' at byte 7",
+            ),
+            (
+                "brace in name",
+                "en",
+                "{a{code}",
+                "template for locale \"en\": unknown placeholder {a{code}",
+            ),
+            (
+                "bad locale",
+                "e n",
+                "{code}",
+                "locale \"e n\": not a language tag (ASCII letters and digits separated by '-' or '_')",
+            ),
+            (
+                "empty locale",
+                "",
+                "{code}",
+                "locale \"\": not a language tag (ASCII letters and digits separated by '-' or '_')",
+            ),
+        ];
+        for (name, locale, source, message) in cases {
+            let error = parse_templates(&[(locale, source)], locale).unwrap_err();
+            assert_eq!(error.to_string(), message, "{name}");
+        }
+
+        let long = format!("{{code}} {}", "a".repeat(3 * 153));
+        let error = parse_templates(&[("en", &long)], "en").unwrap_err();
+        assert!(
+            matches!(error, TemplateError::TooLong { segments: 4, .. }),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "template for locale \"en\": a sample with a 10-digit code takes 4 segments, over the limit of 3"
+        );
+        // Exactly three segments with the 10-digit sample code is still accepted.
+        let longest = format!("{{code}}{}", "a".repeat(3 * 153 - 10));
+        assert!(parse_templates(&[("en", &longest)], "en").is_ok());
+
+        let error = parse_templates(&[("en", "{code}")], "it").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "default locale \"it\": no template for it"
+        );
+
+        let error = parse_templates(&[("it", "{code}"), ("IT", "{code}")], "it").unwrap_err();
+        assert_eq!(error.to_string(), "locale \"it\": more than one template");
+    }
+
+    #[test]
+    fn custom_templates_render_placeholders() {
+        let templates = parse_templates(
+            &[
+                ("el", "Ο κωδικός σας: {code} ({ttl_minutes}')"),
+                ("de_AT", "Code {code}"),
+            ],
+            "EL",
+        )
+        .unwrap();
+        assert_eq!(templates.default_locale(), "el");
+        let sms = templates.render(
+            None,
+            &RenderParams {
+                ttl_minutes: 5,
+                ..params("42")
+            },
+        );
+        assert_eq!(sms.text(), "Ο κωδικός σας: 42 (5')");
+        assert_eq!(sms.encoding(), Encoding::Ucs2);
+        assert_eq!(
+            templates.render(Some("de-at"), &params("42")).text(),
+            "Code 42"
+        );
+        assert_eq!(
+            templates.render(Some("de"), &params("42")).encoding(),
+            Encoding::Ucs2
+        );
+    }
+
+    #[test]
+    fn locale_fallback() {
+        let templates = Templates::builtin();
+        let cases = [
+            (None, "en"),
+            (Some("it"), "it"),
+            (Some("IT"), "it"),
+            (Some("it-IT"), "it"),
+            (Some("it_IT"), "it"),
+            (Some("it-it"), "it"),
+            (Some("it-Latn-IT"), "it"),
+            (Some("en-GB"), "en"),
+            (Some("fr"), "en"),
+            (Some("fr-IT"), "en"),
+            (Some(""), "en"),
+            (Some("it-"), "en"),
+            (Some("i t"), "en"),
+            (Some("ït"), "en"),
+        ];
+        for (locale, expected) in cases {
+            assert_eq!(templates.resolve_locale(locale), expected, "{locale:?}");
+            let rendered = templates.render(locale, &params("123456"));
+            let reference = templates.render(Some(expected), &params("123456"));
+            assert_eq!(rendered.text(), reference.text(), "{locale:?}");
+        }
+        assert!(templates.has_locale("it"));
+        assert!(templates.has_locale("It_it"));
+        assert!(templates.has_locale("EN"));
+        assert!(!templates.has_locale("fr"));
+        assert!(!templates.has_locale(""));
+
+        let italian_default =
+            parse_templates(&[("it", BUILTIN_IT), ("en", BUILTIN_EN)], "IT").unwrap();
+        assert_eq!(italian_default.default_locale(), "it");
+        assert_eq!(italian_default.resolve_locale(Some("fr")), "it");
+        assert_eq!(italian_default.resolve_locale(None), "it");
+        assert_eq!(italian_default.resolve_locale(Some("en-US")), "en");
+    }
+
+    #[test]
+    fn webotp_and_app_hash_lines() {
+        let templates = Templates::builtin();
+        let base = templates.render(Some("en"), &params("123456")).into_text();
+
+        let both = RenderParams {
+            web_origin_host: Some("portal.example.it"),
+            app_hash: Some("FA+9qCX9VSu"),
+            ..params("123456")
+        };
+        let sms = templates.render(Some("en"), &both);
+        assert_eq!(
+            sms.text(),
+            format!("{base}\nFA+9qCX9VSu\n@portal.example.it #123456")
+        );
+        assert_eq!(
+            sms.text().lines().last(),
+            Some("@portal.example.it #123456")
+        );
+
+        let origin_only = RenderParams {
+            web_origin_host: Some("a.b:8443"),
+            ..params("123456")
+        };
+        let sms = templates.render(Some("en"), &origin_only);
+        assert_eq!(sms.text(), format!("{base}\n@a.b:8443 #123456"));
+
+        let hash_only = RenderParams {
+            app_hash: Some("FA+9qCX9VSu"),
+            ..params("123456")
+        };
+        let sms = templates.render(Some("en"), &hash_only);
+        assert_eq!(sms.text(), format!("{base}\nFA+9qCX9VSu"));
+
+        // Values that could add arbitrary lines are left out.
+        let hostile = RenderParams {
+            web_origin_host: Some("evil.example\nClick here"),
+            app_hash: Some("FA+9qCX9VS\n"),
+            ..params("123456")
+        };
+        assert_eq!(templates.render(Some("en"), &hostile).text(), base);
+        let uppercase = RenderParams {
+            web_origin_host: Some("Portal.Example.IT"),
+            ..params("123456")
+        };
+        let sms = templates.render(Some("en"), &uppercase);
+        assert_eq!(
+            sms.text().lines().last(),
+            Some("@portal.example.it #123456")
+        );
+    }
+
+    #[test]
+    fn debug_and_display_redact_the_text() {
+        let sms = Templates::builtin().render(Some("en"), &params("987654"));
+        for printed in [format!("{sms:?}"), format!("{sms:#?}"), format!("{sms}")] {
+            assert!(!printed.contains("987654"), "{printed}");
+            assert!(printed.contains("**REDACTED**"), "{printed}");
+        }
+        assert_eq!(
+            format!("{sms:?}"),
+            format!(
+                "SmsText {{ encoding: Gsm7, units: {}, segments: 1, text: **REDACTED** }}",
+                sms.units()
+            )
+        );
+        assert_eq!(sms.to_string(), "**REDACTED** (gsm7, 1 segment)");
+
+        let printed = format!("{:?}", params("987654"));
+        assert!(!printed.contains("987654"), "{printed}");
+    }
+
+    #[test]
+    fn web_otp_host_cases() {
+        let labels = vec!["a".repeat(63); 3].join(".");
+        let long_host = format!("{labels}.{}", "b".repeat(61));
+        let too_long_host = format!("{labels}.{}", "b".repeat(62));
+        let cases: Vec<(&str, Result<&str, OriginError>)> = vec![
+            ("https://portal.example.it", Ok("portal.example.it")),
+            ("https://a.b:8443", Ok("a.b:8443")),
+            ("HTTPS://Portal.Example.IT", Ok("portal.example.it")),
+            ("https://a.b:443", Ok("a.b")),
+            ("https://127.0.0.1", Ok("127.0.0.1")),
+            ("https://xn--80ak6aa92e.com", Ok("xn--80ak6aa92e.com")),
+            ("http://localhost", Ok("localhost")),
+            ("http://localhost:3000", Ok("localhost:3000")),
+            ("http://127.0.0.1:8080", Ok("127.0.0.1:8080")),
+            ("http://localhost:80", Ok("localhost")),
+            ("http://portal.example.it", Err(OriginError::NotHttps)),
+            ("ftp://portal.example.it", Err(OriginError::NotHttps)),
+            ("portal.example.it", Err(OriginError::NotHttps)),
+            ("", Err(OriginError::NotHttps)),
+            (" https://a.b", Err(OriginError::NotHttps)),
+            ("https://a.b/", Err(OriginError::Path)),
+            ("https://a.b/login", Err(OriginError::Path)),
+            ("https://a.b?x=1", Err(OriginError::QueryOrFragment)),
+            ("https://a.b#top", Err(OriginError::QueryOrFragment)),
+            ("https://user@a.b", Err(OriginError::UserInfo)),
+            ("https://user:pw@a.b", Err(OriginError::UserInfo)),
+            ("https://", Err(OriginError::EmptyHost)),
+            ("https://:8443", Err(OriginError::EmptyHost)),
+            ("https://a.b:", Err(OriginError::InvalidPort)),
+            ("https://a.b:0", Err(OriginError::InvalidPort)),
+            ("https://a.b:65536", Err(OriginError::InvalidPort)),
+            ("https://a.b:+443", Err(OriginError::InvalidPort)),
+            ("https://a.b:1:2", Err(OriginError::InvalidHost)),
+            ("https://[::1]", Err(OriginError::InvalidHost)),
+            ("https://a..b", Err(OriginError::InvalidHost)),
+            ("https://.a.b", Err(OriginError::InvalidHost)),
+            ("https://a.b.", Err(OriginError::InvalidHost)),
+            ("https://-a.b", Err(OriginError::InvalidHost)),
+            ("https://a b.it", Err(OriginError::InvalidHost)),
+            ("https://a.b\n", Err(OriginError::InvalidHost)),
+            ("https://città.it", Err(OriginError::InvalidHost)),
+            ("https://a_b.it", Err(OriginError::InvalidHost)),
+            ("https://a.b\\evil", Err(OriginError::InvalidHost)),
+        ];
+        for (origin, expected) in cases {
+            assert_eq!(
+                web_otp_host(origin),
+                expected.map(str::to_owned),
+                "{origin:?}"
+            );
+        }
+        assert_eq!(long_host.len(), 253);
+        assert_eq!(
+            web_otp_host(&format!("https://{long_host}")),
+            Ok(long_host.clone())
+        );
+        assert_eq!(
+            web_otp_host(&format!("https://{too_long_host}")),
+            Err(OriginError::HostTooLong { len: 254 })
+        );
+        assert_eq!(
+            web_otp_host(&format!("https://{}.it", "a".repeat(64))),
+            Err(OriginError::InvalidHost)
+        );
+        assert_eq!(
+            OriginError::NotHttps.to_string(),
+            "web origin: scheme must be https (http only for localhost and 127.0.0.1)"
+        );
+    }
+
+    #[test]
+    fn app_hash_validation() {
+        let cases = [
+            ("FA+9qCX9VSu", true),
+            ("abcdefghijk", true),
+            ("0123456789/", true),
+            ("FA+9qCX9VS", false),
+            ("FA+9qCX9VSu1", false),
+            ("FA+9qCX9VS=", false),
+            ("FA+9qCX9VS ", false),
+            ("FA+9qCX9VSé", false),
+            ("", false),
+        ];
+        for (hash, expected) in cases {
+            assert_eq!(is_valid_app_hash(hash), expected, "{hash:?}");
+        }
+    }
+
+    fn extension_chars() -> Vec<char> {
+        GSM7_EXTENSION.iter().map(|&(c, _)| c).collect()
+    }
+
+    /// Characters that exercise every cost: basic, extension, BMP outside GSM-7, and astral.
+    fn sms_char() -> impl Strategy<Value = char> {
+        prop_oneof![
+            8 => prop::sample::select(GSM7_BASIC.to_vec()),
+            3 => prop::sample::select(extension_chars()),
+            1 => prop::sample::select(vec!['á', 'ç', '`', 'Ж', '中']),
+            1 => prop::sample::select(vec!['😀', '𝄞', '🇮']),
+        ]
+    }
+
+    /// Text drawn from the GSM-7 alphabet only, so long GSM-7 texts with escapes are common.
+    fn gsm7_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                4 => prop::sample::select(GSM7_BASIC.to_vec()),
+                1 => prop::sample::select(extension_chars()),
+            ],
+            0..500,
+        )
+        .prop_map(|chars| chars.into_iter().filter(|&c| c != '\u{1B}').collect())
+    }
+
+    fn mixed_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(sms_char(), 0..300).prop_map(|chars| chars.into_iter().collect())
+    }
+
+    proptest! {
+        #[test]
+        fn segmentation_of_gsm7_text(text in gsm7_text()) {
+            check_segmentation(&text);
+        }
+
+        #[test]
+        fn segmentation_of_mixed_text(text in mixed_text()) {
+            check_segmentation(&text);
+        }
+
+        #[test]
+        fn segmentation_of_any_text(text in "\\PC{0,400}") {
+            check_segmentation(&text);
+        }
+
+        #[test]
+        fn templates_never_panic(source in "[{}a-z_ ]{0,40}", locale in "\\PC{0,8}") {
+            if let Ok(templates) = parse_templates(&[(&locale, &source)], &locale) {
+                let sms = templates.render(Some(&locale), &params("123456"));
+                prop_assert!(sms.text().contains("123456"));
+            }
+        }
+
+        #[test]
+        fn web_otp_host_never_panics(origin in "(https?://)?\\PC{0,40}") {
+            if let Ok(host) = web_otp_host(&origin) {
+                prop_assert!(!host.is_empty());
+                prop_assert_eq!(web_otp_host(&format!("https://{host}")), Ok(host));
+            }
+        }
+
+        #[test]
+        fn webotp_line_is_last(
+            host in "[a-z0-9]{1,20}(\\.[a-z0-9]{1,20}){0,3}",
+            code in "[0-9]{4,10}",
+        ) {
+            let with_lines = RenderParams {
+                web_origin_host: Some(&host),
+                app_hash: Some("FA+9qCX9VSu"),
+                ..params(&code)
+            };
+            let sms = Templates::builtin().render(Some("it"), &with_lines);
+            let expected = format!("@{host} #{code}");
+            prop_assert_eq!(sms.text().lines().last(), Some(expected.as_str()));
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The embedded store: verifications, the live-per-phone index, failed-check counters,
+//! idempotency keys and long-poll watchers, all in process memory.
+//!
+//! The store is split into shards, each behind a `std::sync::Mutex` (no lock is ever held across
+//! an `.await`). A verification lives in the shard of its phone number, and its id carries that
+//! shard in its first byte, so one lock covers everything a call touches: the verification, the
+//! phone's live index and its failed-check counter. The redis back-end will use the same idea
+//! for its hash tags.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rand::RngCore;
+use tokio::sync::Notify;
+
+use crate::clock::Millis;
+use crate::phone::Phone;
+use crate::verification::{ClientId, Verification};
+
+/// Shards in the embedded store: enough that two cores rarely meet on one lock.
+const N_SHARDS: usize = 64;
+
+/// A verification's id: 16 random bytes, the first of which names the phone's shard.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VerificationId([u8; 16]);
+
+/// The embedded store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    shards: Box<[Mutex<Shard>]>,
+    idempotency: Box<[Mutex<HashMap<IdempotencyKey, IdempotencyEntry>>]>,
+}
+
+/// Everything about the phones that hash to one shard.
+#[derive(Default, Debug)]
+pub struct Shard {
+    /// Boxed so the table's slots stay small: hash tables double, and a slot is paid for twice
+    /// over at the worst moment.
+    pub records: HashMap<VerificationId, Box<Verification>, BuildHasherDefault<IdHasher>>,
+    /// The live (pending) verification of each phone and client.
+    pub live: HashMap<(u64, ClientId), VerificationId>,
+    /// Wrong codes per phone, in a fixed window.
+    pub failed_checks: HashMap<u64, FailedChecks>,
+    /// Long-polls waiting for a verification to change.
+    pub watchers: HashMap<VerificationId, Arc<Notify>>,
+}
+
+/// Wrong codes typed for one phone since `window_start_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct FailedChecks {
+    pub count: u32,
+    pub window_start_ms: Millis,
+}
+
+/// An `Idempotency-Key` as sent by one client.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    pub client: ClientId,
+    pub key: Box<str>,
+}
+
+/// What a key was first used for.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyEntry {
+    /// A hash of the request it came with; the same key with another request is refused.
+    pub fingerprint: u64,
+    pub id: VerificationId,
+    pub created_ms: Millis,
+}
+
+// === impl VerificationId ===
+
+impl VerificationId {
+    /// A fresh random id in the shard of `phone`.
+    pub fn new_for(phone: &Phone) -> VerificationId {
+        let mut bytes = [0u8; 16];
+        rand::rng().fill_bytes(&mut bytes);
+        bytes[0] = shard_byte(phone.as_u64());
+        VerificationId(bytes)
+    }
+
+    /// Parses the 32 lowercase hex digits of an id.
+    pub fn parse(text: &str) -> Option<VerificationId> {
+        let mut bytes = [0u8; 16];
+        if text.len() != 32 || text.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        hex::decode_to_slice(text, &mut bytes).ok()?;
+        Some(VerificationId(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    fn shard(&self) -> usize {
+        self.0[0] as usize % N_SHARDS
+    }
+}
+
+impl fmt::Display for VerificationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = [0u8; 32];
+        hex::encode_to_slice(self.0, &mut out).map_err(|_| fmt::Error)?;
+        f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for VerificationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VerificationId({self})")
+    }
+}
+
+/// The shard byte of a phone: a fixed mix of its digits.
+fn shard_byte(phone: u64) -> u8 {
+    (phone.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+}
+
+// === impl Store ===
+
+impl Store {
+    pub fn new() -> Store {
+        Store {
+            shared: Arc::new(Shared {
+                shards: (0..N_SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+                idempotency: (0..N_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            }),
+        }
+    }
+
+    /// The shard holding `id`.
+    pub fn shard(&self, id: &VerificationId) -> MutexGuard<'_, Shard> {
+        lock(&self.shared.shards[id.shard()])
+    }
+
+    /// The shard holding every verification of `phone`.
+    pub fn shard_of_phone(&self, phone: &Phone) -> MutexGuard<'_, Shard> {
+        lock(&self.shared.shards[shard_byte(phone.as_u64()) as usize % N_SHARDS])
+    }
+
+    /// The idempotency map shard for `key`.
+    pub fn idempotency(&self, key: &IdempotencyKey) -> MutexGuard<'_, HashMap<IdempotencyKey, IdempotencyEntry>> {
+        let mut stable = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(key, &mut stable);
+        lock(&self.shared.idempotency[stable.finish() as usize % N_SHARDS])
+    }
+
+    /// Visits every shard in turn, one lock at a time.
+    pub fn for_each_shard(&self, mut visit: impl FnMut(&mut Shard)) {
+        for shard in self.shared.shards.iter() {
+            visit(&mut lock(shard));
+        }
+    }
+
+    /// Visits every idempotency shard in turn.
+    pub fn for_each_idempotency_shard(&self, mut visit: impl FnMut(&mut HashMap<IdempotencyKey, IdempotencyEntry>)) {
+        for shard in self.shared.idempotency.iter() {
+            visit(&mut lock(shard));
+        }
+    }
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::new()
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("shards", &N_SHARDS).finish_non_exhaustive()
+    }
+}
+
+// === impl Shard ===
+
+impl Shard {
+    /// Wakes long-polls waiting on `id`.
+    pub fn notify(&self, id: &VerificationId) {
+        if let Some(notify) = self.watchers.get(id) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update under these locks is a plain field write; a panic elsewhere cannot leave a
+    // shard inconsistent enough to be worth taking the gateway down for.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Hashes a verification id by taking 8 of its random bytes: ids are drawn from a CSPRNG, so
+/// they are already uniform and cannot be chosen by a client to collide.
+#[derive(Default, Debug)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_round_trips_and_names_the_phone_shard() {
+        let (phone, _) = Phone::parse("+393331234567").unwrap();
+        let id = VerificationId::new_for(&phone);
+        let text = id.to_string();
+        assert_eq!(text.len(), 32);
+        assert_eq!(VerificationId::parse(&text), Some(id));
+        assert_eq!(id.as_bytes()[0], shard_byte(phone.as_u64()));
+        assert_ne!(VerificationId::new_for(&phone), id);
+    }
+
+    #[test]
+    fn refuses_malformed_ids() {
+        for text in ["", "abc", &"g".repeat(32), &"A".repeat(32), &"0".repeat(31), &"0".repeat(33)] {
+            assert_eq!(VerificationId::parse(text), None, "{text:?}");
+        }
+    }
+}

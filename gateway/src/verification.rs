@@ -1,0 +1,336 @@
+//! A verification: its record, its two state machines, and how it is shown to frontends.
+//!
+//! `status`: `pending` → `approved` | `expired` | `canceled` | `failed`. Only a pending
+//! verification changes; every other status is final.
+//! `delivery.state`: `queued` → `submitted` → `delivered` | `undeliverable`; a resend puts a
+//! submitted (or delivered) verification back to `queued`.
+//!
+//! Expiry follows DESIGN.md section 4: the code lives `code_ttl` from the moment a carrier first
+//! accepts its SMS. Until then the verification's expiry moves forward with the clock, by at most
+//! `max_extension`, so time spent in the gateway's queue never eats into the user's session.
+
+use serde::Serialize;
+
+use crate::clock::{Millis, rfc3339};
+use crate::config::VerificationPolicy;
+use crate::otp::StoredCode;
+use crate::phone::Phone;
+use crate::store::VerificationId;
+
+/// Index of a client in the config (0 is the anonymous client when none is configured).
+pub type ClientId = u16;
+
+/// Index of a carrier in the config.
+pub type CarrierId = u8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Approved,
+    Expired,
+    Canceled,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    Queued,
+    Submitted,
+    Delivered,
+    Undeliverable,
+}
+
+/// Why a verification failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    TooManyAttempts,
+    Undeliverable,
+}
+
+/// Optional, rarely used request details, boxed so that most records pay one pointer for them.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    pub locale: Option<Box<str>>,
+    pub web_origin_host: Option<Box<str>>,
+    pub app_hash: Option<Box<str>>,
+}
+
+/// One verification as the embedded store keeps it.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    pub phone: Phone,
+    pub client: ClientId,
+    pub status: Status,
+    pub failure: Option<FailureReason>,
+    pub delivery: DeliveryState,
+    /// The carrier that accepted the latest SMS.
+    pub carrier: Option<CarrierId>,
+    /// The carrier's id for the latest accepted SMS, for receipts.
+    pub carrier_message_id: Option<Box<str>>,
+    /// Submits tried for this verification, across sends.
+    pub delivery_attempts: u16,
+    /// SMS sends asked for: 1 for the first, plus one per resend.
+    pub sends: u8,
+    pub attempts_left: u8,
+    pub code: StoredCode,
+    pub created_ms: Millis,
+    /// Set when a carrier first accepts an SMS: the code's real expiry.
+    pub fixed_expiry_ms: Option<Millis>,
+    pub resend_after_ms: Millis,
+    /// When the verification left pending.
+    pub ended_ms: Option<Millis>,
+    /// The queue lane of the latest job and its ticket in it, for `eta_seconds`.
+    pub lane: u8,
+    pub queue_ticket: u64,
+    pub extras: Option<Box<Extras>>,
+    /// Bumped on every change, so long-polls can tell.
+    pub version: u32,
+}
+
+/// A verification as frontends see it (DESIGN.md section 3).
+#[derive(Debug, Clone, Serialize)]
+pub struct View {
+    pub id: String,
+    pub status: Status,
+    pub phone: String,
+    pub delivery: DeliveryView,
+    pub created_at: String,
+    pub expires_at: String,
+    pub resend_after: String,
+    pub attempts_left: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<FailureReason>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryView {
+    pub state: DeliveryState,
+    pub carrier: Option<String>,
+    pub attempts: u16,
+    pub eta_seconds: Option<f64>,
+}
+
+// === impl Verification ===
+
+impl Verification {
+    pub fn is_pending(&self) -> bool {
+        self.status == Status::Pending
+    }
+
+    /// When the code stops being valid, as of `now`.
+    pub fn expires_at(&self, now: Millis, policy: &VerificationPolicy) -> Millis {
+        match self.fixed_expiry_ms {
+            Some(fixed) => fixed,
+            None => {
+                let waited = now.saturating_sub(self.created_ms);
+                let extension = waited.min(policy.max_extension.as_millis() as Millis);
+                self.created_ms + policy.code_ttl.as_millis() as Millis + extension
+            }
+        }
+    }
+
+    /// The latest moment an SMS for this verification may still leave.
+    pub fn send_deadline(&self, policy: &VerificationPolicy) -> Millis {
+        match self.fixed_expiry_ms {
+            Some(fixed) => fixed,
+            None => {
+                self.created_ms
+                    + policy.code_ttl.as_millis() as Millis
+                    + policy.max_extension.as_millis() as Millis
+            }
+        }
+    }
+
+    /// Whether a pending verification has run out of time at `now`.
+    pub fn is_expired(&self, now: Millis, policy: &VerificationPolicy) -> bool {
+        self.is_pending() && now >= self.expires_at(now, policy)
+    }
+
+    /// Records a carrier's acceptance; returns the session extension it earned, in ms, the
+    /// first time.
+    pub fn accept(
+        &mut self,
+        carrier: CarrierId,
+        carrier_message_id: Option<Box<str>>,
+        now: Millis,
+        policy: &VerificationPolicy,
+    ) -> Option<Millis> {
+        self.carrier = Some(carrier);
+        self.carrier_message_id = carrier_message_id;
+        if self.delivery == DeliveryState::Queued {
+            self.delivery = DeliveryState::Submitted;
+        }
+        self.touch();
+        if self.fixed_expiry_ms.is_some() {
+            return None;
+        }
+        let expiry = self.expires_at(now, policy);
+        self.fixed_expiry_ms = Some(expiry);
+        Some(expiry - self.created_ms - policy.code_ttl.as_millis() as Millis)
+    }
+
+    /// Ends a pending verification; the sealed copy of the code is wiped, since it can never be
+    /// resent again.
+    pub fn end(&mut self, status: Status, failure: Option<FailureReason>, now: Millis) {
+        debug_assert!(status != Status::Pending);
+        self.status = status;
+        self.failure = failure;
+        self.ended_ms = Some(now);
+        self.code.wipe_sealed();
+        if failure == Some(FailureReason::Undeliverable) {
+            self.delivery = DeliveryState::Undeliverable;
+        }
+        self.touch();
+    }
+
+    /// The cooldown before the resend after `sends` sends: 30 s, 60 s, 120 s … with the default.
+    pub fn cooldown_ms(sends: u8, policy: &VerificationPolicy) -> Millis {
+        let base = policy.resend_cooldown.as_millis() as Millis;
+        let doublings = sends.saturating_sub(1).min(16) as u32;
+        base.saturating_mul(1 << doublings)
+    }
+
+    pub fn touch(&mut self) {
+        self.version = self.version.wrapping_add(1);
+    }
+
+    /// The frontend's view of this verification.
+    pub fn view(
+        &self,
+        id: &VerificationId,
+        now: Millis,
+        policy: &VerificationPolicy,
+        carrier_name: impl Fn(CarrierId) -> String,
+        eta_seconds: Option<f64>,
+    ) -> View {
+        View {
+            id: id.to_string(),
+            status: self.status,
+            phone: self.phone.masked(),
+            delivery: DeliveryView {
+                state: self.delivery,
+                carrier: self.carrier.map(carrier_name),
+                attempts: self.delivery_attempts,
+                eta_seconds: if self.delivery == DeliveryState::Queued && self.is_pending() {
+                    eta_seconds
+                } else {
+                    None
+                },
+            },
+            created_at: rfc3339(self.created_ms),
+            expires_at: rfc3339(match self.ended_ms {
+                Some(ended) if self.status != Status::Expired => {
+                    self.expires_at(ended, policy).min(ended)
+                }
+                _ => self.expires_at(now, policy),
+            }),
+            resend_after: rfc3339(self.resend_after_ms),
+            attempts_left: self.attempts_left,
+            failure_reason: self.failure,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::otp::CodeKeys;
+
+    fn policy() -> VerificationPolicy {
+        VerificationPolicy {
+            code_length: 6,
+            code_ttl: Duration::from_secs(600),
+            max_extension: Duration::from_secs(900),
+            max_attempts: 5,
+            resend_cooldown: Duration::from_secs(30),
+            retention: Duration::from_secs(3600),
+            idempotency_ttl: Duration::from_secs(86_400),
+        }
+    }
+
+    fn pending(created_ms: Millis) -> Verification {
+        let (phone, _) = Phone::parse("+393331234567").unwrap();
+        let id = VerificationId::new_for(&phone);
+        let (_, code) = CodeKeys::new(&[7; 32], 6).generate(&id, &phone);
+        Verification {
+            phone,
+            client: 0,
+            status: Status::Pending,
+            failure: None,
+            delivery: DeliveryState::Queued,
+            carrier: None,
+            carrier_message_id: None,
+            delivery_attempts: 0,
+            sends: 1,
+            attempts_left: 5,
+            code,
+            created_ms,
+            fixed_expiry_ms: None,
+            resend_after_ms: created_ms + 30_000,
+            ended_ms: None,
+            lane: 0,
+            queue_ticket: 0,
+            extras: None,
+            version: 0,
+        }
+    }
+
+    #[test]
+    fn expiry_moves_with_queue_time_up_to_the_maximum() {
+        let policy = policy();
+        let v = pending(1_000_000);
+        assert_eq!(v.expires_at(1_000_000, &policy), 1_000_000 + 600_000);
+        assert_eq!(v.expires_at(1_060_000, &policy), 1_060_000 + 600_000);
+        assert_eq!(v.expires_at(1_000_000 + 2_000_000, &policy), 1_000_000 + 600_000 + 900_000);
+    }
+
+    #[test]
+    fn acceptance_fixes_expiry_and_reports_the_extension() {
+        let policy = policy();
+        let mut v = pending(1_000_000);
+        assert_eq!(v.accept(0, None, 1_045_000, &policy), Some(45_000));
+        assert_eq!(v.delivery, DeliveryState::Submitted);
+        assert_eq!(v.expires_at(2_000_000, &policy), 1_045_000 + 600_000);
+        // A second acceptance (a resend) does not move expiry again.
+        assert_eq!(v.accept(1, None, 1_200_000, &policy), None);
+        assert_eq!(v.expires_at(2_000_000, &policy), 1_045_000 + 600_000);
+    }
+
+    #[test]
+    fn cooldown_doubles() {
+        let policy = policy();
+        let cooldowns: Vec<Millis> = (1..=4).map(|sends| Verification::cooldown_ms(sends, &policy)).collect();
+        assert_eq!(cooldowns, [30_000, 60_000, 120_000, 240_000]);
+    }
+
+    proptest! {
+        /// Whatever the queue time, a code is never valid longer than code_ttl + max_extension
+        /// after the request, nor less than code_ttl after acceptance within the extension.
+        #[test]
+        fn expiry_stays_within_bounds(created in 0u64..1_000_000_000, waited in 0u64..10_000_000) {
+            let policy = policy();
+            let mut v = pending(created);
+            let accepted_at = created + waited;
+            v.accept(0, None, accepted_at, &policy);
+            let expiry = v.expires_at(accepted_at, &policy);
+            prop_assert!(expiry <= created + 600_000 + 900_000);
+            prop_assert!(expiry >= created + 600_000);
+            if waited <= 900_000 {
+                prop_assert_eq!(expiry, accepted_at + 600_000);
+            }
+        }
+
+        #[test]
+        fn cooldown_never_shrinks(sends in 1u8..=255) {
+            let policy = policy();
+            prop_assert!(Verification::cooldown_ms(sends, &policy) >= Verification::cooldown_ms(sends - 1, &policy));
+        }
+    }
+}

@@ -1,0 +1,838 @@
+//! The verification engine: start, read, check, resend and cancel, and the dispatcher's side of
+//! a send (prepare, complete), over the store, the limiters and the queue.
+//!
+//! Every call runs synchronously under the lock of one store shard (the phone's), so a call sees
+//! and changes one verification, its phone's live index and failed-check counter atomically.
+//! Lock order is always shard, then queue; nothing here awaits while holding a lock.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::carrier::OutboundSms;
+use crate::clock::{Clock, Millis};
+use crate::config::{CarrierConfig, ClientConfig, Config, Rule, VerificationPolicy};
+use crate::error::ApiError;
+use crate::metrics::{Checked, Ended, LimitKind, Metrics, QueueDrop, QueueRefusal, Started};
+use crate::otp::CodeKeys;
+use crate::phone::Phone;
+use crate::queue::{Job, PushError, Queue};
+use crate::ratelimit::Limiters;
+use crate::sms::{RenderParams, SmsText, Templates};
+use crate::store::{FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store, VerificationId};
+use crate::verification::{
+    CarrierId, ClientId, DeliveryState, Extras, FailureReason, Status, Verification, View,
+};
+
+/// The engine. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Verifier {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    policy: VerificationPolicy,
+    failed_checks_rule: Rule,
+    countries: crate::phone::CountryAllowList,
+    limiters: Limiters,
+    store: Store,
+    queue: Queue,
+    keys: CodeKeys,
+    clock: Clock,
+    metrics: Metrics,
+    templates: Templates,
+    clients: Clients,
+    carriers: Vec<CarrierInfo>,
+    public_url: String,
+    /// SMS per second all carriers together are configured for: the basis of `eta_seconds`.
+    total_pace_per_sec: f64,
+    /// Cleared when shutdown begins: new verifications are refused from then on.
+    accepting: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Clients {
+    by_key_hash: HashMap<[u8; 32], ClientId>,
+    names: Vec<String>,
+    priorities: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct CarrierInfo {
+    name: String,
+    from: String,
+}
+
+/// A start request, validated by the route.
+#[derive(Debug)]
+pub struct NewVerification {
+    pub phone: Phone,
+    pub region: Option<phonenumber::country::Id>,
+    /// The citizen's IP (the body's `client_ip`, else the peer address).
+    pub ip: IpAddr,
+    pub locale: Option<String>,
+    pub web_origin_host: Option<String>,
+    pub app_hash: Option<String>,
+    /// `(key, request fingerprint)` when the request carried an `Idempotency-Key`.
+    pub idempotency: Option<(String, u64)>,
+}
+
+/// The answer to a check.
+#[derive(Debug, serde::Serialize)]
+pub struct CheckAnswer {
+    pub valid: bool,
+    pub status: Status,
+    pub attempts_left: u8,
+}
+
+/// What the dispatcher does with a job it took from the queue.
+#[derive(Debug)]
+pub enum Prepared {
+    Send(OutboundSms),
+    Dropped,
+}
+
+/// A carrier's answer, as the engine records it.
+#[derive(Debug, Clone)]
+pub enum Completion {
+    Accepted { carrier_message_id: Option<String> },
+    /// The job goes back in line (throttled or a temporary failure).
+    Retry,
+    Permanent,
+}
+
+// === impl Verifier ===
+
+impl Verifier {
+    pub fn new(config: &Config, clock: Clock, metrics: Metrics, queue: Queue) -> Verifier {
+        let secret = config.secret.clone().unwrap_or_else(|| {
+            let mut secret = vec![0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+            secret
+        });
+        let clients = Clients::new(&config.clients);
+        let anonymous_rate = Rule {
+            max: std::num::NonZeroU32::new(100_000).unwrap_or(std::num::NonZeroU32::MIN),
+            per: Duration::from_secs(1),
+        };
+        let carriers = config
+            .carriers
+            .iter()
+            .map(|carrier: &CarrierConfig| CarrierInfo {
+                name: carrier.name.clone(),
+                from: carrier.from.clone(),
+            })
+            .collect();
+        let total_pace_per_sec = config
+            .carriers
+            .iter()
+            .map(|carrier| carrier.pace_per_sec.get() as f64)
+            .sum::<f64>()
+            .max(1.0);
+        Verifier {
+            shared: Arc::new(Shared {
+                policy: config.verification.clone(),
+                failed_checks_rule: config.limits.failed_checks_per_phone,
+                countries: config.limits.countries.clone(),
+                limiters: Limiters::new(&config.limits, &config.clients, anonymous_rate, clock.clone()),
+                store: Store::new(),
+                queue,
+                keys: CodeKeys::new(&secret, config.verification.code_length),
+                clock,
+                metrics,
+                templates: config.templates.clone(),
+                clients,
+                carriers,
+                public_url: config.public_url.clone(),
+                total_pace_per_sec,
+                accepting: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// The client an API key belongs to; with no clients configured, everyone is the anonymous
+    /// client.
+    pub fn authenticate(&self, bearer: Option<&str>) -> Result<ClientId, ApiError> {
+        let clients = &self.shared.clients;
+        if clients.by_key_hash.is_empty() {
+            return Ok(0);
+        }
+        let key = bearer.ok_or(ApiError::Unauthorized)?;
+        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()).into();
+        clients.by_key_hash.get(&hash).copied().ok_or(ApiError::Unauthorized)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.shared.clock
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.shared.queue
+    }
+
+    pub fn code_length(&self) -> u8 {
+        self.shared.keys.length()
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.shared.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new verifications from now on (shutdown has begun).
+    pub fn stop_accepting(&self) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// Starts a verification, or returns the live one of this phone and client.
+    pub fn start(&self, client: ClientId, request: NewVerification) -> Result<(Started, View), ApiError> {
+        let shared = &*self.shared;
+        if !self.is_accepting() {
+            return Err(ApiError::ShuttingDown);
+        }
+        shared.limiters.check_client(client).map_err(|rejection| self.rejected(rejection))?;
+        if !shared.countries.allows(request.region) {
+            shared.metrics.rejected(LimitKind::Country);
+            return Err(ApiError::CountryNotAllowed);
+        }
+        let now = shared.clock.now_ms();
+
+        // The idempotency shard stays locked until the verification exists, so two requests with
+        // one key cannot both create one.
+        let idempotency_key = request.idempotency.as_ref().map(|(key, fingerprint)| {
+            (
+                IdempotencyKey {
+                    client,
+                    key: key.as_str().into(),
+                },
+                *fingerprint,
+            )
+        });
+        let mut idempotency_guard = idempotency_key.as_ref().map(|(key, _)| shared.store.idempotency(key));
+        if let (Some(guard), Some((key, fingerprint))) = (idempotency_guard.as_mut(), idempotency_key.as_ref()) {
+            if let Some(entry) = guard.get(key).copied() {
+                let fresh = now < entry.created_ms + shared.policy.idempotency_ttl.as_millis() as Millis;
+                if fresh {
+                    if entry.fingerprint != *fingerprint {
+                        return Err(ApiError::IdempotencyMismatch);
+                    }
+                    let mut shard = shared.store.shard(&entry.id);
+                    if shard.records.contains_key(&entry.id) {
+                        self.settle(&mut shard, &entry.id, now);
+                        let view = self.view_of(&shard, &entry.id, now).ok_or(ApiError::NotFound)?;
+                        shared.metrics.started(Started::Replayed);
+                        return Ok((Started::Replayed, view));
+                    }
+                }
+                guard.remove(key);
+            }
+        }
+
+        let phone = request.phone;
+        let mut shard = shared.store.shard_of_phone(&phone);
+        if let Some(id) = shard.live.get(&(phone.as_u64(), client)).copied() {
+            self.settle(&mut shard, &id, now);
+            if shard.records.get(&id).is_some_and(|record| record.is_pending()) {
+                self.resend_if_due(&mut shard, &id, now);
+                let view = self.view_of(&shard, &id, now).ok_or(ApiError::NotFound)?;
+                if let (Some(guard), Some((key, fingerprint))) = (idempotency_guard.as_mut(), idempotency_key) {
+                    guard.insert(key, IdempotencyEntry { fingerprint, id, created_ms: now });
+                }
+                shared.metrics.started(Started::Existing);
+                return Ok((Started::Existing, view));
+            }
+        }
+
+        shared.limiters.check_ip(request.ip).map_err(|rejection| self.rejected(rejection))?;
+        let lane = shared.clients.priority(client);
+        self.admit(lane)?;
+        shared.limiters.check_phone(phone.as_u64()).map_err(|rejection| self.rejected(rejection))?;
+
+        let id = VerificationId::new_for(&phone);
+        let (_code, stored_code) = shared.keys.generate(&id, &phone);
+        let extras = (request.locale.is_some() || request.web_origin_host.is_some() || request.app_hash.is_some())
+            .then(|| {
+                Box::new(Extras {
+                    locale: request.locale.map(String::into_boxed_str),
+                    web_origin_host: request.web_origin_host.map(String::into_boxed_str),
+                    app_hash: request.app_hash.map(String::into_boxed_str),
+                })
+            });
+        let mut record = Verification {
+            phone,
+            client,
+            status: Status::Pending,
+            failure: None,
+            delivery: DeliveryState::Queued,
+            carrier: None,
+            carrier_message_id: None,
+            delivery_attempts: 0,
+            sends: 1,
+            attempts_left: shared.policy.max_attempts,
+            code: stored_code,
+            created_ms: now,
+            fixed_expiry_ms: None,
+            resend_after_ms: now + Verification::cooldown_ms(1, &shared.policy),
+            ended_ms: None,
+            lane,
+            queue_ticket: 0,
+            extras,
+            version: 0,
+        };
+        let job = Job {
+            id,
+            send_no: 1,
+            lane,
+            deadline_ms: record.send_deadline(&shared.policy),
+            seq: 0,
+            enqueued_ms: now,
+            attempts: 0,
+            avoid_carrier: None,
+        };
+        record.queue_ticket = shared.queue.push(job).map_err(|error| self.refused_at_queue(error))?;
+        shard.records.insert(id, Box::new(record));
+        shard.live.insert((phone.as_u64(), client), id);
+        if let (Some(guard), Some((key, fingerprint))) = (idempotency_guard.as_mut(), idempotency_key) {
+            guard.insert(key, IdempotencyEntry { fingerprint, id, created_ms: now });
+        }
+        let view = self.view_of(&shard, &id, now).ok_or(ApiError::NotFound)?;
+        drop(shard);
+        shared.metrics.started(Started::Created);
+        tracing::debug!(verification = %id, phone = %phone, client = %shared.clients.name(client), "verification started");
+        Ok((Started::Created, view))
+    }
+
+    /// The verification as it is now, with its version for long-polls.
+    pub fn get(&self, client: ClientId, id: &VerificationId) -> Result<(View, u32), ApiError> {
+        let now = self.shared.clock.now_ms();
+        let mut shard = self.shared.store.shard(id);
+        self.owned(&shard, client, id)?;
+        self.settle(&mut shard, id, now);
+        let version = shard.records.get(id).map_or(0, |record| record.version);
+        let view = self.view_of(&shard, id, now).ok_or(ApiError::NotFound)?;
+        Ok((view, version))
+    }
+
+    /// Waits until the verification's version differs from `version`, or `timeout` passes, or
+    /// `cancel` fires; then returns it as it is.
+    pub async fn wait_for_change(
+        &self,
+        client: ClientId,
+        id: &VerificationId,
+        version: u32,
+        timeout: Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<View, ApiError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notify = {
+                let mut shard = self.shared.store.shard(id);
+                self.owned(&shard, client, id)?;
+                shard.watchers.entry(*id).or_default().clone()
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (view, current) = self.get(client, id)?;
+            if current != version {
+                return Ok(view);
+            }
+            // Sweeping and expiry happen on the sweeper's timer, so wake at least that often to
+            // notice an expiry computed on read.
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return self.get(client, id).map(|(view, _)| view),
+                _ = cancel.cancelled() => return self.get(client, id).map(|(view, _)| view),
+            }
+        }
+    }
+
+    /// Checks a typed code.
+    pub fn check(&self, client: ClientId, id: &VerificationId, typed: &str) -> Result<CheckAnswer, ApiError> {
+        let shared = &*self.shared;
+        if !shared.keys.is_well_formed(typed) {
+            return Err(ApiError::bad_request(
+                "invalid_code",
+                format!("code: expected {} digits", shared.keys.length()),
+            ));
+        }
+        let now = shared.clock.now_ms();
+        let mut shard = shared.store.shard(id);
+        self.owned(&shard, client, id)?;
+        self.settle(&mut shard, id, now);
+        let shard = &mut *shard;
+        let record = shard.records.get_mut(id).ok_or(ApiError::NotFound)?;
+        if !record.is_pending() {
+            return Err(not_pending(record.status));
+        }
+        let phone_key = record.phone.as_u64();
+        let rule = shared.failed_checks_rule;
+        let window_ms = rule.per.as_millis() as Millis;
+        if let Some(failed) = shard.failed_checks.get(&phone_key) {
+            if now < failed.window_start_ms + window_ms && failed.count >= rule.max.get() {
+                shared.metrics.checked(Checked::Locked);
+                shared.metrics.rejected(LimitKind::FailedChecks);
+                return Err(ApiError::from(crate::ratelimit::Rejection {
+                    limit: LimitKind::FailedChecks,
+                    rule,
+                    retry_after: Duration::from_millis(failed.window_start_ms + window_ms - now),
+                }));
+            }
+        }
+        if shared.keys.matches(id, &record.phone, typed, &record.code) {
+            record.end(Status::Approved, None, now);
+            let answer = CheckAnswer {
+                valid: true,
+                status: record.status,
+                attempts_left: record.attempts_left,
+            };
+            let key = (phone_key, record.client);
+            forget_live(shard, key, id);
+            shard.notify(id);
+            shared.metrics.checked(Checked::Valid);
+            shared.metrics.ended(Ended::Approved);
+            return Ok(answer);
+        }
+        record.attempts_left = record.attempts_left.saturating_sub(1);
+        record.touch();
+        let failed = shard.failed_checks.entry(phone_key).or_insert(FailedChecks {
+            count: 0,
+            window_start_ms: now,
+        });
+        if now >= failed.window_start_ms + window_ms {
+            *failed = FailedChecks {
+                count: 0,
+                window_start_ms: now,
+            };
+        }
+        failed.count += 1;
+        shared.metrics.checked(Checked::Invalid);
+        if record.attempts_left == 0 {
+            record.end(Status::Failed, Some(FailureReason::TooManyAttempts), now);
+            shared.metrics.ended(Ended::TooManyAttempts);
+            let key = (phone_key, record.client);
+            let answer = CheckAnswer {
+                valid: false,
+                status: record.status,
+                attempts_left: 0,
+            };
+            forget_live(shard, key, id);
+            shard.notify(id);
+            return Ok(answer);
+        }
+        let answer = CheckAnswer {
+            valid: false,
+            status: record.status,
+            attempts_left: record.attempts_left,
+        };
+        shard.notify(id);
+        Ok(answer)
+    }
+
+    /// Sends the same code again, once the cooldown has passed.
+    pub fn resend(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
+        let shared = &*self.shared;
+        let now = shared.clock.now_ms();
+        let mut shard = shared.store.shard(id);
+        self.owned(&shard, client, id)?;
+        self.settle(&mut shard, id, now);
+        let record = shard.records.get(id).ok_or(ApiError::NotFound)?;
+        if !record.is_pending() {
+            return Err(not_pending(record.status));
+        }
+        if now < record.resend_after_ms {
+            shared.metrics.rejected(LimitKind::ResendCooldown);
+            return Err(ApiError::RateLimited {
+                code: "resend_cooldown",
+                message: "a resend is not allowed yet; see Retry-After",
+                retry_after: Duration::from_millis(record.resend_after_ms - now),
+                rule: None,
+            });
+        }
+        if record.delivery != DeliveryState::Queued {
+            shared
+                .limiters
+                .check_phone(record.phone.as_u64())
+                .map_err(|rejection| self.rejected(rejection))?;
+            self.queue_resend(&mut shard, id, now)?;
+        }
+        self.view_of(&shard, id, now).ok_or(ApiError::NotFound)
+    }
+
+    /// Cancels a pending verification.
+    pub fn cancel(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
+        let now = self.shared.clock.now_ms();
+        let mut shard = self.shared.store.shard(id);
+        self.owned(&shard, client, id)?;
+        self.settle(&mut shard, id, now);
+        let shard_ref = &mut *shard;
+        let record = shard_ref.records.get_mut(id).ok_or(ApiError::NotFound)?;
+        if !record.is_pending() {
+            return Err(not_pending(record.status));
+        }
+        record.end(Status::Canceled, None, now);
+        let key = (record.phone.as_u64(), record.client);
+        forget_live(shard_ref, key, id);
+        shard_ref.notify(id);
+        self.shared.metrics.ended(Ended::Canceled);
+        self.view_of(&shard, id, now).ok_or(ApiError::NotFound)
+    }
+
+    /// Turns a job taken from the queue into an SMS for `carrier`, or drops it if its
+    /// verification ended or expired.
+    pub fn prepare(&self, job: &Job, carrier: CarrierId) -> Prepared {
+        let shared = &*self.shared;
+        let now = shared.clock.now_ms();
+        let mut shard = shared.store.shard(&job.id);
+        if job.attempts == 0 {
+            shared
+                .metrics
+                .queue_wait(job.lane, now.saturating_sub(job.enqueued_ms) as f64 / 1000.0);
+        }
+        let Some(record) = shard.records.get(&job.id) else {
+            shared.metrics.queue_dropped(QueueDrop::Canceled);
+            return Prepared::Dropped;
+        };
+        if record.is_pending() && now >= job.deadline_ms.min(record.send_deadline(&shared.policy)) {
+            self.expire(&mut shard, &job.id, now);
+        }
+        self.settle(&mut shard, &job.id, now);
+        let Some(record) = shard.records.get_mut(&job.id) else {
+            shared.metrics.queue_dropped(QueueDrop::Canceled);
+            return Prepared::Dropped;
+        };
+        if !record.is_pending() || record.sends != job.send_no {
+            let reason = if record.status == Status::Expired {
+                QueueDrop::Expired
+            } else {
+                QueueDrop::Canceled
+            };
+            shared.metrics.queue_dropped(reason);
+            return Prepared::Dropped;
+        }
+        record.delivery_attempts = record.delivery_attempts.saturating_add(1);
+        record.touch();
+        let code = shared.keys.unseal(&job.id, &record.phone, &record.code);
+        let extras = record.extras.as_deref();
+        let text: SmsText = shared.templates.render(
+            extras.and_then(|extras| extras.locale.as_deref()),
+            &RenderParams {
+                code: code.expose(),
+                ttl_minutes: shared.policy.code_ttl.as_secs().div_ceil(60),
+                web_origin_host: extras.and_then(|extras| extras.web_origin_host.as_deref()),
+                app_hash: extras.and_then(|extras| extras.app_hash.as_deref()),
+            },
+        );
+        let carrier_info = &shared.carriers[carrier as usize];
+        let sms = OutboundSms {
+            message_id: format!("{}.{}", job.id, job.send_no),
+            to: record.phone.e164(),
+            to_masked: record.phone.masked(),
+            from: carrier_info.from.clone(),
+            text,
+            receipt_url: format!("{}/v1/carriers/{}/receipts", shared.public_url, carrier_info.name),
+        };
+        shard.notify(&job.id);
+        Prepared::Send(sms)
+    }
+
+    /// Records what a carrier answered for `job`.
+    pub fn complete(&self, job: &Job, carrier: CarrierId, completion: Completion) {
+        let shared = &*self.shared;
+        let now = shared.clock.now_ms();
+        let mut shard = shared.store.shard(&job.id);
+        let shard = &mut *shard;
+        let Some(record) = shard.records.get_mut(&job.id) else {
+            return;
+        };
+        match completion {
+            Completion::Accepted { carrier_message_id } => {
+                let carrier_message_id = carrier_message_id.map(String::into_boxed_str);
+                if let Some(extension_ms) = record.accept(carrier, carrier_message_id, now, &shared.policy) {
+                    shared.metrics.session_extended(extension_ms as f64 / 1000.0);
+                }
+            }
+            Completion::Retry => {}
+            Completion::Permanent => {
+                if record.is_pending() {
+                    record.end(Status::Failed, Some(FailureReason::Undeliverable), now);
+                    let key = (record.phone.as_u64(), record.client);
+                    forget_live(shard, key, &job.id);
+                    shared.metrics.ended(Ended::Undeliverable);
+                }
+            }
+        }
+        shard.notify(&job.id);
+    }
+
+    /// Puts a job back in line; returns false (and drops it) if its deadline has passed.
+    pub fn requeue(&self, job: Job) -> bool {
+        let now = self.shared.clock.now_ms();
+        if now >= job.deadline_ms {
+            let mut shard = self.shared.store.shard(&job.id);
+            self.expire(&mut shard, &job.id, now);
+            self.shared.metrics.queue_dropped(QueueDrop::Expired);
+            return false;
+        }
+        let id = job.id;
+        let mut shard = self.shared.store.shard(&id);
+        let ticket = self.shared.queue.requeue(job);
+        if let Some(record) = shard.records.get_mut(&id) {
+            record.queue_ticket = ticket;
+        }
+        true
+    }
+
+    /// Expires what has run out of time, forgets what is past retention, trims limiter memory
+    /// and refreshes the gauges. Runs on the sweeper's timer.
+    pub fn sweep(&self) {
+        let shared = &*self.shared;
+        let now = shared.clock.now_ms();
+        let retention_ms = shared.policy.retention.as_millis() as Millis;
+        let failed_window_ms = shared.failed_checks_rule.per.as_millis() as Millis;
+        let mut n_live = 0;
+        let mut n_expired = 0;
+        shared.store.for_each_shard(|shard| {
+            let mut expired = Vec::new();
+            shard.records.retain(|id, record| {
+                if record.is_expired(now, &shared.policy) {
+                    let expires_at = record.expires_at(now, &shared.policy);
+                    record.end(Status::Expired, None, expires_at.min(now));
+                    expired.push((*id, (record.phone.as_u64(), record.client)));
+                    return true;
+                }
+                match record.ended_ms {
+                    Some(ended) => now < ended + retention_ms,
+                    None => true,
+                }
+            });
+            for (id, key) in &expired {
+                forget_live(shard, *key, id);
+                shard.notify(id);
+            }
+            n_expired += expired.len();
+            shard.failed_checks.retain(|_, failed| now < failed.window_start_ms + failed_window_ms);
+            let records = &shard.records;
+            shard
+                .watchers
+                .retain(|id, notify| Arc::strong_count(notify) > 1 && records.contains_key(id));
+            n_live += shard.records.len();
+        });
+        for _ in 0..n_expired {
+            shared.metrics.ended(Ended::Expired);
+        }
+        let idempotency_ttl_ms = shared.policy.idempotency_ttl.as_millis() as Millis;
+        shared
+            .store
+            .for_each_idempotency_shard(|map| map.retain(|_, entry| now < entry.created_ms + idempotency_ttl_ms));
+        let (n_phone_keys, n_ip_keys) = shared.limiters.housekeep();
+        shared.metrics.set_limiter_keys(n_phone_keys, n_ip_keys);
+        shared.metrics.set_live(n_live);
+        for lane in shared.queue.depths() {
+            shared.metrics.set_queue_depth(lane.lane, lane.depth);
+        }
+        shared.metrics.run_upkeep();
+    }
+
+    /// Every lane (client priority) that can hold jobs.
+    pub fn lanes(config: &Config) -> Vec<u8> {
+        let mut lanes: Vec<u8> = config.clients.iter().map(|client| client.priority).collect();
+        if lanes.is_empty() {
+            lanes.push(0);
+        }
+        lanes.sort_unstable();
+        lanes.dedup();
+        lanes
+    }
+
+    // --- helpers, all called with the shard locked ---
+
+    fn owned(&self, shard: &Shard, client: ClientId, id: &VerificationId) -> Result<(), ApiError> {
+        // Another client's verification is as unknown as a missing one.
+        match shard.records.get(id) {
+            Some(record) if record.client == client => Ok(()),
+            _ => Err(ApiError::NotFound),
+        }
+    }
+
+    /// Expires the verification if its time has run out.
+    fn settle(&self, shard: &mut Shard, id: &VerificationId, now: Millis) {
+        let expired = shard
+            .records
+            .get(id)
+            .is_some_and(|record| record.is_expired(now, &self.shared.policy));
+        if expired {
+            self.expire(shard, id, now);
+        }
+    }
+
+    fn expire(&self, shard: &mut Shard, id: &VerificationId, now: Millis) {
+        let Some(record) = shard.records.get_mut(id) else {
+            return;
+        };
+        if !record.is_pending() {
+            return;
+        }
+        let expires_at = record.expires_at(now, &self.shared.policy);
+        record.end(Status::Expired, None, expires_at.min(now));
+        let key = (record.phone.as_u64(), record.client);
+        forget_live(shard, key, id);
+        shard.notify(id);
+        self.shared.metrics.ended(Ended::Expired);
+    }
+
+    /// Queues the same code again if the verification's resend cooldown has passed (a start
+    /// request for a phone that already has a live verification).
+    fn resend_if_due(&self, shard: &mut Shard, id: &VerificationId, now: Millis) {
+        let Some(record) = shard.records.get(id) else {
+            return;
+        };
+        if now < record.resend_after_ms || record.delivery == DeliveryState::Queued {
+            return;
+        }
+        if self.shared.limiters.check_phone(record.phone.as_u64()).is_err() {
+            self.shared.metrics.rejected(LimitKind::Phone);
+            return;
+        }
+        // A full queue leaves the verification as it is; the frontend may resend later.
+        let _ = self.queue_resend(shard, id, now);
+    }
+
+    fn queue_resend(&self, shard: &mut Shard, id: &VerificationId, now: Millis) -> Result<(), ApiError> {
+        let policy = &self.shared.policy;
+        let Some(record) = shard.records.get_mut(id) else {
+            return Err(ApiError::NotFound);
+        };
+        let job = Job {
+            id: *id,
+            send_no: record.sends.saturating_add(1),
+            lane: record.lane,
+            deadline_ms: record.send_deadline(policy),
+            seq: 0,
+            enqueued_ms: now,
+            attempts: 0,
+            avoid_carrier: record.carrier,
+        };
+        let ticket = self
+            .shared
+            .queue
+            .push(job)
+            .map_err(|error| self.refused_at_queue(error))?;
+        record.sends = record.sends.saturating_add(1);
+        record.queue_ticket = ticket;
+        record.delivery = DeliveryState::Queued;
+        record.resend_after_ms = now + Verification::cooldown_ms(record.sends, policy);
+        record.touch();
+        shard.notify(id);
+        Ok(())
+    }
+
+    fn view_of(&self, shard: &Shard, id: &VerificationId, now: Millis) -> Option<View> {
+        let record = shard.records.get(id)?;
+        let eta = (record.delivery == DeliveryState::Queued).then(|| {
+            let ahead = self.shared.queue.ahead_of(record.lane, record.queue_ticket);
+            ahead as f64 / self.shared.total_pace_per_sec
+        });
+        let carriers = &self.shared.carriers;
+        Some(record.view(
+            id,
+            now,
+            &self.shared.policy,
+            |carrier| carriers.get(carrier as usize).map_or_else(String::new, |c| c.name.clone()),
+            eta.map(|secs| (secs * 10.0).round() / 10.0),
+        ))
+    }
+
+    /// Refuses a new verification whose SMS would wait longer than a session can be extended.
+    fn admit(&self, lane: u8) -> Result<(), ApiError> {
+        let shared = &*self.shared;
+        let ahead = shared.queue.ahead_of_new(lane) as f64;
+        let predicted_wait = ahead / shared.total_pace_per_sec;
+        let max_wait = shared.policy.max_extension.as_secs_f64().max(1.0);
+        if predicted_wait > max_wait {
+            shared.metrics.queue_refused(QueueRefusal::PredictedWait);
+            let excess = (ahead - max_wait * shared.total_pace_per_sec) / shared.total_pace_per_sec;
+            return Err(ApiError::Overloaded {
+                message: "the SMS queue is longer than a code could wait; try again later",
+                retry_after: Duration::from_secs_f64(excess.clamp(1.0, 3600.0)),
+            });
+        }
+        Ok(())
+    }
+
+    fn refused_at_queue(&self, error: PushError) -> ApiError {
+        match error {
+            PushError::Full => {
+                self.shared.metrics.queue_refused(QueueRefusal::Full);
+                ApiError::Overloaded {
+                    message: "the SMS queue is full; try again later",
+                    retry_after: Duration::from_secs(
+                        (self.shared.queue.capacity() as f64 / self.shared.total_pace_per_sec / 10.0)
+                            .clamp(1.0, 60.0) as u64,
+                    ),
+                }
+            }
+            PushError::Closed => ApiError::ShuttingDown,
+        }
+    }
+
+    fn rejected(&self, rejection: crate::ratelimit::Rejection) -> ApiError {
+        self.shared.metrics.rejected(rejection.limit);
+        ApiError::from(rejection)
+    }
+}
+
+fn forget_live(shard: &mut Shard, key: (u64, ClientId), id: &VerificationId) {
+    if shard.live.get(&key) == Some(id) {
+        shard.live.remove(&key);
+    }
+}
+
+fn not_pending(status: Status) -> ApiError {
+    ApiError::NotPending {
+        status: match status {
+            Status::Pending => "pending",
+            Status::Approved => "approved",
+            Status::Expired => "expired",
+            Status::Canceled => "canceled",
+            Status::Failed => "failed",
+        },
+    }
+}
+
+// === impl Clients ===
+
+impl Clients {
+    fn new(configs: &[ClientConfig]) -> Clients {
+        if configs.is_empty() {
+            return Clients {
+                by_key_hash: HashMap::new(),
+                names: vec!["anonymous".to_owned()],
+                priorities: vec![0],
+            };
+        }
+        Clients {
+            by_key_hash: configs
+                .iter()
+                .enumerate()
+                .map(|(index, client)| (client.api_key_sha256, index as ClientId))
+                .collect(),
+            names: configs.iter().map(|client| client.name.clone()).collect(),
+            priorities: configs.iter().map(|client| client.priority).collect(),
+        }
+    }
+
+    fn priority(&self, client: ClientId) -> u8 {
+        self.priorities.get(client as usize).copied().unwrap_or(0)
+    }
+
+    fn name(&self, client: ClientId) -> &str {
+        self.names.get(client as usize).map_or("unknown", String::as_str)
+    }
+}

@@ -1,0 +1,24 @@
+//! otpgate's load generator and simulated carriers.
+//!
+//! For now this crate holds the tools the benchmarks under `bench/` need:
+//! a fast fake HTTP carrier (the sink), a bare hyper server to compare the gateway with,
+//! and a filler that starts many verifications as fast as the gateway takes them.
+//! A later issue grows it into the full load generator of DESIGN.md section 6.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command-line flags of the `loadgen` binary.
+//! - [`server`]: the accept loop shared by every server this crate runs.
+//! - [`sink`]: the fake HTTP carrier that counts what the gateway sends it.
+//! - [`bare`]: the server that does no work, the baseline for API throughput.
+//! - [`fill`]: the client that starts verifications over keep-alive connections.
+//! - [`phone`]: valid, distinct phone numbers generated from a counter.
+//! - [`shutdown`]: the signals that stop a server.
+
+pub mod bare;
+pub mod cli;
+pub mod fill;
+pub mod phone;
+pub mod server;
+pub mod shutdown;
+pub mod sink;

@@ -1,0 +1,85 @@
+//! The `loadgen` binary: parses flags, starts the runtime and runs one subcommand.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use hyper::service::service_fn;
+
+use loadgen::cli::{Cli, Command, FillArgs, ServerArgs};
+use loadgen::fill::{self, FillConfig};
+use loadgen::server;
+use loadgen::shutdown::Signals;
+use loadgen::sink::Sink;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(exit_code) => exit_code,
+        Err(error) => {
+            eprintln!("loadgen: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(worker_threads) = cli.worker_threads {
+        runtime.worker_threads(worker_threads.get());
+    }
+    let runtime = runtime.build().context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Sink(args) => run_sink(args).await,
+            Command::Bare(args) => run_bare(args).await,
+            Command::Fill(args) => run_fill(args).await,
+        }
+    })
+}
+
+async fn run_sink(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let signals = Signals::install().context("cannot install signal handlers")?;
+    let listener = server::bind_and_announce(args.listen)
+        .await
+        .with_context(|| format!("sink: cannot listen on {}", args.listen))?;
+    let sink = Sink::new();
+    let service_sink = sink.clone();
+    let service = service_fn(move |request| {
+        let sink = service_sink.clone();
+        async move { sink.handle(request).await }
+    });
+    server::serve(listener, service, signals.received()).await;
+    let stats = sink.stats();
+    eprintln!(
+        "sink: received {}, distinct message ids {}, bad requests {}",
+        stats.received, stats.distinct_message_ids, stats.bad_requests
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_bare(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let signals = Signals::install().context("cannot install signal handlers")?;
+    let listener = server::bind_and_announce(args.listen)
+        .await
+        .with_context(|| format!("bare: cannot listen on {}", args.listen))?;
+    server::serve(
+        listener,
+        service_fn(loadgen::bare::handle),
+        signals.received(),
+    )
+    .await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_fill(args: FillArgs) -> anyhow::Result<ExitCode> {
+    let config = FillConfig::from_args(&args).context("fill")?;
+    let report = fill::run(config).await.context("fill")?;
+    print!("{report}");
+    Ok(if report.n_failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
