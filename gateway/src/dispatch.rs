@@ -12,6 +12,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use governor::{Quota, RateLimiter};
@@ -63,6 +64,9 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     let pacer = RateLimiter::direct(Quota::per_second(pace).allow_burst(burst));
     carrier.metrics.set_pace(pace.get() as f64);
     let queue = verifier.queue().clone();
+    // Submits awaiting the carrier's answer (the dispatcher itself holds a permit while it waits
+    // for a job, so the semaphore alone would over-count by one).
+    let in_flight = Arc::new(AtomicUsize::new(0));
     loop {
         loop {
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -86,20 +90,18 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                 }
             }
             carrier.metrics.segments(sms.text.encoding(), segments);
-            carrier.metrics.set_in_flight(window - permits.available_permits());
+            carrier.metrics.set_in_flight(in_flight.fetch_add(1, Ordering::Relaxed) + 1);
             let verifier = verifier.clone();
             let carrier = carrier.clone();
-            let permits_for_gauge = permits.clone();
+            let in_flight = in_flight.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
                 let result = carrier.connector.submit(&sms).await;
                 drop(sms);
                 let seconds = started.elapsed().as_secs_f64();
                 handle_result(&verifier, &carrier, job, result, seconds).await;
+                carrier.metrics.set_in_flight(in_flight.fetch_sub(1, Ordering::Relaxed) - 1);
                 drop(permit);
-                carrier
-                    .metrics
-                    .set_in_flight(window - permits_for_gauge.available_permits());
             });
         }
         // The queue is closed and was empty: wait for every submit in flight, since a retry may
