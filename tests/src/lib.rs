@@ -1,1 +1,489 @@
+//! The end-to-end test harness: a real gateway on port 0, fake carriers over real HTTP, and
+//! captured logs.
+//!
+//! - [`Gateway`] runs `gateway::run` in the test's runtime on two ephemeral ports, with a clock
+//!   the test can move forward, and speaks HTTP to it like a frontend would.
+//! - [`FakeCarrier`] is an HTTP carrier that checks every request against DESIGN.md section 5's
+//!   wire format exactly, records what it was sent, and answers as the test tells it.
+//! - [`capture_logs`] collects everything the gateway logs (at trace level) for secrecy checks.
 
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::post;
+use gateway::clock::Clock;
+use gateway::config::Config;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+
+/// A gateway running inside the test.
+#[derive(Debug)]
+pub struct Gateway {
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+    /// The gateway's clock: `advance` it to move time.
+    pub clock: Clock,
+    /// Sent as `Authorization: Bearer …` when set.
+    pub api_key: Option<String>,
+    http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// An HTTP answer, read whole.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+/// What a fake carrier does with the next submits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// `200 {"carrier_message_id": …}`.
+    Accept,
+    /// Any other status, with an optional `Retry-After` in seconds.
+    Status(u16, Option<u64>),
+    /// Accept, but only after this long.
+    Slow(Duration),
+}
+
+/// One SMS as the fake carrier received it (already checked against the wire format).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceivedSms {
+    pub message_id: String,
+    pub to: String,
+    pub from: String,
+    pub text: String,
+    pub receipt_url: String,
+}
+
+/// A fake HTTP carrier.
+#[derive(Debug, Clone)]
+pub struct FakeCarrier {
+    pub addr: SocketAddr,
+    shared: Arc<CarrierShared>,
+}
+
+#[derive(Debug, Default)]
+struct CarrierShared {
+    received: Mutex<Vec<ReceivedSms>>,
+    /// Requests that broke the wire format, with what was wrong.
+    violations: Mutex<Vec<String>>,
+    /// Replies to use, in order; the last one repeats.
+    script: Mutex<VecDeque<Reply>>,
+    /// Submits answered so far, by any reply.
+    n_requests: Mutex<usize>,
+    required_header: Mutex<Option<(String, String)>>,
+    arrived: Notify,
+}
+
+// === impl Gateway ===
+
+impl Gateway {
+    /// Starts a gateway on 127.0.0.1 port 0 with this TOML config (listen addresses are ignored).
+    pub async fn start(config_toml: &str) -> Gateway {
+        Gateway::start_with_clock(config_toml, Clock::system()).await
+    }
+
+    pub async fn start_with_clock(config_toml: &str, clock: Clock) -> Gateway {
+        let config = Config::from_toml(config_toml).unwrap_or_else(|error| panic!("test config: {error}"));
+        let api_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let api = api_listener.local_addr().expect("api addr");
+        let admin = admin_listener.local_addr().expect("admin addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway::run(
+            gateway::Listeners {
+                api: api_listener,
+                admin: admin_listener,
+            },
+            config,
+            clock.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("http client");
+        Gateway {
+            api,
+            admin,
+            clock,
+            api_key: None,
+            http,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn with_api_key(mut self, key: &str) -> Gateway {
+        self.api_key = Some(key.to_owned());
+        self
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// Sends a request with the gateway's API key (if any) and these extra headers.
+    pub async fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut request = self.http.request(method, self.url(path));
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        let response = request.send().await.expect("request to the gateway");
+        Answer::read(response).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.request(http::Method::POST, path, Some(body.to_string().into_bytes()), &[])
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.request(http::Method::GET, path, None, &[]).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Answer {
+        self.request(http::Method::DELETE, path, None, &[]).await
+    }
+
+    /// Starts a verification for `phone` and returns the answer.
+    pub async fn start_verification(&self, phone: &str) -> Answer {
+        self.post("/v1/verifications", serde_json::json!({ "phone": phone }))
+            .await
+    }
+
+    pub async fn check(&self, id: &str, code: &str) -> Answer {
+        self.post(&format!("/v1/verifications/{id}/check"), serde_json::json!({ "code": code }))
+            .await
+    }
+
+    /// The Prometheus text of the admin listener.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of one series (exact name with labels, as rendered), or `None` if absent.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics().await, series)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Answer {
+        let response = self
+            .http
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .expect("admin request");
+        Answer::read(response).await
+    }
+
+    /// Asks the gateway to shut down and waits for `run` to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.begin_stop();
+        self.finish().await
+    }
+
+    /// Signals shutdown without waiting.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for `run` to return after [`Gateway::begin_stop`].
+    pub async fn finish(&mut self) -> anyhow::Result<()> {
+        match self.task.take() {
+            Some(task) => task.await.expect("gateway task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Finds `series` (the name and labels exactly as rendered) in Prometheus text.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+// === impl Answer ===
+
+impl Answer {
+    async fn read(response: reqwest::Response) -> Answer {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("response body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    /// The error code of an error answer.
+    pub fn error_code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    pub fn id(&self) -> String {
+        self.body["id"].as_str().expect("answer has an id").to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    /// `Retry-After`, in seconds.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.header("retry-after").and_then(|value| value.parse().ok())
+    }
+}
+
+// === impl FakeCarrier ===
+
+impl FakeCarrier {
+    /// Starts a carrier on 127.0.0.1 port 0 that accepts everything.
+    pub async fn start() -> FakeCarrier {
+        let shared = Arc::new(CarrierShared::default());
+        shared.script.lock().unwrap().push_back(Reply::Accept);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind carrier");
+        let addr = listener.local_addr().expect("carrier addr");
+        let app = axum::Router::new()
+            .route("/sms", post(receive))
+            .with_state(shared.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeCarrier { addr, shared }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/sms", self.addr)
+    }
+
+    /// A `[[carriers]]` block for this carrier.
+    pub fn config(&self, name: &str, pace_per_sec: u32, window: u32) -> String {
+        format!(
+            "[[carriers]]\nname = \"{name}\"\nkind = \"http\"\nurl = \"{}\"\npace_per_sec = {pace_per_sec}\nwindow = {window}\nfrom = \"SaluteRL\"\ntimeout_ms = 2000\n",
+            self.url()
+        )
+    }
+
+    /// Replies to use from now on, in order; the last one repeats.
+    pub fn script(&self, replies: &[Reply]) {
+        let mut script = self.shared.script.lock().unwrap();
+        script.clear();
+        script.extend(replies.iter().copied());
+    }
+
+    /// Requires this header on every request (a violation is recorded otherwise).
+    pub fn require_header(&self, name: &str, value: &str) {
+        *self.shared.required_header.lock().unwrap() = Some((name.to_ascii_lowercase(), value.to_owned()));
+    }
+
+    /// Every SMS accepted so far.
+    pub fn received(&self) -> Vec<ReceivedSms> {
+        self.shared.received.lock().unwrap().clone()
+    }
+
+    pub fn n_requests(&self) -> usize {
+        *self.shared.n_requests.lock().unwrap()
+    }
+
+    /// Requests that broke the wire format.
+    pub fn violations(&self) -> Vec<String> {
+        self.shared.violations.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` SMS were accepted, or panics after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<ReceivedSms> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let received = self.received();
+            if received.len() >= n {
+                return received;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("carrier got {} SMS, expected {n}", self.received().len());
+            }
+        }
+    }
+
+    /// The code in the latest SMS sent to `phone`.
+    pub fn code_for(&self, phone: &str) -> Option<String> {
+        self.received()
+            .iter()
+            .rev()
+            .find(|sms| sms.to == phone)
+            .and_then(|sms| extract_code(&sms.text))
+    }
+}
+
+/// The first run of 4 to 9 digits in an SMS text.
+pub fn extract_code(text: &str) -> Option<String> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .find(|run| (4..=9).contains(&run.len()))
+        .map(str::to_owned)
+}
+
+async fn receive(
+    State(shared): State<Arc<CarrierShared>>,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let reply = {
+        let mut script = shared.script.lock().unwrap();
+        if script.len() > 1 {
+            script.pop_front().unwrap_or(Reply::Accept)
+        } else {
+            script.front().copied().unwrap_or(Reply::Accept)
+        }
+    };
+    *shared.n_requests.lock().unwrap() += 1;
+    let mut problems = Vec::new();
+    if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/json") {
+        problems.push("content-type is not application/json".to_owned());
+    }
+    if let Some((name, value)) = shared.required_header.lock().unwrap().clone() {
+        if headers.get(&name).and_then(|v| v.to_str().ok()) != Some(value.as_str()) {
+            problems.push(format!("missing header {name}"));
+        }
+    }
+    let sms = match serde_json::from_slice::<ReceivedSms>(&body) {
+        Ok(sms) => Some(sms),
+        Err(error) => {
+            problems.push(format!("body does not match the wire format: {error}"));
+            None
+        }
+    };
+    if let Some(sms) = &sms {
+        if !sms.to.starts_with('+') || !sms.to[1..].bytes().all(|b| b.is_ascii_digit()) {
+            problems.push(format!("to is not E.164: {}", sms.to));
+        }
+        if !sms.receipt_url.starts_with("http://") || !sms.receipt_url.contains("/v1/carriers/") {
+            problems.push(format!("receipt_url looks wrong: {}", sms.receipt_url));
+        }
+    }
+    if !problems.is_empty() {
+        shared.violations.lock().unwrap().extend(problems);
+        return (http::StatusCode::BAD_REQUEST, "wire format violation").into_response();
+    }
+    let Some(sms) = sms else {
+        return http::StatusCode::BAD_REQUEST.into_response();
+    };
+    match reply {
+        Reply::Accept | Reply::Slow(_) => {
+            if let Reply::Slow(delay) = reply {
+                tokio::time::sleep(delay).await;
+            }
+            let carrier_message_id = format!("cm-{}", sms.message_id);
+            shared.received.lock().unwrap().push(sms);
+            shared.arrived.notify_waiters();
+            axum::Json(serde_json::json!({ "carrier_message_id": carrier_message_id })).into_response()
+        }
+        Reply::Status(status, retry_after) => {
+            let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (status, "no").into_response();
+            if let Some(secs) = retry_after {
+                response
+                    .headers_mut()
+                    .insert("retry-after", http::HeaderValue::from(secs));
+            }
+            response
+        }
+    }
+}
+
+/// Captured log output.
+#[derive(Debug, Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures every log line, at trace level, emitted on this thread until the guard drops. Use it
+/// in a current-thread `#[tokio::test]`, where every task of the gateway runs on this thread.
+pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    (logs, guard)
+}
+
+/// The SHA-256 of an API key, hex, as `api_key_sha256` wants it.
+pub fn sha256_hex(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+/// A unique valid Italian mobile number for test `n`.
+pub fn phone(n: u32) -> String {
+    format!("+39333{:07}", n % 10_000_000)
+}

@@ -1,1 +1,11 @@
+//! End-to-end tests: the real gateway on port 0, over HTTP, with fake carriers.
+//!
+//! One test binary of modules (like ripgrep's), so the harness compiles once.
 
+mod api;
+mod errors;
+mod expiry;
+mod limits;
+mod openapi;
+mod secrecy;
+mod shutdown;
