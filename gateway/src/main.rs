@@ -1,5 +1,6 @@
 //! The `otpgate` binary: parse flags, install logging, bind, and run the gateway.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -62,7 +63,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// Logs go to standard error (standard output belongs to the console carrier).
 fn install_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
