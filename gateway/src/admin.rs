@@ -28,7 +28,10 @@ pub fn router(state: AdminState) -> Router {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.verifier.metrics().render(),
     )
         .into_response()
@@ -55,6 +58,10 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             "carriers": state.carriers,
         }
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body)).into_response()
 }

@@ -335,8 +335,8 @@ impl RawConfig {
         let secret = match self.secret {
             None => None,
             Some(hex_secret) => {
-                let bytes = hex::decode(hex_secret.trim())
-                    .or_else(|_| invalid("secret", "must be hex"))?;
+                let bytes =
+                    hex::decode(hex_secret.trim()).or_else(|_| invalid("secret", "must be hex"))?;
                 if bytes.len() < 32 {
                     return invalid("secret", "must be at least 32 bytes (64 hex digits)");
                 }
@@ -464,7 +464,13 @@ impl RawVerification {
         if !(4..=9).contains(&code_length) {
             return invalid("verification.code_length", "must be between 4 and 9");
         }
-        let code_ttl = secs("verification.code_ttl_secs", self.code_ttl_secs, 600, 10, 86_400)?;
+        let code_ttl = secs(
+            "verification.code_ttl_secs",
+            self.code_ttl_secs,
+            600,
+            10,
+            86_400,
+        )?;
         let max_extension = secs(
             "verification.max_extension_secs",
             self.max_extension_secs,
@@ -483,7 +489,13 @@ impl RawVerification {
             1,
             3600,
         )?;
-        let retention = secs("verification.retention_secs", self.retention_secs, 3600, 0, 604_800)?;
+        let retention = secs(
+            "verification.retention_secs",
+            self.retention_secs,
+            3600,
+            0,
+            604_800,
+        )?;
         let idempotency_ttl = secs(
             "verification.idempotency_ttl_secs",
             self.idempotency_ttl_secs,
@@ -506,15 +518,30 @@ impl RawVerification {
 impl RawLimits {
     fn validate(self) -> Result<Limits, ConfigError> {
         let default_phone = vec![
-            RawRule { max: 1, per_secs: 30 },
-            RawRule { max: 5, per_secs: 600 },
+            RawRule {
+                max: 1,
+                per_secs: 30,
+            },
+            RawRule {
+                max: 5,
+                per_secs: 600,
+            },
         ];
-        let default_ip = vec![RawRule { max: 150, per_secs: 3600 }];
-        let phone_sends = rules("limits.phone_sends", self.phone_sends.unwrap_or(default_phone))?;
+        let default_ip = vec![RawRule {
+            max: 150,
+            per_secs: 3600,
+        }];
+        let phone_sends = rules(
+            "limits.phone_sends",
+            self.phone_sends.unwrap_or(default_phone),
+        )?;
         let ip_sends = rules("limits.ip_sends", self.ip_sends.unwrap_or(default_ip))?;
         let failed_checks_per_phone = self
             .failed_checks_per_phone
-            .unwrap_or(RawRule { max: 100, per_secs: 86_400 })
+            .unwrap_or(RawRule {
+                max: 100,
+                per_secs: 86_400,
+            })
             .validate("limits.failed_checks_per_phone")?;
         let countries = CountryAllowList::new(&self.countries.unwrap_or_default())
             .or_else(|message| invalid("limits.countries", message))?;
@@ -595,8 +622,10 @@ impl RawCarrier {
                 };
                 let mut headers = Vec::with_capacity(self.headers.len());
                 for (name, value) in self.headers {
-                    let parsed_name = http::HeaderName::from_bytes(name.as_bytes())
-                        .or_else(|_| invalid(key("headers"), format!("bad header name {name:?}")))?;
+                    let parsed_name =
+                        http::HeaderName::from_bytes(name.as_bytes()).or_else(|_| {
+                            invalid(key("headers"), format!("bad header name {name:?}"))
+                        })?;
                     let mut parsed_value = http::HeaderValue::from_str(&value)
                         .or_else(|_| invalid(key("headers"), format!("bad value for {name:?}")))?;
                     parsed_value.set_sensitive(true);
@@ -661,7 +690,13 @@ impl RawClient {
     }
 }
 
-fn secs(key: &str, value: Option<u64>, default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+fn secs(
+    key: &str,
+    value: Option<u64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<Duration, ConfigError> {
     let value = value.unwrap_or(default);
     if !(min..=max).contains(&value) {
         return invalid(key, format!("must be between {min} and {max}"));
@@ -711,7 +746,10 @@ mod tests {
     #[test]
     fn refuses_unauthenticated_on_a_public_address() {
         let error = Config::from_toml("listen = \"0.0.0.0:8080\"").unwrap_err();
-        assert!(error.to_string().starts_with("config key clients:"), "{error}");
+        assert!(
+            error.to_string().starts_with("config key clients:"),
+            "{error}"
+        );
         let key = "00".repeat(32);
         let ok = format!(
             "listen = \"0.0.0.0:8080\"\n[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\""
@@ -722,20 +760,41 @@ mod tests {
     #[test]
     fn names_the_key_at_fault() {
         let cases = [
-            ("[verification]\ncode_length = 3", "verification.code_length"),
-            ("[[carriers]]\nname = \"a\"\nkind = \"http\"", "carriers[0].url"),
-            ("[[carriers]]\nname = \"a\"\nkind = \"pigeon\"", "carriers[0].kind"),
-            ("[[carriers]]\nname = \"A B\"\nkind = \"console\"", "carriers[0].name"),
-            ("[[clients]]\nname = \"a\"\napi_key_sha256 = \"zz\"", "clients[0].api_key_sha256"),
+            (
+                "[verification]\ncode_length = 3",
+                "verification.code_length",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"http\"",
+                "carriers[0].url",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"pigeon\"",
+                "carriers[0].kind",
+            ),
+            (
+                "[[carriers]]\nname = \"A B\"\nkind = \"console\"",
+                "carriers[0].name",
+            ),
+            (
+                "[[clients]]\nname = \"a\"\napi_key_sha256 = \"zz\"",
+                "clients[0].api_key_sha256",
+            ),
             ("[limits]\ncountries = [\"XX\"]", "limits.countries"),
-            ("[limits]\nphone_sends = [{ max = 0, per_secs = 1 }]", "limits.phone_sends[0].max"),
+            (
+                "[limits]\nphone_sends = [{ max = 0, per_secs = 1 }]",
+                "limits.phone_sends[0].max",
+            ),
             ("secret = \"abcd\"", "secret"),
             ("store = \"mongo\"", "store"),
             ("[templates]\nen = \"no code here\"", "templates"),
         ];
         for (text, key) in cases {
             let error = Config::from_toml(text).unwrap_err().to_string();
-            assert!(error.starts_with(&format!("config key {key}:")), "{text:?} gave {error}");
+            assert!(
+                error.starts_with(&format!("config key {key}:")),
+                "{text:?} gave {error}"
+            );
         }
     }
 }

@@ -90,7 +90,9 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                 }
             }
             carrier.metrics.segments(sms.text.encoding(), segments);
-            carrier.metrics.set_in_flight(in_flight.fetch_add(1, Ordering::Relaxed) + 1);
+            carrier
+                .metrics
+                .set_in_flight(in_flight.fetch_add(1, Ordering::Relaxed) + 1);
             let verifier = verifier.clone();
             let carrier = carrier.clone();
             let in_flight = in_flight.clone();
@@ -100,7 +102,9 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                 drop(sms);
                 let seconds = started.elapsed().as_secs_f64();
                 handle_result(&verifier, &carrier, job, result, seconds).await;
-                carrier.metrics.set_in_flight(in_flight.fetch_sub(1, Ordering::Relaxed) - 1);
+                carrier
+                    .metrics
+                    .set_in_flight(in_flight.fetch_sub(1, Ordering::Relaxed) - 1);
                 drop(permit);
             });
         }
@@ -136,7 +140,9 @@ async fn handle_result(
         Err(SubmitError::Throttled { retry_after }) => {
             carrier.metrics.submitted(SubmitOutcome::Throttled, seconds);
             tracing::debug!(carrier = %carrier.config.name, verification = %job.id, "carrier throttled a submit");
-            let pause = retry_after.map_or(DEFAULT_THROTTLE_PAUSE, |after| after.min(MAX_THROTTLE_PAUSE));
+            let pause = retry_after.map_or(DEFAULT_THROTTLE_PAUSE, |after| {
+                after.min(MAX_THROTTLE_PAUSE)
+            });
             tokio::time::sleep(pause).await;
             job.attempts = job.attempts.saturating_add(1);
             verifier.complete(&job, carrier.id, Completion::Retry);

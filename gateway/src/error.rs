@@ -123,9 +123,8 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         let retry_after = match &self {
-            ApiError::RateLimited { retry_after, .. } | ApiError::Overloaded { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::Overloaded { retry_after, .. } => Some(*retry_after),
             ApiError::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,
         };
@@ -134,13 +133,18 @@ impl IntoResponse for ApiError {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             let secs = secs.max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            if let ApiError::RateLimited { rule: Some(rule), .. } = &self {
+            if let ApiError::RateLimited {
+                rule: Some(rule), ..
+            } = &self
+            {
                 // draft-ietf-httpapi-ratelimit-headers: the policy that refused, nothing left,
                 // and when to come back.
                 headers.insert("ratelimit-limit", HeaderValue::from(rule.max.get()));
                 headers.insert("ratelimit-remaining", HeaderValue::from(0u32));
                 headers.insert("ratelimit-reset", HeaderValue::from(secs));
-                if let Ok(policy) = HeaderValue::from_str(&format!("{};w={}", rule.max, rule.per.as_secs())) {
+                if let Ok(policy) =
+                    HeaderValue::from_str(&format!("{};w={}", rule.max, rule.per.as_secs()))
+                {
                     headers.insert("ratelimit-policy", policy);
                 }
             }
@@ -153,12 +157,30 @@ impl From<crate::ratelimit::Rejection> for ApiError {
     fn from(rejection: crate::ratelimit::Rejection) -> ApiError {
         use crate::metrics::LimitKind;
         let (code, message) = match rejection.limit {
-            LimitKind::Phone => ("rate_limited_phone", "too many SMS to this phone number; try again later"),
-            LimitKind::Ip => ("rate_limited_ip", "too many verifications from this IP address; try again later"),
-            LimitKind::Client => ("rate_limited_client", "this API key is over its request rate"),
-            LimitKind::FailedChecks => ("too_many_failed_checks", "too many wrong codes for this phone number; try again later"),
-            LimitKind::ResendCooldown => ("resend_cooldown", "a resend is not allowed yet; see Retry-After"),
-            LimitKind::Country => ("country_not_allowed", "numbers in this country are not allowed"),
+            LimitKind::Phone => (
+                "rate_limited_phone",
+                "too many SMS to this phone number; try again later",
+            ),
+            LimitKind::Ip => (
+                "rate_limited_ip",
+                "too many verifications from this IP address; try again later",
+            ),
+            LimitKind::Client => (
+                "rate_limited_client",
+                "this API key is over its request rate",
+            ),
+            LimitKind::FailedChecks => (
+                "too_many_failed_checks",
+                "too many wrong codes for this phone number; try again later",
+            ),
+            LimitKind::ResendCooldown => (
+                "resend_cooldown",
+                "a resend is not allowed yet; see Retry-After",
+            ),
+            LimitKind::Country => (
+                "country_not_allowed",
+                "numbers in this country are not allowed",
+            ),
         };
         ApiError::RateLimited {
             code,

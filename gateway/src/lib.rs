@@ -92,8 +92,12 @@ pub async fn run(
 
     let mut carriers = Vec::with_capacity(config.carriers.len());
     for (index, carrier_config) in config.carriers.iter().enumerate() {
-        let connector = Connector::new(carrier_config)
-            .map_err(|error| anyhow::anyhow!("carrier {}: cannot build its client: {error}", carrier_config.name))?;
+        let connector = Connector::new(carrier_config).map_err(|error| {
+            anyhow::anyhow!(
+                "carrier {}: cannot build its client: {error}",
+                carrier_config.name
+            )
+        })?;
         carriers.push(Carrier {
             id: index as u8,
             config: carrier_config.clone(),
@@ -104,7 +108,11 @@ pub async fn run(
     let mut dispatchers = dispatch::spawn(verifier.clone(), carriers);
 
     let background = CancellationToken::new();
-    let sweeper = tokio::spawn(sweep(verifier.clone(), config.sweep_interval, background.clone()));
+    let sweeper = tokio::spawn(sweep(
+        verifier.clone(),
+        config.sweep_interval,
+        background.clone(),
+    ));
 
     let api_shutdown = CancellationToken::new();
     let api_addr = listeners.api.local_addr()?;
@@ -134,7 +142,10 @@ pub async fn run(
 
     shutdown.await;
     let deadline = tokio::time::Instant::now() + config.shutdown_grace;
-    tracing::info!(grace_secs = config.shutdown_grace.as_secs(), "shutting down: no new verifications");
+    tracing::info!(
+        grace_secs = config.shutdown_grace.as_secs(),
+        "shutting down: no new verifications"
+    );
     verifier.stop_accepting();
     api_shutdown.cancel();
     match api.await {

@@ -24,11 +24,18 @@ fn main() -> ExitCode {
             config.admin_listen,
             config.carriers.len(),
             config.clients.len(),
-            if config.is_unauthenticated() { ", UNAUTHENTICATED (loopback only)" } else { "" },
+            if config.is_unauthenticated() {
+                ", UNAUTHENTICATED (loopback only)"
+            } else {
+                ""
+            },
         );
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("otpgate: cannot start the runtime: {error}");

@@ -8,8 +8,12 @@
 
 use std::sync::Arc;
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 /// Buckets for request handling and carrier submits, in seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -33,7 +37,9 @@ pub enum Route {
 }
 
 /// Statuses the API answers with: the closed set behind the `status` label.
-pub const STATUSES: &[u16] = &[200, 202, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 500, 503];
+pub const STATUSES: &[u16] = &[
+    200, 202, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 500, 503,
+];
 
 /// Outcomes of a verification that ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,7 +182,10 @@ impl Route {
     }
 
     fn index(self) -> usize {
-        Route::ALL.iter().position(|r| *r == self).unwrap_or(Route::ALL.len() - 1)
+        Route::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or(Route::ALL.len() - 1)
     }
 }
 
@@ -187,36 +196,98 @@ impl Metrics {
     pub fn new(lane_priorities: &[u8], carrier_names: &[String]) -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("wait_seconds".into()), WAIT_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("wait_seconds".into()), WAIT_BUCKETS)
+            })
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Suffix("extension_seconds".into()), WAIT_BUCKETS)
             })
             .expect("bucket lists are not empty")
             .build_recorder();
         let handle = recorder.handle();
-        let r = Registrar { recorder: &recorder };
+        let r = Registrar {
+            recorder: &recorder,
+        };
 
-        r.describe_counter("otpgate_http_requests_total", "API requests answered, by route template, method and status.");
-        r.describe_histogram("otpgate_http_request_duration_seconds", Unit::Seconds, "Time to answer an API request, by route template and method.");
+        r.describe_counter(
+            "otpgate_http_requests_total",
+            "API requests answered, by route template, method and status.",
+        );
+        r.describe_histogram(
+            "otpgate_http_request_duration_seconds",
+            Unit::Seconds,
+            "Time to answer an API request, by route template and method.",
+        );
         r.describe_counter("otpgate_verifications_started_total", "Start requests answered with a verification: created, an existing live one, or an idempotent replay.");
-        r.describe_counter("otpgate_verification_checks_total", "Code checks, by outcome (valid, invalid, locked by the failed-checks limit).");
-        r.describe_counter("otpgate_verifications_ended_total", "Verifications that left pending, by outcome.");
-        r.describe_gauge("otpgate_verifications_live", "Verifications held in the store, pending or ended within retention.");
-        r.describe_counter("otpgate_ratelimit_rejections_total", "Requests turned away by a limit, by limit.");
-        r.describe_gauge("otpgate_ratelimit_keys", "Keys held by a keyed rate limiter, by limit.");
+        r.describe_counter(
+            "otpgate_verification_checks_total",
+            "Code checks, by outcome (valid, invalid, locked by the failed-checks limit).",
+        );
+        r.describe_counter(
+            "otpgate_verifications_ended_total",
+            "Verifications that left pending, by outcome.",
+        );
+        r.describe_gauge(
+            "otpgate_verifications_live",
+            "Verifications held in the store, pending or ended within retention.",
+        );
+        r.describe_counter(
+            "otpgate_ratelimit_rejections_total",
+            "Requests turned away by a limit, by limit.",
+        );
+        r.describe_gauge(
+            "otpgate_ratelimit_keys",
+            "Keys held by a keyed rate limiter, by limit.",
+        );
         r.describe_histogram("otpgate_session_extension_seconds", Unit::Seconds, "How far queueing pushed a verification's expiry, recorded when a carrier accepts its first SMS.");
-        r.describe_gauge("otpgate_queue_depth", "SMS jobs waiting for a carrier, by lane (client priority).");
-        r.describe_histogram("otpgate_queue_wait_seconds", Unit::Seconds, "Time an SMS job waited in the queue before a carrier took it, by lane.");
-        r.describe_counter("otpgate_queue_dropped_total", "Queued SMS jobs dropped instead of sent late, by reason.");
-        r.describe_counter("otpgate_queue_rejected_total", "Start requests refused with 503 at the queue, by reason.");
-        r.describe_counter("otpgate_sms_submitted_total", "Submits to carriers, by carrier and outcome.");
-        r.describe_histogram("otpgate_carrier_submit_duration_seconds", Unit::Seconds, "Time for a carrier to answer a submit, by carrier.");
-        r.describe_counter("otpgate_sms_segments_total", "SMS segments handed to carriers, by carrier and encoding.");
-        r.describe_gauge("otpgate_carrier_window_in_use", "Submits in flight, by carrier.");
-        r.describe_gauge("otpgate_carrier_pace_per_second", "Segments per second the dispatcher allows a carrier now.");
-        r.describe_gauge("otpgate_build_info", "Always 1; the version label says which build runs.");
+        r.describe_gauge(
+            "otpgate_queue_depth",
+            "SMS jobs waiting for a carrier, by lane (client priority).",
+        );
+        r.describe_histogram(
+            "otpgate_queue_wait_seconds",
+            Unit::Seconds,
+            "Time an SMS job waited in the queue before a carrier took it, by lane.",
+        );
+        r.describe_counter(
+            "otpgate_queue_dropped_total",
+            "Queued SMS jobs dropped instead of sent late, by reason.",
+        );
+        r.describe_counter(
+            "otpgate_queue_rejected_total",
+            "Start requests refused with 503 at the queue, by reason.",
+        );
+        r.describe_counter(
+            "otpgate_sms_submitted_total",
+            "Submits to carriers, by carrier and outcome.",
+        );
+        r.describe_histogram(
+            "otpgate_carrier_submit_duration_seconds",
+            Unit::Seconds,
+            "Time for a carrier to answer a submit, by carrier.",
+        );
+        r.describe_counter(
+            "otpgate_sms_segments_total",
+            "SMS segments handed to carriers, by carrier and encoding.",
+        );
+        r.describe_gauge(
+            "otpgate_carrier_window_in_use",
+            "Submits in flight, by carrier.",
+        );
+        r.describe_gauge(
+            "otpgate_carrier_pace_per_second",
+            "Segments per second the dispatcher allows a carrier now.",
+        );
+        r.describe_gauge(
+            "otpgate_build_info",
+            "Always 1; the version label says which build runs.",
+        );
 
-        r.gauge("otpgate_build_info", vec![Label::new("version", env!("CARGO_PKG_VERSION"))]).set(1.0);
+        r.gauge(
+            "otpgate_build_info",
+            vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
+        )
+        .set(1.0);
 
         let http_requests = Route::ALL
             .iter()
@@ -254,16 +325,40 @@ impl Metrics {
                 .map(|value| r.counter(name, vec![Label::new("outcome", *value)]))
                 .collect()
         };
-        let started = outcome("otpgate_verifications_started_total", &["created", "existing", "replayed"]);
-        let checks = outcome("otpgate_verification_checks_total", &["valid", "invalid", "locked"]);
+        let started = outcome(
+            "otpgate_verifications_started_total",
+            &["created", "existing", "replayed"],
+        );
+        let checks = outcome(
+            "otpgate_verification_checks_total",
+            &["valid", "invalid", "locked"],
+        );
         let ended = outcome(
             "otpgate_verifications_ended_total",
-            &["approved", "expired", "canceled", "too_many_attempts", "undeliverable"],
+            &[
+                "approved",
+                "expired",
+                "canceled",
+                "too_many_attempts",
+                "undeliverable",
+            ],
         );
-        let rejections: Vec<Counter> = ["phone", "ip", "client", "failed_checks", "resend_cooldown", "country"]
-            .iter()
-            .map(|limit| r.counter("otpgate_ratelimit_rejections_total", vec![Label::new("limit", *limit)]))
-            .collect();
+        let rejections: Vec<Counter> = [
+            "phone",
+            "ip",
+            "client",
+            "failed_checks",
+            "resend_cooldown",
+            "country",
+        ]
+        .iter()
+        .map(|limit| {
+            r.counter(
+                "otpgate_ratelimit_rejections_total",
+                vec![Label::new("limit", *limit)],
+            )
+        })
+        .collect();
         let limiter_keys: Vec<Gauge> = ["phone", "ip"]
             .iter()
             .map(|limit| r.gauge("otpgate_ratelimit_keys", vec![Label::new("limit", *limit)]))
@@ -316,7 +411,8 @@ impl Metrics {
                 in_flight.set(0.0);
                 CarrierMetrics {
                     submits: to_array(submits),
-                    duration: r.histogram("otpgate_carrier_submit_duration_seconds", vec![carrier()]),
+                    duration: r
+                        .histogram("otpgate_carrier_submit_duration_seconds", vec![carrier()]),
                     segments: to_array(segments),
                     in_flight,
                     pace: r.gauge("otpgate_carrier_pace_per_second", vec![carrier()]),
@@ -359,7 +455,10 @@ impl Metrics {
 
     pub fn http_request(&self, route: Route, status: u16, seconds: f64) {
         let route_index = route.index();
-        let status_index = STATUSES.iter().position(|s| *s == status).unwrap_or(STATUSES.len() - 1);
+        let status_index = STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(STATUSES.len() - 1);
         self.shared.http_requests[route_index][status_index].increment(1);
         self.shared.http_duration[route_index].record(seconds);
     }
@@ -419,7 +518,10 @@ impl Metrics {
     }
 
     fn lane(&self, priority: u8) -> Option<&Lane> {
-        self.shared.lanes.iter().find(|lane| lane.priority == priority)
+        self.shared
+            .lanes
+            .iter()
+            .find(|lane| lane.priority == priority)
     }
 }
 
@@ -467,30 +569,45 @@ struct Registrar<'a> {
 
 impl Registrar<'_> {
     fn describe_counter(&self, name: &'static str, help: &'static str) {
-        self.recorder.describe_counter(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.recorder.describe_counter(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
     }
 
     fn describe_gauge(&self, name: &'static str, help: &'static str) {
-        self.recorder.describe_gauge(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.recorder.describe_gauge(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
     }
 
     fn describe_histogram(&self, name: &'static str, unit: Unit, help: &'static str) {
-        self.recorder
-            .describe_histogram(KeyName::from_const_str(name), Some(unit), SharedString::const_str(help));
+        self.recorder.describe_histogram(
+            KeyName::from_const_str(name),
+            Some(unit),
+            SharedString::const_str(help),
+        );
     }
 
     fn counter(&self, name: &str, labels: Vec<Label>) -> Counter {
-        let counter = self.recorder.register_counter(&Key::from_parts(name.to_owned(), labels), &metadata());
+        let counter = self
+            .recorder
+            .register_counter(&Key::from_parts(name.to_owned(), labels), &metadata());
         counter.increment(0);
         counter
     }
 
     fn gauge(&self, name: &str, labels: Vec<Label>) -> Gauge {
-        self.recorder.register_gauge(&Key::from_parts(name.to_owned(), labels), &metadata())
+        self.recorder
+            .register_gauge(&Key::from_parts(name.to_owned(), labels), &metadata())
     }
 
     fn histogram(&self, name: &str, labels: Vec<Label>) -> Histogram {
-        self.recorder.register_histogram(&Key::from_parts(name.to_owned(), labels), &metadata())
+        self.recorder
+            .register_histogram(&Key::from_parts(name.to_owned(), labels), &metadata())
     }
 }
 

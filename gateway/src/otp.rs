@@ -73,7 +73,13 @@ impl CodeKeys {
     }
 
     /// Compares a typed code with the stored tag in constant time.
-    pub fn matches(&self, id: &VerificationId, phone: &Phone, typed: &str, stored: &StoredCode) -> bool {
+    pub fn matches(
+        &self,
+        id: &VerificationId,
+        phone: &Phone,
+        typed: &str,
+        stored: &StoredCode,
+    ) -> bool {
         let tag = self.tag(id, phone, typed);
         tag.ct_eq(&stored.tag).into()
     }
@@ -90,7 +96,8 @@ impl CodeKeys {
     }
 
     fn tag(&self, id: &VerificationId, phone: &Phone, code: &str) -> [u8; 32] {
-        let mut mac = HmacSha256::new_from_slice(&self.check_key).expect("HMAC takes any key length");
+        let mut mac =
+            HmacSha256::new_from_slice(&self.check_key).expect("HMAC takes any key length");
         mac.update(id.as_bytes());
         mac.update(&phone.as_u64().to_be_bytes());
         mac.update(code.as_bytes());
@@ -98,7 +105,8 @@ impl CodeKeys {
     }
 
     fn pad(&self, id: &VerificationId, phone: &Phone) -> u32 {
-        let mut mac = HmacSha256::new_from_slice(&self.seal_key).expect("HMAC takes any key length");
+        let mut mac =
+            HmacSha256::new_from_slice(&self.seal_key).expect("HMAC takes any key length");
         mac.update(id.as_bytes());
         mac.update(&phone.as_u64().to_be_bytes());
         let out = mac.finalize().into_bytes();
@@ -175,7 +183,10 @@ mod tests {
         let (code, stored) = keys.generate(&id, &phone);
         assert_eq!(code.expose().len(), 6);
         assert!(keys.matches(&id, &phone, code.expose(), &stored));
-        let wrong = format!("{:06}", (code.expose().parse::<u32>().unwrap() + 1) % 1_000_000);
+        let wrong = format!(
+            "{:06}",
+            (code.expose().parse::<u32>().unwrap() + 1) % 1_000_000
+        );
         assert!(!keys.matches(&id, &phone, &wrong, &stored));
     }
 
@@ -200,7 +211,12 @@ mod tests {
     fn secrets_never_print() {
         let (keys, id, phone) = fixture();
         let (code, stored) = keys.generate(&id, &phone);
-        for printed in [format!("{code}"), format!("{code:?}"), format!("{stored:?}"), format!("{keys:?}")] {
+        for printed in [
+            format!("{code}"),
+            format!("{code:?}"),
+            format!("{stored:?}"),
+            format!("{keys:?}"),
+        ] {
             assert!(!printed.contains(code.expose()), "{printed}");
         }
     }

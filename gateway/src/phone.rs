@@ -174,12 +174,27 @@ mod tests {
 
     #[test]
     fn refuses_bad_numbers() {
-        for input in ["", "+", "393331234567", "+39abc", "+39333123456789012345", "+0000", "++39333"] {
-            assert_eq!(Phone::parse(input).unwrap_err(), PhoneError::NotE164, "{input:?}");
+        for input in [
+            "",
+            "+",
+            "393331234567",
+            "+39abc",
+            "+39333123456789012345",
+            "+0000",
+            "++39333",
+        ] {
+            assert_eq!(
+                Phone::parse(input).unwrap_err(),
+                PhoneError::NotE164,
+                "{input:?}"
+            );
         }
         assert_eq!(Phone::parse("+39333").unwrap_err(), PhoneError::Invalid);
         // A Rome landline cannot receive SMS.
-        assert_eq!(Phone::parse("+390612345678").unwrap_err(), PhoneError::NotMobile);
+        assert_eq!(
+            Phone::parse("+390612345678").unwrap_err(),
+            PhoneError::NotMobile
+        );
         // An Italian premium-rate number: a classic SMS pumping target.
         assert!(Phone::parse("+39899123456").is_err());
     }

@@ -47,16 +47,31 @@ pub struct Rejection {
 // === impl Limiters ===
 
 impl Limiters {
-    pub fn new(limits: &Limits, clients: &[ClientConfig], anonymous_rate: Rule, clock: Clock) -> Limiters {
+    pub fn new(
+        limits: &Limits,
+        clients: &[ClientConfig],
+        anonymous_rate: Rule,
+        clock: Clock,
+    ) -> Limiters {
         let phone = limits
             .phone_sends
             .iter()
-            .map(|rule| (*rule, RateLimiter::new(quota(rule), DashMapStateStore::default(), clock.clone())))
+            .map(|rule| {
+                (
+                    *rule,
+                    RateLimiter::new(quota(rule), DashMapStateStore::default(), clock.clone()),
+                )
+            })
             .collect();
         let ip = limits
             .ip_sends
             .iter()
-            .map(|rule| (*rule, RateLimiter::new(quota(rule), DashMapStateStore::default(), clock.clone())))
+            .map(|rule| {
+                (
+                    *rule,
+                    RateLimiter::new(quota(rule), DashMapStateStore::default(), clock.clone()),
+                )
+            })
             .collect();
         let client_rules: Vec<Rule> = if clients.is_empty() {
             vec![anonymous_rate]
@@ -71,7 +86,12 @@ impl Limiters {
         };
         let clients = client_rules
             .into_iter()
-            .map(|rule| (rule, RateLimiter::new(quota(&rule), InMemoryState::default(), clock.clone())))
+            .map(|rule| {
+                (
+                    rule,
+                    RateLimiter::new(quota(&rule), InMemoryState::default(), clock.clone()),
+                )
+            })
             .collect();
         Limiters {
             clock,
@@ -123,7 +143,12 @@ impl Limiters {
 }
 
 /// Checks every rule; all must allow. The longest wait wins when several refuse.
-fn check_all<K>(rules: &[(Rule, Keyed<K>)], key: &K, limit: LimitKind, clock: &Clock) -> Result<(), Rejection>
+fn check_all<K>(
+    rules: &[(Rule, Keyed<K>)],
+    key: &K,
+    limit: LimitKind,
+    clock: &Clock,
+) -> Result<(), Rejection>
 where
     K: std::hash::Hash + Eq + Clone,
 {
@@ -205,7 +230,10 @@ mod tests {
         assert_eq!(limiters.check_ip(ip).unwrap_err().limit, LimitKind::Ip);
         assert!(limiters.check_client(0).is_ok());
         assert!(limiters.check_client(0).is_ok());
-        assert_eq!(limiters.check_client(0).unwrap_err().limit, LimitKind::Client);
+        assert_eq!(
+            limiters.check_client(0).unwrap_err().limit,
+            LimitKind::Client
+        );
     }
 
     #[test]

@@ -89,18 +89,25 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
     let started = Instant::now();
     let route = Route::from_template(
         request.method(),
-        request.extensions().get::<MatchedPath>().map(MatchedPath::as_str),
+        request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str),
     );
     let response = next.run(request).await;
-    state
-        .verifier
-        .metrics()
-        .http_request(route, response.status().as_u16(), started.elapsed().as_secs_f64());
+    state.verifier.metrics().http_request(
+        route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
 async fn start(State(state): State<ApiState>, request: Request) -> Result<Response, ApiError> {
-    let peer = request.extensions().get::<PeerAddr>().map(|peer| peer.0.ip());
+    let peer = request
+        .extensions()
+        .get::<PeerAddr>()
+        .map(|peer| peer.0.ip());
     let (parts, body) = request.into_parts();
     let client = state.verifier.authenticate(bearer(&parts.headers))?;
     let bytes = read_body(&parts.headers, body, state.max_body_bytes).await?;
@@ -115,15 +122,25 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
         ApiError::bad_request("invalid_phone", message)
     })?;
     let ip = match body.client_ip.as_deref() {
-        Some(text) => text
-            .trim()
-            .parse::<IpAddr>()
-            .map_err(|_| ApiError::bad_request("invalid_client_ip", "client_ip: expected an IPv4 or IPv6 address"))?,
+        Some(text) => text.trim().parse::<IpAddr>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_client_ip",
+                "client_ip: expected an IPv4 or IPv6 address",
+            )
+        })?,
         None => peer.unwrap_or(IpAddr::from([127, 0, 0, 1])),
     };
     let locale = match body.locale {
-        Some(locale) if locale.len() > 35 || !locale.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
-            return Err(ApiError::bad_request("invalid_locale", "locale: expected a language tag such as \"it\" or \"en-GB\""));
+        Some(locale)
+            if locale.len() > 35
+                || !locale
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            return Err(ApiError::bad_request(
+                "invalid_locale",
+                "locale: expected a language tag such as \"it\" or \"en-GB\"",
+            ));
         }
         other => other,
     };
@@ -132,7 +149,9 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
         .as_deref()
         .map(crate::sms::web_otp_host)
         .transpose()
-        .map_err(|error| ApiError::bad_request("invalid_web_origin", format!("web_origin: {error}")))?;
+        .map_err(|error| {
+            ApiError::bad_request("invalid_web_origin", format!("web_origin: {error}"))
+        })?;
     if let Some(hash) = &body.app_hash {
         if !crate::sms::is_valid_app_hash(hash) {
             return Err(ApiError::bad_request(
@@ -192,7 +211,11 @@ async fn read(
     Ok(axum::Json(view).into_response())
 }
 
-async fn check(State(state): State<ApiState>, Path(id): Path<String>, request: Request) -> Result<Response, ApiError> {
+async fn check(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let client = state.verifier.authenticate(bearer(&parts.headers))?;
     let id = parse_id(&id)?;
@@ -202,14 +225,22 @@ async fn check(State(state): State<ApiState>, Path(id): Path<String>, request: R
     Ok(axum::Json(answer).into_response())
 }
 
-async fn resend(State(state): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn resend(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let client = state.verifier.authenticate(bearer(&headers))?;
     let id = parse_id(&id)?;
     let view = state.verifier.resend(client, &id)?;
     Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
 }
 
-async fn cancel(State(state): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn cancel(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let client = state.verifier.authenticate(bearer(&headers))?;
     let id = parse_id(&id)?;
     let view = state.verifier.cancel(client, &id)?;
@@ -243,19 +274,33 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .map(|key| key.trim().trim_matches('"'))
         .filter(|key| !key.is_empty() && key.len() <= 255)
         .ok_or_else(|| {
-            ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key: expected 1 to 255 visible ASCII characters")
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key: expected 1 to 255 visible ASCII characters",
+            )
         })?;
     Ok(Some(key.to_owned()))
 }
 
 fn wait_secs(query: Option<&str>) -> Result<Duration, ApiError> {
     let mut wait = Duration::ZERO;
-    for pair in query.unwrap_or("").split('&').filter(|pair| !pair.is_empty()) {
+    for pair in query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+    {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         if name == "wait" {
-            let secs: u64 = value.parse().ok().filter(|secs| *secs <= MAX_WAIT_SECS).ok_or_else(|| {
-                ApiError::bad_request("invalid_wait", format!("wait: expected whole seconds from 0 to {MAX_WAIT_SECS}"))
-            })?;
+            let secs: u64 = value
+                .parse()
+                .ok()
+                .filter(|secs| *secs <= MAX_WAIT_SECS)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_wait",
+                        format!("wait: expected whole seconds from 0 to {MAX_WAIT_SECS}"),
+                    )
+                })?;
             wait = Duration::from_secs(secs);
         }
     }
@@ -289,7 +334,11 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 // serde names the field ("missing field `phone`", "unknown field `phon`"); keep
                 // that part and drop the position.
                 let message = error.to_string();
-                let message = message.split(" at line ").next().unwrap_or("invalid field").to_owned();
+                let message = message
+                    .split(" at line ")
+                    .next()
+                    .unwrap_or("invalid field")
+                    .to_owned();
                 ApiError::bad_request("invalid_field", message)
             }
             Category::Syntax | Category::Eof | Category::Io => {
@@ -326,10 +375,18 @@ mod tests {
         let error = parse_json::<StartBody>(b"{}").err().unwrap();
         assert_eq!(error.code(), "invalid_field");
         assert_eq!(error.to_string(), "missing field `phone`");
-        let error = parse_json::<StartBody>(br#"{"phone":"+39","phon":1}"#).err().unwrap();
-        assert!(error.to_string().starts_with("unknown field `phon`"), "{error}");
+        let error = parse_json::<StartBody>(br#"{"phone":"+39","phon":1}"#)
+            .err()
+            .unwrap();
+        assert!(
+            error.to_string().starts_with("unknown field `phon`"),
+            "{error}"
+        );
         let error = parse_json::<StartBody>(br#"{"phone": 12}"#).err().unwrap();
         assert!(error.to_string().contains("invalid type"), "{error}");
-        assert_eq!(parse_json::<StartBody>(b"{").err().unwrap().code(), "malformed_json");
+        assert_eq!(
+            parse_json::<StartBody>(b"{").err().unwrap().code(),
+            "malformed_json"
+        );
     }
 }

@@ -42,7 +42,10 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256);
 
     loop {
         let permit = tokio::select! {
@@ -82,7 +85,9 @@ pub async fn serve(
         });
     }
     drop(listener);
-    tokio::time::timeout(grace, graceful.shutdown()).await.is_ok()
+    tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_ok()
 }
 
 /// Peers are logged by address family and port only at debug level; citizen IPs are personal data.

@@ -311,7 +311,8 @@ impl Templates {
     ///
     /// Never: the built-in templates are constants, and a unit test checks that they are accepted.
     pub fn builtin() -> Templates {
-        let by_locale = BUILTIN_TEMPLATES.map(|(locale, source)| (locale.to_owned(), source.to_owned()));
+        let by_locale =
+            BUILTIN_TEMPLATES.map(|(locale, source)| (locale.to_owned(), source.to_owned()));
         Templates::new(by_locale, "en").expect("built-in templates are valid")
     }
 

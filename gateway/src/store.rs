@@ -129,7 +129,9 @@ impl Store {
     pub fn new() -> Store {
         Store {
             shared: Arc::new(Shared {
-                shards: (0..N_SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+                shards: (0..N_SHARDS)
+                    .map(|_| Mutex::new(Shard::default()))
+                    .collect(),
                 idempotency: (0..N_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             }),
         }
@@ -146,7 +148,10 @@ impl Store {
     }
 
     /// The idempotency map shard for `key`.
-    pub fn idempotency(&self, key: &IdempotencyKey) -> MutexGuard<'_, HashMap<IdempotencyKey, IdempotencyEntry>> {
+    pub fn idempotency(
+        &self,
+        key: &IdempotencyKey,
+    ) -> MutexGuard<'_, HashMap<IdempotencyKey, IdempotencyEntry>> {
         let mut stable = std::hash::DefaultHasher::new();
         std::hash::Hash::hash(key, &mut stable);
         lock(&self.shared.idempotency[stable.finish() as usize % N_SHARDS])
@@ -160,7 +165,10 @@ impl Store {
     }
 
     /// Visits every idempotency shard in turn.
-    pub fn for_each_idempotency_shard(&self, mut visit: impl FnMut(&mut HashMap<IdempotencyKey, IdempotencyEntry>)) {
+    pub fn for_each_idempotency_shard(
+        &self,
+        mut visit: impl FnMut(&mut HashMap<IdempotencyKey, IdempotencyEntry>),
+    ) {
         for shard in self.shared.idempotency.iter() {
             visit(&mut lock(shard));
         }
@@ -175,7 +183,9 @@ impl Default for Store {
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Store").field("shards", &N_SHARDS).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("shards", &N_SHARDS)
+            .finish_non_exhaustive()
     }
 }
 
@@ -193,7 +203,9 @@ impl Shard {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every update under these locks is a plain field write; a panic elsewhere cannot leave a
     // shard inconsistent enough to be worth taking the gateway down for.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Hashes a verification id by taking 8 of its random bytes: ids are drawn from a CSPRNG, so
@@ -232,7 +244,14 @@ mod tests {
 
     #[test]
     fn refuses_malformed_ids() {
-        for text in ["", "abc", &"g".repeat(32), &"A".repeat(32), &"0".repeat(31), &"0".repeat(33)] {
+        for text in [
+            "",
+            "abc",
+            &"g".repeat(32),
+            &"A".repeat(32),
+            &"0".repeat(31),
+            &"0".repeat(33),
+        ] {
             assert_eq!(VerificationId::parse(text), None, "{text:?}");
         }
     }

@@ -288,7 +288,10 @@ mod tests {
         let v = pending(1_000_000);
         assert_eq!(v.expires_at(1_000_000, &policy), 1_000_000 + 600_000);
         assert_eq!(v.expires_at(1_060_000, &policy), 1_060_000 + 600_000);
-        assert_eq!(v.expires_at(1_000_000 + 2_000_000, &policy), 1_000_000 + 600_000 + 900_000);
+        assert_eq!(
+            v.expires_at(1_000_000 + 2_000_000, &policy),
+            1_000_000 + 600_000 + 900_000
+        );
     }
 
     #[test]
@@ -306,7 +309,9 @@ mod tests {
     #[test]
     fn cooldown_doubles() {
         let policy = policy();
-        let cooldowns: Vec<Millis> = (1..=4).map(|sends| Verification::cooldown_ms(sends, &policy)).collect();
+        let cooldowns: Vec<Millis> = (1..=4)
+            .map(|sends| Verification::cooldown_ms(sends, &policy))
+            .collect();
         assert_eq!(cooldowns, [30_000, 60_000, 120_000, 240_000]);
     }
 

@@ -98,7 +98,9 @@ pub enum Prepared {
 /// A carrier's answer, as the engine records it.
 #[derive(Debug, Clone)]
 pub enum Completion {
-    Accepted { carrier_message_id: Option<String> },
+    Accepted {
+        carrier_message_id: Option<String>,
+    },
     /// The job goes back in line (throttled or a temporary failure).
     Retry,
     Permanent,
@@ -137,7 +139,12 @@ impl Verifier {
                 policy: config.verification.clone(),
                 failed_checks_rule: config.limits.failed_checks_per_phone,
                 countries: config.limits.countries.clone(),
-                limiters: Limiters::new(&config.limits, &config.clients, anonymous_rate, clock.clone()),
+                limiters: Limiters::new(
+                    &config.limits,
+                    &config.clients,
+                    anonymous_rate,
+                    clock.clone(),
+                ),
                 store: Store::new(),
                 queue,
                 keys: CodeKeys::new(&secret, config.verification.code_length),
@@ -162,7 +169,11 @@ impl Verifier {
         }
         let key = bearer.ok_or(ApiError::Unauthorized)?;
         let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()).into();
-        clients.by_key_hash.get(&hash).copied().ok_or(ApiError::Unauthorized)
+        clients
+            .by_key_hash
+            .get(&hash)
+            .copied()
+            .ok_or(ApiError::Unauthorized)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -191,12 +202,19 @@ impl Verifier {
     }
 
     /// Starts a verification, or returns the live one of this phone and client.
-    pub fn start(&self, client: ClientId, request: NewVerification) -> Result<(Started, View), ApiError> {
+    pub fn start(
+        &self,
+        client: ClientId,
+        request: NewVerification,
+    ) -> Result<(Started, View), ApiError> {
         let shared = &*self.shared;
         if !self.is_accepting() {
             return Err(ApiError::ShuttingDown);
         }
-        shared.limiters.check_client(client).map_err(|rejection| self.rejected(rejection))?;
+        shared
+            .limiters
+            .check_client(client)
+            .map_err(|rejection| self.rejected(rejection))?;
         if !shared.countries.allows(request.region) {
             shared.metrics.rejected(LimitKind::Country);
             return Err(ApiError::CountryNotAllowed);
@@ -214,10 +232,15 @@ impl Verifier {
                 *fingerprint,
             )
         });
-        let mut idempotency_guard = idempotency_key.as_ref().map(|(key, _)| shared.store.idempotency(key));
-        if let (Some(guard), Some((key, fingerprint))) = (idempotency_guard.as_mut(), idempotency_key.as_ref()) {
+        let mut idempotency_guard = idempotency_key
+            .as_ref()
+            .map(|(key, _)| shared.store.idempotency(key));
+        if let (Some(guard), Some((key, fingerprint))) =
+            (idempotency_guard.as_mut(), idempotency_key.as_ref())
+        {
             if let Some(entry) = guard.get(key).copied() {
-                let fresh = now < entry.created_ms + shared.policy.idempotency_ttl.as_millis() as Millis;
+                let fresh =
+                    now < entry.created_ms + shared.policy.idempotency_ttl.as_millis() as Millis;
                 if fresh {
                     if entry.fingerprint != *fingerprint {
                         return Err(ApiError::IdempotencyMismatch);
@@ -225,7 +248,9 @@ impl Verifier {
                     let mut shard = shared.store.shard(&entry.id);
                     if shard.records.contains_key(&entry.id) {
                         self.settle(&mut shard, &entry.id, now);
-                        let view = self.view_of(&shard, &entry.id, now).ok_or(ApiError::NotFound)?;
+                        let view = self
+                            .view_of(&shard, &entry.id, now)
+                            .ok_or(ApiError::NotFound)?;
                         shared.metrics.started(Started::Replayed);
                         return Ok((Started::Replayed, view));
                     }
@@ -238,32 +263,53 @@ impl Verifier {
         let mut shard = shared.store.shard_of_phone(&phone);
         if let Some(id) = shard.live.get(&(phone.as_u64(), client)).copied() {
             self.settle(&mut shard, &id, now);
-            if shard.records.get(&id).is_some_and(|record| record.is_pending()) {
+            if shard
+                .records
+                .get(&id)
+                .is_some_and(|record| record.is_pending())
+            {
                 self.resend_if_due(&mut shard, &id, now);
                 let view = self.view_of(&shard, &id, now).ok_or(ApiError::NotFound)?;
-                if let (Some(guard), Some((key, fingerprint))) = (idempotency_guard.as_mut(), idempotency_key) {
-                    guard.insert(key, IdempotencyEntry { fingerprint, id, created_ms: now });
+                if let (Some(guard), Some((key, fingerprint))) =
+                    (idempotency_guard.as_mut(), idempotency_key)
+                {
+                    guard.insert(
+                        key,
+                        IdempotencyEntry {
+                            fingerprint,
+                            id,
+                            created_ms: now,
+                        },
+                    );
                 }
                 shared.metrics.started(Started::Existing);
                 return Ok((Started::Existing, view));
             }
         }
 
-        shared.limiters.check_ip(request.ip).map_err(|rejection| self.rejected(rejection))?;
+        shared
+            .limiters
+            .check_ip(request.ip)
+            .map_err(|rejection| self.rejected(rejection))?;
         let lane = shared.clients.priority(client);
         self.admit(lane)?;
-        shared.limiters.check_phone(phone.as_u64()).map_err(|rejection| self.rejected(rejection))?;
+        shared
+            .limiters
+            .check_phone(phone.as_u64())
+            .map_err(|rejection| self.rejected(rejection))?;
 
         let id = VerificationId::new_for(&phone);
         let (_code, stored_code) = shared.keys.generate(&id, &phone);
-        let extras = (request.locale.is_some() || request.web_origin_host.is_some() || request.app_hash.is_some())
-            .then(|| {
-                Box::new(Extras {
-                    locale: request.locale.map(String::into_boxed_str),
-                    web_origin_host: request.web_origin_host.map(String::into_boxed_str),
-                    app_hash: request.app_hash.map(String::into_boxed_str),
-                })
-            });
+        let extras = (request.locale.is_some()
+            || request.web_origin_host.is_some()
+            || request.app_hash.is_some())
+        .then(|| {
+            Box::new(Extras {
+                locale: request.locale.map(String::into_boxed_str),
+                web_origin_host: request.web_origin_host.map(String::into_boxed_str),
+                app_hash: request.app_hash.map(String::into_boxed_str),
+            })
+        });
         let mut record = Verification {
             phone,
             client,
@@ -295,11 +341,23 @@ impl Verifier {
             attempts: 0,
             avoid_carrier: None,
         };
-        record.queue_ticket = shared.queue.push(job).map_err(|error| self.refused_at_queue(error))?;
+        record.queue_ticket = shared
+            .queue
+            .push(job)
+            .map_err(|error| self.refused_at_queue(error))?;
         shard.records.insert(id, Box::new(record));
         shard.live.insert((phone.as_u64(), client), id);
-        if let (Some(guard), Some((key, fingerprint))) = (idempotency_guard.as_mut(), idempotency_key) {
-            guard.insert(key, IdempotencyEntry { fingerprint, id, created_ms: now });
+        if let (Some(guard), Some((key, fingerprint))) =
+            (idempotency_guard.as_mut(), idempotency_key)
+        {
+            guard.insert(
+                key,
+                IdempotencyEntry {
+                    fingerprint,
+                    id,
+                    created_ms: now,
+                },
+            );
         }
         let view = self.view_of(&shard, &id, now).ok_or(ApiError::NotFound)?;
         drop(shard);
@@ -354,7 +412,12 @@ impl Verifier {
     }
 
     /// Checks a typed code.
-    pub fn check(&self, client: ClientId, id: &VerificationId, typed: &str) -> Result<CheckAnswer, ApiError> {
+    pub fn check(
+        &self,
+        client: ClientId,
+        id: &VerificationId,
+        typed: &str,
+    ) -> Result<CheckAnswer, ApiError> {
         let shared = &*self.shared;
         if !shared.keys.is_well_formed(typed) {
             return Err(ApiError::bad_request(
@@ -401,10 +464,13 @@ impl Verifier {
         }
         record.attempts_left = record.attempts_left.saturating_sub(1);
         record.touch();
-        let failed = shard.failed_checks.entry(phone_key).or_insert(FailedChecks {
-            count: 0,
-            window_start_ms: now,
-        });
+        let failed = shard
+            .failed_checks
+            .entry(phone_key)
+            .or_insert(FailedChecks {
+                count: 0,
+                window_start_ms: now,
+            });
         if now >= failed.window_start_ms + window_ms {
             *failed = FailedChecks {
                 count: 0,
@@ -491,9 +557,10 @@ impl Verifier {
         let now = shared.clock.now_ms();
         let mut shard = shared.store.shard(&job.id);
         if job.attempts == 0 {
-            shared
-                .metrics
-                .queue_wait(job.lane, now.saturating_sub(job.enqueued_ms) as f64 / 1000.0);
+            shared.metrics.queue_wait(
+                job.lane,
+                now.saturating_sub(job.enqueued_ms) as f64 / 1000.0,
+            );
         }
         let Some(record) = shard.records.get(&job.id) else {
             shared.metrics.queue_dropped(QueueDrop::Canceled);
@@ -536,7 +603,10 @@ impl Verifier {
             to_masked: record.phone.masked(),
             from: carrier_info.from.clone(),
             text,
-            receipt_url: format!("{}/v1/carriers/{}/receipts", shared.public_url, carrier_info.name),
+            receipt_url: format!(
+                "{}/v1/carriers/{}/receipts",
+                shared.public_url, carrier_info.name
+            ),
         };
         shard.notify(&job.id);
         Prepared::Send(sms)
@@ -554,8 +624,12 @@ impl Verifier {
         match completion {
             Completion::Accepted { carrier_message_id } => {
                 let carrier_message_id = carrier_message_id.map(String::into_boxed_str);
-                if let Some(extension_ms) = record.accept(carrier, carrier_message_id, now, &shared.policy) {
-                    shared.metrics.session_extended(extension_ms as f64 / 1000.0);
+                if let Some(extension_ms) =
+                    record.accept(carrier, carrier_message_id, now, &shared.policy)
+                {
+                    shared
+                        .metrics
+                        .session_extended(extension_ms as f64 / 1000.0);
                 }
             }
             Completion::Retry => {}
@@ -617,7 +691,9 @@ impl Verifier {
                 shard.notify(id);
             }
             n_expired += expired.len();
-            shard.failed_checks.retain(|_, failed| now < failed.window_start_ms + failed_window_ms);
+            shard
+                .failed_checks
+                .retain(|_, failed| now < failed.window_start_ms + failed_window_ms);
             let records = &shard.records;
             shard
                 .watchers
@@ -628,9 +704,9 @@ impl Verifier {
             shared.metrics.ended(Ended::Expired);
         }
         let idempotency_ttl_ms = shared.policy.idempotency_ttl.as_millis() as Millis;
-        shared
-            .store
-            .for_each_idempotency_shard(|map| map.retain(|_, entry| now < entry.created_ms + idempotency_ttl_ms));
+        shared.store.for_each_idempotency_shard(|map| {
+            map.retain(|_, entry| now < entry.created_ms + idempotency_ttl_ms)
+        });
         let (n_phone_keys, n_ip_keys) = shared.limiters.housekeep();
         shared.metrics.set_limiter_keys(n_phone_keys, n_ip_keys);
         shared.metrics.set_live(n_live);
@@ -642,7 +718,11 @@ impl Verifier {
 
     /// Every lane (client priority) that can hold jobs.
     pub fn lanes(config: &Config) -> Vec<u8> {
-        let mut lanes: Vec<u8> = config.clients.iter().map(|client| client.priority).collect();
+        let mut lanes: Vec<u8> = config
+            .clients
+            .iter()
+            .map(|client| client.priority)
+            .collect();
         if lanes.is_empty() {
             lanes.push(0);
         }
@@ -696,7 +776,12 @@ impl Verifier {
         if now < record.resend_after_ms || record.delivery == DeliveryState::Queued {
             return;
         }
-        if self.shared.limiters.check_phone(record.phone.as_u64()).is_err() {
+        if self
+            .shared
+            .limiters
+            .check_phone(record.phone.as_u64())
+            .is_err()
+        {
             self.shared.metrics.rejected(LimitKind::Phone);
             return;
         }
@@ -704,7 +789,12 @@ impl Verifier {
         let _ = self.queue_resend(shard, id, now);
     }
 
-    fn queue_resend(&self, shard: &mut Shard, id: &VerificationId, now: Millis) -> Result<(), ApiError> {
+    fn queue_resend(
+        &self,
+        shard: &mut Shard,
+        id: &VerificationId,
+        now: Millis,
+    ) -> Result<(), ApiError> {
         let policy = &self.shared.policy;
         let Some(record) = shard.records.get_mut(id) else {
             return Err(ApiError::NotFound);
@@ -744,7 +834,11 @@ impl Verifier {
             id,
             now,
             &self.shared.policy,
-            |carrier| carriers.get(carrier as usize).map_or_else(String::new, |c| c.name.clone()),
+            |carrier| {
+                carriers
+                    .get(carrier as usize)
+                    .map_or_else(String::new, |c| c.name.clone())
+            },
             eta.map(|secs| (secs * 10.0).round() / 10.0),
         ))
     }
@@ -773,7 +867,9 @@ impl Verifier {
                 ApiError::Overloaded {
                     message: "the SMS queue is full; try again later",
                     retry_after: Duration::from_secs(
-                        (self.shared.queue.capacity() as f64 / self.shared.total_pace_per_sec / 10.0)
+                        (self.shared.queue.capacity() as f64
+                            / self.shared.total_pace_per_sec
+                            / 10.0)
                             .clamp(1.0, 60.0) as u64,
                     ),
                 }
@@ -833,6 +929,8 @@ impl Clients {
     }
 
     fn name(&self, client: ClientId) -> &str {
-        self.names.get(client as usize).map_or("unknown", String::as_str)
+        self.names
+            .get(client as usize)
+            .map_or("unknown", String::as_str)
     }
 }

@@ -26,7 +26,11 @@ fn check_config_accepts_the_shipped_example() {
         .args(["--check-config", "--config", &example_config()])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.starts_with("config ok:"), "{stdout}");
 }
@@ -47,10 +51,17 @@ fn check_config_names_the_bad_key_and_exits_2() {
     assert!(stderr.contains("verification.code_ttl_secs"), "{stderr}");
 
     std::fs::write(&path, "listen = \"127.0.0.1:1\"\nlisten_typo = 1\n").unwrap();
-    let output = otpgate().args(["--check-config", "--config"]).arg(&path).output().unwrap();
+    let output = otpgate()
+        .args(["--check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("listen_typo") && stderr.contains("bad.toml"), "{stderr}");
+    assert!(
+        stderr.contains("listen_typo") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -63,14 +74,21 @@ fn refuses_to_run_unauthenticated_on_a_public_address() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("no clients (API keys) are configured"), "{stderr}");
+    assert!(
+        stderr.contains("no clients (API keys) are configured"),
+        "{stderr}"
+    );
 
     let output = otpgate()
         .env("OTPGATE_ADMIN_LISTEN", "0.0.0.0:0")
         .args(["--listen", "127.0.0.1:0"])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(2), "the admin listener counts too");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "the admin listener counts too"
+    );
 }
 
 /// The quick start: embedded defaults and the console carrier. The code shows on standard
@@ -133,7 +151,9 @@ async fn quick_start_runs_and_exits_cleanly_on_sigterm() {
             let _ = line_tx.send(line);
         }
     });
-    let sms_line = line_rx.recv_timeout(Duration::from_secs(10)).expect("the console carrier prints the SMS");
+    let sms_line = line_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the console carrier prints the SMS");
     assert!(sms_line.contains("+39339****567"), "{sms_line}");
     let code: String = sms_line
         .split(|c: char| !c.is_ascii_digit())
@@ -152,16 +172,30 @@ async fn quick_start_runs_and_exits_cleanly_on_sigterm() {
         .unwrap();
     assert_eq!(answer["valid"], true, "{answer}");
 
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
     assert!(status.success(), "exit status {status:?}");
     let logs = stderr_reader.join().unwrap();
     stdout_reader.join().unwrap();
-    assert!(logs.contains("SIGTERM received") && logs.contains("otpgate stopped"), "{logs}");
-    assert!(logs.contains("NO API KEYS CONFIGURED"), "the unauthenticated mode is announced loudly");
+    assert!(
+        logs.contains("SIGTERM received") && logs.contains("otpgate stopped"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("NO API KEYS CONFIGURED"),
+        "the unauthenticated mode is announced loudly"
+    );
     assert!(!logs.contains(&code), "the code appears in the logs");
-    assert!(!logs.contains("3391234567"), "the full phone number appears in the logs");
+    assert!(
+        !logs.contains("3391234567"),
+        "the full phone number appears in the logs"
+    );
 }
 
 /// `--help` documents the environment variables.
@@ -170,7 +204,12 @@ fn help_lists_flags_with_their_variables() {
     let output = otpgate().arg("--help").output().unwrap();
     let mut help = String::new();
     output.stdout.as_slice().read_to_string(&mut help).unwrap();
-    for needle in ["--config", "OTPGATE_LISTEN", "--check-config", "OTPGATE_SHUTDOWN_GRACE_SECS"] {
+    for needle in [
+        "--config",
+        "OTPGATE_LISTEN",
+        "--check-config",
+        "OTPGATE_SHUTDOWN_GRACE_SECS",
+    ] {
         assert!(help.contains(needle), "missing {needle} in:\n{help}");
     }
 }

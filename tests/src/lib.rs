@@ -96,7 +96,8 @@ impl Gateway {
     }
 
     pub async fn start_with_clock(config_toml: &str, clock: Clock) -> Gateway {
-        let config = Config::from_toml(config_toml).unwrap_or_else(|error| panic!("test config: {error}"));
+        let config =
+            Config::from_toml(config_toml).unwrap_or_else(|error| panic!("test config: {error}"));
         let api_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let api = api_listener.local_addr().expect("api addr");
@@ -153,15 +154,22 @@ impl Gateway {
             request = request.header(*name, *value);
         }
         if let Some(body) = body {
-            request = request.header("content-type", "application/json").body(body);
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
         }
         let response = request.send().await.expect("request to the gateway");
         Answer::read(response).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Answer {
-        self.request(http::Method::POST, path, Some(body.to_string().into_bytes()), &[])
-            .await
+        self.request(
+            http::Method::POST,
+            path,
+            Some(body.to_string().into_bytes()),
+            &[],
+        )
+        .await
     }
 
     pub async fn get(&self, path: &str) -> Answer {
@@ -179,8 +187,11 @@ impl Gateway {
     }
 
     pub async fn check(&self, id: &str, code: &str) -> Answer {
-        self.post(&format!("/v1/verifications/{id}/check"), serde_json::json!({ "code": code }))
-            .await
+        self.post(
+            &format!("/v1/verifications/{id}/check"),
+            serde_json::json!({ "code": code }),
+        )
+        .await
     }
 
     /// The Prometheus text of the admin listener.
@@ -270,7 +281,10 @@ impl Answer {
     }
 
     pub fn id(&self) -> String {
-        self.body["id"].as_str().expect("answer has an id").to_owned()
+        self.body["id"]
+            .as_str()
+            .expect("answer has an id")
+            .to_owned()
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -279,7 +293,8 @@ impl Answer {
 
     /// `Retry-After`, in seconds.
     pub fn retry_after(&self) -> Option<u64> {
-        self.header("retry-after").and_then(|value| value.parse().ok())
+        self.header("retry-after")
+            .and_then(|value| value.parse().ok())
     }
 }
 
@@ -290,7 +305,9 @@ impl FakeCarrier {
     pub async fn start() -> FakeCarrier {
         let shared = Arc::new(CarrierShared::default());
         shared.script.lock().unwrap().push_back(Reply::Accept);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind carrier");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind carrier");
         let addr = listener.local_addr().expect("carrier addr");
         let app = axum::Router::new()
             .route("/sms", post(receive))
@@ -322,7 +339,8 @@ impl FakeCarrier {
 
     /// Requires this header on every request (a violation is recorded otherwise).
     pub fn require_header(&self, name: &str, value: &str) {
-        *self.shared.required_header.lock().unwrap() = Some((name.to_ascii_lowercase(), value.to_owned()));
+        *self.shared.required_header.lock().unwrap() =
+            Some((name.to_ascii_lowercase(), value.to_owned()));
     }
 
     /// Every SMS accepted so far.
@@ -427,10 +445,12 @@ async fn receive(
             let carrier_message_id = format!("cm-{}", sms.message_id);
             shared.received.lock().unwrap().push(sms);
             shared.arrived.notify_waiters();
-            axum::Json(serde_json::json!({ "carrier_message_id": carrier_message_id })).into_response()
+            axum::Json(serde_json::json!({ "carrier_message_id": carrier_message_id }))
+                .into_response()
         }
         Reply::Status(status, retry_after) => {
-            let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+            let status = http::StatusCode::from_u16(status)
+                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
             let mut response = (status, "no").into_response();
             if let Some(secs) = retry_after {
                 response

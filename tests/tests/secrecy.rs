@@ -32,9 +32,21 @@ async fn codes_keys_and_phones_never_leak() {
     let mut answers = vec![started.text.clone()];
     answers.push(gateway.check(&id, "000000000").await.text);
     gateway.clock.advance(Duration::from_secs(31));
-    answers.push(gateway.post(&format!("/v1/verifications/{id}/resend"), serde_json::json!({})).await.text);
+    answers.push(
+        gateway
+            .post(
+                &format!("/v1/verifications/{id}/resend"),
+                serde_json::json!({}),
+            )
+            .await
+            .text,
+    );
     carrier.wait_for(2, Duration::from_secs(5)).await;
-    assert_eq!(carrier.code_for(number).as_deref(), Some(code.as_str()), "a resend carries the same code");
+    assert_eq!(
+        carrier.code_for(number).as_deref(),
+        Some(code.as_str()),
+        "a resend carries the same code"
+    );
     answers.push(gateway.get(&format!("/v1/verifications/{id}")).await.text);
     answers.push(gateway.check(&id, &code).await.text);
     let metrics = gateway.metrics().await;
@@ -49,7 +61,13 @@ async fn codes_keys_and_phones_never_leak() {
     {
         assert!(!text.contains(&code), "the code appears in {place}: {text}");
         assert!(!text.contains(api_key), "the API key appears in {place}");
-        assert!(!text.contains(national), "the full phone number appears in {place}: {text}");
+        assert!(
+            !text.contains(national),
+            "the full phone number appears in {place}: {text}"
+        );
     }
-    assert!(answers[0].contains("+39347****567"), "responses show the phone masked");
+    assert!(
+        answers[0].contains("+39347****567"),
+        "responses show the phone masked"
+    );
 }

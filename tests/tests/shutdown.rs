@@ -10,18 +10,31 @@ use tests::{FakeCarrier, Gateway, capture_logs, phone};
 async fn queued_sms_are_sent_before_exit() {
     let carrier = FakeCarrier::start().await;
     // Twenty SMS at 20 per second: most are still queued when the stop comes.
-    let config = format!("shutdown_grace_secs = 10\n{}", carrier.config("alpha", 20, 1));
+    let config = format!(
+        "shutdown_grace_secs = 10\n{}",
+        carrier.config("alpha", 20, 1)
+    );
     let mut gateway = Gateway::start(&config).await;
     for n in 0..20 {
         let answer = gateway.start_verification(&phone(n)).await;
         assert_eq!(answer.status, 202, "{}", answer.text);
     }
-    assert!(carrier.received().len() < 20, "the test needs SMS still queued at the stop");
+    assert!(
+        carrier.received().len() < 20,
+        "the test needs SMS still queued at the stop"
+    );
     let api = gateway.api;
     gateway.begin_stop();
     gateway.finish().await.unwrap();
-    assert_eq!(carrier.received().len(), 20, "every queued SMS reached the carrier");
-    assert!(tokio::net::TcpStream::connect(api).await.is_err(), "the API listener is closed");
+    assert_eq!(
+        carrier.received().len(),
+        20,
+        "every queued SMS reached the carrier"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(api).await.is_err(),
+        "the API listener is closed"
+    );
 }
 
 /// A long-poll in flight when shutdown begins is answered, not cut off.
@@ -33,14 +46,21 @@ async fn in_flight_long_poll_is_answered() {
     let id = started.id();
     carrier.wait_for(1, Duration::from_secs(5)).await;
     let url = gateway.url(&format!("/v1/verifications/{id}?wait=30"));
-    let poll = tokio::spawn(async move { reqwest::get(url).await.map(|response| response.status().as_u16()) });
+    let poll = tokio::spawn(async move {
+        reqwest::get(url)
+            .await
+            .map(|response| response.status().as_u16())
+    });
     // Let the long-poll reach the gateway before stopping it.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let began = Instant::now();
     gateway.begin_stop();
     gateway.finish().await.unwrap();
     assert_eq!(poll.await.unwrap().unwrap(), 200);
-    assert!(began.elapsed() < Duration::from_secs(10), "shutdown ended the long-poll early");
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "shutdown ended the long-poll early"
+    );
 }
 
 /// When carriers cannot take the queue within the grace period, `run` still returns on time
@@ -57,7 +77,11 @@ async fn grace_period_bounds_the_drain() {
     let began = Instant::now();
     gateway.begin_stop();
     gateway.finish().await.unwrap();
-    assert!(began.elapsed() < Duration::from_secs(4), "took {:?}", began.elapsed());
+    assert!(
+        began.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        began.elapsed()
+    );
     assert!(carrier.received().len() < 10);
     assert!(logs.text().contains("grace period over"), "{}", logs.text());
 }
@@ -76,5 +100,8 @@ async fn no_new_verifications_after_stop() {
         .body(r#"{"phone":"+393330000002"}"#)
         .send()
         .await;
-    assert!(refused.is_err(), "a request after shutdown must not be served");
+    assert!(
+        refused.is_err(),
+        "a request after shutdown must not be served"
+    );
 }

@@ -24,7 +24,11 @@ impl ConsoleConnector {
     }
 
     pub fn submit(&self, sms: &OutboundSms) -> Result<Accepted, SubmitError> {
-        let carrier_message_id = format!("{}-{}", self.name, self.next_id.fetch_add(1, Ordering::Relaxed));
+        let carrier_message_id = format!(
+            "{}-{}",
+            self.name,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
         let line = format!(
             "SMS via {} to {} ({}, {} segment(s)): {}\n",
             self.name,

@@ -75,7 +75,9 @@ impl HttpConnector {
             })?;
         let status = response.status();
         if status.is_success() {
-            let bytes = read_capped(response).await.map_err(|reason| SubmitError::Temporary { reason })?;
+            let bytes = read_capped(response)
+                .await
+                .map_err(|reason| SubmitError::Temporary { reason })?;
             let carrier_message_id = serde_json::from_slice::<AcceptBody>(&bytes)
                 .ok()
                 .and_then(|body| body.carrier_message_id)
@@ -89,7 +91,9 @@ impl HttpConnector {
             }
             return Ok(Accepted { carrier_message_id });
         }
-        if status == http::StatusCode::TOO_MANY_REQUESTS || status == http::StatusCode::SERVICE_UNAVAILABLE {
+        if status == http::StatusCode::TOO_MANY_REQUESTS
+            || status == http::StatusCode::SERVICE_UNAVAILABLE
+        {
             let retry_after = response
                 .headers()
                 .get(http::header::RETRY_AFTER)

@@ -71,7 +71,11 @@ pub enum Connector {
 impl Connector {
     pub fn new(config: &CarrierConfig) -> Result<Connector, reqwest::Error> {
         Ok(match &config.kind {
-            CarrierKind::Http { url, headers, timeout } => Connector::Http(HttpConnector::new(
+            CarrierKind::Http {
+                url,
+                headers,
+                timeout,
+            } => Connector::Http(HttpConnector::new(
                 config.name.clone(),
                 url.clone(),
                 headers.clone(),
