@@ -91,18 +91,21 @@ impl Phone {
         self.digits
     }
 
-    /// The number with its middle hidden: country code and three digits, then `*`, then the last
-    /// three digits (`+39333****567`).
+    /// The number with its middle hidden: the country code, then up to three leading and three
+    /// trailing digits of the national number, never more than a third of it each, so at least
+    /// a third is always hidden (`+39333****567`).
     pub fn masked(&self) -> String {
         let digits = self.digits.to_string();
-        let keep_front = (self.country_code_len as usize + 3).min(digits.len());
-        let keep_back = 3.min(digits.len() - keep_front);
-        let hidden = digits.len() - keep_front - keep_back;
+        let country_code_len = (self.country_code_len as usize).min(digits.len());
+        let (country_code, national) = digits.split_at(country_code_len);
+        let shown = (national.len() / 3).min(3);
+        let hidden = national.len() - 2 * shown;
         let mut out = String::with_capacity(digits.len() + 1);
         out.push('+');
-        out.push_str(&digits[..keep_front]);
+        out.push_str(country_code);
+        out.push_str(&national[..shown]);
         out.extend(std::iter::repeat_n('*', hidden));
-        out.push_str(&digits[digits.len() - keep_back..]);
+        out.push_str(&national[national.len() - shown..]);
         out
     }
 }
@@ -170,6 +173,12 @@ mod tests {
         assert_eq!(us.masked(), "+1201****123");
         let (ie, _) = Phone::parse("+353851234567").unwrap();
         assert_eq!(ie.masked(), "+353851***567");
+        // A four-digit national number: one digit shown at each end, two hidden.
+        let short = Phone {
+            digits: 2905123,
+            country_code_len: 3,
+        };
+        assert_eq!(short.masked(), "+2905**3");
     }
 
     #[test]

@@ -370,6 +370,28 @@ mod tests {
         assert!(wait_secs(Some("wait=x")).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever bytes arrive, parsing answers with a value or an API error, never a panic.
+        #[test]
+        fn parsing_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_json::<StartBody>(&bytes).map(|body| Phone::parse(&body.phone).is_ok());
+            let _ = parse_json::<CheckBody>(&bytes);
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = Phone::parse(&text);
+            let _ = VerificationId::parse(&text);
+            let _ = wait_secs(Some(&text));
+        }
+
+        /// Phone-like strings of any shape parse or fail cleanly.
+        #[test]
+        fn phone_like_input_never_panics(text in "[+]?[0-9 ()./-]{0,40}") {
+            if let Ok((phone, _)) = Phone::parse(&text) {
+                proptest::prop_assert!(phone.e164().starts_with('+'));
+                proptest::prop_assert!(phone.masked().contains('*'));
+            }
+        }
+    }
+
     #[test]
     fn json_errors_name_the_field() {
         let error = parse_json::<StartBody>(b"{}").err().unwrap();
