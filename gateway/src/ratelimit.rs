@@ -53,8 +53,7 @@ impl Limiters {
         anonymous_rate: Rule,
         clock: Clock,
     ) -> Limiters {
-        let phone = limits
-            .phone_sends
+        let phone = sorted(&limits.phone_sends)
             .iter()
             .map(|rule| {
                 (
@@ -63,8 +62,7 @@ impl Limiters {
                 )
             })
             .collect();
-        let ip = limits
-            .ip_sends
+        let ip = sorted(&limits.ip_sends)
             .iter()
             .map(|rule| {
                 (
@@ -142,7 +140,9 @@ impl Limiters {
     }
 }
 
-/// Checks every rule; all must allow. The longest wait wins when several refuse.
+/// Checks the rules in order (shortest period first) and stops at the first that refuses, so a
+/// refused request does not use up the longer rules: governor has no "peek", and a request that
+/// one rule turns away must not count against another.
 fn check_all<K>(
     rules: &[(Rule, Keyed<K>)],
     key: &K,
@@ -152,23 +152,29 @@ fn check_all<K>(
 where
     K: std::hash::Hash + Eq + Clone,
 {
-    let mut refused: Option<Rejection> = None;
     for (rule, limiter) in rules {
         if let Err(not_until) = limiter.check_key(key) {
-            let retry_after = not_until.wait_time_from(governor::clock::Clock::now(clock));
-            if refused.is_none_or(|r| r.retry_after < retry_after) {
-                refused = Some(Rejection {
-                    limit,
-                    rule: *rule,
-                    retry_after,
-                });
-            }
+            return Err(Rejection {
+                limit,
+                rule: *rule,
+                retry_after: not_until.wait_time_from(governor::clock::Clock::now(clock)),
+            });
         }
     }
-    refused.map_or(Ok(()), Err)
+    Ok(())
 }
 
-/// A GCRA quota allowing bursts of `max` and recovering all of them over `per`.
+/// Rules in the order [`check_all`] wants them: shortest period first.
+fn sorted(rules: &[Rule]) -> Vec<Rule> {
+    let mut rules = rules.to_vec();
+    rules.sort_by_key(|rule| rule.per);
+    rules
+}
+
+/// The GCRA quota of a rule "`max` per `per`": a bucket of `max` sends that refills evenly, one
+/// every `per / max`. This is governor's meaning of a quota and the redis back-end's (GCRA on
+/// Redis's clock) too; over a long run it allows `max` per `per`, and a full bucket spent at once
+/// waits `per / max` for the next send.
 fn quota(rule: &Rule) -> Quota {
     Quota::with_period(rule.per / rule.max.get())
         .unwrap_or_else(|| Quota::per_second(rule.max))
@@ -200,23 +206,52 @@ mod tests {
     }
 
     #[test]
-    fn phone_allows_one_per_30s_and_five_per_10min() {
+    fn phone_allows_one_per_30s_and_a_bucket_of_five_per_10min() {
         let clock = Clock::system();
         let limiters = limiters(&clock);
         assert!(limiters.check_phone(1).is_ok());
         let refused = limiters.check_phone(1).unwrap_err();
         assert_eq!(refused.limit, LimitKind::Phone);
+        assert_eq!(refused.rule, rule(1, 30));
         assert!(refused.retry_after <= Duration::from_secs(30));
         assert!(refused.retry_after > Duration::from_secs(25));
         // Another phone is unaffected.
         assert!(limiters.check_phone(2).is_ok());
-        for _ in 0..4 {
+        // Every 31 s: sends at 31, 62, 93 and 124 s empty the bucket of five, and the send at
+        // 155 s uses the one that refilled at 120 s.
+        for _ in 0..5 {
             clock.advance(Duration::from_secs(31));
             assert!(limiters.check_phone(1).is_ok());
         }
         clock.advance(Duration::from_secs(31));
         let refused = limiters.check_phone(1).unwrap_err();
         assert_eq!(refused.rule, rule(5, 600));
+        // The next one refills at 240 s; this is 186 s.
+        assert!(
+            refused.retry_after > Duration::from_secs(50),
+            "{:?}",
+            refused.retry_after
+        );
+        assert!(
+            refused.retry_after <= Duration::from_secs(54),
+            "{:?}",
+            refused.retry_after
+        );
+    }
+
+    #[test]
+    fn a_refusal_does_not_use_up_the_longer_rules() {
+        let clock = Clock::system();
+        let limiters = limiters(&clock);
+        assert!(limiters.check_phone(7).is_ok());
+        // Many refusals by the 30 s rule leave the 10-minute bucket alone.
+        for _ in 0..20 {
+            assert_eq!(limiters.check_phone(7).unwrap_err().rule, rule(1, 30));
+        }
+        for _ in 0..4 {
+            clock.advance(Duration::from_secs(30));
+            assert!(limiters.check_phone(7).is_ok());
+        }
     }
 
     #[test]

@@ -326,26 +326,77 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     })
 }
 
+/// Parses a JSON object body into `T`. Errors name the field at fault and never echo what was
+/// sent: a value might be a phone number, and serde's own messages name Rust types.
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|error| {
-        use serde_json::error::Category;
-        match error.classify() {
-            Category::Data => {
-                // serde names the field ("missing field `phone`", "unknown field `phon`"); keep
-                // that part and drop the position.
-                let message = error.to_string();
-                let message = message
-                    .split(" at line ")
-                    .next()
-                    .unwrap_or("invalid field")
-                    .to_owned();
-                ApiError::bad_request("invalid_field", message)
+    let malformed = || ApiError::bad_request("malformed_json", "request body is not valid JSON");
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // Valid JSON that is not an object (serde would read an array as a struct, by position).
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => Err(ApiError::bad_request(
+                "invalid_field",
+                "request body: expected a JSON object",
+            )),
+            Err(_) => Err(malformed()),
+        };
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize::<_, T>(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                ApiError::bad_request("invalid_field", field_message(&path, &inner.to_string()))
             }
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::bad_request("malformed_json", "request body is not valid JSON")
-            }
+            _ => malformed(),
         }
-    })
+    })?;
+    deserializer.end().map_err(|_| malformed())?;
+    Ok(value)
+}
+
+/// A message for a body that is a JSON object but not the request: which field, and what kind
+/// of problem, in words of our own.
+fn field_message(path: &str, serde_message: &str) -> String {
+    let quoted = |message: &str| -> Option<String> {
+        let start = message.find('`')? + 1;
+        let end = start + message[start..].find('`')?;
+        Some(message[start..end].to_owned())
+    };
+    // Only names that look like field names are repeated back; anything else might be data.
+    let safe_name = |name: String| {
+        let looks_like_a_field = !name.is_empty()
+            && name.len() <= 32
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if looks_like_a_field {
+            name
+        } else {
+            "(not shown)".to_owned()
+        }
+    };
+    if serde_message.starts_with("missing field") {
+        let name = quoted(serde_message).map_or_else(|| "(unknown)".to_owned(), safe_name);
+        return format!("missing field `{name}`");
+    }
+    if serde_message.starts_with("unknown field") {
+        let name = quoted(serde_message).map_or_else(|| "(unknown)".to_owned(), safe_name);
+        return format!("unknown field `{name}`");
+    }
+    let field = if path.is_empty() || path == "." {
+        "request body".to_owned()
+    } else {
+        path.to_owned()
+    };
+    if serde_message.starts_with("invalid type") {
+        let expected = serde_message
+            .split_once("expected ")
+            .map(|(_, expected)| expected.split(" at line ").next().unwrap_or(expected))
+            .filter(|expected| !expected.contains("struct"))
+            .unwrap_or("another type");
+        return format!("{field}: invalid type, expected {expected}");
+    }
+    format!("{field}: invalid value")
 }
 
 #[cfg(test)]
@@ -404,8 +455,19 @@ mod tests {
             error.to_string().starts_with("unknown field `phon`"),
             "{error}"
         );
-        let error = parse_json::<StartBody>(br#"{"phone": 12}"#).err().unwrap();
-        assert!(error.to_string().contains("invalid type"), "{error}");
+        let error = parse_json::<StartBody>(br#"{"phone": 393331234567}"#)
+            .err()
+            .unwrap();
+        assert_eq!(error.to_string(), "phone: invalid type, expected a string");
+        let error = parse_json::<StartBody>(br#"{"+393331234567": 1}"#)
+            .err()
+            .unwrap();
+        assert_eq!(error.to_string(), "unknown field `(not shown)`");
+        let error = parse_json::<StartBody>(br#"["+393331234567"]"#)
+            .err()
+            .unwrap();
+        assert_eq!(error.to_string(), "request body: expected a JSON object");
+        assert_eq!(error.code(), "invalid_field");
         assert_eq!(
             parse_json::<StartBody>(b"{").err().unwrap().code(),
             "malformed_json"

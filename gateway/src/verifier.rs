@@ -287,12 +287,14 @@ impl Verifier {
             }
         }
 
+        // The queue first (it spends nothing), then the IP, then the phone: a limit is spent
+        // only when everything before it allowed the send.
+        let lane = shared.clients.priority(client);
+        self.admit(lane)?;
         shared
             .limiters
             .check_ip(request.ip)
             .map_err(|rejection| self.rejected(rejection))?;
-        let lane = shared.clients.priority(client);
-        self.admit(lane)?;
         shared
             .limiters
             .check_phone(phone.as_u64())
@@ -522,6 +524,9 @@ impl Verifier {
             });
         }
         if record.delivery != DeliveryState::Queued {
+            if shared.queue.len() >= shared.queue.capacity() {
+                return Err(self.refused_at_queue(PushError::Full));
+            }
             shared
                 .limiters
                 .check_phone(record.phone.as_u64())
@@ -846,6 +851,10 @@ impl Verifier {
     /// Refuses a new verification whose SMS would wait longer than a session can be extended.
     fn admit(&self, lane: u8) -> Result<(), ApiError> {
         let shared = &*self.shared;
+        // Refuse a full queue before any limit is spent on a send that cannot happen.
+        if shared.queue.len() >= shared.queue.capacity() {
+            return Err(self.refused_at_queue(PushError::Full));
+        }
         let ahead = shared.queue.ahead_of_new(lane) as f64;
         let predicted_wait = ahead / shared.total_pace_per_sec;
         let max_wait = shared.policy.max_extension.as_secs_f64().max(1.0);
