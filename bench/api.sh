@@ -45,6 +45,8 @@ run_wrk() {
 
 ensure_wrk
 build_release
+# Other work on the machine skews both runs; the load average says how quiet it was.
+say "load average before the runs: $(cut -d ' ' -f 1-3 /proc/loadavg)"
 for binary in otpgate loadgen; do
     [[ -x "$BIN/$binary" ]] || die "$BIN/$binary is missing; build it or unset SKIP_BUILD"
 done
@@ -64,6 +66,7 @@ say "waiting for the queue to drain to the sink"
 wait_for_sink "$SINK_ADDR"
 DISTINCT=$(sink_stat "$SINK_ADDR" distinct_message_ids)
 BAD_REQUESTS=$(sink_stat "$SINK_ADDR" bad_requests)
+GATEWAY_OUTCOMES=$(gateway_outcomes)
 stop_pid "$GATEWAY_PID"
 stop_pid "$SINK_PID"
 
@@ -87,6 +90,8 @@ printf '%-8s %12s %7s ms %7s ms %8s  (%s)\n' \
 printf '%-8s %12s %7s ms %7s ms %8s  (%s)\n' \
     bare "$BARE_RPS" "$BARE_P50" "$BARE_P99" "$BARE_ERRORS" "$BARE_DETAIL"
 echo "ratio gateway/bare: $RATIO (target >= $TARGET_RATIO: $RATIO_MET)"
+echo "gateway counters (non-zero):"
+echo "$GATEWAY_OUTCOMES"
 echo "SMS at sink: $DELIVERED of $ACCEPTED accepted" \
     "(distinct message ids $DISTINCT, bad requests $BAD_REQUESTS;" \
     "wrk counted $GATEWAY_ANSWERED_2XX 2xx answers and does not count requests in flight when it stops)"

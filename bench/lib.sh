@@ -166,12 +166,22 @@ start_gateway() {
     die "the gateway was not ready after 30 s"
 }
 
-# Prints the sum of every series of a counter or gauge on the gateway's /metrics, 0 when absent.
-# Usage: gateway_metric NAME
+# Prints the sum of the series of a counter or gauge on the gateway's /metrics whose labels
+# contain LABEL (all series when it is omitted), or 0 when there are none.
+# Usage: gateway_metric NAME [LABEL]
 gateway_metric() {
-    curl -sf "http://$ADMIN_ADDR/metrics" | awk -v name="$1" '
-        $1 == name || index($1, name "{") == 1 { sum += $NF }
+    curl -sf "http://$ADMIN_ADDR/metrics" | awk -v name="$1" -v label="${2:-}" '
+        ($1 == name || index($1, name "{") == 1) && index($1, label) > 0 { sum += $NF }
         END { printf "%.0f\n", sum }'
+}
+
+# Prints, one per line, the non-zero series of the gateway counters that say what happened to
+# requests and SMS: answers by status, starts by outcome, submits by outcome, drops and rejections.
+gateway_outcomes() {
+    curl -sf "http://$ADMIN_ADDR/metrics" | awk '
+        /^otpgate_(http_requests|verifications_started|sms_submitted|queue_dropped|queue_rejected|ratelimit_rejections)_total[{ ]/ && $NF != 0 {
+            print "  " $0
+        }'
 }
 
 # Prints one field of the sink's /stats.
@@ -180,18 +190,24 @@ sink_stat() {
     curl -sf "http://$1/stats" | jq -r ".$2"
 }
 
-# Waits until the sink has received as many SMS as the gateway started verifications, or until
+# Prints the verifications the gateway created, each of which sends one SMS: starts that
+# returned an existing verification or replayed an idempotent one send none.
+gateway_created() {
+    gateway_metric otpgate_verifications_started_total 'outcome="created"'
+}
+
+# Waits until the sink has received as many SMS as the gateway created verifications, or until
 # the count stops moving for STALL_SECS (default 10), then sets ACCEPTED and DELIVERED.
 # Usage: wait_for_sink SINK_ADDR
 wait_for_sink() {
     local stall_secs=${STALL_SECS:-10} last_delivered=-1 stalled_since=$SECONDS
     while true; do
-        ACCEPTED=$(gateway_metric otpgate_verifications_started_total)
+        ACCEPTED=$(gateway_created)
         DELIVERED=$(sink_stat "$1" received)
         if ((DELIVERED >= ACCEPTED)); then
             # Anything still in flight would show up as a duplicate; give it a moment.
             sleep 1
-            ACCEPTED=$(gateway_metric otpgate_verifications_started_total)
+            ACCEPTED=$(gateway_created)
             DELIVERED=$(sink_stat "$1" received)
             return
         fi

@@ -37,12 +37,14 @@ cat "$WORK_DIR/fill.txt" >&2
 say "waiting for the queue to drain to the sink"
 wait_for_sink "$SINK_ADDR"
 DISTINCT=$(sink_stat "$SINK_ADDR" distinct_message_ids)
+LIVE=$(gateway_metric otpgate_verifications_live)
 # Let connection buffers and the emptied queue settle, as for the baseline.
 sleep 2
 RSS_AFTER_KB=$(rss_kb "$GATEWAY_PID")
 RSS_PEAK_KB=$(awk '$1 == "VmHWM:" { print $2 }' "/proc/$GATEWAY_PID/status")
 
-BYTES_PER_VERIFICATION=$(awk -v before="$RSS_BEFORE_KB" -v after="$RSS_AFTER_KB" -v n="$ACCEPTED" \
+GATEWAY_OUTCOMES=$(gateway_outcomes)
+BYTES_PER_VERIFICATION=$(awk -v before="$RSS_BEFORE_KB" -v after="$RSS_AFTER_KB" -v n="$LIVE" \
     'BEGIN { printf "%.0f", (n > 0 ? (after - before) * 1024 / n : 0) }')
 TARGET_MET=$(awk -v b="$BYTES_PER_VERIFICATION" -v t="$TARGET_BYTES" \
     'BEGIN { print (b <= t) ? "met" : "NOT met" }')
@@ -51,16 +53,18 @@ echo
 echo "RSS before:                   $((RSS_BEFORE_KB / 1024)) MiB ($RSS_BEFORE_KB kB)"
 echo "RSS after:                    $((RSS_AFTER_KB / 1024)) MiB ($RSS_AFTER_KB kB)"
 echo "RSS peak:                     $((RSS_PEAK_KB / 1024)) MiB ($RSS_PEAK_KB kB)"
-echo "live verifications:           $ACCEPTED (requested $COUNT)"
+echo "live verifications:           $LIVE (otpgate_verifications_live; $ACCEPTED created, $COUNT requested)"
 echo "bytes per live verification:  $BYTES_PER_VERIFICATION (target <= $TARGET_BYTES: $TARGET_MET)"
 echo "SMS at sink:                  $DELIVERED of $ACCEPTED accepted (distinct message ids $DISTINCT)"
+echo "gateway counters (non-zero):"
+echo "$GATEWAY_OUTCOMES"
 
 failed=0
 if ((fill_failed)); then
     echo "FAIL: fill saw failed requests" >&2
     failed=1
 fi
-if ((ACCEPTED == 0 || DELIVERED != ACCEPTED || DISTINCT != ACCEPTED)); then
+if ((ACCEPTED == 0 || DELIVERED != ACCEPTED || DISTINCT != ACCEPTED || LIVE == 0)); then
     echo "FAIL: SMS lost or duplicated" >&2
     failed=1
 fi

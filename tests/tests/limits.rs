@@ -196,7 +196,11 @@ async fn phone_gets_a_bucket_of_five_sends_per_10_minutes() {
 
     // 180 s after the first send: the 30-second rule allows it, the 10-minute bucket is empty.
     let seventh = gateway.start_verification(&number).await;
-    assert_eq!(seventh.status, 429, "a seventh send at 180 s: {}", seventh.text);
+    assert_eq!(
+        seventh.status, 429,
+        "a seventh send at 180 s: {}",
+        seventh.text
+    );
     assert_rate_limited(&seventh, "rate_limited_phone", "5;w=600");
     let retry_after = seventh.retry_after().unwrap_or_default();
     assert!(
