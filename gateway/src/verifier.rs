@@ -270,18 +270,7 @@ impl Verifier {
             {
                 self.resend_if_due(&mut shard, &id, now);
                 let view = self.view_of(&shard, &id, now).ok_or(ApiError::NotFound)?;
-                if let (Some(guard), Some((key, fingerprint))) =
-                    (idempotency_guard.as_mut(), idempotency_key)
-                {
-                    guard.insert(
-                        key,
-                        IdempotencyEntry {
-                            fingerprint,
-                            id,
-                            created_ms: now,
-                        },
-                    );
-                }
+                remember(idempotency_guard.as_mut(), idempotency_key, id, now);
                 shared.metrics.started(Started::Existing);
                 return Ok((Started::Existing, view));
             }
@@ -349,18 +338,7 @@ impl Verifier {
             .map_err(|error| self.refused_at_queue(error))?;
         shard.records.insert(id, Box::new(record));
         shard.live.insert((phone.as_u64(), client), id);
-        if let (Some(guard), Some((key, fingerprint))) =
-            (idempotency_guard.as_mut(), idempotency_key)
-        {
-            guard.insert(
-                key,
-                IdempotencyEntry {
-                    fingerprint,
-                    id,
-                    created_ms: now,
-                },
-            );
-        }
+        remember(idempotency_guard.as_mut(), idempotency_key, id, now);
         let view = self.view_of(&shard, &id, now).ok_or(ApiError::NotFound)?;
         drop(shard);
         shared.metrics.started(Started::Created);
@@ -890,6 +868,25 @@ impl Verifier {
     fn rejected(&self, rejection: crate::ratelimit::Rejection) -> ApiError {
         self.shared.metrics.rejected(rejection.limit);
         ApiError::from(rejection)
+    }
+}
+
+/// Records what an `Idempotency-Key` was used for, when the request carried one.
+fn remember(
+    guard: Option<&mut std::sync::MutexGuard<'_, HashMap<IdempotencyKey, IdempotencyEntry>>>,
+    key: Option<(IdempotencyKey, u64)>,
+    id: VerificationId,
+    now: Millis,
+) {
+    if let (Some(guard), Some((key, fingerprint))) = (guard, key) {
+        guard.insert(
+            key,
+            IdempotencyEntry {
+                fingerprint,
+                id,
+                created_ms: now,
+            },
+        );
     }
 }
 

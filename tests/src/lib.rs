@@ -211,6 +211,29 @@ impl Gateway {
         metric_value(&self.metrics().await, series)
     }
 
+    /// The value of a series the gateway registers at start-up; panics if it is absent.
+    pub async fn registered_metric(&self, series: &str) -> f64 {
+        self.metric(series)
+            .await
+            .unwrap_or_else(|| panic!("{series} is not exported"))
+    }
+
+    /// Scrapes `series` until `done` holds for its value (within ten seconds), and returns it.
+    pub async fn wait_for_metric(&self, series: &str, done: impl Fn(f64) -> bool) -> f64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.metric(series).await;
+            if let Some(value) = value.filter(|value| done(*value)) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} stayed at {value:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn admin_get(&self, path: &str) -> Answer {
         let response = self
             .http

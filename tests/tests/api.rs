@@ -91,22 +91,6 @@ async fn assert_no_more_sms(
     );
 }
 
-/// Polls the metrics until `series` reaches `at_least`.
-async fn wait_for_metric(gateway: &Gateway, series: &str, at_least: f64) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let value = gateway.metric(series).await.unwrap_or(0.0);
-        if value >= at_least {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} stayed at {value}, expected {at_least}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Polls the carrier until it has answered `n` submits, whatever it answered.
 async fn wait_for_requests(carrier: &FakeCarrier, n: usize) {
     let deadline = Instant::now() + TIMEOUT;
@@ -405,12 +389,12 @@ async fn a_canceled_verification_whose_sms_is_still_queued_is_never_sent() {
     );
     carrier.script(&[Reply::Accept]);
 
-    wait_for_metric(
-        &gateway,
-        r#"otpgate_queue_dropped_total{reason="canceled"}"#,
-        1.0,
-    )
-    .await;
+    gateway
+        .wait_for_metric(
+            r#"otpgate_queue_dropped_total{reason="canceled"}"#,
+            |value| value >= 1.0,
+        )
+        .await;
     assert!(carrier.received().is_empty(), "{:?}", carrier.received());
     let read = gateway.get(&path_of(&id)).await;
     assert_eq!(read.body["status"], "canceled", "{}", read.text);

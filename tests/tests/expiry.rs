@@ -88,34 +88,10 @@ async fn wait_for_submits(carrier: &FakeCarrier, n: usize) {
     }
 }
 
-/// Scrapes `series` until `done` holds for its value, and returns that value.
-async fn wait_for_metric(gateway: &Gateway, series: &str, done: impl Fn(f64) -> bool) -> f64 {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let value = gateway.metric(series).await;
-        if let Some(value) = value.filter(|value| done(*value)) {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} stayed at {value:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The value of a series that the gateway registers at start-up.
-async fn metric(gateway: &Gateway, series: &str) -> f64 {
-    gateway
-        .metric(series)
-        .await
-        .unwrap_or_else(|| panic!("{series} is not exported"))
-}
-
 /// How many start requests the queue refused for `reason`.
 async fn queue_rejections(gateway: &Gateway, reason: &str) -> f64 {
     let series = format!("otpgate_queue_rejected_total{{reason=\"{reason}\"}}");
-    metric(gateway, &series).await
+    gateway.registered_metric(&series).await
 }
 
 /// Starts a verification with the API key `key` and checks that it was accepted.
@@ -215,11 +191,12 @@ async fn code_ttl_counts_from_carrier_acceptance() {
         "accepted: expiry is fixed"
     );
 
-    wait_for_metric(&gateway, "otpgate_session_extension_seconds_count", |n| {
-        n >= 1.0
-    })
-    .await;
-    let extension = metric(&gateway, "otpgate_session_extension_seconds_sum").await;
+    gateway
+        .wait_for_metric("otpgate_session_extension_seconds_count", |n| n >= 1.0)
+        .await;
+    let extension = gateway
+        .registered_metric("otpgate_session_extension_seconds_sum")
+        .await;
     assert!(
         extension >= 10.0,
         "the SMS waited at least 10 s, extension {extension}"
@@ -260,12 +237,13 @@ async fn session_extension_is_capped() {
         "{}",
         submitted.text
     );
-    wait_for_metric(&gateway, "otpgate_session_extension_seconds_count", |n| {
-        n >= 1.0
-    })
-    .await;
+    gateway
+        .wait_for_metric("otpgate_session_extension_seconds_count", |n| n >= 1.0)
+        .await;
     assert_eq!(
-        metric(&gateway, "otpgate_session_extension_seconds_sum").await,
+        gateway
+            .registered_metric("otpgate_session_extension_seconds_sum")
+            .await,
         30.0
     );
 }
@@ -281,11 +259,11 @@ async fn sweeper_expires_verifications() {
     let submitted = wait_for_delivery(&gateway, &id, "submitted").await;
     let code = carrier.code_for(&number).expect("a code in the SMS");
     let series = "otpgate_verifications_ended_total{outcome=\"expired\"}";
-    assert_eq!(metric(&gateway, series).await, 0.0);
+    assert_eq!(gateway.registered_metric(series).await, 0.0);
 
     gateway.clock.advance(Duration::from_secs(61));
     // Scrapes do not touch verifications: only the sweeper can end this one.
-    wait_for_metric(&gateway, series, |n| n >= 1.0).await;
+    gateway.wait_for_metric(series, |n| n >= 1.0).await;
 
     let expired = read(&gateway, &id).await;
     assert_eq!(expired.body["status"], "expired", "{}", expired.text);
@@ -298,7 +276,7 @@ async fn sweeper_expires_verifications() {
         .await;
     assert_eq!(resend.status, 409, "{}", resend.text);
     assert_eq!(
-        metric(&gateway, series).await,
+        gateway.registered_metric(series).await,
         1.0,
         "expired once, counted once"
     );
@@ -334,11 +312,9 @@ async fn expiry_is_noticed_on_read() {
     assert_eq!(expired.body["status"], "expired", "{}", expired.text);
     assert_eq!(expired.body["expires_at"], submitted.body["expires_at"]);
     assert_eq!(
-        metric(
-            &gateway,
-            "otpgate_verifications_ended_total{outcome=\"expired\"}"
-        )
-        .await,
+        gateway
+            .registered_metric("otpgate_verifications_ended_total{outcome=\"expired\"}")
+            .await,
         1.0
     );
 }
@@ -357,12 +333,11 @@ async fn job_of_an_expired_verification_is_dropped() {
 
     // Past created + code_ttl + max_extension.
     gateway.clock.advance(Duration::from_secs(91));
-    wait_for_metric(
-        &gateway,
-        "otpgate_queue_dropped_total{reason=\"expired\"}",
-        |n| n >= 1.0,
-    )
-    .await;
+    gateway
+        .wait_for_metric("otpgate_queue_dropped_total{reason=\"expired\"}", |n| {
+            n >= 1.0
+        })
+        .await;
     carrier.script(&[Reply::Accept]);
 
     // The carrier accepts again: a later verification's SMS goes out, and the expired one's never
@@ -377,7 +352,9 @@ async fn job_of_an_expired_verification_is_dropped() {
     assert_eq!(expired.body["status"], "expired", "{}", expired.text);
     assert_eq!(expired.body["delivery"]["eta_seconds"], json!(null));
     assert_eq!(
-        metric(&gateway, "otpgate_queue_dropped_total{reason=\"canceled\"}").await,
+        gateway
+            .registered_metric("otpgate_queue_dropped_total{reason=\"canceled\"}")
+            .await,
         0.0
     );
 }

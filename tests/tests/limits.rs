@@ -91,37 +91,13 @@ async fn wait_for_delivery(gateway: &Gateway, id: &str, state: &str) -> Answer {
     }
 }
 
-/// Scrapes `series` until `done` holds for its value, and returns that value.
-async fn wait_for_metric(gateway: &Gateway, series: &str, done: impl Fn(f64) -> bool) -> f64 {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let value = gateway.metric(series).await;
-        if let Some(value) = value.filter(|value| done(*value)) {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} stayed at {value:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The value of a series that the gateway registers at start-up.
-async fn metric(gateway: &Gateway, series: &str) -> f64 {
-    gateway
-        .metric(series)
-        .await
-        .unwrap_or_else(|| panic!("{series} is not exported"))
-}
-
 /// How many requests `limit` has turned away.
 async fn rejections(gateway: &Gateway, limit: &str) -> f64 {
-    metric(
-        gateway,
-        &format!("otpgate_ratelimit_rejections_total{{limit=\"{limit}\"}}"),
-    )
-    .await
+    gateway
+        .registered_metric(&format!(
+            "otpgate_ratelimit_rejections_total{{limit=\"{limit}\"}}"
+        ))
+        .await
 }
 
 /// A code of the right length that differs from `code`.
@@ -378,19 +354,15 @@ async fn failed_checks_lock_the_phone_across_verifications() {
     assert_eq!(read.body["status"], "pending", "{}", read.text);
     assert_eq!(read.body["attempts_left"], 2);
     assert_eq!(
-        metric(
-            &gateway,
-            "otpgate_verification_checks_total{outcome=\"locked\"}"
-        )
-        .await,
+        gateway
+            .registered_metric("otpgate_verification_checks_total{outcome=\"locked\"}")
+            .await,
         1.0
     );
     assert_eq!(
-        metric(
-            &gateway,
-            "otpgate_verification_checks_total{outcome=\"valid\"}"
-        )
-        .await,
+        gateway
+            .registered_metric("otpgate_verification_checks_total{outcome=\"valid\"}")
+            .await,
         0.0
     );
 
@@ -468,10 +440,12 @@ async fn limiter_keys_are_swept() {
     }
     let series = "otpgate_ratelimit_keys{limit=\"phone\"}";
     // One key per phone in each of the two default phone rules.
-    wait_for_metric(&gateway, series, |keys| keys == f64::from(2 * n_phones)).await;
+    gateway
+        .wait_for_metric(series, |keys| keys == f64::from(2 * n_phones))
+        .await;
 
     gateway.clock.advance(Duration::from_secs(11 * 60));
-    wait_for_metric(&gateway, series, |keys| keys == 0.0).await;
+    gateway.wait_for_metric(series, |keys| keys == 0.0).await;
 }
 
 /// Rejections are counted by the limit that refused, each in its own series.
