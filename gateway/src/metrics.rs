@@ -169,6 +169,11 @@ impl Route {
         }
     }
 
+    /// The route's path template, e.g. `/v1/verifications/{id}/check`.
+    pub fn template(self) -> &'static str {
+        self.labels().1
+    }
+
     fn labels(self) -> (&'static str, &'static str) {
         match self {
             Route::StartVerification => ("POST", "/v1/verifications"),
