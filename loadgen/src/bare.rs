@@ -4,20 +4,30 @@
 //! and answers `202` with a small fixed JSON body; it does nothing else.
 
 use std::convert::Infallible;
+use std::future::Future;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
 
-/// Largest request body read; a larger one is cut off and the connection closed.
+use crate::server;
+
+/// Largest request body read; the rest of a larger one is not read.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The body of every answer.
 const BODY: &[u8] = br#"{"status":"accepted"}"#;
 
-/// Answers any request `202` with [`BODY`].
+/// Serves the bare server on `listener` until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    server::serve(listener, service_fn(handle), shutdown).await;
+}
+
+/// Answers any request `202` with `{"status":"accepted"}`.
 ///
 /// # Errors
 ///

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use hyper::service::service_fn;
 
 use loadgen::cli::{Cli, Command, FillArgs, ServerArgs};
 use loadgen::fill::{self, FillConfig};
@@ -45,12 +44,7 @@ async fn run_sink(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("sink: cannot listen on {}", args.listen))?;
     let sink = Sink::new();
-    let service_sink = sink.clone();
-    let service = service_fn(move |request| {
-        let sink = service_sink.clone();
-        async move { sink.handle(request).await }
-    });
-    server::serve(listener, service, signals.received()).await;
+    sink.clone().serve(listener, signals.received()).await;
     let stats = sink.stats();
     eprintln!(
         "sink: received {}, distinct message ids {}, bad requests {}",
@@ -64,12 +58,7 @@ async fn run_bare(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let listener = server::bind_and_announce(args.listen)
         .await
         .with_context(|| format!("bare: cannot listen on {}", args.listen))?;
-    server::serve(
-        listener,
-        service_fn(loadgen::bare::handle),
-        signals.received(),
-    )
-    .await;
+    loadgen::bare::serve(listener, signals.received()).await;
     Ok(ExitCode::SUCCESS)
 }
 

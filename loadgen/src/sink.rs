@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +18,11 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper::service::service_fn;
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::server;
 
 /// Largest SMS request read; a carrier would refuse larger ones too.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -106,6 +111,15 @@ impl Sink {
             distinct_message_ids: shared.distinct_message_ids(),
             bad_requests: shared.bad_requests.load(Ordering::Relaxed),
         }
+    }
+
+    /// Serves the sink on `listener` until `shutdown` resolves.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let service = service_fn(move |request| {
+            let sink = self.clone();
+            async move { sink.handle(request).await }
+        });
+        server::serve(listener, service, shutdown).await;
     }
 
     /// Answers one HTTP request: `GET /stats`, or an SMS on any path.

@@ -6,14 +6,12 @@ use std::num::NonZeroUsize;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use loadgen::cli::FillArgs;
 use loadgen::fill::{self, Failure, FillConfig};
-use loadgen::server;
 use loadgen::sink::{Sink, Stats};
 
 /// Stops the server it was made for when dropped, at the end of a test.
@@ -30,13 +28,8 @@ async fn start_sink() -> (SocketAddr, Sink, StopOnDrop) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let sink = Sink::new();
-    let service_sink = sink.clone();
-    let service = service_fn(move |request| {
-        let sink = service_sink.clone();
-        async move { sink.handle(request).await }
-    });
     let (shutdown, stopped) = stop_on_drop();
-    tokio::spawn(server::serve(listener, service, stopped));
+    tokio::spawn(sink.clone().serve(listener, stopped));
     (address, sink, shutdown)
 }
 
@@ -44,11 +37,7 @@ async fn start_bare() -> (SocketAddr, StopOnDrop) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (shutdown, stopped) = stop_on_drop();
-    tokio::spawn(server::serve(
-        listener,
-        service_fn(loadgen::bare::handle),
-        stopped,
-    ));
+    tokio::spawn(loadgen::bare::serve(listener, stopped));
     (address, shutdown)
 }
 
