@@ -137,6 +137,7 @@ pub struct RawCarrier {
     pub window: Option<u32>,
     pub from: Option<String>,
     pub timeout_ms: Option<u64>,
+    pub http_version: Option<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
 }
@@ -217,8 +218,21 @@ pub enum CarrierKind {
         url: reqwest::Url,
         headers: Vec<(http::HeaderName, http::HeaderValue)>,
         timeout: Duration,
+        version: HttpVersion,
     },
     Console,
+}
+
+/// Which HTTP a carrier is spoken to with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// HTTP/2 when TLS negotiates it (ALPN), HTTP/1.1 otherwise.
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only; over plain `http://` with prior knowledge (h2c). Many submits then share
+    /// one connection and few system calls.
+    Http2,
 }
 
 #[derive(Debug, Clone)]
@@ -608,6 +622,9 @@ impl RawCarrier {
                 if self.url.is_some() {
                     return invalid(key("url"), "a console carrier takes no url");
                 }
+                if self.http_version.is_some() {
+                    return invalid(key("http_version"), "a console carrier speaks no HTTP");
+                }
                 CarrierKind::Console
             }
             "http" => {
@@ -635,10 +652,24 @@ impl RawCarrier {
                 if !(1..=120_000).contains(&timeout_ms) {
                     return invalid(key("timeout_ms"), "must be between 1 and 120000");
                 }
+                let version = match self.http_version.as_deref().unwrap_or("auto") {
+                    "auto" => HttpVersion::Auto,
+                    "1.1" => HttpVersion::Http1,
+                    "2" => HttpVersion::Http2,
+                    other => {
+                        return invalid(
+                            key("http_version"),
+                            format!(
+                                "unknown version {other:?}; expected \"auto\", \"1.1\" or \"2\""
+                            ),
+                        );
+                    }
+                };
                 CarrierKind::Http {
                     url,
                     headers,
                     timeout: Duration::from_millis(timeout_ms),
+                    version,
                 }
             }
             other => {

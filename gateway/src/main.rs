@@ -7,6 +7,9 @@ use clap::Parser;
 use gateway::config::{Cli, Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     install_tracing(cli.log_format);

@@ -97,9 +97,17 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
     let response = next.run(request).await;
     let seconds = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
-    state.verifier.metrics().http_request(route, status, seconds);
+    state
+        .verifier
+        .metrics()
+        .http_request(route, status, seconds);
     // The route template, never the path: paths carry verification ids.
-    tracing::debug!(route = route.template(), status, ms = seconds * 1000.0, "request");
+    tracing::debug!(
+        route = route.template(),
+        status,
+        ms = seconds * 1000.0,
+        "request"
+    );
     response
 }
 

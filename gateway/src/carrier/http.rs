@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{Accepted, FailureKind, OutboundSms, SubmitError};
+use crate::config::HttpVersion;
 
 #[derive(Debug)]
 pub struct HttpConnector {
@@ -38,8 +39,19 @@ impl HttpConnector {
         headers: Vec<(http::HeaderName, http::HeaderValue)>,
         timeout: Duration,
         window: usize,
+        version: HttpVersion,
     ) -> Result<HttpConnector, reqwest::Error> {
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder();
+        let builder = match version {
+            HttpVersion::Auto => builder,
+            HttpVersion::Http1 => builder.http1_only(),
+            HttpVersion::Http2 => builder
+                .http2_prior_knowledge()
+                .http2_adaptive_window(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .http2_keep_alive_while_idle(true),
+        };
+        let client = builder
             .default_headers(headers.into_iter().collect())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))

@@ -75,12 +75,14 @@ impl Connector {
                 url,
                 headers,
                 timeout,
+                version,
             } => Connector::Http(HttpConnector::new(
                 config.name.clone(),
                 url.clone(),
                 headers.clone(),
                 *timeout,
                 config.window.get() as usize,
+                *version,
             )?),
             CarrierKind::Console => Connector::Console(ConsoleConnector::new(config.name.clone())),
         })
