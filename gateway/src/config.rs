@@ -215,7 +215,7 @@ pub struct CarrierConfig {
 #[derive(Debug, Clone)]
 pub enum CarrierKind {
     Http {
-        url: reqwest::Url,
+        url: http::Uri,
         headers: Vec<(http::HeaderName, http::HeaderValue)>,
         timeout: Duration,
         version: HttpVersion,
@@ -362,7 +362,7 @@ impl RawConfig {
             .unwrap_or_else(|| format!("http://{listen}"))
             .trim_end_matches('/')
             .to_owned();
-        if reqwest::Url::parse(&public_url).is_err() {
+        if !is_absolute_http(&public_url) {
             return invalid("public_url", "must be an absolute URL");
         }
 
@@ -631,10 +631,8 @@ impl RawCarrier {
                 let Some(url) = self.url else {
                     return invalid(key("url"), "an http carrier needs a url");
                 };
-                let url = reqwest::Url::parse(&url)
-                    .ok()
-                    .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host());
-                let Some(url) = url else {
+                let parsed = url.parse::<http::Uri>().ok().filter(|_| is_absolute_http(&url));
+                let Some(url) = parsed else {
                     return invalid(key("url"), "must be an absolute http:// or https:// URL");
                 };
                 let mut headers = Vec::with_capacity(self.headers.len());
@@ -733,6 +731,14 @@ fn secs(
         return invalid(key, format!("must be between {min} and {max}"));
     }
     Ok(Duration::from_secs(value))
+}
+
+/// Whether `text` is an absolute `http://` or `https://` URL with a host.
+fn is_absolute_http(text: &str) -> bool {
+    text.parse::<http::Uri>().is_ok_and(|uri| {
+        matches!(uri.scheme_str(), Some("http" | "https"))
+            && uri.host().is_some_and(|host| !host.is_empty())
+    })
 }
 
 fn invalid<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {

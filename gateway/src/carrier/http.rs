@@ -1,18 +1,32 @@
 //! The HTTP carrier connector: DESIGN.md section 5's wire format over pooled keep-alive
-//! connections.
+//! connections (HTTP/1.1, or HTTP/2 by ALPN or prior knowledge), over TLS when the URL says
+//! `https`.
+//!
+//! It is hyper-util's pooled client with a rustls connector rather than a higher-level client:
+//! one submit is one small POST, and at thousands per second the layers above hyper (URL
+//! handling, redirect and retry policies, boxed futures) cost more than the submit itself.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector as TcpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
 
 use super::{Accepted, FailureKind, OutboundSms, SubmitError};
 use crate::config::HttpVersion;
 
+/// A carrier reached over HTTP.
 #[derive(Debug)]
 pub struct HttpConnector {
     name: String,
-    url: reqwest::Url,
-    client: reqwest::Client,
+    url: http::Uri,
+    /// The carrier's configured headers (its auth), marked sensitive so they never print.
+    headers: http::HeaderMap,
+    timeout: Duration,
+    client: Client<hyper_rustls::HttpsConnector<TcpConnector>, Full<Bytes>>,
 }
 
 #[derive(Serialize)]
@@ -35,33 +49,65 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 impl HttpConnector {
     pub fn new(
         name: String,
-        url: reqwest::Url,
+        url: http::Uri,
         headers: Vec<(http::HeaderName, http::HeaderValue)>,
         timeout: Duration,
         window: usize,
         version: HttpVersion,
-    ) -> Result<HttpConnector, reqwest::Error> {
-        let builder = reqwest::Client::builder();
-        let builder = match version {
-            HttpVersion::Auto => builder,
-            HttpVersion::Http1 => builder.http1_only(),
-            HttpVersion::Http2 => builder
-                .http2_prior_knowledge()
-                .http2_adaptive_window(true)
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .http2_keep_alive_while_idle(true),
+    ) -> Result<HttpConnector, std::io::Error> {
+        let mut tcp = TcpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(timeout.min(Duration::from_secs(5))));
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        })
+        .with_no_client_auth();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        let connector = match version {
+            HttpVersion::Http1 => builder.enable_http1().wrap_connector(tcp),
+            HttpVersion::Auto | HttpVersion::Http2 => builder.enable_all_versions().wrap_connector(tcp),
         };
-        let client = builder
-            .default_headers(headers.into_iter().collect())
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
+        let mut client = Client::builder(TokioExecutor::new());
+        client
             .pool_max_idle_per_host(window)
             .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("otpgate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(HttpConnector { name, url, client })
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        if version == HttpVersion::Http2 {
+            client
+                .http2_only(true)
+                .http2_adaptive_window(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .http2_keep_alive_while_idle(true);
+        }
+        let mut header_map = http::HeaderMap::with_capacity(headers.len() + 2);
+        for (header_name, mut value) in headers {
+            value.set_sensitive(true);
+            header_map.append(header_name, value);
+        }
+        header_map.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        header_map.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(concat!("otpgate/", env!("CARGO_PKG_VERSION"))),
+        );
+        Ok(HttpConnector {
+            name,
+            url,
+            headers: header_map,
+            timeout,
+            client: client.build(connector),
+        })
     }
 
     pub async fn submit(&self, sms: &OutboundSms) -> Result<Accepted, SubmitError> {
@@ -75,21 +121,37 @@ impl HttpConnector {
         let body = serde_json::to_vec(&body).map_err(|_| SubmitError::Permanent {
             reason: FailureKind::BadResponse,
         })?;
-        let response = self
-            .client
-            .post(self.url.clone())
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|error| SubmitError::Temporary {
-                reason: classify(&error),
-            })?;
+        let mut request = http::Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = self.url.clone();
+        *request.headers_mut() = self.headers.clone();
+        match tokio::time::timeout(self.timeout, self.exchange(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(SubmitError::Temporary {
+                reason: FailureKind::Timeout,
+            }),
+        }
+    }
+
+    /// Sends the request and classifies the answer (DESIGN.md section 5).
+    async fn exchange(&self, request: http::Request<Full<Bytes>>) -> Result<Accepted, SubmitError> {
+        let response = self.client.request(request).await.map_err(|error| {
+            let reason = if error.is_connect() {
+                FailureKind::Connect
+            } else {
+                FailureKind::BadResponse
+            };
+            SubmitError::Temporary { reason }
+        })?;
         let status = response.status();
         if status.is_success() {
-            let bytes = read_capped(response)
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
                 .await
-                .map_err(|reason| SubmitError::Temporary { reason })?;
+                .map_err(|_| SubmitError::Temporary {
+                    reason: FailureKind::BadResponse,
+                })?
+                .to_bytes();
             let carrier_message_id = serde_json::from_slice::<AcceptBody>(&bytes)
                 .ok()
                 .and_then(|body| body.carrier_message_id)
@@ -119,32 +181,6 @@ impl HttpConnector {
             Err(SubmitError::Permanent { reason })
         } else {
             Err(SubmitError::Temporary { reason })
-        }
-    }
-}
-
-fn classify(error: &reqwest::Error) -> FailureKind {
-    if error.is_timeout() {
-        FailureKind::Timeout
-    } else if error.is_connect() {
-        FailureKind::Connect
-    } else {
-        FailureKind::BadResponse
-    }
-}
-
-async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, FailureKind> {
-    let mut body = Vec::new();
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                    return Err(FailureKind::BadResponse);
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(error) => return Err(classify(&error)),
         }
     }
 }

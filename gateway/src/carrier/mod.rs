@@ -69,7 +69,7 @@ pub enum Connector {
 // === impl Connector ===
 
 impl Connector {
-    pub fn new(config: &CarrierConfig) -> Result<Connector, reqwest::Error> {
+    pub fn new(config: &CarrierConfig) -> Result<Connector, std::io::Error> {
         Ok(match &config.kind {
             CarrierKind::Http {
                 url,
