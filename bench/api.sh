@@ -4,8 +4,9 @@
 # wrk drives POST /v1/verifications, a new valid phone number every request, over keep-alive
 # connections, first through the whole gateway pipeline to the loadgen sink (a fast fake HTTP
 # carrier), then against `loadgen bare`, which answers 202 and does no work.
-# It prints requests/s, p50, p99 and errors for both, their ratio, and how many of the SMS the
-# gateway accepted reached the sink.
+# The gateway runs twice, speaking HTTP/1.1 and then HTTP/2 (h2c) to the sink.
+# It prints requests/s, p50, p99 and errors for each, the ratios to the bare server, and how many
+# of the SMS the gateway accepted reached the sink.
 # It exits non-zero if any request failed or any SMS was lost or duplicated.
 #
 # Settings, from the environment: DURATION (default 10s), CONNECTIONS (64), THREADS (1),
@@ -51,24 +52,47 @@ for binary in otpgate loadgen; do
     [[ -x "$BIN/$binary" ]] || die "$BIN/$binary is missing; build it or unset SKIP_BUILD"
 done
 
-# The gateway end to end. The sink gets one worker thread: it is part of the pipeline being
-# measured, and on a small machine a second thread only adds scheduling overhead.
-start_loadgen_server sink sink --worker-threads 1
-SINK_ADDR=$LOADGEN_ADDR
-SINK_PID=${STARTED_PIDS[-1]}
-start_gateway "$SINK_ADDR"
-run_wrk gateway "$GATEWAY_ADDR"
-GATEWAY_RPS=$RPS GATEWAY_P50=$P50_MS GATEWAY_P99=$P99_MS
-GATEWAY_ERRORS=$((N_NON_2XX + N_SOCKET_ERRORS))
-GATEWAY_ANSWERED_2XX=$((N_REQUESTS - N_NON_2XX))
-GATEWAY_DETAIL="non-2xx $N_NON_2XX, socket errors $N_SOCKET_ERRORS"
-say "waiting for the queue to drain to the sink"
-wait_for_sink "$SINK_ADDR"
-DISTINCT=$(sink_stat "$SINK_ADDR" distinct_message_ids)
-BAD_REQUESTS=$(sink_stat "$SINK_ADDR" bad_requests)
-GATEWAY_OUTCOMES=$(gateway_outcomes)
-stop_pid "$GATEWAY_PID"
-stop_pid "$SINK_PID"
+# The gateway end to end, once per HTTP version spoken to the carrier. The sink gets one worker
+# thread: it is part of the pipeline being measured, and on a small machine a second thread only
+# adds scheduling overhead.
+# Usage: measure_gateway HTTP_VERSION; sets the G_* results of that run.
+measure_gateway() {
+    local version=$1
+    start_loadgen_server sink sink --worker-threads 1
+    local sink_addr=$LOADGEN_ADDR sink_pid=${STARTED_PIDS[-1]}
+    start_gateway "$sink_addr" "$version"
+    run_wrk "gateway-http$version" "$GATEWAY_ADDR"
+    G_RPS=$RPS G_P50=$P50_MS G_P99=$P99_MS
+    G_ERRORS=$((N_NON_2XX + N_SOCKET_ERRORS))
+    G_ANSWERED_2XX=$((N_REQUESTS - N_NON_2XX))
+    G_DETAIL="non-2xx $N_NON_2XX, socket errors $N_SOCKET_ERRORS"
+    say "waiting for the queue to drain to the sink"
+    wait_for_sink "$sink_addr"
+    G_DELIVERED=$DELIVERED G_ACCEPTED=$ACCEPTED
+    G_DISTINCT=$(sink_stat "$sink_addr" distinct_message_ids)
+    G_BAD_REQUESTS=$(sink_stat "$sink_addr" bad_requests)
+    G_OUTCOMES=$(gateway_outcomes)
+    stop_pid "$GATEWAY_PID"
+    stop_pid "$sink_pid"
+}
+
+declare -A RESULT RESULT_DETAIL SINK_LINE OUTCOMES
+failed=0
+for version in 1.1 2; do
+    measure_gateway "$version"
+    RESULT[$version]="$G_RPS $G_P50 $G_P99 $G_ERRORS"
+    RESULT_DETAIL[${version/./}]="$G_DETAIL"
+    SINK_LINE[${version/./}]="SMS at sink (carrier over HTTP/$version): $G_DELIVERED of $G_ACCEPTED accepted (distinct message ids $G_DISTINCT, bad requests $G_BAD_REQUESTS; wrk counted $G_ANSWERED_2XX 2xx answers and does not count requests in flight when it stops)"
+    OUTCOMES[${version/./}]=$G_OUTCOMES
+    if ((G_ERRORS > 0)); then
+        echo "FAIL: requests to the gateway failed (carrier over HTTP/$version)" >&2
+        failed=1
+    fi
+    if ((G_ACCEPTED == 0 || G_DELIVERED != G_ACCEPTED || G_DISTINCT != G_ACCEPTED || G_BAD_REQUESTS > 0)); then
+        echo "FAIL: SMS lost, duplicated or malformed (carrier over HTTP/$version)" >&2
+        failed=1
+    fi
+done
 
 # The bare server, alone on the machine like the gateway was.
 start_loadgen_server bare bare
@@ -78,31 +102,25 @@ BARE_RPS=$RPS BARE_P50=$P50_MS BARE_P99=$P99_MS
 BARE_ERRORS=$((N_NON_2XX + N_SOCKET_ERRORS))
 BARE_DETAIL="non-2xx $N_NON_2XX, socket errors $N_SOCKET_ERRORS"
 stop_pid "$BARE_PID"
-
-RATIO=$(awk -v a="$GATEWAY_RPS" -v b="$BARE_RPS" 'BEGIN { printf "%.3f", a / b }')
-RATIO_MET=$(awk -v r="$RATIO" -v t="$TARGET_RATIO" 'BEGIN { print (r >= t) ? "met" : "NOT met" }')
+if ((BARE_ERRORS > 0)); then
+    echo "FAIL: requests to the bare server failed" >&2
+    failed=1
+fi
 
 echo
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION, POST /v1/verifications"
-printf '%-8s %12s %10s %10s %8s\n' target requests/s p50 p99 errors
-printf '%-8s %12s %7s ms %7s ms %8s  (%s)\n' \
-    gateway "$GATEWAY_RPS" "$GATEWAY_P50" "$GATEWAY_P99" "$GATEWAY_ERRORS" "$GATEWAY_DETAIL"
-printf '%-8s %12s %7s ms %7s ms %8s  (%s)\n' \
-    bare "$BARE_RPS" "$BARE_P50" "$BARE_P99" "$BARE_ERRORS" "$BARE_DETAIL"
-echo "ratio gateway/bare: $RATIO (target >= $TARGET_RATIO: $RATIO_MET)"
-echo "gateway counters (non-zero):"
-echo "$GATEWAY_OUTCOMES"
-echo "SMS at sink: $DELIVERED of $ACCEPTED accepted" \
-    "(distinct message ids $DISTINCT, bad requests $BAD_REQUESTS;" \
-    "wrk counted $GATEWAY_ANSWERED_2XX 2xx answers and does not count requests in flight when it stops)"
-
-failed=0
-if ((GATEWAY_ERRORS > 0 || BARE_ERRORS > 0)); then
-    echo "FAIL: requests failed" >&2
-    failed=1
-fi
-if ((ACCEPTED == 0 || DELIVERED != ACCEPTED || DISTINCT != ACCEPTED || BAD_REQUESTS > 0)); then
-    echo "FAIL: SMS lost, duplicated or malformed" >&2
-    failed=1
-fi
+printf '%-24s %12s %10s %10s %8s %8s\n' target requests/s p50 p99 errors ratio
+for version in 1.1 2; do
+    read -r rps p50 p99 errors <<<"${RESULT[$version]}"
+    ratio=$(awk -v a="$rps" -v b="$BARE_RPS" 'BEGIN { printf "%.3f", a / b }')
+    met=$(awk -v r="$ratio" -v t="$TARGET_RATIO" 'BEGIN { print (r >= t) ? "met" : "NOT met" }')
+    printf '%-24s %12s %7s ms %7s ms %8s %8s  (target >= %s: %s)\n' \
+        "gateway, carrier HTTP/$version" "$rps" "$p50" "$p99" "$errors" "$ratio" "$TARGET_RATIO" "$met"
+done
+printf '%-24s %12s %7s ms %7s ms %8s %8s\n' bare "$BARE_RPS" "$BARE_P50" "$BARE_P99" "$BARE_ERRORS" 1.000
+for version in 11 2; do
+    echo "${SINK_LINE[$version]}"
+done
+echo "gateway counters (non-zero), carrier over HTTP/2:"
+echo "${OUTCOMES[2]}"
 exit "$failed"

@@ -110,7 +110,7 @@ stop_pid() {
 # Writes a gateway configuration for benchmarks: no auth on loopback, no per-IP limit,
 # a queue large enough for any run, and one HTTP carrier (the sink) paced far above what the
 # machine can send.
-# Usage: write_gateway_config FILE LISTEN ADMIN_LISTEN SINK_ADDR
+# Usage: write_gateway_config FILE LISTEN ADMIN_LISTEN SINK_ADDR [HTTP_VERSION]
 write_gateway_config() {
     cat >"$1" <<TOML
 listen = "$2"
@@ -136,19 +136,20 @@ url = "http://$4/sms"
 pace_per_sec = 1000000
 window = 256
 timeout_ms = 5000
+http_version = "${5:-1.1}"
 TOML
 }
 
 # Starts the gateway with a fresh configuration pointing at the sink at SINK_ADDR,
 # waits until /readyz answers 200, and sets GATEWAY_PID, GATEWAY_ADDR and ADMIN_ADDR.
-# Usage: start_gateway SINK_ADDR
+# Usage: start_gateway SINK_ADDR [HTTP_VERSION]
 start_gateway() {
     free_port
     GATEWAY_ADDR="127.0.0.1:$FREE_PORT"
     free_port
     ADMIN_ADDR="127.0.0.1:$FREE_PORT"
     local config="$WORK_DIR/otpgate.toml"
-    write_gateway_config "$config" "$GATEWAY_ADDR" "$ADMIN_ADDR" "$1"
+    write_gateway_config "$config" "$GATEWAY_ADDR" "$ADMIN_ADDR" "$1" "${2:-1.1}"
     "$BIN/otpgate" --config "$config" >"$WORK_DIR/gateway.out" 2>"$WORK_DIR/gateway.err" &
     GATEWAY_PID=$!
     STARTED_PIDS+=("$GATEWAY_PID")

@@ -607,9 +607,37 @@ impl Template {
     }
 }
 
+/// The septet of each ASCII character, from the two tables above: `-1` when it has none, the
+/// basic septet, or `128 +` the extension septet. Most SMS text is ASCII, and this spares a
+/// search of the tables for every character.
+const ASCII_SEPTETS: [i16; 128] = {
+    let mut table = [-1i16; 128];
+    let mut index = 0;
+    while index < GSM7_BASIC.len() {
+        let c = GSM7_BASIC[index] as u32;
+        if c < 128 && index != GSM7_ESCAPE as usize {
+            table[c as usize] = index as i16;
+        }
+        index += 1;
+    }
+    let mut index = 0;
+    while index < GSM7_EXTENSION.len() {
+        let (c, code) = GSM7_EXTENSION[index];
+        if (c as u32) < 128 {
+            table[c as usize] = 128 + code as i16;
+        }
+        index += 1;
+    }
+    table
+};
+
 fn gsm7_septet(c: char) -> Option<Septet> {
-    if u32::from(c) == u32::from(GSM7_ESCAPE) {
-        return None;
+    if c.is_ascii() {
+        return match ASCII_SEPTETS[c as usize] {
+            -1 => None,
+            septet @ 0..=127 => Some(Septet::Basic(septet as u8)),
+            extension => Some(Septet::Extension((extension - 128) as u8)),
+        };
     }
     if let Some(index) = GSM7_BASIC.iter().position(|&basic| basic == c) {
         return u8::try_from(index).ok().map(Septet::Basic);
