@@ -631,7 +631,10 @@ impl RawCarrier {
                 let Some(url) = self.url else {
                     return invalid(key("url"), "an http carrier needs a url");
                 };
-                let parsed = url.parse::<http::Uri>().ok().filter(|_| is_absolute_http(&url));
+                let parsed = url
+                    .parse::<http::Uri>()
+                    .ok()
+                    .filter(|_| is_absolute_http(&url));
                 let Some(url) = parsed else {
                     return invalid(key("url"), "must be an absolute http:// or https:// URL");
                 };

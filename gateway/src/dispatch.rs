@@ -12,15 +12,15 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use governor::{Quota, RateLimiter};
 use rand::Rng;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::carrier::{Connector, SubmitError};
+use crate::carrier::{Connector, OutboundSms, SubmitError};
 use crate::config::CarrierConfig;
 use crate::metrics::{CarrierMetrics, SubmitOutcome};
 use crate::queue::Job;
@@ -56,67 +56,81 @@ pub fn spawn(verifier: Verifier, carriers: Vec<Carrier>) -> JoinSet<()> {
 
 async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     let window = carrier.config.window.get() as usize;
-    let permits = Arc::new(Semaphore::new(window));
     let pace = carrier.config.pace_per_sec;
     // A burst of a twentieth of a second's worth: smooth enough that the carrier never sees more
     // than its pace over any window it is likely to measure.
     let burst = NonZeroU32::new((pace.get() / 20).max(1)).unwrap_or(NonZeroU32::MIN);
-    let pacer = RateLimiter::direct(Quota::per_second(pace).allow_burst(burst));
+    let pacer: Arc<Pacer> = Arc::new(RateLimiter::direct(
+        Quota::per_second(pace).allow_burst(burst),
+    ));
     carrier.metrics.set_pace(pace.get() as f64);
     let queue = verifier.queue().clone();
-    // Submits awaiting the carrier's answer (the dispatcher itself holds a permit while it waits
-    // for a job, so the semaphore alone would over-count by one).
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    // Every submit of this carrier runs inside this one task: no task per SMS, and no wake-up
+    // crossing threads when a submit completes. The window is the set's size.
+    let mut in_flight = FuturesUnordered::new();
+    // The next job, kept across turns of the loop rather than dropped and made again, so that a
+    // pace cell it has taken is never wasted and a job it has popped is never lost.
+    let mut next = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
     loop {
-        loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            pacer.until_ready().await;
-            let Some(job) = queue.pop().await else {
-                break;
-            };
-            let sms = match verifier.prepare(&job, carrier.id) {
-                Prepared::Send(sms) => sms,
-                Prepared::Dropped => continue,
-            };
-            let segments = sms.text.segments();
-            if let Some(more) = NonZeroU32::new(u32::from(segments.saturating_sub(1))) {
-                // A message longer than the burst still goes, at the pace, rather than never.
-                if pacer.until_n_ready(more).await.is_err() {
-                    for _ in 1..segments {
-                        pacer.until_ready().await;
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {
+                carrier.metrics.set_in_flight(in_flight.len());
+            }
+            job = async { next.as_mut().expect("guarded by is_some").await }, if next.is_some() && in_flight.len() < window => {
+                let Some(job) = job else {
+                    // The queue is closed and empty: let the submits in flight finish (a retry
+                    // may put a job back), then look again.
+                    while in_flight.next().await.is_some() {}
+                    carrier.metrics.set_in_flight(0);
+                    if queue.is_empty() {
+                        return;
                     }
+                    next = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
+                    continue;
+                };
+                next = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
+                if let Prepared::Send(sms) = verifier.prepare(&job, carrier.id) {
+                    in_flight.push(submit(verifier.clone(), carrier.clone(), pacer.clone(), job, sms));
+                    carrier.metrics.set_in_flight(in_flight.len());
                 }
             }
-            carrier.metrics.segments(sms.text.encoding(), segments);
-            carrier
-                .metrics
-                .set_in_flight(in_flight.fetch_add(1, Ordering::Relaxed) + 1);
-            let verifier = verifier.clone();
-            let carrier = carrier.clone();
-            let in_flight = in_flight.clone();
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let result = carrier.connector.submit(&sms).await;
-                drop(sms);
-                let seconds = started.elapsed().as_secs_f64();
-                handle_result(&verifier, &carrier, job, result, seconds).await;
-                carrier
-                    .metrics
-                    .set_in_flight(in_flight.fetch_sub(1, Ordering::Relaxed) - 1);
-                drop(permit);
-            });
-        }
-        // The queue is closed and was empty: wait for every submit in flight, since a retry may
-        // put a job back, and stop only when nothing came back.
-        if let Ok(all) = permits.acquire_many(window as u32).await {
-            drop(all);
-        }
-        if queue.is_empty() {
-            return;
         }
     }
+}
+
+type Pacer = governor::DefaultDirectRateLimiter;
+
+/// Waits for a pace cell, then for the most urgent job; `None` once the queue is closed and
+/// empty.
+async fn next_job(queue: crate::queue::Queue, pacer: Arc<Pacer>) -> Option<Job> {
+    pacer.until_ready().await;
+    queue.pop().await
+}
+
+/// Submits one SMS, after pacing its segments beyond the first, and records the answer.
+async fn submit(
+    verifier: Verifier,
+    carrier: Arc<Carrier>,
+    pacer: Arc<Pacer>,
+    job: Job,
+    sms: OutboundSms,
+) {
+    let segments = sms.text.segments();
+    if let Some(more) = NonZeroU32::new(u32::from(segments.saturating_sub(1))) {
+        // A message longer than the burst still goes, at the pace, rather than never.
+        if pacer.until_n_ready(more).await.is_err() {
+            for _ in 1..segments {
+                pacer.until_ready().await;
+            }
+        }
+    }
+    carrier.metrics.segments(sms.text.encoding(), segments);
+    let started = Instant::now();
+    let result = carrier.connector.submit(&sms).await;
+    drop(sms);
+    let seconds = started.elapsed().as_secs_f64();
+    handle_result(&verifier, &carrier, job, result, seconds).await;
 }
 
 async fn handle_result(

@@ -73,7 +73,9 @@ impl HttpConnector {
             .https_or_http();
         let connector = match version {
             HttpVersion::Http1 => builder.enable_http1().wrap_connector(tcp),
-            HttpVersion::Auto | HttpVersion::Http2 => builder.enable_all_versions().wrap_connector(tcp),
+            HttpVersion::Auto | HttpVersion::Http2 => {
+                builder.enable_all_versions().wrap_connector(tcp)
+            }
         };
         let mut client = Client::builder(TokioExecutor::new());
         client
