@@ -5,7 +5,11 @@
 //! number can be logged or returned without care; the full number is only reachable through
 //! [`Phone::e164`], which the carrier connectors call.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use regex::{Regex, RegexBuilder};
 
 /// A validated phone number that can receive SMS.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,11 +146,11 @@ fn classify(
 ) -> Result<(Option<phonenumber::country::Id>, Kind), PhoneError> {
     for meta in regions {
         let descriptors = meta.descriptors();
-        if !descriptors.general().is_match(national) {
+        if !is_match(descriptors.general(), national) {
             continue;
         }
         let matches = |descriptor: Option<&phonenumber::metadata::Descriptor>| {
-            descriptor.is_some_and(|descriptor| descriptor.is_match(national))
+            descriptor.is_some_and(|descriptor| is_match(descriptor, national))
         };
         // libphonenumber's types do not overlap (but for fixed lines that may be mobiles), so
         // the common case, a mobile, costs two matches. Premium-rate, toll-free and shared-cost
@@ -170,6 +174,44 @@ fn classify(
         }
     }
     Err(PhoneError::Invalid)
+}
+
+/// Whether a national number fits a numbering-plan descriptor: one of its possible lengths, and
+/// a full match of its pattern.
+///
+/// The patterns are compiled once here and shared: libphonenumber's own `is_match` goes through
+/// a process-wide LRU cache behind one mutex, which two cores under load contend for.
+fn is_match(descriptor: &phonenumber::metadata::Descriptor, national: &str) -> bool {
+    let lengths = descriptor.possible_length();
+    if !lengths.is_empty() && !lengths.contains(&(national.len() as u16)) {
+        return false;
+    }
+    static COMPILED: OnceLock<RwLock<HashMap<usize, Option<Arc<Regex>>>>> = OnceLock::new();
+    let compiled = COMPILED.get_or_init(Default::default);
+    // Descriptors live in libphonenumber's static database, so their address names them.
+    let key = descriptor as *const phonenumber::metadata::Descriptor as usize;
+    let known = compiled
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .get(&key)
+        .cloned();
+    let regex = match known {
+        Some(regex) => regex,
+        None => {
+            let source = descriptor.national_number().as_str();
+            let regex = RegexBuilder::new(&format!("^(?:{source})$"))
+                .ignore_whitespace(true)
+                .build()
+                .ok()
+                .map(Arc::new);
+            compiled
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(key, regex.clone());
+            regex
+        }
+    };
+    regex.is_some_and(|regex| regex.is_match(national))
 }
 
 // === impl CountryAllowList ===

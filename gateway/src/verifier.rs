@@ -46,7 +46,6 @@ struct Shared {
     templates: Templates,
     clients: Clients,
     carriers: Vec<CarrierInfo>,
-    public_url: String,
     /// SMS per second all carriers together are configured for: the basis of `eta_seconds`.
     total_pace_per_sec: f64,
     /// Cleared when shutdown begins: new verifications are refused from then on.
@@ -63,7 +62,8 @@ struct Clients {
 #[derive(Debug)]
 struct CarrierInfo {
     name: String,
-    from: String,
+    from: Arc<str>,
+    receipt_url: Arc<str>,
 }
 
 /// A start request, validated by the route.
@@ -125,7 +125,12 @@ impl Verifier {
             .iter()
             .map(|carrier: &CarrierConfig| CarrierInfo {
                 name: carrier.name.clone(),
-                from: carrier.from.clone(),
+                from: carrier.from.as_str().into(),
+                receipt_url: format!(
+                    "{}/v1/carriers/{}/receipts",
+                    config.public_url, carrier.name
+                )
+                .into(),
             })
             .collect();
         let total_pace_per_sec = config
@@ -153,7 +158,6 @@ impl Verifier {
                 templates: config.templates.clone(),
                 clients,
                 carriers,
-                public_url: config.public_url.clone(),
                 total_pace_per_sec,
                 accepting: AtomicBool::new(true),
             }),
@@ -582,14 +586,10 @@ impl Verifier {
         let carrier_info = &shared.carriers[carrier as usize];
         let sms = OutboundSms {
             message_id: format!("{}.{}", job.id, job.send_no),
-            to: record.phone.e164(),
-            to_masked: record.phone.masked(),
+            to: record.phone,
             from: carrier_info.from.clone(),
             text,
-            receipt_url: format!(
-                "{}/v1/carriers/{}/receipts",
-                shared.public_url, carrier_info.name
-            ),
+            receipt_url: carrier_info.receipt_url.clone(),
         };
         shard.notify(&job.id);
         Prepared::Send(sms)

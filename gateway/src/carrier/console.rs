@@ -32,7 +32,7 @@ impl ConsoleConnector {
         let line = format!(
             "SMS via {} to {} ({}, {} segment(s)): {}\n",
             self.name,
-            sms.to_masked,
+            sms.to,
             sms.text.encoding().as_str(),
             sms.text.segments(),
             sms.text.text().replace('\n', " / "),

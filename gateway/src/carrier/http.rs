@@ -113,9 +113,10 @@ impl HttpConnector {
     }
 
     pub async fn submit(&self, sms: &OutboundSms) -> Result<Accepted, SubmitError> {
+        let to = sms.to.e164();
         let body = SubmitBody {
             message_id: &sms.message_id,
-            to: &sms.to,
+            to: &to,
             from: &sms.from,
             text: sms.text.text(),
             receipt_url: &sms.receipt_url,

@@ -10,9 +10,11 @@ mod console;
 mod http;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{CarrierConfig, CarrierKind};
+use crate::phone::Phone;
 use crate::sms::SmsText;
 
 pub use self::console::ConsoleConnector;
@@ -22,14 +24,14 @@ pub use self::http::HttpConnector;
 pub struct OutboundSms {
     /// Unique per submit attempt family: `<verification id>.<send number>`.
     pub message_id: String,
-    /// E.164, in full: only connectors see it.
-    pub to: String,
-    /// The same number masked, for logs.
-    pub to_masked: String,
-    pub from: String,
+    /// The recipient; connectors take the full number from it with `Phone::e164`, and it
+    /// prints masked.
+    pub to: Phone,
+    /// The sender id, shared by every SMS of a carrier.
+    pub from: Arc<str>,
     pub text: SmsText,
-    /// Where the carrier posts its delivery receipt.
-    pub receipt_url: String,
+    /// Where the carrier posts its delivery receipt, shared by every SMS of a carrier.
+    pub receipt_url: Arc<str>,
 }
 
 /// The carrier's `2xx`.
@@ -101,7 +103,7 @@ impl fmt::Debug for OutboundSms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OutboundSms")
             .field("message_id", &self.message_id)
-            .field("to", &self.to_masked)
+            .field("to", &self.to)
             .field("from", &self.from)
             .field("text", &self.text)
             .finish_non_exhaustive()
