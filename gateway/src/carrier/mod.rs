@@ -64,7 +64,8 @@ pub enum FailureKind {
 /// A carrier connector, by kind.
 #[derive(Debug)]
 pub enum Connector {
-    Http(HttpConnector),
+    /// Boxed: the HTTP client is large, the console carrier tiny.
+    Http(Box<HttpConnector>),
     Console(ConsoleConnector),
 }
 
@@ -78,14 +79,14 @@ impl Connector {
                 headers,
                 timeout,
                 version,
-            } => Connector::Http(HttpConnector::new(
+            } => Connector::Http(Box::new(HttpConnector::new(
                 config.name.clone(),
                 url.clone(),
                 headers.clone(),
                 *timeout,
                 config.window.get() as usize,
                 *version,
-            )?),
+            )?)),
             CarrierKind::Console => Connector::Console(ConsoleConnector::new(config.name.clone())),
         })
     }
