@@ -8,6 +8,7 @@
 //! are cleared with the verification's own lock).
 
 use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use governor::middleware::NoOpMiddleware;
@@ -32,6 +33,9 @@ pub struct Limiters {
     ip: Vec<(Rule, Keyed<IpAddr>)>,
     /// One per client, indexed by [`ClientId`].
     clients: Vec<(Rule, Direct)>,
+    /// When housekeeping last walked the keys, and last shrank the maps (clock time).
+    last_retain: Mutex<Option<Duration>>,
+    last_shrink: Mutex<Option<Duration>>,
 }
 
 /// A request turned away by a limit.
@@ -96,6 +100,8 @@ impl Limiters {
             phone,
             ip,
             clients,
+            last_retain: Mutex::new(None),
+            last_shrink: Mutex::new(None),
         }
     }
 
@@ -122,23 +128,49 @@ impl Limiters {
     }
 
     /// Drops limiter entries that have fully recovered and reports how many keys remain
-    /// (phones, IPs).
+    /// (phones, IPs). Walking every key costs time in proportion to the keys, so the walk runs
+    /// at most every [`RETAIN_EVERY`] and the maps give memory back at most every
+    /// [`SHRINK_EVERY`]; in between only the counts are read.
     pub fn housekeep(&self) -> (usize, usize) {
+        let now = self.clock.elapsed();
+        let due = |last: &Mutex<Option<Duration>>, every: Duration| {
+            let mut last = last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let is_due = last.is_none_or(|last| now >= last + every);
+            if is_due {
+                *last = Some(now);
+            }
+            is_due
+        };
+        let retain = due(&self.last_retain, RETAIN_EVERY);
+        let shrink = retain && due(&self.last_shrink, SHRINK_EVERY);
         let mut n_phone_keys = 0;
         for (_, limiter) in &self.phone {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
+            if retain {
+                limiter.retain_recent();
+            }
+            if shrink {
+                limiter.shrink_to_fit();
+            }
             n_phone_keys += limiter.len();
         }
         let mut n_ip_keys = 0;
         for (_, limiter) in &self.ip {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
+            if retain {
+                limiter.retain_recent();
+            }
+            if shrink {
+                limiter.shrink_to_fit();
+            }
             n_ip_keys += limiter.len();
         }
         (n_phone_keys, n_ip_keys)
     }
 }
+
+/// How often keyed limiters forget recovered keys.
+pub const RETAIN_EVERY: Duration = Duration::from_secs(10);
+/// How often keyed limiters give memory back.
+pub const SHRINK_EVERY: Duration = Duration::from_secs(60);
 
 /// Checks the rules in order (shortest period first) and stops at the first that refuses, so a
 /// refused request does not use up the longer rules: governor has no "peek", and a request that

@@ -7,7 +7,8 @@
 //! phone's live index and its failed-check counter. The redis back-end will use the same idea
 //! for its hash tags.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,7 +24,7 @@ use crate::verification::{ClientId, Verification};
 const N_SHARDS: usize = 64;
 
 /// A verification's id: 16 random bytes, the first of which names the phone's shard.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VerificationId([u8; 16]);
 
 /// The embedded store. Cheap to clone.
@@ -49,6 +50,10 @@ pub struct Shard {
     pub failed_checks: HashMap<u64, FailedChecks>,
     /// Long-polls waiting for a verification to change.
     pub watchers: HashMap<VerificationId, Arc<Notify>>,
+    /// When the sweeper should next look at each verification: its earliest possible expiry
+    /// while pending, the end of its retention once ended. A min-heap, so a sweep touches only
+    /// what is due instead of every record.
+    pub deadlines: BinaryHeap<Reverse<(Millis, VerificationId)>>,
 }
 
 /// Wrong codes typed for one phone since `window_start_ms`.

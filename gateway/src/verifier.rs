@@ -5,6 +5,7 @@
 //! and changes one verification, its phone's live index and failed-check counter atomically.
 //! Lock order is always shard, then queue; nothing here awaits while holding a lock.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -342,6 +343,10 @@ impl Verifier {
             .map_err(|error| self.refused_at_queue(error))?;
         shard.records.insert(id, Box::new(record));
         shard.live.insert((phone.as_u64(), client), id);
+        shard.deadlines.push(Reverse((
+            now + shared.policy.code_ttl.as_millis() as Millis,
+            id,
+        )));
         remember(idempotency_guard.as_mut(), idempotency_key, id, now);
         let view = self.view_of(&shard, &id, now).ok_or(ApiError::NotFound)?;
         drop(shard);
@@ -656,24 +661,37 @@ impl Verifier {
         let mut n_live = 0;
         let mut n_expired = 0;
         shared.store.for_each_shard(|shard| {
-            let mut expired = Vec::new();
-            shard.records.retain(|id, record| {
+            // Only what is due is touched: the deadline heap holds each verification's next
+            // moment of interest (its earliest possible expiry, then the end of its retention).
+            while let Some(&Reverse((deadline, id))) = shard.deadlines.peek() {
+                if deadline > now {
+                    break;
+                }
+                shard.deadlines.pop();
+                let Some(record) = shard.records.get_mut(&id) else {
+                    continue;
+                };
                 if record.is_expired(now, &shared.policy) {
                     let expires_at = record.expires_at(now, &shared.policy);
                     record.end(Status::Expired, None, expires_at.min(now));
-                    expired.push((*id, (record.phone.as_u64(), record.client)));
-                    return true;
+                    let key = (record.phone.as_u64(), record.client);
+                    shard.deadlines.push(Reverse((now + retention_ms, id)));
+                    forget_live(shard, key, &id);
+                    shard.notify(&id);
+                    n_expired += 1;
+                    continue;
                 }
                 match record.ended_ms {
-                    Some(ended) => now < ended + retention_ms,
-                    None => true,
+                    Some(ended) if now >= ended + retention_ms => {
+                        shard.records.remove(&id);
+                    }
+                    Some(ended) => shard.deadlines.push(Reverse((ended + retention_ms, id))),
+                    // Still pending: its expiry moved (the SMS waited in the queue).
+                    None => shard
+                        .deadlines
+                        .push(Reverse((record.expires_at(now, &shared.policy), id))),
                 }
-            });
-            for (id, key) in &expired {
-                forget_live(shard, *key, id);
-                shard.notify(id);
             }
-            n_expired += expired.len();
             shard
                 .failed_checks
                 .retain(|_, failed| now < failed.window_start_ms + failed_window_ms);

@@ -508,18 +508,66 @@ impl std::io::Write for Logs {
 
 /// Captures every log line, at trace level, emitted on this thread until the guard drops. Use it
 /// in a current-thread `#[tokio::test]`, where every task of the gateway runs on this thread.
-pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+///
+/// One global subscriber serves every test of the binary and writes to the buffer of the
+/// thread that logs, if that thread captures. (A thread-local default subscriber per test would
+/// be simpler, but tracing caches each call site's interest process-wide, and a call site first
+/// reached by a thread with no subscriber could then stay silent in a capturing test.)
+pub fn capture_logs() -> (Logs, CaptureGuard) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            // No timestamps: their digits could match a code by chance.
+            .without_time()
+            .with_writer(|| ThreadWriter)
+            .with_filter(tracing_subscriber::filter::filter_fn(|_| {
+                CAPTURE.with(|capture| capture.borrow().is_some())
+            }));
+        // Another subscriber may already be global in this process; capturing then finds
+        // nothing, and the tests that capture say so.
+        let _ = tracing_subscriber::registry().with(layer).try_init();
+    });
     let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        // No timestamps: their digits could match a code by chance.
-        .without_time()
-        .with_writer(move || writer.clone())
-        .finish();
-    let guard = tracing::subscriber::set_default(subscriber);
-    (logs, guard)
+    CAPTURE.with(|capture| *capture.borrow_mut() = Some(logs.clone()));
+    (logs, CaptureGuard { _private: () })
+}
+
+/// Stops this thread's capture when dropped.
+#[derive(Debug)]
+pub struct CaptureGuard {
+    _private: (),
+}
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURE.with(|capture| *capture.borrow_mut() = None);
+    }
+}
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Logs>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Writes to the capturing thread's buffer.
+struct ThreadWriter;
+
+impl std::io::Write for ThreadWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CAPTURE.with(|capture| {
+            if let Some(logs) = capture.borrow_mut().as_mut() {
+                logs.0.lock().unwrap().extend_from_slice(buf);
+            }
+        });
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The SHA-256 of an API key, hex, as `api_key_sha256` wants it.
