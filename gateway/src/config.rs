@@ -394,7 +394,7 @@ impl RawConfig {
         if !(1..=1_000_000).contains(&max_connections) {
             return invalid("max_connections", "must be between 1 and 1000000");
         }
-        let shutdown_grace = Duration::from_secs(self.shutdown_grace_secs.unwrap_or(30));
+        let shutdown_grace = secs("shutdown_grace_secs", self.shutdown_grace_secs, 30, 0, 3600)?;
         let sweep_interval = Duration::from_millis(self.sweep_interval_ms.unwrap_or(1000));
         if sweep_interval.is_zero() || sweep_interval > Duration::from_secs(60) {
             return invalid("sweep_interval_ms", "must be between 1 and 60000");
@@ -444,6 +444,14 @@ impl RawConfig {
                 "clients",
                 "no clients (API keys) are configured, which is allowed only while listen and \
                  admin_listen are both on loopback; add [[clients]] or bind to 127.0.0.1",
+            );
+        }
+
+        if carriers.is_empty() && !clients.is_empty() {
+            return invalid(
+                "carriers",
+                "none configured; the built-in console carrier, which prints codes, is only for \
+                 development without [[clients]] on loopback",
             );
         }
 
@@ -513,10 +521,18 @@ impl RawVerification {
         let idempotency_ttl = secs(
             "verification.idempotency_ttl_secs",
             self.idempotency_ttl_secs,
-            86_400,
+            retention.as_secs().max(1),
             1,
             604_800,
         )?;
+        if idempotency_ttl > retention {
+            // A key must never outlive the verification it names, or a late retry would start
+            // a second one and send a second SMS.
+            return invalid(
+                "verification.idempotency_ttl_secs",
+                "must not exceed verification.retention_secs",
+            );
+        }
         Ok(VerificationPolicy {
             code_length,
             code_ttl,
@@ -791,8 +807,17 @@ mod tests {
             "{error}"
         );
         let key = "00".repeat(32);
-        let ok = format!(
+        let with_key = format!(
             "listen = \"0.0.0.0:8080\"\n[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\""
+        );
+        // Clients without a carrier would fall back to the console carrier, which prints codes.
+        let error = Config::from_toml(&with_key).unwrap_err();
+        assert!(
+            error.to_string().starts_with("config key carriers:"),
+            "{error}"
+        );
+        let ok = format!(
+            "{with_key}\n[[carriers]]\nname = \"alpha\"\nkind = \"http\"\nurl = \"https://sms.example\""
         );
         assert!(Config::from_toml(&ok).is_ok());
     }
@@ -826,6 +851,11 @@ mod tests {
                 "limits.phone_sends[0].max",
             ),
             ("secret = \"abcd\"", "secret"),
+            (
+                "[verification]\nretention_secs = 60\nidempotency_ttl_secs = 61",
+                "verification.idempotency_ttl_secs",
+            ),
+            ("shutdown_grace_secs = 3601", "shutdown_grace_secs"),
             ("store = \"mongo\"", "store"),
             ("[templates]\nen = \"no code here\"", "templates"),
         ];

@@ -70,7 +70,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     let mut in_flight = FuturesUnordered::new();
     // The next job, kept across turns of the loop rather than dropped and made again, so that a
     // pace cell it has taken is never wasted and a job it has popped is never lost.
-    let mut next = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
+    let mut next: Option<NextJob> = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
     loop {
         tokio::select! {
             biased;
@@ -89,10 +89,14 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     next = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
                     continue;
                 };
-                next = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
-                if let Prepared::Send(sms) = verifier.prepare(&job, carrier.id) {
-                    in_flight.push(submit(verifier.clone(), carrier.clone(), pacer.clone(), job, sms));
-                    carrier.metrics.set_in_flight(in_flight.len());
+                match verifier.prepare(&job, carrier.id) {
+                    Prepared::Send(sms) => {
+                        next = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
+                        in_flight.push(submit(verifier.clone(), carrier.clone(), pacer.clone(), job, sms));
+                        carrier.metrics.set_in_flight(in_flight.len());
+                    }
+                    // The pace cell this job took was not used: the next job has it.
+                    Prepared::Dropped => next = Some(Box::pin(pop_job(queue.clone()))),
                 }
             }
         }
@@ -100,11 +104,17 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
 }
 
 type Pacer = governor::DefaultDirectRateLimiter;
+type NextJob = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Job>> + Send>>;
 
 /// Waits for a pace cell, then for the most urgent job; `None` once the queue is closed and
 /// empty.
 async fn next_job(queue: crate::queue::Queue, pacer: Arc<Pacer>) -> Option<Job> {
     pacer.until_ready().await;
+    queue.pop().await
+}
+
+/// The most urgent job, with a pace cell already in hand.
+async fn pop_job(queue: crate::queue::Queue) -> Option<Job> {
     queue.pop().await
 }
 

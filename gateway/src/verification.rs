@@ -132,16 +132,20 @@ impl Verification {
         }
     }
 
-    /// The latest moment an SMS for this verification may still leave.
+    /// The latest moment an SMS for this verification may still leave: its expiry (fixed, or
+    /// the cap of the extension) less a useful lifetime, the smaller of a minute and half the
+    /// code's lifetime, so that no code arrives with seconds to live.
     pub fn send_deadline(&self, policy: &VerificationPolicy) -> Millis {
-        match self.fixed_expiry_ms {
+        let useful = (policy.code_ttl.as_millis() as Millis / 2).min(60_000);
+        let expiry = match self.fixed_expiry_ms {
             Some(fixed) => fixed,
             None => {
                 self.created_ms
                     + policy.code_ttl.as_millis() as Millis
                     + policy.max_extension.as_millis() as Millis
             }
-        }
+        };
+        expiry.saturating_sub(useful)
     }
 
     /// Whether a pending verification has run out of time at `now`.
@@ -304,6 +308,25 @@ mod tests {
         // A second acceptance (a resend) does not move expiry again.
         assert_eq!(v.accept(1, None, 1_200_000, &policy), None);
         assert_eq!(v.expires_at(2_000_000, &policy), 1_045_000 + 600_000);
+    }
+
+    #[test]
+    fn an_sms_leaves_only_with_a_useful_lifetime_left() {
+        let policy = policy();
+        let mut v = pending(1_000_000);
+        // Never accepted: the cap of the extension, less a minute.
+        assert_eq!(
+            v.send_deadline(&policy),
+            1_000_000 + 600_000 + 900_000 - 60_000
+        );
+        v.accept(0, None, 1_010_000, &policy);
+        assert_eq!(v.send_deadline(&policy), 1_010_000 + 600_000 - 60_000);
+        // A short-lived code keeps half its lifetime.
+        let short = VerificationPolicy {
+            code_ttl: Duration::from_secs(60),
+            ..policy.clone()
+        };
+        assert_eq!(pending(0).send_deadline(&short), 60_000 + 900_000 - 30_000);
     }
 
     #[test]

@@ -282,7 +282,9 @@ impl Verifier {
         }
 
         // The queue first (it spends nothing), then the IP, then the phone: a limit is spent
-        // only when everything before it allowed the send.
+        // only when everything before it allowed the send. The phone's budget is the one a
+        // citizen feels, so it is spent last; repeated presses for a live verification never
+        // get here (they return the existing one above).
         let lane = shared.clients.priority(client);
         self.admit(lane)?;
         shared
@@ -559,7 +561,9 @@ impl Verifier {
             return Prepared::Dropped;
         };
         if record.is_pending() && now >= job.deadline_ms.min(record.send_deadline(&shared.policy)) {
-            self.expire(&mut shard, &job.id, now);
+            let reason = self.drop_late(&mut shard, &job.id, now);
+            shared.metrics.queue_dropped(reason);
+            return Prepared::Dropped;
         }
         self.settle(&mut shard, &job.id, now);
         let Some(record) = shard.records.get_mut(&job.id) else {
@@ -612,7 +616,12 @@ impl Verifier {
         match completion {
             Completion::Accepted { carrier_message_id } => {
                 let carrier_message_id = carrier_message_id.map(String::into_boxed_str);
-                if let Some(extension_ms) =
+                if !record.is_pending() {
+                    // Cancelled or ended while the carrier answered: the SMS is out, so keep
+                    // its id for receipts, but the verification's state and expiry are final.
+                    record.carrier = Some(carrier);
+                    record.carrier_message_id = carrier_message_id;
+                } else if let Some(extension_ms) =
                     record.accept(carrier, carrier_message_id, now, &shared.policy)
                 {
                     shared
@@ -638,8 +647,8 @@ impl Verifier {
         let now = self.shared.clock.now_ms();
         if now >= job.deadline_ms {
             let mut shard = self.shared.store.shard(&job.id);
-            self.expire(&mut shard, &job.id, now);
-            self.shared.metrics.queue_dropped(QueueDrop::Expired);
+            let reason = self.drop_late(&mut shard, &job.id, now);
+            self.shared.metrics.queue_dropped(reason);
             return false;
         }
         let id = job.id;
@@ -753,6 +762,22 @@ impl Verifier {
         }
     }
 
+    /// A job that missed its send deadline is dropped. If no SMS of its verification was ever
+    /// accepted, the user has no code and never will: the verification expires now. A late
+    /// resend leaves it pending, since the code of the earlier SMS still works until expiry.
+    fn drop_late(&self, shard: &mut Shard, id: &VerificationId, now: Millis) -> QueueDrop {
+        match shard.records.get(id) {
+            Some(record) if record.is_pending() => {
+                if record.fixed_expiry_ms.is_none() {
+                    self.expire(shard, id, now);
+                }
+                QueueDrop::Expired
+            }
+            Some(record) if record.status == Status::Expired => QueueDrop::Expired,
+            _ => QueueDrop::Canceled,
+        }
+    }
+
     fn expire(&self, shard: &mut Shard, id: &VerificationId, now: Millis) {
         let Some(record) = shard.records.get_mut(id) else {
             return;
@@ -775,6 +800,10 @@ impl Verifier {
             return;
         };
         if now < record.resend_after_ms || record.delivery == DeliveryState::Queued {
+            return;
+        }
+        // A full queue leaves the verification as it is, and spends no limit.
+        if self.shared.queue.len() >= self.shared.queue.capacity() {
             return;
         }
         if self

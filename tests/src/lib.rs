@@ -54,6 +54,8 @@ pub enum Reply {
     Status(u16, Option<u64>),
     /// Accept, but only after this long.
     Slow(Duration),
+    /// `200` with this body instead of the carrier_message_id JSON.
+    AcceptWithBody(&'static str),
 }
 
 /// One SMS as the fake carrier received it (already checked against the wire format).
@@ -470,6 +472,11 @@ async fn receive(
             shared.arrived.notify_waiters();
             axum::Json(serde_json::json!({ "carrier_message_id": carrier_message_id }))
                 .into_response()
+        }
+        Reply::AcceptWithBody(body) => {
+            shared.received.lock().unwrap().push(sms);
+            shared.arrived.notify_waiters();
+            (http::StatusCode::OK, body).into_response()
         }
         Reply::Status(status, retry_after) => {
             let status = http::StatusCode::from_u16(status)

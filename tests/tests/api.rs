@@ -804,3 +804,29 @@ async fn a_ucs2_template_is_sent_intact() {
     );
     gateway.stop().await.unwrap();
 }
+
+/// A carrier's 2xx is an acceptance even when its body is garbage: the SMS is not sent again
+/// (that would be a duplicate), and the verification moves to `submitted`.
+#[tokio::test]
+async fn a_2xx_with_a_garbage_body_is_an_acceptance() {
+    let carrier = FakeCarrier::start().await;
+    carrier.script(&[Reply::AcceptWithBody("<html>ok</html>")]);
+    let config = format!(
+        "sweep_interval_ms = 50\n{}",
+        carrier.config("alpha", 1000, 10)
+    );
+    let gateway = Gateway::start(&config).await;
+    let started = gateway.start_verification(&phone(900)).await;
+    let id = started.id();
+    let read = gateway.get(&format!("/v1/verifications/{id}?wait=5")).await;
+    assert_eq!(read.body["delivery"]["state"], "submitted", "{}", read.text);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(carrier.n_requests(), 1, "the SMS was submitted again");
+    assert_eq!(
+        gateway
+            .metric(r#"otpgate_sms_submitted_total{carrier="alpha",outcome="accepted"}"#)
+            .await,
+        Some(1.0)
+    );
+    gateway.stop().await.unwrap();
+}

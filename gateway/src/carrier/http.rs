@@ -147,16 +147,23 @@ impl HttpConnector {
             SubmitError::Temporary { reason }
         })?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .map(|secs| Duration::from_secs(secs.min(3600)));
+        // The body is read whatever the status, so the connection can carry the next submit.
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes());
         if status.is_success() {
-            let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|_| SubmitError::Temporary {
-                    reason: FailureKind::BadResponse,
-                })?
-                .to_bytes();
-            let carrier_message_id = serde_json::from_slice::<AcceptBody>(&bytes)
+            // A 2xx is an acceptance even if its body is unreadable: retrying would send the
+            // SMS twice. Only receipts are lost without the carrier's id.
+            let carrier_message_id = body
                 .ok()
+                .and_then(|bytes| serde_json::from_slice::<AcceptBody>(&bytes).ok())
                 .and_then(|body| body.carrier_message_id)
                 .and_then(|id| match id {
                     serde_json::Value::String(id) if !id.is_empty() && id.len() <= 128 => Some(id),
@@ -171,12 +178,6 @@ impl HttpConnector {
         if status == http::StatusCode::TOO_MANY_REQUESTS
             || status == http::StatusCode::SERVICE_UNAVAILABLE
         {
-            let retry_after = response
-                .headers()
-                .get(http::header::RETRY_AFTER)
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.trim().parse::<u64>().ok())
-                .map(|secs| Duration::from_secs(secs.min(3600)));
             return Err(SubmitError::Throttled { retry_after });
         }
         let reason = FailureKind::Status(status.as_u16());
