@@ -98,6 +98,7 @@ impl Gateway {
     }
 
     pub async fn start_with_clock(config_toml: &str, clock: Clock) -> Gateway {
+        install_log_capture();
         let config =
             Config::from_toml(config_toml).unwrap_or_else(|error| panic!("test config: {error}"));
         let api_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
@@ -236,6 +237,23 @@ impl Gateway {
         }
     }
 
+    /// Long-polls a verification until its delivery state is `state` (within ten seconds).
+    pub async fn wait_for_delivery(&self, id: &str, state: &str) -> Answer {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = self.get(&format!("/v1/verifications/{id}?wait=1")).await;
+            assert_eq!(answer.status, 200, "{}", answer.text);
+            if answer.body["delivery"]["state"] == state {
+                return answer;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "delivery never became {state}: {}",
+                answer.text
+            );
+        }
+    }
+
     pub async fn admin_get(&self, path: &str) -> Answer {
         let response = self
             .http
@@ -328,6 +346,7 @@ impl Answer {
 impl FakeCarrier {
     /// Starts a carrier on 127.0.0.1 port 0 that accepts everything.
     pub async fn start() -> FakeCarrier {
+        install_log_capture();
         let shared = Arc::new(CarrierShared::default());
         shared.script.lock().unwrap().push_back(Reply::Accept);
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -521,6 +540,17 @@ impl std::io::Write for Logs {
 /// be simpler, but tracing caches each call site's interest process-wide, and a call site first
 /// reached by a thread with no subscriber could then stay silent in a capturing test.)
 pub fn capture_logs() -> (Logs, CaptureGuard) {
+    install_log_capture();
+    let logs = Logs::default();
+    CAPTURE.with(|capture| *capture.borrow_mut() = Some(logs.clone()));
+    (logs, CaptureGuard { _private: () })
+}
+
+/// Installs the process-wide subscriber that [`capture_logs`] reads from. Every gateway and
+/// fake carrier the harness starts calls it first, so that it is in place before any call site
+/// is first reached: tracing caches call-site interest, and one first reached while no
+/// subscriber was installed could stay silent.
+pub fn install_log_capture() {
     use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -531,16 +561,15 @@ pub fn capture_logs() -> (Logs, CaptureGuard) {
             // No timestamps: their digits could match a code by chance.
             .without_time()
             .with_writer(|| ThreadWriter)
-            .with_filter(tracing_subscriber::filter::filter_fn(|_| {
+            // A dynamic filter: it is asked at every event, never cached per call site (a plain
+            // `filter_fn` caches its first answer, given on whatever thread got there first).
+            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|_, _| {
                 CAPTURE.with(|capture| capture.borrow().is_some())
             }));
         // Another subscriber may already be global in this process; capturing then finds
         // nothing, and the tests that capture say so.
         let _ = tracing_subscriber::registry().with(layer).try_init();
     });
-    let logs = Logs::default();
-    CAPTURE.with(|capture| *capture.borrow_mut() = Some(logs.clone()));
-    (logs, CaptureGuard { _private: () })
 }
 
 /// Stops this thread's capture when dropped.
@@ -575,6 +604,23 @@ impl std::io::Write for ThreadWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Milliseconds since the Unix epoch of a timestamp as the API writes them
+/// (`2025-03-14T09:26:53.589Z`, RFC 3339 in UTC with milliseconds).
+pub fn epoch_ms(text: &str) -> u64 {
+    let time = humantime::parse_rfc3339(text)
+        .unwrap_or_else(|error| panic!("not an RFC 3339 timestamp: {text:?}: {error}"));
+    let ms = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a time after 1970")
+        .as_millis() as u64;
+    assert_eq!(
+        gateway::clock::rfc3339(ms),
+        text,
+        "the API writes milliseconds in UTC"
+    );
+    ms
 }
 
 /// The SHA-256 of an API key, hex, as `api_key_sha256` wants it.

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use serde_json::{Value, json};
-use tests::{Answer, FakeCarrier, Gateway, ReceivedSms, Reply, extract_code, phone, sha256_hex};
+use tests::{
+    Answer, FakeCarrier, Gateway, ReceivedSms, Reply, epoch_ms, extract_code, phone, sha256_hex,
+};
 
 use crate::errors::{UNKNOWN_ID, assert_error};
 
@@ -102,30 +104,6 @@ async fn wait_for_requests(carrier: &FakeCarrier, n: usize) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// Milliseconds since the Unix epoch of an RFC 3339 UTC time with milliseconds, as the API
-/// writes them (`2025-03-14T09:26:53.589Z`).
-fn epoch_ms(text: &str) -> u64 {
-    assert!(
-        text.len() == 24 && text.ends_with('Z'),
-        "not RFC 3339 UTC with milliseconds: {text:?}"
-    );
-    let field = |start: usize, end: usize| -> i64 {
-        text[start..end]
-            .parse()
-            .unwrap_or_else(|_| panic!("not RFC 3339: {text:?}"))
-    };
-    let (year, month, day) = (field(0, 4), field(5, 7), field(8, 10));
-    // Days since 1970-01-01 from the civil date (Howard Hinnant's days_from_civil).
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    let secs = ((days * 24 + field(11, 13)) * 60 + field(14, 16)) * 60 + field(17, 19);
-    (secs * 1000 + field(20, 23)) as u64
 }
 
 /// Sends `body` as a start request with an `Idempotency-Key`.

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tests::{Answer, FakeCarrier, Gateway, Reply, phone, sha256_hex};
+use tests::{Answer, FakeCarrier, Gateway, Reply, epoch_ms, phone, sha256_hex};
 
 /// Upper bound on any wait for the gateway to reach a state; never a fixed delay.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -58,23 +58,6 @@ async fn read(gateway: &Gateway, id: &str) -> Answer {
     answer
 }
 
-/// Long-polls a verification until its delivery state is `state`.
-async fn wait_for_delivery(gateway: &Gateway, id: &str, state: &str) -> Answer {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let answer = gateway.get(&format!("/v1/verifications/{id}?wait=1")).await;
-        assert_eq!(answer.status, 200, "{}", answer.text);
-        if answer.body["delivery"]["state"] == state {
-            return answer;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "delivery never became {state}: {}",
-            answer.text
-        );
-    }
-}
-
 /// Waits until the carrier has answered at least `n` submits (of any outcome).
 async fn wait_for_submits(carrier: &FakeCarrier, n: usize) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -114,29 +97,7 @@ fn time_field(answer: &Answer, field: &str) -> u64 {
     let text = answer.body[field]
         .as_str()
         .unwrap_or_else(|| panic!("no {field} in {}", answer.text));
-    parse_rfc3339_ms(text)
-}
-
-/// Parses the gateway's RFC 3339 timestamps (`2024-05-01T12:34:56.789Z`) and checks the result
-/// by formatting it back with the gateway's own formatter.
-fn parse_rfc3339_ms(text: &str) -> u64 {
-    let field = |from: usize, to: usize| -> i64 {
-        text.get(from..to)
-            .and_then(|digits| digits.parse().ok())
-            .unwrap_or_else(|| panic!("not an RFC 3339 timestamp with milliseconds: {text}"))
-    };
-    let (year, month, day) = (field(0, 4), field(5, 7), field(8, 10));
-    // Days from the civil date, after Howard Hinnant's `days_from_civil`.
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    let seconds = days * 86_400 + field(11, 13) * 3600 + field(14, 16) * 60 + field(17, 19);
-    let ms = u64::try_from(seconds * 1000 + field(20, 23)).expect("a time after 1970");
-    assert_eq!(gateway::clock::rfc3339(ms), text, "timestamp parser");
-    ms
+    epoch_ms(text)
 }
 
 /// A code's life starts when a carrier accepts its SMS: while the SMS is in retry `expires_at`
@@ -174,7 +135,7 @@ async fn code_ttl_counts_from_carrier_acceptance() {
 
     let flipped_ms = gateway.clock.now_ms();
     carrier.script(&[Reply::Accept]);
-    let submitted = wait_for_delivery(&gateway, &id, "submitted").await;
+    let submitted = gateway.wait_for_delivery(&id, "submitted").await;
     let seen_ms = gateway.clock.now_ms();
     assert_eq!(submitted.body["delivery"]["eta_seconds"], json!(null));
     let fixed_expiry = time_field(&submitted, "expires_at");
@@ -230,7 +191,7 @@ async fn session_extension_is_capped() {
     );
 
     carrier.script(&[Reply::Accept]);
-    let submitted = wait_for_delivery(&gateway, &id, "submitted").await;
+    let submitted = gateway.wait_for_delivery(&id, "submitted").await;
     assert_eq!(
         time_field(&submitted, "expires_at"),
         created + 90_000,
@@ -256,7 +217,7 @@ async fn sweeper_expires_verifications() {
     let gateway = gateway_with(&carrier, 1000, 10, "[verification]\ncode_ttl_secs = 60").await;
     let number = phone(1201);
     let id = start_ok(&gateway, &number).await;
-    let submitted = wait_for_delivery(&gateway, &id, "submitted").await;
+    let submitted = gateway.wait_for_delivery(&id, "submitted").await;
     let code = carrier.code_for(&number).expect("a code in the SMS");
     let series = "otpgate_verifications_ended_total{outcome=\"expired\"}";
     assert_eq!(gateway.registered_metric(series).await, 0.0);
@@ -297,7 +258,7 @@ async fn expiry_is_noticed_on_read() {
     .await;
     let number = phone(1301);
     let id = start_ok(&gateway, &number).await;
-    let submitted = wait_for_delivery(&gateway, &id, "submitted").await;
+    let submitted = gateway.wait_for_delivery(&id, "submitted").await;
     let code = carrier.code_for(&number).expect("a code in the SMS");
 
     gateway.clock.advance(Duration::from_secs(61));
@@ -393,7 +354,7 @@ async fn eta_grows_with_queue_position() {
     );
     assert!(etas[3] <= 10.0, "4 SMS at 1 per second: {etas:?}");
 
-    let submitted = wait_for_delivery(&gateway, &ids[0], "submitted").await;
+    let submitted = gateway.wait_for_delivery(&ids[0], "submitted").await;
     assert_eq!(
         submitted.body["delivery"]["eta_seconds"],
         json!(null),

@@ -74,23 +74,6 @@ async fn cancel(gateway: &Gateway, id: &str) {
     assert_eq!(answer.body["status"], "canceled");
 }
 
-/// Long-polls a verification until its delivery state is `state`.
-async fn wait_for_delivery(gateway: &Gateway, id: &str, state: &str) -> Answer {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let answer = gateway.get(&format!("/v1/verifications/{id}?wait=1")).await;
-        assert_eq!(answer.status, 200, "{}", answer.text);
-        if answer.body["delivery"]["state"] == state {
-            return answer;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "delivery never became {state}: {}",
-            answer.text
-        );
-    }
-}
-
 /// How many requests `limit` has turned away.
 async fn rejections(gateway: &Gateway, limit: &str) -> f64 {
     gateway
@@ -224,7 +207,7 @@ async fn resends_count_against_the_phone_limit() {
     let started = gateway.start_verification(&number).await;
     assert_eq!(started.status, 202, "{}", started.text);
     let id = started.id();
-    wait_for_delivery(&gateway, &id, "submitted").await;
+    gateway.wait_for_delivery(&id, "submitted").await;
     let code = carrier.code_for(&number).expect("a code in the first SMS");
 
     // The resend cooldown and the 30-second rule have both passed.

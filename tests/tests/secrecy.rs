@@ -53,7 +53,10 @@ async fn codes_keys_and_phones_never_leak() {
     gateway.stop().await.unwrap();
 
     let logs = logs.text();
-    assert!(logs.contains("otpgate listening"), "logs were captured");
+    assert!(
+        logs.contains("otpgate listening"),
+        "logs were not captured: {logs:?}"
+    );
     let national = &number[3..];
     for (place, text) in [("logs", logs.as_str()), ("metrics", metrics.as_str())]
         .into_iter()
