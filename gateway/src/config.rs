@@ -138,6 +138,7 @@ pub struct RawCarrier {
     pub from: Option<String>,
     pub timeout_ms: Option<u64>,
     pub http_version: Option<String>,
+    pub receipt_token: Option<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
 }
@@ -210,6 +211,9 @@ pub struct CarrierConfig {
     pub window: NonZeroU32,
     /// Sender id.
     pub from: String,
+    /// SHA-256 of the token the carrier presents (`Authorization: Bearer …`) when it posts
+    /// delivery receipts; without one, its receipts are refused.
+    pub receipt_token_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone)]
@@ -696,12 +700,20 @@ impl RawCarrier {
                 );
             }
         };
+        let receipt_token_sha256 = match self.receipt_token {
+            None => None,
+            Some(token) if token.len() < 16 || token.len() > 256 => {
+                return invalid(key("receipt_token"), "must be 16 to 256 characters");
+            }
+            Some(token) => Some(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()).into()),
+        };
         Ok(CarrierConfig {
             name: self.name,
             kind,
             pace_per_sec,
             window,
             from,
+            receipt_token_sha256,
         })
     }
 }

@@ -9,7 +9,7 @@
 //! - [`routes`] and [`admin`]: the API and admin listeners, over [`server`]'s accept loop.
 //! - [`verifier`]: the engine behind every call, over [`store`], [`ratelimit`] and [`queue`].
 //! - [`dispatch`] and [`carrier`]: from the queue to the carriers.
-//! - [`verification`], [`otp`], [`phone`], [`sms`]: the domain.
+//! - [`verification`], [`otp`], [`phone`], [`sms`], [`receipt`]: the domain.
 //! - [`config`], [`metrics`], [`clock`], [`error`], [`shutdown`]: the plumbing.
 
 pub mod admin;
@@ -23,6 +23,7 @@ pub mod otp;
 pub mod phone;
 pub mod queue;
 pub mod ratelimit;
+pub mod receipt;
 pub mod routes;
 pub mod server;
 pub mod shutdown;
@@ -76,6 +77,7 @@ pub async fn run(
             pace_per_sec: NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN),
             window: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
             from: "otpgate".to_owned(),
+            receipt_token_sha256: None,
         });
     }
     if config.is_unauthenticated() {

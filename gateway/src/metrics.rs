@@ -32,6 +32,7 @@ pub enum Route {
     CheckVerification,
     ResendVerification,
     CancelVerification,
+    CarrierReceipt,
     OpenApi,
     Unmatched,
 }
@@ -141,17 +142,21 @@ pub struct CarrierMetrics {
     segments: [Counter; 2],
     in_flight: Gauge,
     pace: Gauge,
+    receipts: [Counter; 3],
+    receipts_unmatched: Counter,
+    delivery: Histogram,
 }
 
 // === impl Route ===
 
 impl Route {
-    pub const ALL: [Route; 7] = [
+    pub const ALL: [Route; 8] = [
         Route::StartVerification,
         Route::GetVerification,
         Route::CheckVerification,
         Route::ResendVerification,
         Route::CancelVerification,
+        Route::CarrierReceipt,
         Route::OpenApi,
         Route::Unmatched,
     ];
@@ -164,6 +169,7 @@ impl Route {
             ("POST", Some("/v1/verifications/{id}/check")) => Route::CheckVerification,
             ("POST", Some("/v1/verifications/{id}/resend")) => Route::ResendVerification,
             ("DELETE", Some("/v1/verifications/{id}")) => Route::CancelVerification,
+            ("POST", Some("/v1/carriers/{name}/receipts")) => Route::CarrierReceipt,
             ("GET", Some("/v1/openapi.json")) => Route::OpenApi,
             _ => Route::Unmatched,
         }
@@ -181,6 +187,7 @@ impl Route {
             Route::CheckVerification => ("POST", "/v1/verifications/{id}/check"),
             Route::ResendVerification => ("POST", "/v1/verifications/{id}/resend"),
             Route::CancelVerification => ("DELETE", "/v1/verifications/{id}"),
+            Route::CarrierReceipt => ("POST", "/v1/carriers/{name}/receipts"),
             Route::OpenApi => ("GET", "/v1/openapi.json"),
             Route::Unmatched => ("other", "unmatched"),
         }
@@ -206,6 +213,12 @@ impl Metrics {
             })
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Suffix("extension_seconds".into()), WAIT_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("otpgate_sms_delivery_seconds".into()),
+                    WAIT_BUCKETS,
+                )
             })
             .expect("bucket lists are not empty")
             .build_recorder();
@@ -414,7 +427,20 @@ impl Metrics {
                     .collect();
                 let in_flight = r.gauge("otpgate_carrier_window_in_use", vec![carrier()]);
                 in_flight.set(0.0);
+                let receipts: Vec<Counter> = ["delivered", "undeliverable", "expired"]
+                    .iter()
+                    .map(|state| {
+                        r.counter(
+                            "otpgate_receipts_total",
+                            vec![carrier(), Label::new("state", *state)],
+                        )
+                    })
+                    .collect();
                 CarrierMetrics {
+                    receipts: to_array(receipts),
+                    receipts_unmatched: r
+                        .counter("otpgate_receipts_unmatched_total", vec![carrier()]),
+                    delivery: r.histogram("otpgate_sms_delivery_seconds", vec![carrier()]),
                     submits: to_array(submits),
                     duration: r
                         .histogram("otpgate_carrier_submit_duration_seconds", vec![carrier()]),
@@ -558,6 +584,25 @@ impl CarrierMetrics {
 
     pub fn set_pace(&self, per_sec: f64) {
         self.pace.set(per_sec);
+    }
+
+    /// A receipt matched to an SMS.
+    pub fn receipt(&self, status: crate::receipt::ReceiptStatus) {
+        use crate::receipt::ReceiptStatus;
+        let index = match status {
+            ReceiptStatus::Delivered => 0,
+            ReceiptStatus::Undeliverable => 1,
+            ReceiptStatus::Expired => 2,
+        };
+        self.receipts[index].increment(1);
+    }
+
+    pub fn receipt_unmatched(&self) {
+        self.receipts_unmatched.increment(1);
+    }
+
+    pub fn delivered_after(&self, seconds: f64) {
+        self.delivery.record(seconds);
     }
 }
 

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ApiError;
 use crate::metrics::{Route, Started};
 use crate::phone::{Phone, PhoneError};
+use crate::receipt::ReceiptStatus;
 use crate::store::VerificationId;
 use crate::verifier::{NewVerification, Verifier};
 
@@ -32,6 +33,7 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/verifications/{id}"),
     ("POST", "/v1/verifications/{id}/check"),
     ("POST", "/v1/verifications/{id}/resend"),
+    ("POST", "/v1/carriers/{name}/receipts"),
     ("GET", "/v1/openapi.json"),
 ];
 
@@ -70,6 +72,15 @@ struct CheckBody {
     code: String,
 }
 
+/// A delivery receipt (DESIGN.md section 5). Unknown fields are allowed: carriers add their own.
+#[derive(Deserialize)]
+struct ReceiptBody {
+    carrier_message_id: serde_json::Value,
+    status: ReceiptStatus,
+    #[allow(dead_code, reason = "accepted for the record; nothing acts on it yet")]
+    error_code: Option<serde_json::Value>,
+}
+
 /// Builds the API router.
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -77,6 +88,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/verifications/{id}", get(read).delete(cancel))
         .route("/v1/verifications/{id}/check", post(check))
         .route("/v1/verifications/{id}/resend", post(resend))
+        .route("/v1/carriers/{name}/receipts", post(receipt))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -253,6 +265,44 @@ async fn cancel(
     let id = parse_id(&id)?;
     let view = state.verifier.cancel(client, &id)?;
     Ok(axum::Json(view).into_response())
+}
+
+/// A carrier's delivery receipt, authenticated with the carrier's own token. A receipt that
+/// matches no SMS is counted and answered `200 {"matched": false}`, so carriers do not retry it.
+async fn receipt(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let carrier = state
+        .verifier
+        .carrier_by_name(&name)
+        .ok_or(ApiError::UnknownCarrier)?;
+    state
+        .verifier
+        .authenticate_carrier(carrier, bearer(&parts.headers))?;
+    let bytes = read_body(&parts.headers, body, state.max_body_bytes).await?;
+    let body: ReceiptBody = parse_json(&bytes)?;
+    // Carriers send ids as strings or numbers.
+    let carrier_message_id = match &body.carrier_message_id {
+        serde_json::Value::String(id) => id.clone(),
+        serde_json::Value::Number(id) => id.to_string(),
+        _ => String::new(),
+    };
+    if crate::receipt::readings(&carrier_message_id).is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!(
+                "carrier_message_id: expected a string or number of 1 to {} characters",
+                crate::receipt::MAX_ID_LEN
+            ),
+        ));
+    }
+    let matched = state
+        .verifier
+        .receipt(carrier, &carrier_message_id, body.status);
+    Ok(axum::Json(serde_json::json!({ "matched": matched })).into_response())
 }
 
 async fn openapi() -> Response {

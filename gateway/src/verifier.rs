@@ -21,6 +21,7 @@ use crate::otp::CodeKeys;
 use crate::phone::Phone;
 use crate::queue::{Job, PushError, Queue};
 use crate::ratelimit::Limiters;
+use crate::receipt::{ReceiptIndex, ReceiptStatus};
 use crate::sms::{RenderParams, SmsText, Templates};
 use crate::store::{FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store, VerificationId};
 use crate::verification::{
@@ -51,6 +52,10 @@ struct Shared {
     total_pace_per_sec: f64,
     /// Cleared when shutdown begins: new verifications are refused from then on.
     accepting: AtomicBool,
+    /// Carrier message ids of accepted SMS, for delivery receipts.
+    receipts: ReceiptIndex,
+    /// When the receipt index was last cleaned of ended verifications (clock time).
+    last_receipt_sweep: std::sync::Mutex<Duration>,
 }
 
 #[derive(Debug)]
@@ -65,6 +70,7 @@ struct CarrierInfo {
     name: String,
     from: Arc<str>,
     receipt_url: Arc<str>,
+    receipt_token_sha256: Option<[u8; 32]>,
 }
 
 /// A start request, validated by the route.
@@ -132,6 +138,7 @@ impl Verifier {
                     config.public_url, carrier.name
                 )
                 .into(),
+                receipt_token_sha256: carrier.receipt_token_sha256,
             })
             .collect();
         let total_pace_per_sec = config
@@ -161,6 +168,8 @@ impl Verifier {
                 carriers,
                 total_pace_per_sec,
                 accepting: AtomicBool::new(true),
+                receipts: ReceiptIndex::new(),
+                last_receipt_sweep: std::sync::Mutex::new(Duration::ZERO),
             }),
         }
     }
@@ -608,6 +617,24 @@ impl Verifier {
     pub fn complete(&self, job: &Job, carrier: CarrierId, completion: Completion) {
         let shared = &*self.shared;
         let now = shared.clock.now_ms();
+        let mut receipt_id: Option<String> = None;
+        self.record_completion(job, carrier, completion, now, &mut receipt_id);
+        // Indexed after the shard's lock is released: the receipt index is never locked while a
+        // shard is (its sweep locks them the other way round).
+        if let Some(id) = receipt_id {
+            shared.receipts.insert(carrier, &id, job.id);
+        }
+    }
+
+    fn record_completion(
+        &self,
+        job: &Job,
+        carrier: CarrierId,
+        completion: Completion,
+        now: Millis,
+        receipt_id: &mut Option<String>,
+    ) {
+        let shared = &*self.shared;
         let mut shard = shared.store.shard(&job.id);
         let shard = &mut *shard;
         let Some(record) = shard.records.get_mut(&job.id) else {
@@ -615,6 +642,7 @@ impl Verifier {
         };
         match completion {
             Completion::Accepted { carrier_message_id } => {
+                *receipt_id = carrier_message_id.clone();
                 let carrier_message_id = carrier_message_id.map(String::into_boxed_str);
                 if !record.is_pending() {
                     // Cancelled or ended while the carrier answered: the SMS is out, so keep
@@ -640,6 +668,84 @@ impl Verifier {
             }
         }
         shard.notify(&job.id);
+    }
+
+    /// The carrier named `name` in the config.
+    pub fn carrier_by_name(&self, name: &str) -> Option<CarrierId> {
+        self.shared
+            .carriers
+            .iter()
+            .position(|carrier| carrier.name == name)
+            .map(|index| index as CarrierId)
+    }
+
+    /// Checks the token a carrier presents with its receipts, in constant time.
+    pub fn authenticate_carrier(
+        &self,
+        carrier: CarrierId,
+        bearer: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let expected = self
+            .shared
+            .carriers
+            .get(carrier as usize)
+            .and_then(|carrier| carrier.receipt_token_sha256)
+            .ok_or(ApiError::Unauthorized)?;
+        let presented: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(
+            bearer.ok_or(ApiError::Unauthorized)?.as_bytes(),
+        )
+        .into();
+        if bool::from(subtle::ConstantTimeEq::ct_eq(&presented[..], &expected[..])) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+
+    /// Applies a delivery receipt; returns whether it matched an SMS.
+    ///
+    /// A receipt moves `delivery.state` from `submitted` to `delivered` or `undeliverable` for
+    /// the SMS the receipt's carrier accepted last. The verification stays pending either way:
+    /// after an undeliverable SMS, a resend may go by another carrier.
+    pub fn receipt(
+        &self,
+        carrier: CarrierId,
+        carrier_message_id: &str,
+        status: ReceiptStatus,
+    ) -> bool {
+        let shared = &*self.shared;
+        let metrics = shared.metrics.carrier(carrier as usize);
+        let Some(id) = shared.receipts.find(carrier, carrier_message_id) else {
+            metrics.receipt_unmatched();
+            return false;
+        };
+        let now = shared.clock.now_ms();
+        let mut shard = shared.store.shard(&id);
+        let Some(record) = shard.records.get_mut(&id) else {
+            metrics.receipt_unmatched();
+            return false;
+        };
+        metrics.receipt(status);
+        let latest = record.carrier == Some(carrier)
+            && record.carrier_message_id.as_deref().is_some_and(|latest| {
+                crate::receipt::readings(latest)
+                    .iter()
+                    .any(|reading| crate::receipt::readings(carrier_message_id).contains(reading))
+            });
+        if latest && record.delivery == DeliveryState::Submitted {
+            match status {
+                ReceiptStatus::Delivered => {
+                    record.delivery = DeliveryState::Delivered;
+                    metrics.delivered_after(now.saturating_sub(record.created_ms) as f64 / 1000.0);
+                }
+                ReceiptStatus::Undeliverable | ReceiptStatus::Expired => {
+                    record.delivery = DeliveryState::Undeliverable;
+                }
+            }
+            record.touch();
+            shard.notify(&id);
+        }
+        true
     }
 
     /// Puts a job back in line; returns false (and drops it) if its deadline has passed.
@@ -717,6 +823,25 @@ impl Verifier {
         shared.store.for_each_idempotency_shard(|map| {
             map.retain(|_, entry| now < entry.created_ms + idempotency_ttl_ms)
         });
+        let elapsed = shared.clock.elapsed();
+        let receipts_due = {
+            let mut last = shared
+                .last_receipt_sweep
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let due = elapsed >= *last + RECEIPT_SWEEP_EVERY;
+            if due {
+                *last = elapsed;
+            }
+            due
+        };
+        if receipts_due {
+            // Ids of verifications past retention go; one store lock at a time, never with a
+            // shard lock held first.
+            shared
+                .receipts
+                .retain(|id| shared.store.shard(id).records.contains_key(id));
+        }
         let (n_phone_keys, n_ip_keys) = shared.limiters.housekeep();
         shared.metrics.set_limiter_keys(n_phone_keys, n_ip_keys);
         shared.metrics.set_live(n_live);
@@ -917,6 +1042,9 @@ impl Verifier {
         ApiError::from(rejection)
     }
 }
+
+/// How often the receipt index forgets the ids of verifications that are gone.
+const RECEIPT_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Records what an `Idempotency-Key` was used for, when the request carried one.
 fn remember(

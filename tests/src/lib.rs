@@ -165,6 +165,26 @@ impl Gateway {
         Answer::read(response).await
     }
 
+    /// Sends a request with this bearer token instead of the gateway's API key (a carrier
+    /// posting a receipt, say).
+    pub async fn request_with_bearer(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Vec<u8>,
+        bearer: Option<&str>,
+    ) -> Answer {
+        let mut request = self
+            .http
+            .request(method, self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        Answer::read(request.send().await.expect("request to the gateway")).await
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> Answer {
         self.request(
             http::Method::POST,

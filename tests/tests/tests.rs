@@ -7,5 +7,6 @@ mod errors;
 mod expiry;
 mod limits;
 mod openapi;
+mod receipts;
 mod secrecy;
 mod shutdown;

@@ -1,0 +1,206 @@
+//! Delivery receipts: carriers' message ids, normalised so that a receipt finds its SMS however
+//! the carrier spells the id, and the index from those ids to verifications.
+//!
+//! Carriers are inconsistent about their own ids: the submit answer may say `00A1F3` and the
+//! receipt `a1f3`, or hex in one and decimal in the other (SMPP carriers commonly do both). An
+//! id is therefore reduced to its possible *readings*: a number when it is all digits (decimal)
+//! or all hex digits (optionally `0x`-prefixed), leading zeros and case aside; otherwise its
+//! lowercased text. Every reading of the id a carrier accepted an SMS with is indexed, and a
+//! receipt matches if any of its readings is.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::store::VerificationId;
+use crate::verification::CarrierId;
+
+/// Shards of the index: receipts arrive from many carrier connections at once.
+const N_SHARDS: usize = 16;
+
+/// One reading of a carrier message id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Reading {
+    Number(u128),
+    Text(Box<str>),
+}
+
+/// Which carrier message ids belong to which verification.
+#[derive(Debug)]
+pub struct ReceiptIndex {
+    shards: Box<[Mutex<Shard>]>,
+}
+
+type Shard = HashMap<(CarrierId, Reading), VerificationId>;
+
+/// What a carrier said about an SMS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptStatus {
+    Delivered,
+    Undeliverable,
+    Expired,
+}
+
+/// The longest carrier message id accepted: longer ones are nobody's ids.
+pub const MAX_ID_LEN: usize = 128;
+
+/// The readings of a carrier message id, most likely first; empty for an id that is empty or
+/// too long.
+pub fn readings(id: &str) -> Vec<Reading> {
+    let id = id.trim();
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Vec::new();
+    }
+    let mut readings = Vec::with_capacity(2);
+    let hex_digits = id
+        .strip_prefix("0x")
+        .or_else(|| id.strip_prefix("0X"))
+        .unwrap_or(id);
+    if id.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(value) = id.parse::<u128>() {
+            readings.push(Reading::Number(value));
+        }
+    }
+    if !hex_digits.is_empty() && hex_digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if let Ok(value) = u128::from_str_radix(hex_digits, 16) {
+            let reading = Reading::Number(value);
+            if !readings.contains(&reading) {
+                readings.push(reading);
+            }
+        }
+    }
+    if readings.is_empty() {
+        readings.push(Reading::Text(id.to_ascii_lowercase().into_boxed_str()));
+    }
+    readings
+}
+
+// === impl ReceiptIndex ===
+
+impl ReceiptIndex {
+    pub fn new() -> ReceiptIndex {
+        ReceiptIndex {
+            shards: (0..N_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// Remembers that `carrier` accepted an SMS of `verification` under `id`.
+    pub fn insert(&self, carrier: CarrierId, id: &str, verification: VerificationId) {
+        for reading in readings(id) {
+            let key = (carrier, reading);
+            self.shard(&key).insert(key, verification);
+        }
+    }
+
+    /// The verification a receipt from `carrier` for `id` belongs to.
+    pub fn find(&self, carrier: CarrierId, id: &str) -> Option<VerificationId> {
+        readings(id).into_iter().find_map(|reading| {
+            let key = (carrier, reading);
+            self.shard(&key).get(&key).copied()
+        })
+    }
+
+    /// Forgets the ids of verifications that `keep` no longer wants; returns how many remain.
+    pub fn retain(&self, mut keep: impl FnMut(&VerificationId) -> bool) -> usize {
+        let mut n_left = 0;
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            shard.retain(|_, verification| keep(verification));
+            n_left += shard.len();
+        }
+        n_left
+    }
+
+    fn shard(
+        &self,
+        key: &(CarrierId, Reading),
+    ) -> MutexGuard<'_, HashMap<(CarrierId, Reading), VerificationId>> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        key.hash(&mut hasher);
+        lock(&self.shards[hasher.finish() as usize % N_SHARDS])
+    }
+}
+
+impl Default for ReceiptIndex {
+    fn default() -> Self {
+        ReceiptIndex::new()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::phone::Phone;
+
+    fn verification() -> VerificationId {
+        let (phone, _) = Phone::parse("+393331234567").unwrap();
+        VerificationId::new_for(&phone)
+    }
+
+    #[test]
+    fn the_same_id_matches_however_it_is_spelt() {
+        let index = ReceiptIndex::new();
+        let (hex_id, decimal_id, text_id) = (verification(), verification(), verification());
+        index.insert(0, "00A1F3", hex_id);
+        index.insert(0, "000123", decimal_id);
+        index.insert(0, "MSG-42-x", text_id);
+        // Case, leading zeros and a 0x prefix do not matter.
+        for spelling in ["a1f3", "A1F3", "0xa1f3", "0x00A1F3", " a1f3 "] {
+            assert_eq!(index.find(0, spelling), Some(hex_id), "{spelling}");
+        }
+        // Hex in the answer, decimal in the receipt: 0xA1F3 is 41459.
+        assert_eq!(index.find(0, "41459"), Some(hex_id));
+        // Decimal in the answer, hex in the receipt: 123 is 0x7B.
+        assert_eq!(index.find(0, "123"), Some(decimal_id));
+        assert_eq!(index.find(0, "7b"), Some(decimal_id));
+        assert_eq!(index.find(0, "msg-42-X"), Some(text_id));
+        // Another carrier's ids are another namespace.
+        assert_eq!(index.find(1, "a1f3"), None);
+        assert_eq!(index.find(0, "unknown"), None);
+        assert_eq!(index.find(0, ""), None);
+    }
+
+    #[test]
+    fn retain_forgets_ended_verifications() {
+        let index = ReceiptIndex::new();
+        let (kept, dropped) = (verification(), verification());
+        index.insert(0, "abc", kept);
+        index.insert(0, "xyz-1", dropped);
+        assert_eq!(index.retain(|id| *id == kept), 1);
+        assert_eq!(index.find(0, "xyz-1"), None);
+        assert_eq!(index.find(0, "ABC"), Some(kept));
+    }
+
+    proptest! {
+        /// Any spelling of a number (case, zeros, 0x) reads as the same number.
+        #[test]
+        fn spellings_of_a_number_agree(value in any::<u64>(), zeros in 0usize..5, upper in any::<bool>()) {
+            let hex = format!("{}{value:x}", "0".repeat(zeros));
+            let hex = if upper { hex.to_uppercase() } else { hex };
+            prop_assert!(readings(&hex).contains(&Reading::Number(value as u128)));
+            let prefixed = format!("0x{hex}");
+            prop_assert!(readings(&prefixed).contains(&Reading::Number(value as u128)));
+            let decimal = format!("{}{value}", "0".repeat(zeros));
+            prop_assert_eq!(readings(&decimal)[0].clone(), Reading::Number(value as u128));
+        }
+
+        /// Nothing a carrier sends makes reading panic, and nothing too long is kept.
+        #[test]
+        fn reading_never_panics(text in ".{0,200}") {
+            let found = readings(&text);
+            prop_assert!(found.len() <= 2);
+            if text.trim().len() > MAX_ID_LEN {
+                prop_assert!(found.is_empty());
+            }
+        }
+    }
+}
