@@ -725,13 +725,16 @@ impl Verifier {
             metrics.receipt_unmatched();
             return false;
         };
-        metrics.receipt(status);
+        // The index may point at a verification whose latest SMS went by another carrier or
+        // under another id (an earlier send): such a receipt is matched but changes nothing.
+        let receipt_readings = crate::receipt::readings(carrier_message_id);
         let latest = record.carrier == Some(carrier)
             && record.carrier_message_id.as_deref().is_some_and(|latest| {
                 crate::receipt::readings(latest)
                     .iter()
-                    .any(|reading| crate::receipt::readings(carrier_message_id).contains(reading))
+                    .any(|reading| receipt_readings.contains(reading))
             });
+        metrics.receipt(status);
         if latest && record.delivery == DeliveryState::Submitted {
             match status {
                 ReceiptStatus::Delivered => {
