@@ -3,6 +3,9 @@
 //! It runs on its own port so that the API's limits and auth never stand between Prometheus and
 //! the numbers, and it keeps serving while the API drains on shutdown.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -10,12 +13,14 @@ use axum::routing::get;
 use http::{StatusCode, header};
 use serde_json::json;
 
+use crate::breaker::{Breaker, State as BreakerState};
 use crate::verifier::Verifier;
 
 #[derive(Clone, Debug)]
 pub struct AdminState {
     pub verifier: Verifier,
-    pub carriers: Vec<String>,
+    /// Each carrier's name and circuit breaker, for `/readyz`.
+    pub carriers: Vec<(String, Arc<Breaker>)>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -42,20 +47,31 @@ async fn healthz() -> Response {
     (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
 }
 
-/// Ready: accepting new verifications and with room in the queue.
+/// Ready: accepting new verifications, with room in the queue, and with at least one carrier
+/// whose circuit is not open.
 async fn readyz(State(state): State<AdminState>) -> Response {
     let queue = state.verifier.queue();
     let accepting = state.verifier.is_accepting();
     let depth = queue.len();
     let capacity = queue.capacity();
     let queue_ok = depth < capacity;
-    let ready = accepting && queue_ok;
+    let now = Instant::now();
+    let carriers: Vec<serde_json::Value> = state
+        .carriers
+        .iter()
+        .map(|(name, breaker)| json!({"name": name, "circuit": breaker.state(now).as_str()}))
+        .collect();
+    let carriers_ok = state
+        .carriers
+        .iter()
+        .any(|(_, breaker)| breaker.state(now) != BreakerState::Open);
+    let ready = accepting && queue_ok && carriers_ok;
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {
             "accepting": accepting,
             "queue": {"ok": queue_ok, "depth": depth, "capacity": capacity},
-            "carriers": state.carriers,
+            "carriers": {"ok": carriers_ok, "each": carriers},
         }
     });
     let status = if ready {

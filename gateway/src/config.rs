@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::breaker::BreakerPolicy;
 use crate::phone::CountryAllowList;
 use crate::sms::Templates;
 
@@ -139,6 +140,10 @@ pub struct RawCarrier {
     pub timeout_ms: Option<u64>,
     pub http_version: Option<String>,
     pub receipt_token: Option<String>,
+    pub breaker_failures: Option<u32>,
+    pub breaker_error_ratio: Option<f64>,
+    pub breaker_open_ms: Option<u64>,
+    pub breaker_probes: Option<u32>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
 }
@@ -214,6 +219,8 @@ pub struct CarrierConfig {
     /// SHA-256 of the token the carrier presents (`Authorization: Bearer …`) when it posts
     /// delivery receipts; without one, its receipts are refused.
     pub receipt_token_sha256: Option<[u8; 32]>,
+    /// When the carrier's circuit breaker opens, and how it probes back.
+    pub breaker: BreakerPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -707,6 +714,22 @@ impl RawCarrier {
             }
             Some(token) => Some(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()).into()),
         };
+        let failures = self.breaker_failures.unwrap_or(5);
+        if !(1..=10_000).contains(&failures) {
+            return invalid(key("breaker_failures"), "must be between 1 and 10000");
+        }
+        let error_ratio = self.breaker_error_ratio.unwrap_or(0.5);
+        if !(error_ratio > 0.0 && error_ratio <= 1.0) {
+            return invalid(key("breaker_error_ratio"), "must be above 0 and at most 1");
+        }
+        let open_ms = self.breaker_open_ms.unwrap_or(10_000);
+        if !(10..=3_600_000).contains(&open_ms) {
+            return invalid(key("breaker_open_ms"), "must be between 10 and 3600000");
+        }
+        let probes = self.breaker_probes.unwrap_or(1);
+        if !(1..=1000).contains(&probes) {
+            return invalid(key("breaker_probes"), "must be between 1 and 1000");
+        }
         Ok(CarrierConfig {
             name: self.name,
             kind,
@@ -714,6 +737,12 @@ impl RawCarrier {
             window,
             from,
             receipt_token_sha256,
+            breaker: BreakerPolicy {
+                failures,
+                error_ratio,
+                open_for: Duration::from_millis(open_ms),
+                probes,
+            },
         })
     }
 }

@@ -20,6 +20,7 @@ use governor::{Quota, RateLimiter};
 use rand::Rng;
 use tokio::task::JoinSet;
 
+use crate::breaker::{Breaker, Permit};
 use crate::carrier::{Connector, OutboundSms, SubmitError};
 use crate::config::CarrierConfig;
 use crate::metrics::{CarrierMetrics, SubmitOutcome};
@@ -42,6 +43,8 @@ pub struct Carrier {
     pub config: CarrierConfig,
     pub connector: Connector,
     pub metrics: CarrierMetrics,
+    /// Takes the carrier out of rotation while it keeps failing.
+    pub breaker: Arc<Breaker>,
 }
 
 /// Starts a dispatcher task per carrier. The returned set finishes once the queue is closed and
@@ -70,7 +73,11 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     let mut in_flight = FuturesUnordered::new();
     // The next job, kept across turns of the loop rather than dropped and made again, so that a
     // pace cell it has taken is never wasted and a job it has popped is never lost.
-    let mut next: Option<NextJob> = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
+    let mut next: Option<NextJob> = Some(Box::pin(next_job(
+        queue.clone(),
+        pacer.clone(),
+        carrier.clone(),
+    )));
     loop {
         tokio::select! {
             biased;
@@ -78,7 +85,9 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                 carrier.metrics.set_in_flight(in_flight.len());
             }
             job = async { next.as_mut().expect("guarded by is_some").await }, if next.is_some() && in_flight.len() < window => {
+                let (permit, job) = job;
                 let Some(job) = job else {
+                    carrier.breaker.record(permit, None, Instant::now());
                     // The queue is closed and empty: let the submits in flight finish (a retry
                     // may put a job back), then look again.
                     while in_flight.next().await.is_some() {}
@@ -86,17 +95,18 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     if queue.is_empty() {
                         return;
                     }
-                    next = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
+                    next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
                     continue;
                 };
                 match verifier.prepare(&job, carrier.id) {
                     Prepared::Send(sms) => {
-                        next = Some(Box::pin(next_job(queue.clone(), pacer.clone())));
-                        in_flight.push(submit(verifier.clone(), carrier.clone(), pacer.clone(), job, sms));
+                        next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
+                        in_flight.push(submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job, sms));
                         carrier.metrics.set_in_flight(in_flight.len());
                     }
-                    // The pace cell this job took was not used: the next job has it.
-                    Prepared::Dropped => next = Some(Box::pin(pop_job(queue.clone()))),
+                    // The pace cell and breaker permit this job took were not used: the next
+                    // job has them.
+                    Prepared::Dropped => next = Some(Box::pin(pop_job(queue.clone(), permit))),
                 }
             }
         }
@@ -104,18 +114,37 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
 }
 
 type Pacer = governor::DefaultDirectRateLimiter;
-type NextJob = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Job>> + Send>>;
+type NextJob = std::pin::Pin<Box<dyn std::future::Future<Output = (Permit, Option<Job>)> + Send>>;
 
-/// Waits for a pace cell, then for the most urgent job; `None` once the queue is closed and
-/// empty.
-async fn next_job(queue: crate::queue::Queue, pacer: Arc<Pacer>) -> Option<Job> {
+/// Waits for the carrier's breaker to allow a submit, then for a pace cell, then for the most
+/// urgent job (`None` once the queue is closed and empty).
+async fn next_job(
+    queue: crate::queue::Queue,
+    pacer: Arc<Pacer>,
+    carrier: Arc<Carrier>,
+) -> (Permit, Option<Job>) {
+    let permit = loop {
+        match carrier.breaker.try_acquire(Instant::now()) {
+            Ok(permit) => break permit,
+            Err(wait) => {
+                carrier
+                    .metrics
+                    .set_circuit(carrier.breaker.state(Instant::now()));
+                // While the circuit is open the other carriers take the queue.
+                tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+            }
+        }
+    };
+    carrier
+        .metrics
+        .set_circuit(carrier.breaker.state(Instant::now()));
     pacer.until_ready().await;
-    queue.pop().await
+    (permit, queue.pop().await)
 }
 
-/// The most urgent job, with a pace cell already in hand.
-async fn pop_job(queue: crate::queue::Queue) -> Option<Job> {
-    queue.pop().await
+/// The most urgent job, with a breaker permit and a pace cell already in hand.
+async fn pop_job(queue: crate::queue::Queue, permit: Permit) -> (Permit, Option<Job>) {
+    (permit, queue.pop().await)
 }
 
 /// Submits one SMS, after pacing its segments beyond the first, and records the answer.
@@ -123,6 +152,7 @@ async fn submit(
     verifier: Verifier,
     carrier: Arc<Carrier>,
     pacer: Arc<Pacer>,
+    permit: Permit,
     job: Job,
     sms: OutboundSms,
 ) {
@@ -140,6 +170,17 @@ async fn submit(
     let result = carrier.connector.submit(&sms).await;
     drop(sms);
     let seconds = started.elapsed().as_secs_f64();
+    // Only temporary failures say the carrier is unwell; throttles and refusals of one number
+    // do not.
+    let failed = match &result {
+        Ok(_) => Some(false),
+        Err(SubmitError::Temporary { .. }) => Some(true),
+        Err(SubmitError::Throttled { .. } | SubmitError::Permanent { .. }) => None,
+    };
+    carrier.breaker.record(permit, failed, Instant::now());
+    carrier
+        .metrics
+        .set_circuit(carrier.breaker.state(Instant::now()));
     handle_result(&verifier, &carrier, job, result, seconds).await;
 }
 

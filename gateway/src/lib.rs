@@ -13,6 +13,7 @@
 //! - [`config`], [`metrics`], [`clock`], [`error`], [`shutdown`]: the plumbing.
 
 pub mod admin;
+pub mod breaker;
 pub mod carrier;
 pub mod clock;
 pub mod config;
@@ -78,6 +79,12 @@ pub async fn run(
             window: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
             from: "otpgate".to_owned(),
             receipt_token_sha256: None,
+            breaker: breaker::BreakerPolicy {
+                failures: 5,
+                error_ratio: 0.5,
+                open_for: std::time::Duration::from_secs(10),
+                probes: 1,
+            },
         });
     }
     if config.is_unauthenticated() {
@@ -93,7 +100,10 @@ pub async fn run(
     let verifier = Verifier::new(&config, clock, metrics.clone(), queue.clone());
 
     let mut carriers = Vec::with_capacity(config.carriers.len());
+    let mut breakers = Vec::with_capacity(config.carriers.len());
     for (index, carrier_config) in config.carriers.iter().enumerate() {
+        let breaker = std::sync::Arc::new(breaker::Breaker::new(carrier_config.breaker));
+        breakers.push((carrier_config.name.clone(), breaker.clone()));
         let connector = Connector::new(carrier_config).map_err(|error| {
             anyhow::anyhow!(
                 "carrier {}: cannot build its client: {error}",
@@ -105,6 +115,7 @@ pub async fn run(
             config: carrier_config.clone(),
             connector,
             metrics: metrics.carrier(index),
+            breaker,
         });
     }
     let mut dispatchers = dispatch::spawn(verifier.clone(), carriers);
@@ -134,7 +145,7 @@ pub async fn run(
         listeners.admin,
         admin::router(admin::AdminState {
             verifier: verifier.clone(),
-            carriers: carrier_names,
+            carriers: breakers,
         }),
         64,
         background.clone(),

@@ -145,6 +145,7 @@ pub struct CarrierMetrics {
     receipts: [Counter; 3],
     receipts_unmatched: Counter,
     delivery: Histogram,
+    circuit: Gauge,
 }
 
 // === impl Route ===
@@ -436,7 +437,10 @@ impl Metrics {
                         )
                     })
                     .collect();
+                let circuit = r.gauge("otpgate_carrier_circuit_state", vec![carrier()]);
+                circuit.set(0.0);
                 CarrierMetrics {
+                    circuit,
                     receipts: to_array(receipts),
                     receipts_unmatched: r
                         .counter("otpgate_receipts_unmatched_total", vec![carrier()]),
@@ -584,6 +588,10 @@ impl CarrierMetrics {
 
     pub fn set_pace(&self, per_sec: f64) {
         self.pace.set(per_sec);
+    }
+
+    pub fn set_circuit(&self, state: crate::breaker::State) {
+        self.circuit.set(state.as_gauge());
     }
 
     /// A receipt matched to an SMS.
