@@ -68,6 +68,15 @@ pub struct Permit {
     probe: bool,
 }
 
+// === impl Permit ===
+
+impl Permit {
+    /// Whether this permit is one of the half-open circuit's probes.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
 // === impl State ===
 
 impl State {

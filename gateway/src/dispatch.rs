@@ -86,8 +86,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
             }
             job = async { next.as_mut().expect("guarded by is_some").await }, if next.is_some() && in_flight.len() < window => {
                 let (permit, job) = job;
-                let Some(job) = job else {
-                    carrier.breaker.record(permit, None, Instant::now());
+                let (Some(permit), Some(job)) = (permit, job) else {
                     // The queue is closed and empty: let the submits in flight finish (a retry
                     // may put a job back), then look again.
                     while in_flight.next().await.is_some() {}
@@ -106,7 +105,9 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     }
                     // The pace cell and breaker permit this job took were not used: the next
                     // job has them.
-                    Prepared::Dropped => next = Some(Box::pin(pop_job(queue.clone(), permit))),
+                    Prepared::Dropped => {
+                        next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
+                    }
                 }
             }
         }
@@ -114,7 +115,9 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
 }
 
 type Pacer = governor::DefaultDirectRateLimiter;
-type NextJob = std::pin::Pin<Box<dyn std::future::Future<Output = (Permit, Option<Job>)> + Send>>;
+/// A job and the breaker's permit for it; both `None` once the queue is closed and empty.
+type NextJob =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Option<Permit>, Option<Job>)> + Send>>;
 
 /// Waits for the carrier's breaker to allow a submit, then for a pace cell, then for the most
 /// urgent job (`None` once the queue is closed and empty).
@@ -122,29 +125,58 @@ async fn next_job(
     queue: crate::queue::Queue,
     pacer: Arc<Pacer>,
     carrier: Arc<Carrier>,
-) -> (Permit, Option<Job>) {
-    let permit = loop {
-        match carrier.breaker.try_acquire(Instant::now()) {
-            Ok(permit) => break permit,
-            Err(wait) => {
-                carrier
-                    .metrics
-                    .set_circuit(carrier.breaker.state(Instant::now()));
-                // While the circuit is open the other carriers take the queue.
-                tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+) -> (Option<Permit>, Option<Job>) {
+    loop {
+        let permit = loop {
+            match carrier.breaker.try_acquire(Instant::now()) {
+                Ok(permit) => break permit,
+                Err(wait) => {
+                    carrier
+                        .metrics
+                        .set_circuit(carrier.breaker.state(Instant::now()));
+                    // At shutdown, a carrier whose circuit is open has nothing to wait for
+                    // once the others have drained the queue.
+                    if queue.is_drained() {
+                        return (None, None);
+                    }
+                    // While the circuit is open the other carriers take the queue.
+                    tokio::time::sleep(wait.min(Duration::from_millis(200))).await;
+                }
             }
+        };
+        carrier
+            .metrics
+            .set_circuit(carrier.breaker.state(Instant::now()));
+        pacer.until_ready().await;
+        let Some(job) = queue.pop().await else {
+            carrier.breaker.record(permit, None, Instant::now());
+            return (None, None);
+        };
+        // The permit was granted before the wait for a job; if the circuit opened meanwhile,
+        // the job goes back (keeping its place) for a carrier that is up.
+        let opened = carrier.breaker.state(Instant::now()) == crate::breaker::State::Open;
+        if opened && !permit.is_probe() {
+            queue.requeue(job);
+            carrier.breaker.record(permit, None, Instant::now());
+            continue;
         }
-    };
-    carrier
-        .metrics
-        .set_circuit(carrier.breaker.state(Instant::now()));
-    pacer.until_ready().await;
-    (permit, queue.pop().await)
+        return (Some(permit), Some(job));
+    }
 }
 
 /// The most urgent job, with a breaker permit and a pace cell already in hand.
-async fn pop_job(queue: crate::queue::Queue, permit: Permit) -> (Permit, Option<Job>) {
-    (permit, queue.pop().await)
+async fn pop_job(
+    queue: crate::queue::Queue,
+    permit: Permit,
+    carrier: Arc<Carrier>,
+) -> (Option<Permit>, Option<Job>) {
+    match queue.pop().await {
+        Some(job) => (Some(permit), Some(job)),
+        None => {
+            carrier.breaker.record(permit, None, Instant::now());
+            (None, None)
+        }
+    }
 }
 
 /// Submits one SMS, after pacing its segments beyond the first, and records the answer.

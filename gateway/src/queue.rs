@@ -180,6 +180,12 @@ impl Queue {
         self.lock().len
     }
 
+    /// Whether the queue was closed and has nothing left.
+    pub fn is_drained(&self) -> bool {
+        let state = self.lock();
+        state.closed && state.len == 0
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

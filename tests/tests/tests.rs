@@ -5,6 +5,7 @@
 mod api;
 mod errors;
 mod expiry;
+mod failover;
 mod limits;
 mod openapi;
 mod receipts;

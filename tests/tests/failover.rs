@@ -1,0 +1,132 @@
+//! Carriers that fail: the circuit breaker takes a failing carrier out, the other carrier takes
+//! its traffic and nothing is lost, and the breaker probes the carrier back in.
+
+use std::time::{Duration, Instant};
+
+use tests::{FakeCarrier, Gateway, Reply, phone};
+
+/// A carrier block with a quick breaker: three failures open it for `open_ms`.
+fn carrier_block(carrier: &FakeCarrier, name: &str, open_ms: u64) -> String {
+    format!(
+        "{}breaker_failures = 3\nbreaker_open_ms = {open_ms}\nbreaker_probes = 1\n",
+        carrier.config(name, 1000, 4)
+    )
+}
+
+async fn circuit(gateway: &Gateway, carrier: &str) -> f64 {
+    gateway
+        .registered_metric(&format!(
+            "otpgate_carrier_circuit_state{{carrier=\"{carrier}\"}}"
+        ))
+        .await
+}
+
+/// Three 5xx answers open the circuit (no more submits while it is open), the open time
+/// passes, one probe goes out, and its success closes the circuit again.
+#[tokio::test]
+async fn circuit_opens_half_opens_and_closes() {
+    let carrier = FakeCarrier::start().await;
+    carrier.script(&[Reply::Status(500, None)]);
+    let config = format!(
+        "sweep_interval_ms = 50\n{}",
+        carrier_block(&carrier, "alpha", 1500)
+    );
+    let gateway = Gateway::start(&config).await;
+    assert_eq!(circuit(&gateway, "alpha").await, 0.0, "closed at start");
+    assert_eq!(gateway.start_verification(&phone(1)).await.status, 202);
+    gateway
+        .wait_for_metric(
+            r#"otpgate_carrier_circuit_state{carrier="alpha"}"#,
+            |state| state == 2.0,
+        )
+        .await;
+    let opened = Instant::now();
+    let n_failed = carrier.n_requests();
+    assert!(n_failed >= 3, "{n_failed} submits before it opened");
+    let ready = gateway.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503, "no carrier to send with: {}", ready.text);
+    assert_eq!(
+        ready.body["checks"]["carriers"]["each"][0]["circuit"],
+        "open"
+    );
+
+    // While open, nothing is submitted; then the carrier recovers and a probe closes it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        carrier.n_requests(),
+        n_failed,
+        "a submit went out while the circuit was open"
+    );
+    carrier.script(&[Reply::Accept]);
+    let sms = carrier.wait_for(1, Duration::from_secs(10)).await;
+    assert!(
+        opened.elapsed() >= Duration::from_millis(1400),
+        "probed before the open time passed"
+    );
+    assert_eq!(sms[0].to, phone(1));
+    gateway
+        .wait_for_metric(
+            r#"otpgate_carrier_circuit_state{carrier="alpha"}"#,
+            |state| state == 0.0,
+        )
+        .await;
+    assert_eq!(gateway.admin_get("/readyz").await.status, 200);
+    gateway.stop().await.unwrap();
+}
+
+/// A carrier that dies mid-run: its circuit opens and the other carrier sends everything;
+/// every verification gets exactly its one SMS.
+#[tokio::test]
+async fn a_dead_carrier_fails_over_and_nothing_is_lost() {
+    let dying = FakeCarrier::start().await;
+    let healthy = FakeCarrier::start().await;
+    dying.script(&[
+        Reply::Accept,
+        Reply::Accept,
+        Reply::Status(503, Some(0)),
+        Reply::Status(500, None),
+    ]);
+    let config = format!(
+        "sweep_interval_ms = 50\n{}{}",
+        carrier_block(&dying, "dying", 60_000),
+        carrier_block(&healthy, "healthy", 60_000)
+    );
+    let gateway = Gateway::start(&config).await;
+    let n_verifications = 40;
+    for n in 0..n_verifications {
+        let answer = gateway.start_verification(&phone(100 + n)).await;
+        assert_eq!(answer.status, 202, "{}", answer.text);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let delivered = dying.received().len() + healthy.received().len();
+        if delivered >= n_verifications as usize {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {delivered} SMS delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut phones: Vec<String> = dying
+        .received()
+        .into_iter()
+        .chain(healthy.received())
+        .map(|sms| sms.to)
+        .collect();
+    phones.sort();
+    let before = phones.len();
+    phones.dedup();
+    assert_eq!(phones.len(), before, "an SMS was sent twice");
+    assert_eq!(phones.len(), n_verifications as usize);
+    assert_eq!(
+        circuit(&gateway, "dying").await,
+        2.0,
+        "the dying carrier's circuit is open"
+    );
+    assert_eq!(circuit(&gateway, "healthy").await, 0.0);
+    assert_eq!(
+        gateway.admin_get("/readyz").await.status,
+        200,
+        "one carrier is enough"
+    );
+    gateway.stop().await.unwrap();
+}
