@@ -1,14 +1,17 @@
 //! The dispatcher: one task per carrier that keeps the carrier's window full, up to its pace,
 //! with jobs from the shared queue.
 //!
-//! For each carrier: take a window permit, wait for the pacer to allow a segment, take the most
-//! urgent job, have the engine render it (or drop it, if its verification ended), wait for the
-//! pacer to allow its remaining segments, and submit it on a task of its own. The permit goes
-//! back when the carrier has answered and the engine has recorded the answer.
+//! For each carrier: wait for its circuit breaker to allow a submit and for the pacer to allow a
+//! segment, take the most urgent job, have the engine render it (or drop it, if its
+//! verification ended), and submit it. All of a carrier's submits in flight are driven by its
+//! one task (a `FuturesUnordered` as large as the window); each records its answer with the
+//! engine and the breaker. An open circuit takes the carrier out of rotation, and since every
+//! carrier pulls from the one queue, the carriers still up take its traffic.
 //!
 //! Throttle answers and temporary failures put the job back in line, keeping its place, after a
-//! short pause (a throttle) or an exponential back-off with full jitter (a failure).
-//! The carrier dispatch issue grows this into adaptive pacing, failover and circuit breaking.
+//! short pause (a throttle) or an exponential back-off with full jitter (a failure); the job
+//! waits outside the window, so a flaky carrier's pauses do not idle its window. Adaptive pace
+//! on throttle answers and carrier choice by prefix and weight are still to come.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -213,10 +216,10 @@ async fn submit(
     carrier
         .metrics
         .set_circuit(carrier.breaker.state(Instant::now()));
-    handle_result(&verifier, &carrier, job, result, seconds).await;
+    handle_result(&verifier, &carrier, job, result, seconds);
 }
 
-async fn handle_result(
+fn handle_result(
     verifier: &Verifier,
     carrier: &Carrier,
     mut job: Job,
@@ -240,18 +243,17 @@ async fn handle_result(
             let pause = retry_after.map_or(DEFAULT_THROTTLE_PAUSE, |after| {
                 after.min(MAX_THROTTLE_PAUSE)
             });
-            tokio::time::sleep(pause).await;
             job.attempts = job.attempts.saturating_add(1);
             verifier.complete(&job, carrier.id, Completion::Retry);
-            verifier.requeue(job);
+            retry_after_pause(verifier, job, pause);
         }
         Err(SubmitError::Temporary { reason }) => {
             carrier.metrics.submitted(SubmitOutcome::Temporary, seconds);
             tracing::warn!(carrier = %carrier.config.name, verification = %job.id, %reason, "temporary carrier failure; retrying");
-            tokio::time::sleep(backoff(job.attempts)).await;
+            let pause = backoff(job.attempts);
             job.attempts = job.attempts.saturating_add(1);
             verifier.complete(&job, carrier.id, Completion::Retry);
-            verifier.requeue(job);
+            retry_after_pause(verifier, job, pause);
         }
         Err(SubmitError::Permanent { reason }) => {
             carrier.metrics.submitted(SubmitOutcome::Permanent, seconds);
@@ -259,6 +261,14 @@ async fn handle_result(
             verifier.complete(&job, carrier.id, Completion::Permanent);
         }
     }
+}
+
+/// Puts a job back in line after `pause`, without holding the carrier's window meanwhile.
+fn retry_after_pause(verifier: &Verifier, job: Job, pause: Duration) {
+    let requeuer = verifier.clone();
+    verifier.queue().defer(job, pause, move |job| {
+        requeuer.requeue(job);
+    });
 }
 
 /// Exponential back-off with full jitter: uniform in `[0, min(max, base * 2^attempts)]`.

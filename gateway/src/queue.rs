@@ -9,6 +9,7 @@
 use std::cmp::{Ordering as CmpOrdering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -66,6 +67,9 @@ struct State {
     len: usize,
     next_seq: u64,
     closed: bool,
+    /// Jobs waiting out a retry pause outside the queue: they are coming back, so the queue is
+    /// not drained while any are out.
+    deferred: usize,
 }
 
 #[derive(Debug, Default)]
@@ -144,7 +148,7 @@ impl Queue {
                     }
                     return Some(job);
                 }
-                if state.closed {
+                if state.closed && state.deferred == 0 {
                     drop(state);
                     self.shared.available.notify_waiters();
                     return None;
@@ -168,9 +172,10 @@ impl Queue {
     /// Forgets every job (after the shutdown grace period ran out); returns how many.
     pub fn clear(&self) -> usize {
         let mut state = self.lock();
-        let n_cleared = state.len;
+        let n_cleared = state.len + state.deferred;
         state.lanes.clear();
         state.len = 0;
+        state.deferred = 0;
         drop(state);
         self.shared.available.notify_waiters();
         n_cleared
@@ -183,7 +188,24 @@ impl Queue {
     /// Whether the queue was closed and has nothing left.
     pub fn is_drained(&self) -> bool {
         let state = self.lock();
-        state.closed && state.len == 0
+        state.closed && state.len == 0 && state.deferred == 0
+    }
+
+    /// Puts `job` back after `pause`, through `requeue` (which may drop it instead, if its
+    /// deadline passed). Meanwhile the job counts as coming back: dispatchers do not stop at
+    /// shutdown while it is out, and it holds no carrier's window.
+    pub fn defer(&self, job: Job, pause: Duration, requeue: impl FnOnce(Job) + Send + 'static) {
+        self.lock().deferred += 1;
+        let queue = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            requeue(job);
+            // After `clear` (the grace period ran out) the count is already zero.
+            let mut state = queue.lock();
+            state.deferred = state.deferred.saturating_sub(1);
+            drop(state);
+            queue.shared.available.notify_waiters();
+        });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -370,6 +392,21 @@ mod tests {
         assert_eq!(queue.push(job(0, 1)), Err(PushError::Closed));
         assert!(queue.pop().await.is_some());
         assert!(queue.pop().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_deferred_job_keeps_a_closed_queue_open_until_it_is_back() {
+        let queue = Queue::new(10);
+        let back = queue.clone();
+        queue.defer(job(0, 7), Duration::from_millis(50), move |job| {
+            back.requeue(job);
+        });
+        queue.close();
+        assert!(!queue.is_drained());
+        // pop waits for the deferred job rather than reporting the queue drained.
+        assert_eq!(queue.pop().await.map(|job| job.deadline_ms), Some(7));
+        assert!(queue.pop().await.is_none());
+        assert!(queue.is_drained());
     }
 
     #[tokio::test]
