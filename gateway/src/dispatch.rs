@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use governor::{Quota, RateLimiter};
 use rand::Rng;
 use tokio::task::JoinSet;
 
@@ -27,6 +26,7 @@ use crate::breaker::{Breaker, Permit};
 use crate::carrier::{Connector, OutboundSms, SubmitError};
 use crate::config::CarrierConfig;
 use crate::metrics::{CarrierMetrics, SubmitOutcome};
+use crate::pace::AdaptivePace;
 use crate::queue::Job;
 use crate::verification::CarrierId;
 use crate::verifier::{Completion, Prepared, Verifier};
@@ -62,14 +62,8 @@ pub fn spawn(verifier: Verifier, carriers: Vec<Carrier>) -> JoinSet<()> {
 
 async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     let window = carrier.config.window.get() as usize;
-    let pace = carrier.config.pace_per_sec;
-    // A burst of a twentieth of a second's worth: smooth enough that the carrier never sees more
-    // than its pace over any window it is likely to measure.
-    let burst = NonZeroU32::new((pace.get() / 20).max(1)).unwrap_or(NonZeroU32::MIN);
-    let pacer: Arc<Pacer> = Arc::new(RateLimiter::direct(
-        Quota::per_second(pace).allow_burst(burst),
-    ));
-    carrier.metrics.set_pace(pace.get() as f64);
+    let pacer = Arc::new(AdaptivePace::new(carrier.config.pace_per_sec));
+    carrier.metrics.set_pace(pacer.current());
     let queue = verifier.queue().clone();
     // Every submit of this carrier runs inside this one task: no task per SMS, and no wake-up
     // crossing threads when a submit completes. The window is the set's size.
@@ -117,7 +111,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     }
 }
 
-type Pacer = governor::DefaultDirectRateLimiter;
+type Pacer = AdaptivePace;
 /// A job and the breaker's permit for it; both `None` once the queue is closed and empty.
 type NextJob =
     std::pin::Pin<Box<dyn std::future::Future<Output = (Option<Permit>, Option<Job>)> + Send>>;
@@ -193,12 +187,7 @@ async fn submit(
 ) {
     let segments = sms.text.segments();
     if let Some(more) = NonZeroU32::new(u32::from(segments.saturating_sub(1))) {
-        // A message longer than the burst still goes, at the pace, rather than never.
-        if pacer.until_n_ready(more).await.is_err() {
-            for _ in 1..segments {
-                pacer.until_ready().await;
-            }
-        }
+        pacer.until_n_ready(more).await;
     }
     carrier.metrics.segments(sms.text.encoding(), segments);
     let started = Instant::now();
@@ -216,6 +205,14 @@ async fn submit(
     carrier
         .metrics
         .set_circuit(carrier.breaker.state(Instant::now()));
+    match &result {
+        Ok(_) => pacer.on_success(Instant::now()),
+        Err(SubmitError::Throttled { retry_after }) => {
+            pacer.on_throttle(*retry_after, Instant::now());
+        }
+        Err(_) => {}
+    }
+    carrier.metrics.set_pace(pacer.current());
     handle_result(&verifier, &carrier, job, result, seconds);
 }
 

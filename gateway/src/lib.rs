@@ -21,6 +21,7 @@ pub mod dispatch;
 pub mod error;
 pub mod metrics;
 pub mod otp;
+pub mod pace;
 pub mod phone;
 pub mod queue;
 pub mod ratelimit;

@@ -56,6 +56,9 @@ pub enum Reply {
     Slow(Duration),
     /// `200` with this body instead of the carrier_message_id JSON.
     AcceptWithBody(&'static str),
+    /// Accept at most this many SMS in any second, and answer `429` above it (a carrier
+    /// capped at its contracted rate).
+    Capacity(u32),
 }
 
 /// One SMS as the fake carrier received it (already checked against the wire format).
@@ -87,6 +90,10 @@ struct CarrierShared {
     n_requests: Mutex<usize>,
     required_header: Mutex<Option<(String, String)>>,
     arrived: Notify,
+    /// When recent SMS were accepted, for [`Reply::Capacity`].
+    accepted_at: Mutex<VecDeque<tokio::time::Instant>>,
+    /// Submits answered `429` for being over capacity.
+    n_throttled: Mutex<usize>,
 }
 
 // === impl Gateway ===
@@ -416,6 +423,11 @@ impl FakeCarrier {
         *self.shared.n_requests.lock().unwrap()
     }
 
+    /// Submits answered `429` by [`Reply::Capacity`].
+    pub fn n_throttled(&self) -> usize {
+        *self.shared.n_throttled.lock().unwrap()
+    }
+
     /// Requests that broke the wire format.
     pub fn violations(&self) -> Vec<String> {
         self.shared.violations.lock().unwrap().clone()
@@ -501,6 +513,26 @@ async fn receive(
     let Some(sms) = sms else {
         return http::StatusCode::BAD_REQUEST.into_response();
     };
+    let reply = match reply {
+        Reply::Capacity(per_sec) => {
+            let now = tokio::time::Instant::now();
+            let mut accepted_at = shared.accepted_at.lock().unwrap();
+            while accepted_at
+                .front()
+                .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(1))
+            {
+                accepted_at.pop_front();
+            }
+            if accepted_at.len() < per_sec as usize {
+                accepted_at.push_back(now);
+                Reply::Accept
+            } else {
+                *shared.n_throttled.lock().unwrap() += 1;
+                Reply::Status(429, None)
+            }
+        }
+        other => other,
+    };
     match reply {
         Reply::Accept | Reply::Slow(_) => {
             if let Reply::Slow(delay) = reply {
@@ -517,6 +549,7 @@ async fn receive(
             shared.arrived.notify_waiters();
             (http::StatusCode::OK, body).into_response()
         }
+        Reply::Capacity(_) => http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         Reply::Status(status, retry_after) => {
             let status = http::StatusCode::from_u16(status)
                 .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);

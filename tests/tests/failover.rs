@@ -7,9 +7,13 @@ use tests::{FakeCarrier, Gateway, Reply, phone};
 
 /// A carrier block with a quick breaker: three failures open it for `open_ms`.
 fn carrier_block(carrier: &FakeCarrier, name: &str, open_ms: u64) -> String {
+    paced_carrier_block(carrier, name, open_ms, 1000)
+}
+
+fn paced_carrier_block(carrier: &FakeCarrier, name: &str, open_ms: u64, pace: u32) -> String {
     format!(
         "{}breaker_failures = 3\nbreaker_open_ms = {open_ms}\nbreaker_probes = 1\n",
-        carrier.config(name, 1000, 4)
+        carrier.config(name, pace, 4)
     )
 }
 
@@ -89,7 +93,8 @@ async fn a_dead_carrier_fails_over_and_nothing_is_lost() {
     let config = format!(
         "sweep_interval_ms = 50\n{}{}",
         carrier_block(&dying, "dying", 60_000),
-        carrier_block(&healthy, "healthy", 60_000)
+        // The healthy carrier is slower, so the dying one gets enough of the queue to fail.
+        paced_carrier_block(&healthy, "healthy", 60_000, 40)
     );
     let gateway = Gateway::start(&config).await;
     let n_verifications = 40;
@@ -117,6 +122,12 @@ async fn a_dead_carrier_fails_over_and_nothing_is_lost() {
     phones.dedup();
     assert_eq!(phones.len(), before, "an SMS was sent twice");
     assert_eq!(phones.len(), n_verifications as usize);
+    // Two acceptances and a throttle, then 5xx only: three of those open the circuit.
+    let n_failures = dying.n_requests().saturating_sub(3);
+    assert!(
+        n_failures >= 3,
+        "the dying carrier failed only {n_failures} submits"
+    );
     assert_eq!(
         circuit(&gateway, "dying").await,
         2.0,
@@ -128,5 +139,47 @@ async fn a_dead_carrier_fails_over_and_nothing_is_lost() {
         200,
         "one carrier is enough"
     );
+    gateway.stop().await.unwrap();
+}
+
+/// A carrier capped at 40 SMS a second, configured in the gateway at 200: its throttle answers
+/// slow the gateway down at once, and 120 SMS take close to the ideal three seconds, each
+/// delivered once, with throttles a small share of the submits.
+#[tokio::test]
+async fn a_throttling_carrier_is_kept_busy_at_its_real_capacity() {
+    let carrier = FakeCarrier::start().await;
+    carrier.script(&[Reply::Capacity(40)]);
+    let config = format!(
+        "sweep_interval_ms = 50\n[limits]\nip_sends = []\n{}",
+        carrier.config("capped", 200, 20)
+    );
+    let gateway = Gateway::start(&config).await;
+    let n_sms = 120;
+    let started = Instant::now();
+    for n in 0..n_sms {
+        assert_eq!(
+            gateway.start_verification(&phone(500 + n)).await.status,
+            202
+        );
+    }
+    carrier
+        .wait_for(n_sms as usize, Duration::from_secs(30))
+        .await;
+    let took = started.elapsed();
+    let mut phones: Vec<String> = carrier.received().into_iter().map(|sms| sms.to).collect();
+    phones.sort();
+    phones.dedup();
+    assert_eq!(phones.len(), n_sms as usize, "each SMS exactly once");
+    // Ideal: 120 / 40 = 3 s. Allow for the first second's burst and the slow start back.
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    let throttled = carrier.n_throttled();
+    assert!(
+        throttled < n_sms as usize / 2,
+        "{throttled} throttle answers for {n_sms} SMS: the gateway kept pushing"
+    );
+    let pace = gateway
+        .registered_metric(r#"otpgate_carrier_pace_per_second{carrier="capped"}"#)
+        .await;
+    assert!(pace < 200.0, "the pace never came down: {pace}");
     gateway.stop().await.unwrap();
 }

@@ -1,0 +1,271 @@
+//! A carrier's pace that adapts to its throttle answers. When the carrier says "too fast" the
+//! pace drops at once (multiplicative decrease), to half or to the rate the carrier actually
+//! accepted over the last second, whichever is lower; it waits out any `Retry-After`; and it
+//! climbs back towards the configured pace as submits succeed (additive increase). The carrier
+//! is kept as busy as it allows and no busier.
+//!
+//! The pacing itself is governor's GCRA; a pace change swaps in a limiter with the new quota.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+/// The lowest pace a throttled carrier is slowed to, in segments per second.
+const MIN_PACE: f64 = 1.0;
+/// Throttle answers closer together than this are one signal: the submits in flight when the
+/// carrier started refusing all come back throttled, and halving for each would stall it.
+const DECREASE_SPACING: Duration = Duration::from_millis(250);
+/// Recovery speed: a tenth of the configured pace per second of successes, so from half pace
+/// to full in five seconds.
+const RECOVERY_PER_SEC: f64 = 0.1;
+/// A change smaller than this share of the current pace keeps the current limiter.
+const SWAP_THRESHOLD: f64 = 0.05;
+
+/// One carrier's adaptive pace.
+#[derive(Debug)]
+pub struct AdaptivePace {
+    configured: f64,
+    state: Mutex<State>,
+    limiter: RwLock<Arc<DefaultDirectRateLimiter>>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The pace aimed at now, in segments per second.
+    target: f64,
+    /// The pace the current limiter enforces.
+    enforced: f64,
+    last_decrease: Option<Instant>,
+    last_increase: Instant,
+    paused_until: Option<Instant>,
+    /// When the last second's accepted submits were accepted: the carrier's real rate.
+    accepted: std::collections::VecDeque<Instant>,
+}
+
+// === impl AdaptivePace ===
+
+impl AdaptivePace {
+    pub fn new(configured: NonZeroU32) -> AdaptivePace {
+        let configured = f64::from(configured.get());
+        AdaptivePace {
+            configured,
+            state: Mutex::new(State {
+                target: configured,
+                enforced: configured,
+                last_decrease: None,
+                last_increase: Instant::now(),
+                paused_until: None,
+                accepted: std::collections::VecDeque::new(),
+            }),
+            limiter: RwLock::new(Arc::new(limiter(configured))),
+        }
+    }
+
+    /// Waits for a pause to end and for the pace to allow one segment.
+    pub async fn until_ready(&self) {
+        self.wait_out_pause().await;
+        self.current_limiter().until_ready().await;
+    }
+
+    /// Waits for the pace to allow `n` more segments.
+    pub async fn until_n_ready(&self, n: NonZeroU32) {
+        let limiter = self.current_limiter();
+        if limiter.until_n_ready(n).await.is_err() {
+            // More than one burst's worth: they go one at a time, at the pace.
+            for _ in 0..n.get() {
+                limiter.until_ready().await;
+            }
+        }
+    }
+
+    /// The carrier answered "throttled": slow down at once, and pause for `retry_after`.
+    pub fn on_throttle(&self, retry_after: Option<Duration>, now: Instant) {
+        let mut state = self.lock();
+        if let Some(pause) = retry_after.filter(|pause| !pause.is_zero()) {
+            let until = now + pause;
+            state.paused_until = Some(
+                state
+                    .paused_until
+                    .map_or(until, |current| current.max(until)),
+            );
+        }
+        let spaced = state
+            .last_decrease
+            .is_none_or(|last| now.duration_since(last) >= DECREASE_SPACING);
+        if spaced {
+            let accepted_rate = state.accepted_in_last_second(now) as f64;
+            let halved = state.target / 2.0;
+            let lowered = if accepted_rate >= MIN_PACE {
+                halved.min(accepted_rate)
+            } else {
+                halved
+            };
+            state.target = lowered.max(MIN_PACE);
+            state.last_decrease = Some(now);
+            state.last_increase = now;
+            self.swap_if_needed(&mut state);
+        }
+    }
+
+    /// The carrier accepted a submit: recover towards the configured pace.
+    pub fn on_success(&self, now: Instant) {
+        let mut state = self.lock();
+        state.accepted_in_last_second(now);
+        // At most a second's worth at the configured pace is kept.
+        if state.accepted.len() < self.configured as usize + 1 {
+            state.accepted.push_back(now);
+        }
+        if state.target >= self.configured {
+            state.last_increase = now;
+            return;
+        }
+        let elapsed = now.duration_since(state.last_increase).as_secs_f64();
+        state.target =
+            (state.target + elapsed * RECOVERY_PER_SEC * self.configured).min(self.configured);
+        state.last_increase = now;
+        self.swap_if_needed(&mut state);
+    }
+
+    /// The pace enforced now, in segments per second.
+    pub fn current(&self) -> f64 {
+        self.lock().enforced
+    }
+
+    async fn wait_out_pause(&self) {
+        loop {
+            let until = self.lock().paused_until;
+            match until {
+                Some(until) if until > Instant::now() => {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    fn swap_if_needed(&self, state: &mut State) {
+        let reached_configured =
+            state.target >= self.configured && state.enforced < self.configured;
+        if (state.target - state.enforced).abs() >= SWAP_THRESHOLD * state.enforced
+            || reached_configured
+        {
+            state.enforced = state.target;
+            let mut current = self
+                .limiter
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *current = Arc::new(limiter(state.target));
+        }
+    }
+
+    fn current_limiter(&self) -> Arc<DefaultDirectRateLimiter> {
+        self.limiter
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+// === impl State ===
+
+impl State {
+    /// Forgets acceptances older than a second and counts the rest.
+    fn accepted_in_last_second(&mut self, now: Instant) -> usize {
+        while self
+            .accepted
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(1))
+        {
+            self.accepted.pop_front();
+        }
+        self.accepted.len()
+    }
+}
+
+/// A limiter for `per_sec` segments a second, with a burst of a twentieth of a second's worth:
+/// smooth enough that the carrier never sees more than its pace over any window it is likely to
+/// measure.
+fn limiter(per_sec: f64) -> DefaultDirectRateLimiter {
+    let per_sec = per_sec.max(MIN_PACE);
+    let period = Duration::from_secs_f64(1.0 / per_sec);
+    let burst = NonZeroU32::new((per_sec / 20.0) as u32).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst);
+    RateLimiter::direct(quota)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pace(per_sec: u32) -> AdaptivePace {
+        AdaptivePace::new(NonZeroU32::new(per_sec).unwrap())
+    }
+
+    #[test]
+    fn halves_once_per_burst_of_throttles_and_recovers() {
+        let pace = pace(200);
+        let t0 = Instant::now();
+        // A burst of throttles from the submits in flight is one signal.
+        for _ in 0..10 {
+            pace.on_throttle(None, t0);
+        }
+        assert_eq!(pace.current(), 100.0);
+        pace.on_throttle(None, t0 + DECREASE_SPACING);
+        assert_eq!(pace.current(), 50.0);
+        // Successes bring it back, a tenth of 200 per second.
+        let t1 = t0 + DECREASE_SPACING;
+        pace.on_success(t1 + Duration::from_secs(1));
+        assert_eq!(pace.current(), 70.0);
+        pace.on_success(t1 + Duration::from_secs(10));
+        assert_eq!(pace.current(), 200.0, "never above the configured pace");
+    }
+
+    #[test]
+    fn drops_to_the_rate_the_carrier_accepted() {
+        let pace = pace(200);
+        let t0 = Instant::now();
+        for n in 0..30 {
+            pace.on_success(t0 + Duration::from_millis(n * 10));
+        }
+        pace.on_throttle(None, t0 + Duration::from_millis(400));
+        assert_eq!(
+            pace.current(),
+            30.0,
+            "30 accepted in the last second, not half of 200"
+        );
+    }
+
+    #[test]
+    fn never_below_the_minimum() {
+        let pace = pace(4);
+        let mut now = Instant::now();
+        for _ in 0..20 {
+            pace.on_throttle(None, now);
+            now += DECREASE_SPACING;
+        }
+        assert_eq!(pace.current(), MIN_PACE);
+    }
+
+    #[tokio::test]
+    async fn retry_after_pauses_the_carrier() {
+        let pace = pace(1000);
+        pace.on_throttle(Some(Duration::from_millis(200)), Instant::now());
+        let started = Instant::now();
+        pace.until_ready().await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
