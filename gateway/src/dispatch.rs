@@ -54,13 +54,23 @@ pub struct Carrier {
 /// every job has been handed to a carrier (or dropped).
 pub fn spawn(verifier: Verifier, carriers: Vec<Carrier>) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
+    let others_exist = carriers.len() > 1;
     for carrier in carriers {
-        tasks.spawn(run_carrier(verifier.clone(), Arc::new(carrier)));
+        tasks.spawn(run_carrier(
+            verifier.clone(),
+            Arc::new(carrier),
+            others_exist,
+        ));
     }
     tasks
 }
 
-async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
+/// How often a carrier passes on a job that asked to avoid it before sending it anyway.
+const MAX_PASSES: u8 = 10;
+/// How long a passed-on job waits before it is offered again.
+const PASS_PAUSE: Duration = Duration::from_millis(20);
+
+async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>, others_exist: bool) {
     let window = carrier.config.window.get() as usize;
     let pacer = Arc::new(AdaptivePace::new(carrier.config.pace_per_sec));
     carrier.metrics.set_pace(pacer.current());
@@ -94,6 +104,18 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
                     continue;
                 };
+                // A resend, or a retry after this carrier failed, goes by another carrier when
+                // there is one: pass it on, and keep the permit and pace cell for the next job.
+                if others_exist && job.avoid_carrier == Some(carrier.id) && job.passes < MAX_PASSES {
+                    let mut job = job;
+                    job.passes += 1;
+                    let requeuer = verifier.clone();
+                    queue.defer(job, PASS_PAUSE, move |job| {
+                        requeuer.requeue(job);
+                    });
+                    next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
+                    continue;
+                }
                 match verifier.prepare(&job, carrier.id) {
                     Prepared::Send(sms) => {
                         next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
@@ -249,6 +271,9 @@ fn handle_result(
             tracing::warn!(carrier = %carrier.config.name, verification = %job.id, %reason, "temporary carrier failure; retrying");
             let pause = backoff(job.attempts);
             job.attempts = job.attempts.saturating_add(1);
+            // Fail over: another carrier takes the retry if one is there.
+            job.avoid_carrier = Some(carrier.id);
+            job.passes = 0;
             verifier.complete(&job, carrier.id, Completion::Retry);
             retry_after_pause(verifier, job, pause);
         }

@@ -33,8 +33,12 @@ pub struct Job {
     pub enqueued_ms: Millis,
     /// Submits already tried for this job.
     pub attempts: u16,
-    /// A carrier to avoid if another is eligible (a resend after a failed delivery).
+    /// A carrier to avoid if another is eligible: the one that sent the previous SMS (for a
+    /// resend), or the one that just failed (for a retry).
     pub avoid_carrier: Option<CarrierId>,
+    /// How often the avoided carrier has passed the job on; past a few passes it sends it
+    /// itself, so a job never waits for a carrier that is not coming.
+    pub passes: u8,
 }
 
 /// Why a job was not queued.
@@ -332,6 +336,7 @@ mod tests {
             enqueued_ms: 0,
             attempts: 0,
             avoid_carrier: None,
+            passes: 0,
         }
     }
 

@@ -211,6 +211,10 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
     Ok(response)
 }
 
+/// Reads a verification. Every answer carries an `ETag` naming its version; `?wait=N` waits up
+/// to N seconds for a version other than the one in `If-None-Match` (or, without it, other than
+/// the current one), so a frontend that polls with the ETag it last saw never misses a change
+/// made between two polls.
 async fn read(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -220,15 +224,34 @@ async fn read(
     let client = state.verifier.authenticate(bearer(&headers))?;
     let id = parse_id(&id)?;
     let wait = wait_secs(request.uri().query())?;
+    let known = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_etag);
     let (view, version) = state.verifier.get(client, &id)?;
-    if wait.is_zero() {
-        return Ok(axum::Json(view).into_response());
+    if wait.is_zero() || known.is_some_and(|known| known != version) {
+        return Ok(with_etag(view, version));
     }
-    let view = state
+    let (view, version) = state
         .verifier
-        .wait_for_change(client, &id, version, wait, &state.shutdown)
+        .wait_for_change(client, &id, known.unwrap_or(version), wait, &state.shutdown)
         .await?;
-    Ok(axum::Json(view).into_response())
+    Ok(with_etag(view, version))
+}
+
+fn with_etag(view: crate::verification::View, version: u32) -> Response {
+    let mut response = axum::Json(view).into_response();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"v{version}\"")) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+/// The version in an ETag this gateway gave (`"v12"`, possibly weak).
+fn parse_etag(value: &str) -> Option<u32> {
+    let value = value.trim();
+    let value = value.strip_prefix("W/").unwrap_or(value);
+    value.strip_prefix("\"v")?.strip_suffix('"')?.parse().ok()
 }
 
 async fn check(
@@ -468,6 +491,14 @@ mod tests {
         assert_eq!(bearer(&headers), Some("k1"));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic k1"));
         assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn etags_round_trip() {
+        assert_eq!(parse_etag("\"v12\""), Some(12));
+        assert_eq!(parse_etag("W/\"v0\""), Some(0));
+        assert_eq!(parse_etag("\"12\""), None);
+        assert_eq!(parse_etag("*"), None);
     }
 
     #[test]

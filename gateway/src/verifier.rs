@@ -347,6 +347,7 @@ impl Verifier {
             enqueued_ms: now,
             attempts: 0,
             avoid_carrier: None,
+            passes: 0,
         };
         record.queue_ticket = shared
             .queue
@@ -378,7 +379,7 @@ impl Verifier {
     }
 
     /// Waits until the verification's version differs from `version`, or `timeout` passes, or
-    /// `cancel` fires; then returns it as it is.
+    /// `cancel` fires; then returns it as it is, with its version.
     pub async fn wait_for_change(
         &self,
         client: ClientId,
@@ -386,7 +387,7 @@ impl Verifier {
         version: u32,
         timeout: Duration,
         cancel: &tokio_util::sync::CancellationToken,
-    ) -> Result<View, ApiError> {
+    ) -> Result<(View, u32), ApiError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notify = {
@@ -399,14 +400,14 @@ impl Verifier {
             notified.as_mut().enable();
             let (view, current) = self.get(client, id)?;
             if current != version {
-                return Ok(view);
+                return Ok((view, current));
             }
             // Sweeping and expiry happen on the sweeper's timer, so wake at least that often to
             // notice an expiry computed on read.
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return self.get(client, id).map(|(view, _)| view),
-                _ = cancel.cancelled() => return self.get(client, id).map(|(view, _)| view),
+                _ = tokio::time::sleep_until(deadline) => return self.get(client, id),
+                _ = cancel.cancelled() => return self.get(client, id),
             }
         }
     }
@@ -966,6 +967,7 @@ impl Verifier {
             enqueued_ms: now,
             attempts: 0,
             avoid_carrier: record.carrier,
+            passes: 0,
         };
         let ticket = self
             .shared

@@ -264,11 +264,13 @@ impl Gateway {
         }
     }
 
-    /// Long-polls a verification until its delivery state is `state` (within ten seconds).
+    /// Long-polls a verification until its delivery state is `state` (within ten seconds),
+    /// passing the last `ETag` seen so that no change is missed between polls.
     pub async fn wait_for_delivery(&self, id: &str, state: &str) -> Answer {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let path = format!("/v1/verifications/{id}");
+        let mut answer = self.get(&path).await;
         loop {
-            let answer = self.get(&format!("/v1/verifications/{id}?wait=1")).await;
             assert_eq!(answer.status, 200, "{}", answer.text);
             if answer.body["delivery"]["state"] == state {
                 return answer;
@@ -278,6 +280,15 @@ impl Gateway {
                 "delivery never became {state}: {}",
                 answer.text
             );
+            let etag = answer.header("etag").unwrap_or_default().to_owned();
+            answer = self
+                .request(
+                    http::Method::GET,
+                    &format!("{path}?wait=1"),
+                    None,
+                    &[("if-none-match", etag.as_str())],
+                )
+                .await;
         }
     }
 

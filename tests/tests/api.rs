@@ -808,3 +808,55 @@ async fn a_2xx_with_a_garbage_body_is_an_acceptance() {
     );
     gateway.stop().await.unwrap();
 }
+
+/// Reads carry an `ETag`; a long-poll with a stale `If-None-Match` answers at once (the change
+/// it would wait for already happened), and one with the current ETag waits for the next.
+#[tokio::test]
+async fn long_polls_with_an_etag_never_miss_a_change() {
+    let carrier = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 50\n{}",
+        carrier.config("alpha", 1000, 10)
+    );
+    let gateway = Gateway::start(&config).await;
+    let started = gateway.start_verification(&phone(950)).await;
+    let id = started.id();
+    let path = format!("/v1/verifications/{id}");
+    let first = gateway.get(&path).await;
+    let first_etag = first.header("etag").expect("an ETag").to_owned();
+    let submitted = gateway.wait_for_delivery(&id, "submitted").await;
+    let current_etag = submitted.header("etag").expect("an ETag").to_owned();
+    assert_ne!(first_etag, current_etag, "the version moved with the state");
+
+    let began = Instant::now();
+    let stale = gateway
+        .request(
+            Method::GET,
+            &format!("{path}?wait=5"),
+            None,
+            &[("if-none-match", &first_etag)],
+        )
+        .await;
+    assert_eq!(stale.status, 200);
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "a stale ETag answers at once"
+    );
+    assert_eq!(stale.header("etag"), Some(current_etag.as_str()));
+
+    let began = Instant::now();
+    let waited = gateway
+        .request(
+            Method::GET,
+            &format!("{path}?wait=1"),
+            None,
+            &[("if-none-match", &current_etag)],
+        )
+        .await;
+    assert!(
+        began.elapsed() >= Duration::from_millis(900),
+        "the current ETag waits for a change"
+    );
+    assert_eq!(waited.header("etag"), Some(current_etag.as_str()));
+    gateway.stop().await.unwrap();
+}

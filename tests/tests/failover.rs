@@ -183,3 +183,82 @@ async fn a_throttling_carrier_is_kept_busy_at_its_real_capacity() {
     assert!(pace < 200.0, "the pace never came down: {pace}");
     gateway.stop().await.unwrap();
 }
+
+/// A resend goes by another carrier than the SMS before it, when there is another.
+#[tokio::test]
+async fn a_resend_goes_by_another_carrier() {
+    let alpha = FakeCarrier::start().await;
+    let beta = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 50\n{}{}",
+        carrier_block(&alpha, "alpha", 60_000),
+        carrier_block(&beta, "beta", 60_000)
+    );
+    let gateway = Gateway::start(&config).await;
+    for n in 0..5 {
+        let started = gateway.start_verification(&phone(700 + n)).await;
+        let id = started.id();
+        let first = gateway.wait_for_delivery(&id, "submitted").await;
+        let first_carrier = first.body["delivery"]["carrier"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        gateway.clock.advance(Duration::from_secs(31));
+        let resent = gateway
+            .post(
+                &format!("/v1/verifications/{id}/resend"),
+                serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(resent.status, 202, "{}", resent.text);
+        let second = gateway.wait_for_delivery(&id, "submitted").await;
+        let second_carrier = second.body["delivery"]["carrier"].as_str().unwrap();
+        assert_ne!(
+            second_carrier, first_carrier,
+            "resend {n} went by the same carrier"
+        );
+        let resend_sms = alpha
+            .received()
+            .into_iter()
+            .chain(beta.received())
+            .filter(|sms| sms.message_id == format!("{id}.2"))
+            .count();
+        assert_eq!(resend_sms, 1, "the resend went out once");
+    }
+    gateway.stop().await.unwrap();
+}
+
+/// A carrier that keeps failing (but not enough to open its circuit) loses every retry to the
+/// carrier that works: all SMS arrive there, once each.
+#[tokio::test]
+async fn retries_fail_over_to_a_working_carrier() {
+    let failing = FakeCarrier::start().await;
+    let working = FakeCarrier::start().await;
+    failing.script(&[Reply::Status(502, None)]);
+    let config = format!(
+        "sweep_interval_ms = 50\n{}breaker_failures = 1000\nbreaker_error_ratio = 1.0\n{}",
+        failing.config("failing", 1000, 4),
+        working.config("working", 1000, 4)
+    );
+    let gateway = Gateway::start(&config).await;
+    let n_sms = 20;
+    for n in 0..n_sms {
+        assert_eq!(
+            gateway.start_verification(&phone(800 + n)).await.status,
+            202
+        );
+    }
+    let received = working
+        .wait_for(n_sms as usize, Duration::from_secs(10))
+        .await;
+    let mut phones: Vec<String> = received.into_iter().map(|sms| sms.to).collect();
+    phones.sort();
+    phones.dedup();
+    assert_eq!(
+        phones.len(),
+        n_sms as usize,
+        "each SMS once, all by the working carrier"
+    );
+    assert!(failing.received().is_empty());
+    gateway.stop().await.unwrap();
+}
