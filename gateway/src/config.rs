@@ -633,8 +633,9 @@ impl RawCarrier {
             return invalid(key("name"), "must be 1 to 32 of a-z, 0-9, '-' and '_'");
         }
         let pace = self.pace_per_sec.unwrap_or(100);
-        let Some(pace_per_sec) = NonZeroU32::new(pace) else {
-            return invalid(key("pace_per_sec"), "must be at least 1");
+        let Some(pace_per_sec) = NonZeroU32::new(pace).filter(|pace| pace.get() <= 1_000_000)
+        else {
+            return invalid(key("pace_per_sec"), "must be between 1 and 1000000");
         };
         let window = self.window.unwrap_or(10);
         let Some(window) = NonZeroU32::new(window).filter(|w| w.get() <= MAX_WINDOW) else {

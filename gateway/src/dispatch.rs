@@ -98,7 +98,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>, others_exist: bo
                     // may put a job back), then look again.
                     while in_flight.next().await.is_some() {}
                     carrier.metrics.set_in_flight(0);
-                    if queue.is_empty() {
+                    if queue.is_drained() {
                         return;
                     }
                     next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
@@ -113,6 +113,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>, others_exist: bo
                     queue.defer(job, PASS_PAUSE, move |job| {
                         requeuer.requeue(job);
                     });
+                    queue.settle();
                     next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
                     continue;
                 }
@@ -125,6 +126,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>, others_exist: bo
                     // The pace cell and breaker permit this job took were not used: the next
                     // job has them.
                     Prepared::Dropped => {
+                        queue.settle();
                         next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
                     }
                 }
@@ -166,6 +168,15 @@ async fn next_job(
         carrier
             .metrics
             .set_circuit(carrier.breaker.state(Instant::now()));
+        // A Retry-After pause: like an open circuit, the other carriers take the queue, and at
+        // shutdown there is nothing to wait for once it is drained.
+        while let Some(pause) = pacer.paused_for(Instant::now()) {
+            if queue.is_drained() {
+                carrier.breaker.record(permit, None, Instant::now());
+                return (None, None);
+            }
+            tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
+        }
         pacer.until_ready().await;
         let Some(job) = queue.pop().await else {
             carrier.breaker.record(permit, None, Instant::now());
@@ -176,6 +187,7 @@ async fn next_job(
         let opened = carrier.breaker.state(Instant::now()) == crate::breaker::State::Open;
         if opened && !permit.is_probe() {
             queue.requeue(job);
+            queue.settle();
             carrier.breaker.record(permit, None, Instant::now());
             continue;
         }
@@ -228,7 +240,7 @@ async fn submit(
         .metrics
         .set_circuit(carrier.breaker.state(Instant::now()));
     match &result {
-        Ok(_) => pacer.on_success(Instant::now()),
+        Ok(_) => pacer.on_success(segments, Instant::now()),
         Err(SubmitError::Throttled { retry_after }) => {
             pacer.on_throttle(*retry_after, Instant::now());
         }
@@ -236,6 +248,8 @@ async fn submit(
     }
     carrier.metrics.set_pace(pacer.current());
     handle_result(&verifier, &carrier, job, result, seconds);
+    // Only now, with the job recorded, deferred or put back, may the queue count as drained.
+    verifier.queue().settle();
 }
 
 fn handle_result(

@@ -20,6 +20,9 @@ const DECREASE_SPACING: Duration = Duration::from_millis(250);
 /// Recovery speed: a tenth of the configured pace per second of successes, so from half pace
 /// to full in five seconds.
 const RECOVERY_PER_SEC: f64 = 0.1;
+/// The longest a `Retry-After` pauses a carrier: beyond it, the carrier is asked again (and its
+/// circuit breaker, not its pace, decides whether it is out).
+const MAX_PAUSE: Duration = Duration::from_secs(30);
 /// A change smaller than this share of the current pace keeps the current limiter.
 const SWAP_THRESHOLD: f64 = 0.05;
 
@@ -40,8 +43,11 @@ struct State {
     last_decrease: Option<Instant>,
     last_increase: Instant,
     paused_until: Option<Instant>,
-    /// When the last second's accepted submits were accepted: the carrier's real rate.
-    accepted: std::collections::VecDeque<Instant>,
+    /// When the last second's accepted submits were accepted, and their segments: the
+    /// carrier's real rate, in the pace's own unit.
+    accepted: std::collections::VecDeque<(Instant, u16)>,
+    /// The segments in `accepted`.
+    accepted_segments: u64,
 }
 
 // === impl AdaptivePace ===
@@ -58,6 +64,7 @@ impl AdaptivePace {
                 last_increase: Instant::now(),
                 paused_until: None,
                 accepted: std::collections::VecDeque::new(),
+                accepted_segments: 0,
             }),
             limiter: RwLock::new(Arc::new(limiter(configured))),
         }
@@ -67,6 +74,14 @@ impl AdaptivePace {
     pub async fn until_ready(&self) {
         self.wait_out_pause().await;
         self.current_limiter().until_ready().await;
+    }
+
+    /// How much longer a `Retry-After` pause lasts, if one is on.
+    pub fn paused_for(&self, now: Instant) -> Option<Duration> {
+        self.lock()
+            .paused_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
     }
 
     /// Waits for the pace to allow `n` more segments.
@@ -84,7 +99,7 @@ impl AdaptivePace {
     pub fn on_throttle(&self, retry_after: Option<Duration>, now: Instant) {
         let mut state = self.lock();
         if let Some(pause) = retry_after.filter(|pause| !pause.is_zero()) {
-            let until = now + pause;
+            let until = now + pause.min(MAX_PAUSE);
             state.paused_until = Some(
                 state
                     .paused_until
@@ -109,13 +124,14 @@ impl AdaptivePace {
         }
     }
 
-    /// The carrier accepted a submit: recover towards the configured pace.
-    pub fn on_success(&self, now: Instant) {
+    /// The carrier accepted a submit of `segments`: recover towards the configured pace.
+    pub fn on_success(&self, segments: u16, now: Instant) {
         let mut state = self.lock();
         state.accepted_in_last_second(now);
         // At most a second's worth at the configured pace is kept.
         if state.accepted.len() < self.configured as usize + 1 {
-            state.accepted.push_back(now);
+            state.accepted.push_back((now, segments));
+            state.accepted_segments += u64::from(segments);
         }
         if state.target >= self.configured {
             state.last_increase = now;
@@ -177,16 +193,16 @@ impl AdaptivePace {
 // === impl State ===
 
 impl State {
-    /// Forgets acceptances older than a second and counts the rest.
-    fn accepted_in_last_second(&mut self, now: Instant) -> usize {
-        while self
-            .accepted
-            .front()
-            .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(1))
-        {
+    /// Forgets acceptances older than a second and counts the segments of the rest.
+    fn accepted_in_last_second(&mut self, now: Instant) -> u64 {
+        while let Some(&(at, segments)) = self.accepted.front() {
+            if now.duration_since(at) < Duration::from_secs(1) {
+                break;
+            }
             self.accepted.pop_front();
+            self.accepted_segments -= u64::from(segments);
         }
-        self.accepted.len()
+        self.accepted_segments
     }
 }
 
@@ -224,9 +240,9 @@ mod tests {
         assert_eq!(pace.current(), 50.0);
         // Successes bring it back, a tenth of 200 per second.
         let t1 = t0 + DECREASE_SPACING;
-        pace.on_success(t1 + Duration::from_secs(1));
+        pace.on_success(1, t1 + Duration::from_secs(1));
         assert_eq!(pace.current(), 70.0);
-        pace.on_success(t1 + Duration::from_secs(10));
+        pace.on_success(1, t1 + Duration::from_secs(10));
         assert_eq!(pace.current(), 200.0, "never above the configured pace");
     }
 
@@ -235,7 +251,7 @@ mod tests {
         let pace = pace(200);
         let t0 = Instant::now();
         for n in 0..30 {
-            pace.on_success(t0 + Duration::from_millis(n * 10));
+            pace.on_success(1, t0 + Duration::from_millis(n * 10));
         }
         pace.on_throttle(None, t0 + Duration::from_millis(400));
         assert_eq!(

@@ -74,6 +74,9 @@ struct State {
     /// Jobs waiting out a retry pause outside the queue: they are coming back, so the queue is
     /// not drained while any are out.
     deferred: usize,
+    /// Jobs taken by a dispatcher and not yet settled (sent, dropped, deferred or put back):
+    /// one of them may yet come back, so the queue is not drained while any are out either.
+    checked_out: usize,
 }
 
 #[derive(Debug, Default)]
@@ -152,7 +155,7 @@ impl Queue {
                     }
                     return Some(job);
                 }
-                if state.closed && state.deferred == 0 {
+                if state.closed && state.deferred == 0 && state.checked_out == 0 {
                     drop(state);
                     self.shared.available.notify_waiters();
                     return None;
@@ -180,6 +183,7 @@ impl Queue {
         state.lanes.clear();
         state.len = 0;
         state.deferred = 0;
+        state.checked_out = 0;
         drop(state);
         self.shared.available.notify_waiters();
         n_cleared
@@ -192,7 +196,19 @@ impl Queue {
     /// Whether the queue was closed and has nothing left.
     pub fn is_drained(&self) -> bool {
         let state = self.lock();
-        state.closed && state.len == 0 && state.deferred == 0
+        state.closed && state.len == 0 && state.deferred == 0 && state.checked_out == 0
+    }
+
+    /// Says a job taken with [`Queue::pop`] is done with: sent, dropped, deferred or put back.
+    /// Every popped job is settled exactly once, after whatever put it back.
+    pub fn settle(&self) {
+        let mut state = self.lock();
+        state.checked_out = state.checked_out.saturating_sub(1);
+        let closed = state.closed;
+        drop(state);
+        if closed {
+            self.shared.available.notify_waiters();
+        }
     }
 
     /// Puts `job` back after `pause`, through `requeue` (which may drop it instead, if its
@@ -285,6 +301,7 @@ impl State {
             if let Some(Reverse(Entry(job))) = lane.heap.pop() {
                 lane.popped += 1;
                 self.len -= 1;
+                self.checked_out += 1;
                 return Some(job);
             }
         }
@@ -396,7 +413,27 @@ mod tests {
         queue.close();
         assert_eq!(queue.push(job(0, 1)), Err(PushError::Closed));
         assert!(queue.pop().await.is_some());
+        assert!(!queue.is_drained(), "the job taken may come back");
+        queue.settle();
         assert!(queue.pop().await.is_none());
+        assert!(queue.is_drained());
+    }
+
+    #[tokio::test]
+    async fn a_job_checked_out_at_close_may_come_back() {
+        let queue = Queue::new(10);
+        queue.push(job(0, 5)).unwrap();
+        let taken = queue.pop().await.unwrap();
+        queue.close();
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.pop().await.map(|job| job.deadline_ms) }
+        });
+        tokio::task::yield_now().await;
+        // The dispatcher that took it puts it back (a retry), then settles it.
+        queue.requeue(taken);
+        queue.settle();
+        assert_eq!(waiter.await.unwrap(), Some(5));
     }
 
     #[tokio::test]
@@ -410,6 +447,7 @@ mod tests {
         assert!(!queue.is_drained());
         // pop waits for the deferred job rather than reporting the queue drained.
         assert_eq!(queue.pop().await.map(|job| job.deadline_ms), Some(7));
+        queue.settle();
         assert!(queue.pop().await.is_none());
         assert!(queue.is_drained());
     }

@@ -89,9 +89,13 @@ impl ReceiptIndex {
         }
     }
 
-    /// Remembers that `carrier` accepted an SMS of `verification` under `id`.
+    /// Remembers that `carrier` accepted an SMS of `verification` under `id`, by the id's most
+    /// likely reading only (decimal when it is all digits). A receipt tries each of its own
+    /// readings in turn, most likely first, so both spellings still meet; and two different
+    /// ids never claim one key (`"256"` and `"100"`, which is 0x100, would otherwise both be
+    /// 256).
     pub fn insert(&self, carrier: CarrierId, id: &str, verification: VerificationId) {
-        for reading in readings(id) {
+        if let Some(reading) = readings(id).into_iter().next() {
             let key = key(carrier, &reading);
             self.shard(key).insert(key, verification);
         }
@@ -168,11 +172,23 @@ mod tests {
         // Decimal in the answer, hex in the receipt: 123 is 0x7B.
         assert_eq!(index.find(0, "123"), Some(decimal_id));
         assert_eq!(index.find(0, "7b"), Some(decimal_id));
+        assert_eq!(index.find(0, "0x7B"), Some(decimal_id));
         assert_eq!(index.find(0, "msg-42-X"), Some(text_id));
         // Another carrier's ids are another namespace.
         assert_eq!(index.find(1, "a1f3"), None);
         assert_eq!(index.find(0, "unknown"), None);
         assert_eq!(index.find(0, ""), None);
+    }
+
+    #[test]
+    fn two_ids_never_claim_one_key() {
+        let index = ReceiptIndex::new();
+        let (first, second) = (verification(), verification());
+        index.insert(0, "256", first);
+        index.insert(0, "100", second);
+        // "256" is read as decimal first: the first SMS, not the second's 0x100.
+        assert_eq!(index.find(0, "256"), Some(first));
+        assert_eq!(index.find(0, "100"), Some(second));
     }
 
     #[test]

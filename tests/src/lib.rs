@@ -59,6 +59,8 @@ pub enum Reply {
     /// Accept at most this many SMS in any second, and answer `429` above it (a carrier
     /// capped at its contracted rate).
     Capacity(u32),
+    /// Answer this status, but only after this long.
+    SlowStatus(Duration, u16),
 }
 
 /// One SMS as the fake carrier received it (already checked against the wire format).
@@ -542,6 +544,10 @@ async fn receive(
                 Reply::Status(429, None)
             }
         }
+        Reply::SlowStatus(delay, status) => {
+            tokio::time::sleep(delay).await;
+            Reply::Status(status, None)
+        }
         other => other,
     };
     match reply {
@@ -560,7 +566,9 @@ async fn receive(
             shared.arrived.notify_waiters();
             (http::StatusCode::OK, body).into_response()
         }
-        Reply::Capacity(_) => http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Reply::Capacity(_) | Reply::SlowStatus(..) => {
+            http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
         Reply::Status(status, retry_after) => {
             let status = http::StatusCode::from_u16(status)
                 .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::{FakeCarrier, Gateway, capture_logs, phone};
+use tests::{FakeCarrier, Gateway, Reply, capture_logs, phone};
 
 /// SMS still queued when shutdown begins are all sent before `run` returns.
 #[tokio::test]
@@ -103,5 +103,40 @@ async fn no_new_verifications_after_stop() {
     assert!(
         refused.is_err(),
         "a request after shutdown must not be served"
+    );
+}
+
+/// An SMS whose submit is in flight when shutdown begins, and fails, is retried and sent
+/// before `run` returns: a job a dispatcher holds can still come back, so the queue does not
+/// count as drained while one is out. (With a window above one, the dispatcher asks the queue
+/// for more while the submit is in flight, which is when this mattered.)
+#[tokio::test]
+async fn a_submit_failing_during_shutdown_is_retried_before_exit() {
+    let carrier = FakeCarrier::start().await;
+    carrier.script(&[
+        Reply::SlowStatus(Duration::from_millis(1000), 500),
+        Reply::Accept,
+    ]);
+    let config = format!(
+        "shutdown_grace_secs = 10\n{}",
+        carrier.config("alpha", 100, 4)
+    );
+    let mut gateway = Gateway::start(&config).await;
+    assert_eq!(gateway.start_verification(&phone(1)).await.status, 202);
+    // Wait until the first submit is at the carrier, then stop while it is in flight.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while carrier.n_requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the SMS never reached the carrier"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gateway.begin_stop();
+    gateway.finish().await.unwrap();
+    assert_eq!(
+        carrier.received().len(),
+        1,
+        "the retried SMS was sent before exit"
     );
 }
