@@ -10,8 +10,13 @@
 //!
 //! Throttle answers and temporary failures put the job back in line, keeping its place, after a
 //! short pause (a throttle) or an exponential back-off with full jitter (a failure); the job
-//! waits outside the window, so a flaky carrier's pauses do not idle its window. Adaptive pace
-//! on throttle answers and carrier choice by prefix and weight are still to come.
+//! waits outside the window, so a flaky carrier's pauses do not idle its window. Throttles also
+//! lower the carrier's adaptive pace (`pace.rs`). A retry after a failure, and a resend, ask to
+//! avoid the carrier that sent before: that carrier passes the job on a few times, so another
+//! takes it if there is one. Carrier choice by prefix rules and weights is still to come.
+//!
+//! Every job popped is settled with the queue once it is sent, dropped, deferred or put back,
+//! so the queue never counts as drained (and shutdown never ends) while a job may come back.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
