@@ -114,6 +114,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>, others_exist: bo
                 if others_exist && job.avoid_carrier == Some(carrier.id) && job.passes < MAX_PASSES {
                     let mut job = job;
                     job.passes += 1;
+                    carrier.metrics.passed_on();
                     let requeuer = verifier.clone();
                     queue.defer(job, PASS_PAUSE, move |job| {
                         requeuer.requeue(job);
@@ -283,6 +284,7 @@ fn handle_result(
             });
             job.attempts = job.attempts.saturating_add(1);
             verifier.complete(&job, carrier.id, Completion::Retry);
+            carrier.metrics.retried(true);
             retry_after_pause(verifier, job, pause);
         }
         Err(SubmitError::Temporary { reason }) => {
@@ -293,6 +295,7 @@ fn handle_result(
             // Fail over: another carrier takes the retry if one is there.
             job.avoid_carrier = Some(carrier.id);
             job.passes = 0;
+            carrier.metrics.retried(false);
             verifier.complete(&job, carrier.id, Completion::Retry);
             retry_after_pause(verifier, job, pause);
         }

@@ -146,6 +146,8 @@ pub struct CarrierMetrics {
     receipts_unmatched: Counter,
     delivery: Histogram,
     circuit: Gauge,
+    retries: [Counter; 2],
+    passed_on: Counter,
 }
 
 // === impl Route ===
@@ -437,9 +439,21 @@ impl Metrics {
                         )
                     })
                     .collect();
+                let retries: Vec<Counter> = ["throttled", "temporary"]
+                    .iter()
+                    .map(|reason| {
+                        r.counter(
+                            "otpgate_sms_retries_total",
+                            vec![carrier(), Label::new("reason", *reason)],
+                        )
+                    })
+                    .collect();
+                let passed_on = r.counter("otpgate_sms_failovers_total", vec![carrier()]);
                 let circuit = r.gauge("otpgate_carrier_circuit_state", vec![carrier()]);
                 circuit.set(0.0);
                 CarrierMetrics {
+                    retries: to_array(retries),
+                    passed_on,
                     circuit,
                     receipts: to_array(receipts),
                     receipts_unmatched: r
@@ -588,6 +602,16 @@ impl CarrierMetrics {
 
     pub fn set_pace(&self, per_sec: f64) {
         self.pace.set(per_sec);
+    }
+
+    /// A job put back after a throttle (`throttled`) or a temporary failure.
+    pub fn retried(&self, throttled: bool) {
+        self.retries[usize::from(!throttled)].increment(1);
+    }
+
+    /// A job this carrier passed on to the others.
+    pub fn passed_on(&self) {
+        self.passed_on.increment(1);
     }
 
     pub fn set_circuit(&self, state: crate::breaker::State) {

@@ -260,5 +260,16 @@ async fn retries_fail_over_to_a_working_carrier() {
         "each SMS once, all by the working carrier"
     );
     assert!(failing.received().is_empty());
+    let retries = gateway
+        .registered_metric(r#"otpgate_sms_retries_total{carrier="failing",reason="temporary"}"#)
+        .await;
+    assert!(
+        retries >= 1.0,
+        "retries after the failures are counted: {retries}"
+    );
+    let direct = gateway
+        .registered_metric(r#"otpgate_sms_failovers_total{carrier="working"}"#)
+        .await;
+    assert_eq!(direct, 0.0, "the working carrier passed nothing on");
     gateway.stop().await.unwrap();
 }
