@@ -133,8 +133,8 @@ capacity = 2000000
 name = "sink"
 kind = "http"
 url = "http://$4/sms"
-pace_per_sec = 1000000
-window = 256
+pace_per_sec = ${PACE:-1000000}
+window = ${WINDOW:-256}
 timeout_ms = 5000
 http_version = "${5:-1.1}"
 TOML

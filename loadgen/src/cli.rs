@@ -26,7 +26,7 @@ pub enum Command {
     ///
     /// It accepts `POST <any path>` in the carrier wire format (DESIGN.md section 5)
     /// and serves its counters at `GET /stats`.
-    Sink(ServerArgs),
+    Sink(SinkArgs),
     /// Run a bare HTTP server that answers every request 202 and does no work.
     Bare(ServerArgs),
     /// Start many verifications with distinct phone numbers, as fast as the gateway takes them.
@@ -39,6 +39,18 @@ pub struct ServerArgs {
     /// Address to listen on; port 0 picks a free port, printed on the first line of stdout.
     #[arg(long, env = "LOADGEN_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+}
+
+/// Flags of `loadgen sink`.
+#[derive(Debug, Args)]
+pub struct SinkArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    /// Accept at most this many SMS in any one second and answer `429` above it, like a
+    /// carrier capped at its contracted rate; without it, the sink accepts everything.
+    #[arg(long, env = "LOADGEN_CAPACITY_PER_SEC")]
+    pub capacity_per_sec: Option<std::num::NonZeroU32>,
 }
 
 /// Flags of `loadgen fill`.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use loadgen::cli::{Cli, Command, FillArgs, ServerArgs};
+use loadgen::cli::{Cli, Command, FillArgs, ServerArgs, SinkArgs};
 use loadgen::fill::{self, FillConfig};
 use loadgen::server;
 use loadgen::shutdown::Signals;
@@ -38,17 +38,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn run_sink(args: ServerArgs) -> anyhow::Result<ExitCode> {
+async fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     let signals = Signals::install().context("cannot install signal handlers")?;
-    let listener = server::bind_and_announce(args.listen)
+    let listen = args.server.listen;
+    let listener = server::bind_and_announce(listen)
         .await
-        .with_context(|| format!("sink: cannot listen on {}", args.listen))?;
-    let sink = Sink::new();
+        .with_context(|| format!("sink: cannot listen on {listen}"))?;
+    let sink = Sink::with_capacity(args.capacity_per_sec);
     sink.clone().serve(listener, signals.received()).await;
     let stats = sink.stats();
     eprintln!(
-        "sink: received {}, distinct message ids {}, bad requests {}",
-        stats.received, stats.distinct_message_ids, stats.bad_requests
+        "sink: received {}, distinct message ids {}, bad requests {}, throttled {}",
+        stats.received, stats.distinct_message_ids, stats.bad_requests, stats.throttled
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -45,6 +45,9 @@ pub struct Stats {
     pub distinct_message_ids: u64,
     /// Requests answered 400 or 413 because their body was not a valid SMS.
     pub bad_requests: u64,
+    /// SMS answered 429 because the sink was at its capacity.
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +59,11 @@ struct Shared {
     /// Every `message_id` seen, to tell retries and duplicates from distinct SMS.
     /// A std mutex suffices: it is held only for one insert and never across an await.
     message_ids: Mutex<HashSet<Box<str>>>,
+    /// At most this many SMS accepted in any second, when set.
+    capacity_per_sec: Option<std::num::NonZeroU32>,
+    /// When the SMS of the last second were accepted, for the capacity.
+    accepted_at: Mutex<std::collections::VecDeque<std::time::Instant>>,
+    throttled: AtomicU64,
 }
 
 /// The request body of the carrier wire format; unknown fields are ignored, as a carrier would.
@@ -103,6 +111,17 @@ impl Sink {
         Self::default()
     }
 
+    /// Creates a sink that accepts at most `capacity_per_sec` SMS in any second and answers
+    /// `429` above it.
+    pub fn with_capacity(capacity_per_sec: Option<std::num::NonZeroU32>) -> Self {
+        Sink {
+            shared: Arc::new(Shared {
+                capacity_per_sec,
+                ..Shared::default()
+            }),
+        }
+    }
+
     /// Reads the counters.
     pub fn stats(&self) -> Stats {
         let shared = &self.shared;
@@ -110,6 +129,7 @@ impl Sink {
             received: shared.received.load(Ordering::Relaxed),
             distinct_message_ids: shared.distinct_message_ids(),
             bad_requests: shared.bad_requests.load(Ordering::Relaxed),
+            throttled: shared.throttled.load(Ordering::Relaxed),
         }
     }
 
@@ -140,6 +160,10 @@ impl Sink {
     }
 
     async fn accept_sms(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if !self.shared.has_room() {
+            self.shared.throttled.fetch_add(1, Ordering::Relaxed);
+            return error_response(StatusCode::TOO_MANY_REQUESTS, "over capacity");
+        }
         match self.record_sms(request).await {
             Ok(carrier_message_id) => {
                 json_response(StatusCode::OK, &SmsAccepted { carrier_message_id })
@@ -192,6 +216,30 @@ impl Sink {
 // === impl Shared ===
 
 impl Shared {
+    /// Takes a place in the last second's capacity, if there is one.
+    fn has_room(&self) -> bool {
+        let Some(capacity) = self.capacity_per_sec else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        let mut accepted_at = self
+            .accepted_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while accepted_at
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= std::time::Duration::from_secs(1))
+        {
+            accepted_at.pop_front();
+        }
+        if accepted_at.len() < capacity.get() as usize {
+            accepted_at.push_back(now);
+            true
+        } else {
+            false
+        }
+    }
+
     fn distinct_message_ids(&self) -> u64 {
         let message_ids = self
             .message_ids

@@ -121,6 +121,7 @@ async fn sink_counts_sms_duplicates_and_bad_requests() {
         received: 3,
         distinct_message_ids: 2,
         bad_requests: 4,
+        throttled: 0,
     };
     let (status, body) = send(address, Method::GET, "/stats", "").await;
     assert_eq!(status, StatusCode::OK);
@@ -166,4 +167,37 @@ async fn fill_refuses_a_phone_range_past_the_generator() {
     let mut args = fill_args("127.0.0.1:1".parse().unwrap(), 10);
     args.phone_offset = loadgen::phone::CAPACITY - 5;
     assert!(FillConfig::from_args(&args).is_err());
+}
+
+/// A sink with a capacity accepts that many SMS in a second and answers `429` above it.
+#[tokio::test]
+async fn sink_with_a_capacity_throttles_above_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let sink = Sink::with_capacity(std::num::NonZeroU32::new(3));
+    let (_shutdown, stopped) = stop_on_drop();
+    tokio::spawn(sink.clone().serve(listener, stopped));
+    let mut statuses = Vec::new();
+    for n in 0..5 {
+        let (status, _) = send(
+            address,
+            Method::POST,
+            "/sms",
+            &sms(&format!("c-{n}"), "+393331234567"),
+        )
+        .await;
+        statuses.push(status);
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    let stats = sink.stats();
+    assert_eq!((stats.received, stats.throttled), (3, 2));
 }
