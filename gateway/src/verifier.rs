@@ -402,8 +402,8 @@ impl Verifier {
             if current != version {
                 return Ok((view, current));
             }
-            // Sweeping and expiry happen on the sweeper's timer, so wake at least that often to
-            // notice an expiry computed on read.
+            // Every change notifies, the sweeper's expiries included; otherwise the poll ends at
+            // its deadline or at shutdown.
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(deadline) => return self.get(client, id),

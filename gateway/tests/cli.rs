@@ -35,29 +35,31 @@ fn check_config_accepts_the_shipped_example() {
     assert!(stdout.starts_with("config ok:"), "{stdout}");
 }
 
+/// Runs `--check-config` on a file holding `text`; returns the exit code and standard error.
+fn check_config(path: &std::path::Path, text: &str) -> (Option<i32>, String) {
+    std::fs::write(path, text).unwrap();
+    let output = otpgate()
+        .args(["--check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn check_config_names_the_bad_key_and_exits_2() {
     let dir = std::env::temp_dir().join(format!("otpgate-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.toml");
-    std::fs::write(&path, "[verification]\ncode_ttl_secs = 1\n").unwrap();
-    let output = otpgate()
-        .args(["--check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (code, stderr) = check_config(&path, "[verification]\ncode_ttl_secs = 1\n");
+    assert_eq!(code, Some(2));
     assert!(stderr.contains("verification.code_ttl_secs"), "{stderr}");
 
-    std::fs::write(&path, "listen = \"127.0.0.1:1\"\nlisten_typo = 1\n").unwrap();
-    let output = otpgate()
-        .args(["--check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (code, stderr) = check_config(&path, "listen = \"127.0.0.1:1\"\nlisten_typo = 1\n");
+    assert_eq!(code, Some(2));
     assert!(
         stderr.contains("listen_typo") && stderr.contains("bad.toml"),
         "{stderr}"
