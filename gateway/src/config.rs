@@ -146,6 +146,11 @@ pub struct RawCarrier {
     pub breaker_probes: Option<u32>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    #[serde(default)]
+    pub exclude_prefixes: Vec<String>,
+    pub weight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,6 +226,13 @@ pub struct CarrierConfig {
     pub receipt_token_sha256: Option<[u8; 32]>,
     /// When the carrier's circuit breaker opens, and how it probes back.
     pub breaker: BreakerPolicy,
+    /// E.164 prefixes (with `+`) of the numbers it serves; empty serves every number.
+    pub prefixes: Vec<Box<str>>,
+    /// Prefixes it never serves, whatever `prefixes` says.
+    pub exclude_prefixes: Vec<Box<str>>,
+    /// Its share, against the other eligible carriers, of the jobs that arrive while several
+    /// are idle. When jobs wait in the queue every carrier sends as fast as it is allowed.
+    pub weight: NonZeroU32,
 }
 
 #[derive(Debug, Clone)]
@@ -731,6 +743,12 @@ impl RawCarrier {
         if !(1..=1000).contains(&probes) {
             return invalid(key("breaker_probes"), "must be between 1 and 1000");
         }
+        let prefixes = validate_prefixes(self.prefixes, &key("prefixes"))?;
+        let exclude_prefixes = validate_prefixes(self.exclude_prefixes, &key("exclude_prefixes"))?;
+        let Some(weight) = NonZeroU32::new(self.weight.unwrap_or(1)).filter(|w| w.get() <= 1000)
+        else {
+            return invalid(key("weight"), "must be between 1 and 1000");
+        };
         Ok(CarrierConfig {
             name: self.name,
             kind,
@@ -744,8 +762,32 @@ impl RawCarrier {
                 open_for: Duration::from_millis(open_ms),
                 probes,
             },
+            prefixes,
+            exclude_prefixes,
+            weight,
         })
     }
+}
+
+/// E.164 prefixes: `+` and 1 to 15 digits each.
+fn validate_prefixes(prefixes: Vec<String>, key: &str) -> Result<Vec<Box<str>>, ConfigError> {
+    if prefixes.len() > 1000 {
+        return invalid(key, "at most 1000 prefixes");
+    }
+    prefixes
+        .into_iter()
+        .map(|prefix| {
+            let digits = prefix.strip_prefix('+').unwrap_or("");
+            if digits.is_empty() || digits.len() > 15 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return invalid(
+                    key,
+                    format!("{prefix:?} is not an E.164 prefix like \"+39\" or \"+39333\""),
+                );
+            }
+            Ok(prefix.into_boxed_str())
+        })
+        .collect()
 }
 
 impl RawClient {

@@ -13,7 +13,11 @@
 //! waits outside the window, so a flaky carrier's pauses do not idle its window. Throttles also
 //! lower the carrier's adaptive pace (`pace.rs`). A retry after a failure, and a resend, ask to
 //! avoid the carrier that sent before: that carrier passes the job on a few times, so another
-//! takes it if there is one. Carrier choice by prefix rules and weights is still to come.
+//! takes it if there is one.
+//!
+//! Which carriers may take a job is the queue's business: each job carries the set its number's
+//! prefix rules allow (`routing.rs`), a carrier pops only jobs in its set, and a job arriving
+//! while several eligible carriers are idle wakes one of them drawn by weight.
 //!
 //! Every job popped is settled with the queue once it is sent, dropped, deferred or put back,
 //! so the queue never counts as drained (and shutdown never ends) while a job may come back.
@@ -59,13 +63,8 @@ pub struct Carrier {
 /// every job has been handed to a carrier (or dropped).
 pub fn spawn(verifier: Verifier, carriers: Vec<Carrier>) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
-    let others_exist = carriers.len() > 1;
     for carrier in carriers {
-        tasks.spawn(run_carrier(
-            verifier.clone(),
-            Arc::new(carrier),
-            others_exist,
-        ));
+        tasks.spawn(run_carrier(verifier.clone(), Arc::new(carrier)));
     }
     tasks
 }
@@ -75,7 +74,7 @@ const MAX_PASSES: u8 = 10;
 /// How long a passed-on job waits before it is offered again.
 const PASS_PAUSE: Duration = Duration::from_millis(20);
 
-async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>, others_exist: bool) {
+async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     let window = carrier.config.window.get() as usize;
     let pacer = Arc::new(AdaptivePace::new(carrier.config.pace_per_sec));
     carrier.metrics.set_pace(pacer.current());
@@ -99,11 +98,11 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>, others_exist: bo
             job = async { next.as_mut().expect("guarded by is_some").await }, if next.is_some() && in_flight.len() < window => {
                 let (permit, job) = job;
                 let (Some(permit), Some(job)) = (permit, job) else {
-                    // The queue is closed and empty: let the submits in flight finish (a retry
-                    // may put a job back), then look again.
+                    // The queue is closed and holds nothing for this carrier: let the submits in
+                    // flight finish (a retry may put a job back), then look again.
                     while in_flight.next().await.is_some() {}
                     carrier.metrics.set_in_flight(0);
-                    if queue.is_drained() {
+                    if queue.is_done_for(carrier.id) {
                         return;
                     }
                     next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
@@ -111,7 +110,8 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>, others_exist: bo
                 };
                 // A resend, or a retry after this carrier failed, goes by another carrier when
                 // there is one: pass it on, and keep the permit and pace cell for the next job.
-                if others_exist && job.avoid_carrier == Some(carrier.id) && job.passes < MAX_PASSES {
+                let others_eligible = job.carriers & !(1 << carrier.id) != 0;
+                if others_eligible && job.avoid_carrier == Some(carrier.id) && job.passes < MAX_PASSES {
                     let mut job = job;
                     job.passes += 1;
                     carrier.metrics.passed_on();
@@ -163,7 +163,7 @@ async fn next_job(
                         .set_circuit(carrier.breaker.state(Instant::now()));
                     // At shutdown, a carrier whose circuit is open has nothing to wait for
                     // once the others have drained the queue.
-                    if queue.is_drained() {
+                    if queue.is_done_for(carrier.id) {
                         return (None, None);
                     }
                     // While the circuit is open the other carriers take the queue.
@@ -177,14 +177,14 @@ async fn next_job(
         // A Retry-After pause: like an open circuit, the other carriers take the queue, and at
         // shutdown there is nothing to wait for once it is drained.
         while let Some(pause) = pacer.paused_for(Instant::now()) {
-            if queue.is_drained() {
+            if queue.is_done_for(carrier.id) {
                 carrier.breaker.record(permit, None, Instant::now());
                 return (None, None);
             }
             tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
         }
         pacer.until_ready().await;
-        let Some(job) = queue.pop().await else {
+        let Some(job) = queue.pop(carrier.id).await else {
             carrier.breaker.record(permit, None, Instant::now());
             return (None, None);
         };
@@ -207,7 +207,7 @@ async fn pop_job(
     permit: Permit,
     carrier: Arc<Carrier>,
 ) -> (Option<Permit>, Option<Job>) {
-    match queue.pop().await {
+    match queue.pop(carrier.id).await {
         Some(job) => (Some(permit), Some(job)),
         None => {
             carrier.breaker.record(permit, None, Instant::now());

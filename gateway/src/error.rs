@@ -21,6 +21,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("numbers in this country are not allowed")]
     CountryNotAllowed,
+    #[error("no configured carrier serves this number")]
+    NumberNotServed,
     #[error("no such verification")]
     NotFound,
     #[error("no such route")]
@@ -78,7 +80,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::CountryNotAllowed => StatusCode::FORBIDDEN,
+            ApiError::CountryNotAllowed | ApiError::NumberNotServed => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::NoRoute | ApiError::UnknownCarrier => {
                 StatusCode::NOT_FOUND
             }
@@ -98,6 +100,7 @@ impl ApiError {
             ApiError::BadRequest { code, .. } => code,
             ApiError::Unauthorized => "unauthorized",
             ApiError::CountryNotAllowed => "country_not_allowed",
+            ApiError::NumberNotServed => "number_not_served",
             ApiError::NotFound => "not_found",
             ApiError::NoRoute => "no_route",
             ApiError::UnknownCarrier => "unknown_carrier",

@@ -27,6 +27,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod receipt;
 pub mod routes;
+pub mod routing;
 pub mod server;
 pub mod shutdown;
 pub mod sms;
@@ -86,6 +87,9 @@ pub async fn run(
                 open_for: std::time::Duration::from_secs(10),
                 probes: 1,
             },
+            prefixes: Vec::new(),
+            exclude_prefixes: Vec::new(),
+            weight: NonZeroU32::MIN,
         });
     }
     if config.is_unauthenticated() {
@@ -97,7 +101,8 @@ pub async fn run(
 
     let carrier_names: Vec<String> = config.carriers.iter().map(|c| c.name.clone()).collect();
     let metrics = Metrics::new(&Verifier::lanes(&config), &carrier_names);
-    let queue = Queue::new(config.queue_capacity);
+    let weights: Vec<_> = config.carriers.iter().map(|c| c.weight).collect();
+    let queue = Queue::new(config.queue_capacity, &weights);
     let verifier = Verifier::new(&config, clock, metrics.clone(), queue.clone());
 
     let mut carriers = Vec::with_capacity(config.carriers.len());

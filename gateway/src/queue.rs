@@ -1,19 +1,28 @@
 //! The SMS queue: bounded, with a priority lane per client priority and earliest deadline first
-//! inside a lane.
+//! inside a lane, and routing: each job names the carriers that may send it.
 //!
 //! A job names its verification and carries no text and no code: the dispatcher renders the SMS
 //! when a carrier is ready for it, so a cancelled or expired verification is noticed then and its
 //! job dropped instead of sent late. Jobs put back after a throttle or a temporary failure keep
 //! their sequence number, and so their place in line.
+//!
+//! Every carrier pulls from the one queue, taking the most urgent job it is eligible for
+//! ([`Queue::pop`]); a lane keeps one heap per set of eligible carriers, so a pop looks at a
+//! handful of heads, not at every job. When jobs wait, every carrier takes them as fast as its
+//! pace and window allow, and weights do not matter. When carriers wait for jobs, a new job wakes
+//! one idle eligible carrier, drawn by weight: that is how weights share out a light load.
 
 use std::cmp::{Ordering as CmpOrdering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::clock::Millis;
+use crate::routing::CarrierSet;
 use crate::store::VerificationId;
 use crate::verification::CarrierId;
 
@@ -33,12 +42,26 @@ pub struct Job {
     pub enqueued_ms: Millis,
     /// Submits already tried for this job.
     pub attempts: u16,
+    /// The carriers that may send it (their prefix rules), never empty.
+    pub carriers: CarrierSet,
     /// A carrier to avoid if another is eligible: the one that sent the previous SMS (for a
     /// resend), or the one that just failed (for a retry).
     pub avoid_carrier: Option<CarrierId>,
     /// How often the avoided carrier has passed the job on; past a few passes it sends it
     /// itself, so a job never waits for a carrier that is not coming.
     pub passes: u8,
+}
+
+impl Job {
+    /// The carriers to wake for it: those eligible, less the one it avoids unless it is the only
+    /// one.
+    fn wanted_carriers(&self) -> CarrierSet {
+        let avoided = self.avoid_carrier.map_or(0, |id| 1 << id);
+        match self.carriers & !avoided {
+            0 => self.carriers,
+            others => others,
+        }
+    }
 }
 
 /// Why a job was not queued.
@@ -59,8 +82,10 @@ pub struct Queue {
 #[derive(Debug)]
 struct Shared {
     state: Mutex<State>,
-    /// Wakes dispatchers waiting for work, and for the queue to close.
-    available: Notify,
+    /// One per carrier: wakes it when a job it may take arrives, or when the queue closes.
+    wake: Box<[Notify]>,
+    /// Each carrier's weight, for the choice of which idle carrier to wake.
+    weights: Box<[u32]>,
     capacity: usize,
 }
 
@@ -71,6 +96,8 @@ struct State {
     len: usize,
     next_seq: u64,
     closed: bool,
+    /// Carriers waiting in `pop` for a job: ready to send at once.
+    idle: CarrierSet,
     /// Jobs waiting out a retry pause outside the queue: they are coming back, so the queue is
     /// not drained while any are out.
     deferred: usize,
@@ -81,7 +108,10 @@ struct State {
 
 #[derive(Debug, Default)]
 struct LaneState {
-    heap: BinaryHeap<Reverse<Entry>>,
+    /// One heap per set of eligible carriers; there are as many sets as distinct outcomes of
+    /// the prefix rules, usually one.
+    heaps: Vec<(CarrierSet, BinaryHeap<Reverse<Entry>>)>,
+    len: usize,
     /// Tickets handed out and jobs taken: their difference approximates a job's place in line.
     pushed: u64,
     popped: u64,
@@ -100,11 +130,14 @@ pub struct LaneDepth {
 // === impl Queue ===
 
 impl Queue {
-    pub fn new(capacity: usize) -> Queue {
+    /// A queue for carriers with these weights (carrier ids are indices; at most 64).
+    pub fn new(capacity: usize, weights: &[NonZeroU32]) -> Queue {
+        assert!(weights.len() <= 64, "at most 64 carriers");
         Queue {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
-                available: Notify::new(),
+                wake: weights.iter().map(|_| Notify::new()).collect(),
+                weights: weights.iter().map(|w| w.get()).collect(),
                 capacity,
             }),
         }
@@ -121,9 +154,13 @@ impl Queue {
         }
         job.seq = state.next_seq;
         state.next_seq += 1;
+        let (wanted, eligible) = (job.wanted_carriers(), job.carriers);
         let ticket = state.insert(job);
+        let woken = self
+            .choose_idle(&mut state, wanted)
+            .or_else(|| self.choose_idle(&mut state, eligible));
         drop(state);
-        self.shared.available.notify_one();
+        self.wake(woken);
         Ok(ticket)
     }
 
@@ -131,49 +168,65 @@ impl Queue {
     /// was admitted once, so capacity does not apply; returns its ticket.
     pub fn requeue(&self, job: Job) -> u64 {
         let mut state = self.lock();
+        let (wanted, eligible) = (job.wanted_carriers(), job.carriers);
         let ticket = state.insert(job);
+        let woken = self
+            .choose_idle(&mut state, wanted)
+            .or_else(|| self.choose_idle(&mut state, eligible));
         drop(state);
-        self.shared.available.notify_one();
+        self.wake(woken);
         ticket
     }
 
-    /// Takes the most urgent job, waiting for one. Returns `None` once the queue is closed and
-    /// empty.
-    pub async fn pop(&self) -> Option<Job> {
+    /// Takes the most urgent job `carrier` may send, waiting for one. Returns `None` once no job
+    /// can come for it any more: the queue is closed, holds nothing it may send, and has no job
+    /// deferred or checked out that could come back.
+    pub async fn pop(&self, carrier: CarrierId) -> Option<Job> {
+        let bit: CarrierSet = 1 << carrier;
+        // Should this future be dropped while the carrier waits, the guard takes it off the
+        // idle set and offers whatever it may have been woken for to another carrier.
+        let mut guard = IdleGuard {
+            queue: self,
+            bit,
+            armed: false,
+        };
         loop {
-            let notified = self.shared.available.notified();
+            let notified = self.shared.wake[carrier as usize].notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut state = self.lock();
-                if let Some(job) = state.take() {
-                    let more = state.len > 0;
+                if let Some(job) = state.take(bit) {
+                    state.idle &= !bit;
+                    guard.armed = false;
+                    // Pass the baton: another idle carrier may take what is left.
+                    let waiting = state.waiting_for();
+                    let woken = self.choose_idle(&mut state, waiting);
                     drop(state);
-                    if more {
-                        // Pass the baton: another dispatcher may be waiting.
-                        self.shared.available.notify_one();
-                    }
+                    self.wake(woken);
                     return Some(job);
                 }
                 if state.closed && state.deferred == 0 && state.checked_out == 0 {
-                    drop(state);
-                    self.shared.available.notify_waiters();
+                    state.idle &= !bit;
+                    guard.armed = false;
                     return None;
                 }
+                state.idle |= bit;
+                guard.armed = true;
             }
             notified.await;
         }
     }
 
-    /// Takes the most urgent job if there is one.
-    pub fn try_pop(&self) -> Option<Job> {
-        self.lock().take()
+    /// Takes the most urgent job `carrier` may send, if there is one.
+    pub fn try_pop(&self, carrier: CarrierId) -> Option<Job> {
+        self.lock().take(1 << carrier)
     }
 
     /// Refuses new jobs from now on; dispatchers drain what is queued and then stop.
     pub fn close(&self) {
         self.lock().closed = true;
-        self.shared.available.notify_waiters();
+        self.wake_all();
     }
 
     /// Forgets every job (after the shutdown grace period ran out); returns how many.
@@ -185,7 +238,7 @@ impl Queue {
         state.deferred = 0;
         state.checked_out = 0;
         drop(state);
-        self.shared.available.notify_waiters();
+        self.wake_all();
         n_cleared
     }
 
@@ -199,6 +252,16 @@ impl Queue {
         state.closed && state.len == 0 && state.deferred == 0 && state.checked_out == 0
     }
 
+    /// Whether nothing can come for `carrier` any more: the queue is closed, holds no job it
+    /// may send, and has nothing deferred or checked out.
+    pub fn is_done_for(&self, carrier: CarrierId) -> bool {
+        let state = self.lock();
+        state.closed
+            && state.deferred == 0
+            && state.checked_out == 0
+            && state.waiting_for() & (1 << carrier) == 0
+    }
+
     /// Says a job taken with [`Queue::pop`] is done with: sent, dropped, deferred or put back.
     /// Every popped job is settled exactly once, after whatever put it back.
     pub fn settle(&self) {
@@ -207,7 +270,7 @@ impl Queue {
         let closed = state.closed;
         drop(state);
         if closed {
-            self.shared.available.notify_waiters();
+            self.wake_all();
         }
     }
 
@@ -223,8 +286,11 @@ impl Queue {
             // After `clear` (the grace period ran out) the count is already zero.
             let mut state = queue.lock();
             state.deferred = state.deferred.saturating_sub(1);
+            let closed = state.closed;
             drop(state);
-            queue.shared.available.notify_waiters();
+            if closed {
+                queue.wake_all();
+            }
         });
     }
 
@@ -242,7 +308,7 @@ impl Queue {
         state
             .lanes
             .range(..=Reverse(lane))
-            .map(|(_, lane_state)| lane_state.heap.len())
+            .map(|(_, lane_state)| lane_state.len)
             .sum()
     }
 
@@ -253,10 +319,10 @@ impl Queue {
         let higher: usize = state
             .lanes
             .range(..Reverse(lane))
-            .map(|(_, lane_state)| lane_state.heap.len())
+            .map(|(_, lane_state)| lane_state.len)
             .sum();
         let in_lane = state.lanes.get(&Reverse(lane)).map_or(0, |lane_state| {
-            (ticket.saturating_sub(lane_state.popped) as usize).min(lane_state.heap.len())
+            (ticket.saturating_sub(lane_state.popped) as usize).min(lane_state.len)
         });
         higher + in_lane
     }
@@ -269,9 +335,46 @@ impl Queue {
             .iter()
             .map(|(Reverse(lane), lane_state)| LaneDepth {
                 lane: *lane,
-                depth: lane_state.heap.len(),
+                depth: lane_state.len,
             })
             .collect()
+    }
+
+    /// Picks, by weight, one idle carrier in `eligible` to wake, and marks it busy so that the
+    /// next job wakes another.
+    fn choose_idle(&self, state: &mut State, eligible: CarrierSet) -> Option<usize> {
+        let candidates = state.idle & eligible;
+        if candidates == 0 {
+            return None;
+        }
+        let weight_of = |id: usize| self.shared.weights.get(id).copied().unwrap_or(1);
+        let mut ids = (0..64usize).filter(|id| candidates & (1 << id) != 0);
+        let total: u64 = ids.clone().map(|id| u64::from(weight_of(id))).sum();
+        let mut draw = rand::rng().random_range(0..total);
+        // `draw` is below the total, so some carrier's slice holds it.
+        let chosen = ids.find(|&id| {
+            let weight = u64::from(weight_of(id));
+            if draw < weight {
+                true
+            } else {
+                draw -= weight;
+                false
+            }
+        })?;
+        state.idle &= !(1 << chosen);
+        Some(chosen)
+    }
+
+    fn wake(&self, carrier: Option<usize>) {
+        if let Some(notify) = carrier.and_then(|id| self.shared.wake.get(id)) {
+            notify.notify_one();
+        }
+    }
+
+    fn wake_all(&self) {
+        for notify in &self.shared.wake {
+            notify.notify_waiters();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -284,6 +387,29 @@ impl Queue {
     }
 }
 
+/// Clears a carrier's idle bit when its `pop` is dropped while waiting.
+struct IdleGuard<'a> {
+    queue: &'a Queue,
+    bit: CarrierSet,
+    /// Set while the carrier is idle, or woken and not yet back in the queue's lock.
+    armed: bool,
+}
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut state = self.queue.lock();
+        state.idle &= !self.bit;
+        // A job may have been promised to this carrier: offer it to another idle one.
+        let waiting = state.waiting_for();
+        let woken = self.queue.choose_idle(&mut state, waiting);
+        drop(state);
+        self.queue.wake(woken);
+    }
+}
+
 // === impl State ===
 
 impl State {
@@ -291,14 +417,34 @@ impl State {
         let lane = self.lanes.entry(Reverse(job.lane)).or_default();
         lane.pushed += 1;
         let ticket = lane.pushed;
-        lane.heap.push(Reverse(Entry(job)));
+        let heap = match lane.heaps.iter().position(|(set, _)| *set == job.carriers) {
+            Some(index) => &mut lane.heaps[index].1,
+            None => {
+                lane.heaps.push((job.carriers, BinaryHeap::new()));
+                &mut lane.heaps.last_mut().expect("just pushed").1
+            }
+        };
+        heap.push(Reverse(Entry(job)));
+        lane.len += 1;
         self.len += 1;
         ticket
     }
 
-    fn take(&mut self) -> Option<Job> {
+    /// The most urgent job for a carrier in `bit`: the highest lane holding one, and in it the
+    /// earliest deadline among the heads of the heaps it may take from.
+    fn take(&mut self, bit: CarrierSet) -> Option<Job> {
         for lane in self.lanes.values_mut() {
-            if let Some(Reverse(Entry(job))) = lane.heap.pop() {
+            let best = lane
+                .heaps
+                .iter()
+                .enumerate()
+                .filter(|(_, (set, _))| set & bit != 0)
+                .filter_map(|(index, (_, heap))| heap.peek().map(|Reverse(entry)| (index, entry)))
+                .min_by(|(_, a), (_, b)| a.cmp(b))
+                .map(|(index, _)| index);
+            if let Some(index) = best {
+                let Reverse(Entry(job)) = lane.heaps[index].1.pop()?;
+                lane.len -= 1;
                 lane.popped += 1;
                 self.len -= 1;
                 self.checked_out += 1;
@@ -306,6 +452,15 @@ impl State {
             }
         }
         None
+    }
+
+    /// The carriers some queued job is waiting for.
+    fn waiting_for(&self) -> CarrierSet {
+        self.lanes
+            .values()
+            .flat_map(|lane| lane.heaps.iter())
+            .filter(|(_, heap)| !heap.is_empty())
+            .fold(0, |set, (carriers, _)| set | carriers)
     }
 }
 
@@ -342,6 +497,8 @@ mod tests {
     use super::*;
     use crate::phone::Phone;
 
+    const ONE: &[NonZeroU32] = &[NonZeroU32::MIN];
+
     fn job(lane: u8, deadline_ms: Millis) -> Job {
         let (phone, _) = Phone::parse("+393331234567").unwrap();
         Job {
@@ -352,6 +509,7 @@ mod tests {
             seq: 0,
             enqueued_ms: 0,
             attempts: 0,
+            carriers: 1,
             avoid_carrier: None,
             passes: 0,
         }
@@ -359,12 +517,12 @@ mod tests {
 
     #[test]
     fn higher_lanes_first_then_earliest_deadline() {
-        let queue = Queue::new(10);
+        let queue = Queue::new(10, ONE);
         queue.push(job(0, 100)).unwrap();
         queue.push(job(0, 50)).unwrap();
         queue.push(job(2, 900)).unwrap();
         queue.push(job(1, 10)).unwrap();
-        let order: Vec<(u8, Millis)> = std::iter::from_fn(|| queue.try_pop())
+        let order: Vec<(u8, Millis)> = std::iter::from_fn(|| queue.try_pop(0))
             .map(|job| (job.lane, job.deadline_ms))
             .collect();
         assert_eq!(order, [(2, 900), (1, 10), (0, 50), (0, 100)]);
@@ -372,30 +530,30 @@ mod tests {
 
     #[test]
     fn bounded_but_requeue_always_fits() {
-        let queue = Queue::new(1);
+        let queue = Queue::new(1, ONE);
         queue.push(job(0, 1)).unwrap();
         assert_eq!(queue.push(job(0, 2)), Err(PushError::Full));
-        let taken = queue.try_pop().unwrap();
+        let taken = queue.try_pop(0).unwrap();
         queue.push(job(0, 3)).unwrap();
         queue.requeue(taken);
         assert_eq!(queue.len(), 2);
         // The requeued job kept its place: it came first, so it leaves first on a tie.
-        assert_eq!(queue.try_pop().unwrap().deadline_ms, 1);
+        assert_eq!(queue.try_pop(0).unwrap().deadline_ms, 1);
     }
 
     #[test]
     fn requeued_job_keeps_its_place_among_equal_deadlines() {
-        let queue = Queue::new(10);
+        let queue = Queue::new(10, ONE);
         queue.push(job(0, 5)).unwrap();
         queue.push(job(0, 5)).unwrap();
-        let first = queue.try_pop().unwrap();
+        let first = queue.try_pop(0).unwrap();
         queue.requeue(first.clone());
-        assert_eq!(queue.try_pop().unwrap().seq, first.seq);
+        assert_eq!(queue.try_pop(0).unwrap().seq, first.seq);
     }
 
     #[test]
     fn counts_what_is_ahead() {
-        let queue = Queue::new(10);
+        let queue = Queue::new(10, ONE);
         let t1 = queue.push(job(0, 1)).unwrap();
         let t2 = queue.push(job(0, 2)).unwrap();
         queue.push(job(1, 2)).unwrap();
@@ -408,26 +566,26 @@ mod tests {
 
     #[tokio::test]
     async fn close_drains_then_ends() {
-        let queue = Queue::new(10);
+        let queue = Queue::new(10, ONE);
         queue.push(job(0, 1)).unwrap();
         queue.close();
         assert_eq!(queue.push(job(0, 1)), Err(PushError::Closed));
-        assert!(queue.pop().await.is_some());
+        assert!(queue.pop(0).await.is_some());
         assert!(!queue.is_drained(), "the job taken may come back");
         queue.settle();
-        assert!(queue.pop().await.is_none());
+        assert!(queue.pop(0).await.is_none());
         assert!(queue.is_drained());
     }
 
     #[tokio::test]
     async fn a_job_checked_out_at_close_may_come_back() {
-        let queue = Queue::new(10);
+        let queue = Queue::new(10, ONE);
         queue.push(job(0, 5)).unwrap();
-        let taken = queue.pop().await.unwrap();
+        let taken = queue.pop(0).await.unwrap();
         queue.close();
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.pop().await.map(|job| job.deadline_ms) }
+            async move { queue.pop(0).await.map(|job| job.deadline_ms) }
         });
         tokio::task::yield_now().await;
         // The dispatcher that took it puts it back (a retry), then settles it.
@@ -438,7 +596,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_deferred_job_keeps_a_closed_queue_open_until_it_is_back() {
-        let queue = Queue::new(10);
+        let queue = Queue::new(10, ONE);
         let back = queue.clone();
         queue.defer(job(0, 7), Duration::from_millis(50), move |job| {
             back.requeue(job);
@@ -446,21 +604,124 @@ mod tests {
         queue.close();
         assert!(!queue.is_drained());
         // pop waits for the deferred job rather than reporting the queue drained.
-        assert_eq!(queue.pop().await.map(|job| job.deadline_ms), Some(7));
+        assert_eq!(queue.pop(0).await.map(|job| job.deadline_ms), Some(7));
         queue.settle();
-        assert!(queue.pop().await.is_none());
+        assert!(queue.pop(0).await.is_none());
         assert!(queue.is_drained());
     }
 
     #[tokio::test]
     async fn pop_waits_for_a_push() {
-        let queue = Queue::new(10);
+        let queue = Queue::new(10, ONE);
         let waiter = tokio::spawn({
             let queue = queue.clone();
-            async move { queue.pop().await.map(|job| job.deadline_ms) }
+            async move { queue.pop(0).await.map(|job| job.deadline_ms) }
         });
         tokio::task::yield_now().await;
         queue.push(job(0, 42)).unwrap();
         assert_eq!(waiter.await.unwrap(), Some(42));
+    }
+
+    fn routed(lane: u8, deadline_ms: Millis, carriers: CarrierSet) -> Job {
+        Job {
+            carriers,
+            ..job(lane, deadline_ms)
+        }
+    }
+
+    #[test]
+    fn a_carrier_takes_only_what_it_may_send_most_urgent_first() {
+        let weights = [NonZeroU32::MIN; 3];
+        let queue = Queue::new(10, &weights);
+        queue.push(routed(0, 10, 0b001)).unwrap();
+        queue.push(routed(0, 20, 0b011)).unwrap();
+        queue.push(routed(0, 5, 0b100)).unwrap();
+        queue.push(routed(1, 99, 0b010)).unwrap();
+        let deadline = |job: Option<Job>| job.map(|job| job.deadline_ms);
+        // Carrier 1: its own higher lane first, then the shared job.
+        assert_eq!(deadline(queue.try_pop(1)), Some(99));
+        assert_eq!(deadline(queue.try_pop(1)), Some(20));
+        assert_eq!(deadline(queue.try_pop(1)), None);
+        assert_eq!(deadline(queue.try_pop(0)), Some(10));
+        assert_eq!(deadline(queue.try_pop(0)), None);
+        assert_eq!(deadline(queue.try_pop(2)), Some(5));
+        assert!(queue.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_closed_queue_ends_for_a_carrier_with_nothing_left_to_send() {
+        let weights = [NonZeroU32::MIN; 2];
+        let queue = Queue::new(10, &weights);
+        queue.push(routed(0, 1, 0b10)).unwrap();
+        queue.close();
+        assert!(queue.is_done_for(0));
+        assert!(queue.pop(0).await.is_none());
+        assert!(!queue.is_done_for(1));
+        assert!(queue.pop(1).await.is_some());
+        queue.settle();
+        assert!(queue.is_drained());
+    }
+
+    /// Pushes `n` jobs one at a time to idle carriers with `weights`, and counts who took each.
+    async fn share_of_idle_jobs(weights: &[u32], n: usize) -> Vec<usize> {
+        let weights: Vec<NonZeroU32> = weights.iter().filter_map(|w| NonZeroU32::new(*w)).collect();
+        let queue = Queue::new(10, &weights);
+        let (taken, mut took) = tokio::sync::mpsc::unbounded_channel();
+        for carrier in 0..weights.len() as CarrierId {
+            let queue = queue.clone();
+            let taken = taken.clone();
+            tokio::spawn(async move {
+                while queue.pop(carrier).await.is_some() {
+                    queue.settle();
+                    let _ = taken.send(carrier);
+                }
+            });
+        }
+        let all: CarrierSet = (1 << weights.len()) - 1;
+        let mut counts = vec![0; weights.len()];
+        for _ in 0..n {
+            // Wait until every carrier is idle, so the push chooses among all of them.
+            while queue.lock().idle != all {
+                tokio::task::yield_now().await;
+            }
+            queue.push(routed(0, 1, all)).unwrap();
+            let carrier = took.recv().await.unwrap();
+            counts[carrier as usize] += 1;
+        }
+        queue.close();
+        counts
+    }
+
+    #[tokio::test]
+    async fn idle_carriers_share_jobs_by_weight() {
+        let counts = share_of_idle_jobs(&[3, 1], 2000).await;
+        // Expected 1500 : 500; the binomial standard deviation is about 19.
+        assert!((1380..=1620).contains(&counts[0]), "{counts:?}");
+        let counts = share_of_idle_jobs(&[1, 1, 1, 1], 2000).await;
+        assert!(counts.iter().all(|n| (400..=600).contains(n)), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_waiter_passes_its_job_on() {
+        // Carrier 0 is almost always the one woken for the job.
+        let weights = [NonZeroU32::new(1000).unwrap(), NonZeroU32::MIN];
+        let queue = Queue::new(10, &weights);
+        let gone = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.pop(0).await }
+        });
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.pop(1).await.map(|job| job.deadline_ms) }
+        });
+        while queue.lock().idle != 0b11 {
+            tokio::task::yield_now().await;
+        }
+        // The job is promised to carrier 0, which goes away before it runs (this runtime has
+        // one thread, so nothing runs until the test yields): carrier 1 must get it.
+        queue.push(routed(0, 3, 0b11)).unwrap();
+        gone.abort();
+        assert!(gone.await.unwrap_err().is_cancelled());
+        assert_eq!(waiter.await.unwrap(), Some(3));
     }
 }

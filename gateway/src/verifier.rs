@@ -22,6 +22,7 @@ use crate::phone::Phone;
 use crate::queue::{Job, PushError, Queue};
 use crate::ratelimit::Limiters;
 use crate::receipt::{ReceiptIndex, ReceiptStatus};
+use crate::routing::{CarrierSet, Routes};
 use crate::sms::{RenderParams, SmsText, Templates};
 use crate::store::{FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store, VerificationId};
 use crate::verification::{
@@ -48,8 +49,9 @@ struct Shared {
     templates: Templates,
     clients: Clients,
     carriers: Vec<CarrierInfo>,
-    /// SMS per second all carriers together are configured for: the basis of `eta_seconds`.
-    total_pace_per_sec: f64,
+    /// Which carriers serve which numbers, and their configured paces (the basis of
+    /// `eta_seconds` and of the queue's admission).
+    routes: Routes,
     /// Cleared when shutdown begins: new verifications are refused from then on.
     accepting: AtomicBool,
     /// Carrier message ids of accepted SMS, for delivery receipts.
@@ -141,12 +143,7 @@ impl Verifier {
                 receipt_token_sha256: carrier.receipt_token_sha256,
             })
             .collect();
-        let total_pace_per_sec = config
-            .carriers
-            .iter()
-            .map(|carrier| carrier.pace_per_sec.get() as f64)
-            .sum::<f64>()
-            .max(1.0);
+        let routes = Routes::new(&config.carriers);
         Verifier {
             shared: Arc::new(Shared {
                 policy: config.verification.clone(),
@@ -166,7 +163,7 @@ impl Verifier {
                 templates: config.templates.clone(),
                 clients,
                 carriers,
-                total_pace_per_sec,
+                routes,
                 accepting: AtomicBool::new(true),
                 receipts: ReceiptIndex::new(),
                 last_receipt_sweep: std::sync::Mutex::new(Duration::ZERO),
@@ -233,6 +230,10 @@ impl Verifier {
             shared.metrics.rejected(LimitKind::Country);
             return Err(ApiError::CountryNotAllowed);
         }
+        let carriers = shared.routes.eligible_for(&request.phone);
+        if carriers == 0 {
+            return Err(ApiError::NumberNotServed);
+        }
         let now = shared.clock.now_ms();
 
         // The idempotency shard stays locked until the verification exists, so two requests with
@@ -295,7 +296,7 @@ impl Verifier {
         // citizen feels, so it is spent last; repeated presses for a live verification never
         // get here (they return the existing one above).
         let lane = shared.clients.priority(client);
-        self.admit(lane)?;
+        self.admit(lane, carriers)?;
         shared
             .limiters
             .check_ip(request.ip)
@@ -346,6 +347,7 @@ impl Verifier {
             seq: 0,
             enqueued_ms: now,
             attempts: 0,
+            carriers,
             avoid_carrier: None,
             passes: 0,
         };
@@ -966,6 +968,7 @@ impl Verifier {
             seq: 0,
             enqueued_ms: now,
             attempts: 0,
+            carriers: self.shared.routes.eligible_for(&record.phone),
             avoid_carrier: record.carrier,
             passes: 0,
         };
@@ -987,7 +990,11 @@ impl Verifier {
         let record = shard.records.get(id)?;
         let eta = (record.delivery == DeliveryState::Queued).then(|| {
             let ahead = self.shared.queue.ahead_of(record.lane, record.queue_ticket);
-            ahead as f64 / self.shared.total_pace_per_sec
+            let pace = self
+                .shared
+                .routes
+                .pace_of(self.shared.routes.eligible_for(&record.phone));
+            ahead as f64 / pace
         });
         let carriers = &self.shared.carriers;
         Some(record.view(
@@ -1004,18 +1011,19 @@ impl Verifier {
     }
 
     /// Refuses a new verification whose SMS would wait longer than a session can be extended.
-    fn admit(&self, lane: u8) -> Result<(), ApiError> {
+    fn admit(&self, lane: u8, carriers: CarrierSet) -> Result<(), ApiError> {
         let shared = &*self.shared;
         // Refuse a full queue before any limit is spent on a send that cannot happen.
         if shared.queue.len() >= shared.queue.capacity() {
             return Err(self.refused_at_queue(PushError::Full));
         }
         let ahead = shared.queue.ahead_of_new(lane) as f64;
-        let predicted_wait = ahead / shared.total_pace_per_sec;
+        let pace = shared.routes.pace_of(carriers);
+        let predicted_wait = ahead / pace;
         let max_wait = shared.policy.max_extension.as_secs_f64().max(1.0);
         if predicted_wait > max_wait {
             shared.metrics.queue_refused(QueueRefusal::PredictedWait);
-            let excess = (ahead - max_wait * shared.total_pace_per_sec) / shared.total_pace_per_sec;
+            let excess = (ahead - max_wait * pace) / pace;
             return Err(ApiError::Overloaded {
                 message: "the SMS queue is longer than a code could wait; try again later",
                 retry_after: Duration::from_secs_f64(excess.clamp(1.0, 3600.0)),
@@ -1032,7 +1040,7 @@ impl Verifier {
                     message: "the SMS queue is full; try again later",
                     retry_after: Duration::from_secs(
                         (self.shared.queue.capacity() as f64
-                            / self.shared.total_pace_per_sec
+                            / self.shared.routes.pace_of(CarrierSet::MAX)
                             / 10.0)
                             .clamp(1.0, 60.0) as u64,
                     ),

@@ -7,13 +7,14 @@ use tests::{Answer, FakeCarrier, Gateway, Reply, phone};
 const TOKEN: &str = "receipt-token-of-alpha-0123456789";
 
 /// A gateway whose carrier `alpha` answers every submit with `answer` and takes receipts with
-/// [`TOKEN`]; a second carrier `beta` has no receipt token.
+/// [`TOKEN`]; a second carrier `beta`, which serves none of the test numbers, has no receipt
+/// token.
 async fn gateway_with(answer: &'static str) -> (Gateway, FakeCarrier) {
     let carrier = FakeCarrier::start().await;
     carrier.script(&[Reply::AcceptWithBody(answer)]);
     let unused = FakeCarrier::start().await;
     let config = format!(
-        "sweep_interval_ms = 50\n{}receipt_token = \"{TOKEN}\"\n{}",
+        "sweep_interval_ms = 50\n{}receipt_token = \"{TOKEN}\"\n{}prefixes = [\"+44\"]\n",
         carrier.config("alpha", 1000, 10),
         unused.config("beta", 1, 1)
     );

@@ -9,5 +9,6 @@ mod failover;
 mod limits;
 mod openapi;
 mod receipts;
+mod routing;
 mod secrecy;
 mod shutdown;
