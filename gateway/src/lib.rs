@@ -34,6 +34,7 @@ pub mod sms;
 pub mod store;
 pub mod verification;
 pub mod verifier;
+pub mod webhook;
 
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -100,10 +101,29 @@ pub async fn run(
     }
 
     let carrier_names: Vec<String> = config.carriers.iter().map(|c| c.name.clone()).collect();
-    let metrics = Metrics::new(&Verifier::lanes(&config), &carrier_names);
+    let webhook_clients: Vec<String> = config
+        .clients
+        .iter()
+        .filter(|client| client.webhook.is_some())
+        .map(|client| client.name.clone())
+        .collect();
+    let metrics = Metrics::new(&Verifier::lanes(&config), &carrier_names, &webhook_clients);
     let weights: Vec<_> = config.carriers.iter().map(|c| c.weight).collect();
     let queue = Queue::new(config.queue_capacity, &weights);
-    let verifier = Verifier::new(&config, clock, metrics.clone(), queue.clone());
+    let webhooks = webhook::Webhooks::new(
+        &config.clients,
+        config.webhooks.clone(),
+        clock.clone(),
+        metrics.clone(),
+    )
+    .map_err(|error| anyhow::anyhow!("webhooks: cannot build their client: {error}"))?;
+    let verifier = Verifier::new(
+        &config,
+        clock,
+        metrics.clone(),
+        queue.clone(),
+        webhooks.clone(),
+    );
 
     let mut carriers = Vec::with_capacity(config.carriers.len());
     let mut breakers = Vec::with_capacity(config.carriers.len());
@@ -127,6 +147,8 @@ pub async fn run(
     let mut dispatchers = dispatch::spawn(verifier.clone(), carriers);
 
     let background = CancellationToken::new();
+    let webhooks_stop = CancellationToken::new();
+    let webhook_sender = tokio::spawn(webhooks.clone().run(webhooks_stop.clone()));
     let sweeper = tokio::spawn(sweep(
         verifier.clone(),
         config.sweep_interval,
@@ -188,6 +210,19 @@ pub async fn run(
             tracing::warn!(n_left, "grace period over: SMS still queued were not sent");
         }
     }
+
+    // Events raised by the last SMS get the rest of the grace period to go out.
+    let flushed = tokio::time::timeout_at(deadline, async {
+        while !webhooks.is_idle() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if flushed.is_ok() {
+        tracing::info!("every webhook event was delivered or given up");
+    }
+    webhooks_stop.cancel();
+    let _ = webhook_sender.await;
 
     background.cancel();
     let _ = sweeper.await;

@@ -105,6 +105,16 @@ pub enum SubmitOutcome {
     Permanent,
 }
 
+/// What happened to a webhook event: delivered, an attempt failed and will be retried, given up
+/// after the last attempt, or dropped because the outbox was full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    Delivered,
+    Retried,
+    GaveUp,
+    Dropped,
+}
+
 /// Every handle the gateway records into. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -126,6 +136,16 @@ struct Shared {
     queue_refused: [Counter; 2],
     lanes: Vec<Lane>,
     carriers: Vec<CarrierMetrics>,
+    webhooks: Vec<WebhookMetrics>,
+    webhook_outbox: Gauge,
+}
+
+/// Handles for one client's webhook.
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    events: [Counter; 6],
+    outcomes: [Counter; 4],
+    lag: Histogram,
 }
 
 struct Lane {
@@ -208,7 +228,13 @@ impl Route {
 
 impl Metrics {
     /// Builds the recorder and registers every series for these lanes (priorities) and carriers.
-    pub fn new(lane_priorities: &[u8], carrier_names: &[String]) -> Metrics {
+    /// Registers every series: lanes by priority, carriers by name, and webhooks by the names of
+    /// the clients that have one.
+    pub fn new(
+        lane_priorities: &[u8],
+        carrier_names: &[String],
+        webhook_clients: &[String],
+    ) -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)
             .and_then(|b| {
@@ -220,6 +246,12 @@ impl Metrics {
             .and_then(|b| {
                 b.set_buckets_for_metric(
                     Matcher::Full("otpgate_sms_delivery_seconds".into()),
+                    WAIT_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("otpgate_webhook_delivery_seconds".into()),
                     WAIT_BUCKETS,
                 )
             })
@@ -468,6 +500,55 @@ impl Metrics {
                 }
             })
             .collect();
+        r.describe_counter(
+            "otpgate_webhook_events_total",
+            "Webhook events raised, by client and event type.",
+        );
+        r.describe_counter(
+            "otpgate_webhook_deliveries_total",
+            "Webhook outcomes, by client: delivered, an attempt failed and is retried, given up \
+             after the last attempt, dropped because the outbox was full.",
+        );
+        r.describe_histogram(
+            "otpgate_webhook_delivery_seconds",
+            Unit::Seconds,
+            "Time from a webhook event being raised to its delivery, by client.",
+        );
+        r.describe_gauge(
+            "otpgate_webhook_outbox_depth",
+            "Webhook events queued, waiting out a retry, or being sent.",
+        );
+        let webhooks = webhook_clients
+            .iter()
+            .map(|name| {
+                let client = || Label::new("client", name.clone());
+                let events: Vec<Counter> = crate::webhook::EventKind::ALL
+                    .iter()
+                    .map(|kind| {
+                        r.counter(
+                            "otpgate_webhook_events_total",
+                            vec![client(), Label::new("event", kind.name())],
+                        )
+                    })
+                    .collect();
+                let outcomes: Vec<Counter> = ["delivered", "retried", "gave_up", "dropped"]
+                    .iter()
+                    .map(|outcome| {
+                        r.counter(
+                            "otpgate_webhook_deliveries_total",
+                            vec![client(), Label::new("outcome", *outcome)],
+                        )
+                    })
+                    .collect();
+                WebhookMetrics {
+                    events: to_array(events),
+                    outcomes: to_array(outcomes),
+                    lag: r.histogram("otpgate_webhook_delivery_seconds", vec![client()]),
+                }
+            })
+            .collect();
+        let webhook_outbox = r.gauge("otpgate_webhook_outbox_depth", vec![]);
+        webhook_outbox.set(0.0);
         let live = r.gauge("otpgate_verifications_live", vec![]);
         live.set(0.0);
         let session_extension = r.histogram("otpgate_session_extension_seconds", vec![]);
@@ -488,6 +569,8 @@ impl Metrics {
                 queue_refused: to_array(queue_refused),
                 lanes,
                 carriers,
+                webhooks,
+                webhook_outbox,
             }),
         }
     }
@@ -566,6 +649,15 @@ impl Metrics {
         self.shared.carriers[index].clone()
     }
 
+    /// Handles for the `index`th client that has a webhook, in config order.
+    pub fn webhook(&self, index: usize) -> WebhookMetrics {
+        self.shared.webhooks[index].clone()
+    }
+
+    pub fn set_webhook_outbox(&self, depth: usize) {
+        self.shared.webhook_outbox.set(depth as f64);
+    }
+
     fn lane(&self, priority: u8) -> Option<&Lane> {
         self.shared
             .lanes
@@ -641,6 +733,28 @@ impl CarrierMetrics {
 impl std::fmt::Debug for CarrierMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CarrierMetrics").finish_non_exhaustive()
+    }
+}
+
+// === impl WebhookMetrics ===
+
+impl WebhookMetrics {
+    pub fn event(&self, kind: crate::webhook::EventKind) {
+        self.events[kind as usize].increment(1);
+    }
+
+    pub fn outcome(&self, outcome: WebhookOutcome) {
+        self.outcomes[outcome as usize].increment(1);
+    }
+
+    pub fn delivered_after(&self, elapsed: std::time::Duration) {
+        self.lag.record(elapsed.as_secs_f64());
+    }
+}
+
+impl std::fmt::Debug for WebhookMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookMetrics").finish_non_exhaustive()
     }
 }
 

@@ -28,6 +28,7 @@ use crate::store::{FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store,
 use crate::verification::{
     CarrierId, ClientId, DeliveryState, Extras, FailureReason, Status, Verification, View,
 };
+use crate::webhook::{EventKind, Webhooks};
 
 /// The engine. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -52,6 +53,8 @@ struct Shared {
     /// Which carriers serve which numbers, and their configured paces (the basis of
     /// `eta_seconds` and of the queue's admission).
     routes: Routes,
+    /// Events to clients' webhooks.
+    webhooks: Webhooks,
     /// Cleared when shutdown begins: new verifications are refused from then on.
     accepting: AtomicBool,
     /// Carrier message ids of accepted SMS, for delivery receipts.
@@ -118,7 +121,13 @@ pub enum Completion {
 // === impl Verifier ===
 
 impl Verifier {
-    pub fn new(config: &Config, clock: Clock, metrics: Metrics, queue: Queue) -> Verifier {
+    pub fn new(
+        config: &Config,
+        clock: Clock,
+        metrics: Metrics,
+        queue: Queue,
+        webhooks: Webhooks,
+    ) -> Verifier {
         let secret = config.secret.clone().unwrap_or_else(|| {
             let mut secret = vec![0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
@@ -164,6 +173,7 @@ impl Verifier {
                 clients,
                 carriers,
                 routes,
+                webhooks,
                 accepting: AtomicBool::new(true),
                 receipts: ReceiptIndex::new(),
                 last_receipt_sweep: std::sync::Mutex::new(Duration::ZERO),
@@ -357,6 +367,7 @@ impl Verifier {
             .map_err(|error| self.refused_at_queue(error))?;
         shard.records.insert(id, Box::new(record));
         shard.live.insert((phone.as_u64(), client), id);
+        shared.webhooks.watch_delay(client, id, 1, now);
         shard.deadlines.push(Reverse((
             now + shared.policy.code_ttl.as_millis() as Millis,
             id,
@@ -461,6 +472,7 @@ impl Verifier {
             let key = (phone_key, record.client);
             forget_live(shard, key, id);
             shard.notify(id);
+            self.announce(shard, id, EventKind::Approved, now);
             shared.metrics.checked(Checked::Valid);
             shared.metrics.ended(Ended::Approved);
             return Ok(answer);
@@ -493,6 +505,7 @@ impl Verifier {
             };
             forget_live(shard, key, id);
             shard.notify(id);
+            self.announce(shard, id, EventKind::Failed, now);
             return Ok(answer);
         }
         let answer = CheckAnswer {
@@ -643,6 +656,7 @@ impl Verifier {
         let Some(record) = shard.records.get_mut(&job.id) else {
             return;
         };
+        let mut event = None;
         match completion {
             Completion::Accepted { carrier_message_id } => {
                 *receipt_id = carrier_message_id.clone();
@@ -652,12 +666,15 @@ impl Verifier {
                     // its id for receipts, but the verification's state and expiry are final.
                     record.carrier = Some(carrier);
                     record.carrier_message_id = carrier_message_id;
-                } else if let Some(extension_ms) =
-                    record.accept(carrier, carrier_message_id, now, &shared.policy)
-                {
-                    shared
-                        .metrics
-                        .session_extended(extension_ms as f64 / 1000.0);
+                } else {
+                    if let Some(extension_ms) =
+                        record.accept(carrier, carrier_message_id, now, &shared.policy)
+                    {
+                        shared
+                            .metrics
+                            .session_extended(extension_ms as f64 / 1000.0);
+                    }
+                    event = Some(EventKind::Submitted);
                 }
             }
             Completion::Retry => {}
@@ -667,10 +684,14 @@ impl Verifier {
                     let key = (record.phone.as_u64(), record.client);
                     forget_live(shard, key, &job.id);
                     shared.metrics.ended(Ended::Undeliverable);
+                    event = Some(EventKind::Failed);
                 }
             }
         }
         shard.notify(&job.id);
+        if let Some(kind) = event {
+            self.announce(shard, &job.id, kind, now);
+        }
     }
 
     /// The carrier named `name` in the config.
@@ -750,6 +771,9 @@ impl Verifier {
             }
             record.touch();
             shard.notify(&id);
+            if status == ReceiptStatus::Delivered {
+                self.announce(&shard, &id, EventKind::Delivered, now);
+            }
         }
         true
     }
@@ -799,6 +823,7 @@ impl Verifier {
                     shard.deadlines.push(Reverse((now + retention_ms, id)));
                     forget_live(shard, key, &id);
                     shard.notify(&id);
+                    self.announce(shard, &id, EventKind::Expired, now);
                     n_expired += 1;
                     continue;
                 }
@@ -824,6 +849,18 @@ impl Verifier {
         });
         for _ in 0..n_expired {
             shared.metrics.ended(Ended::Expired);
+        }
+        // SMS still queued past their clients' thresholds: tell the clients, with an ETA.
+        for (id, send_no) in shared.webhooks.due_delays(now) {
+            let shard = shared.store.shard(&id);
+            let still_queued = shard.records.get(&id).is_some_and(|record| {
+                record.is_pending()
+                    && record.delivery == DeliveryState::Queued
+                    && record.sends == send_no
+            });
+            if still_queued {
+                self.announce(&shard, &id, EventKind::Delayed, now);
+            }
         }
         let idempotency_ttl_ms = shared.policy.idempotency_ttl.as_millis() as Millis;
         shared.store.for_each_idempotency_shard(|map| {
@@ -921,6 +958,7 @@ impl Verifier {
         let key = (record.phone.as_u64(), record.client);
         forget_live(shard, key, id);
         shard.notify(id);
+        self.announce(shard, id, EventKind::Expired, now);
         self.shared.metrics.ended(Ended::Expired);
     }
 
@@ -978,12 +1016,28 @@ impl Verifier {
             .push(job)
             .map_err(|error| self.refused_at_queue(error))?;
         record.sends = record.sends.saturating_add(1);
+        self.shared
+            .webhooks
+            .watch_delay(record.client, *id, record.sends, now);
         record.queue_ticket = ticket;
         record.delivery = DeliveryState::Queued;
         record.resend_after_ms = now + Verification::cooldown_ms(record.sends, policy);
         record.touch();
         shard.notify(id);
         Ok(())
+    }
+
+    /// Sends `kind` about `id` to its client's webhook, if the client has one.
+    fn announce(&self, shard: &Shard, id: &VerificationId, kind: EventKind, now: Millis) {
+        let Some(client) = shard.records.get(id).map(|record| record.client) else {
+            return;
+        };
+        if !self.shared.webhooks.enabled_for(client) {
+            return;
+        }
+        if let Some(view) = self.view_of(shard, id, now) {
+            self.shared.webhooks.emit(client, kind, &view, now);
+        }
     }
 
     fn view_of(&self, shard: &Shard, id: &VerificationId, now: Millis) -> Option<View> {

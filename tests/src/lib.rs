@@ -705,3 +705,161 @@ pub fn sha256_hex(key: &str) -> String {
 pub fn phone(n: u32) -> String {
     format!("+39333{:07}", n % 10_000_000)
 }
+
+/// A frontend's webhook endpoint: records every event posted to it and answers with the
+/// statuses the test scripts (the last one repeats).
+#[derive(Debug, Clone)]
+pub struct WebhookReceiver {
+    addr: SocketAddr,
+    shared: Arc<ReceiverShared>,
+}
+
+#[derive(Debug, Default)]
+struct ReceiverShared {
+    statuses: Mutex<VecDeque<u16>>,
+    /// How long to wait before answering.
+    delay: Mutex<Duration>,
+    posts: Mutex<Vec<WebhookPost>>,
+    arrived: Notify,
+}
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct WebhookPost {
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+    pub signature: Option<String>,
+    pub body: bytes::Bytes,
+    /// What the receiver answered.
+    pub status: u16,
+}
+
+impl WebhookReceiver {
+    /// Starts a receiver on 127.0.0.1 port 0 that answers `200` to everything.
+    pub async fn start() -> WebhookReceiver {
+        let shared = Arc::new(ReceiverShared::default());
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().expect("receiver addr");
+        let app = axum::Router::new()
+            .route("/hook", post(receive_event))
+            .with_state(shared.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        WebhookReceiver { addr, shared }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Statuses to answer with from now on, in order; the last one repeats.
+    pub fn answer(&self, statuses: &[u16]) {
+        let mut script = self.shared.statuses.lock().unwrap();
+        script.clear();
+        script.extend(statuses);
+    }
+
+    /// Waits this long before each answer.
+    pub fn delay(&self, delay: Duration) {
+        *self.shared.delay.lock().unwrap() = delay;
+    }
+
+    /// Every request so far.
+    pub fn posts(&self) -> Vec<WebhookPost> {
+        self.shared.posts.lock().unwrap().clone()
+    }
+
+    /// Waits until a post matching `wanted` arrived, or panics after `timeout`.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        wanted: impl Fn(&WebhookPost) -> bool,
+    ) -> WebhookPost {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.arrived.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(post) = self.posts().into_iter().find(|post| wanted(post)) {
+                return post;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("no such webhook post; got {:?}", self.posts());
+            }
+        }
+    }
+
+    /// Waits for a `200`-answered event of type `event_type`; returns its JSON.
+    pub async fn wait_for_event(&self, event_type: &str) -> Value {
+        let post = self
+            .wait_for(Duration::from_secs(10), |post| {
+                post.status == 200 && post.event_type.as_deref() == Some(event_type)
+            })
+            .await;
+        serde_json::from_slice(&post.body).expect("event body is JSON")
+    }
+}
+
+impl WebhookPost {
+    /// Whether the `Otpgate-Signature` header is `t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`
+    /// under `secret`, and its timestamp is within five minutes of `now_secs`.
+    pub fn signed_with(&self, secret: &str, now_secs: u64) -> bool {
+        use hmac::Mac;
+        let Some(header) = &self.signature else {
+            return false;
+        };
+        let mut timestamp = None;
+        let mut signature = None;
+        for part in header.split(',') {
+            match part.split_once('=') {
+                Some(("t", value)) => timestamp = value.parse::<u64>().ok(),
+                Some(("v1", value)) => signature = hex::decode(value).ok(),
+                _ => {}
+            }
+        }
+        let (Some(timestamp), Some(signature)) = (timestamp, signature) else {
+            return false;
+        };
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{timestamp}.").as_bytes());
+        mac.update(&self.body);
+        mac.verify_slice(&signature).is_ok() && timestamp.abs_diff(now_secs) <= 300
+    }
+}
+
+async fn receive_event(
+    State(shared): State<Arc<ReceiverShared>>,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+) -> http::StatusCode {
+    let delay = *shared.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let status = {
+        let mut script = shared.statuses.lock().unwrap();
+        if script.len() > 1 {
+            script.pop_front().unwrap_or(200)
+        } else {
+            script.front().copied().unwrap_or(200)
+        }
+    };
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    shared.posts.lock().unwrap().push(WebhookPost {
+        event_id: header("otpgate-event-id"),
+        event_type: header("otpgate-event-type"),
+        signature: header("otpgate-signature"),
+        body,
+        status,
+    });
+    shared.arrived.notify_waiters();
+    http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR)
+}

@@ -12,3 +12,4 @@ mod receipts;
 mod routing;
 mod secrecy;
 mod shutdown;
+mod webhooks;

@@ -19,6 +19,7 @@ use crate::sms::SmsText;
 
 pub use self::console::ConsoleConnector;
 pub use self::http::HttpConnector;
+pub(crate) use self::http::pooled_client;
 
 /// One SMS, ready for a carrier. Its text holds the code, so it never prints.
 pub struct OutboundSms {
