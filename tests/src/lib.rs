@@ -96,6 +96,8 @@ struct CarrierShared {
     accepted_at: Mutex<VecDeque<tokio::time::Instant>>,
     /// Submits answered `429` for being over capacity.
     n_throttled: Mutex<usize>,
+    /// Fired by [`FakeCarrier::kill`].
+    killed: tokio_util::sync::CancellationToken,
 }
 
 // === impl Gateway ===
@@ -396,14 +398,41 @@ impl FakeCarrier {
         let app = axum::Router::new()
             .route("/sms", post(receive))
             .with_state(shared.clone());
+        let killed = shared.killed.clone();
+        // Its own accept loop rather than axum::serve, so that `kill` can drop every
+        // connection at once, requests in flight included, like a crashed carrier.
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = killed.cancelled() => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                        connections.spawn(async move {
+                            let _ = hyper_util::server::conn::auto::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            )
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                        });
+                    }
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+            connections.abort_all();
         });
         FakeCarrier { addr, shared }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}/sms", self.addr)
+    }
+
+    /// Crashes the carrier: its listener closes (new connections are refused) and every open
+    /// connection is dropped, requests in flight included.
+    pub fn kill(&self) {
+        self.shared.killed.cancel();
     }
 
     /// A `[[carriers]]` block for this carrier.

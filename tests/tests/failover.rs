@@ -273,3 +273,151 @@ async fn retries_fail_over_to_a_working_carrier() {
     assert_eq!(direct, 0.0, "the working carrier passed nothing on");
     gateway.stop().await.unwrap();
 }
+
+/// A carrier that crashes mid-run (its connections dropped, requests in flight included, and
+/// new ones refused): the other carrier takes everything that was not accepted, nothing is
+/// lost, and an SMS is sent twice only if the crash swallowed the carrier's answer, so
+/// duplicates are bounded by the crashed carrier's window.
+#[tokio::test]
+async fn a_carrier_that_crashes_mid_run_loses_nothing() {
+    let crashing = FakeCarrier::start().await;
+    let surviving = FakeCarrier::start().await;
+    // Slow answers keep the crashing carrier's window full when it dies.
+    crashing.script(&[Reply::Slow(Duration::from_millis(20))]);
+    let window = 4;
+    let config = format!(
+        "sweep_interval_ms = 50\n[limits]\nip_sends = []\n{}{}",
+        crashing.config("crashing", 1000, window),
+        paced_carrier_block(&surviving, "surviving", 60_000, 200),
+    );
+    let gateway = Gateway::start(&config).await;
+    let n_sms = 200u32;
+    let starter = {
+        let gateway_url = gateway.url("/v1/verifications");
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for n in 0..n_sms {
+                let answer = http
+                    .post(&gateway_url)
+                    .json(&serde_json::json!({ "phone": phone(5000 + n) }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status(), 202);
+            }
+        })
+    };
+    crashing.wait_for(30, Duration::from_secs(10)).await;
+    crashing.kill();
+    starter.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut phones: Vec<String> = loop {
+        let phones: Vec<String> = crashing
+            .received()
+            .into_iter()
+            .chain(surviving.received())
+            .map(|sms| sms.to)
+            .collect();
+        let mut distinct = phones.clone();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() >= n_sms as usize {
+            break phones;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n_sms} SMS arrived",
+            distinct.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    phones.sort();
+    let n_sent = phones.len();
+    phones.dedup();
+    assert_eq!(phones.len(), n_sms as usize, "nothing lost");
+    let duplicates = n_sent - phones.len();
+    assert!(
+        duplicates <= window as usize,
+        "{duplicates} duplicates, more than the window in flight at the crash"
+    );
+    assert!(surviving.received().len() > 100, "the survivor took over");
+    gateway.stop().await.unwrap();
+}
+
+/// A carrier that does not answer within its timeout: the submit counts as a temporary
+/// failure, and the retry goes by the other carrier.
+#[tokio::test]
+async fn a_timeout_is_a_temporary_failure_retried_elsewhere() {
+    let silent = FakeCarrier::start().await;
+    let working = FakeCarrier::start().await;
+    silent.script(&[Reply::Slow(Duration::from_secs(5))]);
+    // The silent carrier's weight makes it the first choice for nearly every SMS.
+    let config = format!(
+        "sweep_interval_ms = 50\n{}weight = 1000\n{}",
+        silent
+            .config("silent", 1000, 4)
+            .replace("timeout_ms = 2000", "timeout_ms = 200"),
+        working.config("working", 1000, 4),
+    );
+    let gateway = Gateway::start(&config).await;
+    for n in 0..3 {
+        let started = gateway.start_verification(&phone(900 + n)).await;
+        assert_eq!(started.status, 202);
+        let answer = gateway.wait_for_delivery(&started.id(), "submitted").await;
+        assert_eq!(
+            answer.body["delivery"]["carrier"], "working",
+            "{}",
+            answer.text
+        );
+    }
+    let timeouts = gateway
+        .registered_metric(r#"otpgate_sms_submitted_total{carrier="silent",outcome="temporary"}"#)
+        .await;
+    let retries = gateway
+        .registered_metric(r#"otpgate_sms_retries_total{carrier="silent",reason="temporary"}"#)
+        .await;
+    assert!(silent.n_requests() >= 1, "the silent carrier was tried");
+    assert_eq!(
+        (timeouts, retries),
+        (silent.n_requests() as f64, silent.n_requests() as f64),
+        "every submit to the silent carrier timed out and was retried"
+    );
+    gateway.stop().await.unwrap();
+}
+
+/// A carrier that refuses a number permanently (a 4xx other than 429): the verification fails
+/// at once with a reason, and nothing is retried.
+#[tokio::test]
+async fn a_permanent_refusal_fails_the_verification_at_once() {
+    let carrier = FakeCarrier::start().await;
+    let other = FakeCarrier::start().await;
+    carrier.script(&[Reply::Status(400, None)]);
+    let config = format!(
+        "sweep_interval_ms = 50\n{}{}prefixes = [\"+44\"]\n",
+        carrier.config("alpha", 1000, 4),
+        other.config("beta", 1000, 4),
+    );
+    let gateway = Gateway::start(&config).await;
+    let started = gateway.start_verification(&phone(901)).await;
+    let id = started.id();
+    let read = gateway.wait_for_delivery(&id, "undeliverable").await;
+    assert_eq!(read.body["status"], "failed", "{}", read.text);
+    assert_eq!(read.body["failure_reason"], "undeliverable");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        carrier.n_requests(),
+        1,
+        "no retry after a permanent refusal"
+    );
+    assert_eq!(other.n_requests(), 0);
+    let permanent = gateway
+        .registered_metric(r#"otpgate_sms_submitted_total{carrier="alpha",outcome="permanent"}"#)
+        .await;
+    assert_eq!(permanent, 1.0);
+    assert_eq!(
+        gateway.check(&id, "123456").await.status,
+        409,
+        "a failed verification takes no more checks"
+    );
+    gateway.stop().await.unwrap();
+}
