@@ -167,6 +167,29 @@ start_gateway() {
     die "the gateway was not ready after 30 s"
 }
 
+# Starts the gateway with a configuration file the script wrote itself (for one that
+# start_gateway's cannot express, such as two carriers), waits until /readyz answers 200 on
+# ADMIN_ADDR, and sets GATEWAY_PID. The script sets GATEWAY_ADDR and ADMIN_ADDR (with free_port)
+# and writes them into the file as listen and admin_listen.
+# Usage: run_gateway CONFIG_FILE
+run_gateway() {
+    "$BIN/otpgate" --config "$1" >"$WORK_DIR/gateway.out" 2>"$WORK_DIR/gateway.err" &
+    GATEWAY_PID=$!
+    STARTED_PIDS+=("$GATEWAY_PID")
+    for _ in $(seq 1 300); do
+        if [[ $(curl -s -o /dev/null -w '%{http_code}' "http://$ADMIN_ADDR/readyz") == 200 ]]; then
+            return
+        fi
+        if ! kill -0 "$GATEWAY_PID" 2>/dev/null; then
+            tail -n 20 "$WORK_DIR/gateway.err" >&2
+            die "the gateway exited during start-up"
+        fi
+        sleep 0.1
+    done
+    tail -n 20 "$WORK_DIR/gateway.err" >&2
+    die "the gateway was not ready after 30 s"
+}
+
 # Prints the sum of the series of a counter or gauge on the gateway's /metrics whose labels
 # contain LABEL (all series when it is omitted), or 0 when there are none.
 # Usage: gateway_metric NAME [LABEL]

@@ -3,7 +3,8 @@
 //! Every flag can also be set from a `LOADGEN_*` environment variable.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -24,8 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a fast fake HTTP carrier that accepts every well-formed SMS and counts it.
     ///
-    /// It accepts `POST <any path>` in the carrier wire format (DESIGN.md section 5)
-    /// and serves its counters at `GET /stats`.
+    /// It accepts `POST <any path>` in the carrier wire format (DESIGN.md section 5),
+    /// serves its counters at `GET /stats` and the SMS it accepted at `GET /ids`.
     Sink(SinkArgs),
     /// Run a bare HTTP server that answers every request 202 and does no work.
     Bare(ServerArgs),
@@ -51,6 +52,22 @@ pub struct SinkArgs {
     /// carrier capped at its contracted rate; without it, the sink accepts everything.
     #[arg(long, env = "LOADGEN_CAPACITY_PER_SEC")]
     pub capacity_per_sec: Option<std::num::NonZeroU32>,
+
+    /// Answer every SMS this many milliseconds after it arrived, like a carrier that takes that
+    /// long to accept; the wait is a timer, so answers in flight overlap.
+    #[arg(long, env = "LOADGEN_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+
+    /// Exit the process at once on accepting this many SMS, like a carrier that crashes: the SMS
+    /// accepted but not yet answered at that moment get no answer, and their connections close.
+    /// The SMS accepted are written to --ids-file first.
+    #[arg(long, env = "LOADGEN_DIE_AFTER", requires = "ids_file")]
+    pub die_after: Option<NonZeroU64>,
+
+    /// Write every SMS accepted to this file, one `UNIX_MICROS MESSAGE_ID` line each (as
+    /// `GET /ids` serves them), when the sink stops on SIGINT or SIGTERM or dies on --die-after.
+    #[arg(long, env = "LOADGEN_IDS_FILE")]
+    pub ids_file: Option<PathBuf>,
 }
 
 /// Flags of `loadgen fill`.

@@ -9,7 +9,7 @@ use loadgen::cli::{Cli, Command, FillArgs, ServerArgs, SinkArgs};
 use loadgen::fill::{self, FillConfig};
 use loadgen::server;
 use loadgen::shutdown::Signals;
-use loadgen::sink::Sink;
+use loadgen::sink::{Sink, SinkConfig};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -44,8 +44,10 @@ async fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     let listener = server::bind_and_announce(listen)
         .await
         .with_context(|| format!("sink: cannot listen on {listen}"))?;
-    let sink = Sink::with_capacity(args.capacity_per_sec);
+    let sink = Sink::with_config(SinkConfig::from_args(&args));
     sink.clone().serve(listener, signals.received()).await;
+    sink.write_ids_file()
+        .context("sink: cannot write the ids file")?;
     let stats = sink.stats();
     eprintln!(
         "sink: received {}, distinct message ids {}, bad requests {}, throttled {}",

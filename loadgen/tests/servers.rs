@@ -1,18 +1,24 @@
 //! Runs the sink, the bare server and fill against each other on port 0.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
+use tokio::task::JoinSet;
 
-use loadgen::cli::FillArgs;
+use loadgen::cli::{Cli, FillArgs};
 use loadgen::fill::{self, Failure, FillConfig};
-use loadgen::sink::{Sink, Stats};
+use loadgen::sink::{Sink, SinkConfig, Stats};
 
 /// Stops the server it was made for when dropped, at the end of a test.
 type StopOnDrop = oneshot::Sender<()>;
@@ -25,9 +31,13 @@ fn stop_on_drop() -> (StopOnDrop, impl Future<Output = ()>) {
 }
 
 async fn start_sink() -> (SocketAddr, Sink, StopOnDrop) {
+    start_sink_with(SinkConfig::plain()).await
+}
+
+async fn start_sink_with(config: SinkConfig) -> (SocketAddr, Sink, StopOnDrop) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let sink = Sink::new();
+    let sink = Sink::with_config(config);
     let (shutdown, stopped) = stop_on_drop();
     tokio::spawn(sink.clone().serve(listener, stopped));
     (address, sink, shutdown)
@@ -43,10 +53,22 @@ async fn start_bare() -> (SocketAddr, StopOnDrop) {
 
 /// Sends one request on a fresh connection and returns the status and body.
 async fn send(address: SocketAddr, method: Method, path: &str, body: &str) -> (StatusCode, Bytes) {
-    let stream = TcpStream::connect(address).await.unwrap();
+    try_send(address, method, path, body).await.unwrap()
+}
+
+/// Like [`send`], but returns connection failures and unanswered requests as errors.
+async fn try_send(
+    address: SocketAddr,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> Result<(StatusCode, Bytes), String> {
+    let stream = TcpStream::connect(address)
+        .await
+        .map_err(|error| format!("connect: {error}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .unwrap();
+        .map_err(|error| format!("handshake: {error}"))?;
     tokio::spawn(connection);
     let request = Request::builder()
         .method(method)
@@ -55,10 +77,18 @@ async fn send(address: SocketAddr, method: Method, path: &str, body: &str) -> (S
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|error| format!("request: {error}"))?;
     let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, body)
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|error| format!("body: {error}"))?
+        .to_bytes();
+    Ok((status, body))
 }
 
 fn sms(message_id: &str, to: &str) -> String {
@@ -117,15 +147,18 @@ async fn sink_counts_sms_duplicates_and_bad_requests() {
     let (status, _) = send(address, Method::POST, "/sms", &sms("", "+393331234567")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
+    let (status, body) = send(address, Method::GET, "/stats", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let served = serde_json::from_slice::<Stats>(&body).unwrap();
+    // Without a latency, the answers take what the machine takes.
     let expected = Stats {
         received: 3,
         distinct_message_ids: 2,
         bad_requests: 4,
         throttled: 0,
+        mean_answer_micros: served.mean_answer_micros,
     };
-    let (status, body) = send(address, Method::GET, "/stats", "").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(serde_json::from_slice::<Stats>(&body).unwrap(), expected);
+    assert_eq!(served, expected);
     assert_eq!(sink.stats(), expected);
 }
 
@@ -200,4 +233,227 @@ async fn sink_with_a_capacity_throttles_above_it() {
     );
     let stats = sink.stats();
     assert_eq!((stats.received, stats.throttled), (3, 2));
+}
+
+/// A sink with a latency answers every SMS that much later, and the wait is a timer: five SMS
+/// sent at once on five connections are all answered after one latency, not five, even on this
+/// test's single-threaded runtime.
+#[tokio::test]
+async fn sink_with_a_latency_delays_every_answer_without_blocking() {
+    const LATENCY: Duration = Duration::from_millis(300);
+    let (address, sink, _shutdown) = start_sink_with(SinkConfig {
+        latency: LATENCY,
+        ..SinkConfig::plain()
+    })
+    .await;
+    let started = Instant::now();
+    let mut requests = JoinSet::new();
+    for n in 0..5 {
+        requests.spawn(async move {
+            let sent = Instant::now();
+            let (status, _) = send(
+                address,
+                Method::POST,
+                "/sms",
+                &sms(&format!("l-{n}"), "+393331234567"),
+            )
+            .await;
+            (status, sent.elapsed())
+        });
+    }
+    while let Some(answered) = requests.join_next().await {
+        let (status, elapsed) = answered.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert!(elapsed >= LATENCY, "answered after {elapsed:?}");
+    }
+    let total = started.elapsed();
+    assert!(
+        total < 2 * LATENCY,
+        "five answers took {total:?}: the latency must not block"
+    );
+    let stats = sink.stats();
+    assert_eq!(stats.received, 5);
+    assert!(
+        stats.mean_answer_micros >= 300_000,
+        "mean answer after {} µs",
+        stats.mean_answer_micros
+    );
+}
+
+/// `GET /ids` lists every SMS accepted, duplicates included, in order, with the Unix time in
+/// microseconds; an id that could not be listed on one line is refused.
+#[tokio::test]
+async fn sink_lists_the_sms_it_accepted() {
+    let (address, _sink, _shutdown) = start_sink().await;
+    let before = unix_micros();
+    for message_id in ["m-1", "m-1", "m-2"] {
+        let (status, _) = send(
+            address,
+            Method::POST,
+            "/sms",
+            &sms(message_id, "+393331234567"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let after = unix_micros();
+    for message_id in ["m 3", "m-4\n"] {
+        let (status, _) = send(
+            address,
+            Method::POST,
+            "/sms",
+            &sms(message_id, "+393331234567"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{message_id:?}");
+    }
+
+    let (status, body) = send(address, Method::GET, "/ids", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let lines = parse_ids(std::str::from_utf8(&body).unwrap());
+    let ids: Vec<&str> = lines.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, ["m-1", "m-1", "m-2"]);
+    let times: Vec<u64> = lines.iter().map(|(at, _)| *at).collect();
+    assert!(times.is_sorted(), "{times:?}");
+    // The sink's clock starts from the system clock, read a moment before this test's `before`.
+    assert!(
+        times[0] + 1_000_000 >= before && times[2] <= after + 1_000_000,
+        "{times:?}"
+    );
+}
+
+/// `--die-after 3` answers two SMS, then on accepting the third writes all three to the ids
+/// file and exits without answering it.
+#[tokio::test]
+async fn sink_dies_after_so_many_sms_and_lists_them() {
+    let ids_file = temp_path("dies");
+    let (mut child, address) =
+        spawn_sink(&["--die-after", "3", "--ids-file", ids_file.to_str().unwrap()]).await;
+    for n in 0..2 {
+        let (status, _) = send(
+            address,
+            Method::POST,
+            "/sms",
+            &sms(&format!("d-{n}"), "+393331234567"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let last = try_send(address, Method::POST, "/sms", &sms("d-2", "+393331234567")).await;
+    assert!(last.is_err(), "the third SMS was answered: {last:?}");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the sink exits")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    let listed = std::fs::read_to_string(&ids_file).unwrap();
+    let _ = std::fs::remove_file(&ids_file);
+    let ids: Vec<String> = parse_ids(&listed).into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids, ["d-0", "d-1", "d-2"]);
+    assert!(
+        try_send(address, Method::GET, "/stats", "").await.is_err(),
+        "nothing listens any more"
+    );
+}
+
+/// A sink stopped with SIGTERM writes its ids file on the way out.
+#[tokio::test]
+async fn sink_writes_its_ids_file_when_stopped() {
+    let ids_file = temp_path("stopped");
+    let (mut child, address) = spawn_sink(&["--ids-file", ids_file.to_str().unwrap()]).await;
+    for message_id in ["s-1", "s-2"] {
+        let (status, _) = send(
+            address,
+            Method::POST,
+            "/sms",
+            &sms(message_id, "+393331234567"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the sink exits")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let listed = std::fs::read_to_string(&ids_file).unwrap();
+    let _ = std::fs::remove_file(&ids_file);
+    let ids: Vec<String> = parse_ids(&listed).into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids, ["s-1", "s-2"]);
+}
+
+#[test]
+fn die_after_needs_an_ids_file() {
+    use clap::Parser;
+    assert!(Cli::try_parse_from(["loadgen", "sink", "--die-after", "3"]).is_err());
+    let cli = Cli::try_parse_from([
+        "loadgen",
+        "sink",
+        "--die-after",
+        "3",
+        "--ids-file",
+        "/tmp/ids",
+        "--latency-ms",
+        "40",
+    ])
+    .unwrap();
+    let loadgen::cli::Command::Sink(args) = cli.command else {
+        panic!("not a sink: {cli:?}");
+    };
+    let config = SinkConfig::from_args(&args);
+    assert_eq!(config.die_after, NonZeroU64::new(3));
+    assert_eq!(config.latency, Duration::from_millis(40));
+    assert_eq!(config.ids_file, Some(PathBuf::from("/tmp/ids")));
+}
+
+/// Starts the `loadgen sink` binary on port 0 with `flags` and returns it and its address.
+async fn spawn_sink(flags: &[&str]) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["sink", "--worker-threads", "1", "--listen", "127.0.0.1:0"])
+        .args(flags)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut first_line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut first_line)
+        .await
+        .unwrap();
+    let address = first_line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first_line:?}"))
+        .parse()
+        .unwrap();
+    (child, address)
+}
+
+/// Parses `UNIX_MICROS MESSAGE_ID` lines.
+fn parse_ids(listed: &str) -> Vec<(u64, String)> {
+    listed
+        .lines()
+        .map(|line| {
+            let (at, message_id) = line.split_once(' ').unwrap();
+            (at.parse().unwrap(), message_id.to_owned())
+        })
+        .collect()
+}
+
+fn unix_micros() -> u64 {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    u64::try_from(since_epoch.as_micros()).unwrap()
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("loadgen-servers-{}-{name}.ids", std::process::id()))
 }
