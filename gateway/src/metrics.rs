@@ -168,6 +168,7 @@ pub struct CarrierMetrics {
     circuit: Gauge,
     retries: [Counter; 2],
     passed_on: Counter,
+    took_over: Counter,
 }
 
 // === impl Route ===
@@ -331,6 +332,35 @@ impl Metrics {
             "otpgate_carrier_pace_per_second",
             "Segments per second the dispatcher allows a carrier now.",
         );
+        r.describe_counter(
+            "otpgate_sms_retries_total",
+            "SMS put back in line after a throttle answer or a temporary failure, by carrier and reason.",
+        );
+        r.describe_counter(
+            "otpgate_sms_failovers_total",
+            "SMS a carrier sent in place of another: a retry after the other failed, or a resend after it sent the first SMS.",
+        );
+        r.describe_counter(
+            "otpgate_sms_passed_on_total",
+            "Jobs a carrier handed on to the others because it had just failed them (or sent their earlier SMS).",
+        );
+        r.describe_counter(
+            "otpgate_receipts_total",
+            "Delivery receipts matched to an SMS, by carrier and state.",
+        );
+        r.describe_counter(
+            "otpgate_receipts_unmatched_total",
+            "Delivery receipts that matched no SMS, by carrier.",
+        );
+        r.describe_histogram(
+            "otpgate_sms_delivery_seconds",
+            Unit::Seconds,
+            "Time from the start request to the delivered receipt, by carrier.",
+        );
+        r.describe_gauge(
+            "otpgate_carrier_circuit_state",
+            "Circuit breaker state by carrier: 0 closed, 1 half-open, 2 open.",
+        );
         r.describe_gauge(
             "otpgate_build_info",
             "Always 1; the version label says which build runs.",
@@ -480,12 +510,14 @@ impl Metrics {
                         )
                     })
                     .collect();
-                let passed_on = r.counter("otpgate_sms_failovers_total", vec![carrier()]);
+                let passed_on = r.counter("otpgate_sms_passed_on_total", vec![carrier()]);
+                let took_over = r.counter("otpgate_sms_failovers_total", vec![carrier()]);
                 let circuit = r.gauge("otpgate_carrier_circuit_state", vec![carrier()]);
                 circuit.set(0.0);
                 CarrierMetrics {
                     retries: to_array(retries),
                     passed_on,
+                    took_over,
                     circuit,
                     receipts: to_array(receipts),
                     receipts_unmatched: r
@@ -704,6 +736,11 @@ impl CarrierMetrics {
     /// A job this carrier passed on to the others.
     pub fn passed_on(&self) {
         self.passed_on.increment(1);
+    }
+
+    /// An SMS this carrier sent in place of another.
+    pub fn took_over(&self) {
+        self.took_over.increment(1);
     }
 
     pub fn set_circuit(&self, state: crate::breaker::State) {

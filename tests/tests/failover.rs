@@ -267,10 +267,17 @@ async fn retries_fail_over_to_a_working_carrier() {
         retries >= 1.0,
         "retries after the failures are counted: {retries}"
     );
-    let direct = gateway
+    let passed_on = gateway
+        .registered_metric(r#"otpgate_sms_passed_on_total{carrier="working"}"#)
+        .await;
+    assert_eq!(passed_on, 0.0, "the working carrier passed nothing on");
+    let took_over = gateway
         .registered_metric(r#"otpgate_sms_failovers_total{carrier="working"}"#)
         .await;
-    assert_eq!(direct, 0.0, "the working carrier passed nothing on");
+    assert!(
+        took_over >= 1.0 && took_over <= retries,
+        "retries after a failure went to the working carrier: {took_over} of {retries}"
+    );
     gateway.stop().await.unwrap();
 }
 
@@ -280,6 +287,7 @@ async fn retries_fail_over_to_a_working_carrier() {
 /// duplicates are bounded by the crashed carrier's window.
 #[tokio::test]
 async fn a_carrier_that_crashes_mid_run_loses_nothing() {
+    let (logs, _guard) = tests::capture_logs();
     let crashing = FakeCarrier::start().await;
     let surviving = FakeCarrier::start().await;
     // Slow answers keep the crashing carrier's window full when it dies.
@@ -342,6 +350,15 @@ async fn a_carrier_that_crashes_mid_run_loses_nothing() {
     );
     assert!(surviving.received().len() > 100, "the survivor took over");
     gateway.stop().await.unwrap();
+    let logs = logs.text();
+    assert!(
+        logs.contains("connection lost before the answer"),
+        "submits cut off by the crash are logged as such"
+    );
+    assert!(
+        !logs.contains("malformed response"),
+        "a crash is not garbage"
+    );
 }
 
 /// A carrier that does not answer within its timeout: the submit counts as a temporary

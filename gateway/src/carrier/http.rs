@@ -90,6 +90,18 @@ pub(crate) fn pooled_client(
     Ok(client.build(connector))
 }
 
+/// Whether the carrier answered something that is not HTTP, rather than no answer at all.
+fn is_parse_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if let Some(hyper_error) = error.downcast_ref::<hyper::Error>() {
+            return hyper_error.is_parse() || hyper_error.is_parse_status();
+        }
+        source = error.source();
+    }
+    false
+}
+
 impl HttpConnector {
     pub fn new(
         name: String,
@@ -151,8 +163,10 @@ impl HttpConnector {
         let response = self.client.request(request).await.map_err(|error| {
             let reason = if error.is_connect() {
                 FailureKind::Connect
-            } else {
+            } else if is_parse_error(&error) {
                 FailureKind::BadResponse
+            } else {
+                FailureKind::ConnectionLost
             };
             SubmitError::Temporary { reason }
         })?;

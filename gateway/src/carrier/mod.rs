@@ -58,6 +58,8 @@ pub enum SubmitError {
 pub enum FailureKind {
     Timeout,
     Connect,
+    /// The connection closed before the answer came (the carrier went away mid-request).
+    ConnectionLost,
     Status(u16),
     BadResponse,
 }
@@ -117,6 +119,7 @@ impl fmt::Display for FailureKind {
         match self {
             FailureKind::Timeout => f.write_str("timed out"),
             FailureKind::Connect => f.write_str("connection failed"),
+            FailureKind::ConnectionLost => f.write_str("connection lost before the answer"),
             FailureKind::Status(status) => write!(f, "status {status}"),
             FailureKind::BadResponse => f.write_str("malformed response"),
         }
