@@ -23,6 +23,18 @@ pub struct Cli {
 /// What `loadgen` does.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Rehearse a scenario: virtual users against a gateway, with simulated carriers and
+    /// handsets.
+    ///
+    /// Without --target, a gateway starts in this process on the embedded back-end, wired to
+    /// the simulated carriers. Exit codes: 0 passed, 1 thresholds broken, 2 bad configuration,
+    /// 3 invalid run (the load generator could not keep its schedule).
+    Run(RunArgs),
+    /// Merge the JSON reports of the shards of one run into one report.
+    ///
+    /// Counters and timelines add up; latency histograms are merged, not averaged. Thresholds
+    /// are judged again on the merged report; the exit codes are those of `run`.
+    Merge(MergeArgs),
     /// Run a fast fake HTTP carrier that accepts every well-formed SMS and counts it.
     ///
     /// It accepts `POST <any path>` in the carrier wire format (DESIGN.md section 5),
@@ -32,6 +44,96 @@ pub enum Command {
     Bare(ServerArgs),
     /// Start many verifications with distinct phone numbers, as fast as the gateway takes them.
     Fill(FillArgs),
+}
+
+/// Flags of `loadgen run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The scenario file (TOML); see scenarios/README.md.
+    pub scenario: std::path::PathBuf,
+
+    /// Base URL of a gateway to drive (e.g. http://127.0.0.1:8080); without it, one starts in
+    /// this process. The scenario's carriers then listen on the `listen` addresses the gateway
+    /// is configured with, and its clients' `api_key`s are used.
+    #[arg(long, env = "LOADGEN_TARGET")]
+    pub target: Option<String>,
+
+    /// This process's share of the run, as INDEX/COUNT (0/2 and 1/2 for two processes): it
+    /// plays every COUNT-th user of the schedule, starting at INDEX.
+    #[arg(long, env = "LOADGEN_SHARD", default_value = "0/1", value_parser = parse_shard)]
+    pub shard: (u64, u64),
+
+    /// Keep-alive connections to the gateway, shared by all users.
+    #[arg(long, env = "LOADGEN_CONNECTIONS", default_value_t = NonZeroUsize::new(256).unwrap())]
+    pub connections: NonZeroUsize,
+
+    /// A local address to open connections from (repeat it: connections take them in turn).
+    #[arg(long = "source-ip", env = "LOADGEN_SOURCE_IPS", value_delimiter = ',')]
+    pub source_ips: Vec<std::net::IpAddr>,
+
+    /// Time allowed for one API request.
+    #[arg(long, env = "LOADGEN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub timeout_ms: u64,
+
+    /// A pass/fail threshold, e.g. 'p99(check)<50ms' or 'expired_sessions==0' (repeatable).
+    #[arg(long = "threshold", env = "LOADGEN_THRESHOLDS", value_delimiter = ';')]
+    pub thresholds: Vec<crate::threshold::Threshold>,
+
+    /// Write the JSON report here (schema: loadgen/report.schema.json).
+    #[arg(long, env = "LOADGEN_REPORT")]
+    pub report: Option<std::path::PathBuf>,
+
+    /// Draw the run (latency percentiles and throughput over time) as an SVG here.
+    #[arg(long, env = "LOADGEN_PLOT")]
+    pub plot: Option<std::path::PathBuf>,
+
+    /// How to show progress.
+    #[arg(long, env = "LOADGEN_PROGRESS", value_enum, default_value = "auto")]
+    pub progress: crate::progress::Progress,
+
+    /// Scheduler lag (99th percentile, in milliseconds) beyond which the run is invalid: the
+    /// load generator, not the gateway, was the bottleneck.
+    #[arg(long, env = "LOADGEN_MAX_LAG_MS", default_value_t = 100)]
+    pub max_lag_ms: u64,
+}
+
+/// Flags of `loadgen merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The shard reports.
+    #[arg(required = true)]
+    pub reports: Vec<std::path::PathBuf>,
+
+    /// Write the merged report here.
+    #[arg(long)]
+    pub report: Option<std::path::PathBuf>,
+
+    /// Draw the merged run as an SVG here.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
+
+    /// Thresholds to judge on the merged report.
+    #[arg(long = "threshold", value_delimiter = ';')]
+    pub thresholds: Vec<crate::threshold::Threshold>,
+}
+
+/// `INDEX/COUNT` with INDEX < COUNT.
+fn parse_shard(text: &str) -> Result<(u64, u64), String> {
+    let (index, count) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not INDEX/COUNT, like 0/2"))?;
+    let index: u64 = index
+        .parse()
+        .map_err(|_| format!("bad shard index in {text:?}"))?;
+    let count: u64 = count
+        .parse()
+        .map_err(|_| format!("bad shard count in {text:?}"))?;
+    if count == 0 || index >= count {
+        return Err(format!(
+            "shard {text:?}: INDEX must be below COUNT, and COUNT at least 1"
+        ));
+    }
+    Ok((index, count))
 }
 
 /// Flags shared by the subcommands that run a server.

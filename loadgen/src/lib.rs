@@ -15,10 +15,23 @@
 //! - [`phone`]: valid, distinct phone numbers generated from a counter.
 //! - [`shutdown`]: the signals that stop a server.
 
+pub mod api;
 pub mod bare;
 pub mod cli;
+pub mod connect;
 pub mod fill;
+pub mod handset;
+pub mod measure;
 pub mod phone;
+pub mod plot;
+pub mod progress;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod schedule;
 pub mod server;
 pub mod shutdown;
+pub mod simcarrier;
 pub mod sink;
+pub mod threshold;
+pub mod user;

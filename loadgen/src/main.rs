@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use loadgen::cli::{Cli, Command, FillArgs, ServerArgs, SinkArgs};
+use loadgen::cli::{Cli, Command, FillArgs, MergeArgs, RunArgs, ServerArgs, SinkArgs};
 use loadgen::fill::{self, FillConfig};
 use loadgen::server;
 use loadgen::shutdown::Signals;
@@ -34,8 +34,114 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Sink(args) => run_sink(args).await,
             Command::Bare(args) => run_bare(args).await,
             Command::Fill(args) => run_fill(args).await,
+            Command::Run(args) => Ok(rehearse(args).await),
+            Command::Merge(args) => Ok(merge(args)),
         }
     })
+}
+
+/// Exit code for a configuration that cannot run (bad scenario, flags or limits).
+const BAD_CONFIGURATION: u8 = 2;
+/// Exit code for a run that failed for another reason (a port taken, a file unwritable).
+const FAILED: u8 = 4;
+
+async fn rehearse(args: RunArgs) -> ExitCode {
+    let scenario = match loadgen::scenario::Scenario::load(&args.scenario) {
+        Ok(scenario) => scenario,
+        Err(error) => {
+            eprintln!("loadgen: {error}");
+            return ExitCode::from(BAD_CONFIGURATION);
+        }
+    };
+    let options = loadgen::run::RunOptions {
+        target: args.target.clone(),
+        shard: args.shard,
+        connections: args.connections.get(),
+        source_ips: args.source_ips.clone(),
+        request_timeout: std::time::Duration::from_millis(args.timeout_ms.max(1)),
+        thresholds: args.thresholds.clone(),
+        progress: args.progress,
+        max_scheduler_lag: std::time::Duration::from_millis(args.max_lag_ms),
+    };
+    if let Err(error) = loadgen::run::check_limits(&scenario, &options) {
+        eprintln!("loadgen: {error}");
+        return ExitCode::from(BAD_CONFIGURATION);
+    }
+    let (report, verdict) = match loadgen::run::run(scenario, options).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            eprintln!("loadgen: {error:#}");
+            return ExitCode::from(FAILED);
+        }
+    };
+    finish(
+        &report,
+        verdict,
+        args.report.as_deref(),
+        args.plot.as_deref(),
+    )
+}
+
+fn merge(args: MergeArgs) -> ExitCode {
+    let mut reports = Vec::with_capacity(args.reports.len());
+    for path in &args.reports {
+        let parsed = std::fs::read(path)
+            .map_err(|error| error.to_string())
+            .and_then(|bytes| {
+                serde_json::from_slice::<loadgen::report::Report>(&bytes)
+                    .map_err(|error| error.to_string())
+            });
+        match parsed {
+            Ok(report) => reports.push(report),
+            Err(error) => {
+                eprintln!("loadgen: report {}: {error}", path.display());
+                return ExitCode::from(BAD_CONFIGURATION);
+            }
+        }
+    }
+    let mut merged = match loadgen::report::merge(&reports) {
+        Ok(merged) => merged,
+        Err(error) => {
+            eprintln!("loadgen: {error}");
+            return ExitCode::from(BAD_CONFIGURATION);
+        }
+    };
+    let verdict = loadgen::run::judge(&mut merged, &args.thresholds);
+    finish(
+        &merged,
+        verdict,
+        args.report.as_deref(),
+        args.plot.as_deref(),
+    )
+}
+
+/// Prints the summary, writes the report and the picture, and returns the verdict's exit code.
+fn finish(
+    report: &loadgen::report::Report,
+    verdict: loadgen::run::Verdict,
+    report_path: Option<&std::path::Path>,
+    plot_path: Option<&std::path::Path>,
+) -> ExitCode {
+    print!("{}", report.summary());
+    if let Some(path) = report_path {
+        let written = serde_json::to_vec_pretty(report)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(path, json));
+        if let Err(error) = written {
+            eprintln!(
+                "loadgen: cannot write the report {}: {error}",
+                path.display()
+            );
+            return ExitCode::from(FAILED);
+        }
+    }
+    if let Some(path) = plot_path {
+        if let Err(error) = loadgen::plot::draw(report, path) {
+            eprintln!("loadgen: cannot draw {}: {error}", path.display());
+            return ExitCode::from(FAILED);
+        }
+    }
+    ExitCode::from(verdict.exit_code())
 }
 
 async fn run_sink(args: SinkArgs) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,332 @@
+//! What a run measures: HDR histograms per API call and per journey step, counters of what
+//! happened to users and SMS, and a per-second timeline (for progress, the picture, and the
+//! load generator's watch over itself).
+//!
+//! Latencies are recorded from each action's *intended* start: a start from the user's
+//! scheduled arrival, a check from the moment the user decided to type. A stalled gateway, or a
+//! load generator that fell behind, therefore shows up in the high percentiles instead of
+//! silently thinning the load (no coordinated omission).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// Everything latency-like the run records, in the order of [`Series::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Series {
+    /// `POST /v1/verifications`, from the scheduled arrival.
+    Start,
+    /// `POST /v1/verifications/{id}/check`, from the decision to type.
+    Check,
+    /// `POST /v1/verifications/{id}/resend`.
+    Resend,
+    /// From the scheduled arrival to the first SMS on the handset.
+    TimeToSms,
+    /// From the scheduled arrival to a valid check.
+    TimeToVerified,
+    /// How late users started against their schedule (the load generator's own lag).
+    SchedulerLag,
+}
+
+impl Series {
+    pub const ALL: [Series; 6] = [
+        Series::Start,
+        Series::Check,
+        Series::Resend,
+        Series::TimeToSms,
+        Series::TimeToVerified,
+        Series::SchedulerLag,
+    ];
+
+    /// The name in reports and thresholds.
+    pub fn name(self) -> &'static str {
+        match self {
+            Series::Start => "start",
+            Series::Check => "check",
+            Series::Resend => "resend",
+            Series::TimeToSms => "time_to_sms",
+            Series::TimeToVerified => "time_to_verified",
+            Series::SchedulerLag => "scheduler_lag",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Series> {
+        Series::ALL.into_iter().find(|series| series.name() == name)
+    }
+}
+
+/// What happened to users and SMS: the counters of a report, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// Users whose arrival came.
+    Arrived,
+    /// Starts answered 202.
+    Started,
+    /// Checks answered valid.
+    Verified,
+    /// Users whose verification expired before they could use the code.
+    ExpiredSessions,
+    /// Users who waited for an SMS longer than they would, and left.
+    GaveUp,
+    /// Users who got the SMS and never typed it (the scenario's `never_type`).
+    NeverTyped,
+    /// Checks answered `valid: false`.
+    WrongCodes,
+    /// Resends pressed.
+    Resends,
+    /// SMS the carriers accepted with a message id they had accepted before.
+    DuplicateSms,
+    /// Verifications the gateway reported sent that no carrier ever received.
+    LostSms,
+    /// SMS handed to handsets.
+    SmsReceived,
+    /// Requests that failed without an HTTP answer (connect, timeout).
+    TransportErrors,
+    /// Users still in their journey when the run ended.
+    Unfinished,
+}
+
+impl Count {
+    pub const ALL: [Count; 13] = [
+        Count::Arrived,
+        Count::Started,
+        Count::Verified,
+        Count::ExpiredSessions,
+        Count::GaveUp,
+        Count::NeverTyped,
+        Count::WrongCodes,
+        Count::Resends,
+        Count::DuplicateSms,
+        Count::LostSms,
+        Count::SmsReceived,
+        Count::TransportErrors,
+        Count::Unfinished,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Count::Arrived => "arrived",
+            Count::Started => "started",
+            Count::Verified => "verified",
+            Count::ExpiredSessions => "expired_sessions",
+            Count::GaveUp => "gave_up",
+            Count::NeverTyped => "never_typed",
+            Count::WrongCodes => "wrong_codes",
+            Count::Resends => "resends",
+            Count::DuplicateSms => "duplicate_sms",
+            Count::LostSms => "lost_sms",
+            Count::SmsReceived => "sms_received",
+            Count::TransportErrors => "transport_errors",
+            Count::Unfinished => "unfinished",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Count> {
+        Count::ALL.into_iter().find(|count| count.name() == name)
+    }
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Default)]
+pub struct Second {
+    /// Arrivals the schedule had for this second, and those that started in it.
+    pub scheduled: u64,
+    pub arrived: u64,
+    /// API requests answered, and answered with an error status or none.
+    pub requests: u64,
+    pub errors: u64,
+    pub sms: u64,
+    pub verified: u64,
+    /// Users in their journey at the end of the second.
+    pub in_flight: u64,
+    /// Start latency this second (microseconds).
+    pub start_latency: Option<Histogram<u64>>,
+    /// The load generator's CPU use (share of one core) and resident memory.
+    pub cpu: f64,
+    pub rss_bytes: u64,
+}
+
+/// The run's measurements. Shared by every user task.
+#[derive(Debug)]
+pub struct Measurements {
+    started: Instant,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    histograms: Vec<Histogram<u64>>,
+    counts: [u64; Count::ALL.len()],
+    /// Answers with a status other than the expected one, by call and status.
+    statuses: BTreeMap<(&'static str, u16), u64>,
+    timeline: Vec<Second>,
+    in_flight: u64,
+}
+
+/// Microseconds up to an hour, three significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds are valid")
+}
+
+impl Measurements {
+    pub fn new(started: Instant) -> Measurements {
+        Measurements {
+            started,
+            inner: Mutex::new(Inner {
+                histograms: Series::ALL.iter().map(|_| new_histogram()).collect(),
+                counts: [0; Count::ALL.len()],
+                statuses: BTreeMap::new(),
+                timeline: Vec::new(),
+                in_flight: 0,
+            }),
+        }
+    }
+
+    /// When the run started: the zero of the schedule.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Records a latency from `intended` to now.
+    pub fn latency_since(&self, series: Series, intended: Instant) -> Duration {
+        let elapsed = intended.elapsed();
+        self.record(series, elapsed, intended);
+        elapsed
+    }
+
+    pub fn record(&self, series: Series, value: Duration, at: Instant) {
+        let micros = (value.as_micros() as u64).clamp(1, 3_600_000_000);
+        let mut inner = self.lock();
+        let _ = inner.histograms[series as usize].record(micros);
+        if series == Series::Start {
+            let second = inner.second(self.second_of(at));
+            let histogram = second.start_latency.get_or_insert_with(|| {
+                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("bounds are valid")
+            });
+            let _ = histogram.record(micros);
+        }
+    }
+
+    pub fn count(&self, count: Count) {
+        self.add(count, 1);
+    }
+
+    pub fn add(&self, count: Count, n: u64) {
+        let now = self.second_of(Instant::now());
+        let mut inner = self.lock();
+        inner.counts[count as usize] += n;
+        match count {
+            Count::Arrived => inner.second(now).arrived += n,
+            Count::SmsReceived => inner.second(now).sms += n,
+            Count::Verified => inner.second(now).verified += n,
+            _ => {}
+        }
+    }
+
+    /// An API answer: `ok` says whether it was the expected one.
+    pub fn answered(&self, call: &'static str, status: Option<u16>, ok: bool) {
+        let now = self.second_of(Instant::now());
+        let mut inner = self.lock();
+        let second = inner.second(now);
+        second.requests += 1;
+        if !ok {
+            second.errors += 1;
+        }
+        match status {
+            Some(status) if !ok => *inner.statuses.entry((call, status)).or_default() += 1,
+            None => inner.counts[Count::TransportErrors as usize] += 1,
+            Some(_) => {}
+        }
+    }
+
+    pub fn schedule(&self, at: Duration) {
+        let index = at.as_secs() as usize;
+        self.lock().second(index).scheduled += 1;
+    }
+
+    pub fn user_entered(&self) {
+        self.lock().in_flight += 1;
+    }
+
+    pub fn user_left(&self) {
+        let mut inner = self.lock();
+        inner.in_flight = inner.in_flight.saturating_sub(1);
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.lock().in_flight
+    }
+
+    /// Closes a second: users in flight, CPU and memory at its end.
+    pub fn close_second(&self, index: usize, cpu: f64, rss_bytes: u64) {
+        let mut inner = self.lock();
+        let in_flight = inner.in_flight;
+        let second = inner.second(index);
+        second.in_flight = in_flight;
+        second.cpu = cpu;
+        second.rss_bytes = rss_bytes;
+    }
+
+    pub fn get(&self, count: Count) -> u64 {
+        self.lock().counts[count as usize]
+    }
+
+    /// A percentile of a series so far, in microseconds (0 when empty).
+    pub fn percentile(&self, series: Series, quantile: f64) -> u64 {
+        let inner = self.lock();
+        let histogram = &inner.histograms[series as usize];
+        if histogram.is_empty() {
+            0
+        } else {
+            histogram.value_at_quantile(quantile)
+        }
+    }
+
+    /// Everything measured, for the report.
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        Snapshot {
+            histograms: inner.histograms.clone(),
+            counts: inner.counts,
+            statuses: inner
+                .statuses
+                .iter()
+                .map(|(&(call, status), &n)| (call, status, n))
+                .collect(),
+            timeline: inner.timeline.clone(),
+        }
+    }
+
+    fn second_of(&self, at: Instant) -> usize {
+        at.saturating_duration_since(self.started).as_secs() as usize
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Inner {
+    fn second(&mut self, index: usize) -> &mut Second {
+        // A bounded timeline: a run longer than a week folds its tail into the last second.
+        let index = index.min(7 * 86_400);
+        if self.timeline.len() <= index {
+            self.timeline.resize_with(index + 1, Second::default);
+        }
+        &mut self.timeline[index]
+    }
+}
+
+/// A copy of the measurements at the end of a run.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub histograms: Vec<Histogram<u64>>,
+    pub counts: [u64; Count::ALL.len()],
+    /// `(call, status, how many)` for answers other than the expected one.
+    pub statuses: Vec<(&'static str, u16, u64)>,
+    pub timeline: Vec<Second>,
+}

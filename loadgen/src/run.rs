@@ -1,0 +1,512 @@
+//! `loadgen run`: one rehearsal, from scenario file to report.
+//!
+//! 1. The scenario's arrivals are scheduled in advance (this shard's share of them).
+//! 2. The simulated carriers start listening.
+//! 3. Without `--target`, a gateway starts in this process on the embedded back-end, configured
+//!    from the scenario and wired to the simulated carriers; with it, the users call that URL.
+//! 4. A scheduler starts each user at its arrival time; a ticker closes each second (progress,
+//!    CPU, memory); after the last arrival, journeys get the scenario's drain time to finish.
+//! 5. The report is built, thresholds are judged, and the run's own validity is checked.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::{Rng, SeedableRng};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::Api;
+use crate::connect::Connector;
+use crate::measure::{Count, Measurements, Series};
+use crate::progress::Progress;
+use crate::report::{CarrierReport, HandsetReport, Report, ScenarioInfo, SelfWatch};
+use crate::scenario::Scenario;
+use crate::schedule;
+use crate::simcarrier::{self, Network, SimCarrier};
+use crate::threshold::Threshold;
+use crate::user::{self, World};
+
+/// How a run is set up, beyond its scenario.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The gateway's base URL; `None` starts one in this process.
+    pub target: Option<String>,
+    /// This process's shard: `(index, count)`.
+    pub shard: (u64, u64),
+    /// Keep-alive connections to the gateway.
+    pub connections: usize,
+    /// Local addresses to spread connections over.
+    pub source_ips: Vec<IpAddr>,
+    pub request_timeout: Duration,
+    pub thresholds: Vec<Threshold>,
+    pub progress: Progress,
+    /// Scheduler lag (p99) beyond which the run is marked invalid.
+    pub max_scheduler_lag: Duration,
+}
+
+/// The outcome of a run, for the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Passed,
+    ThresholdsBroken,
+    Invalid,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Passed => "passed",
+            Verdict::ThresholdsBroken => "thresholds_broken",
+            Verdict::Invalid => "invalid",
+        }
+    }
+
+    /// The process exit code: 0 passed, 1 thresholds broken, 3 invalid run (2 is bad
+    /// configuration, decided before a run starts).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Passed => 0,
+            Verdict::ThresholdsBroken => 1,
+            Verdict::Invalid => 3,
+        }
+    }
+}
+
+/// A problem found before the run starts: bad configuration (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SetupError(pub String);
+
+/// File descriptors a run needs beyond its connections: listeners, the gateway's carrier
+/// connections, receipts, and some slack.
+const FD_SLACK: u64 = 512;
+
+/// Checks the open-file and port limits before the run starts.
+pub fn check_limits(scenario: &Scenario, options: &RunOptions) -> Result<(), SetupError> {
+    let carrier_windows: u64 = scenario
+        .carriers
+        .iter()
+        .map(|carrier| u64::from(carrier.window))
+        .sum();
+    let in_process = options.target.is_none();
+    // Both ends of each connection are ours when the gateway runs in this process.
+    let per_connection = if in_process { 2 } else { 1 };
+    let needed =
+        options.connections as u64 * per_connection + carrier_windows * per_connection + FD_SLACK;
+    if let Some(limit) = crate::connect::raise_open_files_limit() {
+        if needed > limit {
+            return Err(SetupError(format!(
+                "this run needs about {needed} open files ({} connections{}, carrier windows of {carrier_windows}) \
+                 but the limit is {limit}: lower --connections or raise `ulimit -n`",
+                options.connections,
+                if in_process {
+                    " counted at both ends, gateway in process"
+                } else {
+                    ""
+                },
+            )));
+        }
+    }
+    if let Some(ports) = crate::connect::ephemeral_ports() {
+        let sources = options.source_ips.len().max(1) as u64;
+        if options.connections as u64 > ports * sources {
+            return Err(SetupError(format!(
+                "{} connections need more local ports than the {ports} ephemeral ports of {sources} \
+                 source address(es): add --source-ip addresses (127.0.0.2, 127.0.0.3, …)",
+                options.connections
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the scenario; returns its report (thresholds judged) and verdict.
+pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Report, Verdict)> {
+    let scenario = Arc::new(scenario);
+    let (shard, n_shards) = options.shard;
+    let arrivals = schedule::arrivals(
+        &scenario.arrivals,
+        scenario.duration,
+        scenario.seed,
+        shard,
+        n_shards,
+    );
+    let n_users = arrivals.last().map_or(0, |arrival| arrival.user + 1);
+    let stop = CancellationToken::new();
+
+    // The run starts a moment from now, once everything is listening.
+    let lead = Duration::from_millis(300);
+    let started = Instant::now() + lead;
+    let measurements = Arc::new(Measurements::new(started));
+    for arrival in &arrivals {
+        measurements.schedule(arrival.at);
+    }
+    let network = Arc::new(Network::new(
+        scenario.clone(),
+        measurements.clone(),
+        n_users,
+    ));
+    let carriers = simcarrier::start_all(&network, started, &stop)
+        .await
+        .context("cannot start the simulated carriers")?;
+
+    let (base_url, api_keys, gateway) = match &options.target {
+        Some(url) => {
+            let keys = scenario
+                .clients
+                .iter()
+                .map(|client| client.api_key.clone())
+                .collect();
+            (url.clone(), keys, None)
+        }
+        None => {
+            let (url, keys, handle) = start_gateway(&scenario, &carriers, &options, stop.clone())
+                .await
+                .context("cannot start the in-process gateway")?;
+            (url, keys, Some(handle))
+        }
+    };
+    let api = Api::new(
+        &base_url,
+        Connector::new(options.source_ips.clone()),
+        options.connections,
+        options.request_timeout,
+    );
+    let world = Arc::new(World {
+        scenario: scenario.clone(),
+        api: api.clone(),
+        measurements: measurements.clone(),
+        network: network.clone(),
+        api_keys,
+    });
+
+    let ticker = tokio::spawn(tick(
+        measurements.clone(),
+        options.progress,
+        arrivals.len() as u64,
+        stop.clone(),
+    ));
+
+    // The scheduler: each user starts at its arrival, whatever happened to the others.
+    let mut journeys = JoinSet::new();
+    let client_shares: Vec<f64> = scenario.clients.iter().map(|client| client.share).collect();
+    for arrival in &arrivals {
+        tokio::time::sleep_until((started + arrival.at).into()).await;
+        let client = pick_client(&client_shares, scenario.seed, arrival.user);
+        journeys.spawn(user::journey(
+            world.clone(),
+            arrival.user,
+            client,
+            started + arrival.at,
+        ));
+        // Reap finished journeys as we go, so the set holds only users in flight.
+        while journeys.try_join_next().is_some() {}
+    }
+    let drain_deadline = Instant::now() + scenario.drain.min(user::longest_journey(&scenario));
+    let drained = tokio::time::timeout_at(drain_deadline.into(), async {
+        while journeys.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        measurements.add(Count::Unfinished, journeys.len() as u64);
+        journeys.abort_all();
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    let _ = ticker.await;
+    if let Some(gateway) = gateway {
+        match tokio::time::timeout(Duration::from_secs(10), gateway).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => eprintln!("loadgen: the in-process gateway failed: {error:#}"),
+            Ok(Err(error)) => eprintln!("loadgen: the in-process gateway panicked: {error}"),
+            Err(_) => eprintln!("loadgen: the in-process gateway did not stop within 10 s"),
+        }
+    }
+
+    let mut report = build_report(
+        &scenario,
+        &options,
+        &measurements,
+        &network,
+        &carriers,
+        &api,
+        arrivals.len() as u64,
+        elapsed,
+    );
+    let verdict = judge(&mut report, &options.thresholds);
+    Ok((report, verdict))
+}
+
+/// Evaluates thresholds and validity into the report; returns the verdict.
+pub fn judge(report: &mut Report, thresholds: &[Threshold]) -> Verdict {
+    report.thresholds = thresholds
+        .iter()
+        .map(|threshold| threshold.evaluate(report))
+        .collect();
+    let verdict = if !report.self_watch.valid {
+        Verdict::Invalid
+    } else if report.thresholds.iter().any(|verdict| !verdict.passed) {
+        Verdict::ThresholdsBroken
+    } else {
+        Verdict::Passed
+    };
+    report.result = verdict.name().to_owned();
+    verdict
+}
+
+/// The client a user belongs to, by the scenario's shares (stable per user and seed).
+fn pick_client(shares: &[f64], seed: u64, user: u64) -> usize {
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed ^ user.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut draw: f64 = rng.random();
+    for (index, share) in shares.iter().enumerate() {
+        if draw < *share {
+            return index;
+        }
+        draw -= share;
+    }
+    shares.len().saturating_sub(1)
+}
+
+/// Starts a gateway in this process, configured from the scenario; returns its URL, the API
+/// key of each client, and the task running it (which ends once `stop` fires).
+async fn start_gateway(
+    scenario: &Scenario,
+    carriers: &[SimCarrier],
+    options: &RunOptions,
+    stop: CancellationToken,
+) -> anyhow::Result<(
+    String,
+    Vec<Option<String>>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let api = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let admin = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let api_addr = api.local_addr()?;
+    let keys: Vec<String> = scenario
+        .clients
+        .iter()
+        .map(|client| {
+            client.api_key.clone().unwrap_or_else(|| {
+                format!("loadgen-{}-{:016x}", client.name, rand::random::<u64>())
+            })
+        })
+        .collect();
+    let toml = gateway_config(scenario, carriers, options, api_addr, &keys);
+    let config = gateway::config::Config::from_toml(&toml)
+        .map_err(|error| anyhow::anyhow!("generated gateway config: {error}"))?;
+    let handle = tokio::spawn(gateway::run(
+        gateway::Listeners { api, admin },
+        config,
+        gateway::clock::Clock::system(),
+        async move { stop.cancelled().await },
+    ));
+    Ok((
+        format!("http://{api_addr}"),
+        keys.into_iter().map(Some).collect(),
+        handle,
+    ))
+}
+
+/// The in-process gateway's configuration: the scenario's clients and carriers, and its
+/// policy with time compression applied.
+pub fn gateway_config(
+    scenario: &Scenario,
+    carriers: &[SimCarrier],
+    options: &RunOptions,
+    api_addr: SocketAddr,
+    keys: &[String],
+) -> String {
+    use std::fmt::Write as _;
+    let c = scenario.time_compression;
+    let secs = |scenario_secs: f64, min: u64| ((scenario_secs / c).round() as u64).max(min);
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\npublic_url = \"http://{api_addr}\"\n\
+         max_connections = {}\nshutdown_grace_secs = 5\n\n\
+         [verification]\ncode_ttl_secs = {}\nmax_extension_secs = {}\nresend_cooldown_secs = {}\n\n\
+         [limits]\nphone_sends = [{{ max = 1, per_secs = {} }}, {{ max = 5, per_secs = {} }}]\n\n\
+         [queue]\ncapacity = {}\n",
+        options.connections * 2 + 1024,
+        scenario.gateway.code_ttl.as_secs().max(10),
+        scenario.gateway.max_extension.as_secs(),
+        secs(30.0, 1),
+        secs(30.0, 1),
+        secs(600.0, 1),
+        scenario.gateway.queue_capacity,
+    );
+    for (client, key) in scenario.clients.iter().zip(keys) {
+        let _ = write!(
+            toml,
+            "\n[[clients]]\nname = \"{}\"\napi_key_sha256 = \"{}\"\nrate_per_sec = {}\npriority = {}\n",
+            client.name,
+            sha256_hex(key),
+            client.rate_per_sec,
+            client.priority
+        );
+    }
+    for (settings, carrier) in scenario.carriers.iter().zip(carriers) {
+        let prefixes: Vec<String> = settings
+            .prefixes
+            .iter()
+            .map(|prefix| format!("\"{prefix}\""))
+            .collect();
+        let _ = write!(
+            toml,
+            "\n[[carriers]]\nname = \"{}\"\nkind = \"http\"\nurl = \"http://{}/sms\"\npace_per_sec = {}\n\
+             window = {}\nweight = {}\nprefixes = [{}]\ntimeout_ms = 5000\nhttp_version = \"1.1\"\n\
+             receipt_token = \"{}\"\n",
+            settings.name,
+            carrier.addr,
+            settings.pace_per_sec,
+            settings.window,
+            settings.weight,
+            prefixes.join(", "),
+            carrier.receipt_token,
+        );
+    }
+    toml
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Closes a second every second: users in flight, CPU and memory; shows progress.
+async fn tick(
+    measurements: Arc<Measurements>,
+    progress: Progress,
+    scheduled: u64,
+    stop: CancellationToken,
+) {
+    let started = measurements.started();
+    let mut second = 0usize;
+    let mut cpu = crate::progress::CpuMeter::new();
+    let mut display = progress.start(scheduled);
+    loop {
+        let next = started + Duration::from_secs(second as u64 + 1);
+        tokio::select! {
+            () = tokio::time::sleep_until(next.into()) => {}
+            () = stop.cancelled() => break,
+        }
+        let (cpu_share, rss) = (cpu.share_since_last(), crate::progress::rss_bytes());
+        measurements.close_second(second, cpu_share, rss);
+        display.update(&measurements, second, cpu_share, rss);
+        second += 1;
+    }
+    display.finish();
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_report(
+    scenario: &Scenario,
+    options: &RunOptions,
+    measurements: &Measurements,
+    network: &Network,
+    carriers: &[SimCarrier],
+    api: &Api,
+    scheduled: u64,
+    elapsed: Duration,
+) -> Report {
+    let snapshot = measurements.snapshot();
+    let counts = &network.handsets.counts;
+    let mut report = Report {
+        schema_version: crate::report::SCHEMA_VERSION,
+        loadgen_version: env!("CARGO_PKG_VERSION").to_owned(),
+        scenario: ScenarioInfo {
+            name: scenario.name.clone(),
+            seed: scenario.seed,
+            time_compression: scenario.time_compression,
+            duration_secs: scenario.duration.as_secs_f64(),
+            scheduled_arrivals: scheduled,
+        },
+        target: options
+            .target
+            .clone()
+            .unwrap_or_else(|| "in-process".to_owned()),
+        started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now() - elapsed)
+            .to_string(),
+        elapsed_secs: elapsed.as_secs_f64(),
+        shards: 1,
+        counts: Default::default(),
+        rejections: Vec::new(),
+        latency: Default::default(),
+        histograms: Default::default(),
+        carriers: carriers
+            .iter()
+            .map(|carrier| {
+                let c = &carrier.counts;
+                CarrierReport {
+                    name: carrier.name.clone(),
+                    accepted: c.accepted.load(Ordering::Relaxed),
+                    throttled: c.throttled.load(Ordering::Relaxed),
+                    failed: c.failed.load(Ordering::Relaxed),
+                    refused: c.refused.load(Ordering::Relaxed),
+                    dropped: c.dropped.load(Ordering::Relaxed),
+                    receipts_sent: c.receipts_sent.load(Ordering::Relaxed),
+                    receipts_failed: c.receipts_failed.load(Ordering::Relaxed),
+                }
+            })
+            .collect(),
+        handsets: HandsetReport {
+            received: counts.received.load(Ordering::Relaxed),
+            lost_on_purpose: counts.lost_on_purpose.load(Ordering::Relaxed),
+            duplicated_on_purpose: counts.duplicated_on_purpose.load(Ordering::Relaxed),
+            to_absent_users: counts.to_absent_users.load(Ordering::Relaxed),
+            to_strangers: network.strangers.load(Ordering::Relaxed),
+        },
+        timeline: Vec::new(),
+        self_watch: SelfWatch::default(),
+        thresholds: Vec::new(),
+        result: String::new(),
+    };
+    report.fill_from(&snapshot);
+    let lag = report.latency(Series::SchedulerLag);
+    let mut problems = Vec::new();
+    let max_lag_ms = options.max_scheduler_lag.as_secs_f64() * 1000.0;
+    if lag.p99_ms > max_lag_ms {
+        problems.push(format!(
+            "the load generator fell behind its schedule: scheduler lag p99 {:.1} ms > {max_lag_ms:.0} ms",
+            lag.p99_ms
+        ));
+    }
+    let arrived = report.count(Count::Arrived);
+    if arrived < scheduled {
+        problems.push(format!(
+            "only {arrived} of {scheduled} scheduled users started"
+        ));
+    }
+    let peak_cpu = report.timeline.iter().map(|s| s.cpu).fold(0.0, f64::max);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    if options.target.is_some() && peak_cpu > 0.95 * cores {
+        problems.push(format!(
+            "the load generator used {:.0}% of {cores} cores at its peak: it may have been the bottleneck",
+            peak_cpu * 100.0
+        ));
+    }
+    report.self_watch = SelfWatch {
+        valid: problems.is_empty(),
+        problems,
+        scheduler_lag_p99_ms: lag.p99_ms,
+        scheduler_lag_max_ms: lag.max_ms,
+        waited_for_connection: api.waited_for_connection(),
+        peak_rss_bytes: report
+            .timeline
+            .iter()
+            .map(|s| s.rss_bytes)
+            .max()
+            .unwrap_or(0),
+        peak_cpu,
+        peak_in_flight: report
+            .timeline
+            .iter()
+            .map(|s| s.in_flight)
+            .max()
+            .unwrap_or(0),
+        gateway_in_process: options.target.is_none(),
+    };
+    report
+}

@@ -1,0 +1,818 @@
+//! Scenario files: who arrives when, how users behave, and the carriers and handsets they meet.
+//!
+//! A scenario is a TOML file (see `scenarios/` for examples and `scenarios/README.md` for every
+//! key). Everything in it is in *scenario time*; `time_compression = N` runs the scenario N times
+//! faster than the day it describes: every duration is divided by N and every rate multiplied
+//! by N, so queue waits keep the same proportion to code lifetimes as on the day.
+//!
+//! Errors name the file, the key (`carriers[1].timeline[0].until_secs`) and what is wrong.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A scenario, validated and with time compression applied: every duration and rate here is in
+/// real (wall-clock) terms.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    pub seed: u64,
+    pub time_compression: f64,
+    /// Arrivals happen over this long.
+    pub duration: Duration,
+    /// After the last arrival, journeys get at most this long to finish.
+    pub drain: Duration,
+    pub phones: Phones,
+    /// The arrival rate over time: piecewise linear between points, constant after the last.
+    pub arrivals: Vec<RatePoint>,
+    pub clients: Vec<Client>,
+    pub users: Users,
+    pub handsets: Handsets,
+    pub gateway: GatewaySettings,
+    pub carriers: Vec<Carrier>,
+}
+
+/// Phone numbers: `prefix` followed by the user's index, zero-padded to `digits` digits.
+#[derive(Debug, Clone)]
+pub struct Phones {
+    pub prefix: String,
+    pub digits: u8,
+    pub first: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RatePoint {
+    pub at: Duration,
+    pub per_sec: f64,
+}
+
+/// A frontend whose users arrive with a share of all arrivals.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub name: String,
+    pub share: f64,
+    pub priority: u8,
+    /// The gateway's request-rate limit for it (in-process gateway only).
+    pub rate_per_sec: u32,
+    /// Sent as `Bearer`; for the in-process gateway a key is made up when absent.
+    pub api_key: Option<String>,
+}
+
+/// How users behave.
+#[derive(Debug, Clone)]
+pub struct Users {
+    /// From the SMS on the handset to the code typed.
+    pub type_delay: Dist,
+    /// Share of users who type a wrong code first.
+    pub mistype: f64,
+    /// A user with no SMS after this long may press resend.
+    pub resend_after: Duration,
+    /// Share of waiting users who press resend then.
+    pub resend: f64,
+    /// A user with no SMS after this long gives up.
+    pub give_up_after: Duration,
+    /// Share of users who get the SMS and never come back to type it.
+    pub never_type: f64,
+}
+
+/// What handsets do to SMS on their way to the user.
+#[derive(Debug, Clone)]
+pub struct Handsets {
+    pub delay: Dist,
+    /// Share of SMS lost on the way.
+    pub loss: f64,
+    /// Share of SMS delivered twice.
+    pub duplicate: f64,
+    /// Share of SMS held back long enough to arrive after a later one.
+    pub reorder: f64,
+}
+
+/// Settings of the in-process gateway (ignored with `--target`).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub code_ttl: Duration,
+    pub max_extension: Duration,
+    pub queue_capacity: usize,
+}
+
+/// A simulated carrier.
+#[derive(Debug, Clone)]
+pub struct Carrier {
+    pub name: String,
+    /// Where it listens; port 0 picks one (fine for the in-process gateway).
+    pub listen: SocketAddr,
+    pub base: CarrierState,
+    /// Changes on the timeline: each applies from `from` until `until`.
+    pub timeline: Vec<TimelineEntry>,
+    /// What the gateway is configured with (in-process gateway only).
+    pub window: u32,
+    pub pace_per_sec: u32,
+    pub weight: u32,
+    pub prefixes: Vec<String>,
+}
+
+/// How a carrier behaves at some moment.
+#[derive(Debug, Clone)]
+pub struct CarrierState {
+    /// SMS accepted per second; above it, `429`.
+    pub capacity_per_sec: f64,
+    pub latency: Dist,
+    /// Share of submits answered `500`.
+    pub failure_rate: f64,
+    /// Share of submits refused permanently (`400`).
+    pub refusal_rate: f64,
+    pub receipt_delay: Dist,
+    /// Down: connections are dropped without an answer.
+    pub down: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TimelineEntry {
+    pub from: Duration,
+    pub until: Duration,
+    pub state: CarrierState,
+}
+
+/// A distribution of durations: constant, or log-normal by its median and 95th percentile.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dist {
+    Constant(Duration),
+    LogNormal { median: Duration, p95: Duration },
+}
+
+impl Dist {
+    /// A sample, given a standard normal deviate `z`.
+    pub fn sample_with(&self, z: f64) -> Duration {
+        match *self {
+            Dist::Constant(duration) => duration,
+            Dist::LogNormal { median, p95 } => {
+                let median = median.as_secs_f64().max(1e-6);
+                let sigma = (p95.as_secs_f64().max(median) / median).ln() / 1.6449;
+                Duration::from_secs_f64((median.ln() + sigma * z).exp().min(86_400.0))
+            }
+        }
+    }
+
+    fn scaled(self, by: f64) -> Dist {
+        match self {
+            Dist::Constant(duration) => Dist::Constant(duration.div_f64(by)),
+            Dist::LogNormal { median, p95 } => Dist::LogNormal {
+                median: median.div_f64(by),
+                p95: p95.div_f64(by),
+            },
+        }
+    }
+}
+
+impl Carrier {
+    /// The carrier's state at `elapsed` into the run.
+    pub fn state_at(&self, elapsed: Duration) -> &CarrierState {
+        self.timeline
+            .iter()
+            .find(|entry| entry.from <= elapsed && elapsed < entry.until)
+            .map_or(&self.base, |entry| &entry.state)
+    }
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Scenario::parse(&text).map_err(|error| error.in_file(path))
+    }
+
+    /// Parses and validates scenario text; errors name the key at fault.
+    pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|error| ScenarioError::Invalid {
+                path: None,
+                key: String::new(),
+                message: error.message().to_owned(),
+            })?;
+        let raw: RawScenario = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            ScenarioError::Invalid {
+                path: None,
+                key: error.path().to_string(),
+                message: error.inner().message().to_owned(),
+            }
+        })?;
+        raw.validate()
+    }
+
+    /// Every user's phone number, by index.
+    pub fn phone(&self, index: u64) -> String {
+        format!(
+            "{}{:0width$}",
+            self.phones.prefix,
+            self.phones.first + index,
+            width = usize::from(self.phones.digits)
+        )
+    }
+
+    /// The user index of a phone number of this scenario, if it is one.
+    pub fn user_of(&self, phone: &str) -> Option<u64> {
+        let digits = phone.strip_prefix(&self.phones.prefix)?;
+        if digits.len() != usize::from(self.phones.digits) {
+            return None;
+        }
+        digits.parse::<u64>().ok()?.checked_sub(self.phones.first)
+    }
+
+    /// How many users the arrival profile brings in expectation: the integral of the rate.
+    pub fn expected_arrivals(&self) -> f64 {
+        crate::schedule::integral(&self.arrivals, self.duration)
+    }
+}
+
+/// A scenario that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("scenario {path}: cannot read it: {source}", path = path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}{}{message}", path.as_ref().map(|p| format!("scenario {}: ", p.display())).unwrap_or_default(), if key.is_empty() { String::new() } else { format!("key {key}: ") })]
+    Invalid {
+        path: Option<PathBuf>,
+        key: String,
+        message: String,
+    },
+}
+
+impl ScenarioError {
+    fn in_file(self, file: &Path) -> ScenarioError {
+        match self {
+            ScenarioError::Invalid { key, message, .. } => ScenarioError::Invalid {
+                path: Some(file.to_owned()),
+                key,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+fn invalid<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, ScenarioError> {
+    Err(ScenarioError::Invalid {
+        path: None,
+        key: key.into(),
+        message: message.into(),
+    })
+}
+
+// === the file as written ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    seed: u64,
+    time_compression: Option<f64>,
+    duration_secs: f64,
+    drain_secs: Option<f64>,
+    phones: RawPhones,
+    arrivals: Vec<RawRatePoint>,
+    clients: Vec<RawClient>,
+    #[serde(default)]
+    users: RawUsers,
+    #[serde(default)]
+    handsets: RawHandsets,
+    #[serde(default)]
+    gateway: RawGateway,
+    carriers: Vec<RawCarrier>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPhones {
+    prefix: String,
+    digits: Option<u8>,
+    #[serde(default)]
+    first: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRatePoint {
+    at_secs: f64,
+    per_sec: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    share: f64,
+    #[serde(default)]
+    priority: u8,
+    rate_per_sec: Option<u32>,
+    api_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsers {
+    type_delay_secs: Option<RawDist>,
+    mistype: Option<f64>,
+    resend_after_secs: Option<f64>,
+    resend: Option<f64>,
+    give_up_after_secs: Option<f64>,
+    never_type: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHandsets {
+    delay_secs: Option<RawDist>,
+    loss: Option<f64>,
+    duplicate: Option<f64>,
+    reorder: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    code_ttl_secs: Option<f64>,
+    max_extension_secs: Option<f64>,
+    queue_capacity: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCarrier {
+    name: String,
+    listen: Option<SocketAddr>,
+    capacity_per_sec: f64,
+    latency_ms: Option<RawDist>,
+    failure_rate: Option<f64>,
+    refusal_rate: Option<f64>,
+    receipt_delay_ms: Option<RawDist>,
+    window: Option<u32>,
+    pace_per_sec: Option<u32>,
+    weight: Option<u32>,
+    #[serde(default)]
+    prefixes: Vec<String>,
+    #[serde(default)]
+    timeline: Vec<RawTimelineEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimelineEntry {
+    from_secs: f64,
+    until_secs: f64,
+    capacity_per_sec: Option<f64>,
+    latency_ms: Option<RawDist>,
+    failure_rate: Option<f64>,
+    refusal_rate: Option<f64>,
+    receipt_delay_ms: Option<RawDist>,
+    #[serde(default)]
+    down: bool,
+}
+
+/// A number (constant) or `{ median = …, p95 = … }`, in the unit its key names.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum RawDist {
+    Constant(f64),
+    LogNormal { median: f64, p95: f64 },
+}
+
+impl RawDist {
+    fn validate(self, key: &str, unit_secs: f64) -> Result<Dist, ScenarioError> {
+        let ok = |value: f64| value.is_finite() && value >= 0.0 && value * unit_secs <= 86_400.0;
+        match self {
+            RawDist::Constant(value) if ok(value) => {
+                Ok(Dist::Constant(Duration::from_secs_f64(value * unit_secs)))
+            }
+            RawDist::LogNormal { median, p95 } if ok(median) && ok(p95) && median > 0.0 => {
+                if p95 < median {
+                    return invalid(format!("{key}.p95"), "must not be below the median");
+                }
+                Ok(Dist::LogNormal {
+                    median: Duration::from_secs_f64(median * unit_secs),
+                    p95: Duration::from_secs_f64(p95 * unit_secs),
+                })
+            }
+            _ => invalid(
+                key,
+                "must be a non-negative number, or { median, p95 } with a positive median, \
+                 at most a day",
+            ),
+        }
+    }
+}
+
+fn share(key: &str, value: Option<f64>, default: f64) -> Result<f64, ScenarioError> {
+    let value = value.unwrap_or(default);
+    if !(0.0..=1.0).contains(&value) {
+        return invalid(key, "must be a share between 0 and 1");
+    }
+    Ok(value)
+}
+
+fn seconds(key: &str, value: f64, min: f64, max: f64) -> Result<Duration, ScenarioError> {
+    if !value.is_finite() || value < min || value > max {
+        return invalid(key, format!("must be between {min} and {max} seconds"));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+impl RawScenario {
+    fn validate(self) -> Result<Scenario, ScenarioError> {
+        if self.name.is_empty() || self.name.len() > 64 {
+            return invalid("name", "must be 1 to 64 characters");
+        }
+        let compression = self.time_compression.unwrap_or(1.0);
+        if !(compression.is_finite() && (0.001..=10_000.0).contains(&compression)) {
+            return invalid("time_compression", "must be between 0.001 and 10000");
+        }
+        let duration = seconds("duration_secs", self.duration_secs, 0.001, 30.0 * 86_400.0)?;
+        let drain = seconds(
+            "drain_secs",
+            self.drain_secs.unwrap_or(1800.0),
+            0.0,
+            30.0 * 86_400.0,
+        )?;
+
+        let prefix = self.phones.prefix;
+        let prefix_digits = prefix.strip_prefix('+').unwrap_or("");
+        if prefix_digits.is_empty() || !prefix_digits.bytes().all(|b| b.is_ascii_digit()) {
+            return invalid("phones.prefix", "must be + and digits, like \"+39333\"");
+        }
+        let digits = self.phones.digits.unwrap_or(7);
+        if !(1..=12).contains(&digits) || prefix_digits.len() + usize::from(digits) > 15 {
+            return invalid(
+                "phones.digits",
+                "prefix and digits together must make at most 15 digits (E.164)",
+            );
+        }
+
+        if self.arrivals.is_empty() {
+            return invalid("arrivals", "needs at least one { at_secs, per_sec } point");
+        }
+        let mut arrivals = Vec::with_capacity(self.arrivals.len());
+        let mut last_at = -1.0;
+        for (index, point) in self.arrivals.iter().enumerate() {
+            let key = |field: &str| format!("arrivals[{index}].{field}");
+            if !(point.at_secs.is_finite() && point.at_secs >= 0.0) || point.at_secs <= last_at {
+                return invalid(
+                    key("at_secs"),
+                    "must be non-negative and later than the previous point",
+                );
+            }
+            last_at = point.at_secs;
+            if !(point.per_sec.is_finite() && (0.0..=1e7).contains(&point.per_sec)) {
+                return invalid(key("per_sec"), "must be between 0 and 10000000");
+            }
+            arrivals.push(RatePoint {
+                at: Duration::from_secs_f64(point.at_secs / compression),
+                per_sec: point.per_sec * compression,
+            });
+        }
+
+        if self.clients.is_empty() {
+            return invalid("clients", "needs at least one client");
+        }
+        let mut clients = Vec::with_capacity(self.clients.len());
+        for (index, raw) in self.clients.into_iter().enumerate() {
+            let key = |field: &str| format!("clients[{index}].{field}");
+            if raw.name.is_empty()
+                || !raw
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return invalid(key("name"), "must be 1 to 32 of a-z, 0-9, '-' and '_'");
+            }
+            if !(raw.share.is_finite() && raw.share > 0.0) {
+                return invalid(key("share"), "must be positive");
+            }
+            if raw.priority > 9 {
+                return invalid(key("priority"), "must be between 0 and 9");
+            }
+            clients.push(Client {
+                name: raw.name,
+                share: raw.share,
+                priority: raw.priority,
+                rate_per_sec: raw.rate_per_sec.unwrap_or(100_000),
+                api_key: raw.api_key,
+            });
+        }
+        let total_share: f64 = clients.iter().map(|client| client.share).sum();
+        for client in &mut clients {
+            client.share /= total_share;
+        }
+
+        let users = Users {
+            type_delay: self
+                .users
+                .type_delay_secs
+                .unwrap_or(RawDist::LogNormal {
+                    median: 8.0,
+                    p95: 30.0,
+                })
+                .validate("users.type_delay_secs", 1.0)?
+                .scaled(compression),
+            mistype: share("users.mistype", self.users.mistype, 0.05)?,
+            resend_after: seconds(
+                "users.resend_after_secs",
+                self.users.resend_after_secs.unwrap_or(60.0),
+                0.0,
+                86_400.0,
+            )?
+            .div_f64(compression),
+            resend: share("users.resend", self.users.resend, 0.3)?,
+            give_up_after: seconds(
+                "users.give_up_after_secs",
+                self.users.give_up_after_secs.unwrap_or(900.0),
+                0.0,
+                86_400.0,
+            )?
+            .div_f64(compression),
+            never_type: share("users.never_type", self.users.never_type, 0.01)?,
+        };
+        let handsets = Handsets {
+            delay: self
+                .handsets
+                .delay_secs
+                .unwrap_or(RawDist::LogNormal {
+                    median: 1.0,
+                    p95: 5.0,
+                })
+                .validate("handsets.delay_secs", 1.0)?
+                .scaled(compression),
+            loss: share("handsets.loss", self.handsets.loss, 0.0)?,
+            duplicate: share("handsets.duplicate", self.handsets.duplicate, 0.0)?,
+            reorder: share("handsets.reorder", self.handsets.reorder, 0.0)?,
+        };
+        let gateway = GatewaySettings {
+            code_ttl: seconds(
+                "gateway.code_ttl_secs",
+                self.gateway.code_ttl_secs.unwrap_or(600.0),
+                10.0,
+                86_400.0,
+            )?
+            .div_f64(compression),
+            max_extension: seconds(
+                "gateway.max_extension_secs",
+                self.gateway.max_extension_secs.unwrap_or(900.0),
+                0.0,
+                86_400.0,
+            )?
+            .div_f64(compression),
+            queue_capacity: match self.gateway.queue_capacity.unwrap_or(200_000) {
+                capacity @ 1..=100_000_000 => capacity,
+                _ => return invalid("gateway.queue_capacity", "must be between 1 and 100000000"),
+            },
+        };
+
+        if self.carriers.is_empty() {
+            return invalid("carriers", "needs at least one carrier");
+        }
+        let mut carriers = Vec::with_capacity(self.carriers.len());
+        for (index, raw) in self.carriers.into_iter().enumerate() {
+            carriers.push(raw.validate(index, compression)?);
+        }
+        for (index, carrier) in carriers.iter().enumerate() {
+            if carriers[..index]
+                .iter()
+                .any(|other| other.name == carrier.name)
+            {
+                return invalid(format!("carriers[{index}].name"), "duplicate carrier name");
+            }
+        }
+
+        Ok(Scenario {
+            name: self.name,
+            description: self.description,
+            seed: self.seed,
+            time_compression: compression,
+            duration: duration.div_f64(compression),
+            drain: drain.div_f64(compression),
+            phones: Phones {
+                prefix,
+                digits,
+                first: self.phones.first,
+            },
+            arrivals,
+            clients,
+            users,
+            handsets,
+            gateway,
+            carriers,
+        })
+    }
+}
+
+impl RawCarrier {
+    fn validate(self, index: usize, compression: f64) -> Result<Carrier, ScenarioError> {
+        let key = |field: &str| format!("carriers[{index}].{field}");
+        if self.name.is_empty()
+            || self.name.len() > 32
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return invalid(key("name"), "must be 1 to 32 of a-z, 0-9, '-' and '_'");
+        }
+        if !(self.capacity_per_sec.is_finite() && self.capacity_per_sec > 0.0) {
+            return invalid(key("capacity_per_sec"), "must be positive");
+        }
+        let base = CarrierState {
+            capacity_per_sec: self.capacity_per_sec * compression,
+            latency: self
+                .latency_ms
+                .unwrap_or(RawDist::LogNormal {
+                    median: 40.0,
+                    p95: 120.0,
+                })
+                .validate(&key("latency_ms"), 0.001)?
+                .scaled(compression),
+            failure_rate: share(&key("failure_rate"), self.failure_rate, 0.0)?,
+            refusal_rate: share(&key("refusal_rate"), self.refusal_rate, 0.0)?,
+            receipt_delay: self
+                .receipt_delay_ms
+                .unwrap_or(RawDist::LogNormal {
+                    median: 2000.0,
+                    p95: 8000.0,
+                })
+                .validate(&key("receipt_delay_ms"), 0.001)?
+                .scaled(compression),
+            down: false,
+        };
+        let mut timeline = Vec::with_capacity(self.timeline.len());
+        for (entry_index, raw) in self.timeline.into_iter().enumerate() {
+            let key = |field: &str| format!("carriers[{index}].timeline[{entry_index}].{field}");
+            let from = seconds(&key("from_secs"), raw.from_secs, 0.0, 30.0 * 86_400.0)?;
+            let until = seconds(&key("until_secs"), raw.until_secs, 0.0, 30.0 * 86_400.0)?;
+            if until <= from {
+                return invalid(key("until_secs"), "must be later than from_secs");
+            }
+            let capacity = raw.capacity_per_sec.unwrap_or(self.capacity_per_sec);
+            if !(capacity.is_finite() && capacity > 0.0) {
+                return invalid(key("capacity_per_sec"), "must be positive");
+            }
+            let state = CarrierState {
+                capacity_per_sec: capacity * compression,
+                latency: match raw.latency_ms {
+                    Some(dist) => dist
+                        .validate(&key("latency_ms"), 0.001)?
+                        .scaled(compression),
+                    None => base.latency,
+                },
+                failure_rate: share(&key("failure_rate"), raw.failure_rate, base.failure_rate)?,
+                refusal_rate: share(&key("refusal_rate"), raw.refusal_rate, base.refusal_rate)?,
+                receipt_delay: match raw.receipt_delay_ms {
+                    Some(dist) => dist
+                        .validate(&key("receipt_delay_ms"), 0.001)?
+                        .scaled(compression),
+                    None => base.receipt_delay,
+                },
+                down: raw.down,
+            };
+            timeline.push(TimelineEntry {
+                from: from.div_f64(compression),
+                until: until.div_f64(compression),
+                state,
+            });
+        }
+        let window = self.window.unwrap_or(100);
+        if !(1..=10_000).contains(&window) {
+            return invalid(key("window"), "must be between 1 and 10000");
+        }
+        let pace = self.pace_per_sec.map_or(self.capacity_per_sec, f64::from) * compression;
+        if !(1.0..=1_000_000.0).contains(&pace) {
+            return invalid(
+                key("pace_per_sec"),
+                "times time_compression must be between 1 and 1000000",
+            );
+        }
+        let weight = self.weight.unwrap_or(1);
+        if !(1..=1000).contains(&weight) {
+            return invalid(key("weight"), "must be between 1 and 1000");
+        }
+        Ok(Carrier {
+            name: self.name,
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            base,
+            timeline,
+            window,
+            pace_per_sec: pace.round() as u32,
+            weight,
+            prefixes: self.prefixes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: &str = r#"
+name = "small"
+duration_secs = 60
+time_compression = 2
+[phones]
+prefix = "+39333"
+[[arrivals]]
+at_secs = 0
+per_sec = 10
+[[clients]]
+name = "portal"
+share = 3
+[[clients]]
+name = "pharmacies"
+share = 1
+priority = 1
+[[carriers]]
+name = "alpha"
+capacity_per_sec = 100
+latency_ms = { median = 40, p95 = 120 }
+[[carriers.timeline]]
+from_secs = 10
+until_secs = 20
+capacity_per_sec = 5
+"#;
+
+    #[test]
+    fn compression_scales_rates_up_and_durations_down() {
+        let scenario = Scenario::parse(SMALL).unwrap();
+        assert_eq!(scenario.duration, Duration::from_secs(30));
+        assert_eq!(scenario.arrivals[0].per_sec, 20.0);
+        assert_eq!(scenario.clients[0].share, 0.75);
+        let carrier = &scenario.carriers[0];
+        assert_eq!(carrier.base.capacity_per_sec, 200.0);
+        assert_eq!(carrier.pace_per_sec, 200);
+        assert_eq!(
+            carrier.base.latency,
+            Dist::LogNormal {
+                median: Duration::from_millis(20),
+                p95: Duration::from_millis(60)
+            }
+        );
+        assert_eq!(
+            carrier.state_at(Duration::from_secs(4)).capacity_per_sec,
+            200.0
+        );
+        assert_eq!(
+            carrier.state_at(Duration::from_secs(5)).capacity_per_sec,
+            10.0
+        );
+        assert_eq!(
+            carrier.state_at(Duration::from_secs(10)).capacity_per_sec,
+            200.0
+        );
+        assert_eq!(scenario.phone(42), "+393330000042");
+        assert_eq!(scenario.user_of("+393330000042"), Some(42));
+        assert_eq!(scenario.user_of("+39333000004"), None);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (from, to, key) in [
+            ("per_sec = 10", "per_sec = -1", "arrivals[0].per_sec"),
+            ("share = 3", "share = \"x\"", "clients[0].share"),
+            (
+                "until_secs = 20",
+                "until_secs = 5",
+                "carriers[0].timeline[0].until_secs",
+            ),
+            ("p95 = 120", "p95 = 10", "carriers[0].latency_ms.p95"),
+            ("prefix = \"+39333\"", "prefix = \"39333\"", "phones.prefix"),
+            (
+                "time_compression = 2",
+                "time_compression = 2\ncolour = 1",
+                "colour",
+            ),
+        ] {
+            let text = SMALL.replace(from, to);
+            let error = Scenario::parse(&text).unwrap_err().to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+    }
+
+    #[test]
+    fn lognormal_has_its_median_and_p95() {
+        let dist = Dist::LogNormal {
+            median: Duration::from_millis(100),
+            p95: Duration::from_millis(400),
+        };
+        assert_eq!(dist.sample_with(0.0), Duration::from_millis(100));
+        let p95 = dist.sample_with(1.6449).as_secs_f64();
+        assert!((p95 - 0.4).abs() < 1e-3, "{p95}");
+    }
+}

@@ -1,0 +1,268 @@
+//! A virtual user's journey: start a verification, wait for the SMS on the handset, type the
+//! code after a human delay, check it. Some mistype, some press resend, some give up, some
+//! never come back; a session that expires before the code could be used is counted.
+//!
+//! Each user is one small task, alive from its scheduled arrival to the end of its journey.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::json;
+
+use crate::api::Api;
+use crate::handset::standard_normal;
+use crate::measure::{Count, Measurements, Series};
+use crate::scenario::Scenario;
+use crate::simcarrier::Network;
+
+/// What every user shares.
+#[derive(Debug)]
+pub struct World {
+    pub scenario: Arc<Scenario>,
+    pub api: Api,
+    pub measurements: Arc<Measurements>,
+    pub network: Arc<Network>,
+    /// API keys by client, in scenario order (`None`: unauthenticated gateway).
+    pub api_keys: Vec<Option<String>>,
+}
+
+/// How a journey ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Verified,
+    /// The start was refused (status) or failed (no answer).
+    Rejected,
+    GaveUp,
+    NeverTyped,
+    ExpiredSession,
+    /// The verification failed (too many wrong codes, undeliverable).
+    Failed,
+}
+
+/// Plays user `user`, who arrives at `intended` as a user of client `client`.
+pub async fn journey(world: Arc<World>, user: u64, client: usize, intended: Instant) -> Outcome {
+    let measurements = &world.measurements;
+    measurements.record(Series::SchedulerLag, intended.elapsed(), Instant::now());
+    measurements.count(Count::Arrived);
+    measurements.user_entered();
+    let outcome = run(&world, user, client, intended).await;
+    measurements.user_left();
+    match outcome {
+        Outcome::Verified => measurements.count(Count::Verified),
+        Outcome::GaveUp => measurements.count(Count::GaveUp),
+        Outcome::NeverTyped => measurements.count(Count::NeverTyped),
+        Outcome::ExpiredSession => measurements.count(Count::ExpiredSessions),
+        Outcome::Rejected | Outcome::Failed => {}
+    }
+    outcome
+}
+
+async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outcome {
+    let scenario = &world.scenario;
+    let behaviour = &scenario.users;
+    let measurements = &world.measurements;
+    let key = world.api_keys.get(client).and_then(Option::as_deref);
+    let phone = scenario.phone(user);
+    // The handset is on before the request goes out, so no SMS can beat it.
+    let mut inbox = world.network.handsets.register(user);
+
+    let body = json!({ "phone": phone, "client_ip": citizen_ip(user).to_string() });
+    let answer = world.api.post("/v1/verifications", key, &body).await;
+    measurements.latency_since(Series::Start, intended);
+    let accepted = answer.as_ref().is_some_and(|answer| answer.status == 202);
+    measurements.answered("start", answer.as_ref().map(|a| a.status), accepted);
+    let Some(answer) = answer.filter(|_| accepted) else {
+        return Outcome::Rejected;
+    };
+    measurements.count(Count::Started);
+    let Some(id) = answer.body["id"].as_str().map(str::to_owned) else {
+        return Outcome::Rejected;
+    };
+
+    // Wait for the SMS; press resend once if it is slow, and give up past patience.
+    let give_up_at = intended + behaviour.give_up_after;
+    let mut resend_at = Some(intended + behaviour.resend_after);
+    let text = loop {
+        let wake = resend_at.map_or(give_up_at, |at| at.min(give_up_at));
+        match tokio::time::timeout_at(wake.into(), inbox.messages.recv()).await {
+            Ok(Some(text)) => break text,
+            Ok(None) => return Outcome::GaveUp,
+            Err(_) if resend_at.is_some_and(|at| Instant::now() >= at) => {
+                resend_at = None;
+                if rand::rng().random::<f64>() < behaviour.resend {
+                    measurements.count(Count::Resends);
+                    let pressed = Instant::now();
+                    let answer = world
+                        .api
+                        .post(&format!("/v1/verifications/{id}/resend"), key, &json!({}))
+                        .await;
+                    measurements.latency_since(Series::Resend, pressed);
+                    // A cooldown answer (429) is an expected outcome for an impatient user.
+                    let status = answer.as_ref().map(|answer| answer.status);
+                    measurements.answered(
+                        "resend",
+                        status,
+                        matches!(status, Some(202 | 429 | 409)),
+                    );
+                }
+            }
+            Err(_) => {
+                note_missing_sms(world, user, &id, key).await;
+                return if verification_expired(world, &id, key).await {
+                    Outcome::ExpiredSession
+                } else {
+                    Outcome::GaveUp
+                };
+            }
+        }
+    };
+    measurements.latency_since(Series::TimeToSms, intended);
+
+    let (delay, mistype, never) = {
+        let mut rng = rand::rng();
+        (
+            behaviour.type_delay.sample_with(standard_normal(&mut rng)),
+            rng.random::<f64>() < behaviour.mistype,
+            rng.random::<f64>() < behaviour.never_type,
+        )
+    };
+    if never {
+        return Outcome::NeverTyped;
+    }
+    tokio::time::sleep(delay).await;
+    let Some(code) = code_in(&text) else {
+        return Outcome::Failed;
+    };
+    if mistype {
+        let wrong = mistyped(&code);
+        match check(world, &id, key, &wrong).await {
+            Checked::Invalid => measurements.count(Count::WrongCodes),
+            Checked::Valid => return Outcome::Verified,
+            Checked::Ended(outcome) => return outcome,
+        }
+    }
+    match check(world, &id, key, &code).await {
+        Checked::Valid => {
+            measurements.latency_since(Series::TimeToVerified, intended);
+            Outcome::Verified
+        }
+        Checked::Invalid => {
+            measurements.count(Count::WrongCodes);
+            Outcome::Failed
+        }
+        Checked::Ended(outcome) => outcome,
+    }
+}
+
+enum Checked {
+    Valid,
+    Invalid,
+    Ended(Outcome),
+}
+
+async fn check(world: &World, id: &str, key: Option<&str>, code: &str) -> Checked {
+    let typed = Instant::now();
+    let answer = world
+        .api
+        .post(
+            &format!("/v1/verifications/{id}/check"),
+            key,
+            &json!({ "code": code }),
+        )
+        .await;
+    world.measurements.latency_since(Series::Check, typed);
+    let status = answer.as_ref().map(|answer| answer.status);
+    world
+        .measurements
+        .answered("check", status, matches!(status, Some(200 | 409)));
+    match answer {
+        Some(answer) if answer.status == 200 => {
+            if answer.body["valid"] == true {
+                Checked::Valid
+            } else {
+                Checked::Invalid
+            }
+        }
+        Some(answer) if answer.status == 409 => {
+            if verification_expired(world, id, key).await {
+                Checked::Ended(Outcome::ExpiredSession)
+            } else {
+                Checked::Ended(Outcome::Failed)
+            }
+        }
+        _ => Checked::Ended(Outcome::Failed),
+    }
+}
+
+/// Whether the gateway says the verification expired.
+async fn verification_expired(world: &World, id: &str, key: Option<&str>) -> bool {
+    let answer = world.api.get(&format!("/v1/verifications/{id}"), key).await;
+    answer.is_some_and(|answer| answer.body["status"] == "expired")
+}
+
+/// A user who never got an SMS: if the gateway says it was sent but no carrier ever received
+/// it, the SMS was lost.
+async fn note_missing_sms(world: &World, user: u64, id: &str, key: Option<&str>) {
+    if world.network.accepted_for(user) > 0 {
+        return;
+    }
+    let answer = world.api.get(&format!("/v1/verifications/{id}"), key).await;
+    let state = answer
+        .as_ref()
+        .map(|answer| &answer.body["delivery"]["state"]);
+    if state.is_some_and(|state| state == "submitted" || state == "delivered") {
+        world.measurements.count(Count::LostSms);
+    }
+}
+
+/// The citizen's own address, passed as `client_ip` as a portal would: one per user, so the
+/// gateway's per-IP limit sees citizens, not the load generator.
+fn citizen_ip(user: u64) -> Ipv4Addr {
+    let n = (user % (1 << 24)) as u32;
+    Ipv4Addr::from(0x0A00_0000 | n)
+}
+
+/// The first run of 4 to 9 digits in an SMS text.
+fn code_in(text: &str) -> Option<String> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .find(|run| (4..=9).contains(&run.len()))
+        .map(str::to_owned)
+}
+
+/// The code with its last digit changed.
+fn mistyped(code: &str) -> String {
+    let mut digits: Vec<char> = code.chars().collect();
+    if let Some(last) = digits.last_mut() {
+        *last = if *last == '9' {
+            '0'
+        } else {
+            ((*last as u8) + 1) as char
+        };
+    }
+    digits.into_iter().collect()
+}
+
+/// How long a journey may last at most: patience, typing, and a margin for the checks.
+pub fn longest_journey(scenario: &Scenario) -> Duration {
+    scenario.users.give_up_after
+        + scenario.users.type_delay.sample_with(4.0)
+        + Duration::from_secs(30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_typos() {
+        assert_eq!(
+            code_in("Your code is 123456. It expires in 10 min").as_deref(),
+            Some("123456")
+        );
+        assert_eq!(mistyped("123459"), "123450");
+        assert_ne!(mistyped("000000"), "000000");
+        assert_eq!(citizen_ip(1), Ipv4Addr::new(10, 0, 0, 1));
+    }
+}
