@@ -815,4 +815,30 @@ capacity_per_sec = 5
         let p95 = dist.sample_with(1.6449).as_secs_f64();
         assert!((p95 - 0.4).abs() < 1e-3, "{p95}");
     }
+
+    #[test]
+    fn shipped_scenarios_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut n_files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|ext| ext == "toml") {
+                let scenario = Scenario::load(&path).unwrap_or_else(|error| panic!("{error}"));
+                assert!(scenario.expected_arrivals() > 0.0, "{}", path.display());
+                n_files += 1;
+            }
+        }
+        assert!(
+            n_files >= 4,
+            "{n_files} scenarios found in {}",
+            dir.display()
+        );
+        let lombardia = Scenario::load(&dir.join("lombardia-2021.toml")).unwrap();
+        let expected = lombardia.expected_arrivals();
+        assert!((90_000.0..110_000.0).contains(&expected), "{expected}");
+        assert!(
+            lombardia.duration < Duration::from_secs(600),
+            "runs in under 10 minutes"
+        );
+    }
 }
