@@ -269,6 +269,14 @@ impl Measurements {
         second.rss_bytes = rss_bytes;
     }
 
+    /// API requests answered during second `index` of the run.
+    pub fn requests_in(&self, index: usize) -> u64 {
+        self.lock()
+            .timeline
+            .get(index)
+            .map_or(0, |second| second.requests)
+    }
+
     pub fn get(&self, count: Count) -> u64 {
         self.lock().counts[count as usize]
     }

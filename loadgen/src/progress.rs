@@ -55,7 +55,8 @@ impl Display {
     pub fn update(&mut self, measurements: &Measurements, second: usize, cpu: f64, rss: u64) {
         let line = || {
             format!(
-                "{} in flight, {} verified, {} expired, p99 start {:.1} ms, p99 time to SMS {:.1} s, cpu {:.0}%, rss {} MiB",
+                "{} req/s, {} in flight, {} verified, {} expired, p99 start {:.1} ms, p99 time to SMS {:.1} s, cpu {:.0}%, rss {} MiB",
+                measurements.requests_in(second),
                 measurements.in_flight(),
                 measurements.get(Count::Verified),
                 measurements.get(Count::ExpiredSessions),

@@ -194,7 +194,10 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
     let mut journeys = JoinSet::new();
     let client_shares: Vec<f64> = scenario.clients.iter().map(|client| client.share).collect();
     for arrival in &arrivals {
-        tokio::time::sleep_until((started + arrival.at).into()).await;
+        let due = started + arrival.at;
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
         let client = pick_client(&client_shares, scenario.seed, arrival.user);
         journeys.spawn(user::journey(
             world.clone(),
@@ -471,6 +474,25 @@ fn build_report(
         problems.push(format!(
             "the load generator fell behind its schedule: scheduler lag p99 {:.1} ms > {max_lag_ms:.0} ms",
             lag.p99_ms
+        ));
+    }
+    // Scheduled against achieved arrivals, second by second: the users due by the end of each
+    // second should have started by then (a little slack for users due in its last moments).
+    let mut due = 0u64;
+    let mut started_by = 0u64;
+    let behind: Vec<u64> = report
+        .timeline
+        .iter()
+        .filter_map(|second| {
+            due += second.scheduled;
+            started_by += second.arrived;
+            (due > 20 && (started_by as f64) < 0.95 * due as f64 - 10.0).then_some(second.second)
+        })
+        .collect();
+    if let (Some(first), Some(last)) = (behind.first(), behind.last()) {
+        problems.push(format!(
+            "arrivals fell behind the schedule in {} second(s), from second {first} to {last}",
+            behind.len()
         ));
     }
     let arrived = report.count(Count::Arrived);

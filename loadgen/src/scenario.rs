@@ -112,6 +112,9 @@ pub struct Carrier {
     pub pace_per_sec: u32,
     pub weight: u32,
     pub prefixes: Vec<String>,
+    /// The token its receipts carry; with `--target` it must be the gateway's `receipt_token`
+    /// for this carrier. Made up when absent.
+    pub receipt_token: Option<String>,
 }
 
 /// How a carrier behaves at some moment.
@@ -362,6 +365,7 @@ struct RawCarrier {
     weight: Option<u32>,
     #[serde(default)]
     prefixes: Vec<String>,
+    receipt_token: Option<String>,
     #[serde(default)]
     timeline: Vec<RawTimelineEntry>,
 }
@@ -714,6 +718,7 @@ impl RawCarrier {
             pace_per_sec: pace.round() as u32,
             weight,
             prefixes: self.prefixes,
+            receipt_token: self.receipt_token,
         })
     }
 }

@@ -117,11 +117,13 @@ pub async fn start_all(
             )
         })?;
         let addr = listener.local_addr()?;
-        let receipt_token = format!(
-            "loadgen-receipts-{}-{:016x}",
-            settings.name,
-            rand::random::<u64>()
-        );
+        let receipt_token = settings.receipt_token.clone().unwrap_or_else(|| {
+            format!(
+                "loadgen-receipts-{}-{:016x}",
+                settings.name,
+                rand::random::<u64>()
+            )
+        });
         let counts = Arc::new(CarrierCounts::default());
         let state = Arc::new(CarrierTask {
             settings: settings.clone(),
