@@ -266,3 +266,39 @@ mod tests {
         assert_eq!(citizen_ip(1), Ipv4Addr::new(10, 0, 0, 1));
     }
 }
+
+#[cfg(test)]
+mod size {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// A user waiting for its SMS holds its whole future: it must stay small for 100,000 of them
+    /// to fit in 10 KB each (the future is 1.7 KB in a debug build).
+    #[test]
+    fn a_journey_is_a_small_future() {
+        let scenario = Arc::new(
+            crate::scenario::Scenario::parse(include_str!("../../scenarios/smoke.toml")).unwrap(),
+        );
+        let measurements = Arc::new(crate::measure::Measurements::new(Instant::now()));
+        let network = Arc::new(crate::simcarrier::Network::new(
+            scenario.clone(),
+            measurements.clone(),
+            1,
+        ));
+        let world = Arc::new(super::World {
+            scenario,
+            api: crate::api::Api::new(
+                "http://127.0.0.1:1",
+                crate::connect::Connector::default(),
+                1,
+                Duration::from_secs(1),
+            ),
+            measurements,
+            network,
+            api_keys: vec![None],
+        });
+        let future = super::journey(world, 0, 0, Instant::now());
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 4096, "a journey's future is {size} bytes");
+    }
+}
