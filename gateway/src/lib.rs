@@ -100,6 +100,10 @@ pub async fn run(
         );
     }
 
+    // libphonenumber's metadata loads on the first number parsed (half a second in a debug
+    // build): load it now, off the runtime's workers, rather than in the first request.
+    tokio::task::spawn_blocking(phone::warm_up).await?;
+
     let carrier_names: Vec<String> = config.carriers.iter().map(|c| c.name.clone()).collect();
     let webhook_clients: Vec<String> = config
         .clients

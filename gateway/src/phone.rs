@@ -39,6 +39,12 @@ pub struct CountryAllowList {
 
 // === impl Phone ===
 
+/// Loads libphonenumber's metadata and compiles the patterns of a common region, which
+/// otherwise happens in the first request that parses a number.
+pub fn warm_up() {
+    let _ = Phone::parse("+393331234567");
+}
+
 impl Phone {
     /// Parses and validates a number given in E.164 (`+` and 8 to 15 digits; spaces, dashes, dots
     /// and brackets are tolerated) and returns it with its region.

@@ -30,8 +30,10 @@ pub struct Report {
     pub target: String,
     pub started_at: String,
     pub elapsed_secs: f64,
-    /// Shards merged into this report (1 for a single run).
-    pub shards: u32,
+    /// The shards of the run this report covers, by index (one for a single process).
+    pub shards: Vec<u64>,
+    /// How many shards the run was split into (`--shard INDEX/COUNT`).
+    pub shard_count: u64,
     pub counts: BTreeMap<String, u64>,
     /// Answers other than the expected one.
     pub rejections: Vec<Rejection>,
@@ -220,8 +222,14 @@ impl Report {
             self.scenario.time_compression,
             self.target,
             self.elapsed_secs,
-            if self.shards > 1 {
-                format!(", {} shards merged", self.shards)
+            if self.shards.len() > 1 {
+                format!(", {} shards merged", self.shards.len())
+            } else if self.shard_count > 1 {
+                format!(
+                    ", shard {} of {}",
+                    self.shards.first().copied().unwrap_or(0),
+                    self.shard_count
+                )
             } else {
                 String::new()
             }
@@ -302,7 +310,9 @@ impl Report {
                 out,
                 "threshold {:<32} {:>12}  {}",
                 verdict.threshold,
-                format!("{:.3}", verdict.value),
+                verdict
+                    .value
+                    .map_or_else(|| "no data".to_owned(), |value| format!("{value:.3}")),
                 if verdict.passed { "ok" } else { "BROKEN" }
             );
         }
@@ -373,6 +383,16 @@ pub enum MergeError {
     },
     #[error("report {index}: histogram {series} is unreadable")]
     Histogram { index: usize, series: String },
+    #[error("report {index}: a run split in {found} shards, not {expected}")]
+    ShardCount {
+        index: usize,
+        found: u64,
+        expected: u64,
+    },
+    #[error("report {index}: shard {shard} is in another report already")]
+    DuplicateShard { index: usize, shard: u64 },
+    #[error("shards {missing:?} of {count} are missing: merge every shard's report")]
+    MissingShards { missing: Vec<u64>, count: u64 },
 }
 
 /// Combines shard reports of one run: counters and timelines add up, histograms are merged.
@@ -380,7 +400,7 @@ pub enum MergeError {
 pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
     let first = reports.first().ok_or(MergeError::Empty)?;
     let mut merged = first.clone();
-    merged.shards = 0;
+    merged.shards = Vec::new();
     merged.counts.clear();
     merged.rejections.clear();
     merged.carriers.clear();
@@ -417,7 +437,19 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
                 expected: first.scenario.name.clone(),
             });
         }
-        merged.shards += report.shards;
+        if report.shard_count != first.shard_count {
+            return Err(MergeError::ShardCount {
+                index,
+                found: report.shard_count,
+                expected: first.shard_count,
+            });
+        }
+        for &shard in &report.shards {
+            if merged.shards.contains(&shard) {
+                return Err(MergeError::DuplicateShard { index, shard });
+            }
+            merged.shards.push(shard);
+        }
         merged.scenario.scheduled_arrivals += report.scenario.scheduled_arrivals;
         merged.elapsed_secs = merged.elapsed_secs.max(report.elapsed_secs);
         for (name, value) in &report.counts {
@@ -518,5 +550,15 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
         })
         .collect();
     merged.carriers = carriers.into_values().collect();
+    merged.shards.sort_unstable();
+    let missing: Vec<u64> = (0..merged.shard_count)
+        .filter(|shard| !merged.shards.contains(shard))
+        .collect();
+    if !missing.is_empty() {
+        return Err(MergeError::MissingShards {
+            missing,
+            count: merged.shard_count,
+        });
+    }
     Ok(merged)
 }

@@ -192,12 +192,20 @@ impl Scenario {
 
     /// Parses and validates scenario text; errors name the key at fault.
     pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
-        let deserializer =
-            toml::Deserializer::parse(text).map_err(|error| ScenarioError::Invalid {
+        let deserializer = toml::Deserializer::parse(text).map_err(|error| {
+            // Where the syntax error is: line and column, counted from 1.
+            let position = error.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+                format!("line {line}, column {column}: ")
+            });
+            ScenarioError::Invalid {
                 path: None,
                 key: String::new(),
-                message: error.message().to_owned(),
-            })?;
+                message: format!("{}{}", position.unwrap_or_default(), error.message()),
+            }
+        })?;
         let raw: RawScenario = serde_path_to_error::deserialize(deserializer).map_err(|error| {
             ScenarioError::Invalid {
                 path: None,
@@ -808,6 +816,10 @@ capacity_per_sec = 5
             let error = Scenario::parse(&text).unwrap_err().to_string();
             assert!(error.contains(key), "{to}: {error}");
         }
+        // A syntax error says where it is.
+        let text = SMALL.replace("per_sec = 10", "per_sec = = 10");
+        let error = Scenario::parse(&text).unwrap_err().to_string();
+        assert!(error.contains("line 9, column"), "{error}");
     }
 
     #[test]

@@ -60,10 +60,12 @@ pub struct ThresholdError {
 
 /// A threshold evaluated against a report.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Verdict {
     pub threshold: String,
-    /// The measured value (milliseconds for latencies).
-    pub value: f64,
+    /// The measured value (milliseconds for latencies); `None` for a latency series with no
+    /// samples, which breaks the threshold.
+    pub value: Option<f64>,
     pub passed: bool,
 }
 
@@ -172,6 +174,17 @@ fn parse_millis(text: &str) -> Option<f64> {
 impl Threshold {
     /// Evaluates the threshold against a report.
     pub fn evaluate(&self, report: &Report) -> Verdict {
+        // A latency threshold on a series with no samples proves nothing: it is broken, not met
+        // (`max(time_to_verified)<1s` must not pass a run in which nobody was verified).
+        if let Subject::Latency(_, series) = self.subject {
+            if report.latency(series).count == 0 {
+                return Verdict {
+                    threshold: self.text.clone(),
+                    value: None,
+                    passed: false,
+                };
+            }
+        }
         let value = match self.subject {
             Subject::Latency(stat, series) => {
                 let summary = report.latency(series);
@@ -197,7 +210,7 @@ impl Threshold {
         };
         Verdict {
             threshold: self.text.clone(),
-            value,
+            value: Some(value),
             passed,
         }
     }
@@ -251,5 +264,46 @@ mod tests {
             let error = text.parse::<Threshold>().unwrap_err();
             assert!(error.message.contains(reason), "{text}: {error}");
         }
+    }
+
+    #[test]
+    fn a_latency_threshold_on_no_samples_is_broken() {
+        let mut report = Report {
+            schema_version: crate::report::SCHEMA_VERSION,
+            loadgen_version: String::new(),
+            scenario: crate::report::ScenarioInfo {
+                name: "empty".to_owned(),
+                seed: 0,
+                time_compression: 1.0,
+                duration_secs: 1.0,
+                scheduled_arrivals: 0,
+            },
+            target: "in-process".to_owned(),
+            started_at: String::new(),
+            elapsed_secs: 1.0,
+            shards: vec![0],
+            shard_count: 1,
+            counts: Default::default(),
+            rejections: Vec::new(),
+            latency: Default::default(),
+            histograms: Default::default(),
+            carriers: Vec::new(),
+            handsets: Default::default(),
+            timeline: Vec::new(),
+            self_watch: Default::default(),
+            thresholds: Vec::new(),
+            result: String::new(),
+        };
+        report.fill_from(&crate::measure::Measurements::new(std::time::Instant::now()).snapshot());
+        let verdict = "max(time_to_verified)<1s"
+            .parse::<Threshold>()
+            .unwrap()
+            .evaluate(&report);
+        assert_eq!((verdict.value, verdict.passed), (None, false));
+        let verdict = "verified==0"
+            .parse::<Threshold>()
+            .unwrap()
+            .evaluate(&report);
+        assert_eq!((verdict.value, verdict.passed), (Some(0.0), true));
     }
 }

@@ -71,7 +71,10 @@ fn tiny_scenario_runs_end_to_end() {
     }
     assert!(report.rejections.is_empty(), "{:?}", report.rejections);
     assert_eq!(report.target, "in-process");
-    assert_eq!(report.shards, 1);
+    assert_eq!(
+        (report.shards.as_slice(), report.shard_count),
+        (&[0][..], 1)
+    );
     assert_eq!(report.result, "passed");
     assert!(report.self_watch.valid, "{:?}", report.self_watch.problems);
     assert_eq!(report.latency(Series::Start).count, scheduled);
@@ -271,7 +274,7 @@ fn thresholds_decide_the_exit_code() {
     assert_eq!(report.thresholds.len(), 1);
     assert_eq!(report.thresholds[0].threshold, "expired_sessions==0");
     assert!(report.thresholds[0].passed);
-    assert_eq!(report.thresholds[0].value, 0.0);
+    assert_eq!(report.thresholds[0].value, Some(0.0));
 
     assert_eq!(broken.code, Some(1), "{broken}");
     assert!(broken.stdout.contains("BROKEN"), "{broken}");
@@ -283,7 +286,11 @@ fn thresholds_decide_the_exit_code() {
         "no user checked a code"
     );
     assert!(!report.thresholds[0].passed);
-    assert!(report.thresholds[0].value >= 0.001);
+    assert!(
+        report.thresholds[0]
+            .value
+            .is_some_and(|value| value >= 0.001)
+    );
 
     // A threshold that does not parse is refused before anything runs.
     let outcome = loadgen(
@@ -452,7 +459,20 @@ fn shards_merge_to_the_totals_of_one_run() {
     assert_eq!(outcome.code, Some(0), "{outcome}");
     assert!(outcome.stdout.contains("2 shards merged"), "{outcome}");
     let (merged, json) = read_report(&dir.join("merged.json"));
-    assert_eq!(merged.shards, 2);
+    assert_eq!(
+        (merged.shards.as_slice(), merged.shard_count),
+        (&[0, 1][..], 2)
+    );
+    // A shard merged twice, or a shard missing, is refused.
+    let twice = loadgen(&dir, ["merge", "a.json", "a.json"]);
+    assert_eq!(twice.code, Some(2), "{twice}");
+    assert!(
+        twice.stderr.contains("shard 0 is in another report"),
+        "{twice}"
+    );
+    let half = loadgen(&dir, ["merge", "a.json"]);
+    assert_eq!(half.code, Some(2), "{half}");
+    assert!(half.stderr.contains("missing"), "{half}");
     assert_eq!(
         merged.scenario.scheduled_arrivals,
         whole.scenario.scheduled_arrivals
