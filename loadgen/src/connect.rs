@@ -107,3 +107,38 @@ pub fn ephemeral_ports() -> Option<u64> {
     let (low, high) = (parts.next()??, parts.next()??);
     Some(high.saturating_sub(low) + 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use tower_service::Service;
+
+    use super::*;
+
+    /// Connections leave from each source address in turn.
+    #[tokio::test]
+    async fn connections_take_the_source_addresses_in_turn() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: http::Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let sources: Vec<IpAddr> = ["127.0.0.2", "127.0.0.3"]
+            .iter()
+            .map(|ip| ip.parse().unwrap())
+            .collect();
+        let mut connector = Connector::new(sources.clone());
+        let mut peers = Vec::new();
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            streams.push(connector.call(uri.clone()).await.unwrap());
+            let (_, peer) = listener.accept().await.unwrap();
+            peers.push(peer.ip());
+        }
+        assert_eq!(peers, [sources[0], sources[1], sources[0], sources[1]]);
+    }
+
+    #[test]
+    fn reads_the_limits() {
+        assert!(raise_open_files_limit().is_some_and(|limit| limit >= 1024));
+        assert!(ephemeral_ports().is_some_and(|ports| ports > 1000));
+    }
+}
