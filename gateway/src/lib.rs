@@ -112,6 +112,10 @@ pub async fn run(
         .map(|client| client.name.clone())
         .collect();
     let metrics = Metrics::new(&Verifier::lanes(&config), &carrier_names, &webhook_clients);
+    metrics.set_policy(
+        config.verification.code_ttl,
+        config.verification.max_extension,
+    );
     let weights: Vec<_> = config.carriers.iter().map(|c| c.weight).collect();
     let queue = Queue::new(config.queue_capacity, &weights);
     let webhooks = webhook::Webhooks::new(

@@ -138,6 +138,8 @@ struct Shared {
     carriers: Vec<CarrierMetrics>,
     webhooks: Vec<WebhookMetrics>,
     webhook_outbox: Gauge,
+    code_ttl: Gauge,
+    max_extension: Gauge,
 }
 
 /// Handles for one client's webhook.
@@ -151,6 +153,7 @@ pub struct WebhookMetrics {
 struct Lane {
     priority: u8,
     depth: Gauge,
+    predicted_wait: Gauge,
     wait: Histogram,
 }
 
@@ -297,6 +300,18 @@ impl Metrics {
         r.describe_gauge(
             "otpgate_queue_depth",
             "SMS jobs waiting for a carrier, by lane (client priority).",
+        );
+        r.describe_gauge(
+            "otpgate_queue_predicted_wait_seconds",
+            "How long a new SMS in this lane would wait: the jobs ahead of it over the carriers' configured pace. Starts are refused (503) once it exceeds the session's maximum extension.",
+        );
+        r.describe_gauge(
+            "otpgate_session_max_extension_seconds",
+            "Configured max_extension: how far queueing may push a session's expiry; the predicted wait is compared with it.",
+        );
+        r.describe_gauge(
+            "otpgate_code_ttl_seconds",
+            "Configured code_ttl: how long a code lives from the carrier's acceptance.",
         );
         r.describe_histogram(
             "otpgate_queue_wait_seconds",
@@ -461,8 +476,11 @@ impl Metrics {
                 let labels = || vec![Label::new("lane", priority.to_string())];
                 let depth = r.gauge("otpgate_queue_depth", labels());
                 depth.set(0.0);
+                let predicted_wait = r.gauge("otpgate_queue_predicted_wait_seconds", labels());
+                predicted_wait.set(0.0);
                 Lane {
                     priority,
+                    predicted_wait,
                     depth,
                     wait: r.histogram("otpgate_queue_wait_seconds", labels()),
                 }
@@ -603,6 +621,8 @@ impl Metrics {
                 carriers,
                 webhooks,
                 webhook_outbox,
+                code_ttl: r.gauge("otpgate_code_ttl_seconds", vec![]),
+                max_extension: r.gauge("otpgate_session_max_extension_seconds", vec![]),
             }),
         }
     }
@@ -660,6 +680,18 @@ impl Metrics {
         if let Some(lane) = self.lane(priority) {
             lane.depth.set(depth as f64);
         }
+    }
+
+    pub fn set_predicted_wait(&self, priority: u8, seconds: f64) {
+        if let Some(lane) = self.lane(priority) {
+            lane.predicted_wait.set(seconds);
+        }
+    }
+
+    /// The session policy the predicted wait is judged against.
+    pub fn set_policy(&self, code_ttl: std::time::Duration, max_extension: std::time::Duration) {
+        self.shared.code_ttl.set(code_ttl.as_secs_f64());
+        self.shared.max_extension.set(max_extension.as_secs_f64());
     }
 
     pub fn queue_wait(&self, priority: u8, seconds: f64) {

@@ -888,8 +888,13 @@ impl Verifier {
         let (n_phone_keys, n_ip_keys) = shared.limiters.housekeep();
         shared.metrics.set_limiter_keys(n_phone_keys, n_ip_keys);
         shared.metrics.set_live(n_live);
+        let pace = shared.routes.pace_of(CarrierSet::MAX);
         for lane in shared.queue.depths() {
             shared.metrics.set_queue_depth(lane.lane, lane.depth);
+            let ahead = shared.queue.ahead_of_new(lane.lane);
+            shared
+                .metrics
+                .set_predicted_wait(lane.lane, ahead as f64 / pace);
         }
         shared.metrics.run_upkeep();
     }

@@ -416,6 +416,25 @@ async fn predicted_wait_beyond_the_extension_is_refused() {
         f64::from(n_refused)
     );
     assert_eq!(queue_rejections(&gateway, "full").await, 0.0);
+    // The gauges an alert compares: the predicted wait (jobs ahead over 1 SMS/s) against the
+    // maximum extension (0 here).
+    let predicted = gateway
+        .wait_for_metric(
+            r#"otpgate_queue_predicted_wait_seconds{lane="0"}"#,
+            |wait| wait >= 1.0,
+        )
+        .await;
+    assert!(predicted >= 1.0, "{predicted}");
+    assert_eq!(
+        gateway
+            .registered_metric("otpgate_session_max_extension_seconds")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        gateway.registered_metric("otpgate_code_ttl_seconds").await,
+        600.0
+    );
 }
 
 /// A full queue refuses new verifications with 503 and `Retry-After`, counted as `full`; the
