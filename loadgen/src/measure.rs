@@ -66,8 +66,11 @@ pub enum Count {
     Started,
     /// Checks answered valid.
     Verified,
-    /// Users whose verification expired before they could use the code.
+    /// Users whose verification expired before a usable code reached them: the SMS never came
+    /// in time. The gateway's failure, which a rehearsal wants at zero.
     ExpiredSessions,
+    /// Users whose code reached them while valid but who typed it after it expired.
+    ExpiredWhileTyping,
     /// Users who waited for an SMS longer than they would, and left.
     GaveUp,
     /// Users who got the SMS and never typed it (the scenario's `never_type`).
@@ -89,11 +92,12 @@ pub enum Count {
 }
 
 impl Count {
-    pub const ALL: [Count; 13] = [
+    pub const ALL: [Count; 14] = [
         Count::Arrived,
         Count::Started,
         Count::Verified,
         Count::ExpiredSessions,
+        Count::ExpiredWhileTyping,
         Count::GaveUp,
         Count::NeverTyped,
         Count::WrongCodes,
@@ -111,6 +115,7 @@ impl Count {
             Count::Started => "started",
             Count::Verified => "verified",
             Count::ExpiredSessions => "expired_sessions",
+            Count::ExpiredWhileTyping => "expired_while_typing",
             Count::GaveUp => "gave_up",
             Count::NeverTyped => "never_typed",
             Count::WrongCodes => "wrong_codes",

@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use serde_json::json;
@@ -37,6 +37,8 @@ pub enum Outcome {
     GaveUp,
     NeverTyped,
     ExpiredSession,
+    /// The code reached the user in time, but was typed after it expired.
+    ExpiredWhileTyping,
     /// The verification failed (too many wrong codes, undeliverable).
     Failed,
 }
@@ -54,6 +56,7 @@ pub async fn journey(world: Arc<World>, user: u64, client: usize, intended: Inst
         Outcome::GaveUp => measurements.count(Count::GaveUp),
         Outcome::NeverTyped => measurements.count(Count::NeverTyped),
         Outcome::ExpiredSession => measurements.count(Count::ExpiredSessions),
+        Outcome::ExpiredWhileTyping => measurements.count(Count::ExpiredWhileTyping),
         Outcome::Rejected | Outcome::Failed => {}
     }
     outcome
@@ -110,7 +113,7 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
             }
             Err(_) => {
                 note_missing_sms(world, user, &id, key).await;
-                return if verification_expired(world, &id, key).await {
+                return if expired_at(world, &id, key).await.is_some() {
                     Outcome::ExpiredSession
                 } else {
                     Outcome::GaveUp
@@ -119,6 +122,7 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
         }
     };
     measurements.latency_since(Series::TimeToSms, intended);
+    let sms_at = SystemTime::now();
 
     let (delay, mistype, never) = {
         let mut rng = rand::rng();
@@ -137,13 +141,13 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
     };
     if mistype {
         let wrong = mistyped(&code);
-        match check(world, &id, key, &wrong).await {
+        match check(world, &id, key, &wrong, sms_at).await {
             Checked::Invalid => measurements.count(Count::WrongCodes),
             Checked::Valid => return Outcome::Verified,
             Checked::Ended(outcome) => return outcome,
         }
     }
-    match check(world, &id, key, &code).await {
+    match check(world, &id, key, &code, sms_at).await {
         Checked::Valid => {
             measurements.latency_since(Series::TimeToVerified, intended);
             Outcome::Verified
@@ -162,7 +166,15 @@ enum Checked {
     Ended(Outcome),
 }
 
-async fn check(world: &World, id: &str, key: Option<&str>, code: &str) -> Checked {
+/// Checks `code`; an expired verification is told apart by whether the code reached the user
+/// (at `sms_at`) before it expired.
+async fn check(
+    world: &World,
+    id: &str,
+    key: Option<&str>,
+    code: &str,
+    sms_at: SystemTime,
+) -> Checked {
     let typed = Instant::now();
     let answer = world
         .api
@@ -185,21 +197,26 @@ async fn check(world: &World, id: &str, key: Option<&str>, code: &str) -> Checke
                 Checked::Invalid
             }
         }
-        Some(answer) if answer.status == 409 => {
-            if verification_expired(world, id, key).await {
-                Checked::Ended(Outcome::ExpiredSession)
-            } else {
-                Checked::Ended(Outcome::Failed)
-            }
-        }
+        Some(answer) if answer.status == 409 => match expired_at(world, id, key).await {
+            Some(Some(expired)) if sms_at < expired => Checked::Ended(Outcome::ExpiredWhileTyping),
+            Some(_) => Checked::Ended(Outcome::ExpiredSession),
+            None => Checked::Ended(Outcome::Failed),
+        },
         _ => Checked::Ended(Outcome::Failed),
     }
 }
 
-/// Whether the gateway says the verification expired.
-async fn verification_expired(world: &World, id: &str, key: Option<&str>) -> bool {
-    let answer = world.api.get(&format!("/v1/verifications/{id}"), key).await;
-    answer.is_some_and(|answer| answer.body["status"] == "expired")
+/// `Some` if the gateway says the verification expired, with when (if it says).
+async fn expired_at(world: &World, id: &str, key: Option<&str>) -> Option<Option<SystemTime>> {
+    let answer = world
+        .api
+        .get(&format!("/v1/verifications/{id}"), key)
+        .await?;
+    (answer.body["status"] == "expired").then(|| {
+        answer.body["expires_at"]
+            .as_str()
+            .and_then(|at| humantime::parse_rfc3339(at).ok())
+    })
 }
 
 /// A user who never got an SMS: if the gateway says it was sent but no carrier ever received
