@@ -63,9 +63,10 @@ pub struct RunArgs {
     #[arg(long, env = "LOADGEN_SHARD", default_value = "0/1", value_parser = parse_shard)]
     pub shard: (u64, u64),
 
-    /// Keep-alive connections to the gateway, shared by all users.
-    #[arg(long, env = "LOADGEN_CONNECTIONS", default_value_t = NonZeroUsize::new(256).unwrap())]
-    pub connections: NonZeroUsize,
+    /// Keep-alive connections to the gateway, shared by all users; overrides the scenario's
+    /// `connections` (256 by default).
+    #[arg(long, env = "LOADGEN_CONNECTIONS")]
+    pub connections: Option<NonZeroUsize>,
 
     /// A local address to open connections from (repeat it: connections take them in turn).
     #[arg(long = "source-ip", env = "LOADGEN_SOURCE_IPS", value_delimiter = ',')]

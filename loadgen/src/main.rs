@@ -1,5 +1,6 @@
 //! The `loadgen` binary: parses flags, starts the runtime and runs one subcommand.
 
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -56,7 +57,9 @@ async fn rehearse(args: RunArgs) -> ExitCode {
     let options = loadgen::run::RunOptions {
         target: args.target.clone(),
         shard: args.shard,
-        connections: args.connections.get(),
+        connections: args
+            .connections
+            .map_or(scenario.connections, NonZeroUsize::get),
         source_ips: args.source_ips.clone(),
         request_timeout: std::time::Duration::from_millis(args.timeout_ms.max(1)),
         thresholds: args.thresholds.clone(),

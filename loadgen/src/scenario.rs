@@ -25,6 +25,8 @@ pub struct Scenario {
     pub duration: Duration,
     /// After the last arrival, journeys get at most this long to finish.
     pub drain: Duration,
+    /// Keep-alive connections the users share.
+    pub connections: usize,
     pub phones: Phones,
     /// The arrival rate over time: piecewise linear between points, constant after the last.
     pub arrivals: Vec<RatePoint>,
@@ -291,6 +293,7 @@ struct RawScenario {
     time_compression: Option<f64>,
     duration_secs: f64,
     drain_secs: Option<f64>,
+    connections: Option<usize>,
     phones: RawPhones,
     arrivals: Vec<RawRatePoint>,
     clients: Vec<RawClient>,
@@ -605,7 +608,12 @@ impl RawScenario {
             }
         }
 
+        let connections = self.connections.unwrap_or(256);
+        if !(1..=1_000_000).contains(&connections) {
+            return invalid("connections", "must be between 1 and 1000000");
+        }
         Ok(Scenario {
+            connections,
             name: self.name,
             description: self.description,
             seed: self.seed,
