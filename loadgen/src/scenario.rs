@@ -773,6 +773,7 @@ capacity_per_sec = 5
     fn compression_scales_rates_up_and_durations_down() {
         let scenario = Scenario::parse(SMALL).unwrap();
         assert_eq!(scenario.duration, Duration::from_secs(30));
+        assert_eq!(scenario.connections, 256);
         assert_eq!(scenario.arrivals[0].per_sec, 20.0);
         assert_eq!(scenario.clients[0].share, 0.75);
         let carrier = &scenario.carriers[0];
@@ -818,6 +819,11 @@ capacity_per_sec = 5
                 "time_compression = 2",
                 "time_compression = 2\ncolour = 1",
                 "colour",
+            ),
+            (
+                "time_compression = 2",
+                "time_compression = 2\nconnections = 0",
+                "connections",
             ),
         ] {
             let text = SMALL.replace(from, to);
