@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
+use crate::clock::Millis;
 use crate::store::VerificationId;
 use crate::verification::CarrierId;
 
@@ -131,6 +132,147 @@ impl Default for ReceiptIndex {
     }
 }
 
+/// Receipts that came before the carrier's answer to the submit they are about: a fast carrier
+/// may post the receipt while its `200` is still on the way. They are held for a while, and
+/// applied when the submit answer names the id; those that find no SMS by then are unmatched.
+#[derive(Debug)]
+pub struct EarlyReceipts {
+    state: Mutex<EarlyState>,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct EarlyState {
+    /// Every reading's key, to the receipt held under it.
+    by_key: HashMap<u64, u64>,
+    /// Held receipts by arrival number.
+    held: HashMap<u64, Early>,
+    /// Arrival numbers in order, for expiry and eviction (some may be taken already).
+    order: std::collections::VecDeque<u64>,
+    next: u64,
+}
+
+#[derive(Debug)]
+struct Early {
+    carrier: CarrierId,
+    id: Box<str>,
+    status: ReceiptStatus,
+    at: Millis,
+    keys: Vec<u64>,
+}
+
+/// How long an early receipt waits for its submit answer.
+pub const EARLY_RECEIPT_HOLD_MS: Millis = 30_000;
+
+impl EarlyReceipts {
+    pub fn new(capacity: usize) -> EarlyReceipts {
+        EarlyReceipts {
+            state: Mutex::new(EarlyState::default()),
+            capacity,
+        }
+    }
+
+    /// Holds a receipt that matched nothing yet; returns the carriers of receipts it evicted to
+    /// make room (they count as unmatched).
+    pub fn hold(
+        &self,
+        carrier: CarrierId,
+        id: &str,
+        status: ReceiptStatus,
+        now: Millis,
+    ) -> Vec<CarrierId> {
+        let keys: Vec<u64> = readings(id)
+            .iter()
+            .map(|reading| key(carrier, reading))
+            .collect();
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let mut state = lock(&self.state);
+        let mut evicted = Vec::new();
+        while state.held.len() >= self.capacity {
+            let Some(oldest) = state.order.pop_front() else {
+                break;
+            };
+            if let Some(early) = state.remove(oldest) {
+                evicted.push(early.carrier);
+            }
+        }
+        let number = state.next;
+        state.next += 1;
+        for key in &keys {
+            // A repeated receipt replaces the one held before it.
+            if let Some(previous) = state.by_key.get(key).copied() {
+                state.remove(previous);
+            }
+            state.by_key.insert(*key, number);
+        }
+        state.held.insert(
+            number,
+            Early {
+                carrier,
+                id: id.into(),
+                status,
+                at: now,
+                keys,
+            },
+        );
+        state.order.push_back(number);
+        evicted
+    }
+
+    /// The receipt held for this carrier and id, if one came early.
+    pub fn take(&self, carrier: CarrierId, id: &str) -> Option<(Box<str>, ReceiptStatus)> {
+        let mut state = lock(&self.state);
+        if state.held.is_empty() {
+            return None;
+        }
+        let number = readings(id)
+            .iter()
+            .find_map(|reading| state.by_key.get(&key(carrier, reading)).copied())?;
+        state.remove(number).map(|early| (early.id, early.status))
+    }
+
+    /// Drops receipts held longer than [`EARLY_RECEIPT_HOLD_MS`]; returns their carriers.
+    pub fn expire(&self, now: Millis) -> Vec<CarrierId> {
+        let mut state = lock(&self.state);
+        let mut expired = Vec::new();
+        while let Some(&oldest) = state.order.front() {
+            match state.held.get(&oldest) {
+                Some(early) if now < early.at + EARLY_RECEIPT_HOLD_MS => break,
+                Some(_) => {
+                    if let Some(early) = state.remove(oldest) {
+                        expired.push(early.carrier);
+                    }
+                }
+                None => {}
+            }
+            state.order.pop_front();
+        }
+        expired
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.state).held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl EarlyState {
+    fn remove(&mut self, number: u64) -> Option<Early> {
+        let early = self.held.remove(&number)?;
+        for key in &early.keys {
+            if self.by_key.get(key) == Some(&number) {
+                self.by_key.remove(key);
+            }
+        }
+        Some(early)
+    }
+}
+
 /// The index key of one reading of a carrier's id.
 fn key(carrier: CarrierId, reading: &Reading) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
@@ -224,5 +366,31 @@ mod tests {
                 prop_assert!(found.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn early_receipts_wait_for_their_submit_answer() {
+        let early = EarlyReceipts::new(2);
+        assert!(early.hold(1, "500", ReceiptStatus::Delivered, 0).is_empty());
+        // Another carrier's answer with the same id does not take it.
+        assert_eq!(early.take(2, "500"), None);
+        // The submit answer spells it in hex.
+        assert_eq!(
+            early.take(1, "0x1F4"),
+            Some(("500".into(), ReceiptStatus::Delivered))
+        );
+        assert_eq!(early.take(1, "500"), None, "taken once");
+
+        early.hold(1, "a", ReceiptStatus::Delivered, 0);
+        early.hold(1, "b", ReceiptStatus::Delivered, 10);
+        assert_eq!(
+            early.hold(3, "c", ReceiptStatus::Expired, 20),
+            [1],
+            "the oldest makes room"
+        );
+        assert_eq!(early.expire(EARLY_RECEIPT_HOLD_MS + 10), [1]);
+        assert_eq!(early.len(), 1);
+        assert_eq!(early.expire(EARLY_RECEIPT_HOLD_MS + 20), [3]);
+        assert!(early.is_empty());
     }
 }

@@ -24,7 +24,7 @@ use crate::metrics::{Route, Started};
 use crate::phone::{Phone, PhoneError};
 use crate::receipt::ReceiptStatus;
 use crate::store::VerificationId;
-use crate::verifier::{NewVerification, Verifier};
+use crate::verifier::{NewVerification, ReceiptMatch, Verifier};
 
 /// Every API route, as `(method, path template)`: the OpenAPI document must list exactly these.
 pub const API_ROUTES: &[(&str, &str)] = &[
@@ -291,7 +291,9 @@ async fn cancel(
 }
 
 /// A carrier's delivery receipt, authenticated with the carrier's own token. A receipt that
-/// matches no SMS is counted and answered `200 {"matched": false}`, so carriers do not retry it.
+/// matches no SMS yet is held for a while (its submit answer may still be on the way) and
+/// answered `200 {"matched": false, "held": true}`; one that never matches is counted. Either
+/// way the answer is `200`, so carriers do not retry it.
 async fn receipt(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -322,10 +324,15 @@ async fn receipt(
             ),
         ));
     }
-    let matched = state
+    let outcome = state
         .verifier
         .receipt(carrier, &carrier_message_id, body.status);
-    Ok(axum::Json(serde_json::json!({ "matched": matched })).into_response())
+    let answer = match outcome {
+        ReceiptMatch::Matched => serde_json::json!({ "matched": true }),
+        ReceiptMatch::Held => serde_json::json!({ "matched": false, "held": true }),
+        ReceiptMatch::Unmatched => serde_json::json!({ "matched": false }),
+    };
+    Ok(axum::Json(answer).into_response())
 }
 
 async fn openapi() -> Response {

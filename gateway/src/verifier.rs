@@ -59,6 +59,8 @@ struct Shared {
     accepting: AtomicBool,
     /// Carrier message ids of accepted SMS, for delivery receipts.
     receipts: ReceiptIndex,
+    /// Receipts that came before their submit answer.
+    early_receipts: crate::receipt::EarlyReceipts,
     /// When the receipt index was last cleaned of ended verifications (clock time).
     last_receipt_sweep: std::sync::Mutex<Duration>,
 }
@@ -76,6 +78,21 @@ struct CarrierInfo {
     from: Arc<str>,
     receipt_url: Arc<str>,
     receipt_token_sha256: Option<[u8; 32]>,
+}
+
+/// Early receipts held at most at once; beyond it the oldest count as unmatched.
+const EARLY_RECEIPTS_HELD: usize = 100_000;
+
+/// What became of a delivery receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptMatch {
+    /// It matched an SMS this carrier accepted.
+    Matched,
+    /// No SMS has this id yet: held until the carrier's submit answer names it (or counted as
+    /// unmatched after a while).
+    Held,
+    /// The SMS it names is gone (past retention).
+    Unmatched,
 }
 
 /// A start request, validated by the route.
@@ -176,6 +193,7 @@ impl Verifier {
                 webhooks,
                 accepting: AtomicBool::new(true),
                 receipts: ReceiptIndex::new(),
+                early_receipts: crate::receipt::EarlyReceipts::new(EARLY_RECEIPTS_HELD),
                 last_receipt_sweep: std::sync::Mutex::new(Duration::ZERO),
             }),
         }
@@ -639,6 +657,10 @@ impl Verifier {
         // shard is (its sweep locks them the other way round).
         if let Some(id) = receipt_id {
             shared.receipts.insert(carrier, &id, job.id);
+            // The carrier's receipt may have come before its answer to the submit.
+            if let Some((early_id, status)) = shared.early_receipts.take(carrier, &id) {
+                self.receipt(carrier, &early_id, status);
+            }
         }
     }
 
@@ -726,28 +748,35 @@ impl Verifier {
         }
     }
 
-    /// Applies a delivery receipt; returns whether it matched an SMS.
+    /// Applies a delivery receipt.
     ///
     /// A receipt moves `delivery.state` from `submitted` to `delivered` or `undeliverable` for
     /// the SMS the receipt's carrier accepted last. The verification stays pending either way:
-    /// after an undeliverable SMS, a resend may go by another carrier.
+    /// after an undeliverable SMS, a resend may go by another carrier. A receipt whose id no
+    /// submit answer has named yet is held for a while, in case the answer is still on its way.
     pub fn receipt(
         &self,
         carrier: CarrierId,
         carrier_message_id: &str,
         status: ReceiptStatus,
-    ) -> bool {
+    ) -> ReceiptMatch {
         let shared = &*self.shared;
         let metrics = shared.metrics.carrier(carrier as usize);
         let Some(id) = shared.receipts.find(carrier, carrier_message_id) else {
-            metrics.receipt_unmatched();
-            return false;
+            let now = shared.clock.now_ms();
+            for evicted in shared
+                .early_receipts
+                .hold(carrier, carrier_message_id, status, now)
+            {
+                shared.metrics.carrier(evicted as usize).receipt_unmatched();
+            }
+            return ReceiptMatch::Held;
         };
         let now = shared.clock.now_ms();
         let mut shard = shared.store.shard(&id);
         let Some(record) = shard.records.get_mut(&id) else {
             metrics.receipt_unmatched();
-            return false;
+            return ReceiptMatch::Unmatched;
         };
         // The index may point at a verification whose latest SMS went by another carrier or
         // under another id (an earlier send): such a receipt is matched but changes nothing.
@@ -775,7 +804,7 @@ impl Verifier {
                 self.announce(&shard, &id, EventKind::Delivered, now);
             }
         }
-        true
+        ReceiptMatch::Matched
     }
 
     /// Puts a job back in line; returns false (and drops it) if its deadline has passed.
@@ -849,6 +878,10 @@ impl Verifier {
         });
         for _ in 0..n_expired {
             shared.metrics.ended(Ended::Expired);
+        }
+        // Early receipts whose submit answer never named them: unmatched after all.
+        for carrier in shared.early_receipts.expire(now) {
+            shared.metrics.carrier(carrier as usize).receipt_unmatched();
         }
         // SMS still queued past their clients' thresholds: tell the clients, with an ETA.
         for (id, send_no) in shared.webhooks.due_delays(now) {

@@ -54,6 +54,9 @@ pub enum Reply {
     Status(u16, Option<u64>),
     /// Accept, but only after this long.
     Slow(Duration),
+    /// Take the SMS at once (it shows in `received`), but answer only after this long: a
+    /// carrier whose receipt can beat its own submit answer.
+    SlowAnswer(Duration),
     /// `200` with this body instead of the carrier_message_id JSON.
     AcceptWithBody(&'static str),
     /// Accept at most this many SMS in any second, and answer `429` above it (a carrier
@@ -580,13 +583,16 @@ async fn receive(
         other => other,
     };
     match reply {
-        Reply::Accept | Reply::Slow(_) => {
+        Reply::Accept | Reply::Slow(_) | Reply::SlowAnswer(_) => {
             if let Reply::Slow(delay) = reply {
                 tokio::time::sleep(delay).await;
             }
             let carrier_message_id = format!("cm-{}", sms.message_id);
             shared.received.lock().unwrap().push(sms);
             shared.arrived.notify_waiters();
+            if let Reply::SlowAnswer(delay) = reply {
+                tokio::time::sleep(delay).await;
+            }
             axum::Json(serde_json::json!({ "carrier_message_id": carrier_message_id }))
                 .into_response()
         }

@@ -87,7 +87,8 @@ async fn hex_and_decimal_spellings_match() {
     gateway.stop().await.unwrap();
 }
 
-/// A receipt for an id nobody sent is answered (so the carrier does not retry it) and counted.
+/// A receipt for an id nobody sent is answered (so the carrier does not retry it), held in
+/// case its submit answer is still on the way, and counted as unmatched once that wait is over.
 #[tokio::test]
 async fn unmatched_receipts_are_counted() {
     let (gateway, _carrier) = gateway_with(r#"{"carrier_message_id": "abc-1"}"#).await;
@@ -95,8 +96,41 @@ async fn unmatched_receipts_are_counted() {
     assert_eq!(gateway.metric(unmatched).await, Some(0.0));
     let answer = receipt(&gateway, json!("no-such-id"), "delivered").await;
     assert_eq!(answer.status, 200);
-    assert_eq!(answer.body, json!({ "matched": false }));
-    assert_eq!(gateway.metric(unmatched).await, Some(1.0));
+    assert_eq!(answer.body, json!({ "matched": false, "held": true }));
+    assert_eq!(
+        gateway.metric(unmatched).await,
+        Some(0.0),
+        "held, not yet unmatched"
+    );
+    gateway.clock.advance(std::time::Duration::from_secs(31));
+    gateway.wait_for_metric(unmatched, |n| n == 1.0).await;
+    gateway.stop().await.unwrap();
+}
+
+/// A fast carrier's receipt can arrive before its answer to the submit: it is held, and
+/// applied when the answer names the id.
+#[tokio::test]
+async fn a_receipt_before_the_submit_answer_is_applied_when_the_answer_comes() {
+    let carrier = FakeCarrier::start().await;
+    carrier.script(&[Reply::SlowAnswer(std::time::Duration::from_millis(500))]);
+    let config = format!(
+        "sweep_interval_ms = 50\n{}receipt_token = \"{TOKEN}\"\n",
+        carrier.config("alpha", 1000, 10)
+    );
+    let gateway = Gateway::start(&config).await;
+    let started = gateway.start_verification(&phone(40)).await;
+    let id = started.id();
+    let sms = carrier.wait_for(1, std::time::Duration::from_secs(5)).await;
+    // The carrier answers `cm-<message_id>`; its receipt goes out before that answer.
+    let carrier_id = format!("cm-{}", sms[0].message_id);
+    let answer = receipt(&gateway, json!(carrier_id), "delivered").await;
+    assert_eq!(answer.body, json!({ "matched": false, "held": true }));
+    let read = gateway.wait_for_delivery(&id, "delivered").await;
+    assert_eq!(read.body["delivery"]["carrier"], "alpha");
+    let delivered = r#"otpgate_receipts_total{carrier="alpha",state="delivered"}"#;
+    assert_eq!(gateway.metric(delivered).await, Some(1.0));
+    let unmatched = r#"otpgate_receipts_unmatched_total{carrier="alpha"}"#;
+    assert_eq!(gateway.metric(unmatched).await, Some(0.0));
     gateway.stop().await.unwrap();
 }
 
