@@ -302,27 +302,28 @@ impl Queue {
         self.shared.capacity
     }
 
-    /// Jobs that a new job in `lane` would wait behind.
-    pub fn ahead_of_new(&self, lane: u8) -> usize {
+    /// Jobs that a new job in `lane` for `carriers` would wait behind: those in its lane and
+    /// higher ones that some of the same carriers may send.
+    pub fn ahead_of_new(&self, lane: u8, carriers: CarrierSet) -> usize {
         let state = self.lock();
         state
             .lanes
             .range(..=Reverse(lane))
-            .map(|(_, lane_state)| lane_state.len)
+            .map(|(_, lane_state)| lane_state.len_for(carriers))
             .sum()
     }
 
-    /// Jobs ahead of the job holding `ticket` in `lane` (an estimate inside the lane, exact
-    /// across lanes).
-    pub fn ahead_of(&self, lane: u8, ticket: u64) -> usize {
+    /// Jobs ahead of the job holding `ticket` in `lane`, for `carriers` (an estimate inside the
+    /// lane, exact across lanes).
+    pub fn ahead_of(&self, lane: u8, ticket: u64, carriers: CarrierSet) -> usize {
         let state = self.lock();
         let higher: usize = state
             .lanes
             .range(..Reverse(lane))
-            .map(|(_, lane_state)| lane_state.len)
+            .map(|(_, lane_state)| lane_state.len_for(carriers))
             .sum();
         let in_lane = state.lanes.get(&Reverse(lane)).map_or(0, |lane_state| {
-            (ticket.saturating_sub(lane_state.popped) as usize).min(lane_state.len)
+            (ticket.saturating_sub(lane_state.popped) as usize).min(lane_state.len_for(carriers))
         });
         higher + in_lane
     }
@@ -407,6 +408,19 @@ impl Drop for IdleGuard<'_> {
         let woken = self.queue.choose_idle(&mut state, waiting);
         drop(state);
         self.queue.wake(woken);
+    }
+}
+
+// === impl LaneState ===
+
+impl LaneState {
+    /// Jobs in this lane that any of `carriers` may send.
+    fn len_for(&self, carriers: CarrierSet) -> usize {
+        self.heaps
+            .iter()
+            .filter(|(set, _)| set & carriers != 0)
+            .map(|(_, heap)| heap.len())
+            .sum()
     }
 }
 
@@ -557,11 +571,13 @@ mod tests {
         let t1 = queue.push(job(0, 1)).unwrap();
         let t2 = queue.push(job(0, 2)).unwrap();
         queue.push(job(1, 2)).unwrap();
-        assert_eq!(queue.ahead_of(0, t1), 2);
-        assert_eq!(queue.ahead_of(0, t2), 3);
-        assert_eq!(queue.ahead_of_new(0), 3);
-        assert_eq!(queue.ahead_of_new(1), 1);
-        assert_eq!(queue.ahead_of_new(5), 0);
+        assert_eq!(queue.ahead_of(0, t1, 1), 2);
+        assert_eq!(queue.ahead_of(0, t2, 1), 3);
+        assert_eq!(queue.ahead_of_new(0, 1), 3);
+        assert_eq!(queue.ahead_of_new(1, 1), 1);
+        assert_eq!(queue.ahead_of_new(5, 1), 0);
+        // Jobs only other carriers may send are not ahead.
+        assert_eq!(queue.ahead_of_new(0, 0b10), 0);
     }
 
     #[tokio::test]

@@ -659,7 +659,7 @@ impl Verifier {
             shared.receipts.insert(carrier, &id, job.id);
             // The carrier's receipt may have come before its answer to the submit.
             if let Some((early_id, status)) = shared.early_receipts.take(carrier, &id) {
-                self.receipt(carrier, &early_id, status);
+                self.apply_receipt(carrier, job.id, &early_id, status);
             }
         }
     }
@@ -761,17 +761,40 @@ impl Verifier {
         status: ReceiptStatus,
     ) -> ReceiptMatch {
         let shared = &*self.shared;
-        let metrics = shared.metrics.carrier(carrier as usize);
-        let Some(id) = shared.receipts.find(carrier, carrier_message_id) else {
-            let now = shared.clock.now_ms();
-            for evicted in shared
+        if let Some(id) = shared.receipts.find(carrier, carrier_message_id) {
+            return self.apply_receipt(carrier, id, carrier_message_id, status);
+        }
+        let now = shared.clock.now_ms();
+        for evicted in shared
+            .early_receipts
+            .hold(carrier, carrier_message_id, status, now)
+        {
+            shared.metrics.carrier(evicted as usize).receipt_unmatched();
+        }
+        // The submit answer may have been recorded between the lookup and the hold; whichever
+        // side takes the held receipt applies it.
+        if let Some(id) = shared.receipts.find(carrier, carrier_message_id) {
+            if shared
                 .early_receipts
-                .hold(carrier, carrier_message_id, status, now)
+                .take(carrier, carrier_message_id)
+                .is_some()
             {
-                shared.metrics.carrier(evicted as usize).receipt_unmatched();
+                return self.apply_receipt(carrier, id, carrier_message_id, status);
             }
-            return ReceiptMatch::Held;
-        };
+        }
+        ReceiptMatch::Held
+    }
+
+    /// Applies a receipt to the verification `id` that the index (or the submit answer) named.
+    fn apply_receipt(
+        &self,
+        carrier: CarrierId,
+        id: VerificationId,
+        carrier_message_id: &str,
+        status: ReceiptStatus,
+    ) -> ReceiptMatch {
+        let shared = &*self.shared;
+        let metrics = shared.metrics.carrier(carrier as usize);
         let now = shared.clock.now_ms();
         let mut shard = shared.store.shard(&id);
         let Some(record) = shard.records.get_mut(&id) else {
@@ -924,7 +947,7 @@ impl Verifier {
         let pace = shared.routes.pace_of(CarrierSet::MAX);
         for lane in shared.queue.depths() {
             shared.metrics.set_queue_depth(lane.lane, lane.depth);
-            let ahead = shared.queue.ahead_of_new(lane.lane);
+            let ahead = shared.queue.ahead_of_new(lane.lane, CarrierSet::MAX);
             shared
                 .metrics
                 .set_predicted_wait(lane.lane, ahead as f64 / pace);
@@ -1081,12 +1104,12 @@ impl Verifier {
     fn view_of(&self, shard: &Shard, id: &VerificationId, now: Millis) -> Option<View> {
         let record = shard.records.get(id)?;
         let eta = (record.delivery == DeliveryState::Queued).then(|| {
-            let ahead = self.shared.queue.ahead_of(record.lane, record.queue_ticket);
-            let pace = self
+            let carriers = self.shared.routes.eligible_for(&record.phone);
+            let ahead = self
                 .shared
-                .routes
-                .pace_of(self.shared.routes.eligible_for(&record.phone));
-            ahead as f64 / pace
+                .queue
+                .ahead_of(record.lane, record.queue_ticket, carriers);
+            ahead as f64 / self.shared.routes.pace_of(carriers)
         });
         let carriers = &self.shared.carriers;
         Some(record.view(
@@ -1109,7 +1132,7 @@ impl Verifier {
         if shared.queue.len() >= shared.queue.capacity() {
             return Err(self.refused_at_queue(PushError::Full));
         }
-        let ahead = shared.queue.ahead_of_new(lane) as f64;
+        let ahead = shared.queue.ahead_of_new(lane, carriers) as f64;
         let pace = shared.routes.pace_of(carriers);
         let predicted_wait = ahead / pace;
         let max_wait = shared.policy.max_extension.as_secs_f64().max(1.0);
