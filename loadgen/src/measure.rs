@@ -146,8 +146,8 @@ pub struct Second {
     pub verified: u64,
     /// Users in their journey at the end of the second.
     pub in_flight: u64,
-    /// Start latency this second (microseconds).
-    pub start_latency: Option<Histogram<u64>>,
+    /// The 99th percentile of the start requests answered during this second, in ms.
+    pub start_p99_ms: Option<f64>,
     /// The load generator's CPU use (share of one core) and resident memory.
     pub cpu: f64,
     pub rss_bytes: u64,
@@ -168,6 +168,9 @@ struct Inner {
     statuses: BTreeMap<(&'static str, u16), u64>,
     timeline: Vec<Second>,
     in_flight: u64,
+    /// Start latencies answered since the last second closed: one histogram, reused, so a long
+    /// run's memory does not grow with its seconds.
+    current_start: Histogram<u64>,
 }
 
 /// Microseconds up to an hour, three significant digits.
@@ -185,6 +188,7 @@ impl Measurements {
                 statuses: BTreeMap::new(),
                 timeline: Vec::new(),
                 in_flight: 0,
+                current_start: new_histogram(),
             }),
         }
     }
@@ -197,20 +201,16 @@ impl Measurements {
     /// Records a latency from `intended` to now.
     pub fn latency_since(&self, series: Series, intended: Instant) -> Duration {
         let elapsed = intended.elapsed();
-        self.record(series, elapsed, intended);
+        self.record(series, elapsed);
         elapsed
     }
 
-    pub fn record(&self, series: Series, value: Duration, at: Instant) {
+    pub fn record(&self, series: Series, value: Duration) {
         let micros = (value.as_micros() as u64).clamp(1, 3_600_000_000);
         let mut inner = self.lock();
         let _ = inner.histograms[series as usize].record(micros);
         if series == Series::Start {
-            let second = inner.second(self.second_of(at));
-            let histogram = second.start_latency.get_or_insert_with(|| {
-                Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("bounds are valid")
-            });
-            let _ = histogram.record(micros);
+            let _ = inner.current_start.record(micros);
         }
     }
 
@@ -268,8 +268,12 @@ impl Measurements {
     pub fn close_second(&self, index: usize, cpu: f64, rss_bytes: u64) {
         let mut inner = self.lock();
         let in_flight = inner.in_flight;
+        let start_p99_ms = (!inner.current_start.is_empty())
+            .then(|| inner.current_start.value_at_quantile(0.99) as f64 / 1000.0);
+        inner.current_start.reset();
         let second = inner.second(index);
         second.in_flight = in_flight;
+        second.start_p99_ms = start_p99_ms;
         second.cpu = cpu;
         second.rss_bytes = rss_bytes;
     }

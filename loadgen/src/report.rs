@@ -179,10 +179,7 @@ impl Report {
                 sms: second.sms,
                 verified: second.verified,
                 in_flight: second.in_flight,
-                start_p99_ms: second
-                    .start_latency
-                    .as_ref()
-                    .map(|h| h.value_at_quantile(0.99) as f64 / 1000.0),
+                start_p99_ms: second.start_p99_ms,
                 cpu: second.cpu,
                 rss_bytes: second.rss_bytes,
             })

@@ -86,6 +86,14 @@ const FD_SLACK: u64 = 512;
 
 /// Checks the open-file and port limits before the run starts.
 pub fn check_limits(scenario: &Scenario, options: &RunOptions) -> Result<(), SetupError> {
+    let (_, n_shards) = options.shard;
+    if options.target.is_some() && n_shards > 1 && 10 % n_shards != 0 {
+        return Err(SetupError(format!(
+            "--shard …/{n_shards} with --target: the shards' users must own whole number \
+             prefixes for the gateway to route their SMS to each shard's carriers, so the shard \
+             count must divide 10 (1, 2, 5 or 10)"
+        )));
+    }
     let carrier_windows: u64 = scenario
         .carriers
         .iter()
@@ -127,6 +135,13 @@ pub fn check_limits(scenario: &Scenario, options: &RunOptions) -> Result<(), Set
 pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Report, Verdict)> {
     let scenario = Arc::new(scenario);
     let (shard, n_shards) = options.shard;
+    if options.target.is_some() && n_shards > 1 {
+        eprintln!(
+            "loadgen: shard {shard}/{n_shards}: the gateway must route numbers starting with {} to this \
+             process's carriers",
+            scenario.shard_prefixes(shard, n_shards).join(", ")
+        );
+    }
     let arrivals = schedule::arrivals(
         &scenario.arrivals,
         scenario.duration,
@@ -301,6 +316,14 @@ async fn start_gateway(
             })
         })
         .collect();
+    if scenario.gateway.code_ttl < Duration::from_secs(10) {
+        eprintln!(
+            "loadgen: warning: the compressed code lifetime ({:.1} s) is below the gateway's \
+             minimum of 10 s; the in-process gateway uses 10 s, so codes outlive the scenario's \
+             proportions",
+            scenario.gateway.code_ttl.as_secs_f64()
+        );
+    }
     let toml = gateway_config(scenario, carriers, options, api_addr, &keys);
     let config = gateway::config::Config::from_toml(&toml)
         .map_err(|error| anyhow::anyhow!("generated gateway config: {error}"))?;
@@ -336,8 +359,8 @@ pub fn gateway_config(
          [limits]\nphone_sends = [{{ max = 1, per_secs = {} }}, {{ max = 5, per_secs = {} }}]\n\n\
          [queue]\ncapacity = {}\n",
         options.connections * 2 + 1024,
-        scenario.gateway.code_ttl.as_secs().max(10),
-        scenario.gateway.max_extension.as_secs(),
+        (scenario.gateway.code_ttl.as_secs_f64().round() as u64).max(10),
+        scenario.gateway.max_extension.as_secs_f64().round() as u64,
         secs(30.0, 1),
         secs(30.0, 1),
         secs(600.0, 1),

@@ -219,22 +219,39 @@ impl Scenario {
     }
 
     /// Every user's phone number, by index.
+    ///
+    /// The first digit after the prefix is the user's index modulo 10, and the rest the index
+    /// divided by 10 (plus `first`): so the users of shard `i` of `n` (for `n` dividing 10) own
+    /// whole number prefixes, which a gateway's prefix rules can route to that shard's carriers.
     pub fn phone(&self, index: u64) -> String {
         format!(
-            "{}{:0width$}",
+            "{}{}{:0width$}",
             self.phones.prefix,
-            self.phones.first + index,
-            width = usize::from(self.phones.digits)
+            index % 10,
+            self.phones.first + index / 10,
+            width = usize::from(self.phones.digits) - 1
         )
     }
 
     /// The user index of a phone number of this scenario, if it is one.
     pub fn user_of(&self, phone: &str) -> Option<u64> {
         let digits = phone.strip_prefix(&self.phones.prefix)?;
-        if digits.len() != usize::from(self.phones.digits) {
+        if digits.len() != usize::from(self.phones.digits) || !digits.is_ascii() {
             return None;
         }
-        digits.parse::<u64>().ok()?.checked_sub(self.phones.first)
+        let (last, rest) = digits.split_at(1);
+        let last: u64 = last.parse().ok()?;
+        let rest: u64 = rest.parse().ok()?;
+        Some(rest.checked_sub(self.phones.first)? * 10 + last)
+    }
+
+    /// The number prefixes the users of shard `shard` of `n_shards` own (`n_shards` dividing
+    /// 10).
+    pub fn shard_prefixes(&self, shard: u64, n_shards: u64) -> Vec<String> {
+        (0..10)
+            .filter(|digit| digit % n_shards == shard)
+            .map(|digit| format!("{}{digit}", self.phones.prefix))
+            .collect()
     }
 
     /// How many users the arrival profile brings in expectation: the integral of the rate.
@@ -271,6 +288,9 @@ impl ScenarioError {
         }
     }
 }
+
+/// The most users one run may schedule (in expectation).
+const MAX_ARRIVALS: f64 = 50_000_000.0;
 
 fn invalid<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, ScenarioError> {
     Err(ScenarioError::Invalid {
@@ -466,7 +486,7 @@ impl RawScenario {
             return invalid("phones.prefix", "must be + and digits, like \"+39333\"");
         }
         let digits = self.phones.digits.unwrap_or(7);
-        if !(1..=12).contains(&digits) || prefix_digits.len() + usize::from(digits) > 15 {
+        if !(2..=12).contains(&digits) || prefix_digits.len() + usize::from(digits) > 15 {
             return invalid(
                 "phones.digits",
                 "prefix and digits together must make at most 15 digits (E.164)",
@@ -480,10 +500,12 @@ impl RawScenario {
         let mut last_at = -1.0;
         for (index, point) in self.arrivals.iter().enumerate() {
             let key = |field: &str| format!("arrivals[{index}].{field}");
-            if !(point.at_secs.is_finite() && point.at_secs >= 0.0) || point.at_secs <= last_at {
+            if !(point.at_secs.is_finite() && (0.0..=30.0 * 86_400.0).contains(&point.at_secs))
+                || point.at_secs <= last_at
+            {
                 return invalid(
                     key("at_secs"),
-                    "must be non-negative and later than the previous point",
+                    "must be between 0 and 30 days, and later than the previous point",
                 );
             }
             last_at = point.at_secs;
@@ -608,6 +630,29 @@ impl RawScenario {
             }
         }
 
+        // The run's size: a schedule is computed before the run, and every user needs a number.
+        let expected = crate::schedule::integral(&arrivals, duration.div_f64(compression));
+        if expected > MAX_ARRIVALS {
+            return invalid(
+                "arrivals",
+                format!(
+                    "the profile brings about {expected:.0} users; at most {MAX_ARRIVALS} per run"
+                ),
+            );
+        }
+        let numbers = 10
+            * (10u64
+                .pow(u32::from(digits) - 1)
+                .saturating_sub(self.phones.first));
+        if expected * 1.2 + 100.0 > numbers as f64 {
+            return invalid(
+                "phones",
+                format!(
+                    "about {expected:.0} users need more numbers than {digits} digits from {} give ({numbers})",
+                    self.phones.first
+                ),
+            );
+        }
         let connections = self.connections.unwrap_or(256);
         if !(1..=1_000_000).contains(&connections) {
             return invalid("connections", "must be between 1 and 1000000");
@@ -798,9 +843,24 @@ capacity_per_sec = 5
             carrier.state_at(Duration::from_secs(10)).capacity_per_sec,
             200.0
         );
-        assert_eq!(scenario.phone(42), "+393330000042");
-        assert_eq!(scenario.user_of("+393330000042"), Some(42));
-        assert_eq!(scenario.user_of("+39333000004"), None);
+        // The last digit of the index leads, so shards own whole prefixes.
+        assert_eq!(scenario.phone(42), "+393332000004");
+        assert_eq!(scenario.user_of("+393332000004"), Some(42));
+        assert_eq!(scenario.user_of("+39333200000"), None);
+        for user in [0, 9, 10, 123_457, 999_999] {
+            assert_eq!(scenario.user_of(&scenario.phone(user)), Some(user));
+        }
+        assert_eq!(
+            scenario.shard_prefixes(1, 2),
+            ["+393331", "+393333", "+393335", "+393337", "+393339"]
+        );
+        for user in 0..40u64 {
+            let owner = scenario
+                .shard_prefixes(user % 2, 2)
+                .iter()
+                .any(|prefix| scenario.phone(user).starts_with(prefix.as_str()));
+            assert!(owner, "user {user} is in its shard's prefixes");
+        }
     }
 
     #[test]
@@ -824,6 +884,17 @@ capacity_per_sec = 5
                 "time_compression = 2",
                 "time_compression = 2\nconnections = 0",
                 "connections",
+            ),
+            ("at_secs = 0", "at_secs = 1e20", "arrivals[0].at_secs"),
+            (
+                "at_secs = 0\nper_sec = 10\n",
+                "at_secs = 0\nper_sec = 9000000\n",
+                "key arrivals: the profile brings",
+            ),
+            (
+                "prefix = \"+39333\"",
+                "prefix = \"+39333\"\ndigits = 2",
+                "phones",
             ),
         ] {
             let text = SMALL.replace(from, to);

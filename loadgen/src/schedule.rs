@@ -61,7 +61,8 @@ pub fn arrivals(
     let mut schedule = Vec::with_capacity((expected / n_shards as f64 * 1.1) as usize + 16);
     // Walk the profile in small steps, integrating the rate, and emit an arrival each time the
     // integral passes the next exponential target.
-    let step = Duration::from_micros(500);
+    // Half a millisecond, or coarser for very long runs: at most 20 million steps.
+    let step = Duration::from_micros(500).max(duration / 20_000_000);
     let mut target: f64 = -(1.0 - rng.random::<f64>()).ln();
     let mut integrated = 0.0;
     let mut t = Duration::ZERO;

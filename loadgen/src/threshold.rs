@@ -115,11 +115,8 @@ impl std::str::FromStr for Threshold {
                         let digits = function
                             .strip_prefix('p')
                             .ok_or_else(|| fail(&format!("unknown statistic {function:?}")))?;
-                        // p99 → 0.99, p999 → 0.999, p50 → 0.5.
-                        let quantile = format!("0.{digits}")
-                            .parse::<f64>()
-                            .ok()
-                            .filter(|q| *q > 0.0 && *q < 1.0 && !digits.is_empty())
+                        // p5 → 0.05, p50 → 0.5, p99 → 0.99; p999 → 0.999, p9999 → 0.9999.
+                        let quantile = quantile_of(digits)
                             .ok_or_else(|| fail(&format!("unknown statistic {function:?}")))?;
                         Stat::Quantile(quantile)
                     }
@@ -153,9 +150,25 @@ impl std::str::FromStr for Threshold {
     }
 }
 
-/// `50ms`, `1.5s`, `2m`, `1h`, or plain milliseconds.
+/// The quantile a `pNN` statistic names: one or two digits are a percentage, longer runs of
+/// nines are 99.9%, 99.99%… (`p100` and `p0` name nothing useful).
+fn quantile_of(digits: &str) -> Option<f64> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let quantile = if digits.len() <= 2 {
+        digits.parse::<f64>().ok()? / 100.0
+    } else if digits.starts_with("99") {
+        format!("0.{digits}").parse::<f64>().ok()?
+    } else {
+        return None;
+    };
+    (quantile > 0.0 && quantile < 1.0).then_some(quantile)
+}
+
+/// `50ms`, `1.5s`, `2m`, `1h`, `250us` or `250µs`, or plain milliseconds.
 fn parse_millis(text: &str) -> Option<f64> {
-    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+    let (number, unit) = match text.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
         Some(at) => text.split_at(at),
         None => (text, "ms"),
     };
@@ -249,6 +262,21 @@ mod tests {
         assert_eq!((t.subject, t.op), (Subject::Rate(Count::Verified), Op::Ge));
         let t: Threshold = "max(start)<2m".parse().unwrap();
         assert_eq!(t.value, 120_000.0);
+    }
+
+    #[test]
+    fn percentiles_and_units() {
+        let quantile = |text: &str| match text.parse::<Threshold>().unwrap().subject {
+            Subject::Latency(Stat::Quantile(q), _) => q,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(quantile("p5(start)<1s"), 0.05);
+        assert_eq!(quantile("p50(start)<1s"), 0.5);
+        assert_eq!(quantile("p9999(start)<1s"), 0.9999);
+        assert!("p100(start)<1s".parse::<Threshold>().is_err());
+        assert!("p0(start)<1s".parse::<Threshold>().is_err());
+        assert_eq!("p99(start)<250µs".parse::<Threshold>().unwrap().value, 0.25);
+        assert_eq!("p99(start)<250us".parse::<Threshold>().unwrap().value, 0.25);
     }
 
     #[test]

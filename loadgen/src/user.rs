@@ -46,7 +46,7 @@ pub enum Outcome {
 /// Plays user `user`, who arrives at `intended` as a user of client `client`.
 pub async fn journey(world: Arc<World>, user: u64, client: usize, intended: Instant) -> Outcome {
     let measurements = &world.measurements;
-    measurements.record(Series::SchedulerLag, intended.elapsed(), Instant::now());
+    measurements.record(Series::SchedulerLag, intended.elapsed());
     measurements.count(Count::Arrived);
     measurements.user_entered();
     let outcome = run(&world, user, client, intended).await;
@@ -93,10 +93,10 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
             Ok(Some(text)) => break text,
             Ok(None) => return Outcome::GaveUp,
             Err(_) if resend_at.is_some_and(|at| Instant::now() >= at) => {
-                resend_at = None;
+                // Measured from the moment the user meant to press it, not when the timer ran.
+                let pressed = resend_at.take().unwrap_or_else(Instant::now);
                 if rand::rng().random::<f64>() < behaviour.resend {
                     measurements.count(Count::Resends);
-                    let pressed = Instant::now();
                     let answer = world
                         .api
                         .post(&format!("/v1/verifications/{id}/resend"), key, &json!({}))
@@ -135,19 +135,23 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
     if never {
         return Outcome::NeverTyped;
     }
-    tokio::time::sleep(delay).await;
+    // The user decides to type at `typed`: latency counts from then, however late the timer.
+    let typed = Instant::now() + delay;
+    tokio::time::sleep_until(typed.into()).await;
     let Some(code) = code_in(&text) else {
         return Outcome::Failed;
     };
     if mistype {
         let wrong = mistyped(&code);
-        match check(world, &id, key, &wrong, sms_at).await {
+        match check(world, &id, key, &wrong, sms_at, typed).await {
             Checked::Invalid => measurements.count(Count::WrongCodes),
             Checked::Valid => return Outcome::Verified,
             Checked::Ended(outcome) => return outcome,
         }
     }
-    match check(world, &id, key, &code, sms_at).await {
+    // After a typo the user types again at once; otherwise this is the first attempt.
+    let retyped = if mistype { Instant::now() } else { typed };
+    match check(world, &id, key, &code, sms_at, retyped).await {
         Checked::Valid => {
             measurements.latency_since(Series::TimeToVerified, intended);
             Outcome::Verified
@@ -174,8 +178,8 @@ async fn check(
     key: Option<&str>,
     code: &str,
     sms_at: SystemTime,
+    typed: Instant,
 ) -> Checked {
-    let typed = Instant::now();
     let answer = world
         .api
         .post(
