@@ -11,8 +11,10 @@
 //!   signed again on every attempt, so a receiver can refuse stale timestamps.
 //!
 //! A `2xx` answer delivers the event; anything else, a timeout or a refused connection is
-//! retried with exponential back-off and full jitter, up to `max_attempts`. The outbox counts
-//! events waiting and events waiting out a retry against one capacity; a new event that finds it
+//! retried with exponential back-off and full jitter, up to `max_attempts`. The outbox keeps a
+//! line per client, and each client gets an equal share of `outbox_capacity` (events waiting,
+//! waiting out a retry, or being sent) and of `concurrency`, taken in turn: a client whose
+//! endpoint hangs or fails holds only its own share. A new event that finds its client's share
 //! full is dropped and counted, never buffered without bound. Events carry what GET shows (the
 //! phone masked), never a code.
 //!
@@ -91,7 +93,13 @@ struct Shared {
     targets: Vec<Option<Target>>,
     policy: WebhookPolicy,
     outbox: Mutex<Outbox>,
-    /// Wakes the sender when an event is ready.
+    /// Each client's share of `outbox_capacity` and of `concurrency`.
+    capacity_per_client: usize,
+    concurrency_per_client: usize,
+    /// When an "outbox full" warning was last logged (clock milliseconds): at most one every
+    /// ten seconds, since a full outbox drops events by the thousand.
+    last_full_warning: std::sync::atomic::AtomicU64,
+    /// Wakes the sender when an event is ready or a delivery slot frees.
     ready: Notify,
     /// Verifications to announce as delayed if their SMS is still queued when due:
     /// `(due, id, send number)`.
@@ -119,8 +127,18 @@ impl std::fmt::Debug for Target {
     }
 }
 
+/// Events waiting, one line per client, so that one client's broken endpoint holds only its
+/// own share of the outbox and of the deliveries in flight.
 #[derive(Debug, Default)]
 struct Outbox {
+    /// By client id; clients without a webhook have an empty line.
+    lines: Vec<Line>,
+    /// Where the next round-robin pick starts.
+    cursor: usize,
+}
+
+#[derive(Debug, Default)]
+struct Line {
     queued: VecDeque<Delivery>,
     /// Events waiting out a retry pause; they count against the capacity.
     retrying: usize,
@@ -174,13 +192,20 @@ impl Webhooks {
                 })
             })
             .collect();
+        let n_targets = n_with_webhook.max(1);
+        let capacity_per_client = (policy.outbox_capacity / n_targets).max(1);
+        let concurrency_per_client = policy.concurrency.div_ceil(n_targets).max(1);
+        let lines = clients.iter().map(|_| Line::default()).collect();
         let client =
             crate::carrier::pooled_client(policy.timeout, policy.concurrency, HttpVersion::Auto)?;
         Ok(Webhooks {
             shared: Arc::new(Shared {
                 targets,
                 policy,
-                outbox: Mutex::new(Outbox::default()),
+                outbox: Mutex::new(Outbox { lines, cursor: 0 }),
+                capacity_per_client,
+                concurrency_per_client,
+                last_full_warning: std::sync::atomic::AtomicU64::new(0),
                 ready: Notify::new(),
                 delayed: Mutex::new(BinaryHeap::new()),
                 client,
@@ -213,15 +238,25 @@ impl Webhooks {
             return;
         };
         let mut outbox = self.lock();
-        if outbox.queued.len() + outbox.retrying + outbox.sending
-            >= self.shared.policy.outbox_capacity
-        {
+        let Some(line) = outbox.lines.get_mut(client as usize) else {
+            return;
+        };
+        if line.depth() >= self.shared.capacity_per_client {
             drop(outbox);
             target.metrics.outcome(WebhookOutcome::Dropped);
-            tracing::warn!(host = %target.host, event = kind.name(), "webhook outbox full; event dropped");
+            let last = self
+                .shared
+                .last_full_warning
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if now >= last + 10_000 {
+                self.shared
+                    .last_full_warning
+                    .store(now, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(host = %target.host, "webhook outbox full for this client; events dropped");
+            }
             return;
         }
-        outbox.queued.push_back(Delivery {
+        line.queued.push_back(Delivery {
             client,
             event_id,
             kind,
@@ -292,12 +327,8 @@ impl Webhooks {
             let notified = self.shared.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut outbox = self.lock();
-                if let Some(delivery) = outbox.queued.pop_front() {
-                    outbox.sending += 1;
-                    return delivery;
-                }
+            if let Some(delivery) = self.lock().pick(self.shared.concurrency_per_client) {
+                return delivery;
             }
             notified.await;
         }
@@ -306,7 +337,7 @@ impl Webhooks {
     /// One attempt at delivering `delivery`; schedules the next one if it failed.
     async fn attempt(self, mut delivery: Delivery) {
         let Some(target) = self.target(delivery.client) else {
-            self.lock().sending -= 1;
+            self.lock().line(delivery.client).sending -= 1;
             return;
         };
         let result = tokio::time::timeout(self.shared.policy.timeout, self.post(target, &delivery))
@@ -314,7 +345,9 @@ impl Webhooks {
             .unwrap_or(Err("timed out".to_owned()));
         delivery.attempts += 1;
         let mut outbox = self.lock();
-        outbox.sending -= 1;
+        outbox.line(delivery.client).sending -= 1;
+        // A slot of this client's share is free: its next event may go.
+        self.shared.ready.notify_one();
         match result {
             Ok(()) => {
                 let depth = outbox.depth();
@@ -338,7 +371,7 @@ impl Webhooks {
                 );
             }
             Err(reason) => {
-                outbox.retrying += 1;
+                outbox.line(delivery.client).retrying += 1;
                 drop(outbox);
                 target.metrics.outcome(WebhookOutcome::Retried);
                 let pause = self.backoff(delivery.attempts);
@@ -354,8 +387,9 @@ impl Webhooks {
                 tokio::spawn(async move {
                     tokio::time::sleep(pause).await;
                     let mut outbox = webhooks.lock();
-                    outbox.retrying -= 1;
-                    outbox.queued.push_back(delivery);
+                    let line = outbox.line(delivery.client);
+                    line.retrying -= 1;
+                    line.queued.push_back(delivery);
                     drop(outbox);
                     webhooks.shared.ready.notify_one();
                 });
@@ -430,6 +464,35 @@ impl Webhooks {
 }
 
 impl Outbox {
+    fn depth(&self) -> usize {
+        self.lines.iter().map(Line::depth).sum()
+    }
+
+    fn line(&mut self, client: ClientId) -> &mut Line {
+        &mut self.lines[client as usize]
+    }
+
+    /// The next event, taking clients in turn and skipping those with their share of
+    /// deliveries in flight already.
+    fn pick(&mut self, concurrency_per_client: usize) -> Option<Delivery> {
+        let n_lines = self.lines.len();
+        for offset in 0..n_lines {
+            let index = (self.cursor + offset) % n_lines;
+            let line = &mut self.lines[index];
+            if line.sending >= concurrency_per_client {
+                continue;
+            }
+            if let Some(delivery) = line.queued.pop_front() {
+                line.sending += 1;
+                self.cursor = index + 1;
+                return Some(delivery);
+            }
+        }
+        None
+    }
+}
+
+impl Line {
     fn depth(&self) -> usize {
         self.queued.len() + self.retrying + self.sending
     }

@@ -208,6 +208,50 @@ async fn a_full_outbox_drops_and_counts() {
     gateway.stop().await.unwrap();
 }
 
+/// One client's endpoint hangs: it holds only its own share of the deliveries in flight, and
+/// the other client's events still go out at once.
+#[tokio::test]
+async fn a_hanging_endpoint_does_not_hold_up_other_clients() {
+    let hanging = WebhookReceiver::start().await;
+    hanging.delay(Duration::from_secs(3));
+    let healthy = WebhookReceiver::start().await;
+    let carrier = FakeCarrier::start().await;
+    let other_key = "pharmacies-api-key-0123456789";
+    let config = format!(
+        "sweep_interval_ms = 50\nshutdown_grace_secs = 1\n[limits]\nip_sends = []\n[webhooks]\nconcurrency = 2\ntimeout_ms = 5000\n\
+         [[clients]]\nname = \"portal\"\napi_key_sha256 = \"{}\"\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"\n\n\
+         [[clients]]\nname = \"pharmacies\"\napi_key_sha256 = \"{}\"\nwebhook_url = \"{}\"\nwebhook_secret = \"{SECRET}\"\n\n{}",
+        sha256_hex(KEY),
+        hanging.url(),
+        sha256_hex(other_key),
+        healthy.url(),
+        carrier.config("alpha", 1000, 8),
+    );
+    let portal = Gateway::start(&config).await.with_api_key(KEY);
+    for n in 0..4 {
+        assert_eq!(portal.start_verification(&phone(60 + n)).await.status, 202);
+    }
+    carrier.wait_for(4, Duration::from_secs(5)).await;
+    let started = std::time::Instant::now();
+    let body = json!({ "phone": phone(70) }).to_string().into_bytes();
+    let answer = portal
+        .request_with_bearer(
+            http::Method::POST,
+            "/v1/verifications",
+            body,
+            Some(other_key),
+        )
+        .await;
+    assert_eq!(answer.status, 202, "{}", answer.text);
+    healthy.wait_for_event("verification.submitted").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the healthy client's event waited {:?} behind the hanging endpoint",
+        started.elapsed()
+    );
+    portal.stop().await.unwrap();
+}
+
 /// Webhook settings are checked when the configuration loads, naming the key.
 #[test]
 fn webhook_config_errors_name_the_key() {
