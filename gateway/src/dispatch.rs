@@ -78,6 +78,9 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     let window = carrier.config.window.get() as usize;
     let pacer = Arc::new(AdaptivePace::new(carrier.config.pace_per_sec));
     carrier.metrics.set_pace(pacer.current());
+    carrier
+        .metrics
+        .set_configured_pace(f64::from(carrier.config.pace_per_sec.get()));
     let queue = verifier.queue().clone();
     // Every submit of this carrier runs inside this one task: no task per SMS, and no wake-up
     // crossing threads when a submit completes. The window is the set's size.

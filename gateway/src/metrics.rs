@@ -168,6 +168,8 @@ pub struct CarrierMetrics {
     receipts: [Counter; 3],
     receipts_unmatched: Counter,
     delivery: Histogram,
+    first_accepted: Histogram,
+    configured_pace: Gauge,
     circuit: Gauge,
     retries: [Counter; 2],
     passed_on: Counter,
@@ -256,6 +258,12 @@ impl Metrics {
             .and_then(|b| {
                 b.set_buckets_for_metric(
                     Matcher::Full("otpgate_webhook_delivery_seconds".into()),
+                    WAIT_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("otpgate_sms_first_accepted_seconds".into()),
                     WAIT_BUCKETS,
                 )
             })
@@ -371,6 +379,15 @@ impl Metrics {
             "otpgate_sms_delivery_seconds",
             Unit::Seconds,
             "Time from the start request to the delivered receipt, by carrier.",
+        );
+        r.describe_histogram(
+            "otpgate_sms_first_accepted_seconds",
+            Unit::Seconds,
+            "Time from the start request to a carrier's first acceptance of the verification's SMS (the time to SMS the gateway can see), by carrier.",
+        );
+        r.describe_gauge(
+            "otpgate_carrier_configured_pace_per_second",
+            "The pace each carrier is configured for, in segments per second; the adaptive pace runs at or below it.",
         );
         r.describe_gauge(
             "otpgate_carrier_circuit_state",
@@ -541,6 +558,12 @@ impl Metrics {
                     receipts_unmatched: r
                         .counter("otpgate_receipts_unmatched_total", vec![carrier()]),
                     delivery: r.histogram("otpgate_sms_delivery_seconds", vec![carrier()]),
+                    first_accepted: r
+                        .histogram("otpgate_sms_first_accepted_seconds", vec![carrier()]),
+                    configured_pace: r.gauge(
+                        "otpgate_carrier_configured_pace_per_second",
+                        vec![carrier()],
+                    ),
                     submits: to_array(submits),
                     duration: r
                         .histogram("otpgate_carrier_submit_duration_seconds", vec![carrier()]),
@@ -760,6 +783,10 @@ impl CarrierMetrics {
         self.pace.set(per_sec);
     }
 
+    pub fn set_configured_pace(&self, per_sec: f64) {
+        self.configured_pace.set(per_sec);
+    }
+
     /// A job put back after a throttle (`throttled`) or a temporary failure.
     pub fn retried(&self, throttled: bool) {
         self.retries[usize::from(!throttled)].increment(1);
@@ -796,6 +823,10 @@ impl CarrierMetrics {
 
     pub fn delivered_after(&self, seconds: f64) {
         self.delivery.record(seconds);
+    }
+
+    pub fn first_accepted_after(&self, seconds: f64) {
+        self.first_accepted.record(seconds);
     }
 }
 

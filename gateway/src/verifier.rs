@@ -695,6 +695,14 @@ impl Verifier {
                         shared
                             .metrics
                             .session_extended(extension_ms as f64 / 1000.0);
+                        // The first acceptance: the user's time to SMS, as far as the gateway
+                        // can tell.
+                        shared
+                            .metrics
+                            .carrier(carrier as usize)
+                            .first_accepted_after(
+                                now.saturating_sub(record.created_ms) as f64 / 1000.0,
+                            );
                     }
                     event = Some(EventKind::Submitted);
                 }

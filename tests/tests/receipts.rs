@@ -70,6 +70,10 @@ async fn delivered_receipt_matches_an_odd_spelling() {
     assert_eq!(gateway.metric(delivered).await, Some(1.0));
     let histogram = r#"otpgate_sms_delivery_seconds_count{carrier="alpha"}"#;
     assert_eq!(gateway.metric(histogram).await, Some(1.0));
+    let first = r#"otpgate_sms_first_accepted_seconds_count{carrier="alpha"}"#;
+    assert_eq!(gateway.metric(first).await, Some(1.0));
+    let pace = r#"otpgate_carrier_configured_pace_per_second{carrier="alpha"}"#;
+    assert_eq!(gateway.metric(pace).await, Some(1000.0));
     gateway.stop().await.unwrap();
 }
 
