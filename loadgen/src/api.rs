@@ -69,6 +69,27 @@ impl Api {
         self.request(http::Method::POST, path, api_key, body).await
     }
 
+    /// GETs `path` and returns its status and body as text (for `/metrics`).
+    pub async fn get_text(&self, path: &str) -> Option<(u16, String)> {
+        let request = http::Request::get(format!("{}{path}", self.inner.base))
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let exchange = async {
+            let response = self.inner.client.request(request).await.ok()?;
+            let status = response.status().as_u16();
+            let bytes = Limited::new(response.into_body(), 16 * 1024 * 1024)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes();
+            Some((status, String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        tokio::time::timeout(self.inner.timeout, exchange)
+            .await
+            .ok()
+            .flatten()
+    }
+
     pub async fn get(&self, path: &str, api_key: Option<&str>) -> Option<Answer> {
         self.request(http::Method::GET, path, api_key, Bytes::new())
             .await

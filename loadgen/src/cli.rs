@@ -58,6 +58,12 @@ pub struct RunArgs {
     #[arg(long, env = "LOADGEN_TARGET")]
     pub target: Option<String>,
 
+    /// With --target: the gateway's admin listener (e.g. http://127.0.0.1:9464), whose /metrics
+    /// are read at the end of the run for the report's `gateway` section (session extensions,
+    /// refused starts, dropped jobs).
+    #[arg(long, env = "LOADGEN_GATEWAY_ADMIN", requires = "target")]
+    pub gateway_admin: Option<String>,
+
     /// This process's share of the run, as INDEX/COUNT (0/2 and 1/2 for two processes): it
     /// plays every COUNT-th user of the schedule, starting at INDEX.
     #[arg(long, env = "LOADGEN_SHARD", default_value = "0/1", value_parser = parse_shard)]

@@ -20,6 +20,7 @@ pub mod bare;
 pub mod cli;
 pub mod connect;
 pub mod fill;
+pub mod gateway_metrics;
 pub mod handset;
 pub mod measure;
 pub mod phone;

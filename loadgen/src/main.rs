@@ -65,6 +65,7 @@ async fn rehearse(args: RunArgs) -> ExitCode {
         thresholds: args.thresholds.clone(),
         progress: args.progress,
         max_scheduler_lag: std::time::Duration::from_millis(args.max_lag_ms),
+        gateway_admin: args.gateway_admin.clone(),
     };
     if let Err(error) = loadgen::run::check_limits(&scenario, &options) {
         eprintln!("loadgen: {error}");

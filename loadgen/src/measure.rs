@@ -148,6 +148,9 @@ pub struct Second {
     pub in_flight: u64,
     /// The 99th percentile of the start requests answered during this second, in ms.
     pub start_p99_ms: Option<f64>,
+    /// The 99th percentile of the time to SMS of the SMS that reached handsets during this
+    /// second, in ms: where a lagging carrier shows.
+    pub time_to_sms_p99_ms: Option<f64>,
     /// The load generator's CPU use (share of one core) and resident memory.
     pub cpu: f64,
     pub rss_bytes: u64,
@@ -171,6 +174,8 @@ struct Inner {
     /// Start latencies answered since the last second closed: one histogram, reused, so a long
     /// run's memory does not grow with its seconds.
     current_start: Histogram<u64>,
+    /// Likewise for the time to SMS.
+    current_sms: Histogram<u64>,
 }
 
 /// Microseconds up to an hour, three significant digits.
@@ -189,6 +194,7 @@ impl Measurements {
                 timeline: Vec::new(),
                 in_flight: 0,
                 current_start: new_histogram(),
+                current_sms: new_histogram(),
             }),
         }
     }
@@ -209,8 +215,14 @@ impl Measurements {
         let micros = (value.as_micros() as u64).clamp(1, 3_600_000_000);
         let mut inner = self.lock();
         let _ = inner.histograms[series as usize].record(micros);
-        if series == Series::Start {
-            let _ = inner.current_start.record(micros);
+        match series {
+            Series::Start => {
+                let _ = inner.current_start.record(micros);
+            }
+            Series::TimeToSms => {
+                let _ = inner.current_sms.record(micros);
+            }
+            _ => {}
         }
     }
 
@@ -271,9 +283,13 @@ impl Measurements {
         let start_p99_ms = (!inner.current_start.is_empty())
             .then(|| inner.current_start.value_at_quantile(0.99) as f64 / 1000.0);
         inner.current_start.reset();
+        let sms_p99_ms = (!inner.current_sms.is_empty())
+            .then(|| inner.current_sms.value_at_quantile(0.99) as f64 / 1000.0);
+        inner.current_sms.reset();
         let second = inner.second(index);
         second.in_flight = in_flight;
         second.start_p99_ms = start_p99_ms;
+        second.time_to_sms_p99_ms = sms_p99_ms;
         second.cpu = cpu;
         second.rss_bytes = rss_bytes;
     }

@@ -1,6 +1,7 @@
-//! The picture of a run: an SVG with three charts over the run's seconds, drawn with plotters:
+//! The picture of a run: an SVG with four charts over the run's seconds, drawn with plotters:
 //! throughput (arrivals scheduled and achieved, SMS on handsets, users verified), users in
-//! flight, and the start request's 99th percentile latency per second.
+//! flight, the time to SMS (where a lagging carrier shows), and the start request's 99th
+//! percentile latency per second.
 
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use crate::report::Report;
 pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
     let timeline = &report.timeline;
     let seconds = timeline.len().max(1) as f64;
-    let root = SVGBackend::new(path, (1000, 900)).into_drawing_area();
+    let root = SVGBackend::new(path, (1000, 1150)).into_drawing_area();
     root.fill(&WHITE).map_err(|error| error.to_string())?;
     let title = format!(
         "{} — {} users, {}x compression, {}",
@@ -24,7 +25,7 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
     let root = root
         .titled(&title, ("sans-serif", 20))
         .map_err(|error| error.to_string())?;
-    let panels = root.split_evenly((3, 1));
+    let panels = root.split_evenly((4, 1));
 
     let per_second = |pick: fn(&crate::report::SecondReport) -> u64| -> Vec<(f64, f64)> {
         timeline
@@ -46,8 +47,19 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
         .filter_map(|second| Some((second.second as f64, second.start_p99_ms?)))
         .collect();
     let latency = [("p99 of POST /v1/verifications (ms)", latency, BLUE)];
+    let to_sms: Vec<(f64, f64)> = timeline
+        .iter()
+        .filter_map(|second| Some((second.second as f64, second.time_to_sms_p99_ms? / 1000.0)))
+        .collect();
+    let to_sms = [("p99 of the SMS reaching handsets (s)", to_sms, GREEN)];
     line_chart(
         &panels[2],
+        "time to SMS, 99th percentile per second (s)",
+        seconds,
+        &to_sms,
+    )?;
+    line_chart(
+        &panels[3],
         "start latency, 99th percentile per second (ms)",
         seconds,
         &latency,

@@ -43,6 +43,10 @@ pub struct Report {
     pub histograms: BTreeMap<String, String>,
     pub carriers: Vec<CarrierReport>,
     pub handsets: HandsetReport,
+    /// What the gateway's own metrics said at the end of the run: session extensions, refused
+    /// starts, dropped jobs. `null` when they were not read (`--target` without
+    /// `--gateway-admin`).
+    pub gateway: Option<crate::gateway_metrics::GatewayReport>,
     pub timeline: Vec<SecondReport>,
     pub self_watch: SelfWatch,
     pub thresholds: Vec<Verdict>,
@@ -120,6 +124,8 @@ pub struct SecondReport {
     pub verified: u64,
     pub in_flight: u64,
     pub start_p99_ms: Option<f64>,
+    /// 99th percentile of the time to SMS of the SMS that reached handsets in this second.
+    pub time_to_sms_p99_ms: Option<f64>,
     /// Share of one core the load generator's process used.
     pub cpu: f64,
     pub rss_bytes: u64,
@@ -180,6 +186,7 @@ impl Report {
                 verified: second.verified,
                 in_flight: second.in_flight,
                 start_p99_ms: second.start_p99_ms,
+                time_to_sms_p99_ms: second.time_to_sms_p99_ms,
                 cpu: second.cpu,
                 rss_bytes: second.rss_bytes,
             })
@@ -281,6 +288,20 @@ impl Report {
                 carrier.refused,
                 carrier.dropped,
                 carrier.receipts_sent
+            );
+        }
+        if let Some(gateway) = &self.gateway {
+            let _ = writeln!(
+                out,
+                "\ngateway: {} sessions stretched while their SMS waited (mean {:.1} s, p50 <= {} s, p99 <= {} s); starts refused {:?}; jobs dropped {:?}; verifications ended {:?}; {} throttled submits",
+                gateway.session_extensions,
+                gateway.session_extension_mean_secs,
+                gateway.session_extension_p50_secs,
+                gateway.session_extension_p99_secs,
+                gateway.queue_rejected,
+                gateway.queue_dropped,
+                gateway.verifications_ended,
+                gateway.throttled_submits,
             );
         }
         let watch = &self.self_watch;
@@ -392,6 +413,14 @@ pub enum MergeError {
     MissingShards { missing: Vec<u64>, count: u64 },
 }
 
+/// The larger of two per-second percentiles: they cannot be merged from summaries.
+fn worst(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Combines shard reports of one run: counters and timelines add up, histograms are merged.
 /// Thresholds and the result are left for the caller to evaluate again.
 pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
@@ -403,6 +432,7 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
     merged.carriers.clear();
     merged.timeline.clear();
     merged.handsets = HandsetReport::default();
+    merged.gateway = None;
     merged.thresholds.clear();
     merged.scenario.scheduled_arrivals = 0;
     merged.elapsed_secs = 0.0;
@@ -506,12 +536,20 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
             total.verified += second.verified;
             total.in_flight += second.in_flight;
             // Per-second percentiles cannot be merged from summaries: keep the worst shard's.
-            total.start_p99_ms = match (total.start_p99_ms, second.start_p99_ms) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
+            total.start_p99_ms = worst(total.start_p99_ms, second.start_p99_ms);
+            total.time_to_sms_p99_ms = worst(total.time_to_sms_p99_ms, second.time_to_sms_p99_ms);
             total.cpu += second.cpu;
             total.rss_bytes += second.rss_bytes;
+        }
+        // Shards of one run read the same gateway: keep the latest reading, never a sum.
+        if let Some(gateway) = &report.gateway {
+            let later = merged
+                .gateway
+                .as_ref()
+                .is_none_or(|kept| gateway.session_extensions >= kept.session_extensions);
+            if later {
+                merged.gateway = Some(gateway.clone());
+            }
         }
         let watch = &report.self_watch;
         merged.self_watch.valid &= watch.valid;

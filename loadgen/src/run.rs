@@ -45,6 +45,9 @@ pub struct RunOptions {
     pub progress: Progress,
     /// Scheduler lag (p99) beyond which the run is marked invalid.
     pub max_scheduler_lag: Duration,
+    /// The external gateway's admin listener (`http://host:port`), whose `/metrics` are read at
+    /// the end of the run; the in-process gateway's is known.
+    pub gateway_admin: Option<String>,
 }
 
 /// The outcome of a run, for the exit code.
@@ -171,20 +174,21 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
         .await
         .context("cannot start the simulated carriers")?;
 
-    let (base_url, api_keys, gateway) = match &options.target {
+    let (base_url, api_keys, gateway, admin_url) = match &options.target {
         Some(url) => {
             let keys = scenario
                 .clients
                 .iter()
                 .map(|client| client.api_key.clone())
                 .collect();
-            (url.clone(), keys, None)
+            (url.clone(), keys, None, options.gateway_admin.clone())
         }
         None => {
-            let (url, keys, handle) = start_gateway(&scenario, &carriers, &options, stop.clone())
-                .await
-                .context("cannot start the in-process gateway")?;
-            (url, keys, Some(handle))
+            let (url, admin, keys, handle) =
+                start_gateway(&scenario, &carriers, &options, stop.clone())
+                    .await
+                    .context("cannot start the in-process gateway")?;
+            (url, keys, Some(handle), Some(admin))
         }
     };
     let api = Api::new(
@@ -236,6 +240,20 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
         journeys.abort_all();
     }
     let elapsed = started.elapsed();
+    // What the gateway says about the run, read before it stops.
+    let gateway_report = match &admin_url {
+        Some(admin) => {
+            let admin_api = Api::new(admin, Connector::default(), 1, Duration::from_secs(10));
+            match admin_api.get_text("/metrics").await {
+                Some((200, text)) => crate::gateway_metrics::from_exposition(&text),
+                _ => {
+                    eprintln!("loadgen: could not read {admin}/metrics");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     stop.cancel();
     let _ = ticker.await;
     if let Some(gateway) = gateway {
@@ -257,6 +275,7 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
         arrivals.len() as u64,
         elapsed,
     );
+    report.gateway = gateway_report;
     let verdict = judge(&mut report, &options.thresholds);
     Ok((report, verdict))
 }
@@ -292,8 +311,8 @@ fn pick_client(shares: &[f64], seed: u64, user: u64) -> usize {
     shares.len().saturating_sub(1)
 }
 
-/// Starts a gateway in this process, configured from the scenario; returns its URL, the API
-/// key of each client, and the task running it (which ends once `stop` fires).
+/// Starts a gateway in this process, configured from the scenario; returns its URL, its admin
+/// URL, the API key of each client, and the task running it (which ends once `stop` fires).
 async fn start_gateway(
     scenario: &Scenario,
     carriers: &[SimCarrier],
@@ -301,12 +320,14 @@ async fn start_gateway(
     stop: CancellationToken,
 ) -> anyhow::Result<(
     String,
+    String,
     Vec<Option<String>>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 )> {
     let api = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let admin = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let api_addr = api.local_addr()?;
+    let admin_addr = admin.local_addr()?;
     let keys: Vec<String> = scenario
         .clients
         .iter()
@@ -335,6 +356,7 @@ async fn start_gateway(
     ));
     Ok((
         format!("http://{api_addr}"),
+        format!("http://{admin_addr}"),
         keys.into_iter().map(Some).collect(),
         handle,
     ))
@@ -481,6 +503,7 @@ fn build_report(
                 }
             })
             .collect(),
+        gateway: None,
         handsets: HandsetReport {
             received: counts.received.load(Ordering::Relaxed),
             lost_on_purpose: counts.lost_on_purpose.load(Ordering::Relaxed),

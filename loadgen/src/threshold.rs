@@ -317,6 +317,7 @@ mod tests {
             histograms: Default::default(),
             carriers: Vec::new(),
             handsets: Default::default(),
+            gateway: None,
             timeline: Vec::new(),
             self_watch: Default::default(),
             thresholds: Vec::new(),
