@@ -293,7 +293,7 @@ impl Report {
         if let Some(gateway) = &self.gateway {
             let _ = writeln!(
                 out,
-                "\ngateway: {} sessions stretched while their SMS waited (mean {:.1} s, p50 <= {} s, p99 <= {} s); starts refused {:?}; jobs dropped {:?}; verifications ended {:?}; {} throttled submits",
+                "\ngateway: {} first SMS accepted, each session extended by the time its SMS waited (mean {:.1} s, p50 <= {} s, p99 <= {} s); starts refused {:?}; jobs dropped {:?}; verifications ended {:?}; {} throttled submits",
                 gateway.session_extensions,
                 gateway.session_extension_mean_secs,
                 gateway.session_extension_p50_secs,
