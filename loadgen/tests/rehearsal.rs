@@ -742,3 +742,117 @@ async fn check(State(fake): State<FakeGateway>, UrlPath(_id): UrlPath<String>) -
     fake.stall().await;
     Json(json!({ "valid": false, "status": "pending", "attempts_left": 4 }))
 }
+
+/// Two shards drive one external gateway: each shard's users own whole number prefixes, the
+/// gateway routes them to that shard's carriers, and every SMS reaches its user's handset.
+#[test]
+fn shards_against_one_gateway_get_their_own_users_sms() {
+    let dir = work_dir("shards-target");
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let ports = [free_port(), free_port()];
+    let base = std::fs::read_to_string(scenario_path("tiny.toml")).unwrap();
+    let token = "receipt-token-of-the-shard-carriers";
+    let mut files = Vec::new();
+    for (shard, port) in ports.iter().enumerate() {
+        let text = base.replace(
+            "name = \"alpha\"\n",
+            &format!(
+                "name = \"alpha\"\nlisten = \"127.0.0.1:{port}\"\nreceipt_token = \"{token}\"\n"
+            ),
+        );
+        let file = dir.join(format!("shard{shard}.toml"));
+        std::fs::write(&file, text).unwrap();
+        files.push(file);
+    }
+    let scenario = Scenario::load(&files[0]).unwrap();
+
+    // The external gateway, with a carrier per shard routed by the shards' prefixes.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (api, admin) = runtime.block_on(async {
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (api, admin)
+    });
+    let (api_addr, admin_addr) = (api.local_addr().unwrap(), admin.local_addr().unwrap());
+    let mut config = format!("public_url = \"http://{api_addr}\"\n");
+    for (shard, port) in ports.iter().enumerate() {
+        let prefixes: Vec<String> = scenario
+            .shard_prefixes(shard as u64, 2)
+            .iter()
+            .map(|prefix| format!("\"{prefix}\""))
+            .collect();
+        config.push_str(&format!(
+            "[[carriers]]\nname = \"shard{shard}\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/sms\"\n\
+             pace_per_sec = 1000\nwindow = 20\nreceipt_token = \"{token}\"\nprefixes = [{}]\n",
+            prefixes.join(", ")
+        ));
+    }
+    let config = gateway::config::Config::from_toml(&config).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let gateway = runtime.spawn(gateway::run(
+        gateway::Listeners { api, admin },
+        config,
+        gateway::clock::Clock::system(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let run_shard = |shard: usize| {
+        let report = format!("shard{shard}.json");
+        let outcome = loadgen(
+            &dir,
+            [
+                OsStr::new("run"),
+                files[shard].as_os_str(),
+                OsStr::new("--progress=off"),
+                OsStr::new("--max-lag-ms"),
+                OsStr::new(MAX_LAG_MS),
+                OsStr::new("--target"),
+                OsStr::new(&format!("http://{api_addr}")),
+                OsStr::new("--gateway-admin"),
+                OsStr::new(&format!("http://{admin_addr}")),
+                OsStr::new("--shard"),
+                OsStr::new(&format!("{shard}/2")),
+                OsStr::new("--report"),
+                OsStr::new(&report),
+            ],
+        );
+        assert_eq!(outcome.code, Some(0), "shard {shard}: {outcome}");
+        assert!(
+            outcome
+                .stderr
+                .contains("the gateway must route numbers starting with"),
+            "{outcome}"
+        );
+        read_report(&dir.join(report)).0
+    };
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| run_shard(0));
+        let b = scope.spawn(|| run_shard(1));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for report in [&a, &b] {
+        let arrived = report.count(Count::Arrived);
+        assert!(arrived > 0);
+        // Every user got its SMS: none went to the other shard's handsets.
+        assert_eq!(
+            report.count(Count::SmsReceived),
+            arrived,
+            "{}",
+            report.summary()
+        );
+        assert_eq!(report.handsets.to_strangers, 0, "{}", report.summary());
+        assert_eq!(report.count(Count::GaveUp), 0, "{}", report.summary());
+        assert_eq!(report.count(Count::LostSms), 0);
+        assert!(report.gateway.is_some(), "--gateway-admin was read");
+    }
+    let _ = stop.send(());
+    runtime.block_on(gateway).unwrap().unwrap();
+}
