@@ -94,56 +94,56 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     )));
     loop {
         tokio::select! {
-                   biased;
-                   Some(()) = in_flight.next(), if !in_flight.is_empty() => {
-                       carrier.metrics.set_in_flight(in_flight.len());
-                   }
-                   job = async { next.as_mut().expect("guarded by is_some").await }, if next.is_some() && in_flight.len() < window => {
-                       let (permit, job) = job;
-                       let (Some(permit), Some(job)) = (permit, job) else {
-                           // The queue is closed and holds nothing for this carrier: let the submits in
-                           // flight finish (a retry may put a job back), then look again.
-                           while in_flight.next().await.is_some() {}
-                           carrier.metrics.set_in_flight(0);
-                           if queue.is_done_for(carrier.id) {
-                               return;
-                           }
-                           next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
-                           continue;
-                       };
-                       // A resend, or a retry after this carrier failed, goes by another carrier when
-                       // there is one: pass it on, and keep the permit and pace cell for the next job.
-                       let others_eligible = job.carriers & !(1 << carrier.id) != 0;
-                       if others_eligible && job.avoid_carrier == Some(carrier.id) && job.passes < MAX_PASSES {
-                           let mut job = job;
-                           job.passes += 1;
-                           carrier.metrics.passed_on();
-                           let requeuer = verifier.clone();
-                           queue.defer(job, PASS_PAUSE, move |job| {
-                               requeuer.requeue(job);
-                           });
-                           queue.settle();
-                           next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
-                           continue;
-                       }
-                       match verifier.prepare(&job, carrier.id) {
-        Prepared::Send(sms) => {
-                               if job.avoid_carrier.is_some_and(|avoided| avoided != carrier.id) {
-                                   carrier.metrics.took_over();
-                               }
-                               next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
-                               in_flight.push(submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job, sms));
-                               carrier.metrics.set_in_flight(in_flight.len());
-                           }
-                           // The pace cell and breaker permit this job took were not used: the next
-                           // job has them.
-                           Prepared::Dropped => {
-                               queue.settle();
-                               next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
-                           }
-                       }
-                   }
-               }
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {
+                carrier.metrics.set_in_flight(in_flight.len());
+            }
+            job = async { next.as_mut().expect("guarded by is_some").await }, if next.is_some() && in_flight.len() < window => {
+                let (permit, job) = job;
+                let (Some(permit), Some(job)) = (permit, job) else {
+                    // The queue is closed and holds nothing for this carrier: let the submits in
+                    // flight finish (a retry may put a job back), then look again.
+                    while in_flight.next().await.is_some() {}
+                    carrier.metrics.set_in_flight(0);
+                    if queue.is_done_for(carrier.id) {
+                        return;
+                    }
+                    next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
+                    continue;
+                };
+                // A resend, or a retry after this carrier failed, goes by another carrier when
+                // there is one: pass it on, and keep the permit and pace cell for the next job.
+                let others_eligible = job.carriers & !(1 << carrier.id) != 0;
+                if others_eligible && job.avoid_carrier == Some(carrier.id) && job.passes < MAX_PASSES {
+                    let mut job = job;
+                    job.passes += 1;
+                    carrier.metrics.passed_on();
+                    let requeuer = verifier.clone();
+                    queue.defer(job, PASS_PAUSE, move |job| {
+                        requeuer.requeue(job);
+                    });
+                    queue.settle();
+                    next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
+                    continue;
+                }
+                match verifier.prepare(&job, carrier.id) {
+                    Prepared::Send(sms) => {
+                        if job.avoid_carrier.is_some_and(|avoided| avoided != carrier.id) {
+                            carrier.metrics.took_over();
+                        }
+                        next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
+                        in_flight.push(submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job, sms));
+                        carrier.metrics.set_in_flight(in_flight.len());
+                    }
+                    // The pace cell and breaker permit this job took were not used: the next
+                    // job has them.
+                    Prepared::Dropped => {
+                        queue.settle();
+                        next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
+                    }
+                }
+            }
+        }
     }
 }
 
