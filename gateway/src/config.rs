@@ -906,7 +906,9 @@ impl RawClient {
                     self.webhook_delayed_after_secs,
                     30,
                     1,
-                    86_400,
+                    // Every queued SMS is watched this long: an hour bounds the watch list
+                    // (an SMS queued longer has outlived any code anyway).
+                    3_600,
                 )?;
                 Some(WebhookTarget {
                     url: parsed,

@@ -283,6 +283,10 @@ fn webhook_config_errors_name_the_key() {
             "webhook_delayed_after_secs = 5",
             "clients[0].webhook_delayed_after_secs",
         ),
+        (
+            "webhook_url = \"http://x/h\"\nwebhook_secret = \"0123456789abcdef\"\nwebhook_delayed_after_secs = 86400",
+            "clients[0].webhook_delayed_after_secs",
+        ),
     ] {
         let error = gateway::config::Config::from_toml(&client(extra)).unwrap_err();
         assert!(error.to_string().contains(key), "{extra}: {error}");
