@@ -12,6 +12,9 @@ use loadgen::server;
 use loadgen::shutdown::Signals;
 use loadgen::sink::{Sink, SinkConfig};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
