@@ -81,23 +81,7 @@ free_port
 ADMIN_ADDR="127.0.0.1:$FREE_PORT"
 CONFIG="$WORK_DIR/otpgate.toml"
 {
-    cat <<TOML
-listen = "$GATEWAY_ADDR"
-admin_listen = "$ADMIN_ADDR"
-max_connections = 10000
-
-[verification]
-code_ttl_secs = 600
-
-[limits]
-phone_sends = [{ max = 1, per_secs = 30 }]
-ip_sends = []
-failed_checks_per_phone = { max = 100, per_secs = 86400 }
-countries = []
-
-[queue]
-capacity = 2000000
-TOML
+    gateway_config_base "$GATEWAY_ADDR" "$ADMIN_ADDR"
     carrier_section alpha "$ALPHA_ADDR"
     carrier_section beta "$BETA_ADDR"
 } >"$CONFIG"

@@ -107,14 +107,13 @@ stop_pid() {
     wait "$1" 2>/dev/null || true
 }
 
-# Writes a gateway configuration for benchmarks: no auth on loopback, no per-IP limit,
-# a queue large enough for any run, and one HTTP carrier (the sink) paced far above what the
-# machine can send.
-# Usage: write_gateway_config FILE LISTEN ADMIN_LISTEN SINK_ADDR [HTTP_VERSION]
-write_gateway_config() {
-    cat >"$1" <<TOML
-listen = "$2"
-admin_listen = "$3"
+# Prints the part of a benchmark gateway configuration every script shares: no auth on
+# loopback, no per-IP limit, and a queue large enough for any run. Carriers come after it.
+# Usage: gateway_config_base LISTEN ADMIN_LISTEN
+gateway_config_base() {
+    cat <<TOML
+listen = "$1"
+admin_listen = "$2"
 max_connections = 10000
 
 [verification]
@@ -128,6 +127,16 @@ countries = []
 
 [queue]
 capacity = 2000000
+TOML
+}
+
+# Writes a gateway configuration for benchmarks: the shared base and one HTTP carrier (the sink)
+# paced far above what the machine can send.
+# Usage: write_gateway_config FILE LISTEN ADMIN_LISTEN SINK_ADDR [HTTP_VERSION]
+write_gateway_config() {
+    {
+        gateway_config_base "$2" "$3"
+        cat <<TOML
 
 [[carriers]]
 name = "sink"
@@ -138,6 +147,7 @@ window = ${WINDOW:-256}
 timeout_ms = 5000
 http_version = "${5:-1.1}"
 TOML
+    } >"$1"
 }
 
 # Starts the gateway with a fresh configuration pointing at the sink at SINK_ADDR,
@@ -150,21 +160,7 @@ start_gateway() {
     ADMIN_ADDR="127.0.0.1:$FREE_PORT"
     local config="$WORK_DIR/otpgate.toml"
     write_gateway_config "$config" "$GATEWAY_ADDR" "$ADMIN_ADDR" "$1" "${2:-1.1}"
-    "$BIN/otpgate" --config "$config" >"$WORK_DIR/gateway.out" 2>"$WORK_DIR/gateway.err" &
-    GATEWAY_PID=$!
-    STARTED_PIDS+=("$GATEWAY_PID")
-    for _ in $(seq 1 300); do
-        if [[ $(curl -s -o /dev/null -w '%{http_code}' "http://$ADMIN_ADDR/readyz") == 200 ]]; then
-            return
-        fi
-        if ! kill -0 "$GATEWAY_PID" 2>/dev/null; then
-            tail -n 20 "$WORK_DIR/gateway.err" >&2
-            die "the gateway exited during start-up"
-        fi
-        sleep 0.1
-    done
-    tail -n 20 "$WORK_DIR/gateway.err" >&2
-    die "the gateway was not ready after 30 s"
+    run_gateway "$config"
 }
 
 # Starts the gateway with a configuration file the script wrote itself (for one that
