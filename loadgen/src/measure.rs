@@ -133,28 +133,8 @@ impl Count {
     }
 }
 
-/// One second of the run.
-#[derive(Debug, Clone, Default)]
-pub struct Second {
-    /// Arrivals the schedule had for this second, and those that started in it.
-    pub scheduled: u64,
-    pub arrived: u64,
-    /// API requests answered, and answered with an error status or none.
-    pub requests: u64,
-    pub errors: u64,
-    pub sms: u64,
-    pub verified: u64,
-    /// Users in their journey at the end of the second.
-    pub in_flight: u64,
-    /// The 99th percentile of the start requests answered during this second, in ms.
-    pub start_p99_ms: Option<f64>,
-    /// The 99th percentile of the time to SMS of the SMS that reached handsets during this
-    /// second, in ms: where a lagging carrier shows.
-    pub time_to_sms_p99_ms: Option<f64>,
-    /// The load generator's CPU use (share of one core) and resident memory.
-    pub cpu: f64,
-    pub rss_bytes: u64,
-}
+/// One second of the run: what the report's timeline holds, filled in as the run goes.
+pub type Second = crate::report::SecondReport;
 
 /// The run's measurements. Shared by every user task.
 #[derive(Debug)]
@@ -347,8 +327,12 @@ impl Inner {
     fn second(&mut self, index: usize) -> &mut Second {
         // A bounded timeline: a run longer than a week folds its tail into the last second.
         let index = index.min(7 * 86_400);
-        if self.timeline.len() <= index {
-            self.timeline.resize_with(index + 1, Second::default);
+        while self.timeline.len() <= index {
+            let second = self.timeline.len() as u64;
+            self.timeline.push(Second {
+                second,
+                ..Second::default()
+            });
         }
         &mut self.timeline[index]
     }

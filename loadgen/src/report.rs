@@ -172,25 +172,7 @@ impl Report {
             self.histograms
                 .insert(series.name().to_owned(), encode(histogram));
         }
-        self.timeline = snapshot
-            .timeline
-            .iter()
-            .enumerate()
-            .map(|(index, second)| SecondReport {
-                second: index as u64,
-                scheduled: second.scheduled,
-                arrived: second.arrived,
-                requests: second.requests,
-                errors: second.errors,
-                sms: second.sms,
-                verified: second.verified,
-                in_flight: second.in_flight,
-                start_p99_ms: second.start_p99_ms,
-                time_to_sms_p99_ms: second.time_to_sms_p99_ms,
-                cpu: second.cpu,
-                rss_bytes: second.rss_bytes,
-            })
-            .collect();
+        self.timeline = snapshot.timeline.clone();
     }
 
     pub fn count(&self, count: Count) -> u64 {
