@@ -112,8 +112,17 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
                 }
             }
             Err(_) => {
-                note_missing_sms(world, user, &id, key).await;
-                return if expired_at(world, &id, key).await.is_some() {
+                // One look at the verification tells a lost SMS and an expired session apart.
+                let view = world
+                    .api
+                    .get(&format!("/v1/verifications/{id}"), key)
+                    .await
+                    .map(|answer| answer.body);
+                let Some(view) = view else {
+                    return Outcome::GaveUp;
+                };
+                note_missing_sms(world, user, &view);
+                return if view["status"] == "expired" {
                     Outcome::ExpiredSession
                 } else {
                     Outcome::GaveUp
@@ -223,17 +232,14 @@ async fn expired_at(world: &World, id: &str, key: Option<&str>) -> Option<Option
     })
 }
 
-/// A user who never got an SMS: if the gateway says it was sent but no carrier ever received
-/// it, the SMS was lost.
-async fn note_missing_sms(world: &World, user: u64, id: &str, key: Option<&str>) {
+/// A user who never got an SMS: if the gateway's `view` of the verification says it was sent
+/// but no carrier ever received it, the SMS was lost.
+fn note_missing_sms(world: &World, user: u64, view: &serde_json::Value) {
     if world.network.accepted_for(user) > 0 {
         return;
     }
-    let answer = world.api.get(&format!("/v1/verifications/{id}"), key).await;
-    let state = answer
-        .as_ref()
-        .map(|answer| &answer.body["delivery"]["state"]);
-    if state.is_some_and(|state| state == "submitted" || state == "delivered") {
+    let state = &view["delivery"]["state"];
+    if state == "submitted" || state == "delivered" {
         world.measurements.count(Count::LostSms);
     }
 }
