@@ -55,6 +55,12 @@ impl Clock {
             .fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
     }
 
+    /// Time added by [`Clock::advance`], in ms: zero in production. Limits kept on another
+    /// clock (Redis's) add it, so tests that move time move them too.
+    pub fn advanced_ms(&self) -> i64 {
+        (self.shared.offset_ns.load(Ordering::SeqCst) / 1_000_000) as i64
+    }
+
     /// Time since this clock was created, including any advance.
     pub fn elapsed(&self) -> Duration {
         self.shared.origin.elapsed()

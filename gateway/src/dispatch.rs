@@ -126,7 +126,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
                     continue;
                 }
-                match verifier.prepare(&job, carrier.id) {
+                match verifier.prepare(&job, carrier.id).await {
                     Prepared::Send(sms) => {
                         if job.avoid_carrier.is_some_and(|avoided| avoided != carrier.id) {
                             carrier.metrics.took_over();
@@ -259,12 +259,12 @@ async fn submit(
         Err(_) => {}
     }
     carrier.metrics.set_pace(pacer.current());
-    handle_result(&verifier, &carrier, job, result, seconds);
+    handle_result(&verifier, &carrier, job, result, seconds).await;
     // Only now, with the job recorded, deferred or put back, may the queue count as drained.
     verifier.queue().settle();
 }
 
-fn handle_result(
+async fn handle_result(
     verifier: &Verifier,
     carrier: &Carrier,
     mut job: Job,
@@ -274,13 +274,15 @@ fn handle_result(
     match result {
         Ok(accepted) => {
             carrier.metrics.submitted(SubmitOutcome::Accepted, seconds);
-            verifier.complete(
-                &job,
-                carrier.id,
-                Completion::Accepted {
-                    carrier_message_id: accepted.carrier_message_id,
-                },
-            );
+            verifier
+                .complete(
+                    &job,
+                    carrier.id,
+                    Completion::Accepted {
+                        carrier_message_id: accepted.carrier_message_id,
+                    },
+                )
+                .await;
         }
         Err(SubmitError::Throttled { retry_after }) => {
             carrier.metrics.submitted(SubmitOutcome::Throttled, seconds);
@@ -289,7 +291,7 @@ fn handle_result(
                 after.min(MAX_THROTTLE_PAUSE)
             });
             job.attempts = job.attempts.saturating_add(1);
-            verifier.complete(&job, carrier.id, Completion::Retry);
+            verifier.complete(&job, carrier.id, Completion::Retry).await;
             carrier.metrics.retried(true);
             retry_after_pause(verifier, job, pause);
         }
@@ -302,13 +304,15 @@ fn handle_result(
             job.avoid_carrier = Some(carrier.id);
             job.passes = 0;
             carrier.metrics.retried(false);
-            verifier.complete(&job, carrier.id, Completion::Retry);
+            verifier.complete(&job, carrier.id, Completion::Retry).await;
             retry_after_pause(verifier, job, pause);
         }
         Err(SubmitError::Permanent { reason }) => {
             carrier.metrics.submitted(SubmitOutcome::Permanent, seconds);
             tracing::warn!(carrier = %carrier.config.name, verification = %job.id, %reason, "carrier refused an SMS permanently");
-            verifier.complete(&job, carrier.id, Completion::Permanent);
+            verifier
+                .complete(&job, carrier.id, Completion::Permanent)
+                .await;
         }
     }
 }

@@ -51,6 +51,8 @@ pub enum ApiError {
     },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    #[error("the store is unreachable; try again shortly")]
+    StoreUnavailable,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -89,7 +91,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Overloaded { .. } | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded { .. } | ApiError::ShuttingDown | ApiError::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -111,6 +115,7 @@ impl ApiError {
             ApiError::RateLimited { code, .. } => code,
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::StoreUnavailable => "store_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -133,7 +138,7 @@ impl IntoResponse for ApiError {
         let retry_after = match &self {
             ApiError::RateLimited { retry_after, .. }
             | ApiError::Overloaded { retry_after, .. } => Some(*retry_after),
-            ApiError::ShuttingDown => Some(Duration::from_secs(1)),
+            ApiError::ShuttingDown | ApiError::StoreUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         };
         if let Some(retry_after) = retry_after {

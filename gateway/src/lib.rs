@@ -26,6 +26,7 @@ pub mod phone;
 pub mod queue;
 pub mod ratelimit;
 pub mod receipt;
+pub mod redis_store;
 pub mod routes;
 pub mod routing;
 pub mod server;
@@ -125,12 +126,22 @@ pub async fn run(
         metrics.clone(),
     )
     .map_err(|error| anyhow::anyhow!("webhooks: cannot build their client: {error}"))?;
+    let lanes = Verifier::lanes(&config);
+    let redis = match &config.store {
+        config::StoreKind::Embedded => None,
+        config::StoreKind::Redis(redis_config) => Some(
+            redis_store::RedisStore::connect(redis_config, &lanes)
+                .await
+                .map_err(|error| anyhow::anyhow!("redis: {error}"))?,
+        ),
+    };
     let verifier = Verifier::new(
         &config,
         clock,
         metrics.clone(),
         queue.clone(),
         webhooks.clone(),
+        redis.clone(),
     );
 
     let mut carriers = Vec::with_capacity(config.carriers.len());
@@ -155,6 +166,28 @@ pub async fn run(
     let mut dispatchers = dispatch::spawn(verifier.clone(), carriers);
 
     let background = CancellationToken::new();
+    let feeding = CancellationToken::new();
+    let feeder = match (&redis, &config.store) {
+        (Some(redis), config::StoreKind::Redis(redis_config)) => {
+            // Enough jobs on hand for a quarter of a second at every carrier's pace, plus their
+            // windows: the rest stays in Redis for the other instances.
+            let prefetch = config
+                .carriers
+                .iter()
+                .map(|c| c.window.get() as usize + c.pace_per_sec.get() as usize / 4)
+                .sum::<usize>()
+                .clamp(64, 20_000);
+            Some(tokio::spawn(redis_store::feed(
+                redis.clone(),
+                queue.clone(),
+                lanes.clone(),
+                prefetch,
+                redis_config.claim_after,
+                feeding.clone(),
+            )))
+        }
+        _ => None,
+    };
     let webhooks_stop = CancellationToken::new();
     let webhook_sender = tokio::spawn(webhooks.clone().run(webhooks_stop.clone()));
     let sweeper = tokio::spawn(sweep(
@@ -203,6 +236,11 @@ pub async fn run(
         Err(error) => tracing::error!(%error, "api listener task failed"),
     }
 
+    // No more jobs from Redis: what is still there is for the other instances.
+    feeding.cancel();
+    if let Some(feeder) = feeder {
+        let _ = feeder.await;
+    }
     let queued = queue.len();
     queue.close();
     tracing::info!(queued, "handing queued SMS to carriers");
@@ -246,9 +284,7 @@ async fn sweep(verifier: Verifier, interval: std::time::Duration, cancel: Cancel
     loop {
         tokio::select! {
             _ = ticks.tick() => {
-                let verifier = verifier.clone();
-                // A sweep walks every shard; keep it off the request-serving workers' hot path.
-                let _ = tokio::task::spawn_blocking(move || verifier.sweep()).await;
+                verifier.sweep().await;
             }
             _ = cancel.cancelled() => return,
         }

@@ -42,6 +42,18 @@ pub struct StoredCode {
     sealed: u32,
 }
 
+impl StoredCode {
+    /// The tag and the sealed copy, for a store that writes records out.
+    pub fn to_parts(&self) -> ([u8; 32], u32) {
+        (self.tag, self.sealed)
+    }
+
+    /// A stored code back from [`StoredCode::to_parts`].
+    pub fn from_parts(tag: [u8; 32], sealed: u32) -> StoredCode {
+        StoredCode { tag, sealed }
+    }
+}
+
 // === impl CodeKeys ===
 
 impl CodeKeys {

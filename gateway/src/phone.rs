@@ -103,6 +103,19 @@ impl Phone {
         self.digits
     }
 
+    /// What a store keeps of a number: its digits and the length of its country code.
+    pub fn to_parts(&self) -> (u64, u8) {
+        (self.digits, self.country_code_len)
+    }
+
+    /// A number back from [`Phone::to_parts`], as stored by the gateway itself.
+    pub fn from_parts(digits: u64, country_code_len: u8) -> Phone {
+        Phone {
+            digits,
+            country_code_len: country_code_len.clamp(1, 3),
+        }
+    }
+
     /// The number with its middle hidden: the country code, then up to three leading and three
     /// trailing digits of the national number, never more than a third of it each, so at least
     /// a third is always hidden (`+39333****567`).

@@ -50,6 +50,8 @@ pub struct Job {
     /// How often the avoided carrier has passed the job on; past a few passes it sends it
     /// itself, so a job never waits for a carrier that is not coming.
     pub passes: u8,
+    /// Its entry in the redis back-end's stream, acknowledged when the job ends.
+    pub entry: Option<crate::redis_store::StreamEntry>,
 }
 
 impl Job {
@@ -244,6 +246,11 @@ impl Queue {
 
     pub fn len(&self) -> usize {
         self.lock().len
+    }
+
+    /// Whether the queue was closed (shutdown began).
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Whether the queue was closed and has nothing left.
@@ -526,6 +533,7 @@ mod tests {
             carriers: 1,
             avoid_carrier: None,
             passes: 0,
+            entry: None,
         }
     }
 

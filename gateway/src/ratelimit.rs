@@ -105,6 +105,21 @@ impl Limiters {
         }
     }
 
+    /// The phone's rules, in the order they are checked.
+    pub fn phone_rules(&self) -> Vec<Rule> {
+        self.phone.iter().map(|(rule, _)| *rule).collect()
+    }
+
+    /// The IP's rules, in the order they are checked.
+    pub fn ip_rules(&self) -> Vec<Rule> {
+        self.ip.iter().map(|(rule, _)| *rule).collect()
+    }
+
+    /// A client's rate.
+    pub fn client_rule(&self, client: ClientId) -> Option<Rule> {
+        self.clients.get(client as usize).map(|(rule, _)| *rule)
+    }
+
     /// Counts one request of `client` against its rate.
     pub fn check_client(&self, client: ClientId) -> Result<(), Rejection> {
         let Some((rule, limiter)) = self.clients.get(client as usize) else {

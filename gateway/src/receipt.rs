@@ -26,6 +26,16 @@ pub enum Reading {
     Text(Box<str>),
 }
 
+impl std::fmt::Display for Reading {
+    /// A reading as a store key: `n` and the number in decimal, or `t` and the text.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reading::Number(number) => write!(f, "n{number}"),
+            Reading::Text(text) => write!(f, "t{text}"),
+        }
+    }
+}
+
 /// Which carrier message ids belong to which verification.
 #[derive(Debug)]
 pub struct ReceiptIndex {

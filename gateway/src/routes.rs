@@ -186,18 +186,21 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
         (key, hasher.finish())
     });
 
-    let (started, view) = state.verifier.start(
-        client,
-        NewVerification {
-            phone,
-            region,
-            ip,
-            locale,
-            web_origin_host,
-            app_hash: body.app_hash,
-            idempotency,
-        },
-    )?;
+    let (started, view) = state
+        .verifier
+        .start(
+            client,
+            NewVerification {
+                phone,
+                region,
+                ip,
+                locale,
+                web_origin_host,
+                app_hash: body.app_hash,
+                idempotency,
+            },
+        )
+        .await?;
     let location = format!("/v1/verifications/{}", view.id);
     let mut response = (StatusCode::ACCEPTED, axum::Json(view)).into_response();
     if let Ok(location) = HeaderValue::from_str(&location) {
@@ -228,7 +231,7 @@ async fn read(
         .get(header::IF_NONE_MATCH)
         .and_then(|value| value.to_str().ok())
         .and_then(parse_etag);
-    let (view, version) = state.verifier.get(client, &id)?;
+    let (view, version) = state.verifier.get(client, &id).await?;
     if wait.is_zero() || known.is_some_and(|known| known != version) {
         return Ok(with_etag(view, version));
     }
@@ -264,7 +267,7 @@ async fn check(
     let id = parse_id(&id)?;
     let bytes = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let body: CheckBody = parse_json(&bytes)?;
-    let answer = state.verifier.check(client, &id, body.code.trim())?;
+    let answer = state.verifier.check(client, &id, body.code.trim()).await?;
     Ok(axum::Json(answer).into_response())
 }
 
@@ -275,7 +278,7 @@ async fn resend(
 ) -> Result<Response, ApiError> {
     let client = state.verifier.authenticate(bearer(&headers))?;
     let id = parse_id(&id)?;
-    let view = state.verifier.resend(client, &id)?;
+    let view = state.verifier.resend(client, &id).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
 }
 
@@ -286,7 +289,7 @@ async fn cancel(
 ) -> Result<Response, ApiError> {
     let client = state.verifier.authenticate(bearer(&headers))?;
     let id = parse_id(&id)?;
-    let view = state.verifier.cancel(client, &id)?;
+    let view = state.verifier.cancel(client, &id).await?;
     Ok(axum::Json(view).into_response())
 }
 
@@ -326,7 +329,8 @@ async fn receipt(
     }
     let outcome = state
         .verifier
-        .receipt(carrier, &carrier_message_id, body.status);
+        .receipt(carrier, &carrier_message_id, body.status)
+        .await?;
     let answer = match outcome {
         ReceiptMatch::Matched => serde_json::json!({ "matched": true }),
         ReceiptMatch::Held => serde_json::json!({ "matched": false, "held": true }),

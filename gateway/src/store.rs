@@ -54,6 +54,35 @@ pub struct Shard {
     /// while pending, the end of its retention once ended. A min-heap, so a sweep touches only
     /// what is due instead of every record.
     pub deadlines: BinaryHeap<Reverse<(Millis, VerificationId)>>,
+    /// Set while a call of the redis back-end runs on a copy of the keys it read: what the call
+    /// would do outside the shard waits here until the copy is written back.
+    pub deferred: Option<Deferred>,
+}
+
+/// What a call on a copy of redis keys does once its changes are written (and never if they
+/// are not).
+#[derive(Default, Debug)]
+pub struct Deferred {
+    /// The SMS job to add to the stream (one per call at most).
+    pub job: Option<crate::queue::Job>,
+    /// Webhook events to raise.
+    pub events: Vec<(
+        ClientId,
+        crate::webhook::EventKind,
+        crate::verification::View,
+    )>,
+    /// Verifications whose long-polls to wake.
+    pub notified: Vec<VerificationId>,
+    /// `verification.delayed` watches to start: `(client, id, send)`.
+    pub delay_watches: Vec<(ClientId, VerificationId, u8)>,
+    /// The call spends one send of the phone's limit: taken by the write itself.
+    pub spends_phone_limit: bool,
+    /// The phone's limit already refused this call once: the answer to give it.
+    pub phone_refused: Option<crate::ratelimit::Rejection>,
+    /// The job's stream entry to acknowledge: `(lane, entry)`.
+    pub ack: Option<(u8, crate::redis_store::StreamEntry)>,
+    /// The verification's next deadline, when the call changed nothing else.
+    pub deadline: Option<crate::redis_store::DeadlineWrite>,
 }
 
 /// Wrong codes typed for one phone since `window_start_ms`.
@@ -102,6 +131,16 @@ impl VerificationId {
 
     pub fn as_bytes(&self) -> &[u8; 16] {
         &self.0
+    }
+
+    /// The redis back-end's hash-tag group of the id (and of its phone).
+    pub fn group(&self) -> u8 {
+        self.0[0] % crate::redis_store::GROUPS
+    }
+
+    /// The hash-tag group of every verification of `phone`.
+    pub fn group_of(phone: &Phone) -> u8 {
+        shard_byte(phone.as_u64()) % crate::redis_store::GROUPS
     }
 
     fn shard(&self) -> usize {
@@ -198,8 +237,10 @@ impl fmt::Debug for Store {
 
 impl Shard {
     /// Wakes long-polls waiting on `id`.
-    pub fn notify(&self, id: &VerificationId) {
-        if let Some(notify) = self.watchers.get(id) {
+    pub fn notify(&mut self, id: &VerificationId) {
+        if let Some(deferred) = &mut self.deferred {
+            deferred.notified.push(*id);
+        } else if let Some(notify) = self.watchers.get(id) {
             notify.notify_waiters();
         }
     }

@@ -22,9 +22,15 @@ use crate::phone::Phone;
 use crate::queue::{Job, PushError, Queue};
 use crate::ratelimit::Limiters;
 use crate::receipt::{ReceiptIndex, ReceiptStatus};
+use crate::redis_store::{
+    Commit, Committed, DeadlineWrite, FailedChecksOf, IdempotencyHolder, LiveWrite, LoadKeys,
+    RedisStore, StoreError,
+};
 use crate::routing::{CarrierSet, Routes};
 use crate::sms::{RenderParams, SmsText, Templates};
-use crate::store::{FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store, VerificationId};
+use crate::store::{
+    Deferred, FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store, VerificationId,
+};
 use crate::verification::{
     CarrierId, ClientId, DeliveryState, Extras, FailureReason, Status, Verification, View,
 };
@@ -63,6 +69,12 @@ struct Shared {
     early_receipts: crate::receipt::EarlyReceipts,
     /// When the receipt index was last cleaned of ended verifications (clock time).
     last_receipt_sweep: std::sync::Mutex<Duration>,
+    /// The redis back-end, when configured; the embedded store then keeps only long-poll
+    /// watchers.
+    redis: Option<RedisStore>,
+    /// Jobs not yet acknowledged in each lane's streams, by every instance (redis back-end),
+    /// as of the last sweep: `(lane, jobs)`.
+    backlog: std::sync::Mutex<Vec<(u8, u64)>>,
 }
 
 #[derive(Debug)]
@@ -144,6 +156,7 @@ impl Verifier {
         metrics: Metrics,
         queue: Queue,
         webhooks: Webhooks,
+        redis: Option<RedisStore>,
     ) -> Verifier {
         let secret = config.secret.clone().unwrap_or_else(|| {
             let mut secret = vec![0u8; 32];
@@ -195,6 +208,8 @@ impl Verifier {
                 receipts: ReceiptIndex::new(),
                 early_receipts: crate::receipt::EarlyReceipts::new(EARLY_RECEIPTS_HELD),
                 last_receipt_sweep: std::sync::Mutex::new(Duration::ZERO),
+                redis,
+                backlog: std::sync::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -227,6 +242,11 @@ impl Verifier {
         &self.shared.queue
     }
 
+    /// The redis back-end, when configured.
+    pub fn redis(&self) -> Option<&RedisStore> {
+        self.shared.redis.as_ref()
+    }
+
     pub fn code_length(&self) -> u8 {
         self.shared.keys.length()
     }
@@ -241,7 +261,18 @@ impl Verifier {
     }
 
     /// Starts a verification, or returns the live one of this phone and client.
-    pub fn start(
+    pub async fn start(
+        &self,
+        client: ClientId,
+        request: NewVerification,
+    ) -> Result<(Started, View), ApiError> {
+        match &self.shared.redis {
+            None => self.start_embedded(client, request),
+            Some(redis) => self.start_redis(redis, client, request).await,
+        }
+    }
+
+    fn start_embedded(
         &self,
         client: ClientId,
         request: NewVerification,
@@ -329,67 +360,7 @@ impl Verifier {
             .limiters
             .check_ip(request.ip)
             .map_err(|rejection| self.rejected(rejection))?;
-        shared
-            .limiters
-            .check_phone(phone.as_u64())
-            .map_err(|rejection| self.rejected(rejection))?;
-
-        let id = VerificationId::new_for(&phone);
-        let (_code, stored_code) = shared.keys.generate(&id, &phone);
-        let extras = (request.locale.is_some()
-            || request.web_origin_host.is_some()
-            || request.app_hash.is_some())
-        .then(|| {
-            Box::new(Extras {
-                locale: request.locale.map(String::into_boxed_str),
-                web_origin_host: request.web_origin_host.map(String::into_boxed_str),
-                app_hash: request.app_hash.map(String::into_boxed_str),
-            })
-        });
-        let mut record = Verification {
-            phone,
-            client,
-            status: Status::Pending,
-            failure: None,
-            delivery: DeliveryState::Queued,
-            carrier: None,
-            carrier_message_id: None,
-            delivery_attempts: 0,
-            sends: 1,
-            attempts_left: shared.policy.max_attempts,
-            code: stored_code,
-            created_ms: now,
-            fixed_expiry_ms: None,
-            resend_after_ms: now + Verification::cooldown_ms(1, &shared.policy),
-            ended_ms: None,
-            lane,
-            queue_ticket: 0,
-            extras,
-            version: 0,
-        };
-        let job = Job {
-            id,
-            send_no: 1,
-            lane,
-            deadline_ms: record.send_deadline(&shared.policy),
-            seq: 0,
-            enqueued_ms: now,
-            attempts: 0,
-            carriers,
-            avoid_carrier: None,
-            passes: 0,
-        };
-        record.queue_ticket = shared
-            .queue
-            .push(job)
-            .map_err(|error| self.refused_at_queue(error))?;
-        shard.records.insert(id, Box::new(record));
-        shard.live.insert((phone.as_u64(), client), id);
-        shared.webhooks.watch_delay(client, id, 1, now);
-        shard.deadlines.push(Reverse((
-            now + shared.policy.code_ttl.as_millis() as Millis,
-            id,
-        )));
+        let id = self.create_in(&mut shard, client, &request, carriers, lane, now)?;
         remember(idempotency_guard.as_mut(), idempotency_key, id, now);
         let view = self.view_of(&shard, &id, now).ok_or(ApiError::NotFound)?;
         drop(shard);
@@ -399,14 +370,19 @@ impl Verifier {
     }
 
     /// The verification as it is now, with its version for long-polls.
-    pub fn get(&self, client: ClientId, id: &VerificationId) -> Result<(View, u32), ApiError> {
-        let now = self.shared.clock.now_ms();
-        let mut shard = self.shared.store.shard(id);
-        self.owned(&shard, client, id)?;
-        self.settle(&mut shard, id, now);
-        let version = shard.records.get(id).map_or(0, |record| record.version);
-        let view = self.view_of(&shard, id, now).ok_or(ApiError::NotFound)?;
-        Ok((view, version))
+    pub async fn get(
+        &self,
+        client: ClientId,
+        id: &VerificationId,
+    ) -> Result<(View, u32), ApiError> {
+        self.with_record(id, false, |this, shard, now| {
+            this.owned(shard, client, id)?;
+            this.settle(shard, id, now);
+            let version = shard.records.get(id).map_or(0, |record| record.version);
+            let view = this.view_of(shard, id, now).ok_or(ApiError::NotFound)?;
+            Ok((view, version))
+        })
+        .await
     }
 
     /// Waits until the verification's version differs from `version`, or `timeout` passes, or
@@ -420,31 +396,44 @@ impl Verifier {
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<(View, u32), ApiError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        // With the redis back-end another instance may make the change: look again this often.
+        let poll = if self.shared.redis.is_some() {
+            REDIS_LONG_POLL_EVERY
+        } else {
+            timeout
+        };
         loop {
             let notify = {
                 let mut shard = self.shared.store.shard(id);
-                self.owned(&shard, client, id)?;
+                if self.shared.redis.is_none() {
+                    self.owned(&shard, client, id)?;
+                }
                 shard.watchers.entry(*id).or_default().clone()
             };
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (view, current) = self.get(client, id)?;
+            let (view, current) = self.get(client, id).await?;
             if current != version {
                 return Ok((view, current));
             }
             // Every change notifies, the sweeper's expiries included; otherwise the poll ends at
             // its deadline or at shutdown.
+            let next_look = (tokio::time::Instant::now() + poll).min(deadline);
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return self.get(client, id),
-                _ = cancel.cancelled() => return self.get(client, id),
+                _ = tokio::time::sleep_until(next_look) => {
+                    if next_look >= deadline {
+                        return self.get(client, id).await;
+                    }
+                }
+                _ = cancel.cancelled() => return self.get(client, id).await,
             }
         }
     }
 
     /// Checks a typed code.
-    pub fn check(
+    pub async fn check(
         &self,
         client: ClientId,
         id: &VerificationId,
@@ -457,11 +446,23 @@ impl Verifier {
                 format!("code: expected {} digits", shared.keys.length()),
             ));
         }
-        let now = shared.clock.now_ms();
-        let mut shard = shared.store.shard(id);
-        self.owned(&shard, client, id)?;
-        self.settle(&mut shard, id, now);
-        let shard = &mut *shard;
+        self.with_record(id, true, |this, shard, now| {
+            this.check_in(shard, client, id, typed, now)
+        })
+        .await
+    }
+
+    fn check_in(
+        &self,
+        shard: &mut Shard,
+        client: ClientId,
+        id: &VerificationId,
+        typed: &str,
+        now: Millis,
+    ) -> Result<CheckAnswer, ApiError> {
+        let shared = &*self.shared;
+        self.owned(shard, client, id)?;
+        self.settle(shard, id, now);
         let record = shard.records.get_mut(id).ok_or(ApiError::NotFound)?;
         if !record.is_pending() {
             return Err(not_pending(record.status));
@@ -536,12 +537,23 @@ impl Verifier {
     }
 
     /// Sends the same code again, once the cooldown has passed.
-    pub fn resend(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
+    pub async fn resend(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
+        self.with_record(id, false, |this, shard, now| {
+            this.resend_in(shard, client, id, now)
+        })
+        .await
+    }
+
+    fn resend_in(
+        &self,
+        shard: &mut Shard,
+        client: ClientId,
+        id: &VerificationId,
+        now: Millis,
+    ) -> Result<View, ApiError> {
         let shared = &*self.shared;
-        let now = shared.clock.now_ms();
-        let mut shard = shared.store.shard(id);
-        self.owned(&shard, client, id)?;
-        self.settle(&mut shard, id, now);
+        self.owned(shard, client, id)?;
+        self.settle(shard, id, now);
         let record = shard.records.get(id).ok_or(ApiError::NotFound)?;
         if !record.is_pending() {
             return Err(not_pending(record.status));
@@ -556,43 +568,68 @@ impl Verifier {
             });
         }
         if record.delivery != DeliveryState::Queued {
-            if shared.queue.len() >= shared.queue.capacity() {
+            if self.queue_is_full() {
                 return Err(self.refused_at_queue(PushError::Full));
             }
-            shared
-                .limiters
-                .check_phone(record.phone.as_u64())
-                .map_err(|rejection| self.rejected(rejection))?;
-            self.queue_resend(&mut shard, id, now)?;
+            let phone = record.phone;
+            self.spend_phone(shard, &phone)?;
+            self.queue_resend(shard, id, now)?;
         }
-        self.view_of(&shard, id, now).ok_or(ApiError::NotFound)
+        self.view_of(shard, id, now).ok_or(ApiError::NotFound)
     }
 
     /// Cancels a pending verification.
-    pub fn cancel(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
-        let now = self.shared.clock.now_ms();
-        let mut shard = self.shared.store.shard(id);
-        self.owned(&shard, client, id)?;
-        self.settle(&mut shard, id, now);
-        let shard_ref = &mut *shard;
-        let record = shard_ref.records.get_mut(id).ok_or(ApiError::NotFound)?;
-        if !record.is_pending() {
-            return Err(not_pending(record.status));
-        }
-        record.end(Status::Canceled, None, now);
-        let key = (record.phone.as_u64(), record.client);
-        forget_live(shard_ref, key, id);
-        shard_ref.notify(id);
-        self.shared.metrics.ended(Ended::Canceled);
-        self.view_of(&shard, id, now).ok_or(ApiError::NotFound)
+    pub async fn cancel(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
+        self.with_record(id, false, |this, shard, now| {
+            this.owned(shard, client, id)?;
+            this.settle(shard, id, now);
+            let record = shard.records.get_mut(id).ok_or(ApiError::NotFound)?;
+            if !record.is_pending() {
+                return Err(not_pending(record.status));
+            }
+            record.end(Status::Canceled, None, now);
+            let key = (record.phone.as_u64(), record.client);
+            forget_live(shard, key, id);
+            shard.notify(id);
+            this.shared.metrics.ended(Ended::Canceled);
+            this.view_of(shard, id, now).ok_or(ApiError::NotFound)
+        })
+        .await
     }
 
     /// Turns a job taken from the queue into an SMS for `carrier`, or drops it if its
     /// verification ended or expired.
-    pub fn prepare(&self, job: &Job, carrier: CarrierId) -> Prepared {
+    pub async fn prepare(&self, job: &Job, carrier: CarrierId) -> Prepared {
+        let prepared = self
+            .with_record(&job.id, false, |this, shard, now| {
+                let prepared = this.prepare_in(shard, job, carrier, now);
+                if matches!(prepared, Prepared::Dropped) {
+                    this.acknowledge(shard, job);
+                }
+                Ok(prepared)
+            })
+            .await;
+        match prepared {
+            Ok(prepared) => prepared,
+            Err(_) => {
+                // The store is unreachable: the job stays unacknowledged in its stream, where
+                // an instance takes it over once Redis answers.
+                if let (Some(redis), Some(entry)) = (&self.shared.redis, job.entry) {
+                    redis.release(entry);
+                }
+                Prepared::Dropped
+            }
+        }
+    }
+
+    fn prepare_in(
+        &self,
+        shard: &mut Shard,
+        job: &Job,
+        carrier: CarrierId,
+        now: Millis,
+    ) -> Prepared {
         let shared = &*self.shared;
-        let now = shared.clock.now_ms();
-        let mut shard = shared.store.shard(&job.id);
         if job.attempts == 0 {
             shared.metrics.queue_wait(
                 job.lane,
@@ -604,15 +641,24 @@ impl Verifier {
             return Prepared::Dropped;
         };
         if record.is_pending() && now >= job.deadline_ms.min(record.send_deadline(&shared.policy)) {
-            let reason = self.drop_late(&mut shard, &job.id, now);
+            let reason = self.drop_late(shard, &job.id, now);
             shared.metrics.queue_dropped(reason);
             return Prepared::Dropped;
         }
-        self.settle(&mut shard, &job.id, now);
+        self.settle(shard, &job.id, now);
         let Some(record) = shard.records.get_mut(&job.id) else {
             shared.metrics.queue_dropped(QueueDrop::Canceled);
             return Prepared::Dropped;
         };
+        // A carrier already accepted this send: a job taken over from an instance that died
+        // after the acceptance was written is not sent twice.
+        if record.is_pending()
+            && record.sends == job.send_no
+            && record.delivery != DeliveryState::Queued
+        {
+            shared.metrics.queue_dropped(QueueDrop::Canceled);
+            return Prepared::Dropped;
+        }
         if !record.is_pending() || record.sends != job.send_no {
             let reason = if record.status == Status::Expired {
                 QueueDrop::Expired
@@ -648,8 +694,53 @@ impl Verifier {
     }
 
     /// Records what a carrier answered for `job`.
-    pub fn complete(&self, job: &Job, carrier: CarrierId, completion: Completion) {
+    pub async fn complete(&self, job: &Job, carrier: CarrierId, completion: Completion) {
         let shared = &*self.shared;
+        if let Some(redis) = &shared.redis {
+            let ends_job = !matches!(completion, Completion::Retry);
+            let recorded = self
+                .with_record(&job.id, false, |this, shard, now| {
+                    let mut receipt_id = None;
+                    this.record_completion_in(
+                        shard,
+                        job,
+                        carrier,
+                        completion.clone(),
+                        now,
+                        &mut receipt_id,
+                    );
+                    if ends_job {
+                        this.acknowledge(shard, job);
+                    }
+                    Ok(receipt_id)
+                })
+                .await;
+            match recorded {
+                Ok(Some(receipt_id)) => {
+                    let keep = shared.policy.retention
+                        + shared.policy.code_ttl
+                        + shared.policy.max_extension;
+                    let indexed = redis
+                        .index_receipt(carrier, &receipt_id, job.id, keep)
+                        .await;
+                    if let Err(error) = indexed {
+                        tracing::warn!(%error, verification = %job.id, "a carrier message id could not be indexed for receipts");
+                    }
+                    if let Ok(Some((status, early_id))) =
+                        redis.take_held_receipt(carrier, &receipt_id).await
+                    {
+                        if let Some(status) = receipt_status_of(status) {
+                            let _ = self.apply_receipt(carrier, job.id, &early_id, status).await;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(?error, verification = %job.id, "a carrier's answer could not be recorded; the job stays in its stream");
+                }
+            }
+            return;
+        }
         let now = shared.clock.now_ms();
         let mut receipt_id: Option<String> = None;
         self.record_completion(job, carrier, completion, now, &mut receipt_id);
@@ -659,7 +750,7 @@ impl Verifier {
             shared.receipts.insert(carrier, &id, job.id);
             // The carrier's receipt may have come before its answer to the submit.
             if let Some((early_id, status)) = shared.early_receipts.take(carrier, &id) {
-                self.apply_receipt(carrier, job.id, &early_id, status);
+                let _ = self.apply_receipt(carrier, job.id, &early_id, status).await;
             }
         }
     }
@@ -672,9 +763,20 @@ impl Verifier {
         now: Millis,
         receipt_id: &mut Option<String>,
     ) {
+        let mut shard = self.shared.store.shard(&job.id);
+        self.record_completion_in(&mut shard, job, carrier, completion, now, receipt_id);
+    }
+
+    fn record_completion_in(
+        &self,
+        shard: &mut Shard,
+        job: &Job,
+        carrier: CarrierId,
+        completion: Completion,
+        now: Millis,
+        receipt_id: &mut Option<String>,
+    ) {
         let shared = &*self.shared;
-        let mut shard = shared.store.shard(&job.id);
-        let shard = &mut *shard;
         let Some(record) = shard.records.get_mut(&job.id) else {
             return;
         };
@@ -762,15 +864,57 @@ impl Verifier {
     /// the SMS the receipt's carrier accepted last. The verification stays pending either way:
     /// after an undeliverable SMS, a resend may go by another carrier. A receipt whose id no
     /// submit answer has named yet is held for a while, in case the answer is still on its way.
-    pub fn receipt(
+    pub async fn receipt(
         &self,
         carrier: CarrierId,
         carrier_message_id: &str,
         status: ReceiptStatus,
-    ) -> ReceiptMatch {
+    ) -> Result<ReceiptMatch, ApiError> {
         let shared = &*self.shared;
+        if let Some(redis) = &shared.redis {
+            let unavailable = |error| self.unavailable(error);
+            if let Some(id) = redis
+                .find_receipt(carrier, carrier_message_id)
+                .await
+                .map_err(unavailable)?
+            {
+                return self
+                    .apply_receipt(carrier, id, carrier_message_id, status)
+                    .await;
+            }
+            redis
+                .hold_receipt(
+                    carrier,
+                    carrier_message_id,
+                    receipt_status_code(status),
+                    EARLY_RECEIPT_HOLD,
+                )
+                .await
+                .map_err(unavailable)?;
+            // The submit answer may have been recorded between the lookup and the hold;
+            // whichever side takes the held receipt applies it.
+            if let Some(id) = redis
+                .find_receipt(carrier, carrier_message_id)
+                .await
+                .map_err(unavailable)?
+            {
+                if redis
+                    .take_held_receipt(carrier, carrier_message_id)
+                    .await
+                    .map_err(unavailable)?
+                    .is_some()
+                {
+                    return self
+                        .apply_receipt(carrier, id, carrier_message_id, status)
+                        .await;
+                }
+            }
+            return Ok(ReceiptMatch::Held);
+        }
         if let Some(id) = shared.receipts.find(carrier, carrier_message_id) {
-            return self.apply_receipt(carrier, id, carrier_message_id, status);
+            return self
+                .apply_receipt(carrier, id, carrier_message_id, status)
+                .await;
         }
         let now = shared.clock.now_ms();
         for evicted in shared
@@ -787,24 +931,39 @@ impl Verifier {
                 .take(carrier, carrier_message_id)
                 .is_some()
             {
-                return self.apply_receipt(carrier, id, carrier_message_id, status);
+                return self
+                    .apply_receipt(carrier, id, carrier_message_id, status)
+                    .await;
             }
         }
-        ReceiptMatch::Held
+        Ok(ReceiptMatch::Held)
     }
 
     /// Applies a receipt to the verification `id` that the index (or the submit answer) named.
-    fn apply_receipt(
+    async fn apply_receipt(
         &self,
         carrier: CarrierId,
         id: VerificationId,
         carrier_message_id: &str,
         status: ReceiptStatus,
+    ) -> Result<ReceiptMatch, ApiError> {
+        self.with_record(&id, false, |this, shard, now| {
+            Ok(this.apply_receipt_in(shard, carrier, id, carrier_message_id, status, now))
+        })
+        .await
+    }
+
+    fn apply_receipt_in(
+        &self,
+        shard: &mut Shard,
+        carrier: CarrierId,
+        id: VerificationId,
+        carrier_message_id: &str,
+        status: ReceiptStatus,
+        now: Millis,
     ) -> ReceiptMatch {
         let shared = &*self.shared;
         let metrics = shared.metrics.carrier(carrier as usize);
-        let now = shared.clock.now_ms();
-        let mut shard = shared.store.shard(&id);
         let Some(record) = shard.records.get_mut(&id) else {
             metrics.receipt_unmatched();
             return ReceiptMatch::Unmatched;
@@ -832,7 +991,7 @@ impl Verifier {
             record.touch();
             shard.notify(&id);
             if status == ReceiptStatus::Delivered {
-                self.announce(&shard, &id, EventKind::Delivered, now);
+                self.announce(shard, &id, EventKind::Delivered, now);
             }
         }
         ReceiptMatch::Matched
@@ -841,6 +1000,21 @@ impl Verifier {
     /// Puts a job back in line; returns false (and drops it) if its deadline has passed.
     pub fn requeue(&self, job: Job) -> bool {
         let now = self.shared.clock.now_ms();
+        if now >= job.deadline_ms && self.shared.redis.is_some() {
+            // Settled on Redis in its own task; the job stays in its stream until then.
+            let verifier = self.clone();
+            tokio::spawn(async move {
+                let _ = verifier
+                    .with_record(&job.id, false, |this, shard, now| {
+                        let reason = this.drop_late(shard, &job.id, now);
+                        this.shared.metrics.queue_dropped(reason);
+                        this.acknowledge(shard, &job);
+                        Ok(())
+                    })
+                    .await;
+            });
+            return false;
+        }
         if now >= job.deadline_ms {
             let mut shard = self.shared.store.shard(&job.id);
             let reason = self.drop_late(&mut shard, &job.id, now);
@@ -858,7 +1032,18 @@ impl Verifier {
 
     /// Expires what has run out of time, forgets what is past retention, trims limiter memory
     /// and refreshes the gauges. Runs on the sweeper's timer.
-    pub fn sweep(&self) {
+    pub async fn sweep(&self) {
+        match &self.shared.redis {
+            None => {
+                let verifier = self.clone();
+                // A sweep walks every shard; keep it off the request-serving workers.
+                let _ = tokio::task::spawn_blocking(move || verifier.sweep_embedded()).await;
+            }
+            Some(redis) => self.sweep_redis(redis).await,
+        }
+    }
+
+    fn sweep_embedded(&self) {
         let shared = &*self.shared;
         let now = shared.clock.now_ms();
         let retention_ms = shared.policy.retention.as_millis() as Millis;
@@ -916,14 +1101,14 @@ impl Verifier {
         }
         // SMS still queued past their clients' thresholds: tell the clients, with an ETA.
         for (id, send_no) in shared.webhooks.due_delays(now) {
-            let shard = shared.store.shard(&id);
+            let mut shard = shared.store.shard(&id);
             let still_queued = shard.records.get(&id).is_some_and(|record| {
                 record.is_pending()
                     && record.delivery == DeliveryState::Queued
                     && record.sends == send_no
             });
             if still_queued {
-                self.announce(&shard, &id, EventKind::Delayed, now);
+                self.announce(&mut shard, &id, EventKind::Delayed, now);
             }
         }
         let idempotency_ttl_ms = shared.policy.idempotency_ttl.as_millis() as Millis;
@@ -976,6 +1161,676 @@ impl Verifier {
         lanes.sort_unstable();
         lanes.dedup();
         lanes
+    }
+
+    // --- the work shared by both back-ends, on a shard (locked, or a copy of redis keys) ---
+
+    /// Creates a verification and queues its first SMS, spending one send of the phone's limit.
+    fn create_in(
+        &self,
+        shard: &mut Shard,
+        client: ClientId,
+        request: &NewVerification,
+        carriers: CarrierSet,
+        lane: u8,
+        now: Millis,
+    ) -> Result<VerificationId, ApiError> {
+        let shared = &*self.shared;
+        let phone = request.phone;
+        self.spend_phone(shard, &phone)?;
+        let id = VerificationId::new_for(&phone);
+        let (_code, stored_code) = shared.keys.generate(&id, &phone);
+        let extras = (request.locale.is_some()
+            || request.web_origin_host.is_some()
+            || request.app_hash.is_some())
+        .then(|| {
+            Box::new(Extras {
+                locale: request.locale.as_deref().map(Into::into),
+                web_origin_host: request.web_origin_host.as_deref().map(Into::into),
+                app_hash: request.app_hash.as_deref().map(Into::into),
+            })
+        });
+        let mut record = Verification {
+            phone,
+            client,
+            status: Status::Pending,
+            failure: None,
+            delivery: DeliveryState::Queued,
+            carrier: None,
+            carrier_message_id: None,
+            delivery_attempts: 0,
+            sends: 1,
+            attempts_left: shared.policy.max_attempts,
+            code: stored_code,
+            created_ms: now,
+            fixed_expiry_ms: None,
+            resend_after_ms: now + Verification::cooldown_ms(1, &shared.policy),
+            ended_ms: None,
+            lane,
+            queue_ticket: 0,
+            extras,
+            version: 0,
+        };
+        let job = Job {
+            id,
+            send_no: 1,
+            lane,
+            deadline_ms: record.send_deadline(&shared.policy),
+            seq: 0,
+            enqueued_ms: now,
+            attempts: 0,
+            carriers,
+            avoid_carrier: None,
+            passes: 0,
+            entry: None,
+        };
+        record.queue_ticket = self.enqueue(shard, job)?;
+        shard.records.insert(id, Box::new(record));
+        shard.live.insert((phone.as_u64(), client), id);
+        self.watch_delay(shard, client, id, 1, now);
+        if shard.deferred.is_none() {
+            shard.deadlines.push(Reverse((
+                now + shared.policy.code_ttl.as_millis() as Millis,
+                id,
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Queues a job: at once in the embedded queue, or in the redis write.
+    fn enqueue(&self, shard: &mut Shard, job: Job) -> Result<u64, ApiError> {
+        match &mut shard.deferred {
+            Some(deferred) => {
+                deferred.job = Some(job);
+                Ok(0)
+            }
+            None => self
+                .shared
+                .queue
+                .push(job)
+                .map_err(|error| self.refused_at_queue(error)),
+        }
+    }
+
+    /// Spends one send of the phone's limit: at once with governor, or in the redis write
+    /// (which refuses the whole write if the limit does).
+    fn spend_phone(&self, shard: &mut Shard, phone: &Phone) -> Result<(), ApiError> {
+        match &mut shard.deferred {
+            Some(deferred) => match deferred.phone_refused {
+                Some(rejection) => Err(self.rejected(rejection)),
+                None => {
+                    deferred.spends_phone_limit = true;
+                    Ok(())
+                }
+            },
+            None => self
+                .shared
+                .limiters
+                .check_phone(phone.as_u64())
+                .map_err(|rejection| self.rejected(rejection)),
+        }
+    }
+
+    fn watch_delay(
+        &self,
+        shard: &mut Shard,
+        client: ClientId,
+        id: VerificationId,
+        send: u8,
+        now: Millis,
+    ) {
+        match &mut shard.deferred {
+            Some(deferred) => deferred.delay_watches.push((client, id, send)),
+            None => self.shared.webhooks.watch_delay(client, id, send, now),
+        }
+    }
+
+    /// Acknowledges a job in its stream with the write (redis back-end): it ended.
+    fn acknowledge(&self, shard: &mut Shard, job: &Job) {
+        if let (Some(deferred), Some(entry)) = (&mut shard.deferred, job.entry) {
+            deferred.ack = Some((job.lane, entry));
+        }
+    }
+
+    fn queue_is_full(&self) -> bool {
+        match &self.shared.redis {
+            None => self.shared.queue.len() >= self.shared.queue.capacity(),
+            Some(_) => {
+                let backlog = lock(&self.shared.backlog);
+                backlog.iter().map(|(_, jobs)| jobs).sum::<u64>()
+                    >= self.shared.queue.capacity() as u64
+            }
+        }
+    }
+
+    /// Jobs ahead of a new one in `lane` across every instance (redis back-end), as of the
+    /// last sweep.
+    fn backlog_ahead(&self, lane: u8) -> usize {
+        let backlog = lock(&self.shared.backlog);
+        backlog
+            .iter()
+            .filter(|(other, _)| *other >= lane)
+            .map(|(_, jobs)| *jobs as usize)
+            .sum()
+    }
+
+    fn unavailable(&self, error: StoreError) -> ApiError {
+        tracing::warn!(%error, "the store did not answer");
+        ApiError::StoreUnavailable
+    }
+
+    // --- the redis back-end ---
+
+    /// Runs `body` on the record and phone keys `keys` name, the way the embedded back-end runs
+    /// it under a shard lock: read, run, write back if nothing changed meanwhile, else again.
+    async fn with_record<T>(
+        &self,
+        id: &VerificationId,
+        failed_checks: bool,
+        body: impl FnMut(&Verifier, &mut Shard, Millis) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let mut body = body;
+        match &self.shared.redis {
+            None => {
+                let now = self.shared.clock.now_ms();
+                let mut shard = self.shared.store.shard(id);
+                body(self, &mut shard, now)
+            }
+            Some(redis) => {
+                let keys = LoadKeys {
+                    group: id.group(),
+                    id: Some(*id),
+                    live: None,
+                    failed_checks: if failed_checks {
+                        FailedChecksOf::Record
+                    } else {
+                        FailedChecksOf::None
+                    },
+                };
+                self.txn(redis, keys, body).await
+            }
+        }
+    }
+
+    async fn txn<T>(
+        &self,
+        redis: &RedisStore,
+        keys: LoadKeys,
+        mut body: impl FnMut(&Verifier, &mut Shard, Millis) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let shared = &*self.shared;
+        let retention_ms = shared.policy.retention.as_millis() as Millis;
+        let mut phone_refused = None;
+        for _ in 0..TXN_ROUNDS {
+            let loaded = redis
+                .load(keys)
+                .await
+                .map_err(|error| self.unavailable(error))?;
+            let now = shared.clock.now_ms();
+            let mut shard = Shard {
+                deferred: Some(Deferred {
+                    phone_refused,
+                    ..Deferred::default()
+                }),
+                ..Shard::default()
+            };
+            let loaded_id = keys.id.or(loaded.live);
+            let mut before: Option<(u64, Vec<u8>)> = None;
+            let mut phone = keys.live.map(|(phone, _)| phone);
+            if let (Some(id), Some((revision, record))) = (loaded_id, loaded.record) {
+                // Past retention it is gone, as in the embedded store (Redis forgets it on its
+                // own clock; a test's clock may run ahead).
+                let gone = record
+                    .ended_ms
+                    .is_some_and(|ended| now >= ended + retention_ms);
+                if !gone {
+                    let blob = crate::redis_store::encode_record(&record)
+                        .map_err(|error| self.unavailable(error))?;
+                    before = Some((revision, blob));
+                    phone = Some(record.phone.as_u64());
+                    if record.is_pending() {
+                        shard
+                            .live
+                            .insert((record.phone.as_u64(), record.client), id);
+                    }
+                    shard.records.insert(id, Box::new(record));
+                }
+            }
+            if let (Some(live), Some(key)) = (loaded.live, keys.live) {
+                shard.live.insert(key, live);
+            }
+            if let (Some(phone), Some(failed)) = (phone, loaded.failed_checks) {
+                shard.failed_checks.insert(phone, failed);
+            }
+            let live_before = shard.live.clone();
+            let failed_before = shard.failed_checks.clone();
+
+            let result = body(self, &mut shard, now);
+
+            let deferred = shard.deferred.take().unwrap_or_default();
+            let mut commit = Commit {
+                group: keys.group,
+                id: loaded_id,
+                expected_revision: before.as_ref().map(|(revision, _)| *revision),
+                check_revision: false,
+                clock_offset_ms: shared.clock.advanced_ms(),
+                ..Commit::default()
+            };
+            // The one record the call may write: the one it read, or one it created.
+            let mut changed = None;
+            for (id, record) in &shard.records {
+                let blob = crate::redis_store::encode_record(record)
+                    .map_err(|error| self.unavailable(error))?;
+                let same =
+                    Some(*id) == loaded_id && before.as_ref().is_some_and(|(_, old)| *old == blob);
+                if !same {
+                    changed = Some(*id);
+                }
+            }
+            if let Some(id) = changed {
+                let record = &shard.records[&id];
+                if Some(id) != loaded_id {
+                    commit.expected_revision = None;
+                }
+                commit.id = Some(id);
+                commit.check_revision = true;
+                commit.deadline = if record.is_pending() {
+                    DeadlineWrite::At(record.expires_at(now, &shared.policy))
+                } else {
+                    DeadlineWrite::Remove
+                };
+                commit.record = Some(((**record).clone(), self.keep_for(record, now)));
+            } else if let Some(deadline) = deferred.deadline {
+                commit.deadline = deadline;
+            }
+            // The live index: what the call set or removed.
+            if let Some((key, _)) = keys.live.map(|key| (key, ())) {
+                commit.live_key = Some(key);
+                commit.check_live = true;
+                commit.expected_live = loaded.live;
+            }
+            for (key, id) in &shard.live {
+                if live_before.get(key) != Some(id) {
+                    commit.live_key = Some(*key);
+                    commit.live = LiveWrite::Set(*id);
+                }
+            }
+            for (key, id) in &live_before {
+                if !shard.live.contains_key(key) {
+                    commit.live_key = Some(*key);
+                    commit.live = LiveWrite::Remove(*id);
+                }
+            }
+            if let Some(phone) = phone {
+                let after = shard.failed_checks.get(&phone).copied();
+                let before = failed_before.get(&phone).copied();
+                let differs = match (before, after) {
+                    (Some(a), Some(b)) => {
+                        a.count != b.count || a.window_start_ms != b.window_start_ms
+                    }
+                    (None, None) => false,
+                    _ => true,
+                };
+                if differs {
+                    let window_ms = shared.failed_checks_rule.per.as_millis() as Millis;
+                    let keep = after.map_or(1, |failed| {
+                        (failed.window_start_ms + window_ms)
+                            .saturating_sub(now)
+                            .max(1)
+                    });
+                    commit.failed_checks = Some((phone, after, Duration::from_millis(keep)));
+                }
+            }
+            commit.push = deferred.job.clone();
+            commit.ack = deferred.ack;
+            if deferred.spends_phone_limit {
+                if let Some(phone) = phone.or(commit.record.as_ref().map(|(r, _)| r.phone.as_u64()))
+                {
+                    commit.phone_limit = Some((phone, shared.limiters.phone_rules()));
+                }
+            }
+            let writes = commit.record.is_some()
+                || commit.live != LiveWrite::Keep
+                || commit.failed_checks.is_some()
+                || commit.deadline != DeadlineWrite::Keep
+                || commit.push.is_some()
+                || commit.ack.is_some()
+                || commit.phone_limit.is_some();
+            if writes {
+                match redis
+                    .commit(commit)
+                    .await
+                    .map_err(|error| self.unavailable(error))?
+                {
+                    Committed::Done { .. } => {}
+                    Committed::Conflict => continue,
+                    Committed::Limited { rule, retry_after } => {
+                        let rules = shared.limiters.phone_rules();
+                        let Some(rule) = rules.get(rule).copied() else {
+                            return Err(ApiError::StoreUnavailable);
+                        };
+                        phone_refused = Some(crate::ratelimit::Rejection {
+                            limit: LimitKind::Phone,
+                            rule,
+                            retry_after,
+                        });
+                        continue;
+                    }
+                }
+            }
+            self.apply_deferred(deferred, now);
+            return result;
+        }
+        tracing::warn!(
+            group = keys.group,
+            "a verification changed under every try; giving up"
+        );
+        Err(ApiError::StoreUnavailable)
+    }
+
+    /// What a written call does outside the store: webhook events, long-polls, delay watches.
+    fn apply_deferred(&self, deferred: Deferred, now: Millis) {
+        let shared = &*self.shared;
+        for (client, kind, view) in deferred.events {
+            shared.webhooks.emit(client, kind, &view, now);
+        }
+        for (client, id, send) in deferred.delay_watches {
+            shared.webhooks.watch_delay(client, id, send, now);
+        }
+        for id in deferred.notified {
+            shared.store.shard(&id).notify(&id);
+        }
+    }
+
+    /// How long Redis keeps a record: past its retention once ended; while pending, past the
+    /// latest it could expire plus retention.
+    fn keep_for(&self, record: &Verification, now: Millis) -> Duration {
+        let policy = &self.shared.policy;
+        let retention_ms = policy.retention.as_millis() as Millis;
+        let until = match record.ended_ms {
+            Some(ended) => ended + retention_ms,
+            None => {
+                record.created_ms
+                    + (policy.code_ttl + policy.max_extension).as_millis() as Millis
+                    + retention_ms
+            }
+        };
+        Duration::from_millis(until.saturating_sub(now).max(1000))
+    }
+
+    async fn start_redis(
+        &self,
+        redis: &RedisStore,
+        client: ClientId,
+        request: NewVerification,
+    ) -> Result<(Started, View), ApiError> {
+        let shared = &*self.shared;
+        if !self.is_accepting() {
+            return Err(ApiError::ShuttingDown);
+        }
+        let offset = shared.clock.advanced_ms();
+        let unavailable = |error| self.unavailable(error);
+        // Anonymous use (no clients configured) has no client limit worth a round trip.
+        if !shared.clients.by_key_hash.is_empty() {
+            if let Some(rule) = shared.limiters.client_rule(client) {
+                if let Some((_, retry_after)) = redis
+                    .limit_client(client, &[rule], offset)
+                    .await
+                    .map_err(unavailable)?
+                {
+                    return Err(self.rejected(crate::ratelimit::Rejection {
+                        limit: LimitKind::Client,
+                        rule,
+                        retry_after,
+                    }));
+                }
+            }
+        }
+        if !shared.countries.allows(request.region) {
+            shared.metrics.rejected(LimitKind::Country);
+            return Err(ApiError::CountryNotAllowed);
+        }
+        let carriers = shared.routes.eligible_for(&request.phone);
+        if carriers == 0 {
+            return Err(ApiError::NumberNotServed);
+        }
+        let Some((key, fingerprint)) = request.idempotency.clone() else {
+            return self
+                .start_redis_claimed(redis, client, &request, carriers)
+                .await;
+        };
+        let ttl = shared.policy.idempotency_ttl;
+        for _ in 0..IDEMPOTENCY_WAITS {
+            match redis
+                .claim_idempotency(client, &key, fingerprint, ttl)
+                .await
+                .map_err(unavailable)?
+            {
+                None => {
+                    let result = self
+                        .start_redis_claimed(redis, client, &request, carriers)
+                        .await;
+                    let recorded = match &result {
+                        Ok((_, view)) => match VerificationId::parse(&view.id) {
+                            Some(id) => {
+                                redis
+                                    .settle_idempotency(client, &key, fingerprint, id, ttl)
+                                    .await
+                            }
+                            None => Ok(()),
+                        },
+                        Err(_) => redis.release_idempotency(client, &key).await,
+                    };
+                    if let Err(error) = recorded {
+                        tracing::warn!(%error, "an Idempotency-Key could not be recorded");
+                    }
+                    return result;
+                }
+                Some(IdempotencyHolder::Done {
+                    fingerprint: held,
+                    id,
+                }) => {
+                    if held != fingerprint {
+                        return Err(ApiError::IdempotencyMismatch);
+                    }
+                    let view = self
+                        .with_record(&id, false, |this, shard, now| {
+                            if !shard.records.contains_key(&id) {
+                                return Ok(None);
+                            }
+                            this.settle(shard, &id, now);
+                            Ok(this.view_of(shard, &id, now))
+                        })
+                        .await?;
+                    match view {
+                        Some(view) => {
+                            shared.metrics.started(Started::Replayed);
+                            return Ok((Started::Replayed, view));
+                        }
+                        // Its verification is gone: the key is free again.
+                        None => redis
+                            .release_idempotency(client, &key)
+                            .await
+                            .map_err(unavailable)?,
+                    }
+                }
+                Some(IdempotencyHolder::Pending { fingerprint: held }) => {
+                    if held != fingerprint {
+                        return Err(ApiError::IdempotencyMismatch);
+                    }
+                    // The first request with this key is still being served, maybe by another
+                    // instance: wait for its answer.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Err(ApiError::Overloaded {
+            message: "a request with this Idempotency-Key is still being served; try again",
+            retry_after: Duration::from_secs(1),
+        })
+    }
+
+    async fn start_redis_claimed(
+        &self,
+        redis: &RedisStore,
+        client: ClientId,
+        request: &NewVerification,
+        carriers: CarrierSet,
+    ) -> Result<(Started, View), ApiError> {
+        let shared = &*self.shared;
+        let phone = request.phone;
+        let lane = shared.clients.priority(client);
+        let keys = LoadKeys {
+            group: VerificationId::group_of(&phone),
+            id: None,
+            live: Some((phone.as_u64(), client)),
+            failed_checks: FailedChecksOf::None,
+        };
+        let mut ip_spent = false;
+        for _ in 0..TXN_ROUNDS {
+            let step = self
+                .txn(redis, keys, |this, shard, now| {
+                    if let Some(id) = shard.live.get(&(phone.as_u64(), client)).copied() {
+                        let was_pending = shard.records.get(&id).is_some_and(|r| r.is_pending());
+                        this.settle(shard, &id, now);
+                        if shard.records.get(&id).is_some_and(|r| r.is_pending()) {
+                            this.resend_if_due(shard, &id, now);
+                            let view = this.view_of(shard, &id, now).ok_or(ApiError::NotFound)?;
+                            return Ok(StartStep::Existing(view));
+                        }
+                        if was_pending {
+                            // It just expired: that is written first, then the new one.
+                            return Ok(StartStep::Again);
+                        }
+                    }
+                    if !ip_spent {
+                        return Ok(StartStep::SpendIp);
+                    }
+                    let id = this.create_in(shard, client, request, carriers, lane, now)?;
+                    let view = this.view_of(shard, &id, now).ok_or(ApiError::NotFound)?;
+                    Ok(StartStep::Created(view))
+                })
+                .await?;
+            match step {
+                StartStep::Existing(view) => {
+                    shared.metrics.started(Started::Existing);
+                    return Ok((Started::Existing, view));
+                }
+                StartStep::Created(view) => {
+                    shared.metrics.started(Started::Created);
+                    tracing::debug!(verification = %view.id, phone = %phone, client = %shared.clients.name(client), "verification started");
+                    return Ok((Started::Created, view));
+                }
+                StartStep::Again => {}
+                StartStep::SpendIp => {
+                    // As in the embedded back-end: the queue, then the IP, then the phone.
+                    self.admit(lane, carriers)?;
+                    let rules = shared.limiters.ip_rules();
+                    if let Some((rule, retry_after)) = redis
+                        .limit_ip(request.ip, &rules, shared.clock.advanced_ms())
+                        .await
+                        .map_err(|error| self.unavailable(error))?
+                    {
+                        return Err(self.rejected(crate::ratelimit::Rejection {
+                            limit: LimitKind::Ip,
+                            rule: rules[rule.min(rules.len() - 1)],
+                            retry_after,
+                        }));
+                    }
+                    ip_spent = true;
+                }
+            }
+        }
+        Err(ApiError::StoreUnavailable)
+    }
+
+    /// Expiry and deadlines on Redis, the webhook delay watches, the backlog and the gauges.
+    async fn sweep_redis(&self, redis: &RedisStore) {
+        let shared = &*self.shared;
+        let now = shared.clock.now_ms();
+        for group in 0..crate::redis_store::GROUPS {
+            let due = match redis.due(group, now, SWEEP_BATCH).await {
+                Ok(due) => due,
+                Err(error) => {
+                    tracing::warn!(%error, "sweep: redis did not answer");
+                    break;
+                }
+            };
+            for id in due {
+                let keys = LoadKeys {
+                    group,
+                    id: Some(id),
+                    live: None,
+                    failed_checks: FailedChecksOf::None,
+                };
+                let swept = self
+                    .txn(redis, keys, |this, shard, now| {
+                        this.sweep_one(shard, &id, now);
+                        Ok(())
+                    })
+                    .await;
+                if swept.is_err() {
+                    return;
+                }
+            }
+        }
+        for (id, send_no) in shared.webhooks.due_delays(now) {
+            let _ = self
+                .with_record(&id, false, |this, shard, now| {
+                    let still_queued = shard.records.get(&id).is_some_and(|record| {
+                        record.is_pending()
+                            && record.delivery == DeliveryState::Queued
+                            && record.sends == send_no
+                    });
+                    if still_queued {
+                        this.announce(shard, &id, EventKind::Delayed, now);
+                    }
+                    Ok(())
+                })
+                .await;
+        }
+        let mut backlog = Vec::new();
+        for lane in shared.queue.depths() {
+            match redis.backlog(lane.lane).await {
+                Ok(jobs) => backlog.push((lane.lane, jobs)),
+                Err(_) => return,
+            }
+        }
+        *lock(&shared.backlog) = backlog.clone();
+        let pace = shared.routes.pace_of(CarrierSet::MAX);
+        for (lane, jobs) in &backlog {
+            shared.metrics.set_queue_depth(*lane, *jobs as usize);
+            shared
+                .metrics
+                .set_predicted_wait(*lane, self.backlog_ahead(*lane) as f64 / pace);
+        }
+        if let Ok(pending) = redis.pending_count().await {
+            shared.metrics.set_live(pending as usize);
+        }
+        shared.metrics.run_upkeep();
+    }
+
+    /// One due verification on Redis: expired if its time ran out, else its next deadline.
+    fn sweep_one(&self, shard: &mut Shard, id: &VerificationId, now: Millis) {
+        let policy = &self.shared.policy;
+        let Some(record) = shard.records.get(id) else {
+            if let Some(deferred) = &mut shard.deferred {
+                deferred.deadline = Some(DeadlineWrite::Remove);
+            }
+            return;
+        };
+        if record.is_expired(now, policy) {
+            self.expire(shard, id, now);
+            return;
+        }
+        let next = if record.is_pending() {
+            DeadlineWrite::At(record.expires_at(now, policy))
+        } else {
+            DeadlineWrite::Remove
+        };
+        if let Some(deferred) = &mut shard.deferred {
+            deferred.deadline = Some(next);
+        }
     }
 
     // --- helpers, all called with the shard locked ---
@@ -1041,16 +1896,11 @@ impl Verifier {
             return;
         }
         // A full queue leaves the verification as it is, and spends no limit.
-        if self.shared.queue.len() >= self.shared.queue.capacity() {
+        if self.queue_is_full() {
             return;
         }
-        if self
-            .shared
-            .limiters
-            .check_phone(record.phone.as_u64())
-            .is_err()
-        {
-            self.shared.metrics.rejected(LimitKind::Phone);
+        let phone = record.phone;
+        if self.spend_phone(shard, &phone).is_err() {
             return;
         }
         // A full queue leaves the verification as it is; the frontend may resend later.
@@ -1078,26 +1928,25 @@ impl Verifier {
             carriers: self.shared.routes.eligible_for(&record.phone),
             avoid_carrier: record.carrier,
             passes: 0,
+            entry: None,
         };
-        let ticket = self
-            .shared
-            .queue
-            .push(job)
-            .map_err(|error| self.refused_at_queue(error))?;
+        let ticket = self.enqueue(shard, job)?;
+        let Some(record) = shard.records.get_mut(id) else {
+            return Err(ApiError::NotFound);
+        };
         record.sends = record.sends.saturating_add(1);
-        self.shared
-            .webhooks
-            .watch_delay(record.client, *id, record.sends, now);
+        let (client, sends) = (record.client, record.sends);
         record.queue_ticket = ticket;
         record.delivery = DeliveryState::Queued;
         record.resend_after_ms = now + Verification::cooldown_ms(record.sends, policy);
         record.touch();
+        self.watch_delay(shard, client, *id, sends, now);
         shard.notify(id);
         Ok(())
     }
 
     /// Sends `kind` about `id` to its client's webhook, if the client has one.
-    fn announce(&self, shard: &Shard, id: &VerificationId, kind: EventKind, now: Millis) {
+    fn announce(&self, shard: &mut Shard, id: &VerificationId, kind: EventKind, now: Millis) {
         let Some(client) = shard.records.get(id).map(|record| record.client) else {
             return;
         };
@@ -1105,7 +1954,10 @@ impl Verifier {
             return;
         }
         if let Some(view) = self.view_of(shard, id, now) {
-            self.shared.webhooks.emit(client, kind, &view, now);
+            match &mut shard.deferred {
+                Some(deferred) => deferred.events.push((client, kind, view)),
+                None => self.shared.webhooks.emit(client, kind, &view, now),
+            }
         }
     }
 
@@ -1113,10 +1965,13 @@ impl Verifier {
         let record = shard.records.get(id)?;
         let eta = (record.delivery == DeliveryState::Queued).then(|| {
             let carriers = self.shared.routes.eligible_for(&record.phone);
-            let ahead = self
-                .shared
-                .queue
-                .ahead_of(record.lane, record.queue_ticket, carriers);
+            let ahead = match &self.shared.redis {
+                None => self
+                    .shared
+                    .queue
+                    .ahead_of(record.lane, record.queue_ticket, carriers),
+                Some(_) => self.backlog_ahead(record.lane),
+            };
             ahead as f64 / self.shared.routes.pace_of(carriers)
         });
         let carriers = &self.shared.carriers;
@@ -1137,10 +1992,13 @@ impl Verifier {
     fn admit(&self, lane: u8, carriers: CarrierSet) -> Result<(), ApiError> {
         let shared = &*self.shared;
         // Refuse a full queue before any limit is spent on a send that cannot happen.
-        if shared.queue.len() >= shared.queue.capacity() {
+        if self.queue_is_full() {
             return Err(self.refused_at_queue(PushError::Full));
         }
-        let ahead = shared.queue.ahead_of_new(lane, carriers) as f64;
+        let ahead = match &shared.redis {
+            None => shared.queue.ahead_of_new(lane, carriers),
+            Some(_) => self.backlog_ahead(lane),
+        } as f64;
         let pace = shared.routes.pace_of(carriers);
         let predicted_wait = ahead / pace;
         let max_wait = shared.policy.max_extension.as_secs_f64().max(1.0);
@@ -1176,6 +2034,51 @@ impl Verifier {
     fn rejected(&self, rejection: crate::ratelimit::Rejection) -> ApiError {
         self.shared.metrics.rejected(rejection.limit);
         ApiError::from(rejection)
+    }
+}
+
+/// Tries of a redis call whose verification another instance keeps changing.
+const TXN_ROUNDS: usize = 16;
+/// Waits (20 ms each) for a request holding the same `Idempotency-Key` to finish.
+const IDEMPOTENCY_WAITS: usize = 250;
+/// Due verifications a sweep takes per group and pass.
+const SWEEP_BATCH: usize = 1024;
+/// How often a long-poll looks at Redis for changes made by other instances.
+const REDIS_LONG_POLL_EVERY: Duration = Duration::from_millis(250);
+/// How long a receipt that matches nothing yet waits for its submit answer.
+const EARLY_RECEIPT_HOLD: Duration = Duration::from_secs(30);
+
+/// A step of a start on the redis back-end.
+#[derive(Debug)]
+enum StartStep {
+    Existing(View),
+    Created(View),
+    /// The live verification expired just now; that was written, now start over.
+    Again,
+    /// No live verification: the IP's limit is spent next, then the phone's with the write.
+    SpendIp,
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn receipt_status_code(status: ReceiptStatus) -> u8 {
+    match status {
+        ReceiptStatus::Delivered => 0,
+        ReceiptStatus::Undeliverable => 1,
+        ReceiptStatus::Expired => 2,
+    }
+}
+
+fn receipt_status_of(code: u8) -> Option<ReceiptStatus> {
+    match code {
+        0 => Some(ReceiptStatus::Delivered),
+        1 => Some(ReceiptStatus::Undeliverable),
+        2 => Some(ReceiptStatus::Expired),
+        _ => None,
     }
 }
 

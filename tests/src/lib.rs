@@ -7,6 +7,8 @@
 //!   wire format exactly, records what it was sent, and answers as the test tells it.
 //! - [`capture_logs`] collects everything the gateway logs (at trace level) for secrecy checks.
 
+pub mod redis;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -34,6 +36,24 @@ pub struct Gateway {
     http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The redis-server this gateway owns (`OTPGATE_TEST_STORE=redis`); stopped with it.
+    redis: Option<redis::RedisServer>,
+}
+
+/// The server secret every gateway of a test shares on the redis back-end.
+pub const TEST_SECRET: &str = "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7";
+
+/// Whether this run puts the gateways on Redis: `OTPGATE_TEST_STORE=redis` runs the whole
+/// behaviour suite on the redis back-end, each gateway on a redis-server of its own.
+pub fn testing_redis() -> bool {
+    std::env::var("OTPGATE_TEST_STORE").is_ok_and(|store| store == "redis")
+}
+
+/// `config_toml` on the redis back-end at `url`.
+pub fn on_redis(config_toml: &str, url: &str) -> String {
+    format!(
+        "store = \"redis\"\nsecret = \"{TEST_SECRET}\"\n{config_toml}\n\n[redis]\nurl = \"{url}\"\n"
+    )
 }
 
 /// An HTTP answer, read whole.
@@ -112,6 +132,19 @@ impl Gateway {
     }
 
     pub async fn start_with_clock(config_toml: &str, clock: Clock) -> Gateway {
+        if testing_redis() && redis::require_redis() {
+            let server = redis::RedisServer::start();
+            let mut gateway =
+                Gateway::start_configured(&on_redis(config_toml, &server.url()), clock).await;
+            gateway.redis = Some(server);
+            gateway.wait_ready().await;
+            return gateway;
+        }
+        Gateway::start_configured(config_toml, clock).await
+    }
+
+    /// Starts a gateway with exactly this config (no redis-server of its own).
+    pub async fn start_configured(config_toml: &str, clock: Clock) -> Gateway {
         install_log_capture();
         let config =
             Config::from_toml(config_toml).unwrap_or_else(|error| panic!("test config: {error}"));
@@ -143,6 +176,28 @@ impl Gateway {
             http,
             stop: Some(stop),
             task: Some(task),
+            redis: None,
+        }
+    }
+
+    /// Waits (up to 10 s) until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = self
+                .http
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == 200);
+            if ready {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -1,0 +1,1532 @@
+//! The redis back-end: what must be shared by several gateway instances, or survive one, kept in
+//! Redis (standalone or Cluster) through a deadpool-redis pool.
+//!
+//! # Key layout
+//! Everything one engine call touches for one phone lives under one hash tag, the phone's
+//! *group* (`{0}` … `{f}`, the low nibble of the verification id's first byte), so every script
+//! runs on one Cluster slot:
+//!
+//! | key                         | what                                                        |
+//! |-----------------------------|-------------------------------------------------------------|
+//! | `P:{G}:v:<id>`              | a verification: hash of `r` (revision) and `b` (the record) |
+//! | `P:{G}:l:<phone>:<client>`  | the phone's live verification for a client                  |
+//! | `P:{G}:f:<phone>`           | wrong codes typed for the phone, `count:window_start`       |
+//! | `P:{G}:pl:<phone>:<rule>`   | the phone's send limit (GCRA theoretical arrival time)      |
+//! | `P:{G}:d`                   | sorted set: each verification's next deadline               |
+//! | `P:{G}:q:<lane>`            | the SMS jobs of a lane: a stream with one consumer group    |
+//! | `P:{c:<client>}:<rule>`     | a client's send limit                                       |
+//! | `P:{ip:<ip>}:<rule>`        | a citizen IP's send limit                                   |
+//! | `P:{i:<client>:<hash>}`     | an `Idempotency-Key`                                        |
+//! | `P:rc:<carrier>:<reading>`  | a carrier message id, for receipts                          |
+//! | `P:er:<carrier>:<reading>`  | a receipt that came before its submit answer                |
+//!
+//! A call reads what it needs (`LOAD`), runs the engine's own logic on that copy, and writes the
+//! result back with `COMMIT`, one Lua script that checks the revision it read (optimistic
+//! concurrency: another instance's write in between makes it start over), takes the phone's
+//! send limit on Redis's clock, writes the record, the live index, the failed checks and the
+//! deadline, and adds or acknowledges the SMS job, all in one step.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use deadpool_redis::redis::{self, RedisFuture, Value, aio::ConnectionLike};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Millis;
+use crate::config::{RedisConfig, Rule};
+use crate::otp::StoredCode;
+use crate::phone::Phone;
+use crate::queue::Job;
+use crate::store::{FailedChecks, VerificationId};
+use crate::verification::{
+    CarrierId, ClientId, DeliveryState, Extras, FailureReason, Status, Verification,
+};
+
+/// Hash-tag groups: a verification's keys and its lane's stream share one.
+pub const GROUPS: u8 = 16;
+
+/// The consumer group every instance reads the SMS streams in.
+const CONSUMER_GROUP: &str = "otpgate";
+
+/// Why the redis back-end could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis: no connection: {0}")]
+    Pool(String),
+    #[error("redis: no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: unexpected answer: {0}")]
+    Protocol(String),
+}
+
+/// The pool: one Redis, or a Cluster.
+#[derive(Clone)]
+enum Pool {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+/// A connection from either pool.
+enum Conn {
+    Single(deadpool_redis::Connection),
+    Cluster(deadpool_redis::cluster::Connection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// The redis back-end. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    shared: std::sync::Arc<Shared>,
+}
+
+struct Shared {
+    pool: Pool,
+    prefix: String,
+    timeout: Duration,
+    /// This instance's name in the consumer group.
+    consumer: String,
+    load: redis::Script,
+    commit: redis::Script,
+    gcra: redis::Script,
+    /// Whether the last call reached Redis; `/readyz` reports it.
+    reachable: AtomicBool,
+    /// Stream entries this instance has read and not yet acknowledged, with their group and
+    /// lane: kept claimed (so no one takes them over) while held.
+    held: std::sync::Mutex<HashMap<StreamEntry, (u8, u8)>>,
+}
+
+/// What `LOAD` read.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The live verification of the phone and client, when asked for.
+    pub live: Option<VerificationId>,
+    pub record: Option<(u64, Verification)>,
+    pub failed_checks: Option<FailedChecks>,
+}
+
+/// Which keys a `LOAD` reads: a record by id, or the live record of a phone and client, and the
+/// phone's failed checks.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadKeys {
+    pub group: u8,
+    pub id: Option<VerificationId>,
+    pub live: Option<(u64, ClientId)>,
+    pub failed_checks: FailedChecksOf,
+}
+
+/// Whose failed checks a `LOAD` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedChecksOf {
+    None,
+    Phone(u64),
+    /// The phone of the record read.
+    Record,
+}
+
+/// Everything one `COMMIT` writes.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub group: u8,
+    pub id: Option<VerificationId>,
+    /// The revision read (`None`: the record did not exist); unchecked unless
+    /// `check_revision`.
+    pub expected_revision: Option<u64>,
+    pub check_revision: bool,
+    /// The new record and the time to keep it.
+    pub record: Option<(Verification, Duration)>,
+    /// `(phone, client)` and the live id read, checked unchanged when `check_live`.
+    pub live_key: Option<(u64, ClientId)>,
+    pub expected_live: Option<VerificationId>,
+    pub check_live: bool,
+    pub live: LiveWrite,
+    pub failed_checks: Option<(u64, Option<FailedChecks>, Duration)>,
+    pub deadline: DeadlineWrite,
+    pub push: Option<Job>,
+    pub ack: Option<(u8, StreamEntry)>,
+    /// The phone's send rules, when this commit spends one send of them.
+    pub phone_limit: Option<(u64, Vec<Rule>)>,
+    pub clock_offset_ms: i64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum LiveWrite {
+    #[default]
+    Keep,
+    Set(VerificationId),
+    /// Removed if it still names this verification.
+    Remove(VerificationId),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum DeadlineWrite {
+    #[default]
+    Keep,
+    At(Millis),
+    Remove,
+}
+
+/// How a `COMMIT` went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    Done {
+        entry: Option<StreamEntry>,
+    },
+    /// Something it read changed meanwhile: read again and start over.
+    Conflict,
+    /// The phone's send limit refused: the rule (its index) and when to try again.
+    Limited {
+        rule: usize,
+        retry_after: Duration,
+    },
+}
+
+/// A stream entry id, `ms-seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamEntry(pub u64, pub u64);
+
+/// A job read from a stream, with where it came from.
+#[derive(Debug)]
+pub struct StreamJob {
+    pub group: u8,
+    pub lane: u8,
+    pub entry: StreamEntry,
+    pub job: Job,
+}
+
+// === impl RedisStore ===
+
+impl RedisStore {
+    /// Builds the pool and checks that Redis answers; creates the consumer groups.
+    ///
+    /// # Errors
+    /// When the URLs are malformed. An unreachable Redis is not an error here: the gateway
+    /// starts not ready and connects when Redis comes up.
+    pub async fn connect(config: &RedisConfig, lanes: &[u8]) -> Result<RedisStore, StoreError> {
+        let timeouts = deadpool_redis::Timeouts {
+            wait: Some(config.timeout),
+            create: Some(config.timeout),
+            recycle: Some(config.timeout),
+        };
+        let pool_config = deadpool_redis::PoolConfig {
+            max_size: config.pool_size,
+            timeouts,
+            ..Default::default()
+        };
+        let pool = if config.cluster {
+            let mut cfg = deadpool_redis::cluster::Config::from_urls(config.urls.clone());
+            cfg.pool = Some(pool_config);
+            Pool::Cluster(
+                cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
+                    .map_err(|error| StoreError::Pool(error.to_string()))?,
+            )
+        } else {
+            let url = config.urls.first().cloned().unwrap_or_default();
+            let mut cfg = deadpool_redis::Config::from_url(url);
+            cfg.pool = Some(pool_config);
+            Pool::Single(
+                cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
+                    .map_err(|error| StoreError::Pool(error.to_string()))?,
+            )
+        };
+        let mut random = [0u8; 6];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
+        let store = RedisStore {
+            shared: std::sync::Arc::new(Shared {
+                pool,
+                prefix: config.key_prefix.clone(),
+                timeout: config.timeout,
+                consumer: format!("{}-{}", std::process::id(), hex::encode(random)),
+                load: redis::Script::new(LOAD),
+                commit: redis::Script::new(COMMIT),
+                gcra: redis::Script::new(GCRA),
+                reachable: AtomicBool::new(false),
+                held: std::sync::Mutex::new(HashMap::new()),
+            }),
+        };
+        if let Err(error) = store.prepare_streams(lanes).await {
+            tracing::warn!(%error, "redis is not reachable yet; the gateway is not ready until it is");
+        }
+        Ok(store)
+    }
+
+    /// Creates each stream's consumer group (idempotent).
+    pub async fn prepare_streams(&self, lanes: &[u8]) -> Result<(), StoreError> {
+        for group in 0..GROUPS {
+            for &lane in lanes {
+                let key = self.stream_key(group, lane);
+                let result: Result<Value, StoreError> = self
+                    .run(
+                        redis::cmd("XGROUP")
+                            .arg("CREATE")
+                            .arg(&key)
+                            .arg(CONSUMER_GROUP)
+                            .arg("0")
+                            .arg("MKSTREAM"),
+                    )
+                    .await;
+                match result {
+                    Ok(_) => {}
+                    Err(StoreError::Redis(error)) if error.code() == Some("BUSYGROUP") => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a stream entry this instance held: it was acknowledged, or let go for another
+    /// instance (or this one, later) to take over.
+    pub fn release(&self, entry: StreamEntry) {
+        lock(&self.shared.held).remove(&entry);
+    }
+
+    fn hold(&self, job: &StreamJob) {
+        lock(&self.shared.held).insert(job.entry, (job.group, job.lane));
+    }
+
+    /// Whether the last call reached Redis.
+    pub fn is_reachable(&self) -> bool {
+        self.shared.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Pings Redis, updating [`RedisStore::is_reachable`].
+    pub async fn ping(&self) -> bool {
+        let answer: Result<String, _> = self.run(&redis::cmd("PING")).await;
+        answer.is_ok()
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        let conn = match &self.shared.pool {
+            Pool::Single(pool) => pool.get().await.map(Conn::Single),
+            Pool::Cluster(pool) => pool.get().await.map(Conn::Cluster),
+        };
+        conn.map_err(|error| {
+            self.shared.reachable.store(false, Ordering::Relaxed);
+            StoreError::Pool(error.to_string())
+        })
+    }
+
+    /// Runs a command with the call timeout, noting whether Redis answered.
+    async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let timeout = self.shared.timeout;
+        let result = tokio::time::timeout(timeout, async {
+            let mut conn = self.conn().await?;
+            cmd.query_async::<T>(&mut conn)
+                .await
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap_or(Err(StoreError::Timeout(timeout)));
+        self.note(&result);
+        result
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.shared.timeout;
+        let result = tokio::time::timeout(timeout, async {
+            let mut conn = self.conn().await?;
+            invocation
+                .invoke_async::<T>(&mut conn)
+                .await
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap_or(Err(StoreError::Timeout(timeout)));
+        self.note(&result);
+        result
+    }
+
+    fn note<T>(&self, result: &Result<T, StoreError>) {
+        let reached = match result {
+            Ok(_) => true,
+            // Redis answered, with an error: it is there.
+            Err(StoreError::Redis(error)) => {
+                !(error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_timeout())
+            }
+            Err(_) => false,
+        };
+        self.shared.reachable.store(reached, Ordering::Relaxed);
+    }
+
+    // --- keys ---
+
+    fn tagged(&self, group: u8, rest: fmt::Arguments<'_>) -> String {
+        format!("{}:{{{:x}}}:{}", self.shared.prefix, group, rest)
+    }
+
+    fn record_key(&self, id: &VerificationId) -> String {
+        self.tagged(id.group(), format_args!("v:{id}"))
+    }
+
+    fn placeholder(&self, group: u8) -> String {
+        self.tagged(group, format_args!("none"))
+    }
+
+    fn live_key(&self, group: u8, phone: u64, client: ClientId) -> String {
+        self.tagged(group, format_args!("l:{phone}:{client}"))
+    }
+
+    fn failed_key(&self, group: u8, phone: u64) -> String {
+        self.tagged(group, format_args!("f:{phone}"))
+    }
+
+    fn deadlines_key(&self, group: u8) -> String {
+        self.tagged(group, format_args!("d"))
+    }
+
+    fn stream_key(&self, group: u8, lane: u8) -> String {
+        self.tagged(group, format_args!("q:{lane}"))
+    }
+
+    // --- verifications ---
+
+    /// Reads a record (by id or through the phone's live index) and the phone's failed checks.
+    pub async fn load(&self, keys: LoadKeys) -> Result<Loaded, StoreError> {
+        let group = keys.group;
+        let placeholder = self.placeholder(group);
+        let record_key = keys
+            .id
+            .map_or_else(|| placeholder.clone(), |id| self.record_key(&id));
+        let live_key = keys.live.map_or_else(
+            || placeholder.clone(),
+            |(phone, client)| self.live_key(group, phone, client),
+        );
+        let failed_key = match keys.failed_checks {
+            FailedChecksOf::Phone(phone) => self.failed_key(group, phone),
+            FailedChecksOf::None | FailedChecksOf::Record => placeholder.clone(),
+        };
+        let mut invocation = self.shared.load.prepare_invoke();
+        invocation
+            .key(record_key)
+            .key(live_key)
+            .key(failed_key)
+            .arg(if keys.id.is_some() { "1" } else { "0" })
+            .arg(if keys.live.is_some() { "1" } else { "0" })
+            .arg(match keys.failed_checks {
+                FailedChecksOf::None => "0",
+                FailedChecksOf::Phone(_) => "1",
+                FailedChecksOf::Record => "R",
+            })
+            .arg(self.tagged(group, format_args!("v:")))
+            .arg(self.tagged(group, format_args!("f:")));
+        let (live, revision, blob, failed): (String, String, Vec<u8>, String) =
+            self.invoke(&invocation).await?;
+        let live = if live.is_empty() {
+            None
+        } else {
+            Some(
+                VerificationId::parse(&live)
+                    .ok_or_else(|| StoreError::Protocol(format!("live index holds {live:?}")))?,
+            )
+        };
+        let record = if revision.is_empty() || blob.is_empty() {
+            None
+        } else {
+            let revision: u64 = revision
+                .parse()
+                .map_err(|_| StoreError::Protocol(format!("revision {revision:?}")))?;
+            Some((revision, decode_record(&blob)?))
+        };
+        let failed_checks = parse_failed(&failed);
+        Ok(Loaded {
+            live,
+            record,
+            failed_checks,
+        })
+    }
+
+    /// Writes what a call changed, if nothing it read changed meanwhile.
+    pub async fn commit(&self, commit: Commit) -> Result<Committed, StoreError> {
+        let group = commit.group;
+        let placeholder = self.placeholder(group);
+        let mut invocation = self.shared.commit.prepare_invoke();
+        invocation
+            .key(
+                commit
+                    .id
+                    .map_or_else(|| placeholder.clone(), |id| self.record_key(&id)),
+            )
+            .key(commit.live_key.map_or_else(
+                || placeholder.clone(),
+                |(phone, client)| self.live_key(group, phone, client),
+            ))
+            .key(commit.failed_checks.as_ref().map_or_else(
+                || placeholder.clone(),
+                |(phone, _, _)| self.failed_key(group, *phone),
+            ))
+            .key(self.deadlines_key(group))
+            .key(commit.push.as_ref().map_or_else(
+                || placeholder.clone(),
+                |job| self.stream_key(group, job.lane),
+            ))
+            .key(commit.ack.map_or_else(
+                || placeholder.clone(),
+                |(lane, _)| self.stream_key(group, lane),
+            ));
+        let mut rules = String::new();
+        if let Some((phone, phone_rules)) = &commit.phone_limit {
+            for (index, rule) in phone_rules.iter().enumerate() {
+                invocation.key(self.tagged(group, format_args!("pl:{phone}:{index}")));
+                let (emission, tolerance) = gcra_params(rule);
+                if !rules.is_empty() {
+                    rules.push(';');
+                }
+                rules.push_str(&format!("{emission},{tolerance}"));
+            }
+        }
+        let (blob, ttl_ms, phone) = match &commit.record {
+            Some((record, keep)) => (
+                encode_record(record)?,
+                keep.as_millis().max(1) as u64,
+                record.phone.as_u64().to_string(),
+            ),
+            None => (Vec::new(), 0, String::new()),
+        };
+        invocation
+            .arg(match commit.expected_revision {
+                _ if !commit.check_revision => "*".to_owned(),
+                Some(revision) => revision.to_string(),
+                None => String::new(),
+            })
+            .arg(blob)
+            .arg(ttl_ms)
+            .arg(if commit.check_live {
+                commit
+                    .expected_live
+                    .map_or_else(String::new, |id| id.to_string())
+            } else {
+                "*".to_owned()
+            });
+        match commit.live {
+            LiveWrite::Keep => invocation.arg("").arg(""),
+            LiveWrite::Set(id) => invocation.arg("S").arg(id.to_string()),
+            LiveWrite::Remove(id) => invocation.arg("D").arg(id.to_string()),
+        };
+        match &commit.failed_checks {
+            None => invocation.arg("").arg("").arg(0),
+            Some((_, None, _)) => invocation.arg("D").arg("").arg(0),
+            Some((_, Some(failed), keep)) => invocation
+                .arg("S")
+                .arg(format!("{}:{}", failed.count, failed.window_start_ms))
+                .arg(keep.as_millis().max(1) as u64),
+        };
+        let member = commit.id.map_or_else(String::new, |id| id.to_string());
+        match commit.deadline {
+            DeadlineWrite::Keep => invocation.arg("").arg(0).arg(&member),
+            DeadlineWrite::At(at) => invocation.arg("A").arg(at).arg(&member),
+            DeadlineWrite::Remove => invocation.arg("R").arg(0).arg(&member),
+        };
+        invocation
+            .arg(commit.push.as_ref().map_or_else(String::new, encode_job))
+            .arg(
+                commit
+                    .ack
+                    .map_or_else(String::new, |(_, entry)| entry.to_string()),
+            )
+            .arg(CONSUMER_GROUP)
+            .arg(rules)
+            .arg(commit.clock_offset_ms)
+            .arg(phone);
+        let answer: Vec<Value> = self.invoke(&invocation).await?;
+        if let (Some((_, entry)), Some(Value::Int(1))) = (commit.ack, answer.first()) {
+            self.release(entry);
+        }
+        let int = |index: usize| match answer.get(index) {
+            Some(Value::Int(n)) => Some(*n),
+            _ => None,
+        };
+        match int(0) {
+            Some(1) => {
+                let entry = match answer.get(2) {
+                    Some(Value::BulkString(bytes)) => {
+                        std::str::from_utf8(bytes).ok().and_then(StreamEntry::parse)
+                    }
+                    _ => None,
+                };
+                Ok(Committed::Done { entry })
+            }
+            Some(0) => Ok(Committed::Conflict),
+            Some(2) => Ok(Committed::Limited {
+                retry_after: Duration::from_millis(int(1).unwrap_or(1000).max(1) as u64),
+                rule: int(2).unwrap_or(1).max(1) as usize - 1,
+            }),
+            _ => Err(StoreError::Protocol(format!("commit answered {answer:?}"))),
+        }
+    }
+
+    // --- limits ---
+
+    /// Spends one send of a client's rules (all or nothing), on Redis's clock.
+    pub async fn limit_client(
+        &self,
+        client: ClientId,
+        rules: &[Rule],
+        clock_offset_ms: i64,
+    ) -> Result<Option<(usize, Duration)>, StoreError> {
+        let keys: Vec<String> = (0..rules.len())
+            .map(|index| format!("{}:{{c:{client}}}:{index}", self.shared.prefix))
+            .collect();
+        self.limit(&keys, rules, clock_offset_ms).await
+    }
+
+    /// Spends one send of an IP's rules (all or nothing), on Redis's clock.
+    pub async fn limit_ip(
+        &self,
+        ip: IpAddr,
+        rules: &[Rule],
+        clock_offset_ms: i64,
+    ) -> Result<Option<(usize, Duration)>, StoreError> {
+        let keys: Vec<String> = (0..rules.len())
+            .map(|index| format!("{}:{{ip:{ip}}}:{index}", self.shared.prefix))
+            .collect();
+        self.limit(&keys, rules, clock_offset_ms).await
+    }
+
+    async fn limit(
+        &self,
+        keys: &[String],
+        rules: &[Rule],
+        clock_offset_ms: i64,
+    ) -> Result<Option<(usize, Duration)>, StoreError> {
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let mut invocation = self.shared.gcra.prepare_invoke();
+        let mut specs = String::new();
+        for (key, rule) in keys.iter().zip(rules) {
+            invocation.key(key);
+            let (emission, tolerance) = gcra_params(rule);
+            if !specs.is_empty() {
+                specs.push(';');
+            }
+            specs.push_str(&format!("{emission},{tolerance}"));
+        }
+        invocation.arg(specs).arg(clock_offset_ms);
+        let answer: Vec<i64> = self.invoke(&invocation).await?;
+        match answer.as_slice() {
+            [1, ..] => Ok(None),
+            [2, retry, rule] => Ok(Some((
+                (*rule).max(1) as usize - 1,
+                Duration::from_millis((*retry).max(1) as u64),
+            ))),
+            _ => Err(StoreError::Protocol(format!("limit answered {answer:?}"))),
+        }
+    }
+
+    // --- idempotency keys ---
+
+    fn idempotency_key(&self, client: ClientId, key: &str) -> String {
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes());
+        format!(
+            "{}:{{i:{client}:{}}}",
+            self.shared.prefix,
+            hex::encode(&digest[..16])
+        )
+    }
+
+    /// Claims an `Idempotency-Key` for a request (`None`), or returns what holds it already.
+    pub async fn claim_idempotency(
+        &self,
+        client: ClientId,
+        key: &str,
+        fingerprint: u64,
+        ttl: Duration,
+    ) -> Result<Option<IdempotencyHolder>, StoreError> {
+        let redis_key = self.idempotency_key(client, key);
+        let claimed: Option<String> = self
+            .run(
+                redis::cmd("SET")
+                    .arg(&redis_key)
+                    .arg(format!("{fingerprint}:pending"))
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64),
+            )
+            .await?;
+        if claimed.is_some() {
+            return Ok(None);
+        }
+        let held: Option<String> = self.run(redis::cmd("GET").arg(&redis_key)).await?;
+        let Some(held) = held else {
+            // Expired between the two calls: claim again next time round.
+            return Ok(Some(IdempotencyHolder::Pending { fingerprint }));
+        };
+        let (held_fingerprint, what) = held
+            .split_once(':')
+            .ok_or_else(|| StoreError::Protocol("idempotency entry".to_owned()))?;
+        let held_fingerprint: u64 = held_fingerprint
+            .parse()
+            .map_err(|_| StoreError::Protocol("idempotency fingerprint".to_owned()))?;
+        Ok(Some(match VerificationId::parse(what) {
+            Some(id) => IdempotencyHolder::Done {
+                fingerprint: held_fingerprint,
+                id,
+            },
+            None => IdempotencyHolder::Pending {
+                fingerprint: held_fingerprint,
+            },
+        }))
+    }
+
+    /// Records the verification an `Idempotency-Key` stands for.
+    pub async fn settle_idempotency(
+        &self,
+        client: ClientId,
+        key: &str,
+        fingerprint: u64,
+        id: VerificationId,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let _: () = self
+            .run(
+                redis::cmd("SET")
+                    .arg(self.idempotency_key(client, key))
+                    .arg(format!("{fingerprint}:{id}"))
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Lets go of a claimed key whose request failed, so a retry may use it.
+    pub async fn release_idempotency(&self, client: ClientId, key: &str) -> Result<(), StoreError> {
+        let _: () = self
+            .run(redis::cmd("DEL").arg(self.idempotency_key(client, key)))
+            .await?;
+        Ok(())
+    }
+
+    // --- receipts ---
+
+    /// Indexes a carrier's message id under each of its readings.
+    pub async fn index_receipt(
+        &self,
+        carrier: CarrierId,
+        carrier_message_id: &str,
+        id: VerificationId,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        for reading in crate::receipt::readings(carrier_message_id) {
+            let _: () = self
+                .run(
+                    redis::cmd("SET")
+                        .arg(format!("{}:rc:{carrier}:{reading}", self.shared.prefix))
+                        .arg(id.to_string())
+                        .arg("PX")
+                        .arg(keep.as_millis().max(1) as u64),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The verification a carrier message id was indexed for.
+    pub async fn find_receipt(
+        &self,
+        carrier: CarrierId,
+        carrier_message_id: &str,
+    ) -> Result<Option<VerificationId>, StoreError> {
+        for reading in crate::receipt::readings(carrier_message_id) {
+            let found: Option<String> = self
+                .run(
+                    redis::cmd("GET").arg(format!("{}:rc:{carrier}:{reading}", self.shared.prefix)),
+                )
+                .await?;
+            if let Some(id) = found.as_deref().and_then(VerificationId::parse) {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Holds a receipt that matched nothing yet, for `keep`.
+    pub async fn hold_receipt(
+        &self,
+        carrier: CarrierId,
+        carrier_message_id: &str,
+        status: u8,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        for reading in crate::receipt::readings(carrier_message_id) {
+            let _: () = self
+                .run(
+                    redis::cmd("SET")
+                        .arg(format!("{}:er:{carrier}:{reading}", self.shared.prefix))
+                        .arg(format!("{status}:{carrier_message_id}"))
+                        .arg("PX")
+                        .arg(keep.as_millis().max(1) as u64),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes a held receipt for this message id, if one came early: `(status, its id)`.
+    pub async fn take_held_receipt(
+        &self,
+        carrier: CarrierId,
+        carrier_message_id: &str,
+    ) -> Result<Option<(u8, String)>, StoreError> {
+        for reading in crate::receipt::readings(carrier_message_id) {
+            let held: Option<String> = self
+                .run(
+                    redis::cmd("GETDEL")
+                        .arg(format!("{}:er:{carrier}:{reading}", self.shared.prefix)),
+                )
+                .await?;
+            if let Some((status, id)) = held.as_deref().and_then(|held| held.split_once(':')) {
+                if let Ok(status) = status.parse() {
+                    return Ok(Some((status, id.to_owned())));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    // --- the SMS streams ---
+
+    /// Reads up to `count` new jobs of one group, every lane at once.
+    pub async fn read_jobs(
+        &self,
+        group: u8,
+        lanes: &[u8],
+        count: usize,
+    ) -> Result<Vec<StreamJob>, StoreError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(CONSUMER_GROUP)
+            .arg(&self.shared.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS");
+        for &lane in lanes {
+            cmd.arg(self.stream_key(group, lane));
+        }
+        for _ in lanes {
+            cmd.arg(">");
+        }
+        let reply: Option<redis::streams::StreamReadReply> = self.run(&cmd).await?;
+        Ok(self.jobs_of(
+            group,
+            lanes,
+            reply.map(|reply| reply.keys).unwrap_or_default(),
+        ))
+    }
+
+    fn jobs_of(
+        &self,
+        group: u8,
+        lanes: &[u8],
+        keys: Vec<redis::streams::StreamKey>,
+    ) -> Vec<StreamJob> {
+        let mut jobs = Vec::new();
+        for key in keys {
+            let Some(&lane) = lanes
+                .iter()
+                .find(|&&lane| self.stream_key(group, lane) == key.key)
+            else {
+                continue;
+            };
+            for entry in key.ids {
+                self.push_entry(group, lane, &entry.id, &entry.map, &mut jobs);
+            }
+        }
+        jobs
+    }
+
+    fn push_entry(
+        &self,
+        group: u8,
+        lane: u8,
+        entry: &str,
+        map: &HashMap<String, Value>,
+        jobs: &mut Vec<StreamJob>,
+    ) {
+        let Some(entry) = StreamEntry::parse(entry) else {
+            return;
+        };
+        let job = match map.get("j") {
+            Some(Value::BulkString(bytes)) => std::str::from_utf8(bytes).ok().and_then(decode_job),
+            _ => None,
+        };
+        match job {
+            Some(mut job) => {
+                job.entry = Some(entry);
+                jobs.push(StreamJob {
+                    group,
+                    lane,
+                    entry,
+                    job,
+                });
+            }
+            None => {
+                tracing::warn!(%entry, "an SMS stream holds an entry that is not a job; skipped")
+            }
+        }
+    }
+
+    /// Takes over jobs another consumer has held for longer than `idle` (a dead instance's).
+    pub async fn reclaim_jobs(
+        &self,
+        group: u8,
+        lane: u8,
+        idle: Duration,
+        count: usize,
+    ) -> Result<Vec<StreamJob>, StoreError> {
+        let reply: redis::streams::StreamAutoClaimReply = self
+            .run(
+                redis::cmd("XAUTOCLAIM")
+                    .arg(self.stream_key(group, lane))
+                    .arg(CONSUMER_GROUP)
+                    .arg(&self.shared.consumer)
+                    .arg(idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        let mut jobs = Vec::new();
+        for entry in reply.claimed {
+            self.push_entry(group, lane, &entry.id, &entry.map, &mut jobs);
+        }
+        Ok(jobs)
+    }
+
+    /// Tells the group this instance still holds `entries`, so no one reclaims them.
+    pub async fn keep_jobs(
+        &self,
+        group: u8,
+        lane: u8,
+        entries: &[StreamEntry],
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(self.stream_key(group, lane))
+            .arg(CONSUMER_GROUP)
+            .arg(&self.shared.consumer)
+            .arg(0);
+        for entry in entries {
+            cmd.arg(entry.to_string());
+        }
+        cmd.arg("JUSTID");
+        let _: Value = self.run(&cmd).await?;
+        Ok(())
+    }
+
+    /// Jobs in a lane's streams not yet acknowledged: queued or being sent, by every instance.
+    pub async fn backlog(&self, lane: u8) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for group in 0..GROUPS {
+            let n: u64 = self
+                .run(redis::cmd("XLEN").arg(self.stream_key(group, lane)))
+                .await?;
+            total += n;
+        }
+        Ok(total)
+    }
+
+    /// Pending verifications, every group (each has a deadline until it ends).
+    pub async fn pending_count(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for group in 0..GROUPS {
+            let n: u64 = self
+                .run(redis::cmd("ZCARD").arg(self.deadlines_key(group)))
+                .await?;
+            total += n;
+        }
+        Ok(total)
+    }
+
+    /// Verifications of a group whose deadline has come, at most `count`.
+    pub async fn due(
+        &self,
+        group: u8,
+        now: Millis,
+        count: usize,
+    ) -> Result<Vec<VerificationId>, StoreError> {
+        let ids: Vec<String> = self
+            .run(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.deadlines_key(group))
+                    .arg("-inf")
+                    .arg(now)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(count),
+            )
+            .await?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| VerificationId::parse(id))
+            .collect())
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.shared.prefix)
+            .field("consumer", &self.shared.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Moves SMS jobs from the streams into this instance's queue, as fast as its carriers take
+/// them: reads new jobs while the queue holds fewer than `prefetch`, takes over jobs other
+/// instances stopped acknowledging, and keeps its own held jobs claimed. Stops when `stop`
+/// fires or the queue closes.
+pub async fn feed(
+    store: RedisStore,
+    queue: crate::queue::Queue,
+    lanes: Vec<u8>,
+    prefetch: usize,
+    claim_after: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut last_reclaim = tokio::time::Instant::now();
+    let mut last_keep = tokio::time::Instant::now();
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let mut got = 0;
+        let mut failed = false;
+        for group in 0..GROUPS {
+            let room = prefetch.saturating_sub(queue.len());
+            if room == 0 {
+                break;
+            }
+            match store.read_jobs(group, &lanes, room.min(256)).await {
+                Ok(jobs) => {
+                    got += jobs.len();
+                    if !push_all(&store, &queue, jobs) {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "reading SMS jobs from redis failed");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if !failed && now >= last_reclaim + claim_after / 2 {
+            last_reclaim = now;
+            'groups: for group in 0..GROUPS {
+                for &lane in &lanes {
+                    match store.reclaim_jobs(group, lane, claim_after, 256).await {
+                        Ok(jobs) => {
+                            if !jobs.is_empty() {
+                                tracing::info!(
+                                    jobs = jobs.len(),
+                                    group,
+                                    lane,
+                                    "took over SMS jobs another instance held too long"
+                                );
+                            }
+                            got += jobs.len();
+                            if !push_all(&store, &queue, jobs) {
+                                return;
+                            }
+                        }
+                        Err(_) => break 'groups,
+                    }
+                }
+            }
+        }
+        if !failed && now >= last_keep + claim_after / 3 {
+            last_keep = now;
+            let mut by_stream: HashMap<(u8, u8), Vec<StreamEntry>> = HashMap::new();
+            for (entry, stream) in lock(&store.shared.held).iter() {
+                by_stream.entry(*stream).or_default().push(*entry);
+            }
+            for ((group, lane), entries) in by_stream {
+                for chunk in entries.chunks(512) {
+                    if let Err(error) = store.keep_jobs(group, lane, chunk).await {
+                        tracing::debug!(%error, "keeping held SMS jobs claimed failed");
+                    }
+                }
+            }
+        }
+        let pause = if failed {
+            Duration::from_millis(200)
+        } else if got == 0 {
+            FEED_IDLE_PAUSE
+        } else {
+            Duration::ZERO
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => return,
+            }
+        } else if queue.len() >= prefetch {
+            // Full: let the carriers take some.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// How long the feeder waits when every stream was empty.
+const FEED_IDLE_PAUSE: Duration = Duration::from_millis(10);
+
+/// Puts jobs read from Redis in the local queue; false once the queue is closed.
+fn push_all(store: &RedisStore, queue: &crate::queue::Queue, jobs: Vec<StreamJob>) -> bool {
+    for job in jobs {
+        if lock(&store.shared.held).contains_key(&job.entry) {
+            continue;
+        }
+        store.hold(&job);
+        let entry = job.entry;
+        if queue.push(job.job).is_err() {
+            // Closed (shutting down) or full: the job stays pending in its stream, for
+            // another instance to take over.
+            store.release(entry);
+            return !queue.is_closed();
+        }
+    }
+    true
+}
+
+/// Who holds an `Idempotency-Key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdempotencyHolder {
+    /// A request still creating its verification.
+    Pending { fingerprint: u64 },
+    Done {
+        fingerprint: u64,
+        id: VerificationId,
+    },
+}
+
+/// GCRA's emission interval and tolerance, in ms, for `max` sends per `per`.
+fn gcra_params(rule: &Rule) -> (u64, u64) {
+    let per = rule.per.as_millis().max(1) as u64;
+    let emission = (per / u64::from(rule.max.get())).max(1);
+    (emission, emission * u64::from(rule.max.get() - 1))
+}
+
+fn parse_failed(text: &str) -> Option<FailedChecks> {
+    let (count, start) = text.split_once(':')?;
+    Some(FailedChecks {
+        count: count.parse().ok()?,
+        window_start_ms: start.parse().ok()?,
+    })
+}
+
+// === impl StreamEntry ===
+
+impl StreamEntry {
+    pub fn parse(text: &str) -> Option<StreamEntry> {
+        let (ms, seq) = text.split_once('-')?;
+        Some(StreamEntry(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl fmt::Display for StreamEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+// --- jobs in streams ---
+
+fn encode_job(job: &Job) -> String {
+    format!(
+        "{}:{}:{}:{}:{}:{}:{}",
+        job.id,
+        job.send_no,
+        job.lane,
+        job.deadline_ms,
+        job.enqueued_ms,
+        job.carriers,
+        job.avoid_carrier.map_or(-1, i16::from),
+    )
+}
+
+fn decode_job(text: &str) -> Option<Job> {
+    let mut parts = text.split(':');
+    let id = VerificationId::parse(parts.next()?)?;
+    let send_no = parts.next()?.parse().ok()?;
+    let lane = parts.next()?.parse().ok()?;
+    let deadline_ms = parts.next()?.parse().ok()?;
+    let enqueued_ms = parts.next()?.parse().ok()?;
+    let carriers = parts.next()?.parse().ok()?;
+    let avoid: i16 = parts.next()?.parse().ok()?;
+    if carriers == 0 || parts.next().is_some() {
+        return None;
+    }
+    Some(Job {
+        id,
+        send_no,
+        lane,
+        deadline_ms,
+        seq: 0,
+        enqueued_ms,
+        attempts: 0,
+        carriers,
+        avoid_carrier: u8::try_from(avoid).ok(),
+        passes: 0,
+        entry: None,
+    })
+}
+
+// --- records ---
+
+/// A verification as Redis keeps it (JSON with short names: readable with `redis-cli`, and
+/// small).
+#[derive(Serialize, Deserialize)]
+struct StoredRecord {
+    p: u64,
+    pc: u8,
+    cl: ClientId,
+    s: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fr: Option<u8>,
+    d: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    c: Option<CarrierId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    m: Option<String>,
+    da: u16,
+    n: u8,
+    al: u8,
+    tag: String,
+    sl: u32,
+    cr: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fx: Option<Millis>,
+    ra: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    e: Option<Millis>,
+    ln: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lo: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wo: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ah: Option<String>,
+    v: u32,
+}
+
+const STATUSES: [Status; 5] = [
+    Status::Pending,
+    Status::Approved,
+    Status::Expired,
+    Status::Canceled,
+    Status::Failed,
+];
+const DELIVERIES: [DeliveryState; 4] = [
+    DeliveryState::Queued,
+    DeliveryState::Submitted,
+    DeliveryState::Delivered,
+    DeliveryState::Undeliverable,
+];
+const FAILURES: [FailureReason; 2] = [FailureReason::TooManyAttempts, FailureReason::Undeliverable];
+
+fn index_of<T: PartialEq>(all: &[T], value: &T) -> u8 {
+    all.iter().position(|item| item == value).unwrap_or(0) as u8
+}
+
+/// Encodes a record for Redis.
+pub fn encode_record(record: &Verification) -> Result<Vec<u8>, StoreError> {
+    let (p, pc) = record.phone.to_parts();
+    let (tag, sl) = record.code.to_parts();
+    let extras = record.extras.as_deref();
+    let stored = StoredRecord {
+        p,
+        pc,
+        cl: record.client,
+        s: index_of(&STATUSES, &record.status),
+        fr: record.failure.map(|failure| index_of(&FAILURES, &failure)),
+        d: index_of(&DELIVERIES, &record.delivery),
+        c: record.carrier,
+        m: record.carrier_message_id.as_deref().map(str::to_owned),
+        da: record.delivery_attempts,
+        n: record.sends,
+        al: record.attempts_left,
+        tag: hex::encode(tag),
+        sl,
+        cr: record.created_ms,
+        fx: record.fixed_expiry_ms,
+        ra: record.resend_after_ms,
+        e: record.ended_ms,
+        ln: record.lane,
+        lo: extras.and_then(|x| x.locale.as_deref().map(str::to_owned)),
+        wo: extras.and_then(|x| x.web_origin_host.as_deref().map(str::to_owned)),
+        ah: extras.and_then(|x| x.app_hash.as_deref().map(str::to_owned)),
+        v: record.version,
+    };
+    serde_json::to_vec(&stored).map_err(|error| StoreError::Protocol(error.to_string()))
+}
+
+/// Decodes a record written by [`encode_record`].
+pub fn decode_record(bytes: &[u8]) -> Result<Verification, StoreError> {
+    let stored: StoredRecord = serde_json::from_slice(bytes)
+        .map_err(|error| StoreError::Protocol(format!("a record does not parse: {error}")))?;
+    let mut tag = [0u8; 32];
+    hex::decode_to_slice(&stored.tag, &mut tag)
+        .map_err(|_| StoreError::Protocol("a record's code tag".to_owned()))?;
+    let pick = |all_len: usize, index: u8| -> Result<usize, StoreError> {
+        let index = usize::from(index);
+        if index < all_len {
+            Ok(index)
+        } else {
+            Err(StoreError::Protocol(format!("a record's enum {index}")))
+        }
+    };
+    let extras = (stored.lo.is_some() || stored.wo.is_some() || stored.ah.is_some()).then(|| {
+        Box::new(Extras {
+            locale: stored.lo.map(String::into_boxed_str),
+            web_origin_host: stored.wo.map(String::into_boxed_str),
+            app_hash: stored.ah.map(String::into_boxed_str),
+        })
+    });
+    Ok(Verification {
+        phone: Phone::from_parts(stored.p, stored.pc),
+        client: stored.cl,
+        status: STATUSES[pick(STATUSES.len(), stored.s)?],
+        failure: match stored.fr {
+            Some(index) => Some(FAILURES[pick(FAILURES.len(), index)?]),
+            None => None,
+        },
+        delivery: DELIVERIES[pick(DELIVERIES.len(), stored.d)?],
+        carrier: stored.c,
+        carrier_message_id: stored.m.map(String::into_boxed_str),
+        delivery_attempts: stored.da,
+        sends: stored.n,
+        attempts_left: stored.al,
+        code: StoredCode::from_parts(tag, stored.sl),
+        created_ms: stored.cr,
+        fixed_expiry_ms: stored.fx,
+        resend_after_ms: stored.ra,
+        ended_ms: stored.e,
+        lane: stored.ln,
+        queue_ticket: 0,
+        extras,
+        version: stored.v,
+    })
+}
+
+// --- scripts ---
+
+/// Reads a record (by id, or through the live index), and the failed checks.
+/// KEYS: record, live, failed checks (a placeholder where unused).
+/// ARGV: whether to read the record and the live index (`1`/`0`), the failed checks (`1`, `0`,
+/// or `R`: those of the record's phone), the record key prefix of the group, the failed-checks
+/// key prefix of the group.
+const LOAD: &str = r"
+local live = false
+local rkey = false
+if ARGV[1] == '1' then rkey = KEYS[1] end
+if ARGV[2] == '1' then
+  live = redis.call('GET', KEYS[2])
+  if live and not rkey then rkey = ARGV[4] .. live end
+end
+local rev, blob, phone = false, false, false
+if rkey then
+  local fields = redis.call('HMGET', rkey, 'r', 'b', 'p')
+  rev, blob, phone = fields[1], fields[2], fields[3]
+end
+local failed = false
+if ARGV[3] == '1' then
+  failed = redis.call('GET', KEYS[3])
+elseif ARGV[3] == 'R' and phone then
+  failed = redis.call('GET', ARGV[5] .. phone)
+end
+return {live or '', rev or '', blob or '', failed or ''}
+";
+
+/// Writes a call's changes if the record (and live index) are as read.
+/// KEYS: 1 record, 2 live, 3 failed checks, 4 deadlines, 5 stream to add to, 6 stream to
+/// acknowledge in, 7.. the phone's limit keys.
+/// ARGV: 1 expected revision ('' = absent, '*' = unchecked), 2 record ('' = unchanged), 3 keep ms,
+/// 4 expected live ('*' = unchecked, '' = absent), 5 live op ('', S, D), 6 live id,
+/// 7 failed op ('', S, D), 8 failed value, 9 failed keep ms, 10 deadline op ('', A, R),
+/// 11 deadline, 12 member, 13 job ('' = none), 14 entry to acknowledge ('' = none),
+/// 15 consumer group, 16 phone rules ('T,tau;…', '' = none), 17 clock offset ms, 18 the
+/// record's phone digits.
+/// Returns {1, revision, entry} | {0} (conflict) | {2, retry ms, rule}.
+const COMMIT: &str = r"
+local rev = redis.call('HGET', KEYS[1], 'r')
+if ARGV[1] == '' then
+  if rev then return {0} end
+elseif ARGV[1] ~= '*' and rev ~= ARGV[1] then
+  return {0}
+end
+if ARGV[4] ~= '*' then
+  local live = redis.call('GET', KEYS[2])
+  if ARGV[4] == '' then
+    if live then return {0} end
+  elseif live ~= ARGV[4] then
+    return {0}
+  end
+end
+if ARGV[16] ~= '' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[17])
+  local tats = {}
+  local i = 0
+  for spec in string.gmatch(ARGV[16], '[^;]+') do
+    i = i + 1
+    local emission, tolerance = string.match(spec, '(%d+),(%d+)')
+    emission, tolerance = tonumber(emission), tonumber(tolerance)
+    local tat = tonumber(redis.call('GET', KEYS[6 + i])) or now
+    if tat < now then tat = now end
+    if now < tat - tolerance then return {2, tat - tolerance - now, i} end
+    tats[i] = tat + emission
+  end
+  for j = 1, i do
+    redis.call('SET', KEYS[6 + j], string.format('%d', tats[j]), 'PX', string.format('%d', math.max(1, tats[j] - now)))
+  end
+end
+local newrev = tonumber(rev) or 0
+if ARGV[2] ~= '' then
+  newrev = redis.call('HINCRBY', KEYS[1], 'r', 1)
+  redis.call('HSET', KEYS[1], 'b', ARGV[2], 'p', ARGV[18])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+if ARGV[5] == 'S' then
+  redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[3])
+elseif ARGV[5] == 'D' then
+  if redis.call('GET', KEYS[2]) == ARGV[6] then redis.call('DEL', KEYS[2]) end
+end
+if ARGV[7] == 'S' then
+  redis.call('SET', KEYS[3], ARGV[8], 'PX', ARGV[9])
+elseif ARGV[7] == 'D' then
+  redis.call('DEL', KEYS[3])
+end
+if ARGV[10] == 'A' then
+  redis.call('ZADD', KEYS[4], ARGV[11], ARGV[12])
+elseif ARGV[10] == 'R' then
+  redis.call('ZREM', KEYS[4], ARGV[12])
+end
+local entry = ''
+if ARGV[13] ~= '' then
+  entry = redis.call('XADD', KEYS[5], '*', 'j', ARGV[13])
+end
+if ARGV[14] ~= '' then
+  redis.call('XACK', KEYS[6], ARGV[15], ARGV[14])
+  redis.call('XDEL', KEYS[6], ARGV[14])
+end
+return {1, newrev, entry}
+";
+
+/// Spends one send of every rule, or none: GCRA on Redis's clock.
+/// KEYS: one per rule. ARGV: 1 rules ('T,tau;…'), 2 clock offset ms.
+/// Returns {1} | {2, retry ms, rule}.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local tats = {}
+local i = 0
+for spec in string.gmatch(ARGV[1], '[^;]+') do
+  i = i + 1
+  local emission, tolerance = string.match(spec, '(%d+),(%d+)')
+  emission, tolerance = tonumber(emission), tonumber(tolerance)
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  if tat < now then tat = now end
+  if now < tat - tolerance then return {2, tat - tolerance - now, i} end
+  tats[i] = tat + emission
+end
+for j = 1, i do
+  redis.call('SET', KEYS[j], string.format('%d', tats[j]), 'PX', string.format('%d', math.max(1, tats[j] - now)))
+end
+return {1}
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_round_trip_through_their_stream_form() {
+        let (phone, _) = Phone::parse("+393331234567").unwrap();
+        let job = Job {
+            id: VerificationId::new_for(&phone),
+            send_no: 2,
+            lane: 3,
+            deadline_ms: 1_700_000_000_123,
+            seq: 9,
+            enqueued_ms: 1_700_000_000_000,
+            attempts: 4,
+            carriers: 0b101,
+            avoid_carrier: Some(2),
+            passes: 1,
+            entry: None,
+        };
+        let back = decode_job(&encode_job(&job)).unwrap();
+        assert_eq!(back.id, job.id);
+        assert_eq!(
+            (back.send_no, back.lane, back.deadline_ms, back.enqueued_ms),
+            (2, 3, job.deadline_ms, job.enqueued_ms)
+        );
+        assert_eq!((back.carriers, back.avoid_carrier), (0b101, Some(2)));
+        assert!(decode_job("garbage").is_none());
+        assert!(decode_job(&encode_job(&job).replace(":5:", ":0:")).is_none());
+    }
+
+    #[test]
+    fn gcra_allows_the_whole_burst_then_one_per_emission() {
+        let rule = Rule {
+            max: std::num::NonZeroU32::new(3).unwrap(),
+            per: Duration::from_secs(60),
+        };
+        assert_eq!(gcra_params(&rule), (20_000, 40_000));
+    }
+
+    #[test]
+    fn stream_entries_parse_and_print() {
+        assert_eq!(StreamEntry::parse("17-3"), Some(StreamEntry(17, 3)));
+        assert_eq!(StreamEntry(17, 3).to_string(), "17-3");
+        assert_eq!(StreamEntry::parse("17"), None);
+    }
+}
