@@ -73,6 +73,8 @@ pub fn spawn(verifier: Verifier, carriers: Vec<Carrier>) -> JoinSet<()> {
 const MAX_PASSES: u8 = 10;
 /// How long a passed-on job waits before it is offered again.
 const PASS_PAUSE: Duration = Duration::from_millis(20);
+/// How long a job waits when the store did not answer before it is tried again.
+const STORE_PAUSE: Duration = Duration::from_millis(250);
 
 async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     let window = carrier.config.window.get() as usize;
@@ -138,6 +140,14 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     // The pace cell and breaker permit this job took were not used: the next
                     // job has them.
                     Prepared::Dropped => {
+                        queue.settle();
+                        next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
+                    }
+                    Prepared::Later => {
+                        let requeuer = verifier.clone();
+                        queue.defer(job, STORE_PAUSE, move |job| {
+                            requeuer.requeue(job);
+                        });
                         queue.settle();
                         next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
                     }

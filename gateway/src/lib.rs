@@ -42,6 +42,7 @@ use std::num::NonZeroU32;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::carrier::Connector;
 use crate::clock::Clock;
@@ -177,29 +178,32 @@ pub async fn run(
                 .map(|c| c.window.get() as usize + c.pace_per_sec.get() as usize / 4)
                 .sum::<usize>()
                 .clamp(64, 20_000);
-            Some(tokio::spawn(redis_store::feed(
+            // Every task of the gateway ends with `run`, even when `run` is dropped mid-way (a
+            // test's stand-in for a crash), as they would with the process.
+            Some(AbortOnDropHandle::new(tokio::spawn(redis_store::feed(
                 redis.clone(),
                 queue.clone(),
                 lanes.clone(),
                 prefetch,
                 redis_config.claim_after,
                 feeding.clone(),
-            )))
+            ))))
         }
         _ => None,
     };
     let webhooks_stop = CancellationToken::new();
-    let webhook_sender = tokio::spawn(webhooks.clone().run(webhooks_stop.clone()));
-    let sweeper = tokio::spawn(sweep(
+    let webhook_sender =
+        AbortOnDropHandle::new(tokio::spawn(webhooks.clone().run(webhooks_stop.clone())));
+    let sweeper = AbortOnDropHandle::new(tokio::spawn(sweep(
         verifier.clone(),
         config.sweep_interval,
         background.clone(),
-    ));
+    )));
 
     let api_shutdown = CancellationToken::new();
     let api_addr = listeners.api.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    let api = tokio::spawn(server::serve(
+    let api = AbortOnDropHandle::new(tokio::spawn(server::serve(
         listeners.api,
         routes::router(routes::ApiState {
             verifier: verifier.clone(),
@@ -209,8 +213,8 @@ pub async fn run(
         config.max_connections,
         api_shutdown.clone(),
         config.shutdown_grace,
-    ));
-    let admin = tokio::spawn(server::serve(
+    )));
+    let admin = AbortOnDropHandle::new(tokio::spawn(server::serve(
         listeners.admin,
         admin::router(admin::AdminState {
             verifier: verifier.clone(),
@@ -219,7 +223,7 @@ pub async fn run(
         64,
         background.clone(),
         std::time::Duration::from_secs(1),
-    ));
+    )));
     tracing::info!(api = %api_addr, admin = %admin_addr, carriers = config.carriers.len(), "otpgate listening");
 
     shutdown.await;

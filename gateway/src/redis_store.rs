@@ -778,14 +778,28 @@ impl RedisStore {
         Ok(None)
     }
 
-    /// Holds a receipt that matched nothing yet, for `keep`.
+    fn held_receipts_key(&self) -> String {
+        format!("{}:er:due", self.shared.prefix)
+    }
+
+    /// Holds a receipt that matched nothing yet, for `keep`; until `now + keep` it is due in
+    /// the held set, where [`RedisStore::expired_receipts`] finds it if it is never taken.
     pub async fn hold_receipt(
         &self,
         carrier: CarrierId,
         carrier_message_id: &str,
         status: u8,
         keep: Duration,
+        now: Millis,
     ) -> Result<(), StoreError> {
+        let _: () = self
+            .run(
+                redis::cmd("ZADD")
+                    .arg(self.held_receipts_key())
+                    .arg(now + keep.as_millis() as Millis)
+                    .arg(format!("{carrier}:{carrier_message_id}")),
+            )
+            .await?;
         for reading in crate::receipt::readings(carrier_message_id) {
             let _: () = self
                 .run(
@@ -815,11 +829,53 @@ impl RedisStore {
                 .await?;
             if let Some((status, id)) = held.as_deref().and_then(|held| held.split_once(':')) {
                 if let Ok(status) = status.parse() {
+                    let _: () = self
+                        .run(
+                            redis::cmd("ZREM")
+                                .arg(self.held_receipts_key())
+                                .arg(format!("{carrier}:{id}")),
+                        )
+                        .await?;
                     return Ok(Some((status, id.to_owned())));
                 }
             }
         }
         Ok(None)
+    }
+
+    /// Held receipts whose time ran out untaken, each counted by exactly one instance: the
+    /// carriers they came from.
+    pub async fn expired_receipts(&self, now: Millis) -> Result<Vec<CarrierId>, StoreError> {
+        let due: Vec<String> = self
+            .run(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.held_receipts_key())
+                    .arg("-inf")
+                    .arg(now)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(1000),
+            )
+            .await?;
+        let mut carriers = Vec::new();
+        for member in due {
+            let removed: u64 = self
+                .run(
+                    redis::cmd("ZREM")
+                        .arg(self.held_receipts_key())
+                        .arg(&member),
+                )
+                .await?;
+            if removed == 1 {
+                if let Some(carrier) = member
+                    .split_once(':')
+                    .and_then(|(carrier, _)| carrier.parse().ok())
+                {
+                    carriers.push(carrier);
+                }
+            }
+        }
+        Ok(carriers)
     }
 
     // --- the SMS streams ---

@@ -134,6 +134,8 @@ pub struct CheckAnswer {
 pub enum Prepared {
     Send(OutboundSms),
     Dropped,
+    /// The store did not answer: the job waits and is tried again.
+    Later,
 }
 
 /// A carrier's answer, as the engine records it.
@@ -611,14 +613,9 @@ impl Verifier {
             .await;
         match prepared {
             Ok(prepared) => prepared,
-            Err(_) => {
-                // The store is unreachable: the job stays unacknowledged in its stream, where
-                // an instance takes it over once Redis answers.
-                if let (Some(redis), Some(entry)) = (&self.shared.redis, job.entry) {
-                    redis.release(entry);
-                }
-                Prepared::Dropped
-            }
+            // The store is unreachable: the job stays here (and unacknowledged in its stream)
+            // until it answers again.
+            Err(_) => Prepared::Later,
         }
     }
 
@@ -698,25 +695,42 @@ impl Verifier {
         let shared = &*self.shared;
         if let Some(redis) = &shared.redis {
             let ends_job = !matches!(completion, Completion::Retry);
-            let recorded = self
-                .with_record(&job.id, false, |this, shard, now| {
-                    let mut receipt_id = None;
-                    this.record_completion_in(
-                        shard,
-                        job,
-                        carrier,
-                        completion.clone(),
-                        now,
-                        &mut receipt_id,
-                    );
-                    if ends_job {
-                        this.acknowledge(shard, job);
-                    }
-                    Ok(receipt_id)
-                })
-                .await;
+            let keys = LoadKeys {
+                group: job.id.group(),
+                id: Some(job.id),
+                live: None,
+                failed_checks: FailedChecksOf::None,
+            };
+            // A carrier's answer is what the verification's state and the job's stream entry
+            // hang on: while Redis is away, keep trying (holding this submit's window slot, so
+            // the carrier slows down rather than sending what cannot be recorded).
+            let mut pause = Duration::from_millis(50);
+            let recorded = loop {
+                let recorded = self
+                    .txn_deferring(redis, keys, |this, shard, now| {
+                        let mut receipt_id = None;
+                        this.record_completion_in(
+                            shard,
+                            job,
+                            carrier,
+                            completion.clone(),
+                            now,
+                            &mut receipt_id,
+                        );
+                        if ends_job {
+                            this.acknowledge(shard, job);
+                        }
+                        Ok(receipt_id)
+                    })
+                    .await;
+                if recorded.is_ok() || pause > COMPLETION_RETRY_MAX || !ends_job {
+                    break recorded;
+                }
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            };
             match recorded {
-                Ok(Some(receipt_id)) => {
+                Ok((Some(receipt_id), deferred)) => {
                     let keep = shared.policy.retention
                         + shared.policy.code_ttl
                         + shared.policy.max_extension;
@@ -726,6 +740,9 @@ impl Verifier {
                     if let Err(error) = indexed {
                         tracing::warn!(%error, verification = %job.id, "a carrier message id could not be indexed for receipts");
                     }
+                    // Only now may the client hear of the submit, so that a receipt it expects
+                    // finds the id.
+                    self.apply_deferred(deferred, shared.clock.now_ms());
                     if let Ok(Some((status, early_id))) =
                         redis.take_held_receipt(carrier, &receipt_id).await
                     {
@@ -734,7 +751,7 @@ impl Verifier {
                         }
                     }
                 }
-                Ok(None) => {}
+                Ok((None, deferred)) => self.apply_deferred(deferred, shared.clock.now_ms()),
                 Err(error) => {
                     tracing::warn!(?error, verification = %job.id, "a carrier's answer could not be recorded; the job stays in its stream");
                 }
@@ -888,6 +905,7 @@ impl Verifier {
                     carrier_message_id,
                     receipt_status_code(status),
                     EARLY_RECEIPT_HOLD,
+                    shared.clock.now_ms(),
                 )
                 .await
                 .map_err(unavailable)?;
@@ -1356,8 +1374,20 @@ impl Verifier {
         &self,
         redis: &RedisStore,
         keys: LoadKeys,
-        mut body: impl FnMut(&Verifier, &mut Shard, Millis) -> Result<T, ApiError>,
+        body: impl FnMut(&Verifier, &mut Shard, Millis) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
+        let (result, deferred) = self.txn_deferring(redis, keys, body).await?;
+        self.apply_deferred(deferred, self.shared.clock.now_ms());
+        Ok(result)
+    }
+
+    /// [`Verifier::txn`], leaving what the written call does outside the store to the caller.
+    async fn txn_deferring<T>(
+        &self,
+        redis: &RedisStore,
+        keys: LoadKeys,
+        mut body: impl FnMut(&Verifier, &mut Shard, Millis) -> Result<T, ApiError>,
+    ) -> Result<(T, Deferred), ApiError> {
         let shared = &*self.shared;
         let retention_ms = shared.policy.retention.as_millis() as Millis;
         let mut phone_refused = None;
@@ -1518,8 +1548,13 @@ impl Verifier {
                     }
                 }
             }
-            self.apply_deferred(deferred, now);
-            return result;
+            return match result {
+                Ok(result) => Ok((result, deferred)),
+                Err(error) => {
+                    self.apply_deferred(deferred, now);
+                    Err(error)
+                }
+            };
         }
         tracing::warn!(
             group = keys.group,
@@ -1804,6 +1839,12 @@ impl Verifier {
                 .metrics
                 .set_predicted_wait(*lane, self.backlog_ahead(*lane) as f64 / pace);
         }
+        // Receipts held for a submit answer that never named them: unmatched after all.
+        if let Ok(carriers) = redis.expired_receipts(now).await {
+            for carrier in carriers {
+                shared.metrics.carrier(carrier as usize).receipt_unmatched();
+            }
+        }
         if let Ok(pending) = redis.pending_count().await {
             shared.metrics.set_live(pending as usize);
         }
@@ -2041,6 +2082,9 @@ impl Verifier {
 const TXN_ROUNDS: usize = 16;
 /// Waits (20 ms each) for a request holding the same `Idempotency-Key` to finish.
 const IDEMPOTENCY_WAITS: usize = 250;
+/// The longest pause between tries to record a carrier's answer while Redis is away (they
+/// double from 50 ms: about a minute in all).
+const COMPLETION_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Due verifications a sweep takes per group and pass.
 const SWEEP_BATCH: usize = 1024;
 /// How often a long-poll looks at Redis for changes made by other instances.

@@ -9,6 +9,7 @@ mod failover;
 mod limits;
 mod openapi;
 mod receipts;
+mod redis;
 mod redis_harness;
 mod routing;
 mod secrecy;

@@ -1,0 +1,275 @@
+//! The redis back-end with several gateway instances on one real redis-server (or a 3-master
+//! Redis Cluster), each started by the test on a free port: shared limits and verifications,
+//! a shared queue drained by all, an instance dying mid-load, Redis going away and coming back.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tests::redis::{RedisCluster, RedisOptions, RedisServer, require_redis};
+use tests::{FakeCarrier, Gateway, Reply, on_redis, phone};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+async fn instance(config: &str, url: &str) -> Gateway {
+    let gateway =
+        Gateway::start_configured(&on_redis(config, url), gateway::clock::Clock::system()).await;
+    gateway.wait_ready().await;
+    gateway
+}
+
+fn accepted_by(text: &str) -> f64 {
+    tests::metric_value(
+        text,
+        r#"otpgate_sms_submitted_total{carrier="alpha",outcome="accepted"}"#,
+    )
+    .unwrap_or(0.0)
+}
+
+/// A phone's send limit and its live verification hold across instances; a code sent through
+/// one is checked on another; all three instances take jobs from the shared queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_limits_verifications_and_the_queue() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let carrier = FakeCarrier::start().await;
+    carrier.script(&[Reply::Slow(Duration::from_millis(20))]);
+    let config = format!(
+        "sweep_interval_ms = 50\n[limits]\nphone_sends = [{{ max = 2, per_secs = 3600 }}]\n{}",
+        carrier.config("alpha", 1000, 4)
+    );
+    let gateways = [
+        instance(&config, &redis.url()).await,
+        instance(&config, &redis.url()).await,
+        instance(&config, &redis.url()).await,
+    ];
+
+    // Started on one, found live on another.
+    let number = phone(1);
+    let first = gateways[0].start_verification(&number).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    let again = gateways[1].start_verification(&number).await;
+    assert_eq!(again.id(), first.id(), "{}", again.text);
+
+    // Checked on a third instance, with the code the first one sent.
+    carrier.wait_for(1, TIMEOUT).await;
+    let code = carrier.code_for(&number).expect("a code in the SMS");
+    let checked = gateways[2].check(&first.id(), &code).await;
+    assert_eq!(checked.body["valid"], true, "{}", checked.text);
+
+    // The phone's limit (2 an hour) counts sends made through any instance.
+    let second = gateways[1].start_verification(&number).await;
+    assert_eq!(second.status, 202, "{}", second.text);
+    let canceled = gateways[0]
+        .delete(&format!("/v1/verifications/{}", second.id()))
+        .await;
+    assert_eq!(canceled.status, 200, "{}", canceled.text);
+    let third = gateways[2].start_verification(&number).await;
+    assert_eq!(third.status, 429, "{}", third.text);
+    assert_eq!(third.error_code(), "rate_limited_phone", "{}", third.text);
+
+    // Jobs started on one instance are sent by all three.
+    let n = 90;
+    for i in 0..n {
+        let answer = gateways[0].start_verification(&phone(1000 + i)).await;
+        assert_eq!(answer.status, 202, "{}", answer.text);
+    }
+    // The canceled second verification may or may not have had its SMS sent first.
+    let received = carrier.wait_for(n as usize + 1, TIMEOUT).await;
+    let distinct: HashSet<&str> = received.iter().map(|sms| sms.message_id.as_str()).collect();
+    assert_eq!(distinct.len(), received.len(), "no SMS twice");
+    for gateway in &gateways {
+        let sent = accepted_by(&gateway.metrics().await);
+        assert!(sent >= 1.0, "every instance sent some: {sent}");
+    }
+    for gateway in gateways {
+        gateway.stop().await.unwrap();
+    }
+}
+
+/// On Redis, a start is refused with `503` once the shared queue is full, as measured at the
+/// last sweep by any instance.
+#[tokio::test]
+async fn admission_follows_the_shared_backlog() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let carrier = FakeCarrier::start().await;
+    carrier.script(&[Reply::Slow(Duration::from_secs(3))]);
+    let config = format!(
+        "sweep_interval_ms = 50\n[queue]\ncapacity = 2\n{}",
+        carrier.config("alpha", 1, 1)
+    );
+    let gateway = instance(&config, &redis.url()).await;
+    for i in 0..2 {
+        let answer = gateway.start_verification(&phone(10 + i)).await;
+        assert_eq!(answer.status, 202, "{}", answer.text);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = gateway.start_verification(&phone(20)).await;
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(refused.error_code(), "overloaded", "{}", refused.text);
+    assert!(refused.retry_after().is_some());
+    gateway.stop().await.unwrap();
+}
+
+/// An instance that dies mid-load (its task aborted: no shutdown, no acknowledgements) leaves
+/// its jobs pending in the streams; another instance takes them over after `claim_after_secs`
+/// and every verification gets its SMS. Duplicates are at most what the dead one had in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instances_jobs_are_sent_by_the_others() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let carrier = FakeCarrier::start().await;
+    carrier.script(&[Reply::Slow(Duration::from_millis(50))]);
+    let window = 5;
+    let config = format!(
+        "sweep_interval_ms = 50\n[redis]\n{}",
+        carrier.config("alpha", 100, window)
+    );
+    // `[redis]` above sets nothing; claim_after goes in the harness's table below.
+    let config = config.replacen("[redis]\n", "", 1);
+    let fast_claim = |url: &str| format!("{}claim_after_secs = 1\n", on_redis(&config, url));
+    let doomed =
+        Gateway::start_configured(&fast_claim(&redis.url()), gateway::clock::Clock::system()).await;
+    doomed.wait_ready().await;
+    let n = 150u32;
+    let mut ids = HashSet::new();
+    for i in 0..n {
+        let answer = doomed.start_verification(&phone(3000 + i)).await;
+        assert_eq!(answer.status, 202, "{}", answer.text);
+        ids.insert(answer.id());
+    }
+    // Let it take some jobs, then kill it.
+    carrier.wait_for(10, TIMEOUT).await;
+    drop(doomed);
+    let at_death = carrier.received().len();
+    let survivor =
+        Gateway::start_configured(&fast_claim(&redis.url()), gateway::clock::Clock::system()).await;
+    survivor.wait_ready().await;
+
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let received = carrier.received();
+        let served: HashSet<String> = received
+            .iter()
+            .filter_map(|sms| sms.message_id.split('.').next().map(str::to_owned))
+            .collect();
+        if ids.iter().all(|id| served.contains(id)) {
+            let duplicates = received.len() - served.len();
+            assert!(
+                duplicates <= window as usize,
+                "{duplicates} duplicates, more than the dead instance's window of {window} \
+                 (it died after {at_death} SMS)"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} verifications got an SMS",
+            ids.iter().filter(|id| served.contains(*id)).count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    survivor.stop().await.unwrap();
+}
+
+/// Redis stopped and started again (append-only file on): calls that need it answer `503`
+/// with `Retry-After` meanwhile and `/readyz` says not ready; nothing accepted before is lost,
+/// and the gateway recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_away_and_coming_back_loses_nothing() {
+    if !require_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start_with(RedisOptions { appendonly: true });
+    let carrier = FakeCarrier::start().await;
+    // Slow enough that jobs are still queued when Redis goes away.
+    let config = format!("sweep_interval_ms = 50\n{}", carrier.config("alpha", 10, 1));
+    let gateway = instance(&config, &redis.url()).await;
+    let n = 30u32;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let answer = gateway.start_verification(&phone(5000 + i)).await;
+        assert_eq!(answer.status, 202, "{}", answer.text);
+        ids.push(answer.id());
+    }
+    redis.stop();
+    let refused = gateway.start_verification(&phone(6000)).await;
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(
+        refused.error_code(),
+        "store_unavailable",
+        "{}",
+        refused.text
+    );
+    assert_eq!(refused.retry_after(), Some(1));
+    let read = gateway.get(&format!("/v1/verifications/{}", ids[0])).await;
+    assert_eq!(read.status, 503, "{}", read.text);
+    let ready = gateway.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert_eq!(ready.body["checks"]["store"]["ok"], false, "{}", ready.text);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    redis.restart();
+    gateway.wait_ready().await;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let served: HashSet<String> = carrier
+            .received()
+            .iter()
+            .filter_map(|sms| sms.message_id.split('.').next().map(str::to_owned))
+            .collect();
+        if ids.iter().all(|id| served.contains(id)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} verifications got their SMS after Redis came back",
+            ids.iter().filter(|id| served.contains(*id)).count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = gateway.start_verification(&phone(6001)).await;
+    assert_eq!(after.status, 202, "{}", after.text);
+    gateway.stop().await.unwrap();
+}
+
+/// The same calls against a 3-master Redis Cluster: every script touches one slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_serves_the_whole_journey() {
+    if !require_redis() {
+        return;
+    }
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls().join(",");
+    let carrier = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 50\n{}",
+        carrier.config("alpha", 1000, 10)
+    );
+    let toml = format!("{}cluster = true\n", on_redis(&config, &urls));
+    let gateway = Gateway::start_configured(&toml, gateway::clock::Clock::system()).await;
+    gateway.wait_ready().await;
+    let n = 40u32;
+    let mut started = Vec::new();
+    for i in 0..n {
+        let answer = gateway.start_verification(&phone(7000 + i)).await;
+        assert_eq!(answer.status, 202, "{}", answer.text);
+        started.push((phone(7000 + i), answer.id()));
+    }
+    carrier.wait_for(n as usize, TIMEOUT).await;
+    for (number, id) in &started {
+        let code = carrier.code_for(number).expect("a code in the SMS");
+        let wrong = if code.starts_with('0') { "1" } else { "0" };
+        let bad = gateway.check(id, &format!("{wrong}{}", &code[1..])).await;
+        assert_eq!(bad.body["valid"], false, "{}", bad.text);
+        let good = gateway.check(id, &code).await;
+        assert_eq!(good.body["valid"], true, "{}", good.text);
+    }
+    gateway.stop().await.unwrap();
+}
