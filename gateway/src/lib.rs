@@ -181,11 +181,15 @@ pub async fn run(
             // Every task of the gateway ends with `run`, even when `run` is dropped mid-way (a
             // test's stand-in for a crash), as they would with the process.
             Some(AbortOnDropHandle::new(tokio::spawn(redis_store::feed(
-                redis.clone(),
-                queue.clone(),
-                lanes.clone(),
-                prefetch,
-                redis_config.claim_after,
+                redis_store::Feed {
+                    store: redis.clone(),
+                    queue: queue.clone(),
+                    webhooks: webhooks.clone(),
+                    clock: verifier.clock().clone(),
+                    lanes: lanes.clone(),
+                    prefetch,
+                    claim_after: redis_config.claim_after,
+                },
                 feeding.clone(),
             ))))
         }

@@ -129,6 +129,7 @@ struct Shared {
     checks: [Counter; 3],
     ended: [Counter; 5],
     live: Gauge,
+    store_up: Gauge,
     rejections: [Counter; 6],
     limiter_keys: [Gauge; 2],
     session_extension: Histogram,
@@ -294,7 +295,13 @@ impl Metrics {
         );
         r.describe_gauge(
             "otpgate_verifications_live",
-            "Verifications held in the store, pending or ended within retention.",
+            "Verifications held in the store: pending or ended within retention (embedded); \
+             pending, across every instance (redis).",
+        );
+        r.describe_gauge(
+            "otpgate_store_up",
+            "1 when the store answers (always, on the embedded back-end); 0 while Redis is \
+             unreachable.",
         );
         r.describe_counter(
             "otpgate_ratelimit_rejections_total",
@@ -624,6 +631,8 @@ impl Metrics {
         webhook_outbox.set(0.0);
         let live = r.gauge("otpgate_verifications_live", vec![]);
         live.set(0.0);
+        let store_up = r.gauge("otpgate_store_up", vec![]);
+        store_up.set(1.0);
         let session_extension = r.histogram("otpgate_session_extension_seconds", vec![]);
 
         Metrics {
@@ -635,6 +644,7 @@ impl Metrics {
                 checks: to_array(checks),
                 ended: to_array(ended),
                 live,
+                store_up,
                 rejections: to_array(rejections),
                 limiter_keys: to_array(limiter_keys),
                 session_extension,
@@ -684,6 +694,11 @@ impl Metrics {
 
     pub fn set_live(&self, n_live: usize) {
         self.shared.live.set(n_live as f64);
+    }
+
+    /// Whether the store answered its last call.
+    pub fn set_store_up(&self, up: bool) {
+        self.shared.store_up.set(if up { 1.0 } else { 0.0 });
     }
 
     pub fn rejected(&self, limit: LimitKind) {

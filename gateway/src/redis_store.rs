@@ -14,6 +14,8 @@
 //! | `P:{G}:pl:<phone>:<rule>`   | the phone's send limit (GCRA theoretical arrival time)      |
 //! | `P:{G}:d`                   | sorted set: each verification's next deadline               |
 //! | `P:{G}:q:<lane>`            | the SMS jobs of a lane: a stream with one consumer group    |
+//! | `P:{G}:w`                   | webhook events raised by the group's verifications: a stream |
+//! | `P:{G}:dw`                  | sorted set: `id:send` watches for `verification.delayed`    |
 //! | `P:{c:<client>}:<rule>`     | a client's send limit                                       |
 //! | `P:{ip:<ip>}:<rule>`        | a citizen IP's send limit                                   |
 //! | `P:{i:<client>:<hash>}`     | an `Idempotency-Key`                                        |
@@ -125,6 +127,8 @@ struct Shared {
     /// Stream entries this instance has read and not yet acknowledged, with their group and
     /// lane: kept claimed (so no one takes them over) while held.
     held: std::sync::Mutex<HashMap<StreamEntry, (u8, u8)>>,
+    /// Webhook events this instance read from the outbox streams and holds, by group.
+    held_events: std::sync::Mutex<HashMap<StreamEntry, u8>>,
 }
 
 /// What `LOAD` read.
@@ -177,6 +181,12 @@ pub struct Commit {
     pub ack: Option<(u8, StreamEntry)>,
     /// The phone's send rules, when this commit spends one send of them.
     pub phone_limit: Option<(u64, Vec<Rule>)>,
+    /// Webhook events the change raises: added to the group's outbox stream with it.
+    pub events: Vec<crate::webhook::RenderedEvent>,
+    /// A `verification.delayed` watch to start: when it is due, and the send it watches.
+    pub watch_delay: Option<(Millis, u8)>,
+    /// A due watch the call has dealt with: the send it watched.
+    pub unwatch_delay: Option<u8>,
     pub clock_offset_ms: i64,
 }
 
@@ -273,6 +283,7 @@ impl RedisStore {
                 gcra: redis::Script::new(GCRA),
                 reachable: AtomicBool::new(false),
                 held: std::sync::Mutex::new(HashMap::new()),
+                held_events: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         if let Err(error) = store.prepare_streams(lanes).await {
@@ -284,8 +295,11 @@ impl RedisStore {
     /// Creates each stream's consumer group (idempotent).
     pub async fn prepare_streams(&self, lanes: &[u8]) -> Result<(), StoreError> {
         for group in 0..GROUPS {
-            for &lane in lanes {
-                let key = self.stream_key(group, lane);
+            let keys = lanes
+                .iter()
+                .map(|&lane| self.stream_key(group, lane))
+                .chain(std::iter::once(self.outbox_key(group)));
+            for key in keys {
                 let result: Result<Value, StoreError> = self
                     .run(
                         redis::cmd("XGROUP")
@@ -416,6 +430,14 @@ impl RedisStore {
         self.tagged(group, format_args!("q:{lane}"))
     }
 
+    fn outbox_key(&self, group: u8) -> String {
+        self.tagged(group, format_args!("w"))
+    }
+
+    fn delays_key(&self, group: u8) -> String {
+        self.tagged(group, format_args!("dw"))
+    }
+
     // --- verifications ---
 
     /// Reads a record (by id or through the phone's live index) and the phone's failed checks.
@@ -500,7 +522,9 @@ impl RedisStore {
             .key(commit.ack.map_or_else(
                 || placeholder.clone(),
                 |(lane, _)| self.stream_key(group, lane),
-            ));
+            ))
+            .key(self.outbox_key(group))
+            .key(self.delays_key(group));
         let mut rules = String::new();
         if let Some((phone, phone_rules)) = &commit.phone_limit {
             for (index, rule) in phone_rules.iter().enumerate() {
@@ -565,6 +589,24 @@ impl RedisStore {
             .arg(rules)
             .arg(commit.clock_offset_ms)
             .arg(phone);
+        match commit.watch_delay {
+            Some((due, send)) => invocation.arg(due).arg(format!("{member}:{send}")),
+            None => invocation.arg("").arg(""),
+        };
+        invocation
+            .arg(
+                commit
+                    .unwatch_delay
+                    .map_or_else(String::new, |send| format!("{member}:{send}")),
+            )
+            .arg(commit.events.len());
+        for event in &commit.events {
+            invocation
+                .arg(event.client)
+                .arg(event.kind as u8)
+                .arg(&event.id)
+                .arg(&event.body);
+        }
         let answer: Vec<Value> = self.invoke(&invocation).await?;
         if let (Some((_, entry)), Some(Value::Int(1))) = (commit.ack, answer.first()) {
             self.release(entry);
@@ -880,12 +922,15 @@ impl RedisStore {
 
     // --- the SMS streams ---
 
-    /// Reads up to `count` new jobs of one group, every lane at once.
+    /// Reads up to `count` jobs of one group, every lane at once: new ones, or with `own` those
+    /// already delivered to this instance and not acknowledged (an answer lost to a timeout
+    /// leaves some there).
     pub async fn read_jobs(
         &self,
         group: u8,
         lanes: &[u8],
         count: usize,
+        own: bool,
     ) -> Result<Vec<StreamJob>, StoreError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -898,7 +943,7 @@ impl RedisStore {
             cmd.arg(self.stream_key(group, lane));
         }
         for _ in lanes {
-            cmd.arg(">");
+            cmd.arg(if own { "0" } else { ">" });
         }
         let reply: Option<redis::streams::StreamReadReply> = self.run(&cmd).await?;
         Ok(self.jobs_of(
@@ -1010,6 +1055,120 @@ impl RedisStore {
         Ok(())
     }
 
+    // --- the webhook outbox streams ---
+
+    /// Reads up to `count` webhook events of one group: new ones, or with `own` those already
+    /// delivered to this instance and not acknowledged.
+    pub async fn read_events(
+        &self,
+        group: u8,
+        count: usize,
+        own: bool,
+    ) -> Result<Vec<(StreamEntry, crate::webhook::RenderedEvent)>, StoreError> {
+        let reply: Option<redis::streams::StreamReadReply> = self
+            .run(
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(CONSUMER_GROUP)
+                    .arg(&self.shared.consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("STREAMS")
+                    .arg(self.outbox_key(group))
+                    .arg(if own { "0" } else { ">" }),
+            )
+            .await?;
+        let mut events = Vec::new();
+        for key in reply.map(|reply| reply.keys).unwrap_or_default() {
+            for entry in key.ids {
+                if let Some(event) = event_of(&entry.id, &entry.map) {
+                    events.push(event);
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// Takes over webhook events another consumer has held longer than `idle`.
+    pub async fn reclaim_events(
+        &self,
+        group: u8,
+        idle: Duration,
+        count: usize,
+    ) -> Result<Vec<(StreamEntry, crate::webhook::RenderedEvent)>, StoreError> {
+        let reply: redis::streams::StreamAutoClaimReply = self
+            .run(
+                redis::cmd("XAUTOCLAIM")
+                    .arg(self.outbox_key(group))
+                    .arg(CONSUMER_GROUP)
+                    .arg(&self.shared.consumer)
+                    .arg(idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        Ok(reply
+            .claimed
+            .iter()
+            .filter_map(|entry| event_of(&entry.id, &entry.map))
+            .collect())
+    }
+
+    /// Acknowledges (and deletes) webhook events that were delivered or given up.
+    pub async fn finish_events(
+        &self,
+        group: u8,
+        entries: &[StreamEntry],
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = entries.iter().map(ToString::to_string).collect();
+        let _: Value = self
+            .run(
+                redis::cmd("XACK")
+                    .arg(self.outbox_key(group))
+                    .arg(CONSUMER_GROUP)
+                    .arg(&ids),
+            )
+            .await?;
+        let _: Value = self
+            .run(redis::cmd("XDEL").arg(self.outbox_key(group)).arg(&ids))
+            .await?;
+        let mut held = lock(&self.shared.held_events);
+        for entry in entries {
+            held.remove(entry);
+        }
+        Ok(())
+    }
+
+    /// Keeps the webhook events this instance holds claimed, so no one takes them over.
+    async fn keep_events(&self) {
+        let mut by_group: HashMap<u8, Vec<String>> = HashMap::new();
+        for (entry, group) in lock(&self.shared.held_events).iter() {
+            by_group.entry(*group).or_default().push(entry.to_string());
+        }
+        for (group, entries) in by_group {
+            for chunk in entries.chunks(512) {
+                let result: Result<Value, _> = self
+                    .run(
+                        redis::cmd("XCLAIM")
+                            .arg(self.outbox_key(group))
+                            .arg(CONSUMER_GROUP)
+                            .arg(&self.shared.consumer)
+                            .arg(0)
+                            .arg(chunk)
+                            .arg("JUSTID"),
+                    )
+                    .await;
+                if let Err(error) = result {
+                    tracing::debug!(%error, "keeping held webhook events claimed failed");
+                }
+            }
+        }
+    }
+
     /// Jobs in a lane's streams not yet acknowledged: queued or being sent, by every instance.
     pub async fn backlog(&self, lane: u8) -> Result<u64, StoreError> {
         let mut total = 0;
@@ -1020,6 +1179,33 @@ impl RedisStore {
             total += n;
         }
         Ok(total)
+    }
+
+    /// `verification.delayed` watches of a group that are due: `(id, send)`.
+    pub async fn due_delays(
+        &self,
+        group: u8,
+        now: Millis,
+        count: usize,
+    ) -> Result<Vec<(VerificationId, u8)>, StoreError> {
+        let members: Vec<String> = self
+            .run(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.delays_key(group))
+                    .arg("-inf")
+                    .arg(now)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(count),
+            )
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|member| {
+                let (id, send) = member.split_once(':')?;
+                Some((VerificationId::parse(id)?, send.parse().ok()?))
+            })
+            .collect())
     }
 
     /// Pending verifications, every group (each has a deadline until it ends).
@@ -1068,26 +1254,70 @@ impl fmt::Debug for RedisStore {
     }
 }
 
+/// A webhook event as the `COMMIT` script added it to an outbox stream.
+fn event_of(
+    entry: &str,
+    map: &HashMap<String, Value>,
+) -> Option<(StreamEntry, crate::webhook::RenderedEvent)> {
+    let entry = StreamEntry::parse(entry)?;
+    let field = |name: &str| match map.get(name) {
+        Some(Value::BulkString(bytes)) => Some(bytes.clone()),
+        _ => None,
+    };
+    let text = |name: &str| field(name).and_then(|bytes| String::from_utf8(bytes).ok());
+    let kind: usize = text("k")?.parse().ok()?;
+    Some((
+        entry,
+        crate::webhook::RenderedEvent {
+            client: text("c")?.parse().ok()?,
+            kind: *crate::webhook::EventKind::ALL.get(kind)?,
+            id: text("i")?,
+            body: field("b")?,
+        },
+    ))
+}
+
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What [`feed`] moves jobs and webhook events between.
+#[derive(Debug)]
+pub struct Feed {
+    pub store: RedisStore,
+    pub queue: crate::queue::Queue,
+    pub webhooks: crate::webhook::Webhooks,
+    pub clock: crate::clock::Clock,
+    /// Every lane that can hold jobs.
+    pub lanes: Vec<u8>,
+    /// Jobs to keep on hand in the queue.
+    pub prefetch: usize,
+    /// When a job or event another instance holds counts as abandoned.
+    pub claim_after: Duration,
+}
+
 /// Moves SMS jobs from the streams into this instance's queue, as fast as its carriers take
 /// them: reads new jobs while the queue holds fewer than `prefetch`, takes over jobs other
 /// instances stopped acknowledging, and keeps its own held jobs claimed. Stops when `stop`
 /// fires or the queue closes.
-pub async fn feed(
-    store: RedisStore,
-    queue: crate::queue::Queue,
-    lanes: Vec<u8>,
-    prefetch: usize,
-    claim_after: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
+pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
+    let Feed {
+        store,
+        queue,
+        webhooks,
+        clock,
+        lanes,
+        prefetch,
+        claim_after,
+    } = feed;
+    let with_webhooks = webhooks.any_enabled();
+    // Events read while their client's line was full: held (and kept claimed) until it drains.
+    let mut parked: Vec<(u8, StreamEntry, crate::webhook::RenderedEvent)> = Vec::new();
     let mut last_reclaim = tokio::time::Instant::now();
     let mut last_keep = tokio::time::Instant::now();
+    let mut last_own = tokio::time::Instant::now();
     loop {
         if stop.is_cancelled() {
             return;
@@ -1099,7 +1329,7 @@ pub async fn feed(
             if room == 0 {
                 break;
             }
-            match store.read_jobs(group, &lanes, room.min(256)).await {
+            match store.read_jobs(group, &lanes, room.min(256), false).await {
                 Ok(jobs) => {
                     got += jobs.len();
                     if !push_all(&store, &queue, jobs) {
@@ -1113,7 +1343,20 @@ pub async fn feed(
                 }
             }
         }
+        if with_webhooks && !failed {
+            got += move_events(&store, &webhooks, &clock, Source::New, &mut parked).await;
+        }
         let now = tokio::time::Instant::now();
+        if with_webhooks && !failed && now >= last_reclaim + claim_after / 2 {
+            got += move_events(
+                &store,
+                &webhooks,
+                &clock,
+                Source::Reclaim(claim_after),
+                &mut parked,
+            )
+            .await;
+        }
         if !failed && now >= last_reclaim + claim_after / 2 {
             last_reclaim = now;
             'groups: for group in 0..GROUPS {
@@ -1138,6 +1381,24 @@ pub async fn feed(
                 }
             }
         }
+        // What Redis delivered to this instance but whose answer was lost (a timeout) is read
+        // again from its pending entries, rather than waiting for a take-over.
+        if !failed && now >= last_own + OWN_PENDING_EVERY {
+            last_own = now;
+            for group in 0..GROUPS {
+                match store.read_jobs(group, &lanes, 256, true).await {
+                    Ok(jobs) => {
+                        if !push_all(&store, &queue, jobs) {
+                            return;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if with_webhooks {
+                move_events(&store, &webhooks, &clock, Source::Own, &mut parked).await;
+            }
+        }
         if !failed && now >= last_keep + claim_after / 3 {
             last_keep = now;
             let mut by_stream: HashMap<(u8, u8), Vec<StreamEntry>> = HashMap::new();
@@ -1151,6 +1412,7 @@ pub async fn feed(
                     }
                 }
             }
+            store.keep_events().await;
         }
         let pause = if failed {
             Duration::from_millis(200)
@@ -1170,6 +1432,78 @@ pub async fn feed(
         }
     }
 }
+
+/// Moves webhook events from the outbox streams (new ones, this instance's own pending ones, or
+/// those another instance held too long) into this instance's webhook outbox, and acknowledges
+/// those it finished. Returns how many it took.
+async fn move_events(
+    store: &RedisStore,
+    webhooks: &crate::webhook::Webhooks,
+    clock: &crate::clock::Clock,
+    source: Source,
+    parked: &mut Vec<(u8, StreamEntry, crate::webhook::RenderedEvent)>,
+) -> usize {
+    let mut finished: HashMap<u8, Vec<StreamEntry>> = HashMap::new();
+    for (group, entry) in webhooks.take_finished() {
+        finished.entry(group).or_default().push(entry);
+    }
+    for (group, entries) in finished {
+        if let Err(error) = store.finish_events(group, &entries).await {
+            tracing::debug!(%error, "acknowledging webhook events failed; they will be sent again");
+        }
+    }
+    let mut taken = 0;
+    for (group, entry, event) in std::mem::take(parked) {
+        if webhooks.enqueue(event.clone(), Some((group, entry)), clock.now_ms()) {
+            taken += 1;
+        } else {
+            parked.push((group, entry, event));
+        }
+    }
+    for group in 0..GROUPS {
+        if parked.len() >= MAX_PARKED_EVENTS {
+            break;
+        }
+        let events = match source {
+            Source::New => store.read_events(group, 64, false).await,
+            Source::Own => store.read_events(group, 256, true).await,
+            Source::Reclaim(idle) => store.reclaim_events(group, idle, 64).await,
+        };
+        let Ok(events) = events else {
+            break;
+        };
+        for (entry, event) in events {
+            if lock(&store.shared.held_events).contains_key(&entry) {
+                continue;
+            }
+            lock(&store.shared.held_events).insert(entry, group);
+            // A full line parks it here until the line drains.
+            if webhooks.enqueue(event.clone(), Some((group, entry)), clock.now_ms()) {
+                taken += 1;
+            } else {
+                parked.push((group, entry, event));
+            }
+        }
+    }
+    taken
+}
+
+/// Where [`move_events`] reads events from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    New,
+    /// This instance's pending entries.
+    Own,
+    /// Entries another instance held longer than this.
+    Reclaim(Duration),
+}
+
+/// How often the feeder reads its own pending entries again.
+const OWN_PENDING_EVERY: Duration = Duration::from_secs(1);
+
+/// Webhook events an instance holds while their clients' lines are full; past it, it reads no
+/// more (they wait in Redis).
+const MAX_PARKED_EVENTS: usize = 1024;
 
 /// How long the feeder waits when every stream was empty.
 const FEED_IDLE_PAUSE: Duration = Duration::from_millis(10);
@@ -1443,13 +1777,15 @@ return {live or '', rev or '', blob or '', failed or ''}
 
 /// Writes a call's changes if the record (and live index) are as read.
 /// KEYS: 1 record, 2 live, 3 failed checks, 4 deadlines, 5 stream to add to, 6 stream to
-/// acknowledge in, 7.. the phone's limit keys.
+/// acknowledge in, 7 the webhook outbox stream, 8 the delay watches, 9.. the phone's limit
+/// keys.
 /// ARGV: 1 expected revision ('' = absent, '*' = unchecked), 2 record ('' = unchanged), 3 keep ms,
 /// 4 expected live ('*' = unchecked, '' = absent), 5 live op ('', S, D), 6 live id,
 /// 7 failed op ('', S, D), 8 failed value, 9 failed keep ms, 10 deadline op ('', A, R),
 /// 11 deadline, 12 member, 13 job ('' = none), 14 entry to acknowledge ('' = none),
 /// 15 consumer group, 16 phone rules ('T,tau;…', '' = none), 17 clock offset ms, 18 the
-/// record's phone digits.
+/// record's phone digits, 19 a delay watch's due time ('' = none), 20 its member, 21 a delay
+/// watch to remove ('' = none), 22 webhook events, then each event's client, kind, id, body.
 /// Returns {1, revision, entry} | {0} (conflict) | {2, retry ms, rule}.
 const COMMIT: &str = r"
 local rev = redis.call('HGET', KEYS[1], 'r')
@@ -1475,13 +1811,13 @@ if ARGV[16] ~= '' then
     i = i + 1
     local emission, tolerance = string.match(spec, '(%d+),(%d+)')
     emission, tolerance = tonumber(emission), tonumber(tolerance)
-    local tat = tonumber(redis.call('GET', KEYS[6 + i])) or now
+    local tat = tonumber(redis.call('GET', KEYS[8 + i])) or now
     if tat < now then tat = now end
     if now < tat - tolerance then return {2, tat - tolerance - now, i} end
     tats[i] = tat + emission
   end
   for j = 1, i do
-    redis.call('SET', KEYS[6 + j], string.format('%d', tats[j]), 'PX', string.format('%d', math.max(1, tats[j] - now)))
+    redis.call('SET', KEYS[8 + j], string.format('%d', tats[j]), 'PX', string.format('%d', math.max(1, tats[j] - now)))
   end
 end
 local newrev = tonumber(rev) or 0
@@ -1512,6 +1848,16 @@ end
 if ARGV[14] ~= '' then
   redis.call('XACK', KEYS[6], ARGV[15], ARGV[14])
   redis.call('XDEL', KEYS[6], ARGV[14])
+end
+if ARGV[19] ~= '' then
+  redis.call('ZADD', KEYS[8], ARGV[19], ARGV[20])
+end
+if ARGV[21] ~= '' then
+  redis.call('ZREM', KEYS[8], ARGV[21])
+end
+for e = 0, tonumber(ARGV[22]) - 1 do
+  local at = 23 + e * 4
+  redis.call('XADD', KEYS[7], '*', 'c', ARGV[at], 'k', ARGV[at + 1], 'i', ARGV[at + 2], 'b', ARGV[at + 3])
 end
 return {1, newrev, entry}
 ";

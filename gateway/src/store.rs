@@ -81,6 +81,8 @@ pub struct Deferred {
     pub phone_refused: Option<crate::ratelimit::Rejection>,
     /// The job's stream entry to acknowledge: `(lane, entry)`.
     pub ack: Option<(u8, crate::redis_store::StreamEntry)>,
+    /// A due `verification.delayed` watch the call dealt with: the send it watched.
+    pub unwatch_delay: Option<u8>,
     /// The verification's next deadline, when the call changed nothing else.
     pub deadline: Option<crate::redis_store::DeadlineWrite>,
 }

@@ -1511,6 +1511,23 @@ impl Verifier {
                     commit.failed_checks = Some((phone, after, Duration::from_millis(keep)));
                 }
             }
+            // Webhook events go to the group's outbox stream with the change itself.
+            let events: Vec<crate::webhook::RenderedEvent> = deferred
+                .events
+                .iter()
+                .filter_map(|(client, kind, view)| {
+                    shared.webhooks.render(*client, *kind, view, now)
+                })
+                .collect();
+            commit.events = events.clone();
+            // At most one SMS is queued per call: its delay watch goes with the change.
+            commit.watch_delay = deferred
+                .delay_watches
+                .first()
+                .and_then(|(client, _, send)| {
+                    Some((shared.webhooks.delay_due(*client, now)?, *send))
+                });
+            commit.unwatch_delay = deferred.unwatch_delay;
             commit.push = deferred.job.clone();
             commit.ack = deferred.ack;
             if deferred.spends_phone_limit {
@@ -1525,7 +1542,10 @@ impl Verifier {
                 || commit.deadline != DeadlineWrite::Keep
                 || commit.push.is_some()
                 || commit.ack.is_some()
-                || commit.phone_limit.is_some();
+                || commit.phone_limit.is_some()
+                || !commit.events.is_empty()
+                || commit.watch_delay.is_some()
+                || commit.unwatch_delay.is_some();
             if writes {
                 match redis
                     .commit(commit)
@@ -1547,6 +1567,12 @@ impl Verifier {
                         continue;
                     }
                 }
+            }
+            let mut deferred = deferred;
+            deferred.events.clear();
+            deferred.delay_watches.clear();
+            for event in &events {
+                shared.webhooks.count(event);
             }
             return match result {
                 Ok(result) => Ok((result, deferred)),
@@ -1783,6 +1809,12 @@ impl Verifier {
     async fn sweep_redis(&self, redis: &RedisStore) {
         let shared = &*self.shared;
         let now = shared.clock.now_ms();
+        let up = redis.ping().await;
+        shared.metrics.set_store_up(up);
+        if !up {
+            shared.metrics.run_upkeep();
+            return;
+        }
         for group in 0..crate::redis_store::GROUPS {
             let due = match redis.due(group, now, SWEEP_BATCH).await {
                 Ok(due) => due,
@@ -1809,20 +1841,35 @@ impl Verifier {
                 }
             }
         }
-        for (id, send_no) in shared.webhooks.due_delays(now) {
-            let _ = self
-                .with_record(&id, false, |this, shard, now| {
-                    let still_queued = shard.records.get(&id).is_some_and(|record| {
-                        record.is_pending()
-                            && record.delivery == DeliveryState::Queued
-                            && record.sends == send_no
-                    });
-                    if still_queued {
-                        this.announce(shard, &id, EventKind::Delayed, now);
-                    }
-                    Ok(())
-                })
-                .await;
+        // SMS still queued past their clients' thresholds: tell the clients, with an ETA.
+        for group in 0..crate::redis_store::GROUPS {
+            let Ok(due) = redis.due_delays(group, now, SWEEP_BATCH).await else {
+                return;
+            };
+            for (id, send_no) in due {
+                let keys = LoadKeys {
+                    group,
+                    id: Some(id),
+                    live: None,
+                    failed_checks: FailedChecksOf::None,
+                };
+                let _ = self
+                    .txn(redis, keys, |this, shard, now| {
+                        let still_queued = shard.records.get(&id).is_some_and(|record| {
+                            record.is_pending()
+                                && record.delivery == DeliveryState::Queued
+                                && record.sends == send_no
+                        });
+                        if still_queued {
+                            this.announce(shard, &id, EventKind::Delayed, now);
+                        }
+                        if let Some(deferred) = &mut shard.deferred {
+                            deferred.unwatch_delay = Some(send_no);
+                        }
+                        Ok(())
+                    })
+                    .await;
+            }
         }
         let mut backlog = Vec::new();
         for lane in shared.queue.depths() {

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{Clock, Millis, rfc3339};
 use crate::config::{ClientConfig, HttpVersion, WebhookPolicy};
 use crate::metrics::{Metrics, WebhookMetrics, WebhookOutcome};
+use crate::redis_store::StreamEntry;
 use crate::store::VerificationId;
 use crate::verification::{ClientId, View};
 
@@ -107,6 +108,19 @@ struct Shared {
     client: Client<hyper_rustls::HttpsConnector<TcpConnector>, Full<Bytes>>,
     clock: Clock,
     metrics: Metrics,
+    /// Events from the redis back-end's outbox streams that were delivered or given up, for
+    /// the feeder to acknowledge there: `(group, entry)`.
+    finished: Mutex<Vec<(u8, StreamEntry)>>,
+}
+
+/// An event, rendered: its id and body are fixed when it is raised, and stay the same on every
+/// attempt and every instance that delivers it.
+#[derive(Debug, Clone)]
+pub struct RenderedEvent {
+    pub client: ClientId,
+    pub kind: EventKind,
+    pub id: String,
+    pub body: Vec<u8>,
 }
 
 struct Target {
@@ -154,6 +168,8 @@ struct Delivery {
     body: Bytes,
     created: Instant,
     attempts: u32,
+    /// Its entry in a redis outbox stream, acknowledged once it is delivered or given up.
+    entry: Option<(u8, StreamEntry)>,
 }
 
 #[derive(Serialize)]
@@ -211,6 +227,7 @@ impl Webhooks {
                 client,
                 clock,
                 metrics,
+                finished: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -223,26 +240,71 @@ impl Webhooks {
     /// Queues an event about the verification `view` for `client`; drops it (and counts it) if
     /// the outbox is full.
     pub fn emit(&self, client: ClientId, kind: EventKind, view: &View, now: Millis) {
-        let Some(target) = self.target(client) else {
+        let Some(event) = self.render(client, kind, view, now) else {
             return;
         };
-        target.metrics.event(kind);
-        let event_id: Arc<str> = format!("evt_{}", hex::encode(rand::random::<[u8; 16]>())).into();
+        self.count(&event);
+        self.enqueue(event, None, now);
+    }
+
+    /// Renders an event for `client`, if it receives events: a fresh id, and the body.
+    pub fn render(
+        &self,
+        client: ClientId,
+        kind: EventKind,
+        view: &View,
+        now: Millis,
+    ) -> Option<RenderedEvent> {
+        self.target(client)?;
+        let id = format!("evt_{}", hex::encode(rand::random::<[u8; 16]>()));
         let body = serde_json::to_vec(&Event {
-            id: &event_id,
+            id: &id,
             kind: kind.name(),
             created_at: rfc3339(now),
             data: view,
-        });
-        let Ok(body) = body else {
-            return;
+        })
+        .ok()?;
+        Some(RenderedEvent {
+            client,
+            kind,
+            id,
+            body,
+        })
+    }
+
+    /// Counts an event as raised.
+    pub fn count(&self, event: &RenderedEvent) {
+        if let Some(target) = self.target(event.client) {
+            target.metrics.event(event.kind);
+        }
+    }
+
+    /// Puts a rendered event in the client's line. An event from a redis outbox stream
+    /// (`entry`) that finds the line full stays there, unacknowledged, for later; any other is
+    /// dropped and counted. Returns whether it was taken.
+    pub fn enqueue(
+        &self,
+        event: RenderedEvent,
+        entry: Option<(u8, StreamEntry)>,
+        now: Millis,
+    ) -> bool {
+        let Some(target) = self.target(event.client) else {
+            // Nobody to deliver it to (the client lost its webhook): done with it.
+            if let Some(entry) = entry {
+                lock(&self.shared.finished).push(entry);
+            }
+            return true;
         };
+        let client = event.client;
         let mut outbox = self.lock();
         let Some(line) = outbox.lines.get_mut(client as usize) else {
-            return;
+            return false;
         };
         if line.depth() >= self.shared.capacity_per_client {
             drop(outbox);
+            if entry.is_some() {
+                return false;
+            }
             target.metrics.outcome(WebhookOutcome::Dropped);
             let last = self
                 .shared
@@ -254,20 +316,32 @@ impl Webhooks {
                     .store(now, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(host = %target.host, "webhook outbox full for this client; events dropped");
             }
-            return;
+            return false;
         }
         line.queued.push_back(Delivery {
             client,
-            event_id,
-            kind,
-            body: Bytes::from(body),
+            event_id: event.id.into(),
+            kind: event.kind,
+            body: Bytes::from(event.body),
             created: Instant::now(),
             attempts: 0,
+            entry,
         });
         let depth = outbox.depth();
         drop(outbox);
         self.shared.metrics.set_webhook_outbox(depth);
         self.shared.ready.notify_one();
+        true
+    }
+
+    /// Events from redis outbox streams delivered or given up since the last call.
+    pub fn take_finished(&self) -> Vec<(u8, StreamEntry)> {
+        std::mem::take(&mut *lock(&self.shared.finished))
+    }
+
+    /// Whether any client receives events.
+    pub fn any_enabled(&self) -> bool {
+        self.shared.targets.iter().any(Option::is_some)
     }
 
     /// Remembers to announce the `send_no`th SMS of `id` as delayed if it is still queued after
@@ -278,6 +352,13 @@ impl Webhooks {
         };
         let due = now + target.delayed_after.as_millis() as Millis;
         self.lock_delayed().push(Reverse((due, id, send_no)));
+    }
+
+    /// When an SMS queued for `client` now is due to be announced as delayed, if the client
+    /// receives events.
+    pub fn delay_due(&self, client: ClientId, now: Millis) -> Option<Millis> {
+        let target = self.target(client)?;
+        Some(now + target.delayed_after.as_millis() as Millis)
     }
 
     /// Takes the delay watches that are due: `(id, send number)`.
@@ -348,6 +429,11 @@ impl Webhooks {
         outbox.line(delivery.client).sending -= 1;
         // A slot of this client's share is free: its next event may go.
         self.shared.ready.notify_one();
+        if result.is_ok() || delivery.attempts >= self.shared.policy.max_attempts {
+            if let Some(entry) = delivery.entry {
+                lock(&self.shared.finished).push(entry);
+            }
+        }
         match result {
             Ok(()) => {
                 let depth = outbox.depth();
@@ -505,6 +591,12 @@ pub fn sign(mac: &Hmac<sha2::Sha256>, timestamp: u64, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //!   wire format exactly, records what it was sent, and answers as the test tells it.
 //! - [`capture_logs`] collects everything the gateway logs (at trace level) for secrecy checks.
 
+pub mod process;
 pub mod redis;
 
 use std::collections::VecDeque;
@@ -38,15 +39,23 @@ pub struct Gateway {
     task: Option<JoinHandle<anyhow::Result<()>>>,
     /// The redis-server this gateway owns (`OTPGATE_TEST_STORE=redis`); stopped with it.
     redis: Option<redis::RedisServer>,
+    /// The Redis Cluster this gateway owns (`OTPGATE_TEST_STORE=redis-cluster`).
+    cluster: Option<redis::RedisCluster>,
 }
 
 /// The server secret every gateway of a test shares on the redis back-end.
 pub const TEST_SECRET: &str = "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7";
 
 /// Whether this run puts the gateways on Redis: `OTPGATE_TEST_STORE=redis` runs the whole
-/// behaviour suite on the redis back-end, each gateway on a redis-server of its own.
+/// behaviour suite on the redis back-end, each gateway on a redis-server of its own, and
+/// `OTPGATE_TEST_STORE=redis-cluster` on a 3-master Redis Cluster of its own.
 pub fn testing_redis() -> bool {
-    std::env::var("OTPGATE_TEST_STORE").is_ok_and(|store| store == "redis")
+    std::env::var("OTPGATE_TEST_STORE")
+        .is_ok_and(|store| store == "redis" || store == "redis-cluster")
+}
+
+fn testing_cluster() -> bool {
+    std::env::var("OTPGATE_TEST_STORE").is_ok_and(|store| store == "redis-cluster")
 }
 
 /// `config_toml` on the redis back-end at `url`.
@@ -132,6 +141,17 @@ impl Gateway {
     }
 
     pub async fn start_with_clock(config_toml: &str, clock: Clock) -> Gateway {
+        if testing_cluster() && redis::require_redis() {
+            let cluster = redis::RedisCluster::start(3);
+            let config = format!(
+                "{}cluster = true\n",
+                on_redis(config_toml, &cluster.urls().join(","))
+            );
+            let mut gateway = Gateway::start_configured(&config, clock).await;
+            gateway.cluster = Some(cluster);
+            gateway.wait_ready().await;
+            return gateway;
+        }
         if testing_redis() && redis::require_redis() {
             let server = redis::RedisServer::start();
             let mut gateway =
@@ -177,6 +197,25 @@ impl Gateway {
             stop: Some(stop),
             task: Some(task),
             redis: None,
+            cluster: None,
+        }
+    }
+
+    /// A handle on a gateway running elsewhere (another process), for the request helpers.
+    pub fn external(api: SocketAddr, admin: SocketAddr) -> Gateway {
+        Gateway {
+            api,
+            admin,
+            clock: Clock::system(),
+            api_key: None,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+            stop: None,
+            task: None,
+            redis: None,
+            cluster: None,
         }
     }
 

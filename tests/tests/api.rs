@@ -215,6 +215,9 @@ async fn resend_waits_for_its_cooldown_and_sends_the_same_code() {
     let id = started.id();
     let first = carrier.wait_for(1, TIMEOUT).await;
     let code = extract_code(&first[0].text).expect("a code in the SMS");
+    // Received by the carrier is not yet recorded by the gateway: a resend before that finds
+    // the SMS still queued and sends nothing new.
+    gateway.wait_for_delivery(&id, "submitted").await;
     let resend_path = format!("{}/resend", path_of(&id));
 
     let early = gateway.post(&resend_path, json!({})).await;

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use tests::process::OtpgateProcess;
 use tests::redis::{RedisCluster, RedisOptions, RedisServer, require_redis};
 use tests::{FakeCarrier, Gateway, Reply, on_redis, phone};
 
@@ -25,10 +26,11 @@ fn accepted_by(text: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
-/// A phone's send limit and its live verification hold across instances; a code sent through
-/// one is checked on another; all three instances take jobs from the shared queue.
+/// Three `otpgate` processes on one Redis: a phone's send limit and its live verification hold
+/// across them; a code sent through one is checked on another; all three take jobs from the
+/// shared queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_instances_share_limits_verifications_and_the_queue() {
+async fn three_processes_share_limits_verifications_and_the_queue() {
     if !require_redis() {
         return;
     }
@@ -39,11 +41,12 @@ async fn three_instances_share_limits_verifications_and_the_queue() {
         "sweep_interval_ms = 50\n[limits]\nphone_sends = [{{ max = 2, per_secs = 3600 }}]\n{}",
         carrier.config("alpha", 1000, 4)
     );
-    let gateways = [
-        instance(&config, &redis.url()).await,
-        instance(&config, &redis.url()).await,
-        instance(&config, &redis.url()).await,
+    let processes = [
+        OtpgateProcess::start(&on_redis(&config, &redis.url())).await,
+        OtpgateProcess::start(&on_redis(&config, &redis.url())).await,
+        OtpgateProcess::start(&on_redis(&config, &redis.url())).await,
     ];
+    let gateways: Vec<&Gateway> = processes.iter().map(|process| &process.gateway).collect();
 
     // Started on one, found live on another.
     let number = phone(1);
@@ -83,9 +86,6 @@ async fn three_instances_share_limits_verifications_and_the_queue() {
         let sent = accepted_by(&gateway.metrics().await);
         assert!(sent >= 1.0, "every instance sent some: {sent}");
     }
-    for gateway in gateways {
-        gateway.stop().await.unwrap();
-    }
 }
 
 /// On Redis, a start is refused with `503` once the shared queue is full, as measured at the
@@ -115,11 +115,11 @@ async fn admission_follows_the_shared_backlog() {
     gateway.stop().await.unwrap();
 }
 
-/// An instance that dies mid-load (its task aborted: no shutdown, no acknowledgements) leaves
-/// its jobs pending in the streams; another instance takes them over after `claim_after_secs`
-/// and every verification gets its SMS. Duplicates are at most what the dead one had in flight.
+/// `kill -9` of an `otpgate` process mid-load (no shutdown, no acknowledgements) leaves its jobs
+/// pending in the streams; another process takes them over after `claim_after_secs` and every
+/// verification gets its SMS. Duplicates are at most what the dead one had in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_instances_jobs_are_sent_by_the_others() {
+async fn kill_9_of_an_instance_loses_no_sms() {
     if !require_redis() {
         return;
     }
@@ -128,29 +128,24 @@ async fn a_dead_instances_jobs_are_sent_by_the_others() {
     carrier.script(&[Reply::Slow(Duration::from_millis(50))]);
     let window = 5;
     let config = format!(
-        "sweep_interval_ms = 50\n[redis]\n{}",
+        "sweep_interval_ms = 50\n{}",
         carrier.config("alpha", 100, window)
     );
-    // `[redis]` above sets nothing; claim_after goes in the harness's table below.
-    let config = config.replacen("[redis]\n", "", 1);
-    let fast_claim = |url: &str| format!("{}claim_after_secs = 1\n", on_redis(&config, url));
-    let doomed =
-        Gateway::start_configured(&fast_claim(&redis.url()), gateway::clock::Clock::system()).await;
-    doomed.wait_ready().await;
+    // on_redis ends with the `[redis]` table: a key added after it lands in it.
+    let fast_claim = format!("{}claim_after_secs = 1\n", on_redis(&config, &redis.url()));
+    let mut doomed = OtpgateProcess::start(&fast_claim).await;
     let n = 150u32;
     let mut ids = HashSet::new();
     for i in 0..n {
-        let answer = doomed.start_verification(&phone(3000 + i)).await;
+        let answer = doomed.gateway.start_verification(&phone(3000 + i)).await;
         assert_eq!(answer.status, 202, "{}", answer.text);
         ids.insert(answer.id());
     }
     // Let it take some jobs, then kill it.
     carrier.wait_for(10, TIMEOUT).await;
-    drop(doomed);
+    doomed.kill();
     let at_death = carrier.received().len();
-    let survivor =
-        Gateway::start_configured(&fast_claim(&redis.url()), gateway::clock::Clock::system()).await;
-    survivor.wait_ready().await;
+    let survivor = OtpgateProcess::start(&fast_claim).await;
 
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
@@ -175,7 +170,11 @@ async fn a_dead_instances_jobs_are_sent_by_the_others() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    survivor.stop().await.unwrap();
+    assert!(
+        survivor.log().contains("took over SMS jobs"),
+        "{}",
+        survivor.log()
+    );
 }
 
 /// Redis stopped and started again (append-only file on): calls that need it answer `503`
@@ -272,4 +271,54 @@ async fn a_redis_cluster_serves_the_whole_journey() {
         assert_eq!(good.body["valid"], true, "{}", good.text);
     }
     gateway.stop().await.unwrap();
+}
+
+/// A webhook event is written to Redis with the change that raised it: when the instance that
+/// was delivering it dies (`kill -9`) while the client's endpoint is failing, another instance
+/// takes it over and delivers it, under the same event id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instances_webhook_events_are_delivered_by_another() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let carrier = FakeCarrier::start().await;
+    let receiver = tests::WebhookReceiver::start().await;
+    receiver.answer(&[503]);
+    let api_key = "test-key-redis-webhooks";
+    let config = format!(
+        "sweep_interval_ms = 50\n[webhooks]\nmax_attempts = 100\nretry_base_ms = 100\nretry_max_ms = 200\n\
+         [[clients]]\nname = \"portal\"\napi_key_sha256 = \"{}\"\nwebhook_url = \"{}\"\n\
+         webhook_secret = \"0123456789abcdef0123\"\n\n{}",
+        tests::sha256_hex(api_key),
+        receiver.url(),
+        carrier.config("alpha", 1000, 10)
+    );
+    let config = format!("{}claim_after_secs = 1\n", on_redis(&config, &redis.url()));
+    let mut doomed = OtpgateProcess::start(&config).await;
+    doomed.gateway.api_key = Some(api_key.to_owned());
+    let started = doomed.gateway.start_verification(&phone(8000)).await;
+    assert_eq!(started.status, 202, "{}", started.text);
+    let refused = receiver
+        .wait_for(TIMEOUT, |post| {
+            post.status == 503 && post.event_type.as_deref() == Some("verification.submitted")
+        })
+        .await;
+    doomed.kill();
+    receiver.answer(&[200]);
+
+    let _survivor = OtpgateProcess::start(&config).await;
+    let delivered = receiver
+        .wait_for(TIMEOUT, |post| {
+            post.status == 200 && post.event_type.as_deref() == Some("verification.submitted")
+        })
+        .await;
+    assert_eq!(delivered.event_id, refused.event_id, "the same event");
+    assert!(delivered.signed_with("0123456789abcdef0123", now_secs()));
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }
