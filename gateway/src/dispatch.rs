@@ -86,7 +86,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     let queue = verifier.queue().clone();
     // Every submit of this carrier runs inside this one task: no task per SMS, and no wake-up
     // crossing threads when a submit completes. The window is the set's size.
-    let mut in_flight = FuturesUnordered::new();
+    let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     // The next job, kept across turns of the loop rather than dropped and made again, so that a
     // pace cell it has taken is never wasted and a job it has popped is never lost.
     let mut next: Option<NextJob> = Some(Box::pin(next_job(
@@ -128,13 +128,21 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
                     continue;
                 }
+                if verifier.redis().is_some() {
+                    // On Redis, preparing a job takes round trips: each runs inside its own
+                    // submit future, so the window's worth of jobs prepare at once.
+                    next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
+                    in_flight.push(Box::pin(prepare_and_submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job)));
+                    carrier.metrics.set_in_flight(in_flight.len());
+                    continue;
+                }
                 match verifier.prepare(&job, carrier.id).await {
                     Prepared::Send(sms) => {
                         if job.avoid_carrier.is_some_and(|avoided| avoided != carrier.id) {
                             carrier.metrics.took_over();
                         }
                         next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
-                        in_flight.push(submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job, sms));
+                        in_flight.push(Box::pin(submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job, sms)));
                         carrier.metrics.set_in_flight(in_flight.len());
                     }
                     // The pace cell and breaker permit this job took were not used: the next
@@ -228,6 +236,43 @@ async fn pop_job(
         None => {
             carrier.breaker.record(permit, None, Instant::now());
             (None, None)
+        }
+    }
+}
+
+/// A submit in flight: boxed, since the embedded and redis back-ends start it differently.
+type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Prepares a job (redis back-end) and submits it; a job that is dropped or must wait for the
+/// store gives its breaker permit back and is settled.
+async fn prepare_and_submit(
+    verifier: Verifier,
+    carrier: Arc<Carrier>,
+    pacer: Arc<Pacer>,
+    permit: Permit,
+    job: Job,
+) {
+    match verifier.prepare(&job, carrier.id).await {
+        Prepared::Send(sms) => {
+            if job
+                .avoid_carrier
+                .is_some_and(|avoided| avoided != carrier.id)
+            {
+                carrier.metrics.took_over();
+            }
+            submit(verifier, carrier, pacer, permit, job, sms).await;
+        }
+        Prepared::Dropped => {
+            carrier.breaker.record(permit, None, Instant::now());
+            verifier.queue().settle();
+        }
+        Prepared::Later => {
+            carrier.breaker.record(permit, None, Instant::now());
+            let requeuer = verifier.clone();
+            verifier.queue().defer(job, STORE_PAUSE, move |job| {
+                requeuer.requeue(job);
+            });
+            verifier.queue().settle();
         }
     }
 }

@@ -168,6 +168,7 @@ pub async fn run(
 
     let background = CancellationToken::new();
     let feeding = CancellationToken::new();
+    let draining = CancellationToken::new();
     let feeder = match (&redis, &config.store) {
         (Some(redis), config::StoreKind::Redis(redis_config)) => {
             // Enough jobs on hand for a quarter of a second at every carrier's pace, plus their
@@ -189,6 +190,7 @@ pub async fn run(
                     lanes: lanes.clone(),
                     prefetch,
                     claim_after: redis_config.claim_after,
+                    draining: draining.clone(),
                 },
                 feeding.clone(),
             ))))
@@ -244,11 +246,24 @@ pub async fn run(
         Err(error) => tracing::error!(%error, "api listener task failed"),
     }
 
-    // No more jobs from Redis: what is still there is for the other instances.
-    feeding.cancel();
-    if let Some(feeder) = feeder {
-        let _ = feeder.await;
+    // On Redis the queue is shared: keep taking jobs from it until it is empty (every instance's
+    // jobs: this one helps drain them) or three quarters of the grace period are gone. What is
+    // still there then is for the other instances, or this one's next start. The feeder keeps
+    // what this instance holds claimed, and acknowledges delivered events, until the end.
+    if let Some(redis) = &redis {
+        let until = tokio::time::Instant::now() + config.shutdown_grace * 3 / 4;
+        while tokio::time::Instant::now() < until {
+            let mut backlog = 0;
+            for &lane in &lanes {
+                backlog += redis.backlog(lane).await.unwrap_or(1);
+            }
+            if backlog == 0 && queue.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
+    draining.cancel();
     let queued = queue.len();
     queue.close();
     tracing::info!(queued, "handing queued SMS to carriers");
@@ -277,6 +292,12 @@ pub async fn run(
     }
     webhooks_stop.cancel();
     let _ = webhook_sender.await;
+    if let Some(feeder) = feeder {
+        // One more pass acknowledges the events delivered last.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        feeding.cancel();
+        let _ = feeder.await;
+    }
 
     background.cancel();
     let _ = sweeper.await;

@@ -50,6 +50,9 @@ use crate::verification::{
 /// Hash-tag groups: a verification's keys and its lane's stream share one.
 pub const GROUPS: u8 = 16;
 
+/// How long a claimed `Idempotency-Key` waits for its request to settle it.
+const IDEMPOTENCY_CLAIM: Duration = Duration::from_secs(30);
+
 /// The consumer group every instance reads the SMS streams in.
 const CONSUMER_GROUP: &str = "otpgate";
 
@@ -73,10 +76,12 @@ enum Pool {
     Cluster(deadpool_redis::cluster::Pool),
 }
 
-/// A connection from either pool.
+/// A connection from either pool: a handle on a multiplexed socket, which many calls share at
+/// once.
+#[derive(Clone)]
 enum Conn {
-    Single(deadpool_redis::Connection),
-    Cluster(deadpool_redis::cluster::Connection),
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 impl ConnectionLike for Conn {
@@ -114,7 +119,13 @@ pub struct RedisStore {
 }
 
 struct Shared {
+    /// Makes connections and checks them (deadpool recycles a broken one); calls do not hold
+    /// pool objects but share the multiplexed sockets in `conns`.
     pool: Pool,
+    /// `pool_size` multiplexed sockets, taken in turn; a slot is emptied when its socket
+    /// fails, and filled again from the pool.
+    conns: Box<[std::sync::Mutex<Option<Conn>>]>,
+    next_conn: std::sync::atomic::AtomicUsize,
     prefix: String,
     timeout: Duration,
     /// This instance's name in the consumer group.
@@ -122,6 +133,7 @@ struct Shared {
     load: redis::Script,
     commit: redis::Script,
     gcra: redis::Script,
+    keep: redis::Script,
     /// Whether the last call reached Redis; `/readyz` reports it.
     reachable: AtomicBool,
     /// Stream entries this instance has read and not yet acknowledged, with their group and
@@ -185,8 +197,14 @@ pub struct Commit {
     pub events: Vec<crate::webhook::RenderedEvent>,
     /// A `verification.delayed` watch to start: when it is due, and the send it watches.
     pub watch_delay: Option<(Millis, u8)>,
-    /// A due watch the call has dealt with: the send it watched.
+    /// A due watch the call has dealt with: the send it watched. Its events are written only
+    /// if the watch was still there (one instance announces it, not every one that swept it).
     pub unwatch_delay: Option<u8>,
+    /// The job's stream entry, which must still be pending to this instance (another may
+    /// have taken it over); refreshed as held.
+    pub owns: Option<(u8, StreamEntry)>,
+    /// The failed checks as read, checked unchanged (`Some(None)`: absent).
+    pub expected_failed_checks: Option<Option<FailedChecks>>,
     pub clock_offset_ms: i64,
 }
 
@@ -220,6 +238,8 @@ pub enum Committed {
         rule: usize,
         retry_after: Duration,
     },
+    /// The job's entry is no longer this instance's: another took it over.
+    NotOwned,
 }
 
 /// A stream entry id, `ms-seq`.
@@ -275,12 +295,17 @@ impl RedisStore {
         let store = RedisStore {
             shared: std::sync::Arc::new(Shared {
                 pool,
+                conns: (0..config.pool_size)
+                    .map(|_| std::sync::Mutex::new(None))
+                    .collect(),
+                next_conn: std::sync::atomic::AtomicUsize::new(0),
                 prefix: config.key_prefix.clone(),
                 timeout: config.timeout,
                 consumer: format!("{}-{}", std::process::id(), hex::encode(random)),
                 load: redis::Script::new(LOAD),
                 commit: redis::Script::new(COMMIT),
                 gcra: redis::Script::new(GCRA),
+                keep: redis::Script::new(KEEP),
                 reachable: AtomicBool::new(false),
                 held: std::sync::Mutex::new(HashMap::new()),
                 held_events: std::sync::Mutex::new(HashMap::new()),
@@ -330,6 +355,21 @@ impl RedisStore {
         lock(&self.shared.held).insert(job.entry, (job.group, job.lane));
     }
 
+    /// After a failed stream call: if the consumer groups are gone (Redis lost its data, or
+    /// came up after this instance), creates them again.
+    async fn recover(&self, error: &StoreError, lanes: &[u8]) {
+        if let StoreError::Redis(error) = error {
+            if error.code() == Some("NOGROUP") {
+                tracing::warn!(
+                    "redis has lost the SMS streams' consumer groups; creating them again"
+                );
+                if let Err(error) = self.prepare_streams(lanes).await {
+                    tracing::warn!(%error, "creating the consumer groups failed");
+                }
+            }
+        }
+    }
+
     /// Whether the last call reached Redis.
     pub fn is_reachable(&self) -> bool {
         self.shared.reachable.load(Ordering::Relaxed)
@@ -341,29 +381,44 @@ impl RedisStore {
         answer.is_ok()
     }
 
-    async fn conn(&self) -> Result<Conn, StoreError> {
+    /// A connection to run one call on, and its slot.
+    async fn conn(&self) -> Result<(usize, Conn), StoreError> {
+        let slot = self.shared.next_conn.fetch_add(1, Ordering::Relaxed) % self.shared.conns.len();
+        if let Some(conn) = lock(&self.shared.conns[slot]).clone() {
+            return Ok((slot, conn));
+        }
         let conn = match &self.shared.pool {
-            Pool::Single(pool) => pool.get().await.map(Conn::Single),
-            Pool::Cluster(pool) => pool.get().await.map(Conn::Cluster),
+            Pool::Single(pool) => pool
+                .get()
+                .await
+                .map(|object| Conn::Single((*object).clone())),
+            Pool::Cluster(pool) => pool
+                .get()
+                .await
+                .map(|object| Conn::Cluster((*object).clone())),
         };
-        conn.map_err(|error| {
+        let conn = conn.map_err(|error| {
             self.shared.reachable.store(false, Ordering::Relaxed);
             StoreError::Pool(error.to_string())
-        })
+        })?;
+        *lock(&self.shared.conns[slot]) = Some(conn.clone());
+        Ok((slot, conn))
     }
 
     /// Runs a command with the call timeout, noting whether Redis answered.
     async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let timeout = self.shared.timeout;
+        let mut used = None;
         let result = tokio::time::timeout(timeout, async {
-            let mut conn = self.conn().await?;
+            let (slot, mut conn) = self.conn().await?;
+            used = Some(slot);
             cmd.query_async::<T>(&mut conn)
                 .await
                 .map_err(StoreError::from)
         })
         .await
         .unwrap_or(Err(StoreError::Timeout(timeout)));
-        self.note(&result);
+        self.note(&result, used);
         result
     }
 
@@ -372,8 +427,10 @@ impl RedisStore {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         let timeout = self.shared.timeout;
+        let mut used = None;
         let result = tokio::time::timeout(timeout, async {
-            let mut conn = self.conn().await?;
+            let (slot, mut conn) = self.conn().await?;
+            used = Some(slot);
             invocation
                 .invoke_async::<T>(&mut conn)
                 .await
@@ -381,11 +438,13 @@ impl RedisStore {
         })
         .await
         .unwrap_or(Err(StoreError::Timeout(timeout)));
-        self.note(&result);
+        self.note(&result, used);
         result
     }
 
-    fn note<T>(&self, result: &Result<T, StoreError>) {
+    /// Notes whether Redis answered; a socket that failed is let go, and its slot filled
+    /// again from the pool on its next use.
+    fn note<T>(&self, result: &Result<T, StoreError>, slot: Option<usize>) {
         let reached = match result {
             Ok(_) => true,
             // Redis answered, with an error: it is there.
@@ -398,6 +457,9 @@ impl RedisStore {
             Err(_) => false,
         };
         self.shared.reachable.store(reached, Ordering::Relaxed);
+        if let (false, Some(slot)) = (reached, slot) {
+            lock(&self.shared.conns[slot]).take();
+        }
     }
 
     // --- keys ---
@@ -519,7 +581,7 @@ impl RedisStore {
                 || placeholder.clone(),
                 |job| self.stream_key(group, job.lane),
             ))
-            .key(commit.ack.map_or_else(
+            .key(commit.ack.or(commit.owns).map_or_else(
                 || placeholder.clone(),
                 |(lane, _)| self.stream_key(group, lane),
             ))
@@ -599,6 +661,17 @@ impl RedisStore {
                     .unwatch_delay
                     .map_or_else(String::new, |send| format!("{member}:{send}")),
             )
+            .arg(
+                commit
+                    .owns
+                    .map_or_else(String::new, |(_, entry)| entry.to_string()),
+            )
+            .arg(&self.shared.consumer)
+            .arg(match commit.expected_failed_checks {
+                None => "*".to_owned(),
+                Some(None) => String::new(),
+                Some(Some(failed)) => format!("{}:{}", failed.count, failed.window_start_ms),
+            })
             .arg(commit.events.len());
         for event in &commit.events {
             invocation
@@ -626,6 +699,7 @@ impl RedisStore {
                 Ok(Committed::Done { entry })
             }
             Some(0) => Ok(Committed::Conflict),
+            Some(3) => Ok(Committed::NotOwned),
             Some(2) => Ok(Committed::Limited {
                 retry_after: Duration::from_millis(int(1).unwrap_or(1000).max(1) as u64),
                 rule: int(2).unwrap_or(1).max(1) as usize - 1,
@@ -720,7 +794,9 @@ impl RedisStore {
                     .arg(format!("{fingerprint}:pending"))
                     .arg("NX")
                     .arg("PX")
-                    .arg(ttl.as_millis().max(1) as u64),
+                    // Only while the request runs: one that dies mid-way must not hold the key
+                    // for its whole lifetime. The settled key gets the full `ttl`.
+                    .arg(ttl.min(IDEMPOTENCY_CLAIM).as_millis().max(1) as u64),
             )
             .await?;
         if claimed.is_some() {
@@ -1032,27 +1108,29 @@ impl RedisStore {
         Ok(jobs)
     }
 
-    /// Tells the group this instance still holds `entries`, so no one reclaims them.
-    pub async fn keep_jobs(
+    /// Tells the group this instance still holds `entries` of a stream, so no one takes them
+    /// over; returns those another instance took over meanwhile (or that are gone).
+    async fn keep(
         &self,
-        group: u8,
-        lane: u8,
+        key: String,
         entries: &[StreamEntry],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<StreamEntry>, StoreError> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(self.stream_key(group, lane))
+        let mut invocation = self.shared.keep.prepare_invoke();
+        invocation
+            .key(key)
             .arg(CONSUMER_GROUP)
-            .arg(&self.shared.consumer)
-            .arg(0);
+            .arg(&self.shared.consumer);
         for entry in entries {
-            cmd.arg(entry.to_string());
+            invocation.arg(entry.to_string());
         }
-        cmd.arg("JUSTID");
-        let _: Value = self.run(&cmd).await?;
-        Ok(())
+        let lost: Vec<String> = self.invoke(&invocation).await?;
+        Ok(lost
+            .iter()
+            .filter_map(|entry| StreamEntry::parse(entry))
+            .collect())
     }
 
     // --- the webhook outbox streams ---
@@ -1143,27 +1221,41 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Keeps the webhook events this instance holds claimed, so no one takes them over.
-    async fn keep_events(&self) {
-        let mut by_group: HashMap<u8, Vec<String>> = HashMap::new();
-        for (entry, group) in lock(&self.shared.held_events).iter() {
-            by_group.entry(*group).or_default().push(entry.to_string());
+    /// Keeps the SMS jobs and webhook events this instance holds claimed, so no one takes them
+    /// over; forgets those another instance took over meanwhile.
+    async fn keep_held(&self) {
+        let mut jobs: HashMap<(u8, u8), Vec<StreamEntry>> = HashMap::new();
+        for (entry, stream) in lock(&self.shared.held).iter() {
+            jobs.entry(*stream).or_default().push(*entry);
         }
-        for (group, entries) in by_group {
+        for ((group, lane), entries) in jobs {
             for chunk in entries.chunks(512) {
-                let result: Result<Value, _> = self
-                    .run(
-                        redis::cmd("XCLAIM")
-                            .arg(self.outbox_key(group))
-                            .arg(CONSUMER_GROUP)
-                            .arg(&self.shared.consumer)
-                            .arg(0)
-                            .arg(chunk)
-                            .arg("JUSTID"),
-                    )
-                    .await;
-                if let Err(error) = result {
-                    tracing::debug!(%error, "keeping held webhook events claimed failed");
+                match self.keep(self.stream_key(group, lane), chunk).await {
+                    Ok(lost) => {
+                        for entry in lost {
+                            self.release(entry);
+                        }
+                    }
+                    Err(error) => tracing::debug!(%error, "keeping held SMS jobs claimed failed"),
+                }
+            }
+        }
+        let mut events: HashMap<u8, Vec<StreamEntry>> = HashMap::new();
+        for (entry, group) in lock(&self.shared.held_events).iter() {
+            events.entry(*group).or_default().push(*entry);
+        }
+        for (group, entries) in events {
+            for chunk in entries.chunks(512) {
+                match self.keep(self.outbox_key(group), chunk).await {
+                    Ok(lost) => {
+                        let mut held = lock(&self.shared.held_events);
+                        for entry in lost {
+                            held.remove(&entry);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "keeping held webhook events claimed failed");
+                    }
                 }
             }
         }
@@ -1296,6 +1388,9 @@ pub struct Feed {
     pub prefetch: usize,
     /// When a job or event another instance holds counts as abandoned.
     pub claim_after: Duration,
+    /// Fired when shutdown begins: no more jobs or events are read, but what is held stays
+    /// claimed and finished events are acknowledged until `feed` is stopped.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// Moves SMS jobs from the streams into this instance's queue, as fast as its carriers take
@@ -1308,58 +1403,79 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
         queue,
         webhooks,
         clock,
-        lanes,
+        mut lanes,
         prefetch,
         claim_after,
+        draining,
     } = feed;
+    // Higher lanes first, across every group, so a backlog of low-priority jobs in one group
+    // does not fill the room before urgent ones in another.
+    lanes.sort_unstable_by(|a, b| b.cmp(a));
     let with_webhooks = webhooks.any_enabled();
     // Events read while their client's line was full: held (and kept claimed) until it drains.
     let mut parked: Vec<(u8, StreamEntry, crate::webhook::RenderedEvent)> = Vec::new();
     let mut last_reclaim = tokio::time::Instant::now();
     let mut last_keep = tokio::time::Instant::now();
     let mut last_own = tokio::time::Instant::now();
+    // Where the next pass over the groups starts, so none is always served last.
+    let mut first_group: u8 = 0;
     loop {
         if stop.is_cancelled() {
             return;
         }
+        let reading = !draining.is_cancelled();
         let mut got = 0;
-        let mut failed = false;
-        for group in 0..GROUPS {
-            let room = prefetch.saturating_sub(queue.len());
-            if room == 0 {
-                break;
-            }
-            match store.read_jobs(group, &lanes, room.min(256), false).await {
-                Ok(jobs) => {
-                    got += jobs.len();
-                    if !push_all(&store, &queue, jobs) {
-                        return;
+        let mut failures = 0;
+        let mut passes = 0;
+        if reading {
+            first_group = (first_group + 1) % GROUPS;
+            'lanes: for &lane in &lanes {
+                for offset in 0..GROUPS {
+                    let group = (first_group + offset) % GROUPS;
+                    let room = prefetch.saturating_sub(queue.len());
+                    if room == 0 {
+                        break 'lanes;
+                    }
+                    passes += 1;
+                    match store.read_jobs(group, &[lane], room.min(256), false).await {
+                        Ok(jobs) => {
+                            got += jobs.len();
+                            if !push_all(&store, &queue, jobs) {
+                                return;
+                            }
+                        }
+                        Err(error) => {
+                            failures += 1;
+                            store.recover(&error, &lanes).await;
+                            tracing::debug!(%error, group, "reading SMS jobs from redis failed");
+                        }
                     }
                 }
-                Err(error) => {
-                    tracing::debug!(%error, "reading SMS jobs from redis failed");
-                    failed = true;
-                    break;
-                }
             }
         }
-        if with_webhooks && !failed {
-            got += move_events(&store, &webhooks, &clock, Source::New, &mut parked).await;
+        // Every read failing means Redis is away: wait before trying again.
+        let failed = passes > 0 && failures == passes;
+        if reading && with_webhooks && !failed {
+            got += move_events(&store, &webhooks, &clock, Source::New, &mut parked, &lanes).await;
+        } else if with_webhooks {
+            // While draining, only acknowledge what was delivered.
+            move_events(&store, &webhooks, &clock, Source::None, &mut parked, &lanes).await;
         }
         let now = tokio::time::Instant::now();
-        if with_webhooks && !failed && now >= last_reclaim + claim_after / 2 {
-            got += move_events(
-                &store,
-                &webhooks,
-                &clock,
-                Source::Reclaim(claim_after),
-                &mut parked,
-            )
-            .await;
-        }
-        if !failed && now >= last_reclaim + claim_after / 2 {
+        if reading && !failed && now >= last_reclaim + claim_after / 2 {
             last_reclaim = now;
-            'groups: for group in 0..GROUPS {
+            if with_webhooks {
+                got += move_events(
+                    &store,
+                    &webhooks,
+                    &clock,
+                    Source::Reclaim(claim_after),
+                    &mut parked,
+                    &lanes,
+                )
+                .await;
+            }
+            for group in 0..GROUPS {
                 for &lane in &lanes {
                     match store.reclaim_jobs(group, lane, claim_after, 256).await {
                         Ok(jobs) => {
@@ -1376,14 +1492,14 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
                                 return;
                             }
                         }
-                        Err(_) => break 'groups,
+                        Err(error) => store.recover(&error, &lanes).await,
                     }
                 }
             }
         }
         // What Redis delivered to this instance but whose answer was lost (a timeout) is read
         // again from its pending entries, rather than waiting for a take-over.
-        if !failed && now >= last_own + OWN_PENDING_EVERY {
+        if reading && !failed && now >= last_own + OWN_PENDING_EVERY {
             last_own = now;
             for group in 0..GROUPS {
                 match store.read_jobs(group, &lanes, 256, true).await {
@@ -1392,31 +1508,22 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
                             return;
                         }
                     }
-                    Err(_) => break,
+                    Err(error) => store.recover(&error, &lanes).await,
                 }
             }
             if with_webhooks {
-                move_events(&store, &webhooks, &clock, Source::Own, &mut parked).await;
+                move_events(&store, &webhooks, &clock, Source::Own, &mut parked, &lanes).await;
             }
         }
-        if !failed && now >= last_keep + claim_after / 3 {
+        // Always, even after failed reads and while draining: the others must not take over
+        // what this instance holds because one Redis node was away or it is shutting down.
+        if now >= last_keep + claim_after / 3 {
             last_keep = now;
-            let mut by_stream: HashMap<(u8, u8), Vec<StreamEntry>> = HashMap::new();
-            for (entry, stream) in lock(&store.shared.held).iter() {
-                by_stream.entry(*stream).or_default().push(*entry);
-            }
-            for ((group, lane), entries) in by_stream {
-                for chunk in entries.chunks(512) {
-                    if let Err(error) = store.keep_jobs(group, lane, chunk).await {
-                        tracing::debug!(%error, "keeping held SMS jobs claimed failed");
-                    }
-                }
-            }
-            store.keep_events().await;
+            store.keep_held().await;
         }
         let pause = if failed {
             Duration::from_millis(200)
-        } else if got == 0 {
+        } else if got == 0 || !reading {
             FEED_IDLE_PAUSE
         } else {
             Duration::ZERO
@@ -1442,6 +1549,7 @@ async fn move_events(
     clock: &crate::clock::Clock,
     source: Source,
     parked: &mut Vec<(u8, StreamEntry, crate::webhook::RenderedEvent)>,
+    lanes: &[u8],
 ) -> usize {
     let mut finished: HashMap<u8, Vec<StreamEntry>> = HashMap::new();
     for (group, entry) in webhooks.take_finished() {
@@ -1449,8 +1557,12 @@ async fn move_events(
     }
     for (group, entries) in finished {
         if let Err(error) = store.finish_events(group, &entries).await {
-            tracing::debug!(%error, "acknowledging webhook events failed; they will be sent again");
+            tracing::debug!(%error, "acknowledging webhook events failed; trying again later");
+            webhooks.refinish(entries.into_iter().map(|entry| (group, entry)));
         }
+    }
+    if matches!(source, Source::None) {
+        return 0;
     }
     let mut taken = 0;
     for (group, entry, event) in std::mem::take(parked) {
@@ -1468,9 +1580,14 @@ async fn move_events(
             Source::New => store.read_events(group, 64, false).await,
             Source::Own => store.read_events(group, 256, true).await,
             Source::Reclaim(idle) => store.reclaim_events(group, idle, 64).await,
+            Source::None => Ok(Vec::new()),
         };
-        let Ok(events) = events else {
-            break;
+        let events = match events {
+            Ok(events) => events,
+            Err(error) => {
+                store.recover(&error, lanes).await;
+                continue;
+            }
         };
         for (entry, event) in events {
             if lock(&store.shared.held_events).contains_key(&entry) {
@@ -1491,6 +1608,8 @@ async fn move_events(
 /// Where [`move_events`] reads events from.
 #[derive(Debug, Clone, Copy)]
 enum Source {
+    /// Nothing: only acknowledge what was finished.
+    None,
     New,
     /// This instance's pending entries.
     Own,
@@ -1785,9 +1904,24 @@ return {live or '', rev or '', blob or '', failed or ''}
 /// 11 deadline, 12 member, 13 job ('' = none), 14 entry to acknowledge ('' = none),
 /// 15 consumer group, 16 phone rules ('T,tau;…', '' = none), 17 clock offset ms, 18 the
 /// record's phone digits, 19 a delay watch's due time ('' = none), 20 its member, 21 a delay
-/// watch to remove ('' = none), 22 webhook events, then each event's client, kind, id, body.
-/// Returns {1, revision, entry} | {0} (conflict) | {2, retry ms, rule}.
+/// watch to remove ('' = none; the events are written only if it was there), 22 an entry of
+/// KEYS[6] that must be pending to consumer 23 ('' = none), 24 the failed checks as read ('*' =
+/// unchecked, '' = absent), 25 webhook events, then each event's client, kind, id and body.
+/// Returns {1, revision, entry} | {0} (conflict) | {2, retry ms, rule} | {3} (entry not ours).
 const COMMIT: &str = r"
+if ARGV[22] ~= '' then
+  local pending = redis.call('XPENDING', KEYS[6], ARGV[15], ARGV[22], ARGV[22], 1)
+  if (not pending[1]) or pending[1][2] ~= ARGV[23] then return {3} end
+  redis.call('XCLAIM', KEYS[6], ARGV[15], ARGV[23], 0, ARGV[22], 'JUSTID')
+end
+if ARGV[24] ~= '*' then
+  local failed = redis.call('GET', KEYS[3])
+  if ARGV[24] == '' then
+    if failed then return {0} end
+  elseif failed ~= ARGV[24] then
+    return {0}
+  end
+end
 local rev = redis.call('HGET', KEYS[1], 'r')
 if ARGV[1] == '' then
   if rev then return {0} end
@@ -1852,14 +1986,31 @@ end
 if ARGV[19] ~= '' then
   redis.call('ZADD', KEYS[8], ARGV[19], ARGV[20])
 end
+local announce = true
 if ARGV[21] ~= '' then
-  redis.call('ZREM', KEYS[8], ARGV[21])
+  announce = redis.call('ZREM', KEYS[8], ARGV[21]) == 1
 end
-for e = 0, tonumber(ARGV[22]) - 1 do
-  local at = 23 + e * 4
+for e = 0, (announce and tonumber(ARGV[25]) or 0) - 1 do
+  local at = 26 + e * 4
   redis.call('XADD', KEYS[7], '*', 'c', ARGV[at], 'k', ARGV[at + 1], 'i', ARGV[at + 2], 'b', ARGV[at + 3])
 end
 return {1, newrev, entry}
+";
+
+/// Re-claims (resetting their idle time) the entries still pending to this consumer.
+/// KEYS: the stream. ARGV: 1 group, 2 consumer, 3.. entries. Returns the entries that are not
+/// (another consumer took them over, or they are gone).
+const KEEP: &str = r"
+local lost = {}
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if pending[1] and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
 ";
 
 /// Spends one send of every rule, or none: GCRA on Redis's clock.

@@ -83,6 +83,11 @@ pub struct Deferred {
     pub ack: Option<(u8, crate::redis_store::StreamEntry)>,
     /// A due `verification.delayed` watch the call dealt with: the send it watched.
     pub unwatch_delay: Option<u8>,
+    /// The job's stream entry, which must still be this instance's for the write to happen.
+    pub owns: Option<(u8, crate::redis_store::StreamEntry)>,
+    /// Set after the write: the entry in `owns` was no longer this instance's (nothing was
+    /// written; another instance has the job).
+    pub not_owned: bool,
     /// The verification's next deadline, when the call changed nothing else.
     pub deadline: Option<crate::redis_store::DeadlineWrite>,
 }

@@ -404,6 +404,10 @@ impl Verifier {
         } else {
             timeout
         };
+        if self.shared.redis.is_some() {
+            // Only a verification the client may see gets a watcher.
+            self.get(client, id).await?;
+        }
         loop {
             let notify = {
                 let mut shard = self.shared.store.shard(id);
@@ -602,15 +606,44 @@ impl Verifier {
     /// Turns a job taken from the queue into an SMS for `carrier`, or drops it if its
     /// verification ended or expired.
     pub async fn prepare(&self, job: &Job, carrier: CarrierId) -> Prepared {
-        let prepared = self
-            .with_record(&job.id, false, |this, shard, now| {
-                let prepared = this.prepare_in(shard, job, carrier, now);
-                if matches!(prepared, Prepared::Dropped) {
-                    this.acknowledge(shard, job);
+        let body = |this: &Verifier, shard: &mut Shard, now| {
+            let prepared = this.prepare_in(shard, job, carrier, now);
+            match prepared {
+                Prepared::Dropped => this.acknowledge(shard, job),
+                // Sent only while the job is still this instance's.
+                _ => {
+                    if let (Some(deferred), Some(entry)) = (&mut shard.deferred, job.entry) {
+                        deferred.owns = Some((job.lane, entry));
+                    }
                 }
-                Ok(prepared)
-            })
-            .await;
+            }
+            Ok(prepared)
+        };
+        let prepared = match &self.shared.redis {
+            None => self.with_record(&job.id, false, body).await,
+            Some(redis) => {
+                let keys = LoadKeys {
+                    group: job.id.group(),
+                    id: Some(job.id),
+                    live: None,
+                    failed_checks: FailedChecksOf::None,
+                };
+                match self.txn_deferring(redis, keys, body).await {
+                    Ok((_, deferred)) if deferred.not_owned => {
+                        if let Some(entry) = job.entry {
+                            redis.release(entry);
+                        }
+                        tracing::debug!(verification = %job.id, "another instance took this SMS job over; not sending it");
+                        return Prepared::Dropped;
+                    }
+                    Ok((prepared, deferred)) => {
+                        self.apply_deferred(deferred, self.shared.clock.now_ms());
+                        Ok(prepared)
+                    }
+                    Err(error) => Err(error),
+                }
+            }
+        };
         match prepared {
             Ok(prepared) => prepared,
             // The store is unreachable: the job stays here (and unacknowledged in its stream)
@@ -753,6 +786,11 @@ impl Verifier {
                 }
                 Ok((None, deferred)) => self.apply_deferred(deferred, shared.clock.now_ms()),
                 Err(error) => {
+                    // Let go of the job: read again from this instance's pending entries, it
+                    // is sent again unless its verification ended meanwhile.
+                    if let Some(entry) = job.entry {
+                        redis.release(entry);
+                    }
                     tracing::warn!(?error, verification = %job.id, "a carrier's answer could not be recorded; the job stays in its stream");
                 }
             }
@@ -1022,7 +1060,7 @@ impl Verifier {
             // Settled on Redis in its own task; the job stays in its stream until then.
             let verifier = self.clone();
             tokio::spawn(async move {
-                let _ = verifier
+                let dropped = verifier
                     .with_record(&job.id, false, |this, shard, now| {
                         let reason = this.drop_late(shard, &job.id, now);
                         this.shared.metrics.queue_dropped(reason);
@@ -1030,6 +1068,11 @@ impl Verifier {
                         Ok(())
                     })
                     .await;
+                // Not written: let go of the job, so it is read again (by this instance's
+                // look at its own pending entries) and dropped then.
+                if let (Err(_), Some(redis), Some(entry)) = (dropped, verifier.redis(), job.entry) {
+                    redis.release(entry);
+                }
             });
             return false;
         }
@@ -1509,6 +1552,8 @@ impl Verifier {
                             .max(1)
                     });
                     commit.failed_checks = Some((phone, after, Duration::from_millis(keep)));
+                    // Two verifications of one phone may count wrong codes at once.
+                    commit.expected_failed_checks = Some(before);
                 }
             }
             // Webhook events go to the group's outbox stream with the change itself.
@@ -1528,6 +1573,7 @@ impl Verifier {
                     Some((shared.webhooks.delay_due(*client, now)?, *send))
                 });
             commit.unwatch_delay = deferred.unwatch_delay;
+            commit.owns = deferred.owns;
             commit.push = deferred.job.clone();
             commit.ack = deferred.ack;
             if deferred.spends_phone_limit {
@@ -1545,7 +1591,8 @@ impl Verifier {
                 || commit.phone_limit.is_some()
                 || !commit.events.is_empty()
                 || commit.watch_delay.is_some()
-                || commit.unwatch_delay.is_some();
+                || commit.unwatch_delay.is_some()
+                || commit.owns.is_some();
             if writes {
                 match redis
                     .commit(commit)
@@ -1554,6 +1601,13 @@ impl Verifier {
                 {
                     Committed::Done { .. } => {}
                     Committed::Conflict => continue,
+                    Committed::NotOwned => {
+                        let mut deferred = deferred;
+                        deferred.events.clear();
+                        deferred.delay_watches.clear();
+                        deferred.not_owned = true;
+                        return result.map(|result| (result, deferred));
+                    }
                     Committed::Limited { rule, retry_after } => {
                         let rules = shared.limiters.phone_rules();
                         let Some(rule) = rules.get(rule).copied() else {
@@ -1809,6 +1863,13 @@ impl Verifier {
     async fn sweep_redis(&self, redis: &RedisStore) {
         let shared = &*self.shared;
         let now = shared.clock.now_ms();
+        // Long-poll watchers nobody waits on any more (the embedded sweep prunes them with the
+        // records; here the records are in Redis).
+        shared.store.for_each_shard(|shard| {
+            shard
+                .watchers
+                .retain(|_, notify| Arc::strong_count(notify) > 1);
+        });
         let up = redis.ping().await;
         shared.metrics.set_store_up(up);
         if !up {

@@ -334,6 +334,11 @@ impl Webhooks {
         true
     }
 
+    /// Puts back finished events whose acknowledgement failed, to try again.
+    pub fn refinish(&self, entries: impl IntoIterator<Item = (u8, StreamEntry)>) {
+        lock(&self.shared.finished).extend(entries);
+    }
+
     /// Events from redis outbox streams delivered or given up since the last call.
     pub fn take_finished(&self) -> Vec<(u8, StreamEntry)> {
         std::mem::take(&mut *lock(&self.shared.finished))

@@ -322,3 +322,37 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
 }
+
+/// A gateway started before its Redis, and a Redis that loses its data, are recovered: the
+/// streams' consumer groups are created when Redis can take them, and SMS flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_or_emptied_redis_is_recovered() {
+    if !require_redis() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    redis.stop();
+    let carrier = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 50\n{}",
+        carrier.config("alpha", 1000, 10)
+    );
+    let gateway =
+        Gateway::start_configured(&on_redis(&config, &url), gateway::clock::Clock::system()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = gateway.admin_get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+
+    redis.restart();
+    gateway.wait_ready().await;
+    let first = gateway.start_verification(&phone(9000)).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    carrier.wait_for(1, TIMEOUT).await;
+
+    assert_eq!(redis.command(&["FLUSHALL"]), "OK");
+    let second = gateway.start_verification(&phone(9001)).await;
+    assert_eq!(second.status, 202, "{}", second.text);
+    carrier.wait_for(2, TIMEOUT).await;
+    gateway.stop().await.unwrap();
+}
