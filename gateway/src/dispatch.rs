@@ -250,9 +250,10 @@ async fn prepare_and_submit(
     carrier: Arc<Carrier>,
     pacer: Arc<Pacer>,
     permit: Permit,
-    job: Job,
+    mut job: Job,
 ) {
-    match verifier.prepare(&job, carrier.id).await {
+    let (prepared, snapshot) = verifier.prepare_keeping(&job, carrier.id).await;
+    match prepared {
         Prepared::Send(sms) => {
             if job
                 .avoid_carrier
@@ -260,6 +261,8 @@ async fn prepare_and_submit(
             {
                 carrier.metrics.took_over();
             }
+            // The carrier's answer is recorded on the verification as prepare wrote it.
+            job.snapshot = snapshot;
             submit(verifier, carrier, pacer, permit, job, sms).await;
         }
         Prepared::Dropped => {

@@ -52,6 +52,9 @@ pub struct Job {
     pub passes: u8,
     /// Its entry in the redis back-end's stream, acknowledged when the job ends.
     pub entry: Option<crate::redis_store::StreamEntry>,
+    /// The verification as the redis back-end wrote it when the job was prepared, and its
+    /// revision: the carrier's answer is recorded on it without reading it again.
+    pub snapshot: Option<Box<(u64, crate::verification::Verification)>>,
 }
 
 impl Job {
@@ -534,6 +537,7 @@ mod tests {
             avoid_carrier: None,
             passes: 0,
             entry: None,
+            snapshot: None,
         }
     }
 

@@ -230,14 +230,13 @@ pub enum DeadlineWrite {
 pub enum Committed {
     Done {
         entry: Option<StreamEntry>,
+        /// The record's revision after the write.
+        revision: u64,
     },
     /// Something it read changed meanwhile: read again and start over.
     Conflict,
     /// The phone's send limit refused: the rule (its index) and when to try again.
-    Limited {
-        rule: usize,
-        retry_after: Duration,
-    },
+    Limited { rule: usize, retry_after: Duration },
     /// The job's entry is no longer this instance's: another took it over.
     NotOwned,
 }
@@ -696,7 +695,10 @@ impl RedisStore {
                     }
                     _ => None,
                 };
-                Ok(Committed::Done { entry })
+                Ok(Committed::Done {
+                    entry,
+                    revision: int(1).unwrap_or(0).max(0) as u64,
+                })
             }
             Some(0) => Ok(Committed::Conflict),
             Some(3) => Ok(Committed::NotOwned),
@@ -1725,6 +1727,7 @@ fn decode_job(text: &str) -> Option<Job> {
         avoid_carrier: u8::try_from(avoid).ok(),
         passes: 0,
         entry: None,
+        snapshot: None,
     })
 }
 
@@ -2055,6 +2058,7 @@ mod tests {
             avoid_carrier: Some(2),
             passes: 1,
             entry: None,
+            snapshot: None,
         };
         let back = decode_job(&encode_job(&job)).unwrap();
         assert_eq!(back.id, job.id);

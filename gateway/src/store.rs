@@ -88,6 +88,8 @@ pub struct Deferred {
     /// Set after the write: the entry in `owns` was no longer this instance's (nothing was
     /// written; another instance has the job).
     pub not_owned: bool,
+    /// Set after the write: the record as written, and its new revision.
+    pub written: Option<(u64, crate::verification::Verification)>,
     /// The verification's next deadline, when the call changed nothing else.
     pub deadline: Option<crate::redis_store::DeadlineWrite>,
 }

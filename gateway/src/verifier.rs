@@ -270,7 +270,19 @@ impl Verifier {
     ) -> Result<(Started, View), ApiError> {
         match &self.shared.redis {
             None => self.start_embedded(client, request),
-            Some(redis) => self.start_redis(redis, client, request).await,
+            // In a task of its own: a client that hangs up must not cancel a start between
+            // its write to Redis and its answer (the SMS would go, uncounted).
+            Some(_) => {
+                let verifier = self.clone();
+                tokio::spawn(async move {
+                    let Some(redis) = verifier.shared.redis.clone() else {
+                        return Err(ApiError::StoreUnavailable);
+                    };
+                    verifier.start_redis(&redis, client, request).await
+                })
+                .await
+                .unwrap_or(Err(ApiError::StoreUnavailable))
+            }
         }
     }
 
@@ -606,6 +618,17 @@ impl Verifier {
     /// Turns a job taken from the queue into an SMS for `carrier`, or drops it if its
     /// verification ended or expired.
     pub async fn prepare(&self, job: &Job, carrier: CarrierId) -> Prepared {
+        self.prepare_keeping(job, carrier).await.0
+    }
+
+    /// [`Verifier::prepare`], also returning (redis back-end) the verification as written and
+    /// its revision, for [`Verifier::complete`] to start from (`Job::snapshot`).
+    pub async fn prepare_keeping(
+        &self,
+        job: &Job,
+        carrier: CarrierId,
+    ) -> (Prepared, Option<Box<(u64, Verification)>>) {
+        let mut snapshot = None;
         let body = |this: &Verifier, shard: &mut Shard, now| {
             let prepared = this.prepare_in(shard, job, carrier, now);
             match prepared {
@@ -634,9 +657,10 @@ impl Verifier {
                             redis.release(entry);
                         }
                         tracing::debug!(verification = %job.id, "another instance took this SMS job over; not sending it");
-                        return Prepared::Dropped;
+                        return (Prepared::Dropped, None);
                     }
-                    Ok((prepared, deferred)) => {
+                    Ok((prepared, mut deferred)) => {
+                        snapshot = deferred.written.take().map(Box::new);
                         self.apply_deferred(deferred, self.shared.clock.now_ms());
                         Ok(prepared)
                     }
@@ -644,12 +668,13 @@ impl Verifier {
                 }
             }
         };
-        match prepared {
+        let prepared = match prepared {
             Ok(prepared) => prepared,
             // The store is unreachable: the job stays here (and unacknowledged in its stream)
             // until it answers again.
             Err(_) => Prepared::Later,
-        }
+        };
+        (prepared, snapshot)
     }
 
     fn prepare_in(
@@ -738,9 +763,18 @@ impl Verifier {
             // hang on: while Redis is away, keep trying (holding this submit's window slot, so
             // the carrier slows down rather than sending what cannot be recorded).
             let mut pause = Duration::from_millis(50);
+            let mut snapshot = job.snapshot.clone();
             let recorded = loop {
+                let preloaded = snapshot.take().map(|snapshot| {
+                    let (revision, record) = *snapshot;
+                    crate::redis_store::Loaded {
+                        live: None,
+                        record: Some((revision, record)),
+                        failed_checks: None,
+                    }
+                });
                 let recorded = self
-                    .txn_deferring(redis, keys, |this, shard, now| {
+                    .txn_from(redis, keys, preloaded, |this, shard, now| {
                         let mut receipt_id = None;
                         this.record_completion_in(
                             shard,
@@ -1284,6 +1318,7 @@ impl Verifier {
             avoid_carrier: None,
             passes: 0,
             entry: None,
+            snapshot: None,
         };
         record.queue_ticket = self.enqueue(shard, job)?;
         shard.records.insert(id, Box::new(record));
@@ -1429,16 +1464,31 @@ impl Verifier {
         &self,
         redis: &RedisStore,
         keys: LoadKeys,
+        body: impl FnMut(&Verifier, &mut Shard, Millis) -> Result<T, ApiError>,
+    ) -> Result<(T, Deferred), ApiError> {
+        self.txn_from(redis, keys, None, body).await
+    }
+
+    /// [`Verifier::txn_deferring`], starting from a record already read (and its revision)
+    /// instead of reading it; if it changed meanwhile, the second try reads it.
+    async fn txn_from<T>(
+        &self,
+        redis: &RedisStore,
+        keys: LoadKeys,
+        mut preloaded: Option<crate::redis_store::Loaded>,
         mut body: impl FnMut(&Verifier, &mut Shard, Millis) -> Result<T, ApiError>,
     ) -> Result<(T, Deferred), ApiError> {
         let shared = &*self.shared;
         let retention_ms = shared.policy.retention.as_millis() as Millis;
         let mut phone_refused = None;
         for _ in 0..TXN_ROUNDS {
-            let loaded = redis
-                .load(keys)
-                .await
-                .map_err(|error| self.unavailable(error))?;
+            let loaded = match preloaded.take() {
+                Some(loaded) => loaded,
+                None => redis
+                    .load(keys)
+                    .await
+                    .map_err(|error| self.unavailable(error))?,
+            };
             let now = shared.clock.now_ms();
             let mut shard = Shard {
                 deferred: Some(Deferred {
@@ -1593,13 +1643,19 @@ impl Verifier {
                 || commit.watch_delay.is_some()
                 || commit.unwatch_delay.is_some()
                 || commit.owns.is_some();
+            let written_record = commit.record.clone();
+            let mut written = None;
             if writes {
                 match redis
                     .commit(commit)
                     .await
                     .map_err(|error| self.unavailable(error))?
                 {
-                    Committed::Done { .. } => {}
+                    Committed::Done { revision, .. } => {
+                        if let Some((record, _)) = written_record {
+                            written = Some((revision, record));
+                        }
+                    }
                     Committed::Conflict => continue,
                     Committed::NotOwned => {
                         let mut deferred = deferred;
@@ -1625,6 +1681,7 @@ impl Verifier {
             let mut deferred = deferred;
             deferred.events.clear();
             deferred.delay_watches.clear();
+            deferred.written = written;
             for event in &events {
                 shared.webhooks.count(event);
             }
@@ -1801,7 +1858,9 @@ impl Verifier {
             live: Some((phone.as_u64(), client)),
             failed_checks: FailedChecksOf::None,
         };
-        let mut ip_spent = false;
+        let ip_rules = shared.limiters.ip_rules();
+        // With no IP rule there is nothing to spend between reading and writing: one round.
+        let mut ip_spent = ip_rules.is_empty();
         for _ in 0..TXN_ROUNDS {
             let step = self
                 .txn(redis, keys, |this, shard, now| {
@@ -1818,6 +1877,8 @@ impl Verifier {
                             return Ok(StartStep::Again);
                         }
                     }
+                    // As in the embedded back-end: the queue, then the IP, then the phone.
+                    this.admit(lane, carriers)?;
                     if !ip_spent {
                         return Ok(StartStep::SpendIp);
                     }
@@ -1838,11 +1899,9 @@ impl Verifier {
                 }
                 StartStep::Again => {}
                 StartStep::SpendIp => {
-                    // As in the embedded back-end: the queue, then the IP, then the phone.
-                    self.admit(lane, carriers)?;
-                    let rules = shared.limiters.ip_rules();
+                    let rules = &ip_rules;
                     if let Some((rule, retry_after)) = redis
-                        .limit_ip(request.ip, &rules, shared.clock.advanced_ms())
+                        .limit_ip(request.ip, rules, shared.clock.advanced_ms())
                         .await
                         .map_err(|error| self.unavailable(error))?
                     {
@@ -2078,6 +2137,7 @@ impl Verifier {
             avoid_carrier: record.carrier,
             passes: 0,
             entry: None,
+            snapshot: None,
         };
         let ticket = self.enqueue(shard, job)?;
         let Some(record) = shard.records.get_mut(id) else {
