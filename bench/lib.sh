@@ -217,17 +217,21 @@ gateway_created() {
 }
 
 # Waits until the sink has received as many SMS as the gateway created verifications, or until
-# the count stops moving for STALL_SECS (default 10), then sets ACCEPTED and DELIVERED.
+# the count stops moving for STALL_SECS (default 10), or for SINK_WAIT_MAX_SECS if set, then sets
+# ACCEPTED, DELIVERED and WAITED (seconds). CREATED_FN names the function that prints the
+# verifications created (default gateway_created; several gateways sum theirs).
 # Usage: wait_for_sink SINK_ADDR
 wait_for_sink() {
     local stall_secs=${STALL_SECS:-10} last_delivered=-1 stalled_since=$SECONDS
+    local created=${CREATED_FN:-gateway_created} started=$SECONDS
     while true; do
-        ACCEPTED=$(gateway_created)
+        WAITED=$((SECONDS - started))
+        ACCEPTED=$("$created")
         DELIVERED=$(sink_stat "$1" received)
         if ((DELIVERED >= ACCEPTED)); then
             # Anything still in flight would show up as a duplicate; give it a moment.
             sleep 1
-            ACCEPTED=$(gateway_created)
+            ACCEPTED=$("$created")
             DELIVERED=$(sink_stat "$1" received)
             return
         fi
@@ -236,6 +240,10 @@ wait_for_sink() {
             stalled_since=$SECONDS
         elif ((SECONDS - stalled_since >= stall_secs)); then
             say "the sink stopped receiving at $DELIVERED of $ACCEPTED"
+            return
+        fi
+        if [[ -n ${SINK_WAIT_MAX_SECS:-} ]] && ((SECONDS - started >= SINK_WAIT_MAX_SECS)); then
+            say "the sink was still receiving after $SINK_WAIT_MAX_SECS s: $DELIVERED of $ACCEPTED"
             return
         fi
         sleep 0.2
