@@ -247,11 +247,14 @@ pub async fn run(
     }
 
     // On Redis the queue is shared: keep taking jobs from it until it is empty (every instance's
-    // jobs: this one helps drain them) or three quarters of the grace period are gone. What is
+    // jobs: this one helps drain them) or three quarters of the grace period are gone, leaving
+    // the last quarter for what this instance holds. What is
     // still there then is for the other instances, or this one's next start. The feeder keeps
     // what this instance holds claimed, and acknowledges delivered events, until the end.
     if let Some(redis) = &redis {
-        let until = tokio::time::Instant::now() + config.shutdown_grace * 3 / 4;
+        let until = deadline
+            .checked_sub(config.shutdown_grace / 4)
+            .unwrap_or(deadline);
         while tokio::time::Instant::now() < until {
             let mut backlog = 0;
             for &lane in &lanes {
