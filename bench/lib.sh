@@ -39,18 +39,21 @@ say() {
     echo "== $*" >&2
 }
 
-# Installs wrk from Debian's packages when it is missing.
-ensure_wrk() {
-    if command -v wrk >/dev/null; then
-        return
-    fi
-    say "installing wrk"
+# Installs Debian packages, with sudo unless running as root.
+# Usage: apt_install PACKAGE...
+apt_install() {
+    say "installing $*"
     local sudo=""
     if [[ $(id -u) -ne 0 ]]; then
         sudo="sudo"
     fi
     $sudo apt-get update -qq >&2
-    $sudo apt-get install -y -qq wrk >&2
+    $sudo apt-get install -y -qq "$@" >&2
+}
+
+# Installs wrk from Debian's packages when it is missing.
+ensure_wrk() {
+    command -v wrk >/dev/null || apt_install wrk
 }
 
 # Builds the release binaries of the gateway and loadgen, unless SKIP_BUILD is set.

@@ -45,16 +45,9 @@ SINK_WAIT_MAX_SECS=120
 
 # Installs redis-server and redis-cli from Debian's packages when either is missing.
 ensure_redis() {
-    if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
-        return
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        apt_install redis-server redis-tools
     fi
-    say "installing redis-server and redis-tools"
-    local sudo=""
-    if [[ $(id -u) -ne 0 ]]; then
-        sudo="sudo"
-    fi
-    $sudo apt-get update -qq >&2
-    $sudo apt-get install -y -qq redis-server redis-tools >&2
 }
 
 # Starts a fresh redis-server on a free loopback port, stopping the one started before if any,

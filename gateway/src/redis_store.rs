@@ -42,7 +42,7 @@ use crate::config::{RedisConfig, Rule};
 use crate::otp::StoredCode;
 use crate::phone::Phone;
 use crate::queue::Job;
-use crate::store::{FailedChecks, VerificationId};
+use crate::store::{FailedChecks, VerificationId, lock};
 use crate::verification::{
     CarrierId, ClientId, DeliveryState, Extras, FailureReason, Status, Verification,
 };
@@ -160,6 +160,18 @@ pub struct LoadKeys {
     pub id: Option<VerificationId>,
     pub live: Option<(u64, ClientId)>,
     pub failed_checks: FailedChecksOf,
+}
+
+impl LoadKeys {
+    /// The record `id`, nothing else.
+    pub fn record(id: VerificationId) -> LoadKeys {
+        LoadKeys {
+            group: id.group(),
+            id: Some(id),
+            live: None,
+            failed_checks: FailedChecksOf::None,
+        }
+    }
 }
 
 /// Whose failed checks a `LOAD` reads.
@@ -869,7 +881,7 @@ impl RedisStore {
             let _: () = self
                 .run(
                     redis::cmd("SET")
-                        .arg(format!("{}:rc:{carrier}:{reading}", self.shared.prefix))
+                        .arg(self.receipt_key("rc", carrier, &reading))
                         .arg(id.to_string())
                         .arg("PX")
                         .arg(keep.as_millis().max(1) as u64),
@@ -887,15 +899,23 @@ impl RedisStore {
     ) -> Result<Option<VerificationId>, StoreError> {
         for reading in crate::receipt::readings(carrier_message_id) {
             let found: Option<String> = self
-                .run(
-                    redis::cmd("GET").arg(format!("{}:rc:{carrier}:{reading}", self.shared.prefix)),
-                )
+                .run(redis::cmd("GET").arg(self.receipt_key("rc", carrier, &reading)))
                 .await?;
             if let Some(id) = found.as_deref().and_then(VerificationId::parse) {
                 return Ok(Some(id));
             }
         }
         Ok(None)
+    }
+
+    /// A receipt key: `rc` (the index) or `er` (held early receipts), by carrier and reading.
+    fn receipt_key(
+        &self,
+        kind: &str,
+        carrier: CarrierId,
+        reading: &crate::receipt::Reading,
+    ) -> String {
+        format!("{}:{kind}:{carrier}:{reading}", self.shared.prefix)
     }
 
     fn held_receipts_key(&self) -> String {
@@ -924,7 +944,7 @@ impl RedisStore {
             let _: () = self
                 .run(
                     redis::cmd("SET")
-                        .arg(format!("{}:er:{carrier}:{reading}", self.shared.prefix))
+                        .arg(self.receipt_key("er", carrier, &reading))
                         .arg(format!("{status}:{carrier_message_id}"))
                         .arg("PX")
                         .arg(keep.as_millis().max(1) as u64),
@@ -942,10 +962,7 @@ impl RedisStore {
     ) -> Result<Option<(u8, String)>, StoreError> {
         for reading in crate::receipt::readings(carrier_message_id) {
             let held: Option<String> = self
-                .run(
-                    redis::cmd("GETDEL")
-                        .arg(format!("{}:er:{carrier}:{reading}", self.shared.prefix)),
-                )
+                .run(redis::cmd("GETDEL").arg(self.receipt_key("er", carrier, &reading)))
                 .await?;
             if let Some((status, id)) = held.as_deref().and_then(|held| held.split_once(':')) {
                 if let Ok(status) = status.parse() {
@@ -1369,12 +1386,6 @@ fn event_of(
             body: field("b")?,
         },
     ))
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What [`feed`] moves jobs and webhook events between.

@@ -255,7 +255,8 @@ impl Shard {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks a mutex, taking it over if a panic elsewhere poisoned it.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every update under these locks is a plain field write; a panic elsewhere cannot leave a
     // shard inconsistent enough to be worth taking the gateway down for.
     mutex

@@ -29,7 +29,7 @@ use crate::redis_store::{
 use crate::routing::{CarrierSet, Routes};
 use crate::sms::{RenderParams, SmsText, Templates};
 use crate::store::{
-    Deferred, FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store, VerificationId,
+    Deferred, FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store, VerificationId, lock,
 };
 use crate::verification::{
     CarrierId, ClientId, DeliveryState, Extras, FailureReason, Status, Verification, View,
@@ -645,12 +645,7 @@ impl Verifier {
         let prepared = match &self.shared.redis {
             None => self.with_record(&job.id, false, body).await,
             Some(redis) => {
-                let keys = LoadKeys {
-                    group: job.id.group(),
-                    id: Some(job.id),
-                    live: None,
-                    failed_checks: FailedChecksOf::None,
-                };
+                let keys = LoadKeys::record(job.id);
                 match self.txn_deferring(redis, keys, body).await {
                     Ok((_, deferred)) if deferred.not_owned => {
                         if let Some(entry) = job.entry {
@@ -753,12 +748,7 @@ impl Verifier {
         let shared = &*self.shared;
         if let Some(redis) = &shared.redis {
             let ends_job = !matches!(completion, Completion::Retry);
-            let keys = LoadKeys {
-                group: job.id.group(),
-                id: Some(job.id),
-                live: None,
-                failed_checks: FailedChecksOf::None,
-            };
+            let keys = LoadKeys::record(job.id);
             // A carrier's answer is what the verification's state and the job's stream entry
             // hang on: while Redis is away, keep trying (holding this submit's window slot, so
             // the carrier slows down rather than sending what cannot be recorded).
@@ -1944,12 +1934,7 @@ impl Verifier {
                 }
             };
             for id in due {
-                let keys = LoadKeys {
-                    group,
-                    id: Some(id),
-                    live: None,
-                    failed_checks: FailedChecksOf::None,
-                };
+                let keys = LoadKeys::record(id);
                 let swept = self
                     .txn(redis, keys, |this, shard, now| {
                         this.sweep_one(shard, &id, now);
@@ -1967,12 +1952,7 @@ impl Verifier {
                 return;
             };
             for (id, send_no) in due {
-                let keys = LoadKeys {
-                    group,
-                    id: Some(id),
-                    live: None,
-                    failed_checks: FailedChecksOf::None,
-                };
+                let keys = LoadKeys::record(id);
                 let _ = self
                     .txn(redis, keys, |this, shard, now| {
                         let still_queued = shard.records.get(&id).is_some_and(|record| {
@@ -2269,12 +2249,6 @@ enum StartStep {
     Again,
     /// No live verification: the IP's limit is spent next, then the phone's with the write.
     SpendIp,
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn receipt_status_code(status: ReceiptStatus) -> u8 {

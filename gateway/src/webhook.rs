@@ -42,7 +42,7 @@ use crate::clock::{Clock, Millis, rfc3339};
 use crate::config::{ClientConfig, HttpVersion, WebhookPolicy};
 use crate::metrics::{Metrics, WebhookMetrics, WebhookOutcome};
 use crate::redis_store::StreamEntry;
-use crate::store::VerificationId;
+use crate::store::{VerificationId, lock};
 use crate::verification::{ClientId, View};
 
 /// The kinds of event, in the order of the `event` label's values.
@@ -596,12 +596,6 @@ pub fn sign(mac: &Hmac<sha2::Sha256>, timestamp: u64, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     hex::encode(mac.finalize().into_bytes())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
