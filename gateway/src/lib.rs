@@ -32,6 +32,7 @@ pub mod routing;
 pub mod server;
 pub mod shutdown;
 pub mod sms;
+pub mod sms_wire;
 pub mod store;
 pub mod verification;
 pub mod verifier;

@@ -465,12 +465,12 @@ const MAX_LABEL_LEN: usize = 63;
 const APP_HASH_LEN: usize = 11;
 const REDACTED: &str = "**REDACTED**";
 
-const GSM7_ESCAPE: u8 = 0x1B;
+pub(crate) const GSM7_ESCAPE: u8 = 0x1B;
 
 /// The GSM 03.38 default alphabet, indexed by septet.
 /// Slot `0x1B` is the escape to the extension table, not a character.
 #[rustfmt::skip]
-const GSM7_BASIC: [char; 128] = [
+pub(crate) const GSM7_BASIC: [char; 128] = [
     '@', '£', '$', '¥', 'è', 'é', 'ù', 'ì', 'ò', 'Ç', '\n', 'Ø', 'ø', '\r', 'Å', 'å',
     'Δ', '_', 'Φ', 'Γ', 'Λ', 'Ω', 'Π', 'Ψ', 'Σ', 'Θ', 'Ξ', '\u{1B}', 'Æ', 'æ', 'ß', 'É',
     ' ', '!', '"', '#', '¤', '%', '&', '\'', '(', ')', '*', '+', ',', '-', '.', '/',
@@ -482,7 +482,7 @@ const GSM7_BASIC: [char; 128] = [
 ];
 
 /// The GSM 03.38 extension table: each character and the septet that follows the escape.
-const GSM7_EXTENSION: [(char, u8); 10] = [
+pub(crate) const GSM7_EXTENSION: [(char, u8); 10] = [
     ('\u{0C}', 0x0A),
     ('^', 0x14),
     ('{', 0x28),
