@@ -175,6 +175,20 @@ pub struct RawCarrier {
     #[serde(default)]
     pub exclude_prefixes: Vec<String>,
     pub weight: Option<u32>,
+    // SMPP carriers only.
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub system_id: Option<String>,
+    pub password: Option<String>,
+    pub system_type: Option<String>,
+    pub bind: Option<String>,
+    pub binds: Option<u32>,
+    pub enquire_link_secs: Option<u64>,
+    pub tls: Option<bool>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub gsm7_packed: Option<bool>,
+    pub gsm7_data_coding: Option<u8>,
+    pub ucs2_data_coding: Option<u8>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -376,7 +390,7 @@ pub struct CarrierConfig {
     pub kind: CarrierKind,
     /// SMS segments per second.
     pub pace_per_sec: NonZeroU32,
-    /// Requests in flight.
+    /// Requests in flight: for an SMPP carrier, its window per bind times its binds.
     pub window: NonZeroU32,
     /// Sender id.
     pub from: String,
@@ -402,7 +416,57 @@ pub enum CarrierKind {
         timeout: Duration,
         version: HttpVersion,
     },
+    /// Boxed: the SMPP settings are large and carriers are built once.
+    Smpp(Box<SmppSettings>),
     Console,
+}
+
+/// An SMPP 3.4 carrier (an SMSC) and how the gateway binds to it as an ESME.
+#[derive(Clone)]
+pub struct SmppSettings {
+    pub host: String,
+    pub port: u16,
+    pub system_id: String,
+    /// Never printed.
+    pub password: String,
+    pub system_type: String,
+    pub bind: BindMode,
+    /// Sessions kept bound, each with its own window.
+    pub binds: NonZeroU32,
+    /// `submit_sm` outstanding per bind.
+    pub window_per_bind: NonZeroU32,
+    /// How long a `submit_sm` (or a bind) waits for its answer.
+    pub timeout: Duration,
+    pub enquire_link: Duration,
+    /// `Some` to speak TLS, with a CA file to trust instead of the webpki roots.
+    pub tls: Option<Option<PathBuf>>,
+    pub coding: crate::sms_wire::Coding,
+}
+
+/// How an SMPP session is bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindMode {
+    /// One `bind_transceiver` session per bind: submits out, receipts in.
+    Transceiver,
+    /// A `bind_transmitter` session for submits and a `bind_receiver` session for receipts.
+    TransmitterReceiver,
+}
+
+impl std::fmt::Debug for SmppSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmppSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("system_id", &self.system_id)
+            .field("password", &"**REDACTED**")
+            .field("bind", &self.bind)
+            .field("binds", &self.binds)
+            .field("window_per_bind", &self.window_per_bind)
+            .field("timeout", &self.timeout)
+            .field("tls", &self.tls.is_some())
+            .field("coding", &self.coding)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Which HTTP a carrier is spoken to with.
@@ -823,6 +887,110 @@ impl RawRule {
 }
 
 impl RawCarrier {
+    /// An SMPP carrier's settings, and its window across all binds.
+    fn smpp_settings(
+        &self,
+        window_per_bind: NonZeroU32,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<(SmppSettings, NonZeroU32), ConfigError> {
+        let host = match &self.host {
+            Some(host) if !host.is_empty() && host.len() <= 253 => host.clone(),
+            _ => return invalid(key("host"), "an smpp carrier needs a host name or address"),
+        };
+        let port = self.port.unwrap_or(2775);
+        if port == 0 {
+            return invalid(key("port"), "must be between 1 and 65535");
+        }
+        // SMPP 3.4 section 5.2: system_id up to 15 octets, password up to 8, system_type up to 12.
+        let printable = |text: &str| text.bytes().all(|b| b.is_ascii_graphic());
+        let system_id = match &self.system_id {
+            Some(id) if (1..=15).contains(&id.len()) && printable(id) => id.clone(),
+            _ => {
+                return invalid(
+                    key("system_id"),
+                    "must be 1 to 15 printable ASCII characters",
+                );
+            }
+        };
+        let password = match &self.password {
+            Some(password) if password.len() <= 8 && printable(password) => password.clone(),
+            _ => {
+                return invalid(
+                    key("password"),
+                    "must be up to 8 printable ASCII characters",
+                );
+            }
+        };
+        let system_type = self.system_type.clone().unwrap_or_default();
+        if system_type.len() > 12 || !printable(&system_type) {
+            return invalid(
+                key("system_type"),
+                "must be up to 12 printable ASCII characters",
+            );
+        }
+        let bind = match self.bind.as_deref().unwrap_or("transceiver") {
+            "transceiver" => BindMode::Transceiver,
+            "transmitter_receiver" => BindMode::TransmitterReceiver,
+            other => {
+                return invalid(
+                    key("bind"),
+                    format!(
+                        "unknown bind {other:?}; expected \"transceiver\" or \"transmitter_receiver\""
+                    ),
+                );
+            }
+        };
+        let Some(binds) = NonZeroU32::new(self.binds.unwrap_or(1)).filter(|b| b.get() <= 32) else {
+            return invalid(key("binds"), "must be between 1 and 32");
+        };
+        let Some(total_window) = window_per_bind
+            .checked_mul(binds)
+            .filter(|total| total.get() <= MAX_WINDOW)
+        else {
+            return invalid(
+                key("window"),
+                format!("window times binds must be at most {MAX_WINDOW}"),
+            );
+        };
+        let timeout_ms = self.timeout_ms.unwrap_or(5000);
+        if !(1..=120_000).contains(&timeout_ms) {
+            return invalid(key("timeout_ms"), "must be between 1 and 120000");
+        }
+        let enquire_link_secs = self.enquire_link_secs.unwrap_or(30);
+        if !(1..=3600).contains(&enquire_link_secs) {
+            return invalid(key("enquire_link_secs"), "must be between 1 and 3600");
+        }
+        let tls = match (self.tls.unwrap_or(false), &self.tls_ca_file) {
+            (false, None) => None,
+            (false, Some(_)) => return invalid(key("tls_ca_file"), "needs tls = true"),
+            (true, ca_file) => Some(ca_file.clone()),
+        };
+        let coding = crate::sms_wire::Coding {
+            gsm7_packed: self.gsm7_packed.unwrap_or(false),
+            gsm7_data_coding: self
+                .gsm7_data_coding
+                .unwrap_or(crate::sms_wire::DATA_CODING_DEFAULT),
+            ucs2_data_coding: self
+                .ucs2_data_coding
+                .unwrap_or(crate::sms_wire::DATA_CODING_UCS2),
+        };
+        let settings = SmppSettings {
+            host,
+            port,
+            system_id,
+            password,
+            system_type,
+            bind,
+            binds,
+            window_per_bind,
+            timeout: Duration::from_millis(timeout_ms),
+            enquire_link: Duration::from_secs(enquire_link_secs),
+            tls,
+            coding,
+        };
+        Ok((settings, total_window))
+    }
+
     fn validate(self, index: usize) -> Result<CarrierConfig, ConfigError> {
         let key = |field: &str| format!("carriers[{index}].{field}");
         let valid_name = !self.name.is_empty()
@@ -843,11 +1011,43 @@ impl RawCarrier {
         let Some(window) = NonZeroU32::new(window).filter(|w| w.get() <= MAX_WINDOW) else {
             return invalid(key("window"), format!("must be between 1 and {MAX_WINDOW}"));
         };
-        let from = self.from.unwrap_or_else(|| "otpgate".to_owned());
+        let from = self.from.clone().unwrap_or_else(|| "otpgate".to_owned());
         if from.is_empty() || from.len() > 16 {
             return invalid(key("from"), "must be 1 to 16 characters");
         }
+        let smpp_keys = [
+            ("host", self.host.is_some()),
+            ("port", self.port.is_some()),
+            ("system_id", self.system_id.is_some()),
+            ("password", self.password.is_some()),
+            ("system_type", self.system_type.is_some()),
+            ("bind", self.bind.is_some()),
+            ("binds", self.binds.is_some()),
+            ("enquire_link_secs", self.enquire_link_secs.is_some()),
+            ("tls", self.tls.is_some()),
+            ("tls_ca_file", self.tls_ca_file.is_some()),
+            ("gsm7_packed", self.gsm7_packed.is_some()),
+            ("gsm7_data_coding", self.gsm7_data_coding.is_some()),
+            ("ucs2_data_coding", self.ucs2_data_coding.is_some()),
+        ];
+        if self.kind != "smpp" {
+            if let Some((field, _)) = smpp_keys.iter().find(|(_, set)| *set) {
+                return invalid(key(field), "only smpp carriers take this key");
+            }
+        }
+        let mut window = window;
         let kind = match self.kind.as_str() {
+            "smpp" => {
+                if self.url.is_some() || self.http_version.is_some() || !self.headers.is_empty() {
+                    return invalid(
+                        key("url"),
+                        "an smpp carrier takes host and port, not url, http_version or headers",
+                    );
+                }
+                let (settings, total_window) = self.smpp_settings(window, &key)?;
+                window = total_window;
+                CarrierKind::Smpp(Box::new(settings))
+            }
             "console" => {
                 if self.url.is_some() {
                     return invalid(key("url"), "a console carrier takes no url");
@@ -906,7 +1106,7 @@ impl RawCarrier {
             other => {
                 return invalid(
                     key("kind"),
-                    format!("unknown kind {other:?}; expected \"http\" or \"console\""),
+                    format!("unknown kind {other:?}; expected \"http\", \"smpp\" or \"console\""),
                 );
             }
         };

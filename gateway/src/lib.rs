@@ -148,15 +148,33 @@ pub async fn run(
 
     let mut carriers = Vec::with_capacity(config.carriers.len());
     let mut breakers = Vec::with_capacity(config.carriers.len());
+    // SMPP sessions outlive the dispatchers, to take receipts until the end, then unbind.
+    let mut smpp_links = Vec::new();
     for (index, carrier_config) in config.carriers.iter().enumerate() {
         let breaker = std::sync::Arc::new(breaker::Breaker::new(carrier_config.breaker));
         breakers.push((carrier_config.name.clone(), breaker.clone()));
-        let connector = Connector::new(carrier_config).map_err(|error| {
+        let receipts: carrier::ReceiptSink = {
+            let verifier = verifier.clone();
+            let carrier = index as u8;
+            std::sync::Arc::new(move |id: String, status| {
+                let verifier = verifier.clone();
+                Box::pin(async move {
+                    // An id no carrier could have sent is taken and dropped: refusing it would
+                    // only have the SMSC send it again.
+                    receipt::readings(&id).is_empty()
+                        || verifier.receipt(carrier, &id, status).await.is_ok()
+                })
+            })
+        };
+        let connector = Connector::new(carrier_config, receipts).map_err(|error| {
             anyhow::anyhow!(
                 "carrier {}: cannot build its client: {error}",
                 carrier_config.name
             )
         })?;
+        if let Connector::Smpp(smpp) = &connector {
+            smpp_links.push(smpp.clone());
+        }
         carriers.push(Carrier {
             id: index as u8,
             config: carrier_config.clone(),
@@ -296,6 +314,7 @@ pub async fn run(
     }
     webhooks_stop.cancel();
     let _ = webhook_sender.await;
+    futures_util::future::join_all(smpp_links.iter().map(carrier::SmppConnector::close)).await;
     if let Some(feeder) = feeder {
         // One more pass acknowledges the events delivered last.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

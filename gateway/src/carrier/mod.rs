@@ -8,6 +8,7 @@
 
 mod console;
 mod http;
+mod smpp;
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::sms::SmsText;
 pub use self::console::ConsoleConnector;
 pub use self::http::HttpConnector;
 pub(crate) use self::http::pooled_client;
+pub use self::smpp::{ReceiptSink, SmppConnector};
 
 /// One SMS, ready for a carrier. Its text holds the code, so it never prints.
 pub struct OutboundSms {
@@ -69,13 +71,16 @@ pub enum FailureKind {
 pub enum Connector {
     /// Boxed: the HTTP client is large, the console carrier tiny.
     Http(Box<HttpConnector>),
+    Smpp(SmppConnector),
     Console(ConsoleConnector),
 }
 
 // === impl Connector ===
 
 impl Connector {
-    pub fn new(config: &CarrierConfig) -> Result<Connector, std::io::Error> {
+    /// Builds the carrier's connector; an SMPP carrier starts binding in the background and
+    /// hands the receipts it reads to `receipts`.
+    pub fn new(config: &CarrierConfig, receipts: ReceiptSink) -> Result<Connector, std::io::Error> {
         Ok(match &config.kind {
             CarrierKind::Http {
                 url,
@@ -90,14 +95,27 @@ impl Connector {
                 config.window.get() as usize,
                 *version,
             )?)),
+            CarrierKind::Smpp(settings) => Connector::Smpp(SmppConnector::start(
+                config.name.clone(),
+                (**settings).clone(),
+                receipts,
+            )?),
             CarrierKind::Console => Connector::Console(ConsoleConnector::new(config.name.clone())),
         })
+    }
+
+    /// Ends the connector's sessions, if it has any (an SMPP carrier unbinds).
+    pub async fn close(&self) {
+        if let Connector::Smpp(smpp) = self {
+            smpp.close().await;
+        }
     }
 
     /// Hands one SMS to the carrier.
     pub async fn submit(&self, sms: &OutboundSms) -> Result<Accepted, SubmitError> {
         match self {
             Connector::Http(http) => http.submit(sms).await,
+            Connector::Smpp(smpp) => smpp.submit(sms).await,
             Connector::Console(console) => console.submit(sms),
         }
     }
