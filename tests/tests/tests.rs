@@ -7,6 +7,7 @@ mod errors;
 mod expiry;
 mod failover;
 mod limits;
+mod npm_smsc_harness;
 mod openapi;
 mod receipts;
 mod redis;
