@@ -66,6 +66,19 @@ pub struct Listeners {
 /// in-flight requests, hand queued SMS to carriers, all within `config.shutdown_grace`.
 ///
 /// # Errors
+/// Log targets never printed, whatever `RUST_LOG` says: rusmpp (the SMPP codec) logs every PDU
+/// it encodes or decodes at debug level, binds' passwords and SMS texts (codes) included.
+pub const SILENCED_LOG_TARGETS: &[&str] = &["rusmpp"];
+
+/// Whether events of `target` may be logged (see [`SILENCED_LOG_TARGETS`]).
+pub fn log_target_allowed(target: &str) -> bool {
+    !SILENCED_LOG_TARGETS.iter().any(|silenced| {
+        target
+            .strip_prefix(silenced)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
 /// Fails only at start-up, when a carrier connector cannot be built.
 pub async fn run(
     listeners: Listeners,

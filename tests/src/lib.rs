@@ -765,8 +765,10 @@ pub fn install_log_capture() {
             .with_writer(|| ThreadWriter)
             // A dynamic filter: it is asked at every event, never cached per call site (a plain
             // `filter_fn` caches its first answer, given on whatever thread got there first).
-            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|_, _| {
-                CAPTURE.with(|capture| capture.borrow().is_some())
+            // The binary's own silencing applies here too (gateway::SILENCED_LOG_TARGETS).
+            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|metadata, _| {
+                gateway::log_target_allowed(metadata.target())
+                    && CAPTURE.with(|capture| capture.borrow().is_some())
             }));
         // Another subscriber may already be global in this process; capturing then finds
         // nothing, and the tests that capture say so.

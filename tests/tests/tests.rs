@@ -15,4 +15,5 @@ mod redis_harness;
 mod routing;
 mod secrecy;
 mod shutdown;
+mod smpp;
 mod webhooks;

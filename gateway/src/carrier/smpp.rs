@@ -383,7 +383,9 @@ async fn connect_and_bind(
     .map_err(|_| "connect timed out".to_owned())?
     .map_err(|error| format!("connect: {error}"))?;
     let _ = tcp.set_nodelay(true);
+    // rusmppc speaks SMPP 5.0 and refuses to bind as anything else unless told; 3.4 is a subset.
     let builder = ConnectionBuilder::new()
+        .disable_interface_version_check()
         .max_command_length(MAX_PDU)
         .enquire_link_interval(settings.enquire_link)
         .enquire_link_response_timeout(settings.timeout)
