@@ -7,6 +7,7 @@
 //!   wire format exactly, records what it was sent, and answers as the test tells it.
 //! - [`capture_logs`] collects everything the gateway logs (at trace level) for secrecy checks.
 
+pub mod kannel;
 pub mod npm_smsc;
 pub mod process;
 pub mod redis;
