@@ -1334,6 +1334,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_smpp_carrier_has_a_window_per_bind_and_a_secret_password() {
+        let config = Config::from_toml(
+            "[[carriers]]\nname = \"smsc\"\nkind = \"smpp\"\nhost = \"smsc.example\"\n\
+             system_id = \"otpgate\"\npassword = \"pa55word\"\nbinds = 3\nwindow = 50\n\
+             bind = \"transmitter_receiver\"\ngsm7_packed = true\nucs2_data_coding = 24\n",
+        )
+        .unwrap();
+        let carrier = &config.carriers[0];
+        assert_eq!(carrier.window.get(), 150, "the window across binds");
+        let CarrierKind::Smpp(smpp) = &carrier.kind else {
+            panic!("not smpp: {carrier:?}");
+        };
+        assert_eq!(smpp.port, 2775);
+        assert_eq!(smpp.window_per_bind.get(), 50);
+        assert_eq!(smpp.bind, BindMode::TransmitterReceiver);
+        assert!(smpp.coding.gsm7_packed);
+        assert_eq!(smpp.coding.gsm7_data_coding, 0);
+        assert_eq!(smpp.coding.ucs2_data_coding, 24);
+        assert_eq!(smpp.enquire_link, Duration::from_secs(30));
+        assert!(!format!("{config:?}").contains("pa55word"));
+    }
+
+    #[test]
     fn empty_file_gives_the_documented_defaults() {
         let config = Config::from_toml("").unwrap();
         assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
@@ -1420,6 +1443,38 @@ mod tests {
             ("shutdown_grace_secs = 3601", "shutdown_grace_secs"),
             ("store = \"mongo\"", "store"),
             ("[templates]\nen = \"no code here\"", "templates"),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nsystem_id = \"x\"\npassword = \"y\"",
+                "carriers[0].host",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\npassword = \"y\"",
+                "carriers[0].system_id",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"123456789\"",
+                "carriers[0].password",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nbind = \"sideways\"",
+                "carriers[0].bind",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nwindow = 1000\nbinds = 11",
+                "carriers[0].window",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\ntls_ca_file = \"ca.pem\"",
+                "carriers[0].tls_ca_file",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nurl = \"http://a\"",
+                "carriers[0].url",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://a\"\nsystem_id = \"x\"",
+                "carriers[0].system_id",
+            ),
         ];
         for (text, key) in cases {
             let error = Config::from_toml(text).unwrap_err().to_string();

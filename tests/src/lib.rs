@@ -767,10 +767,12 @@ pub fn install_log_capture() {
             // A dynamic filter: it is asked at every event, never cached per call site (a plain
             // `filter_fn` caches its first answer, given on whatever thread got there first).
             // The binary's own silencing applies here too (gateway::SILENCED_LOG_TARGETS).
-            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|metadata, _| {
-                gateway::log_target_allowed(metadata.target())
-                    && CAPTURE.with(|capture| capture.borrow().is_some())
-            }));
+            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(
+                |metadata, _| {
+                    gateway::log_target_allowed(metadata.target())
+                        && CAPTURE.with(|capture| capture.borrow().is_some())
+                },
+            ));
         // Another subscriber may already be global in this process; capturing then finds
         // nothing, and the tests that capture say so.
         let _ = tracing_subscriber::registry().with(layer).try_init();

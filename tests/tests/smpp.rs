@@ -15,7 +15,11 @@ const WAIT: Duration = Duration::from_secs(15);
 const EN: &str = "Codice {code}: costo 0 € [ok] ~ | ^ \\\\ fine";
 const RU: &str = "Ваш код {code} ✓";
 fn long_template() -> String {
-    format!("{}€ Il tuo codice è {{code}}. {}", "x".repeat(152), "y".repeat(40))
+    format!(
+        "{}€ Il tuo codice è {{code}}. {}",
+        "x".repeat(152),
+        "y".repeat(40)
+    )
 }
 
 fn smsc_config(smsc: &NpmSmsc, extra: &str) -> String {
@@ -142,8 +146,11 @@ async fn throttle_answers_are_retried_at_once() {
     });
     let gateway = Gateway::start(&smsc_config(&smsc, "")).await;
     // Bound first, so the time below is the throttles' alone.
-    smsc.wait_for_async(|events| tests::npm_smsc::events_of(events, "bind").len() == 1, WAIT)
-        .await;
+    smsc.wait_for_async(
+        |events| tests::npm_smsc::events_of(events, "bind").len() == 1,
+        WAIT,
+    )
+    .await;
     let began = Instant::now();
     let mut ids = Vec::new();
     for n in 20..25 {
@@ -156,9 +163,21 @@ async fn throttle_answers_are_retried_at_once() {
         .iter()
         .map(|submit| submit["status"].as_u64().unwrap())
         .collect();
-    assert_eq!(statuses.iter().filter(|&&s| s == 0x58).count(), 6, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|&&s| s == 0x14).count(), 4, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|&&s| s == 0).count(), 5, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 0x58).count(),
+        6,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 0x14).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 0).count(),
+        5,
+        "{statuses:?}"
+    );
     // Ten throttles cost pauses of milliseconds, not the seconds of a failure's back-off.
     assert!(took < Duration::from_secs(3), "took {took:?}");
     for id in &ids {
@@ -185,15 +204,21 @@ async fn sessions_rebind_after_the_smsc_restarts_and_unbind_on_shutdown() {
     let binds = smsc.binds();
     for command in ["bind_transmitter", "bind_receiver"] {
         assert_eq!(
-            binds.iter().filter(|bind| bind["command"] == command).count(),
+            binds
+                .iter()
+                .filter(|bind| bind["command"] == command)
+                .count(),
             2,
             "{binds:#?}"
         );
     }
 
     smsc.restart();
-    smsc.wait_for_async(|events| tests::npm_smsc::events_of(events, "bind").len() == 4, WAIT)
-        .await;
+    smsc.wait_for_async(
+        |events| tests::npm_smsc::events_of(events, "bind").len() == 4,
+        WAIT,
+    )
+    .await;
     let second = start(&gateway, 31, "en").await;
     gateway.wait_for_delivery(&second, "delivered").await;
 
@@ -219,14 +244,187 @@ async fn a_refused_bind_is_retried_and_the_password_stays_secret() {
     });
     let gateway = Gateway::start(&smsc_config(&smsc, "")).await;
     let id = start(&gateway, 40, "en").await;
-    smsc.wait_for_async(|events| tests::npm_smsc::events_of(events, "bind").len() >= 2, WAIT)
-        .await;
+    smsc.wait_for_async(
+        |events| tests::npm_smsc::events_of(events, "bind").len() >= 2,
+        WAIT,
+    )
+    .await;
     let binds = smsc.binds();
-    assert!(binds.iter().all(|bind| bind["status"] == 0x0E), "{binds:#?}");
+    assert!(
+        binds.iter().all(|bind| bind["status"] == 0x0E),
+        "{binds:#?}"
+    );
     let view = gateway.get(&format!("/v1/verifications/{id}")).await;
     assert_ne!(view.body["delivery"]["state"], "submitted", "{}", view.text);
     let text = logs.text();
     assert!(text.contains("SMPP bind failed"), "{text}");
-    let leaks: Vec<&str> = text.lines().filter(|line| line.contains("secret12")).collect();
+    let leaks: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("secret12"))
+        .collect();
     assert!(leaks.is_empty(), "the password was logged: {leaks:#?}");
+}
+
+/// Over TLS, trusting a private CA (`tls_ca_file`): the gateway binds through a TLS terminator in
+/// front of the SMSC, and the SMS and its receipt go through it.
+#[tokio::test]
+async fn tls_with_a_private_ca() {
+    if !require_npm_smsc() {
+        return;
+    }
+    let smsc = NpmSmsc::start_default();
+    let pki = Pki::issue();
+    let terminator = tls_terminator(&pki, smsc.addr()).await;
+    let config = smsc_config(&smsc, "").replace(
+        &format!("port = {}\n", smsc.port()),
+        &format!(
+            "port = {}\ntls = true\ntls_ca_file = \"{}\"\n",
+            terminator.port(),
+            pki.ca.display()
+        ),
+    );
+    let config = config.replace("host = \"127.0.0.1\"", "host = \"localhost\"");
+    let gateway = Gateway::start(&config).await;
+    let id = start(&gateway, 50, "ru").await;
+    gateway.wait_for_delivery(&id, "delivered").await;
+    let message = message_to(&smsc.wait_for_messages_async(1, WAIT).await, 50);
+    assert!(message["text"].as_str().unwrap().starts_with("Ваш код"));
+}
+
+/// A CA and a certificate it signed for `localhost`, made with the openssl command, in a
+/// directory removed on drop.
+struct Pki {
+    dir: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+impl Pki {
+    fn issue() -> Pki {
+        let dir = std::env::temp_dir().join(format!(
+            "otpgate-pki-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = |args: &[&str]| {
+            let output = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl (apt-get install openssl)");
+            assert!(
+                output.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=otpgate test CA",
+            ],
+        ]
+        .concat());
+        run(&[
+            &["req"],
+            &ec[..],
+            &[
+                "-keyout",
+                "smsc.key",
+                "-out",
+                "smsc.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat());
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost\n").unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "smsc.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "smsc.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        Pki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("smsc.pem"),
+            key: dir.join("smsc.key"),
+            dir,
+        }
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Accepts TLS on a free loopback port and relays each connection to `backend` in plain TCP.
+/// The relay ends with the test's runtime.
+async fn tls_terminator(pki: &Pki, backend: std::net::SocketAddr) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
 }
