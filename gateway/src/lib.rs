@@ -120,7 +120,11 @@ pub async fn run(
     // build): load it now, off the runtime's workers, rather than in the first request.
     tokio::task::spawn_blocking(phone::warm_up).await?;
 
-    let carrier_names: Vec<String> = config.carriers.iter().map(|c| c.name.clone()).collect();
+    let carrier_names: Vec<(String, bool)> = config
+        .carriers
+        .iter()
+        .map(|c| (c.name.clone(), matches!(c.kind, CarrierKind::Smpp(_))))
+        .collect();
     let webhook_clients: Vec<String> = config
         .clients
         .iter()
@@ -179,12 +183,13 @@ pub async fn run(
                 })
             })
         };
-        let connector = Connector::new(carrier_config, receipts).map_err(|error| {
-            anyhow::anyhow!(
-                "carrier {}: cannot build its client: {error}",
-                carrier_config.name
-            )
-        })?;
+        let connector =
+            Connector::new(carrier_config, receipts, metrics.carrier(index)).map_err(|error| {
+                anyhow::anyhow!(
+                    "carrier {}: cannot build its client: {error}",
+                    carrier_config.name
+                )
+            })?;
         if let Connector::Smpp(smpp) = &connector {
             smpp_links.push(smpp.clone());
         }

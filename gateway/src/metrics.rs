@@ -175,6 +175,8 @@ pub struct CarrierMetrics {
     retries: [Counter; 2],
     passed_on: Counter,
     took_over: Counter,
+    /// SMPP carriers only.
+    sessions_bound: Option<Gauge>,
 }
 
 // === impl Route ===
@@ -234,12 +236,11 @@ impl Route {
 // === impl Metrics ===
 
 impl Metrics {
-    /// Builds the recorder and registers every series for these lanes (priorities) and carriers.
-    /// Registers every series: lanes by priority, carriers by name, and webhooks by the names of
-    /// the clients that have one.
+    /// Builds the recorder and registers every series: lanes by priority, carriers by name (and
+    /// whether they speak SMPP), and webhooks by the names of the clients that have one.
     pub fn new(
         lane_priorities: &[u8],
-        carrier_names: &[String],
+        carriers: &[(String, bool)],
         webhook_clients: &[String],
     ) -> Metrics {
         let recorder = PrometheusBuilder::new()
@@ -397,6 +398,10 @@ impl Metrics {
             "The pace each carrier is configured for, in segments per second; the adaptive pace runs at or below it.",
         );
         r.describe_gauge(
+            "otpgate_carrier_sessions_bound",
+            "SMPP sessions bound for submits, by carrier (SMPP carriers only).",
+        );
+        r.describe_gauge(
             "otpgate_carrier_circuit_state",
             "Circuit breaker state by carrier: 0 closed, 1 half-open, 2 open.",
         );
@@ -510,9 +515,9 @@ impl Metrics {
                 }
             })
             .collect();
-        let carriers = carrier_names
+        let carriers = carriers
             .iter()
-            .map(|name| {
+            .map(|(name, smpp)| {
                 let carrier = || Label::new("carrier", name.clone());
                 let submits: Vec<Counter> = ["accepted", "throttled", "temporary", "permanent"]
                     .iter()
@@ -556,7 +561,13 @@ impl Metrics {
                 let took_over = r.counter("otpgate_sms_failovers_total", vec![carrier()]);
                 let circuit = r.gauge("otpgate_carrier_circuit_state", vec![carrier()]);
                 circuit.set(0.0);
+                let sessions_bound = smpp.then(|| {
+                    let gauge = r.gauge("otpgate_carrier_sessions_bound", vec![carrier()]);
+                    gauge.set(0.0);
+                    gauge
+                });
                 CarrierMetrics {
+                    sessions_bound,
                     retries: to_array(retries),
                     passed_on,
                     took_over,
@@ -815,6 +826,13 @@ impl CarrierMetrics {
     /// An SMS this carrier sent in place of another.
     pub fn took_over(&self) {
         self.took_over.increment(1);
+    }
+
+    /// The SMPP sessions bound for submits now (ignored for other carriers).
+    pub fn set_sessions_bound(&self, n_bound: usize) {
+        if let Some(gauge) = &self.sessions_bound {
+            gauge.set(n_bound as f64);
+        }
     }
 
     pub fn set_circuit(&self, state: crate::breaker::State) {

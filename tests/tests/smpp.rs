@@ -213,18 +213,25 @@ async fn sessions_rebind_after_the_smsc_restarts_and_unbind_on_shutdown() {
         );
     }
 
+    let bound = "otpgate_carrier_sessions_bound{carrier=\"smsc\"}";
+    gateway.wait_for_metric(bound, |n| n == 2.0).await;
+    smsc.kill();
+    gateway.wait_for_metric(bound, |n| n == 0.0).await;
     smsc.restart();
+    // Four binds before the restart, four after (the events run on across it).
     smsc.wait_for_async(
-        |events| tests::npm_smsc::events_of(events, "bind").len() == 4,
+        |events| tests::npm_smsc::events_of(events, "bind").len() == 8,
         WAIT,
     )
     .await;
+    gateway.wait_for_metric(bound, |n| n == 2.0).await;
     let second = start(&gateway, 31, "en").await;
     gateway.wait_for_delivery(&second, "delivered").await;
 
     gateway.stop().await.expect("clean stop");
     smsc.wait_for_async(
         |events| tests::npm_smsc::events_of(events, "unbind").len() == 4,
+        // The four sessions bound since the restart.
         WAIT,
     )
     .await;

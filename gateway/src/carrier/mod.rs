@@ -80,7 +80,11 @@ pub enum Connector {
 impl Connector {
     /// Builds the carrier's connector; an SMPP carrier starts binding in the background and
     /// hands the receipts it reads to `receipts`.
-    pub fn new(config: &CarrierConfig, receipts: ReceiptSink) -> Result<Connector, std::io::Error> {
+    pub fn new(
+        config: &CarrierConfig,
+        receipts: ReceiptSink,
+        metrics: crate::metrics::CarrierMetrics,
+    ) -> Result<Connector, std::io::Error> {
         Ok(match &config.kind {
             CarrierKind::Http {
                 url,
@@ -99,6 +103,7 @@ impl Connector {
                 config.name.clone(),
                 (**settings).clone(),
                 receipts,
+                metrics,
             )?),
             CarrierKind::Console => Connector::Console(ConsoleConnector::new(config.name.clone())),
         })

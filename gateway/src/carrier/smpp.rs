@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Accepted, FailureKind, OutboundSms, SubmitError};
 use crate::config::{BindMode, SmppSettings};
+use crate::metrics::CarrierMetrics;
 use crate::receipt::ReceiptStatus;
 use crate::sms_wire;
 
@@ -76,6 +77,7 @@ struct Inner {
     /// The concatenation reference of the next long text.
     reference: AtomicU8,
     receipts: ReceiptSink,
+    metrics: CarrierMetrics,
     tls: Option<tokio_rustls::TlsConnector>,
     /// Cancelled to unbind every session.
     stop: CancellationToken,
@@ -118,6 +120,7 @@ impl SmppConnector {
         name: String,
         settings: SmppSettings,
         receipts: ReceiptSink,
+        metrics: CarrierMetrics,
     ) -> Result<SmppConnector, std::io::Error> {
         let tls = match &settings.tls {
             None => None,
@@ -138,6 +141,7 @@ impl SmppConnector {
             next: AtomicUsize::new(0),
             reference: AtomicU8::new(rand::rng().random()),
             receipts,
+            metrics,
             tls,
             stop: CancellationToken::new(),
         });
@@ -166,11 +170,7 @@ impl SmppConnector {
 
     /// The number of sessions bound for submits right now.
     pub fn bound(&self) -> usize {
-        self.inner
-            .sessions
-            .iter()
-            .filter(|session| session.client.borrow().is_some())
-            .count()
+        self.inner.bound()
     }
 
     pub async fn submit(&self, sms: &OutboundSms) -> Result<Accepted, SubmitError> {
@@ -244,6 +244,19 @@ impl fmt::Debug for SmppConnector {
 // === impl Inner ===
 
 impl Inner {
+    fn bound(&self) -> usize {
+        self.sessions
+            .iter()
+            .filter(|session| session.client.borrow().is_some())
+            .count()
+    }
+
+    /// Publishes session `index`'s client (`None` while it is not bound).
+    fn set_client(&self, index: usize, client: Option<Client>) {
+        self.sessions[index].client.send_replace(client);
+        self.metrics.set_sessions_bound(self.bound());
+    }
+
     /// A bound session with room in its window: round-robin from `next`, passing over sessions
     /// that stand aside after a throttle unless all do.
     async fn acquire(&self) -> Result<(Client, &Session, OwnedSemaphorePermit), SubmitError> {
@@ -328,13 +341,11 @@ async fn run_session(inner: Arc<Inner>, index: usize, role: Role) {
                 failures = 0;
                 tracing::info!(carrier = %inner.name, bind = index, role = role.as_str(), "SMPP session bound");
                 if role != Role::Receiver {
-                    inner.sessions[index]
-                        .client
-                        .send_replace(Some(client.clone()));
+                    inner.set_client(index, Some(client.clone()));
                 }
                 let stopped = serve(&inner, &client, events).await;
                 if role != Role::Receiver {
-                    inner.sessions[index].client.send_replace(None);
+                    inner.set_client(index, None);
                 }
                 if stopped {
                     // Unbind, letting answers in flight arrive first, then close.
