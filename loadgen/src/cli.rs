@@ -44,6 +44,15 @@ pub enum Command {
     Bare(ServerArgs),
     /// Start many verifications with distinct phone numbers, as fast as the gateway takes them.
     Fill(FillArgs),
+    /// Run one simulated SMSC (SMPP 3.4) on its own, for benchmarks and interop tests.
+    ///
+    /// It accepts binds with --system-id and --password, answers ESME_RTHROTTLED above
+    /// --capacity-per-sec (counted per submit_sm), reassembles concatenated messages and sends
+    /// receipts as deliver_sm. It prints `listening on ADDR` first and, when it stops (after
+    /// --duration-secs, or on SIGINT or SIGTERM), one JSON line of counts: binds, submit_sm,
+    /// accepted, throttled, messages, duplicates, receipts_sent, receipts_acked, decode_errors,
+    /// first_submit_ms and last_message_ms (milliseconds from the first bind, null if none).
+    Smsc(SmscArgs),
 }
 
 /// Flags of `loadgen run`.
@@ -205,4 +214,62 @@ pub struct FillArgs {
     /// Time allowed for one request, connecting included, before it counts as failed.
     #[arg(long, env = "LOADGEN_TIMEOUT_MS", default_value_t = 10_000)]
     pub timeout_ms: u64,
+}
+
+/// Flags of `loadgen smsc`.
+#[derive(Debug, Args)]
+pub struct SmscArgs {
+    /// Address to listen on; port 0 picks a free port, printed on the first line of stdout.
+    #[arg(long, env = "LOADGEN_LISTEN", default_value = "127.0.0.1:2775")]
+    pub listen: SocketAddr,
+
+    /// The system_id binds must carry (at most 15 characters).
+    #[arg(long, env = "LOADGEN_SYSTEM_ID")]
+    pub system_id: String,
+
+    /// The password binds must carry (at most 8 characters).
+    #[arg(long, env = "LOADGEN_PASSWORD", hide_env_values = true)]
+    pub password: String,
+
+    /// submit_sm accepted per second (a token bucket holding a tenth of a second); above it,
+    /// ESME_RTHROTTLED.
+    #[arg(long, env = "LOADGEN_CAPACITY_PER_SEC", default_value_t = 200.0)]
+    pub capacity_per_sec: f64,
+
+    /// Every submit_sm is answered this many milliseconds after it arrived (answers overlap).
+    #[arg(long, env = "LOADGEN_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+
+    /// A receipt (deliver_sm) follows an accepted submit_sm that asked for one after this long.
+    #[arg(long, env = "LOADGEN_RECEIPT_DELAY_MS", default_value_t = 100)]
+    pub receipt_delay_ms: u64,
+
+    /// Stop after this long.
+    #[arg(long, env = "LOADGEN_DURATION_SECS", default_value_t = 600)]
+    pub duration_secs: u64,
+
+    /// GSM-7 short_messages are packed (8 septets in 7 octets).
+    #[arg(long, env = "LOADGEN_GSM7_PACKED")]
+    pub gsm7_packed: bool,
+
+    /// The data_coding read as GSM-7 (0xF0-0xF3 always are).
+    #[arg(long, env = "LOADGEN_GSM7_DATA_CODING", default_value_t = 0)]
+    pub gsm7_data_coding: u8,
+
+    /// The data_coding read as UCS-2.
+    #[arg(long, env = "LOADGEN_UCS2_DATA_CODING", default_value_t = 8)]
+    pub ucs2_data_coding: u8,
+
+    /// Where receipts carry the message id and state.
+    #[arg(
+        long,
+        env = "LOADGEN_RECEIPT_FORMAT",
+        value_enum,
+        default_value = "both"
+    )]
+    pub receipt_format: crate::scenario::ReceiptFormat,
+
+    /// How receipts quote the message id: `short` (lower case, no leading zeros) or `same`.
+    #[arg(long, env = "LOADGEN_RECEIPT_IDS", value_enum, default_value = "short")]
+    pub receipt_ids: crate::scenario::ReceiptIds,
 }

@@ -33,6 +33,7 @@ pub mod schedule;
 pub mod server;
 pub mod shutdown;
 pub mod simcarrier;
+pub mod simsmsc;
 pub mod sink;
 pub mod threshold;
 pub mod user;

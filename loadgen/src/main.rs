@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use loadgen::cli::{Cli, Command, FillArgs, MergeArgs, RunArgs, ServerArgs, SinkArgs};
+use loadgen::cli::{Cli, Command, FillArgs, MergeArgs, RunArgs, ServerArgs, SinkArgs, SmscArgs};
 use loadgen::fill::{self, FillConfig};
 use loadgen::server;
 use loadgen::shutdown::Signals;
@@ -40,6 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Fill(args) => run_fill(args).await,
             Command::Run(args) => Ok(rehearse(args).await),
             Command::Merge(args) => Ok(merge(args)),
+            Command::Smsc(args) => run_smsc(args).await,
         }
     })
 }
@@ -187,4 +188,51 @@ async fn run_fill(args: FillArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
+    use loadgen::scenario::{Carrier, Protocol, Smpp};
+    use loadgen::simsmsc::{self, SmscSettings};
+    if args.system_id.is_empty() || args.system_id.len() > 15 {
+        anyhow::bail!("smsc: --system-id must be 1 to 15 characters");
+    }
+    if args.password.is_empty() || args.password.len() > 8 {
+        anyhow::bail!("smsc: --password must be 1 to 8 characters");
+    }
+    if !(args.capacity_per_sec.is_finite() && args.capacity_per_sec > 0.0) {
+        anyhow::bail!("smsc: --capacity-per-sec must be positive");
+    }
+    let signals = Signals::install().context("cannot install signal handlers")?;
+    let smpp = Smpp {
+        system_id: Some(args.system_id.clone()),
+        password: Some(args.password.clone()),
+        gsm7_packed: args.gsm7_packed,
+        gsm7_data_coding: args.gsm7_data_coding,
+        ucs2_data_coding: args.ucs2_data_coding,
+        receipt_format: args.receipt_format,
+        receipt_ids: args.receipt_ids,
+        ..Smpp::default()
+    };
+    let carrier = Carrier::steady(
+        "smsc",
+        args.listen,
+        args.capacity_per_sec,
+        std::time::Duration::from_millis(args.latency_ms),
+        std::time::Duration::from_millis(args.receipt_delay_ms),
+        Protocol::Smpp(smpp),
+    );
+    let settings = SmscSettings::from_carrier(&carrier, std::time::Instant::now());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let network = std::sync::Arc::new(loadgen::simcarrier::Network::without_users());
+    let smsc = simsmsc::start(settings, network, stop.clone())
+        .await
+        .context("smsc")?;
+    println!("listening on {}", smsc.local_addr());
+    tokio::select! {
+        () = signals.received() => {}
+        () = tokio::time::sleep(std::time::Duration::from_secs(args.duration_secs)) => {}
+    }
+    stop.cancel();
+    println!("{}", serde_json::to_string(&smsc.summary())?);
+    Ok(ExitCode::SUCCESS)
 }

@@ -99,6 +99,45 @@ pub struct CarrierReport {
     pub dropped: u64,
     pub receipts_sent: u64,
     pub receipts_failed: u64,
+    /// Accepted, and drawn undeliverable (`undeliverable_rate`).
+    #[serde(default)]
+    pub undeliverable: u64,
+    /// What an SMPP carrier (a simulated SMSC) saw besides submits' answers; absent for HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smpp: Option<SmppReport>,
+}
+
+/// An SMSC's own counts (see `simcarrier::SmppCounts`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SmppReport {
+    pub binds: u64,
+    pub binds_refused: u64,
+    pub submit_sm: u64,
+    pub parts: u64,
+    pub messages: u64,
+    pub duplicates: u64,
+    pub incomplete: u64,
+    pub decode_errors: u64,
+    pub deliver_sm: u64,
+    pub receipts_nacked: u64,
+    pub receipts_lost: u64,
+}
+
+impl SmppReport {
+    fn add(&mut self, other: &SmppReport) {
+        self.binds += other.binds;
+        self.binds_refused += other.binds_refused;
+        self.submit_sm += other.submit_sm;
+        self.parts += other.parts;
+        self.messages += other.messages;
+        self.duplicates += other.duplicates;
+        self.incomplete += other.incomplete;
+        self.decode_errors += other.decode_errors;
+        self.deliver_sm += other.deliver_sm;
+        self.receipts_nacked += other.receipts_nacked;
+        self.receipts_lost += other.receipts_lost;
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -494,6 +533,10 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
             total.dropped += carrier.dropped;
             total.receipts_sent += carrier.receipts_sent;
             total.receipts_failed += carrier.receipts_failed;
+            total.undeliverable += carrier.undeliverable;
+            if let Some(smpp) = &carrier.smpp {
+                total.smpp.get_or_insert_with(SmppReport::default).add(smpp);
+            }
         }
         let h = &report.handsets;
         merged.handsets.received += h.received;

@@ -22,7 +22,7 @@ use crate::api::Api;
 use crate::connect::Connector;
 use crate::measure::{Count, Measurements, Series};
 use crate::progress::Progress;
-use crate::report::{CarrierReport, HandsetReport, Report, ScenarioInfo, SelfWatch};
+use crate::report::{HandsetReport, Report, ScenarioInfo, SelfWatch};
 use crate::scenario::Scenario;
 use crate::schedule;
 use crate::simcarrier::{self, Network, SimCarrier};
@@ -399,26 +399,48 @@ pub fn gateway_config(
         );
     }
     for (settings, carrier) in scenario.carriers.iter().zip(carriers) {
-        let prefixes: Vec<String> = settings
-            .prefixes
-            .iter()
-            .map(|prefix| format!("\"{prefix}\""))
-            .collect();
-        let _ = write!(
-            toml,
-            "\n[[carriers]]\nname = \"{}\"\nkind = \"http\"\nurl = \"http://{}/sms\"\npace_per_sec = {}\n\
-             window = {}\nweight = {}\nprefixes = [{}]\ntimeout_ms = 5000\nhttp_version = \"1.1\"\n\
-             receipt_token = \"{}\"\n",
-            settings.name,
-            carrier.addr,
-            settings.pace_per_sec,
-            settings.window,
-            settings.weight,
-            prefixes.join(", "),
-            carrier.receipt_token,
-        );
+        toml.push_str(&gateway_carrier(settings, carrier));
     }
     toml
+}
+
+/// One `[[carriers]]` entry of the in-process gateway's configuration: an HTTP carrier, or an
+/// SMPP one (`kind = "smpp"`) bound to the simulated SMSC with its login.
+fn gateway_carrier(settings: &crate::scenario::Carrier, carrier: &SimCarrier) -> String {
+    let prefixes: Vec<String> = settings
+        .prefixes
+        .iter()
+        .map(|prefix| format!("\"{prefix}\""))
+        .collect();
+    let common = format!(
+        "\n[[carriers]]\nname = \"{}\"\npace_per_sec = {}\nwindow = {}\nweight = {}\nprefixes = [{}]\n\
+         timeout_ms = 5000\n",
+        settings.name,
+        settings.pace_per_sec,
+        settings.window,
+        settings.weight,
+        prefixes.join(", "),
+    );
+    match (&settings.protocol, &carrier.smpp_login) {
+        (crate::scenario::Protocol::Smpp(smpp), Some(login)) => format!(
+            "{common}kind = \"smpp\"\nhost = \"{}\"\nport = {}\nsystem_id = \"{}\"\npassword = \"{}\"\n\
+             bind = \"{}\"\nbinds = {}\nenquire_link_secs = 30\ngsm7_packed = {}\n\
+             gsm7_data_coding = {}\nucs2_data_coding = {}\n",
+            carrier.addr.ip(),
+            carrier.addr.port(),
+            login.system_id,
+            login.password,
+            smpp.bind.as_str(),
+            smpp.binds,
+            smpp.gsm7_packed,
+            smpp.gsm7_data_coding,
+            smpp.ucs2_data_coding,
+        ),
+        _ => format!(
+            "{common}kind = \"http\"\nurl = \"http://{}/sms\"\nhttp_version = \"1.1\"\nreceipt_token = \"{}\"\n",
+            carrier.addr, carrier.receipt_token,
+        ),
+    }
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -490,17 +512,9 @@ fn build_report(
         carriers: carriers
             .iter()
             .map(|carrier| {
-                let c = &carrier.counts;
-                CarrierReport {
-                    name: carrier.name.clone(),
-                    accepted: c.accepted.load(Ordering::Relaxed),
-                    throttled: c.throttled.load(Ordering::Relaxed),
-                    failed: c.failed.load(Ordering::Relaxed),
-                    refused: c.refused.load(Ordering::Relaxed),
-                    dropped: c.dropped.load(Ordering::Relaxed),
-                    receipts_sent: c.receipts_sent.load(Ordering::Relaxed),
-                    receipts_failed: c.receipts_failed.load(Ordering::Relaxed),
-                }
+                carrier
+                    .counts
+                    .report(&carrier.name, carrier.smpp_login.is_some())
             })
             .collect(),
         gateway: None,

@@ -117,6 +117,78 @@ pub struct Carrier {
     /// The token its receipts carry; with `--target` it must be the gateway's `receipt_token`
     /// for this carrier. Made up when absent.
     pub receipt_token: Option<String>,
+    /// The wire it speaks: DESIGN.md section 5 over HTTP, or SMPP 3.4 as an SMSC.
+    pub protocol: Protocol,
+}
+
+/// A simulated carrier's wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Smpp(Smpp),
+}
+
+/// The SMPP knobs of a simulated SMSC (`protocol = "smpp"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smpp {
+    /// The `system_id` and `password` binds must carry; made up when absent (with `--target`,
+    /// they must be what the gateway binds with).
+    pub system_id: Option<String>,
+    pub password: Option<String>,
+    /// GSM-7 `short_message`s arrive packed 8 septets into 7 octets.
+    pub gsm7_packed: bool,
+    /// The `data_coding` read as GSM-7 (`0` unless the ESME says otherwise; `0xF0`..`0xF3` are
+    /// GSM-7 always).
+    pub gsm7_data_coding: u8,
+    /// The `data_coding` read as UCS-2 (`8` unless the ESME says otherwise).
+    pub ucs2_data_coding: u8,
+    /// Where receipts carry the message id and state.
+    pub receipt_format: ReceiptFormat,
+    /// How receipts quote the message id.
+    pub receipt_ids: ReceiptIds,
+    /// The in-process gateway's binds to it, and their kind.
+    pub binds: u32,
+    pub bind: BindKind,
+}
+
+/// Where a receipt (`deliver_sm`) carries its message id and state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptFormat {
+    /// The `receipted_message_id` and `message_state` TLVs only (the text is a bare `id:`).
+    Tlv,
+    /// The `id:… stat:…` text only.
+    Text,
+    /// Both.
+    Both,
+}
+
+/// How a receipt quotes the id its `submit_sm_resp` gave (`00000A1F`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptIds {
+    /// Lower case without leading zeros (`a1f`): the gateway must normalise ids to match.
+    Short,
+    /// As `submit_sm_resp` gave it.
+    Same,
+}
+
+/// How the in-process gateway binds to a simulated SMSC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindKind {
+    Transceiver,
+    TransmitterReceiver,
+}
+
+impl BindKind {
+    /// The gateway configuration's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindKind::Transceiver => "transceiver",
+            BindKind::TransmitterReceiver => "transmitter_receiver",
+        }
+    }
 }
 
 /// How a carrier behaves at some moment.
@@ -129,6 +201,8 @@ pub struct CarrierState {
     pub failure_rate: f64,
     /// Share of submits refused permanently (`400`).
     pub refusal_rate: f64,
+    /// Share of accepted SMS that never reach the handset: their receipt says `undeliverable`.
+    pub undeliverable_rate: f64,
     pub receipt_delay: Dist,
     /// Down: connections are dropped without an answer.
     pub down: bool,
@@ -180,6 +254,54 @@ impl Carrier {
             .find(|entry| entry.from <= elapsed && elapsed < entry.until)
             .map_or(&self.base, |entry| &entry.state)
     }
+
+    /// A carrier that behaves the same all run long, without failures: for a simulator run on
+    /// its own (`loadgen smsc`) and for tests.
+    pub fn steady(
+        name: &str,
+        listen: SocketAddr,
+        capacity_per_sec: f64,
+        latency: Duration,
+        receipt_delay: Duration,
+        protocol: Protocol,
+    ) -> Carrier {
+        Carrier {
+            name: name.to_owned(),
+            listen,
+            base: CarrierState {
+                capacity_per_sec,
+                latency: Dist::Constant(latency),
+                failure_rate: 0.0,
+                refusal_rate: 0.0,
+                undeliverable_rate: 0.0,
+                receipt_delay: Dist::Constant(receipt_delay),
+                down: false,
+            },
+            timeline: Vec::new(),
+            window: 100,
+            pace_per_sec: capacity_per_sec.round().max(1.0) as u32,
+            weight: 1,
+            prefixes: Vec::new(),
+            receipt_token: None,
+            protocol,
+        }
+    }
+}
+
+impl Default for Smpp {
+    fn default() -> Smpp {
+        Smpp {
+            system_id: None,
+            password: None,
+            gsm7_packed: false,
+            gsm7_data_coding: 0,
+            ucs2_data_coding: 8,
+            receipt_format: ReceiptFormat::Both,
+            receipt_ids: ReceiptIds::Short,
+            binds: 1,
+            bind: BindKind::Transceiver,
+        }
+    }
 }
 
 impl Scenario {
@@ -216,6 +338,19 @@ impl Scenario {
             }
         })?;
         raw.validate()
+    }
+
+    /// A scenario without users, for simulated carriers run on their own (`loadgen smsc`):
+    /// every SMS goes to a stranger.
+    pub fn without_users() -> Scenario {
+        const TEXT: &str = "name = \"standalone\"\nduration_secs = 1\n\
+            [phones]\nprefix = \"+0\"\n[[arrivals]]\nat_secs = 0\nper_sec = 0\n\
+            [[clients]]\nname = \"none\"\nshare = 1\n\
+            [[carriers]]\nname = \"none\"\ncapacity_per_sec = 1\n";
+        match Scenario::parse(TEXT) {
+            Ok(scenario) => scenario,
+            Err(error) => unreachable!("the built-in empty scenario is valid: {error}"),
+        }
     }
 
     /// Every user's phone number, by index.
@@ -397,8 +532,28 @@ struct RawCarrier {
     #[serde(default)]
     prefixes: Vec<String>,
     receipt_token: Option<String>,
+    undeliverable_rate: Option<f64>,
     #[serde(default)]
     timeline: Vec<RawTimelineEntry>,
+    #[serde(default)]
+    protocol: RawProtocol,
+    system_id: Option<String>,
+    password: Option<String>,
+    gsm7_packed: Option<bool>,
+    gsm7_data_coding: Option<u8>,
+    ucs2_data_coding: Option<u8>,
+    receipt_format: Option<ReceiptFormat>,
+    receipt_ids: Option<ReceiptIds>,
+    binds: Option<u32>,
+    bind: Option<BindKind>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RawProtocol {
+    #[default]
+    Http,
+    Smpp,
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,6 +565,7 @@ struct RawTimelineEntry {
     latency_ms: Option<RawDist>,
     failure_rate: Option<f64>,
     refusal_rate: Option<f64>,
+    undeliverable_rate: Option<f64>,
     receipt_delay_ms: Option<RawDist>,
     #[serde(default)]
     down: bool,
@@ -707,6 +863,7 @@ impl RawCarrier {
                 .scaled(compression),
             failure_rate: share(&key("failure_rate"), self.failure_rate, 0.0)?,
             refusal_rate: share(&key("refusal_rate"), self.refusal_rate, 0.0)?,
+            undeliverable_rate: share(&key("undeliverable_rate"), self.undeliverable_rate, 0.0)?,
             receipt_delay: self
                 .receipt_delay_ms
                 .unwrap_or(RawDist::LogNormal {
@@ -739,6 +896,11 @@ impl RawCarrier {
                 },
                 failure_rate: share(&key("failure_rate"), raw.failure_rate, base.failure_rate)?,
                 refusal_rate: share(&key("refusal_rate"), raw.refusal_rate, base.refusal_rate)?,
+                undeliverable_rate: share(
+                    &key("undeliverable_rate"),
+                    raw.undeliverable_rate,
+                    base.undeliverable_rate,
+                )?,
                 receipt_delay: match raw.receipt_delay_ms {
                     Some(dist) => dist
                         .validate(&key("receipt_delay_ms"), 0.001)?
@@ -768,6 +930,66 @@ impl RawCarrier {
         if !(1..=1000).contains(&weight) {
             return invalid(key("weight"), "must be between 1 and 1000");
         }
+        let protocol = match self.protocol {
+            RawProtocol::Http => {
+                let smpp_keys = [
+                    ("system_id", self.system_id.is_some()),
+                    ("password", self.password.is_some()),
+                    ("gsm7_packed", self.gsm7_packed.is_some()),
+                    ("gsm7_data_coding", self.gsm7_data_coding.is_some()),
+                    ("ucs2_data_coding", self.ucs2_data_coding.is_some()),
+                    ("receipt_format", self.receipt_format.is_some()),
+                    ("receipt_ids", self.receipt_ids.is_some()),
+                    ("binds", self.binds.is_some()),
+                    ("bind", self.bind.is_some()),
+                ];
+                if let Some((name, _)) = smpp_keys.iter().find(|(_, set)| *set) {
+                    return invalid(key(name), "only for protocol = \"smpp\"");
+                }
+                Protocol::Http
+            }
+            RawProtocol::Smpp => {
+                if self.receipt_token.is_some() {
+                    return invalid(
+                        key("receipt_token"),
+                        "only for protocol = \"http\" (SMPP receipts come back on the bind)",
+                    );
+                }
+                // SMPP 3.4: system_id is a C-string of at most 16 octets, password of 9.
+                let printable = |text: &str| text.bytes().all(|b| b.is_ascii_graphic());
+                if let Some(system_id) = &self.system_id {
+                    if system_id.is_empty() || system_id.len() > 15 || !printable(system_id) {
+                        return invalid(
+                            key("system_id"),
+                            "must be 1 to 15 printable ASCII characters",
+                        );
+                    }
+                }
+                if let Some(password) = &self.password {
+                    if password.is_empty() || password.len() > 8 || !printable(password) {
+                        return invalid(
+                            key("password"),
+                            "must be 1 to 8 printable ASCII characters",
+                        );
+                    }
+                }
+                let binds = self.binds.unwrap_or(1);
+                if !(1..=64).contains(&binds) {
+                    return invalid(key("binds"), "must be between 1 and 64");
+                }
+                Protocol::Smpp(Smpp {
+                    system_id: self.system_id,
+                    password: self.password,
+                    gsm7_packed: self.gsm7_packed.unwrap_or(false),
+                    gsm7_data_coding: self.gsm7_data_coding.unwrap_or(0),
+                    ucs2_data_coding: self.ucs2_data_coding.unwrap_or(8),
+                    receipt_format: self.receipt_format.unwrap_or(ReceiptFormat::Both),
+                    receipt_ids: self.receipt_ids.unwrap_or(ReceiptIds::Short),
+                    binds,
+                    bind: self.bind.unwrap_or(BindKind::Transceiver),
+                })
+            }
+        };
         Ok(Carrier {
             name: self.name,
             listen: self
@@ -780,6 +1002,7 @@ impl RawCarrier {
             weight,
             prefixes: self.prefixes,
             receipt_token: self.receipt_token,
+            protocol,
         })
     }
 }

@@ -2,8 +2,13 @@
 //! scenario's timeline says (capacity, latency, failures, refusals, outages), post delivery
 //! receipts back to the gateway, and hand each SMS to the handset of the user who owns the
 //! number.
+//!
+//! What every simulated carrier does whatever its wire, the SMPP simulator
+//! ([`crate::simsmsc`]) included, is here: the capacity bucket and the draws of one submit
+//! ([`judge`]), and handing an SMS over to its user with duplicates noticed
+//! ([`Network::hand_over`]).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handset::{Handsets, standard_normal};
 use crate::measure::{Count, Measurements};
-use crate::scenario::{Carrier as CarrierSettings, Scenario};
+use crate::scenario::{Carrier as CarrierSettings, CarrierState, Protocol, Scenario};
 
 /// The largest submit body read.
 const MAX_BODY: usize = 16 * 1024;
@@ -36,11 +41,26 @@ pub struct Network {
     pub measurements: Arc<Measurements>,
     /// SMS accepted per user (saturating), by schedule index.
     pub accepted: Box<[AtomicU8]>,
-    /// Message ids accepted so far, across carriers: a repeat is a duplicate SMS.
-    message_ids: Mutex<HashSet<Box<str>>>,
+    /// How many times each SMS was handed over, across carriers, by its [`SmsKey`]: a repeat
+    /// beyond what the user asked for is a duplicate SMS.
+    handed_over: Mutex<HashMap<Box<str>, u8>>,
+    /// Resends each user pressed (saturating), by schedule index.
+    resends: Box<[AtomicU8]>,
     /// SMS to numbers outside the scenario.
     pub strangers: AtomicU64,
     receipts: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// How a repeated SMS is recognised.
+#[derive(Debug)]
+pub enum SmsKey {
+    /// By the gateway's message id (HTTP): a repeat is the same job sent twice.
+    MessageId(String),
+    /// By destination and text (SMPP, whose `submit_sm` carries no gateway id): each code is
+    /// drawn afresh and the text carries it, so the same text to the same number twice is the
+    /// same verification's SMS sent twice. A resend sends the same code again on purpose, so a
+    /// user's resends are allowed as that many more copies.
+    Text,
 }
 
 /// One simulated carrier, listening.
@@ -48,12 +68,15 @@ pub struct Network {
 pub struct SimCarrier {
     pub name: String,
     pub addr: SocketAddr,
-    /// The token its receipts carry (`Authorization: Bearer`).
+    /// The token its receipts carry (`Authorization: Bearer`); unused by an SMSC.
     pub receipt_token: String,
+    /// An SMSC's login, which the gateway binds with; `None` for an HTTP carrier.
+    pub smpp_login: Option<crate::simsmsc::Login>,
     pub counts: Arc<CarrierCounts>,
 }
 
-/// What one carrier answered.
+/// What one carrier answered. An SMSC counts per `submit_sm` (a segment) in `accepted`,
+/// `throttled`, `failed` and `refused`, and fills [`SmppCounts`] too.
 #[derive(Debug, Default)]
 pub struct CarrierCounts {
     pub accepted: AtomicU64,
@@ -61,8 +84,39 @@ pub struct CarrierCounts {
     pub failed: AtomicU64,
     pub refused: AtomicU64,
     pub dropped: AtomicU64,
+    /// Accepted, and drawn undeliverable: never reached the handset.
+    pub undeliverable: AtomicU64,
+    /// Receipts the gateway acknowledged (HTTP: answered 2xx; SMPP: `deliver_sm_resp` ok).
     pub receipts_sent: AtomicU64,
+    /// Receipts not sent, refused or left unanswered.
     pub receipts_failed: AtomicU64,
+    pub smpp: SmppCounts,
+}
+
+/// What an SMSC saw besides submits' answers.
+#[derive(Debug, Default)]
+pub struct SmppCounts {
+    /// Binds accepted, and refused (bad system_id or password, a second bind).
+    pub binds: AtomicU64,
+    pub binds_refused: AtomicU64,
+    /// `submit_sm` received while bound, whatever their answer.
+    pub submit_sm: AtomicU64,
+    /// Parts of concatenated messages accepted.
+    pub parts: AtomicU64,
+    /// Whole messages handed over (a single SMS, or every part of a concatenated one).
+    pub messages: AtomicU64,
+    /// Whole messages whose text had been handed over before (see [`SmsKey::Text`]).
+    pub duplicates: AtomicU64,
+    /// Concatenated messages given up incomplete after a minute.
+    pub incomplete: AtomicU64,
+    /// PDUs that could not be read (answered `generic_nack`, or the connection closed), and
+    /// `short_message`s whose text could not be decoded.
+    pub decode_errors: AtomicU64,
+    /// Receipts sent as `deliver_sm`, and `deliver_sm_resp` with a non-zero status.
+    pub deliver_sm: AtomicU64,
+    pub receipts_nacked: AtomicU64,
+    /// Receipts never sent: no receiver bound before the held ones overflowed.
+    pub receipts_lost: AtomicU64,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +125,38 @@ struct Submit {
     to: String,
     text: String,
     receipt_url: String,
+}
+
+impl CarrierCounts {
+    /// The report's view of these counts (with the SMPP section for an SMSC).
+    pub fn report(&self, name: &str, smpp: bool) -> crate::report::CarrierReport {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let s = &self.smpp;
+        crate::report::CarrierReport {
+            name: name.to_owned(),
+            accepted: load(&self.accepted),
+            throttled: load(&self.throttled),
+            failed: load(&self.failed),
+            refused: load(&self.refused),
+            dropped: load(&self.dropped),
+            receipts_sent: load(&self.receipts_sent),
+            receipts_failed: load(&self.receipts_failed),
+            undeliverable: load(&self.undeliverable),
+            smpp: smpp.then(|| crate::report::SmppReport {
+                binds: load(&s.binds),
+                binds_refused: load(&s.binds_refused),
+                submit_sm: load(&s.submit_sm),
+                parts: load(&s.parts),
+                messages: load(&s.messages),
+                duplicates: load(&s.duplicates),
+                incomplete: load(&s.incomplete),
+                decode_errors: load(&s.decode_errors),
+                deliver_sm: load(&s.deliver_sm),
+                receipts_nacked: load(&s.receipts_nacked),
+                receipts_lost: load(&s.receipts_lost),
+            }),
+        }
+    }
 }
 
 impl Network {
@@ -85,10 +171,19 @@ impl Network {
             scenario,
             measurements,
             accepted: (0..n_users).map(|_| AtomicU8::new(0)).collect(),
-            message_ids: Mutex::new(HashSet::new()),
+            handed_over: Mutex::new(HashMap::new()),
+            resends: (0..n_users).map(|_| AtomicU8::new(0)).collect(),
             strangers: AtomicU64::new(0),
             receipts,
         }
+    }
+
+    /// A network without users, for a simulated carrier run on its own: every SMS goes to a
+    /// stranger.
+    pub fn without_users() -> Network {
+        let scenario = Arc::new(Scenario::without_users());
+        let measurements = Arc::new(Measurements::new(Instant::now()));
+        Network::new(scenario, measurements, 0)
     }
 
     /// How many SMS carriers accepted for `user`.
@@ -97,6 +192,123 @@ impl Network {
             .get(user as usize)
             .map_or(0, |count| count.load(Ordering::Relaxed))
     }
+
+    /// Notes that `user` pressed resend: one more copy of its code's SMS is expected (counted
+    /// before the call, so an SMS that beats the call's answer is not taken for a duplicate).
+    pub fn resend_pressed(&self, user: u64) {
+        if let Some(count) = self.resends.get(user as usize) {
+            saturating_increment(count);
+        }
+    }
+
+    /// Hands an SMS a carrier accepted to the handset of the user who owns `to` (unless it was
+    /// drawn undeliverable), counting it per user, as a stranger's, or as a duplicate. Returns
+    /// whether it was a duplicate.
+    pub fn hand_over(&self, to: &str, text: &str, key: SmsKey, delivered: bool) -> bool {
+        let user = self.scenario.user_of(to);
+        let (key, allowed): (Box<str>, u8) = match key {
+            SmsKey::MessageId(id) => (id.into_boxed_str(), 1),
+            SmsKey::Text => {
+                let resends = user
+                    .and_then(|user| self.resends.get(user as usize))
+                    .map_or(0, |count| count.load(Ordering::Relaxed));
+                (
+                    format!("{to}\n{text}").into_boxed_str(),
+                    resends.saturating_add(1),
+                )
+            }
+        };
+        let copies = {
+            let mut handed_over = self
+                .handed_over
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let copies = handed_over.entry(key).or_insert(0);
+            *copies = copies.saturating_add(1);
+            *copies
+        };
+        let duplicate = copies > allowed;
+        if duplicate {
+            self.measurements.count(Count::DuplicateSms);
+        }
+        match user {
+            Some(user) => {
+                if let Some(count) = self.accepted.get(user as usize) {
+                    saturating_increment(count);
+                }
+                if delivered {
+                    self.measurements.count(Count::SmsReceived);
+                    self.handsets.deliver(user, text);
+                }
+            }
+            None => {
+                self.strangers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        duplicate
+    }
+}
+
+fn saturating_increment(count: &AtomicU8) {
+    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+        Some(n.saturating_add(1))
+    });
+}
+
+/// What a carrier answers one submit: an HTTP request, or an SMPP `submit_sm` (a segment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Above capacity.
+    Throttled,
+    /// A temporary failure (`failure_rate`).
+    Failed,
+    /// A permanent refusal (`refusal_rate`).
+    Refused,
+    /// Accepted: its receipt is due after `receipt_delay` and says whether it was `delivered`
+    /// (`undeliverable_rate`).
+    Accepted {
+        receipt_delay: Duration,
+        delivered: bool,
+    },
+}
+
+/// The draws for one submit at `state`: how long the carrier takes to answer and what it
+/// answers (a token from `bucket` first, shared by all the carrier's connections), counted in
+/// `counts`.
+pub(crate) fn judge(
+    state: &CarrierState,
+    bucket: &Mutex<Bucket>,
+    counts: &CarrierCounts,
+) -> (Duration, Verdict) {
+    let mut rng = rand::rng();
+    let latency = state.latency.sample_with(standard_normal(&mut rng));
+    let roll = rng.random::<f64>();
+    let allowed = bucket
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take(state.capacity_per_sec, Instant::now());
+    let (counter, verdict) = if !allowed {
+        (&counts.throttled, Verdict::Throttled)
+    } else if roll < state.failure_rate {
+        (&counts.failed, Verdict::Failed)
+    } else if roll < state.failure_rate + state.refusal_rate {
+        (&counts.refused, Verdict::Refused)
+    } else {
+        let delivered = rng.random::<f64>() >= state.undeliverable_rate;
+        if !delivered {
+            counts.undeliverable.fetch_add(1, Ordering::Relaxed);
+        }
+        let receipt_delay = state.receipt_delay.sample_with(standard_normal(&mut rng));
+        (
+            &counts.accepted,
+            Verdict::Accepted {
+                receipt_delay,
+                delivered,
+            },
+        )
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    (latency, verdict)
 }
 
 /// Starts every carrier of the scenario; they stop when `stop` fires.
@@ -107,6 +319,22 @@ pub async fn start_all(
 ) -> std::io::Result<Vec<SimCarrier>> {
     let mut carriers = Vec::new();
     for settings in &network.scenario.carriers {
+        if let Protocol::Smpp(_) = settings.protocol {
+            let smsc = crate::simsmsc::start(
+                crate::simsmsc::SmscSettings::from_carrier(settings, started),
+                network.clone(),
+                stop.clone(),
+            )
+            .await?;
+            carriers.push(SimCarrier {
+                name: settings.name.clone(),
+                addr: smsc.local_addr(),
+                receipt_token: String::new(),
+                smpp_login: Some(smsc.login().clone()),
+                counts: smsc.counts().clone(),
+            });
+            continue;
+        }
         let listener = TcpListener::bind(settings.listen).await.map_err(|error| {
             std::io::Error::new(
                 error.kind(),
@@ -139,6 +367,7 @@ pub async fn start_all(
             name: settings.name.clone(),
             addr,
             receipt_token,
+            smpp_login: None,
             counts,
         });
     }
@@ -157,15 +386,15 @@ struct CarrierTask {
 }
 
 /// A token bucket holding a tenth of a second of capacity: above its capacity the carrier
-/// answers 429.
+/// answers 429 (an SMSC `ESME_RTHROTTLED`).
 #[derive(Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn new(per_sec: f64) -> Bucket {
+    pub(crate) fn new(per_sec: f64) -> Bucket {
         Bucket {
             tokens: burst(per_sec),
             last: Instant::now(),
@@ -244,63 +473,30 @@ impl CarrierTask {
         let Ok(submit) = serde_json::from_slice::<Submit>(&body) else {
             return Ok(answer(400, r#"{"error":"not the wire format"}"#));
         };
-        let (latency, roll) = {
-            let mut rng = rand::rng();
-            (
-                state.latency.sample_with(standard_normal(&mut rng)),
-                rng.random::<f64>(),
-            )
-        };
-        let allowed = self
-            .bucket
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take(state.capacity_per_sec, Instant::now());
+        let (latency, verdict) = judge(&state, &self.bucket, &self.counts);
         tokio::time::sleep(latency).await;
-        if !allowed {
-            self.counts.throttled.fetch_add(1, Ordering::Relaxed);
-            return Ok(answer(429, r#"{"error":"throttled"}"#));
-        }
-        if roll < state.failure_rate {
-            self.counts.failed.fetch_add(1, Ordering::Relaxed);
-            return Ok(answer(500, r#"{"error":"internal"}"#));
-        }
-        if roll < state.failure_rate + state.refusal_rate {
-            self.counts.refused.fetch_add(1, Ordering::Relaxed);
-            return Ok(answer(400, r#"{"error":"number refused"}"#));
-        }
-        self.counts.accepted.fetch_add(1, Ordering::Relaxed);
-        let network = &self.network;
-        let fresh = network
-            .message_ids
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(submit.message_id.into_boxed_str());
-        if !fresh {
-            network.measurements.count(Count::DuplicateSms);
-        }
+        let (receipt_delay, delivered) = match verdict {
+            Verdict::Throttled => return Ok(answer(429, r#"{"error":"throttled"}"#)),
+            Verdict::Failed => return Ok(answer(500, r#"{"error":"internal"}"#)),
+            Verdict::Refused => return Ok(answer(400, r#"{"error":"number refused"}"#)),
+            Verdict::Accepted {
+                receipt_delay,
+                delivered,
+            } => (receipt_delay, delivered),
+        };
+        self.network.hand_over(
+            &submit.to,
+            &submit.text,
+            SmsKey::MessageId(submit.message_id),
+            delivered,
+        );
         // Upper-case hex with leading zeros: the gateway must normalise it to match receipts.
         let carrier_message_id = format!("{:012X}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        match network.scenario.user_of(&submit.to) {
-            Some(user) => {
-                if let Some(count) = network.accepted.get(user as usize) {
-                    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        Some(n.saturating_add(1))
-                    });
-                }
-                network.measurements.count(Count::SmsReceived);
-                network.handsets.deliver(user, &submit.text);
-            }
-            None => {
-                network.strangers.fetch_add(1, Ordering::Relaxed);
-            }
-        }
         self.send_receipt(
             submit.receipt_url,
             carrier_message_id.clone(),
-            state
-                .receipt_delay
-                .sample_with(standard_normal(&mut rand::rng())),
+            receipt_delay,
+            delivered,
         );
         Ok(answer(
             200,
@@ -308,8 +504,14 @@ impl CarrierTask {
         ))
     }
 
-    /// Posts a `delivered` receipt after `delay`.
-    fn send_receipt(&self, url: String, carrier_message_id: String, delay: Duration) {
+    /// Posts a `delivered` (or `undeliverable`) receipt after `delay`.
+    fn send_receipt(
+        &self,
+        url: String,
+        carrier_message_id: String,
+        delay: Duration,
+        delivered: bool,
+    ) {
         let Ok(uri) = url.parse::<http::Uri>() else {
             self.counts.receipts_failed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -319,8 +521,13 @@ impl CarrierTask {
         let counts = self.counts.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
+            let status = if delivered {
+                "delivered"
+            } else {
+                "undeliverable"
+            };
             let body =
-                format!(r#"{{"carrier_message_id":"{carrier_message_id}","status":"delivered"}}"#);
+                format!(r#"{{"carrier_message_id":"{carrier_message_id}","status":"{status}"}}"#);
             let request = http::Request::post(uri)
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .header(http::header::AUTHORIZATION, format!("Bearer {token}"))

@@ -97,6 +97,7 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
                 let pressed = resend_at.take().unwrap_or_else(Instant::now);
                 if rand::rng().random::<f64>() < behaviour.resend {
                     measurements.count(Count::Resends);
+                    world.network.resend_pressed(user);
                     let answer = world
                         .api
                         .post(&format!("/v1/verifications/{id}/resend"), key, &json!({}))
