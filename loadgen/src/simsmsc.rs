@@ -879,7 +879,14 @@ async fn submit_sm(
     let source = submit.source_addr.as_str().to_owned();
     let destination = submit.destination_addr.as_str().to_owned();
     let text_start: String = text.text.chars().take(20).collect();
-    smsc.assemble(&source, &destination, text, delivered);
+    // An international number travels without its `+`; handsets are keyed by E.164.
+    let international = u8::from(submit.dest_addr_ton) == 1 && !destination.starts_with('+');
+    let handset = if international {
+        format!("+{destination}")
+    } else {
+        destination.clone()
+    };
+    smsc.assemble(&source, &handset, text, delivered);
     let wants_receipt = match u8::from(submit.registered_delivery) & 0x03 {
         1 => true,
         2 => !delivered,

@@ -82,6 +82,52 @@ fn tiny_scenario_runs_end_to_end() {
     assert!(report.carriers[0].accepted >= verified);
 }
 
+/// The same users with an SMSC beside the HTTP carrier: the in-process gateway binds to the
+/// simulator, and every SMS sent over SMPP reaches its handset once, with its receipt.
+#[test]
+fn tiny_scenario_runs_end_to_end_over_smpp_and_http() {
+    let dir = work_dir("tiny-smpp");
+    let outcome = loadgen(
+        &dir,
+        [
+            OsStr::new("run"),
+            scenario_path("tiny-smpp.toml").as_os_str(),
+            OsStr::new("--progress=off"),
+            OsStr::new("--max-lag-ms"),
+            OsStr::new(MAX_LAG_MS),
+            OsStr::new("--report"),
+            OsStr::new("report.json"),
+        ],
+    );
+    assert_eq!(outcome.code, Some(0), "{outcome}");
+    let (report, _) = read_report(&dir.join("report.json"));
+    for count in [
+        Count::LostSms,
+        Count::DuplicateSms,
+        Count::TransportErrors,
+        Count::Unfinished,
+    ] {
+        assert_eq!(report.count(count), 0, "{}: {outcome}", count.name());
+    }
+    let smsc = report
+        .carriers
+        .iter()
+        .find(|carrier| carrier.name == "smsc")
+        .expect("the SMSC in the report");
+    assert!(smsc.accepted > 0, "the SMSC took no SMS: {outcome}");
+    assert_eq!(smsc.receipts_sent, smsc.accepted, "{outcome}");
+    assert_eq!(smsc.receipts_failed, 0, "{outcome}");
+    assert_eq!(
+        report.count(Count::SmsReceived),
+        report
+            .carriers
+            .iter()
+            .map(|carrier| carrier.accepted)
+            .sum::<u64>(),
+        "{outcome}"
+    );
+}
+
 #[test]
 fn scenario_errors_name_the_file_and_the_key() {
     let dir = work_dir("scenario_errors");
