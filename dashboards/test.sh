@@ -4,7 +4,8 @@
 # 1. promtool: `check config` and `check rules` on dashboards/prometheus/, and the rules' unit
 #    tests (`test rules dashboards/prometheus/tests/*.yml`).
 # 2. A real run on loopback: the release gateway (its own config in a temp dir, two clients
-#    with webhooks, two carriers pointing at the load scenario's simulated carriers), a webhook
+#    with webhooks, two carriers pointing at the load scenario's simulated carriers and an SMPP
+#    carrier whose SMSC is never there, so that its sessions-bound gauge exists), a webhook
 #    receiver (`loadgen bare`) for one client (the other's webhook URL refuses connections), a
 #    real Prometheus scraping the gateway's admin listener every second with the recording and
 #    alert rules loaded, and `loadgen run dashboards/test/scenario.toml --target` (about 50 s).
@@ -110,7 +111,8 @@ fi
 [[ -x "$BIN/otpgate" && -x "$BIN/loadgen" ]] || die "no $PROFILE binaries in $BIN"
 
 # Seven distinct free ports on loopback, held together while they are picked. Nothing listens on
-# the last one: the pharmacies' webhooks fail there, so retries and give-ups show too.
+# the last one: the pharmacies' webhooks fail there, so retries and give-ups show too, and the
+# SMPP carrier gamma never binds there.
 read -r API_PORT ADMIN_PORT ALPHA_PORT BETA_PORT HOOK_PORT PROM_PORT DEAD_PORT < <(python3 -c '
 import socket
 sockets = [socket.socket() for _ in range(7)]
@@ -169,6 +171,20 @@ timeout_ms = 1000
 http_version = "1.1"
 receipt_token = "dashboards-test-beta-receipts"
 breaker_open_ms = 3000
+
+# An SMPP carrier whose SMSC is never there (nothing listens on DEAD_PORT): it exports
+# otpgate_carrier_sessions_bound, at 0, for its panel and OtpgateSmppSessionsDown to read (the
+# alert goes pending during the run, as it should; check.py reads rule health, not state). It
+# serves a prefix no number of the scenario has, so it is never given an SMS and the load runs
+# as with two carriers.
+[[carriers]]
+name = "gamma"
+kind = "smpp"
+host = "127.0.0.1"
+port = $DEAD_PORT
+system_id = "dashboards"
+password = "test"
+prefixes = ["+999"]
 
 [[clients]]
 name = "portal"
