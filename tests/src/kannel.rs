@@ -559,7 +559,7 @@ impl DlrReceiver {
     /// `-`, `_` and `.` only) and Kannel's escapes, which Kannel fills in, URL-encoded, when it
     /// fetches it: `type=%d` (see [`DlrCallback::dlr_type`]), `smsc=%i` (the SMSC's id, `sim`),
     /// `fid=%F` (the SMSC's message id, as Kannel stores it: a decimal number with
-    /// `msg-id-type = 1`), `to=%p` (the handset; `%P` would be our sender) and `reply=%A` (the
+    /// `msg-id-type = 3`), `to=%p` (the handset; `%P` would be our sender) and `reply=%A` (the
     /// receipt's text, or `ACK/` for type 8).
     pub fn url(&self, tag: &str) -> String {
         assert!(
@@ -798,7 +798,7 @@ mod tests {
             "smsc-username = \"sys\"".to_owned(),
             "port = 4".to_owned(),
             "max-pending-submits = 5".to_owned(),
-            "msg-id-type = 1".to_owned(),
+            "msg-id-type = 3".to_owned(),
             "dlr-storage = internal".to_owned(),
         ] {
             assert!(

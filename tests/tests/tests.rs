@@ -6,6 +6,7 @@ mod api;
 mod errors;
 mod expiry;
 mod failover;
+mod kannel;
 mod kannel_harness;
 mod limits;
 mod npm_smsc_harness;
