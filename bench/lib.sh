@@ -198,6 +198,15 @@ gateway_metric() {
         END { printf "%.0f\n", sum }'
 }
 
+# Prints the mean of a histogram on the gateway's /metrics, in milliseconds, over all its series.
+# Usage: gateway_histogram_mean_ms NAME
+gateway_histogram_mean_ms() {
+    curl -sf "http://$ADMIN_ADDR/metrics" | awk -v name="$1" '
+        index($1, name "_sum") == 1 { sum += $NF }
+        index($1, name "_count") == 1 { count += $NF }
+        END { printf "%.2f\n", (count > 0) ? sum / count * 1000 : 0 }'
+}
+
 # Prints, one per line, the non-zero series of the gateway counters that say what happened to
 # requests and SMS: answers by status, starts by outcome, submits by outcome, drops and rejections.
 gateway_outcomes() {

@@ -50,15 +50,6 @@ accept_rates() {
         }' "$1"
 }
 
-# Prints the mean of a histogram on the gateway's /metrics, in milliseconds, over all its series.
-# Usage: gateway_histogram_mean_ms NAME
-gateway_histogram_mean_ms() {
-    curl -sf "http://$ADMIN_ADDR/metrics" | awk -v name="$1" '
-        index($1, name "_sum") == 1 { sum += $NF }
-        index($1, name "_count") == 1 { count += $NF }
-        END { printf "%.2f\n", (count > 0) ? sum / count * 1000 : 0 }'
-}
-
 # Usage: run_case HTTP_VERSION; appends a line to RESULTS and LATENCIES, and the gateway's
 # counters to OUTCOMES.
 RESULTS=()
