@@ -67,8 +67,9 @@ pub struct Listeners {
 ///
 /// # Errors
 /// Log targets never printed, whatever `RUST_LOG` says: rusmpp (the SMPP codec) logs every PDU
-/// it encodes or decodes at debug level, binds' passwords and SMS texts (codes) included.
-pub const SILENCED_LOG_TARGETS: &[&str] = &["rusmpp"];
+/// it encodes or decodes at debug level, binds' passwords and SMS texts (codes) included, and
+/// rusmppc (its client) prints whole PDUs in some errors. The connector logs what matters itself.
+pub const SILENCED_LOG_TARGETS: &[&str] = &["rusmpp", "rusmppc"];
 
 /// Whether events of `target` may be logged (see [`SILENCED_LOG_TARGETS`]).
 pub fn log_target_allowed(target: &str) -> bool {
