@@ -965,14 +965,46 @@ impl RawCarrier {
             (false, Some(_)) => return invalid(key("tls_ca_file"), "needs tls = true"),
             (true, ca_file) => Some(ca_file.clone()),
         };
+        // The sender goes in a C-octet string: an alphanumeric name of up to 11 characters (what
+        // handsets show), or a number of up to 20 digits.
+        let from = self.from.as_deref().unwrap_or("otpgate");
+        let digits = from.strip_prefix('+').unwrap_or(from);
+        let numeric = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+        let sender_ok = if numeric {
+            digits.len() <= 20
+        } else {
+            from.len() <= 11 && from.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        };
+        if !sender_ok {
+            return invalid(
+                key("from"),
+                "an smpp carrier's sender is up to 11 ASCII characters, or a number of up to 20 digits",
+            );
+        }
+        // Codings that keep the octets' meaning: GSM-7 septets under a GSM alphabet, UTF-16
+        // under a UCS-2 one (with or without a message class).
+        let gsm7_data_coding = self
+            .gsm7_data_coding
+            .unwrap_or(crate::sms_wire::DATA_CODING_DEFAULT);
+        if !crate::sms_wire::is_gsm7_coding(gsm7_data_coding) {
+            return invalid(
+                key("gsm7_data_coding"),
+                "must name the GSM 7-bit alphabet: 0, 16 to 19, or 240 to 243",
+            );
+        }
+        let ucs2_data_coding = self
+            .ucs2_data_coding
+            .unwrap_or(crate::sms_wire::DATA_CODING_UCS2);
+        if !crate::sms_wire::is_ucs2_coding(ucs2_data_coding) {
+            return invalid(
+                key("ucs2_data_coding"),
+                "must name the UCS-2 alphabet: 8, or 24 to 27",
+            );
+        }
         let coding = crate::sms_wire::Coding {
             gsm7_packed: self.gsm7_packed.unwrap_or(false),
-            gsm7_data_coding: self
-                .gsm7_data_coding
-                .unwrap_or(crate::sms_wire::DATA_CODING_DEFAULT),
-            ucs2_data_coding: self
-                .ucs2_data_coding
-                .unwrap_or(crate::sms_wire::DATA_CODING_UCS2),
+            gsm7_data_coding,
+            ucs2_data_coding,
         };
         let settings = SmppSettings {
             host,
@@ -1474,6 +1506,18 @@ mod tests {
             (
                 "[[carriers]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://a\"\nsystem_id = \"x\"",
                 "carriers[0].system_id",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nfrom = \"Caffè\"",
+                "carriers[0].from",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\ngsm7_data_coding = 3",
+                "carriers[0].gsm7_data_coding",
+            ),
+            (
+                "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nucs2_data_coding = 0",
+                "carriers[0].ucs2_data_coding",
             ),
         ];
         for (text, key) in cases {

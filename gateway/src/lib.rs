@@ -321,6 +321,14 @@ pub async fn run(
         }
     }
 
+    // SMPP sessions unbind: receipts that arrive until the SMSC answers are still applied, and
+    // their events go out below.
+    let _ = tokio::time::timeout_at(
+        deadline,
+        futures_util::future::join_all(smpp_links.iter().map(carrier::SmppConnector::close)),
+    )
+    .await;
+
     // Events raised by the last SMS get the rest of the grace period to go out.
     let flushed = tokio::time::timeout_at(deadline, async {
         while !webhooks.is_idle() {
@@ -333,7 +341,6 @@ pub async fn run(
     }
     webhooks_stop.cancel();
     let _ = webhook_sender.await;
-    futures_util::future::join_all(smpp_links.iter().map(carrier::SmppConnector::close)).await;
     if let Some(feeder) = feeder {
         // One more pass acknowledges the events delivered last.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

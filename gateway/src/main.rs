@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use gateway::config::{Cli, Config, LogFormat};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -71,19 +74,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// Logs go to standard error (standard output belongs to the console carrier).
+///
+/// `RUST_LOG` picks what is logged, except the targets in `gateway::SILENCED_LOG_TARGETS`:
+/// they are dropped by a filter of their own, which no `RUST_LOG` directive can widen.
 fn install_tracing(format: LogFormat) {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    for target in gateway::SILENCED_LOG_TARGETS {
-        if let Ok(directive) = format!("{target}=off").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let silenced = tracing_subscriber::filter::filter_fn(|metadata| {
+        gateway::log_target_allowed(metadata.target())
+    });
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let layer = match format {
+        LogFormat::Json => layer.json().boxed(),
+        LogFormat::Text => layer.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layer.with_filter(silenced))
+        .init();
 }

@@ -33,6 +33,17 @@ pub const DATA_CODING_IA5: u8 = 0x01;
 pub const DATA_CODING_LATIN1: u8 = 0x03;
 pub const DATA_CODING_UCS2: u8 = 0x08;
 
+/// Whether `data_coding` names the GSM 7-bit default alphabet: the SMSC default (0), or a GSM
+/// data coding scheme with a message class (`0x10`..`0x13`, `0xF0`..`0xF3`).
+pub fn is_gsm7_coding(data_coding: u8) -> bool {
+    matches!(data_coding, 0x00 | 0x10..=0x13 | 0xF0..=0xF3)
+}
+
+/// Whether `data_coding` names UCS-2: `0x08`, or with a message class `0x18`..`0x1B`.
+pub fn is_ucs2_coding(data_coding: u8) -> bool {
+    matches!(data_coding, 0x08 | 0x18..=0x1B)
+}
+
 /// How a carrier wants text encoded: set per carrier in its configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Coding {
@@ -157,8 +168,8 @@ pub fn encode(text: &SmsText, coding: &Coding, reference: u8) -> Vec<Part> {
 }
 
 /// Reads a `short_message`: its UDH when `esm_class` has the UDHI bit, then its text by
-/// `data_coding` (`0` and the GSM message classes `0xF0`..`0xF3` as GSM-7, unpacked unless
-/// `gsm7_packed`; `1` as ASCII, `3` as Latin-1, `8` as UCS-2).
+/// `data_coding` ([`is_gsm7_coding`] as GSM-7, unpacked unless `gsm7_packed`; `1` as ASCII,
+/// `3` as Latin-1, [`is_ucs2_coding`] as UCS-2).
 ///
 /// # Errors
 ///
@@ -176,7 +187,7 @@ pub fn decode(
         (None, short_message, 0)
     };
     let text = match data_coding {
-        DATA_CODING_DEFAULT | 0xF0..=0xF3 => {
+        coding if is_gsm7_coding(coding) => {
             if gsm7_packed {
                 // The septets start at the first septet boundary after the header.
                 let header_bits = udh_len * 8;
@@ -199,7 +210,7 @@ pub fn decode(
         }
         DATA_CODING_IA5 => body.iter().map(|&b| char::from(b & 0x7F)).collect(),
         DATA_CODING_LATIN1 => body.iter().map(|&b| char::from(b)).collect(),
-        DATA_CODING_UCS2 => {
+        coding if is_ucs2_coding(coding) => {
             if body.len() % 2 != 0 {
                 return Err(DecodeError::OddUcs2);
             }

@@ -78,6 +78,8 @@ struct Inner {
     reference: AtomicU8,
     receipts: ReceiptSink,
     metrics: CarrierMetrics,
+    /// Held while a session's client changes and the bound sessions are counted.
+    counting: Mutex<()>,
     tls: Option<tokio_rustls::TlsConnector>,
     /// Cancelled to unbind every session.
     stop: CancellationToken,
@@ -108,6 +110,12 @@ const BIND_WAIT: Duration = Duration::from_secs(1);
 /// Reconnect back-off: base and cap.
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How long a session must have stayed bound for its end not to count as a failure.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// The `deliver_sm` being applied at once per session; beyond it the session reads no more.
+const MAX_ANSWERING: usize = 256;
+/// Pause before a part after the first is tried again.
+const PART_RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// How long a session waits for its `unbind_resp` on shutdown.
 const UNBIND_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest PDU read from an SMSC.
@@ -142,6 +150,7 @@ impl SmppConnector {
             reference: AtomicU8::new(rand::rng().random()),
             receipts,
             metrics,
+            counting: Mutex::new(()),
             tls,
             stop: CancellationToken::new(),
         });
@@ -208,14 +217,19 @@ impl SmppConnector {
                     Ok(response) => break response.message_id().as_str().to_owned(),
                     Err(error) => {
                         let error = classify(error);
-                        if matches!(error, SubmitError::Throttled { .. }) {
-                            session.stand_aside();
-                            // Earlier parts are with the SMSC: retry this one rather than the
-                            // whole text, while the submit's time lasts.
-                            if index > 0 && Instant::now() + THROTTLE_PAUSE < deadline {
-                                tokio::time::sleep(THROTTLE_PAUSE).await;
-                                continue;
+                        let pause = match error {
+                            SubmitError::Throttled { .. } => {
+                                session.stand_aside();
+                                THROTTLE_PAUSE
                             }
+                            SubmitError::Temporary { .. } => PART_RETRY_PAUSE,
+                            SubmitError::Permanent { .. } => return Err(error),
+                        };
+                        // Earlier parts are with the SMSC: retry this one rather than the
+                        // whole text, while the submit's time lasts.
+                        if index > 0 && Instant::now() + pause < deadline {
+                            tokio::time::sleep(pause).await;
+                            continue;
                         }
                         return Err(error);
                     }
@@ -253,6 +267,8 @@ impl Inner {
 
     /// Publishes session `index`'s client (`None` while it is not bound).
     fn set_client(&self, index: usize, client: Option<Client>) {
+        // One session at a time, so that the gauge ends at the count of the last change.
+        let _counting = lock(&self.counting);
         self.sessions[index].client.send_replace(client);
         self.metrics.set_sessions_bound(self.bound());
     }
@@ -272,16 +288,17 @@ impl Inner {
                     continue;
                 };
                 if session.is_aside(now) {
-                    fallback.get_or_insert((client, session));
+                    fallback.get_or_insert(session);
                     continue;
                 }
                 if let Ok(permit) = session.window.clone().try_acquire_owned() {
                     return Ok((client, session, permit));
                 }
-                fallback.get_or_insert((client, session));
+                fallback.get_or_insert(session);
             }
-            if let Some((client, session)) = fallback {
-                // Every bound session is full or standing aside: wait for this one.
+            if let Some(session) = fallback {
+                // Every bound session is full or standing aside: wait for this one, then take
+                // its client as it is now (it may have reconnected meanwhile, or be down).
                 let pause = session.aside_for(now);
                 if !pause.is_zero() {
                     tokio::time::sleep(pause).await;
@@ -291,7 +308,11 @@ impl Inner {
                         reason: FailureKind::ConnectionLost,
                     }
                 })?;
-                return Ok((client, session, permit));
+                let client = session.client.borrow().clone();
+                if let Some(client) = client {
+                    return Ok((client, session, permit));
+                }
+                continue;
             }
             // Nothing bound: wait a little for a session, then let the dispatcher fail over.
             let Some(wait) = give_up.checked_duration_since(now).filter(|w| !w.is_zero()) else {
@@ -338,7 +359,7 @@ async fn run_session(inner: Arc<Inner>, index: usize, role: Role) {
         };
         match attempt {
             Ok((client, events)) => {
-                failures = 0;
+                let bound_at = Instant::now();
                 tracing::info!(carrier = %inner.name, bind = index, role = role.as_str(), "SMPP session bound");
                 if role != Role::Receiver {
                     inner.set_client(index, Some(client.clone()));
@@ -347,9 +368,15 @@ async fn run_session(inner: Arc<Inner>, index: usize, role: Role) {
                 if role != Role::Receiver {
                     inner.set_client(index, None);
                 }
+                // A session that ends soon after its bind (an SMSC that drops the link on some
+                // PDU it sends again after every bind) backs off like a failed bind.
+                if bound_at.elapsed() >= STABLE_SESSION {
+                    failures = 0;
+                } else {
+                    failures = failures.saturating_add(1);
+                }
                 if stopped {
-                    // Unbind, letting answers in flight arrive first, then close.
-                    let _ = tokio::time::timeout(UNBIND_TIMEOUT, client.unbind()).await;
+                    // `serve` has unbound; close the link.
                     let _ = tokio::time::timeout(UNBIND_TIMEOUT, client.close()).await;
                     tracing::info!(carrier = %inner.name, bind = index, role = role.as_str(), "SMPP session unbound");
                     return;
@@ -475,15 +502,23 @@ async fn serve(
 ) -> bool {
     // Receipts being applied: each answers its own deliver_sm when done.
     let mut answering = JoinSet::new();
+    // On shutdown, the unbind in flight: receipts keep being taken until its answer.
+    let mut unbinding: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     let stopped = loop {
         tokio::select! {
             biased;
-            () = inner.stop.cancelled() => break true,
+            () = inner.stop.cancelled(), if unbinding.is_none() => {
+                let client = client.clone();
+                unbinding = Some(Box::pin(async move {
+                    let _ = tokio::time::timeout(UNBIND_TIMEOUT, client.unbind()).await;
+                }));
+            }
+            () = async { unbinding.as_mut().expect("guarded by is_some").await }, if unbinding.is_some() => break true,
             Some(_) = answering.join_next(), if !answering.is_empty() => {}
-            event = events.next() => match event {
-                None => break false,
+            event = events.next(), if answering.len() < MAX_ANSWERING => match event {
+                None => break unbinding.is_some(),
                 Some(Event::Error(error)) => {
-                    tracing::debug!(carrier = %inner.name, %error, "SMPP link error");
+                    tracing::warn!(carrier = %inner.name, %error, "SMPP link error");
                 }
                 Some(Event::Incoming(command)) => {
                     let sequence = command.sequence_number();
@@ -514,8 +549,8 @@ async fn serve(
                             break false;
                         }
                         // rusmppc answers enquire_link itself; answers to our requests never
-                        // surface here.
-                        Some(Pdu::EnquireLink) => {}
+                        // surface here; an alert_notification takes no answer.
+                        Some(Pdu::EnquireLink | Pdu::AlertNotification(_)) => {}
                         _ if command.id().is_operation() => {
                             let _ = client
                                 .status(CommandStatus::EsmeRinvcmdid)
@@ -562,16 +597,18 @@ fn receipt_of(
     text: &[u8],
 ) -> Option<(String, Option<ReceiptStatus>)> {
     // Bits 2-5 of esm_class: 0001 is an SMSC delivery receipt, 1000 an intermediate notice.
+    // Only the SMSC marks a receipt: a handset's message that reads like one is not.
     let is_receipt = matches!(esm_class & 0x3C, 0x04 | 0x20) || tlv_id.is_some();
-    let text = std::str::from_utf8(text).unwrap_or("");
+    if !is_receipt {
+        return None;
+    }
+    // The receipt's fields are ASCII; its quoted text may be in any alphabet.
+    let text = String::from_utf8_lossy(text);
     let field = |name: &str| {
         text.split_ascii_whitespace()
             .find_map(|word| word.strip_prefix(name))
             .filter(|value| !value.is_empty())
     };
-    if !is_receipt && field("id:").is_none() {
-        return None;
-    }
     let id = tlv_id
         .filter(|id| !id.is_empty())
         .or_else(|| field("id:").map(str::to_owned))?;
@@ -669,6 +706,12 @@ fn tls_connector(
                     .add(certificate.map_err(std::io::Error::other)?)
                     .map_err(std::io::Error::other)?;
             }
+            if roots.is_empty() {
+                return Err(std::io::Error::other(format!(
+                    "tls_ca_file {}: no certificate in it",
+                    path.display()
+                )));
+            }
         }
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -706,6 +749,16 @@ mod tests {
         let text = b"id:999 sub:001 dlvrd:000 submit date:2611262200 done date:2611262201 stat:UNDELIV err:001 text:";
         assert_eq!(
             receipt_of(0x04, Some("a1f3".into()), Some(2), text),
+            Some(("a1f3".into(), Some(ReceiptStatus::Delivered)))
+        );
+    }
+
+    #[test]
+    fn receipt_text_in_another_alphabet_still_gives_its_fields() {
+        let mut text = b"id:a1f3 sub:001 dlvrd:001 stat:DELIVRD err:000 text:Caf".to_vec();
+        text.extend([0xE9, 0x00, 0xE8]);
+        assert_eq!(
+            receipt_of(0x04, None, None, &text),
             Some(("a1f3".into(), Some(ReceiptStatus::Delivered)))
         );
     }
@@ -758,6 +811,8 @@ mod tests {
     #[test]
     fn a_message_from_a_handset_is_not_a_receipt() {
         assert_eq!(receipt_of(0x00, None, None, b"hello there"), None);
+        // Even one that reads like a receipt: only the SMSC sets the receipt bits.
+        assert_eq!(receipt_of(0x00, None, None, b"id:7 stat:DELIVRD"), None);
         assert_eq!(receipt_of(0x00, None, None, &[0xff, 0xfe]), None);
         // A receipt without any id cannot be matched.
         assert_eq!(receipt_of(0x04, None, None, b"stat:DELIVRD"), None);
