@@ -5,7 +5,7 @@
 //!
 //! What every simulated carrier does whatever its wire, the SMPP simulator
 //! ([`crate::simsmsc`]) included, is here: the capacity bucket and the draws of one submit
-//! ([`judge`]), and handing an SMS over to its user with duplicates noticed
+//! (`judge`), and handing an SMS over to its user with duplicates noticed
 //! ([`Network::hand_over`]).
 
 use std::collections::HashMap;

@@ -10,7 +10,7 @@
 //!   connection goes on; a length below 16 octets or above the maximum gets a `generic_nack` and
 //!   the connection closes, since the stream has no PDU boundary left to trust.
 //! - **Submits**: each `submit_sm` is one segment for capacity and billing, judged with the HTTP
-//!   carriers' draws ([`crate::simcarrier::judge`]: the token bucket shared by all binds, then
+//!   carriers' draws (`simcarrier::judge`: the token bucket shared by all binds, then
 //!   failure and refusal rates) and answered after its latency without holding up the others:
 //!   `ESME_RTHROTTLED` above capacity, `ESME_RSYSERR` for a failure, `ESME_RINVDSTADR` for a
 //!   refusal, else a message id: upper-case hex, zero-padded (`00000A1F`), unique per simulator.
