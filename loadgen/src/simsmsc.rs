@@ -53,7 +53,7 @@ use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use crate::scenario::{Carrier as CarrierSettings, ReceiptFormat, ReceiptIds, Smpp};
-use crate::simcarrier::{Bucket, CarrierCounts, Network, SmsKey, Verdict, judge};
+use crate::simcarrier::{Bucket, CapacityRule, CarrierCounts, Network, SmsKey, Verdict, judge};
 
 /// The largest PDU read by default (rusmpp's default too): a `submit_sm` with a full
 /// `short_message` and some TLVs is well under it.
@@ -102,6 +102,8 @@ pub struct SmscSettings {
     pub started: Instant,
     /// The largest PDU read (`command_length`).
     pub max_pdu_len: usize,
+    /// How the carrier's capacity is counted (all binds share it).
+    pub capacity_rule: CapacityRule,
     /// Every whole message handed over, for tests; a message that finds the channel full is
     /// not sent to it (the counts still have it).
     pub messages: Option<mpsc::Sender<SmscMessage>>,
@@ -167,6 +169,7 @@ impl SmscSettings {
             smpp,
             started,
             max_pdu_len: DEFAULT_MAX_PDU_LEN,
+            capacity_rule: CapacityRule::default(),
             messages: None,
         }
     }
@@ -228,7 +231,10 @@ pub async fn start(
     })?;
     let addr = listener.local_addr()?;
     let smsc = Arc::new(Smsc {
-        bucket: Mutex::new(Bucket::new(settings.carrier.base.capacity_per_sec)),
+        bucket: Mutex::new(Bucket::with_rule(
+            settings.carrier.base.capacity_per_sec,
+            settings.capacity_rule,
+        )),
         settings,
         network,
         counts: Arc::new(CarrierCounts::default()),

@@ -255,6 +255,30 @@ async fn a_submit_is_answered_with_an_id_and_reaches_the_handset() {
 }
 
 #[tokio::test]
+async fn a_sliding_second_takes_a_seconds_capacity_at_once_and_no_more() {
+    let sim = sim(|settings| {
+        settings.carrier.base.capacity_per_sec = 20.0;
+        settings.capacity_rule = CapacityRule::SlidingSecond;
+    })
+    .await;
+    let mut esme = Esme::bound(sim.smsc.local_addr()).await;
+    let part = &parts("Il tuo codice: 123456", &Coding::default())[0];
+    for n in 0..50 {
+        esme.send(submit(&format!("+4470000{n:05}"), part, false))
+            .await;
+    }
+    let mut accepted = 0u32;
+    for _ in 0..50 {
+        if esme.recv().await.unwrap().status() == CommandStatus::EsmeRok {
+            accepted += 1;
+        }
+    }
+    // The whole second's capacity at once (the bucket would take 2), and nothing more within
+    // the second.
+    assert_eq!(accepted, 20);
+}
+
+#[tokio::test]
 async fn above_capacity_submits_are_throttled() {
     let sim = sim(|settings| settings.carrier.base.capacity_per_sec = 20.0).await;
     let mut esme = Esme::bound(sim.smsc.local_addr()).await;
