@@ -231,10 +231,20 @@ pub struct SmscArgs {
     #[arg(long, env = "LOADGEN_PASSWORD", hide_env_values = true)]
     pub password: String,
 
-    /// submit_sm accepted per second (a token bucket holding a tenth of a second); above it,
+    /// submit_sm accepted per second (counted as --capacity-rule says); above it,
     /// ESME_RTHROTTLED.
     #[arg(long, env = "LOADGEN_CAPACITY_PER_SEC", default_value_t = 200.0)]
     pub capacity_per_sec: f64,
+
+    /// How the capacity is counted: `bucket` (a token bucket holding a tenth of a second) or
+    /// `sliding-second` (at most the capacity in any second, as `loadgen sink` counts it).
+    #[arg(
+        long,
+        env = "LOADGEN_CAPACITY_RULE",
+        value_enum,
+        default_value = "bucket"
+    )]
+    pub capacity_rule: crate::simcarrier::CapacityRule,
 
     /// Every submit_sm is answered this many milliseconds after it arrived (answers overlap).
     #[arg(long, env = "LOADGEN_LATENCY_MS", default_value_t = 0)]

@@ -221,7 +221,8 @@ async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
         std::time::Duration::from_millis(args.receipt_delay_ms),
         Protocol::Smpp(smpp),
     );
-    let settings = SmscSettings::from_carrier(&carrier, std::time::Instant::now());
+    let mut settings = SmscSettings::from_carrier(&carrier, std::time::Instant::now());
+    settings.capacity_rule = args.capacity_rule;
     let stop = tokio_util::sync::CancellationToken::new();
     let network = std::sync::Arc::new(loadgen::simcarrier::Network::without_users());
     let smsc = simsmsc::start(settings, network, stop.clone())

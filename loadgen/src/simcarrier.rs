@@ -385,23 +385,59 @@ struct CarrierTask {
     bucket: Mutex<Bucket>,
 }
 
-/// A token bucket holding a tenth of a second of capacity: above its capacity the carrier
-/// answers 429 (an SMSC `ESME_RTHROTTLED`).
+/// How a simulated carrier counts its capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CapacityRule {
+    /// A token bucket holding a tenth of a second of capacity.
+    #[default]
+    Bucket,
+    /// At most the capacity in any second (a sliding second), as the HTTP sink counts its
+    /// `--capacity-per-sec`: a second's worth at once, then as the oldest leave the second.
+    SlidingSecond,
+}
+
+/// A carrier's capacity, counted as its [`CapacityRule`] says: above it the carrier answers 429
+/// (an SMSC `ESME_RTHROTTLED`).
 #[derive(Debug)]
 pub(crate) struct Bucket {
+    rule: CapacityRule,
     tokens: f64,
     last: Instant,
+    /// For [`CapacityRule::SlidingSecond`]: when the last second's submits were accepted.
+    accepted: std::collections::VecDeque<Instant>,
 }
 
 impl Bucket {
     pub(crate) fn new(per_sec: f64) -> Bucket {
+        Bucket::with_rule(per_sec, CapacityRule::Bucket)
+    }
+
+    pub(crate) fn with_rule(per_sec: f64, rule: CapacityRule) -> Bucket {
         Bucket {
+            rule,
             tokens: burst(per_sec),
             last: Instant::now(),
+            accepted: std::collections::VecDeque::new(),
         }
     }
 
-    fn take(&mut self, per_sec: f64, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, per_sec: f64, now: Instant) -> bool {
+        if self.rule == CapacityRule::SlidingSecond {
+            while self
+                .accepted
+                .front()
+                .is_some_and(|at| now.saturating_duration_since(*at) >= Duration::from_secs(1))
+            {
+                self.accepted.pop_front();
+            }
+            // At least one a second, as the bucket allows.
+            let capacity = per_sec.floor().max(1.0);
+            if (self.accepted.len() as f64) < capacity {
+                self.accepted.push_back(now);
+                return true;
+            }
+            return false;
+        }
         let refill = now.saturating_duration_since(self.last).as_secs_f64() * per_sec;
         self.tokens = (self.tokens + refill).min(burst(per_sec));
         self.last = now;

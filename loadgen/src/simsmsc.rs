@@ -53,7 +53,7 @@ use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use crate::scenario::{Carrier as CarrierSettings, ReceiptFormat, ReceiptIds, Smpp};
-use crate::simcarrier::{Bucket, CarrierCounts, Network, SmsKey, Verdict, judge};
+use crate::simcarrier::{Bucket, CapacityRule, CarrierCounts, Network, SmsKey, Verdict, judge};
 
 /// The largest PDU read by default (rusmpp's default too): a `submit_sm` with a full
 /// `short_message` and some TLVs is well under it.
@@ -102,6 +102,8 @@ pub struct SmscSettings {
     pub started: Instant,
     /// The largest PDU read (`command_length`).
     pub max_pdu_len: usize,
+    /// How the carrier's capacity is counted (all binds share it).
+    pub capacity_rule: CapacityRule,
     /// Every whole message handed over, for tests; a message that finds the channel full is
     /// not sent to it (the counts still have it).
     pub messages: Option<mpsc::Sender<SmscMessage>>,
@@ -140,6 +142,11 @@ pub struct Summary {
     pub decode_errors: u64,
     pub first_submit_ms: Option<u64>,
     pub last_message_ms: Option<u64>,
+    /// Mean time from reading a `submit_sm` to writing its answer, in microseconds: the
+    /// latency the simulator really gave (its timer answers a little later than asked).
+    pub mean_answer_micros: Option<u64>,
+    /// The longest such time.
+    pub max_answer_micros: Option<u64>,
 }
 
 impl SmscSettings {
@@ -167,6 +174,7 @@ impl SmscSettings {
             smpp,
             started,
             max_pdu_len: DEFAULT_MAX_PDU_LEN,
+            capacity_rule: CapacityRule::default(),
             messages: None,
         }
     }
@@ -191,6 +199,7 @@ impl SimSmsc {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let first_bind = load(&self.smsc.first_bind_ms);
         let since_bind = |at: u64| (at != NEVER).then(|| at.saturating_sub(first_bind));
+        let (mean_answer_micros, max_answer_micros) = self.smsc.answer_times.mean_and_max();
         Summary {
             binds: load(&smpp.binds),
             submit_sm: load(&smpp.submit_sm),
@@ -203,6 +212,8 @@ impl SimSmsc {
             decode_errors: load(&smpp.decode_errors),
             first_submit_ms: since_bind(load(&self.smsc.first_submit_ms)),
             last_message_ms: since_bind(load(&self.smsc.last_message_ms)),
+            mean_answer_micros,
+            max_answer_micros,
         }
     }
 }
@@ -228,7 +239,10 @@ pub async fn start(
     })?;
     let addr = listener.local_addr()?;
     let smsc = Arc::new(Smsc {
-        bucket: Mutex::new(Bucket::new(settings.carrier.base.capacity_per_sec)),
+        bucket: Mutex::new(Bucket::with_rule(
+            settings.carrier.base.capacity_per_sec,
+            settings.capacity_rule,
+        )),
         settings,
         network,
         counts: Arc::new(CarrierCounts::default()),
@@ -244,6 +258,7 @@ pub async fn start(
         first_bind_ms: AtomicU64::new(NEVER),
         first_submit_ms: AtomicU64::new(NEVER),
         last_message_ms: AtomicU64::new(NEVER),
+        answer_times: AnswerTimes::default(),
     });
     tokio::spawn(serve(listener, smsc.clone(), stop.clone()));
     tokio::spawn(sweep(smsc.clone(), stop));
@@ -273,12 +288,13 @@ struct Smsc {
     first_bind_ms: AtomicU64,
     first_submit_ms: AtomicU64,
     last_message_ms: AtomicU64,
+    answer_times: AnswerTimes,
 }
 
 /// The receiver and transceiver binds, by session, taken in turn for receipts.
 #[derive(Debug, Default)]
 struct Receivers {
-    binds: Vec<(u64, mpsc::Sender<Command>)>,
+    binds: Vec<(u64, mpsc::Sender<Outgoing>)>,
     next: usize,
 }
 
@@ -425,8 +441,11 @@ impl Bound {
 /// `submit_sm` in flight, so one slow answer holds up no other.
 async fn connection(stream: TcpStream, smsc: &Arc<Smsc>, kill: CancellationToken) {
     let (read, write) = stream.into_split();
-    let (out, queue) = mpsc::channel::<Command>(WRITE_QUEUE);
-    let writer = tokio::spawn(write_all(write, queue, kill.clone()));
+    let (out, queue) = mpsc::channel::<Outgoing>(WRITE_QUEUE);
+    let writer_smsc = smsc.clone();
+    let writer_kill = kill.clone();
+    let writer =
+        tokio::spawn(async move { write_all(write, queue, &writer_smsc, writer_kill).await });
     let mut frames = FramedRead::new(read, PduCodec::new(smsc.settings.max_pdu_len));
     let session = smsc.next_session.fetch_add(1, Ordering::Relaxed);
     let mut bound: Option<Bound> = None;
@@ -438,6 +457,7 @@ async fn connection(stream: TcpStream, smsc: &Arc<Smsc>, kill: CancellationToken
         let Some(Ok(frame)) = next else {
             break;
         };
+        let read_at = Instant::now();
         if smsc.is_down() {
             // Down: the connection drops without an answer.
             smsc.counts.dropped.fetch_add(1, Ordering::Relaxed);
@@ -456,7 +476,7 @@ async fn connection(stream: TcpStream, smsc: &Arc<Smsc>, kill: CancellationToken
                     .decode_errors
                     .fetch_add(1, Ordering::Relaxed);
                 let nack = Command::new(status, sequence_number, Pdu::GenericNack);
-                let _ = out.send(nack).await;
+                let _ = out.send(nack.into()).await;
                 if fatal {
                     break;
                 }
@@ -466,7 +486,7 @@ async fn connection(stream: TcpStream, smsc: &Arc<Smsc>, kill: CancellationToken
         let sequence_number = command.sequence_number();
         let answer = |status: CommandStatus, pdu: Pdu| Command::new(status, sequence_number, pdu);
         if let Some((kind, status, resp)) = smsc.bind(bound, command.pdu()) {
-            let _ = out.send(answer(status, resp)).await;
+            let _ = out.send(answer(status, resp).into()).await;
             if status == CommandStatus::EsmeRok {
                 bound = Some(kind);
                 if kind.receives() {
@@ -479,12 +499,12 @@ async fn connection(stream: TcpStream, smsc: &Arc<Smsc>, kill: CancellationToken
         match command.pdu() {
             Some(Pdu::EnquireLink) => {
                 let _ = out
-                    .send(answer(CommandStatus::EsmeRok, Pdu::EnquireLinkResp))
+                    .send(answer(CommandStatus::EsmeRok, Pdu::EnquireLinkResp).into())
                     .await;
             }
             Some(Pdu::Unbind) => {
                 let _ = out
-                    .send(answer(CommandStatus::EsmeRok, Pdu::UnbindResp))
+                    .send(answer(CommandStatus::EsmeRok, Pdu::UnbindResp).into())
                     .await;
                 break;
             }
@@ -492,14 +512,17 @@ async fn connection(stream: TcpStream, smsc: &Arc<Smsc>, kill: CancellationToken
                 if !bound.is_some_and(Bound::submits) {
                     let resp = SubmitSmResp::new(COctetString::empty(), Vec::new());
                     let _ = out
-                        .send(answer(CommandStatus::EsmeRinvbndsts, resp.into()))
+                        .send(answer(CommandStatus::EsmeRinvbndsts, resp.into()).into())
                         .await;
                     continue;
                 }
                 tokio::spawn(submit_sm(
                     smsc.clone(),
                     submit.clone(),
-                    sequence_number,
+                    Request {
+                        sequence_number,
+                        read_at,
+                    },
                     out.clone(),
                     kill.clone(),
                 ));
@@ -517,7 +540,7 @@ async fn connection(stream: TcpStream, smsc: &Arc<Smsc>, kill: CancellationToken
             _ => {
                 // Requests the simulator does not serve (query_sm, data_sm, …).
                 let _ = out
-                    .send(answer(CommandStatus::EsmeRinvcmdid, Pdu::GenericNack))
+                    .send(answer(CommandStatus::EsmeRinvcmdid, Pdu::GenericNack).into())
                     .await;
             }
         }
@@ -529,30 +552,68 @@ async fn connection(stream: TcpStream, smsc: &Arc<Smsc>, kill: CancellationToken
     let _ = writer.await;
 }
 
-/// Writes queued PDUs, coalescing what is ready into one write.
+/// A PDU for a connection's writer.
+#[derive(Debug)]
+struct Outgoing {
+    command: Command,
+    /// For the answer to a `submit_sm`: when the `submit_sm` was read (for the answer time).
+    submit_read: Option<Instant>,
+}
+
+impl Outgoing {
+    fn answer(command: Command, submit_read: Instant) -> Outgoing {
+        Outgoing {
+            command,
+            submit_read: Some(submit_read),
+        }
+    }
+}
+
+impl From<Command> for Outgoing {
+    fn from(command: Command) -> Outgoing {
+        Outgoing {
+            command,
+            submit_read: None,
+        }
+    }
+}
+
+/// A `submit_sm` as the reader got it.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    sequence_number: u32,
+    read_at: Instant,
+}
+
+/// Writes queued PDUs, coalescing what is ready into one write, and records how long each
+/// `submit_sm` took from being read to its answer being written.
 async fn write_all(
     mut write: tokio::net::tcp::OwnedWriteHalf,
-    mut queue: mpsc::Receiver<Command>,
+    mut queue: mpsc::Receiver<Outgoing>,
+    smsc: &Smsc,
     kill: CancellationToken,
 ) {
     let mut codec = CommandCodec::new();
     let mut buffer = BytesMut::with_capacity(4096);
+    let mut answered: Vec<Instant> = Vec::new();
     loop {
-        let command = tokio::select! {
+        let outgoing = tokio::select! {
             () = kill.cancelled() => return,
-            command = queue.recv() => match command {
-                Some(command) => command,
+            outgoing = queue.recv() => match outgoing {
+                Some(outgoing) => outgoing,
                 None => break,
             },
         };
-        if codec.encode(command, &mut buffer).is_err() {
+        answered.extend(outgoing.submit_read);
+        if codec.encode(outgoing.command, &mut buffer).is_err() {
             return;
         }
         while buffer.len() < 64 * 1024 {
-            let Ok(command) = queue.try_recv() else {
+            let Ok(outgoing) = queue.try_recv() else {
                 break;
             };
-            if codec.encode(command, &mut buffer).is_err() {
+            answered.extend(outgoing.submit_read);
+            if codec.encode(outgoing.command, &mut buffer).is_err() {
                 return;
             }
         }
@@ -560,8 +621,44 @@ async fn write_all(
             return;
         }
         buffer.clear();
+        let now = Instant::now();
+        for read_at in answered.drain(..) {
+            smsc.answer_times
+                .record(now.saturating_duration_since(read_at));
+        }
     }
     let _ = write.shutdown().await;
+}
+
+/// How long the simulator took from reading a `submit_sm` to writing its answer: what the
+/// ESME's round trip would be on a network and an ESME that added nothing.
+#[derive(Debug, Default)]
+struct AnswerTimes {
+    count: AtomicU64,
+    total_micros: AtomicU64,
+    max_micros: AtomicU64,
+}
+
+impl AnswerTimes {
+    fn record(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.total_micros.fetch_add(micros, Ordering::Relaxed);
+        self.max_micros.fetch_max(micros, Ordering::Relaxed);
+    }
+
+    /// The mean and the longest, in microseconds (`None` before the first answer).
+    fn mean_and_max(&self) -> (Option<u64>, Option<u64>) {
+        let count = self.count.load(Ordering::Relaxed);
+        if count == 0 {
+            return (None, None);
+        }
+        let total = self.total_micros.load(Ordering::Relaxed);
+        (
+            Some(total / count),
+            Some(self.max_micros.load(Ordering::Relaxed)),
+        )
+    }
 }
 
 impl Smsc {
@@ -619,7 +716,7 @@ impl Smsc {
         status
     }
 
-    fn add_receiver(self: &Arc<Self>, session: u64, out: &mpsc::Sender<Command>) {
+    fn add_receiver(self: &Arc<Self>, session: u64, out: &mpsc::Sender<Outgoing>) {
         Smsc::lock(&self.receivers)
             .binds
             .push((session, out.clone()));
@@ -642,7 +739,7 @@ impl Smsc {
     }
 
     /// A receiver bind, taken in turn.
-    fn receiver(&self) -> Option<(u64, mpsc::Sender<Command>)> {
+    fn receiver(&self) -> Option<(u64, mpsc::Sender<Outgoing>)> {
         let mut receivers = Smsc::lock(&self.receivers);
         receivers.binds.retain(|(_, out)| !out.is_closed());
         if receivers.binds.is_empty() {
@@ -661,7 +758,7 @@ impl Smsc {
                 break;
             };
             let command = Command::new(CommandStatus::EsmeRok, self.sequence(), deliver.clone());
-            if out.send(command).await.is_ok() {
+            if out.send(command.into()).await.is_ok() {
                 self.counts.smpp.deliver_sm.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -824,16 +921,20 @@ fn sar(submit: &SubmitSm) -> Option<gateway::sms_wire::Concat> {
 async fn submit_sm(
     smsc: Arc<Smsc>,
     submit: SubmitSm,
-    sequence_number: u32,
-    out: mpsc::Sender<Command>,
+    request: Request,
+    out: mpsc::Sender<Outgoing>,
     kill: CancellationToken,
 ) {
+    let Request {
+        sequence_number,
+        read_at,
+    } = request;
     let counts = &smsc.counts;
     counts.smpp.submit_sm.fetch_add(1, Ordering::Relaxed);
     smsc.mark_first(&smsc.first_submit_ms);
     let refuse = |status: CommandStatus| {
         let resp = SubmitSmResp::new(COctetString::empty(), Vec::new());
-        Command::new(status, sequence_number, resp)
+        Outgoing::answer(Command::new(status, sequence_number, resp), read_at)
     };
     let Some(text) = smsc.read_text(&submit) else {
         counts.smpp.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -846,9 +947,10 @@ async fn submit_sm(
         .state_at(smsc.settings.started.elapsed())
         .clone();
     let (latency, verdict) = judge(&state, &smsc.bucket, counts);
+    // The latency counts from the submit_sm's arrival, as the HTTP sink's does.
     tokio::select! {
         () = kill.cancelled() => return,
-        () = tokio::time::sleep(latency) => {}
+        () = tokio::time::sleep_until((read_at + latency).into()) => {}
     }
     let (receipt_delay, delivered) = match verdict {
         Verdict::Throttled => {
@@ -872,7 +974,10 @@ async fn submit_sm(
     let (message_id, _) = smsc.ids(id);
     let resp = SubmitSmResp::new(c_string(&message_id), Vec::new());
     let _ = out
-        .send(Command::new(CommandStatus::EsmeRok, sequence_number, resp))
+        .send(Outgoing::answer(
+            Command::new(CommandStatus::EsmeRok, sequence_number, resp),
+            read_at,
+        ))
         .await;
     // The connection may close (unbind) while the receipt waits.
     drop(out);

@@ -255,6 +255,55 @@ async fn a_submit_is_answered_with_an_id_and_reaches_the_handset() {
 }
 
 #[tokio::test]
+async fn a_sliding_second_takes_a_seconds_capacity_at_once_and_no_more() {
+    let sim = sim(|settings| {
+        settings.carrier.base.capacity_per_sec = 20.0;
+        settings.capacity_rule = CapacityRule::SlidingSecond;
+    })
+    .await;
+    let mut esme = Esme::bound(sim.smsc.local_addr()).await;
+    let part = &parts("Il tuo codice: 123456", &Coding::default())[0];
+    for n in 0..50 {
+        esme.send(submit(&format!("+4470000{n:05}"), part, false))
+            .await;
+    }
+    let mut accepted = 0u32;
+    for _ in 0..50 {
+        if esme.recv().await.unwrap().status() == CommandStatus::EsmeRok {
+            accepted += 1;
+        }
+    }
+    // The whole second's capacity at once (the bucket would take 2), and nothing more within
+    // the second.
+    assert_eq!(accepted, 20);
+}
+
+#[tokio::test]
+async fn the_summary_says_how_long_answers_took() {
+    let sim = sim(|settings| {
+        settings.carrier.base.latency = crate::scenario::Dist::Constant(Duration::from_millis(30));
+    })
+    .await;
+    assert_eq!(sim.smsc.summary().mean_answer_micros, None);
+    let mut esme = Esme::bound(sim.smsc.local_addr()).await;
+    let part = &parts("Il tuo codice: 123456", &Coding::default())[0];
+    for n in 0..5 {
+        esme.send(submit(&format!("+4470000{n:05}"), part, false))
+            .await;
+    }
+    for _ in 0..5 {
+        esme.recv().await.unwrap();
+    }
+    let summary = sim.smsc.summary();
+    let (mean, max) = (
+        summary.mean_answer_micros.unwrap(),
+        summary.max_answer_micros.unwrap(),
+    );
+    assert!((30_000..2_000_000).contains(&mean), "{mean}");
+    assert!(max >= mean, "{max} < {mean}");
+}
+
+#[tokio::test]
 async fn above_capacity_submits_are_throttled() {
     let sim = sim(|settings| settings.carrier.base.capacity_per_sec = 20.0).await;
     let mut esme = Esme::bound(sim.smsc.local_addr()).await;
