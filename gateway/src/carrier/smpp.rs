@@ -443,40 +443,26 @@ async fn connect_and_bind(
     let system_id = c_octets(&settings.system_id).map_err(|_| "bad system_id".to_owned())?;
     let password = c_octets(&settings.password).map_err(|_| "bad password".to_owned())?;
     let system_type = c_octets(&settings.system_type).map_err(|_| "bad system_type".to_owned())?;
+    // The three binds are one PDU layout under three types.
+    macro_rules! bind {
+        ($method:ident, $pdu:ident) => {
+            client
+                .$method(
+                    $pdu::builder()
+                        .system_id(system_id)
+                        .password(password)
+                        .system_type(system_type)
+                        .interface_version(InterfaceVersion::Smpp3_4)
+                        .build(),
+                )
+                .await
+                .map(drop)
+        };
+    }
     let bound = match role {
-        Role::Transceiver => client
-            .bind_transceiver(
-                BindTransceiver::builder()
-                    .system_id(system_id)
-                    .password(password)
-                    .system_type(system_type)
-                    .interface_version(InterfaceVersion::Smpp3_4)
-                    .build(),
-            )
-            .await
-            .map(drop),
-        Role::Transmitter => client
-            .bind_transmitter(
-                BindTransmitter::builder()
-                    .system_id(system_id)
-                    .password(password)
-                    .system_type(system_type)
-                    .interface_version(InterfaceVersion::Smpp3_4)
-                    .build(),
-            )
-            .await
-            .map(drop),
-        Role::Receiver => client
-            .bind_receiver(
-                BindReceiver::builder()
-                    .system_id(system_id)
-                    .password(password)
-                    .system_type(system_type)
-                    .interface_version(InterfaceVersion::Smpp3_4)
-                    .build(),
-            )
-            .await
-            .map(drop),
+        Role::Transceiver => bind!(bind_transceiver, BindTransceiver),
+        Role::Transmitter => bind!(bind_transmitter, BindTransmitter),
+        Role::Receiver => bind!(bind_receiver, BindReceiver),
     };
     if let Err(error) = bound {
         let _ = client.close().await;
