@@ -5,7 +5,7 @@
 //! transmitter and a receiver), answers every `deliver_sm`, and on any loss reconnects with
 //! exponential back-off and jitter. rusmppc drives the link itself: sequence numbers, matching
 //! answers to requests, response timeouts and `enquire_link` keep-alives. On shutdown every
-//! session unbinds.
+//! session unbinds, and takes receipts until the SMSC answers the unbind.
 //!
 //! A submit takes the next bound session with room in its window, splits the text into parts
 //! (`sms_wire::encode`: GSM-7 or UCS-2, a UDH per part of a long text) and sends them in order on
@@ -14,8 +14,11 @@
 //!
 //! Answers map to the dispatcher's classes: `ESME_RTHROTTLED` and `ESME_RMSGQFUL` are throttles
 //! (the session also stands aside for a moment, so other binds take the next submits), an invalid
-//! destination is permanent, anything else temporary. A throttle on a part after the first is
-//! retried here within the submit's timeout, since the parts before it are already with the SMSC.
+//! destination is permanent, anything else temporary. A throttle or a temporary failure on a part
+//! after the first is retried here within the submit's timeout, since the parts before it are
+//! already with the SMSC. A session that ends within seconds of its bind backs off like a failed
+//! bind, so an SMSC that drops the link on some PDU it sends after every bind is not rebound in a
+//! tight loop.
 //!
 //! Receipts come as `deliver_sm` with the receipt bits of `esm_class`: the message id and state
 //! are read from the `receipted_message_id` and `message_state` TLVs, or from the receipt text
