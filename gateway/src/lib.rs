@@ -62,10 +62,6 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Runs the gateway until `shutdown` resolves, then shuts down gracefully: stop accepting, finish
-/// in-flight requests, hand queued SMS to carriers, all within `config.shutdown_grace`.
-///
-/// # Errors
 /// Log targets never printed, whatever `RUST_LOG` says: rusmpp (the SMPP codec) logs every PDU
 /// it encodes or decodes at debug level, binds' passwords and SMS texts (codes) included, and
 /// rusmppc (its client) prints whole PDUs in some errors. The connector logs what matters itself.
@@ -80,6 +76,10 @@ pub fn log_target_allowed(target: &str) -> bool {
     })
 }
 
+/// Runs the gateway until `shutdown` resolves, then shuts down gracefully: stop accepting, finish
+/// in-flight requests, hand queued SMS to carriers, all within `config.shutdown_grace`.
+///
+/// # Errors
 /// Fails only at start-up, when a carrier connector cannot be built.
 pub async fn run(
     listeners: Listeners,

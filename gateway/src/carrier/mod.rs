@@ -109,13 +109,6 @@ impl Connector {
         })
     }
 
-    /// Ends the connector's sessions, if it has any (an SMPP carrier unbinds).
-    pub async fn close(&self) {
-        if let Connector::Smpp(smpp) = self {
-            smpp.close().await;
-        }
-    }
-
     /// Hands one SMS to the carrier.
     pub async fn submit(&self, sms: &OutboundSms) -> Result<Accepted, SubmitError> {
         match self {
