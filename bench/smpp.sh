@@ -6,9 +6,11 @@
 #    capacity cap, and a gateway with one bind, a window of WINDOW (100) and a pace far above
 #    what the machine can send. Only the window limits the rate then: WINDOW / latency SMS a
 #    second (100 / 0.040 s = 2,500/s). COUNT (20,000) verifications are started with
-#    `loadgen fill`; the rate is the simulator's messages divided by the time from its first
-#    submit_sm to its last message. Target: at least 0.95 of WINDOW / latency. Since the
-#    simulator's timer answers a little later than asked, it also prints how long the simulator
+#    `loadgen fill`; the rate is the simulator's messages between the 10% and 90% marks of their
+#    arrival (its steady_messages_per_sec), as bench/slow.sh measures HTTP, which leaves out the
+#    window filling at the start and the queue running dry at the end; the rate from its first
+#    submit_sm to its last message is printed beside it. Target: at least 0.95 of WINDOW /
+#    latency. Since the simulator's timer answers a little later than asked, it also prints how long the simulator
 #    really took from reading a submit_sm to writing its answer (its mean_answer_micros and
 #    max_answer_micros), the gateway's mean submit time (otpgate_carrier_submit_duration_seconds)
 #    and the rate against WINDOW / the simulator's real latency, which says how full the gateway
@@ -149,7 +151,8 @@ stop_pid "$GATEWAY_PID"
 stop_smsc
 window_summary=$SMSC_SUMMARY
 read -r w_messages w_duplicates w_secs < <(summary_fields "$window_summary")
-w_rate=$(awk -v n="$w_messages" -v s="$w_secs" 'BEGIN { printf "%.0f", (s > 0) ? n / s : 0 }')
+w_whole=$(awk -v n="$w_messages" -v s="$w_secs" 'BEGIN { printf "%.0f", (s > 0) ? n / s : 0 }')
+w_rate=$(jq -r '(.steady_messages_per_sec // 0) | round' <<<"$window_summary")
 w_ratio=$(awk -v r="$w_rate" -v i="$IDEAL_RATE" 'BEGIN { printf "%.3f", r / i }')
 w_met=$(awk -v r="$w_ratio" 'BEGIN { print (r >= 0.95) ? "met" : "NOT met" }')
 read -r w_answer_ms w_answer_max_ms < <(jq -r '[(.mean_answer_micros // 0) / 1000,
@@ -240,10 +243,12 @@ g_met=$(awk -v r="$g_ratio" 'BEGIN { print (r <= 1.05) ? "met" : "NOT met" }')
 echo
 echo "1. window: $COUNT SMS, SMSC answering after $LATENCY_MS ms, one bind, window $WINDOW," \
     "no pace cap; ideal WINDOW / latency = $IDEAL_RATE SMS/s (target >= 0.95 of it)"
-printf '%-10s %8s %8s %-8s %9s %9s %10s\n' ESME 'SMS/s' ratio '' time messages duplicates
-printf '%-10s %8s %8s %-8s %7.2f s %9s %10s\n' otpgate "$w_rate" "$w_ratio" "($w_met)" \
-    "$w_secs" "$w_messages" "$w_duplicates"
-echo "SMS/s: messages / time from the SMSC's first submit_sm to its last message"
+printf '%-10s %8s %8s %-8s %13s %9s %9s %10s\n' ESME 'SMS/s' ratio '' 'first-last/s' time \
+    messages duplicates
+printf '%-10s %8s %8s %-8s %13s %7.2f s %9s %10s\n' otpgate "$w_rate" "$w_ratio" "($w_met)" \
+    "$w_whole" "$w_secs" "$w_messages" "$w_duplicates"
+echo "SMS/s: between the 10% and 90% marks of the messages the SMSC received (as bench/slow.sh);" \
+    "first-last/s and time: from its first submit_sm to its last message"
 printf '%-10s %18s %21s %19s %8s\n' ESME 'SMSC answered in' 'gateway submit took' \
     'WINDOW/SMSC latency' ratio
 printf '%-10s %10s ms (max %s) %18s ms %19s %8s\n' otpgate "$w_answer_ms" "$w_answer_max_ms" \

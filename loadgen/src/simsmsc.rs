@@ -147,6 +147,10 @@ pub struct Summary {
     pub mean_answer_micros: Option<u64>,
     /// The longest such time.
     pub max_answer_micros: Option<u64>,
+    /// Messages a second between the 10% and the 90% marks of the messages (by arrival): the
+    /// steady rate, without the start (windows filling) and the end (the queue running dry).
+    /// `None` under ten messages.
+    pub steady_messages_per_sec: Option<f64>,
 }
 
 impl SmscSettings {
@@ -214,8 +218,19 @@ impl SimSmsc {
             last_message_ms: since_bind(load(&self.smsc.last_message_ms)),
             mean_answer_micros,
             max_answer_micros,
+            steady_messages_per_sec: steady_rate(&Smsc::lock(&self.smsc.message_micros)),
         }
     }
+}
+
+/// The rate between the 10% and the 90% marks of `at` (microseconds, in arrival order).
+fn steady_rate(at: &[u64]) -> Option<f64> {
+    if at.len() < 10 {
+        return None;
+    }
+    let (low, high) = (at.len() / 10, at.len() * 9 / 10);
+    let span = at[high].saturating_sub(at[low]);
+    (span > 0).then(|| (high - low) as f64 / (span as f64 / 1e6))
 }
 
 /// Starts a simulator listening on `settings.listen`; it stops when `stop` fires.
@@ -259,6 +274,7 @@ pub async fn start(
         first_submit_ms: AtomicU64::new(NEVER),
         last_message_ms: AtomicU64::new(NEVER),
         answer_times: AnswerTimes::default(),
+        message_micros: Mutex::new(Vec::new()),
     });
     tokio::spawn(serve(listener, smsc.clone(), stop.clone()));
     tokio::spawn(sweep(smsc.clone(), stop));
@@ -289,7 +305,13 @@ struct Smsc {
     first_submit_ms: AtomicU64,
     last_message_ms: AtomicU64,
     answer_times: AnswerTimes,
+    /// When each whole message arrived, in microseconds from `epoch` (the first
+    /// `MAX_MESSAGE_TIMES`), for the summary's steady rate.
+    message_micros: Mutex<Vec<u64>>,
 }
+
+/// The most message arrival times kept (8 bytes each).
+const MAX_MESSAGE_TIMES: usize = 1_000_000;
 
 /// The receiver and transceiver binds, by session, taken in turn for receipts.
 #[derive(Debug, Default)]
@@ -1079,6 +1101,12 @@ impl Smsc {
             smpp.duplicates.fetch_add(1, Ordering::Relaxed);
         }
         self.last_message_ms.store(self.now_ms(), Ordering::Relaxed);
+        {
+            let mut times = Smsc::lock(&self.message_micros);
+            if times.len() < MAX_MESSAGE_TIMES {
+                times.push(u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX));
+            }
+        }
         if let Some(messages) = &self.settings.messages {
             let _ = messages.try_send(SmscMessage {
                 destination: destination.to_owned(),

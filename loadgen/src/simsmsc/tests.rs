@@ -694,3 +694,17 @@ fn scenario_smpp_keys() {
         assert!(error.contains(key), "{to}: {error}");
     }
 }
+
+#[test]
+fn the_steady_rate_leaves_out_the_first_and_last_tenth() {
+    // 100 messages: ten slow ones at each end, eighty a millisecond apart in between.
+    let mut at: Vec<u64> = (0..10).map(|n| n * 100_000).collect();
+    let middle_start = 1_000_000;
+    at.extend((0..80).map(|n| middle_start + n * 1_000));
+    let end_start = middle_start + 80_000;
+    at.extend((0..10).map(|n| end_start + n * 100_000));
+    // Marks 10 and 90: from the first middle message to the first of the last ten.
+    let rate = super::steady_rate(&at).unwrap();
+    assert!((rate - 1_000.0).abs() < 1.0, "{rate}");
+    assert_eq!(super::steady_rate(&at[..9]), None);
+}
