@@ -289,26 +289,14 @@ impl NpmSmsc {
 
     /// Whether the process is still alive (one that has exited is reaped).
     pub fn is_running(&mut self) -> bool {
-        let Some(child) = self.child.as_mut() else {
-            return false;
-        };
-        match child.try_wait() {
-            Ok(None) => true,
-            Ok(Some(_)) | Err(_) => {
-                self.child = None;
-                false
-            }
-        }
+        crate::process::still_running(&mut self.child)
     }
 
     /// Kills the process with SIGKILL and waits for it: the SMSC crashes, every connection
     /// drops. Does nothing if it is not running.
     pub fn kill(&mut self) {
         self.stdin = None;
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::process::kill_and_reap(&mut self.child);
     }
 
     /// Stops the process the way it is meant to end (its stdin closes; it prints `exit`) and

@@ -8,6 +8,28 @@ use std::time::Duration;
 
 use crate::Gateway;
 
+/// Whether the child in `slot` still runs; one that has exited is reaped and the slot emptied.
+pub fn still_running(slot: &mut Option<Child>) -> bool {
+    let Some(child) = slot.as_mut() else {
+        return false;
+    };
+    match child.try_wait() {
+        Ok(None) => true,
+        Ok(Some(_)) | Err(_) => {
+            *slot = None;
+            false
+        }
+    }
+}
+
+/// Kills the child in `slot` with SIGKILL and waits for it; nothing if the slot is empty.
+pub fn kill_and_reap(slot: &mut Option<Child>) {
+    if let Some(mut child) = slot.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// An `otpgate` process with its own config file and logs, killed when dropped.
 #[derive(Debug)]
 pub struct OtpgateProcess {

@@ -152,25 +152,13 @@ impl RedisServer {
 
     /// Whether the process is still alive (one that has exited is reaped).
     pub fn is_running(&mut self) -> bool {
-        let Some(child) = self.child.as_mut() else {
-            return false;
-        };
-        match child.try_wait() {
-            Ok(None) => true,
-            Ok(Some(_)) | Err(_) => {
-                self.child = None;
-                false
-            }
-        }
+        crate::process::still_running(&mut self.child)
     }
 
     /// Kills the process with SIGKILL and waits for it: a crash. Writes not yet in the AOF are
     /// lost (with `appendfsync always` there are none). Does nothing if it is not running.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::process::kill_and_reap(&mut self.child);
     }
 
     /// Stops the server gracefully with `SHUTDOWN` (which also flushes the AOF) and waits for it
