@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 
 /// Everything latency-like the run records, in the order of [`Series::ALL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +135,24 @@ impl Count {
 }
 
 /// One second of the run: what the report's timeline holds, filled in as the run goes.
-pub type Second = crate::report::SecondReport;
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Second {
+    pub second: u64,
+    pub scheduled: u64,
+    pub arrived: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub sms: u64,
+    pub verified: u64,
+    pub in_flight: u64,
+    pub start_p99_ms: Option<f64>,
+    /// 99th percentile of the time to SMS of the SMS that reached handsets in this second.
+    pub time_to_sms_p99_ms: Option<f64>,
+    /// Share of one core the load generator's process used.
+    pub cpu: f64,
+    pub rss_bytes: u64,
+}
 
 /// The run's measurements. Shared by every user task.
 #[derive(Debug)]

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::measure::{Count, Series, Snapshot, new_histogram};
+use crate::measure::{Count, Second, Series, Snapshot, new_histogram};
 use crate::threshold::Verdict;
 
 /// The version of the report's JSON schema; bumped on any incompatible change.
@@ -47,7 +47,7 @@ pub struct Report {
     /// starts, dropped jobs. `null` when they were not read (`--target` without
     /// `--gateway-admin`).
     pub gateway: Option<crate::gateway_metrics::GatewayReport>,
-    pub timeline: Vec<SecondReport>,
+    pub timeline: Vec<Second>,
     pub self_watch: SelfWatch,
     pub thresholds: Vec<Verdict>,
     /// `passed`, `thresholds_broken` or `invalid`.
@@ -149,25 +149,6 @@ pub struct HandsetReport {
     pub to_absent_users: u64,
     /// SMS to numbers that belong to no user of the scenario.
     pub to_strangers: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SecondReport {
-    pub second: u64,
-    pub scheduled: u64,
-    pub arrived: u64,
-    pub requests: u64,
-    pub errors: u64,
-    pub sms: u64,
-    pub verified: u64,
-    pub in_flight: u64,
-    pub start_p99_ms: Option<f64>,
-    /// 99th percentile of the time to SMS of the SMS that reached handsets in this second.
-    pub time_to_sms_p99_ms: Option<f64>,
-    /// Share of one core the load generator's process used.
-    pub cpu: f64,
-    pub rss_bytes: u64,
 }
 
 /// Whether the load generator itself kept up.
@@ -547,9 +528,7 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
         for second in &report.timeline {
             let index = second.second as usize;
             if merged.timeline.len() <= index {
-                merged
-                    .timeline
-                    .resize_with(index + 1, SecondReport::default);
+                merged.timeline.resize_with(index + 1, Second::default);
             }
             let total = &mut merged.timeline[index];
             total.second = second.second;
