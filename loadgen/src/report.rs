@@ -14,7 +14,6 @@ use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
 use crate::measure::{Count, Second, Series, Snapshot, new_histogram};
-use crate::threshold::Verdict;
 
 /// The version of the report's JSON schema; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -167,6 +166,17 @@ pub struct SelfWatch {
     pub peak_in_flight: u64,
     /// Whether a gateway ran in the same process (its CPU and memory are in the figures).
     pub gateway_in_process: bool,
+}
+
+/// A threshold evaluated against a report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Verdict {
+    pub threshold: String,
+    /// The measured value (milliseconds for latencies); `None` for a latency series with no
+    /// samples, which breaks the threshold.
+    pub value: Option<f64>,
+    pub passed: bool,
 }
 
 impl Report {

@@ -14,7 +14,7 @@
 use std::fmt;
 
 use crate::measure::{Count, Series};
-use crate::report::Report;
+use crate::report::{Report, Verdict};
 
 /// A parsed threshold.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,17 +56,6 @@ enum Op {
 pub struct ThresholdError {
     pub text: String,
     pub message: String,
-}
-
-/// A threshold evaluated against a report.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Verdict {
-    pub threshold: String,
-    /// The measured value (milliseconds for latencies); `None` for a latency series with no
-    /// samples, which breaks the threshold.
-    pub value: Option<f64>,
-    pub passed: bool,
 }
 
 impl std::str::FromStr for Threshold {
