@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::schedule::RatePoint;
+
 /// A scenario, validated and with time compression applied: every duration and rate here is in
 /// real (wall-clock) terms.
 #[derive(Debug, Clone)]
@@ -43,12 +45,6 @@ pub struct Phones {
     pub prefix: String,
     pub digits: u8,
     pub first: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct RatePoint {
-    pub at: Duration,
-    pub per_sec: f64,
 }
 
 /// A frontend whose users arrive with a share of all arrivals.

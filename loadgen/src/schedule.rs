@@ -9,7 +9,12 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use crate::scenario::RatePoint;
+/// A point of the arrival rate's profile: `per_sec` arrivals a second at `at`.
+#[derive(Debug, Clone, Copy)]
+pub struct RatePoint {
+    pub at: Duration,
+    pub per_sec: f64,
+}
 
 /// One user's arrival: when, relative to the run's start, and its index in the whole schedule
 /// (which names its phone number).
