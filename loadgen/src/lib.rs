@@ -8,32 +8,24 @@
 //! # Layout
 //!
 //! - [`cli`]: the command-line flags of the `loadgen` binary.
-//! - [`server`]: the accept loop shared by every server this crate runs.
-//! - [`sink`]: the fake HTTP carrier that counts what the gateway sends it.
-//! - [`bare`]: the server that does no work, the baseline for API throughput.
-//! - [`fill`]: the client that starts verifications over keep-alive connections.
-//! - [`phone`]: valid, distinct phone numbers generated from a counter.
+//! - [`bench`](mod@bench): the benchmark tools: the sink, the bare server and the filler.
 //! - [`shutdown`]: the signals that stop a server.
 
 pub mod api;
-pub mod bare;
+pub mod bench;
 pub mod cli;
 pub mod connect;
-pub mod fill;
 pub mod gateway_metrics;
 pub mod handset;
 pub mod measure;
-pub mod phone;
 pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod schedule;
-pub mod server;
 pub mod shutdown;
 pub mod simcarrier;
 pub mod simsmsc;
-pub mod sink;
 pub mod threshold;
 pub mod user;

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
+use loadgen::bench::fill::{self, FillConfig};
+use loadgen::bench::server;
+use loadgen::bench::sink::{Sink, SinkConfig};
 use loadgen::cli::{Cli, Command, FillArgs, MergeArgs, RunArgs, ServerArgs, SinkArgs, SmscArgs};
-use loadgen::fill::{self, FillConfig};
-use loadgen::server;
 use loadgen::shutdown::Signals;
-use loadgen::sink::{Sink, SinkConfig};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -175,7 +175,7 @@ async fn run_bare(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let listener = server::bind_and_announce(args.listen)
         .await
         .with_context(|| format!("bare: cannot listen on {}", args.listen))?;
-    loadgen::bare::serve(listener, signals.received()).await;
+    loadgen::bench::bare::serve(listener, signals.received()).await;
     Ok(ExitCode::SUCCESS)
 }
 

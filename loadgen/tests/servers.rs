@@ -16,9 +16,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
+use loadgen::bench::fill::{self, Failure, FillConfig};
+use loadgen::bench::sink::{Sink, SinkConfig, Stats};
 use loadgen::cli::{Cli, FillArgs};
-use loadgen::fill::{self, Failure, FillConfig};
-use loadgen::sink::{Sink, SinkConfig, Stats};
 
 /// Stops the server it was made for when dropped, at the end of a test.
 type StopOnDrop = oneshot::Sender<()>;
@@ -47,7 +47,7 @@ async fn start_bare() -> (SocketAddr, StopOnDrop) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (shutdown, stopped) = stop_on_drop();
-    tokio::spawn(loadgen::bare::serve(listener, stopped));
+    tokio::spawn(loadgen::bench::bare::serve(listener, stopped));
     (address, shutdown)
 }
 
@@ -198,7 +198,7 @@ async fn fill_counts_refused_connections_as_failed() {
 #[tokio::test]
 async fn fill_refuses_a_phone_range_past_the_generator() {
     let mut args = fill_args("127.0.0.1:1".parse().unwrap(), 10);
-    args.phone_offset = loadgen::phone::CAPACITY - 5;
+    args.phone_offset = loadgen::bench::phone::CAPACITY - 5;
     assert!(FillConfig::from_args(&args).is_err());
 }
 

@@ -36,8 +36,8 @@ use hyper::service::service_fn;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use crate::bench::server;
 use crate::cli::SinkArgs;
-use crate::server;
 
 /// Largest SMS request read; a carrier would refuse larger ones too.
 const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
-use crate::server;
+use crate::bench::server;
 
 /// Largest request body read; the rest of a larger one is not read.
 const MAX_BODY_BYTES: usize = 64 * 1024;

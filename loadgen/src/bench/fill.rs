@@ -27,8 +27,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::bench::phone;
 use crate::cli::FillArgs;
-use crate::phone;
 
 /// The API path verifications are started at (DESIGN.md section 3), relative to the target.
 const VERIFICATIONS_PATH: &str = "/v1/verifications";

@@ -1,4 +1,4 @@
-//! The accept loop shared by every server this crate runs.
+//! The accept loop of the benchmark servers.
 //!
 //! Connections are served by hyper-util's auto builder (HTTP/1.1 with keep-alive, or h2c),
 //! one task each, with `TCP_NODELAY` set so small answers leave at once.
