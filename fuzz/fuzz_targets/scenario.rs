@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    match loadgen::scenario::Scenario::parse(text) {
+    match loadgen::rehearsal::scenario::Scenario::parse(text) {
         Ok(scenario) => {
             for user in [0, 1, 999] {
                 let phone = scenario.phone(user);

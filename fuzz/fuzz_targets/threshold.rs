@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    let _ = text.parse::<loadgen::threshold::Threshold>();
+    let _ = text.parse::<loadgen::rehearsal::threshold::Threshold>();
 });

@@ -93,7 +93,7 @@ pub struct RunArgs {
 
     /// A pass/fail threshold, e.g. 'p99(check)<50ms' or 'expired_sessions==0' (repeatable).
     #[arg(long = "threshold", env = "LOADGEN_THRESHOLDS", value_delimiter = ';')]
-    pub thresholds: Vec<crate::threshold::Threshold>,
+    pub thresholds: Vec<crate::rehearsal::threshold::Threshold>,
 
     /// Write the JSON report here (schema: loadgen/report.schema.json).
     #[arg(long, env = "LOADGEN_REPORT")]
@@ -105,7 +105,7 @@ pub struct RunArgs {
 
     /// How to show progress.
     #[arg(long, env = "LOADGEN_PROGRESS", value_enum, default_value = "auto")]
-    pub progress: crate::progress::Progress,
+    pub progress: crate::rehearsal::progress::Progress,
 
     /// Scheduler lag (99th percentile, in milliseconds) beyond which the run is invalid: the
     /// load generator, not the gateway, was the bottleneck.
@@ -130,7 +130,7 @@ pub struct MergeArgs {
 
     /// Thresholds to judge on the merged report.
     #[arg(long = "threshold", value_delimiter = ';')]
-    pub thresholds: Vec<crate::threshold::Threshold>,
+    pub thresholds: Vec<crate::rehearsal::threshold::Threshold>,
 }
 
 /// `INDEX/COUNT` with INDEX < COUNT.
@@ -277,9 +277,9 @@ pub struct SmscArgs {
         value_enum,
         default_value = "both"
     )]
-    pub receipt_format: crate::scenario::ReceiptFormat,
+    pub receipt_format: crate::rehearsal::scenario::ReceiptFormat,
 
     /// How receipts quote the message id: `short` (lower case, no leading zeros) or `same`.
     #[arg(long, env = "LOADGEN_RECEIPT_IDS", value_enum, default_value = "short")]
-    pub receipt_ids: crate::scenario::ReceiptIds,
+    pub receipt_ids: crate::rehearsal::scenario::ReceiptIds,
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rand::Rng;
 use tokio::sync::mpsc;
 
-use crate::scenario::Handsets as HandsetSettings;
+use crate::rehearsal::scenario::Handsets as HandsetSettings;
 
 /// How many SMS a handset keeps unread.
 const INBOX: usize = 8;

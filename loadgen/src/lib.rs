@@ -8,24 +8,14 @@
 //! # Layout
 //!
 //! - [`cli`]: the command-line flags of the `loadgen` binary.
+//! - [`rehearsal`]: `loadgen run` and `loadgen merge`.
 //! - [`bench`](mod@bench): the benchmark tools: the sink, the bare server and the filler.
 //! - [`shutdown`]: the signals that stop a server.
 
-pub mod api;
 pub mod bench;
 pub mod cli;
-pub mod connect;
-pub mod gateway_metrics;
 pub mod handset;
-pub mod measure;
-pub mod plot;
-pub mod progress;
-pub mod report;
-pub mod run;
-pub mod scenario;
-pub mod schedule;
+pub mod rehearsal;
 pub mod shutdown;
 pub mod simcarrier;
 pub mod simsmsc;
-pub mod threshold;
-pub mod user;

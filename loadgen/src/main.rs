@@ -51,14 +51,14 @@ const BAD_CONFIGURATION: u8 = 2;
 const FAILED: u8 = 4;
 
 async fn rehearse(args: RunArgs) -> ExitCode {
-    let scenario = match loadgen::scenario::Scenario::load(&args.scenario) {
+    let scenario = match loadgen::rehearsal::scenario::Scenario::load(&args.scenario) {
         Ok(scenario) => scenario,
         Err(error) => {
             eprintln!("loadgen: {error}");
             return ExitCode::from(BAD_CONFIGURATION);
         }
     };
-    let options = loadgen::run::RunOptions {
+    let options = loadgen::rehearsal::run::RunOptions {
         target: args.target.clone(),
         shard: args.shard,
         connections: args
@@ -71,11 +71,11 @@ async fn rehearse(args: RunArgs) -> ExitCode {
         max_scheduler_lag: std::time::Duration::from_millis(args.max_lag_ms),
         gateway_admin: args.gateway_admin.clone(),
     };
-    if let Err(error) = loadgen::run::check_limits(&scenario, &options) {
+    if let Err(error) = loadgen::rehearsal::run::check_limits(&scenario, &options) {
         eprintln!("loadgen: {error}");
         return ExitCode::from(BAD_CONFIGURATION);
     }
-    let (report, verdict) = match loadgen::run::run(scenario, options).await {
+    let (report, verdict) = match loadgen::rehearsal::run::run(scenario, options).await {
         Ok(outcome) => outcome,
         Err(error) => {
             eprintln!("loadgen: {error:#}");
@@ -96,7 +96,7 @@ fn merge(args: MergeArgs) -> ExitCode {
         let parsed = std::fs::read(path)
             .map_err(|error| error.to_string())
             .and_then(|bytes| {
-                serde_json::from_slice::<loadgen::report::Report>(&bytes)
+                serde_json::from_slice::<loadgen::rehearsal::report::Report>(&bytes)
                     .map_err(|error| error.to_string())
             });
         match parsed {
@@ -107,14 +107,14 @@ fn merge(args: MergeArgs) -> ExitCode {
             }
         }
     }
-    let mut merged = match loadgen::report::merge(&reports) {
+    let mut merged = match loadgen::rehearsal::report::merge(&reports) {
         Ok(merged) => merged,
         Err(error) => {
             eprintln!("loadgen: {error}");
             return ExitCode::from(BAD_CONFIGURATION);
         }
     };
-    let verdict = loadgen::run::judge(&mut merged, &args.thresholds);
+    let verdict = loadgen::rehearsal::run::judge(&mut merged, &args.thresholds);
     finish(
         &merged,
         verdict,
@@ -125,8 +125,8 @@ fn merge(args: MergeArgs) -> ExitCode {
 
 /// Prints the summary, writes the report and the picture, and returns the verdict's exit code.
 fn finish(
-    report: &loadgen::report::Report,
-    verdict: loadgen::run::Verdict,
+    report: &loadgen::rehearsal::report::Report,
+    verdict: loadgen::rehearsal::run::Verdict,
     report_path: Option<&std::path::Path>,
     plot_path: Option<&std::path::Path>,
 ) -> ExitCode {
@@ -144,7 +144,7 @@ fn finish(
         }
     }
     if let Some(path) = plot_path {
-        if let Err(error) = loadgen::plot::draw(report, path) {
+        if let Err(error) = loadgen::rehearsal::plot::draw(report, path) {
             eprintln!("loadgen: cannot draw {}: {error}", path.display());
             return ExitCode::from(FAILED);
         }
@@ -191,7 +191,7 @@ async fn run_fill(args: FillArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
-    use loadgen::scenario::{Carrier, Protocol, Smpp};
+    use loadgen::rehearsal::scenario::{Carrier, Protocol, Smpp};
     use loadgen::simsmsc::{self, SmscSettings};
     if args.system_id.is_empty() || args.system_id.len() > 15 {
         anyhow::bail!("smsc: --system-id must be 1 to 15 characters");

@@ -26,8 +26,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::handset::{Handsets, standard_normal};
-use crate::measure::{Count, Measurements};
-use crate::scenario::{Carrier as CarrierSettings, CarrierState, Protocol, Scenario};
+use crate::rehearsal::measure::{Count, Measurements};
+use crate::rehearsal::scenario::{Carrier as CarrierSettings, CarrierState, Protocol, Scenario};
 
 /// The largest submit body read.
 const MAX_BODY: usize = 16 * 1024;
@@ -129,10 +129,10 @@ struct Submit {
 
 impl CarrierCounts {
     /// The report's view of these counts (with the SMPP section for an SMSC).
-    pub fn report(&self, name: &str, smpp: bool) -> crate::report::CarrierReport {
+    pub fn report(&self, name: &str, smpp: bool) -> crate::rehearsal::report::CarrierReport {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let s = &self.smpp;
-        crate::report::CarrierReport {
+        crate::rehearsal::report::CarrierReport {
             name: name.to_owned(),
             accepted: load(&self.accepted),
             throttled: load(&self.throttled),
@@ -142,7 +142,7 @@ impl CarrierCounts {
             receipts_sent: load(&self.receipts_sent),
             receipts_failed: load(&self.receipts_failed),
             undeliverable: load(&self.undeliverable),
-            smpp: smpp.then(|| crate::report::SmppReport {
+            smpp: smpp.then(|| crate::rehearsal::report::SmppReport {
                 binds: load(&s.binds),
                 binds_refused: load(&s.binds_refused),
                 submit_sm: load(&s.submit_sm),

@@ -52,7 +52,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
-use crate::scenario::{Carrier as CarrierSettings, ReceiptFormat, ReceiptIds, Smpp};
+use crate::rehearsal::scenario::{Carrier as CarrierSettings, ReceiptFormat, ReceiptIds, Smpp};
 use crate::simcarrier::{Bucket, CapacityRule, CarrierCounts, Network, SmsKey, Verdict, judge};
 
 /// The largest PDU read by default (rusmpp's default too): a `submit_sm` with a full
@@ -157,8 +157,8 @@ impl SmscSettings {
     /// A scenario carrier's simulator, its login made up where the scenario leaves it out.
     pub fn from_carrier(carrier: &CarrierSettings, started: Instant) -> SmscSettings {
         let smpp = match &carrier.protocol {
-            crate::scenario::Protocol::Smpp(smpp) => smpp.clone(),
-            crate::scenario::Protocol::Http => Smpp::default(),
+            crate::rehearsal::scenario::Protocol::Smpp(smpp) => smpp.clone(),
+            crate::rehearsal::scenario::Protocol::Http => Smpp::default(),
         };
         let system_id = smpp.system_id.clone().unwrap_or_else(|| {
             // At most 15 characters, as SMPP allows.

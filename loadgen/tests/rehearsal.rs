@@ -21,10 +21,10 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use loadgen::measure::{Count, Series};
-use loadgen::report::Report;
-use loadgen::scenario::Scenario;
-use loadgen::schedule::{self, Arrival};
+use loadgen::rehearsal::measure::{Count, Series};
+use loadgen::rehearsal::report::Report;
+use loadgen::rehearsal::scenario::Scenario;
+use loadgen::rehearsal::schedule::{self, Arrival};
 
 /// The longest any one `loadgen` process may take before the test kills it and fails.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);

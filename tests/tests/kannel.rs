@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use loadgen::scenario::{Carrier, Protocol, Smpp};
+use loadgen::rehearsal::scenario::{Carrier, Protocol, Smpp};
 use loadgen::simcarrier::Network;
 use loadgen::simsmsc::{self, SmscMessage, SmscSettings};
 use tests::kannel::{Coding, DlrReceiver, Kannel, KannelOptions, require_kannel};

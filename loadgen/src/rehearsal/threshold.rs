@@ -13,8 +13,8 @@
 
 use std::fmt;
 
-use crate::measure::{Count, Series};
-use crate::report::{Report, Verdict};
+use crate::rehearsal::measure::{Count, Series};
+use crate::rehearsal::report::{Report, Verdict};
 
 /// A parsed threshold.
 #[derive(Debug, Clone, PartialEq)]
@@ -286,9 +286,9 @@ mod tests {
     #[test]
     fn a_latency_threshold_on_no_samples_is_broken() {
         let mut report = Report {
-            schema_version: crate::report::SCHEMA_VERSION,
+            schema_version: crate::rehearsal::report::SCHEMA_VERSION,
             loadgen_version: String::new(),
-            scenario: crate::report::ScenarioInfo {
+            scenario: crate::rehearsal::report::ScenarioInfo {
                 name: "empty".to_owned(),
                 seed: 0,
                 time_compression: 1.0,
@@ -312,7 +312,9 @@ mod tests {
             thresholds: Vec::new(),
             result: String::new(),
         };
-        report.fill_from(&crate::measure::Measurements::new(std::time::Instant::now()).snapshot());
+        report.fill_from(
+            &crate::rehearsal::measure::Measurements::new(std::time::Instant::now()).snapshot(),
+        );
         let verdict = "max(time_to_verified)<1s"
             .parse::<Threshold>()
             .unwrap()

@@ -18,16 +18,16 @@ use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Api;
-use crate::connect::Connector;
-use crate::measure::{Count, Measurements, Series};
-use crate::progress::Progress;
-use crate::report::{HandsetReport, Report, ScenarioInfo, SelfWatch};
-use crate::scenario::Scenario;
-use crate::schedule;
+use crate::rehearsal::api::Api;
+use crate::rehearsal::connect::Connector;
+use crate::rehearsal::measure::{Count, Measurements, Series};
+use crate::rehearsal::progress::Progress;
+use crate::rehearsal::report::{HandsetReport, Report, ScenarioInfo, SelfWatch};
+use crate::rehearsal::scenario::Scenario;
+use crate::rehearsal::schedule;
+use crate::rehearsal::threshold::Threshold;
+use crate::rehearsal::user::{self, World};
 use crate::simcarrier::{self, Network, SimCarrier};
-use crate::threshold::Threshold;
-use crate::user::{self, World};
 
 /// How a run is set up, beyond its scenario.
 #[derive(Debug, Clone)]
@@ -107,7 +107,7 @@ pub fn check_limits(scenario: &Scenario, options: &RunOptions) -> Result<(), Set
     let per_connection = if in_process { 2 } else { 1 };
     let needed =
         options.connections as u64 * per_connection + carrier_windows * per_connection + FD_SLACK;
-    if let Some(limit) = crate::connect::raise_open_files_limit() {
+    if let Some(limit) = crate::rehearsal::connect::raise_open_files_limit() {
         if needed > limit {
             return Err(SetupError(format!(
                 "this run needs about {needed} open files ({} connections{}, carrier windows of {carrier_windows}) \
@@ -121,7 +121,7 @@ pub fn check_limits(scenario: &Scenario, options: &RunOptions) -> Result<(), Set
             )));
         }
     }
-    if let Some(ports) = crate::connect::ephemeral_ports() {
+    if let Some(ports) = crate::rehearsal::connect::ephemeral_ports() {
         let sources = options.source_ips.len().max(1) as u64;
         if options.connections as u64 > ports * sources {
             return Err(SetupError(format!(
@@ -245,7 +245,7 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
         Some(admin) => {
             let admin_api = Api::new(admin, Connector::default(), 1, Duration::from_secs(10));
             match admin_api.get_text("/metrics").await {
-                Some((200, text)) => crate::gateway_metrics::from_exposition(&text),
+                Some((200, text)) => crate::rehearsal::gateway_metrics::from_exposition(&text),
                 _ => {
                     eprintln!("loadgen: could not read {admin}/metrics");
                     None
@@ -406,7 +406,7 @@ pub fn gateway_config(
 
 /// One `[[carriers]]` entry of the in-process gateway's configuration: an HTTP carrier, or an
 /// SMPP one (`kind = "smpp"`) bound to the simulated SMSC with its login.
-fn gateway_carrier(settings: &crate::scenario::Carrier, carrier: &SimCarrier) -> String {
+fn gateway_carrier(settings: &crate::rehearsal::scenario::Carrier, carrier: &SimCarrier) -> String {
     let prefixes: Vec<String> = settings
         .prefixes
         .iter()
@@ -422,7 +422,7 @@ fn gateway_carrier(settings: &crate::scenario::Carrier, carrier: &SimCarrier) ->
         prefixes.join(", "),
     );
     match (&settings.protocol, &carrier.smpp_login) {
-        (crate::scenario::Protocol::Smpp(smpp), Some(login)) => format!(
+        (crate::rehearsal::scenario::Protocol::Smpp(smpp), Some(login)) => format!(
             "{common}kind = \"smpp\"\nhost = \"{}\"\nport = {}\nsystem_id = \"{}\"\npassword = \"{}\"\n\
              bind = \"{}\"\nbinds = {}\nenquire_link_secs = 30\ngsm7_packed = {}\n\
              gsm7_data_coding = {}\nucs2_data_coding = {}\n",
@@ -457,7 +457,7 @@ async fn tick(
 ) {
     let started = measurements.started();
     let mut second = 0usize;
-    let mut cpu = crate::progress::CpuMeter::new();
+    let mut cpu = crate::rehearsal::progress::CpuMeter::new();
     let mut display = progress.start(scheduled);
     loop {
         let next = started + Duration::from_secs(second as u64 + 1);
@@ -465,7 +465,10 @@ async fn tick(
             () = tokio::time::sleep_until(next.into()) => {}
             () = stop.cancelled() => break,
         }
-        let (cpu_share, rss) = (cpu.share_since_last(), crate::progress::rss_bytes());
+        let (cpu_share, rss) = (
+            cpu.share_since_last(),
+            crate::rehearsal::progress::rss_bytes(),
+        );
         measurements.close_second(second, cpu_share, rss);
         display.update(&measurements, second, cpu_share, rss);
         second += 1;
@@ -487,7 +490,7 @@ fn build_report(
     let snapshot = measurements.snapshot();
     let counts = &network.handsets.counts;
     let mut report = Report {
-        schema_version: crate::report::SCHEMA_VERSION,
+        schema_version: crate::rehearsal::report::SCHEMA_VERSION,
         loadgen_version: env!("CARGO_PKG_VERSION").to_owned(),
         scenario: ScenarioInfo {
             name: scenario.name.clone(),

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng;
 use serde_json::json;
 
-use crate::api::Api;
 use crate::handset::standard_normal;
-use crate::measure::{Count, Measurements, Series};
-use crate::scenario::Scenario;
+use crate::rehearsal::api::Api;
+use crate::rehearsal::measure::{Count, Measurements, Series};
+use crate::rehearsal::scenario::Scenario;
 use crate::simcarrier::Network;
 
 /// What every user shares.
@@ -305,9 +305,12 @@ mod size {
     #[test]
     fn a_journey_is_a_small_future() {
         let scenario = Arc::new(
-            crate::scenario::Scenario::parse(include_str!("../../scenarios/smoke.toml")).unwrap(),
+            crate::rehearsal::scenario::Scenario::parse(include_str!(
+                "../../../scenarios/smoke.toml"
+            ))
+            .unwrap(),
         );
-        let measurements = Arc::new(crate::measure::Measurements::new(Instant::now()));
+        let measurements = Arc::new(crate::rehearsal::measure::Measurements::new(Instant::now()));
         let network = Arc::new(crate::simcarrier::Network::new(
             scenario.clone(),
             measurements.clone(),
@@ -315,9 +318,9 @@ mod size {
         ));
         let world = Arc::new(super::World {
             scenario,
-            api: crate::api::Api::new(
+            api: crate::rehearsal::api::Api::new(
                 "http://127.0.0.1:1",
-                crate::connect::Connector::default(),
+                crate::rehearsal::connect::Connector::default(),
                 1,
                 Duration::from_secs(1),
             ),

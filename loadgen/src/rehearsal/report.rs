@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::measure::{Count, Second, Series, Snapshot, new_histogram};
+use crate::rehearsal::measure::{Count, Second, Series, Snapshot, new_histogram};
 
 /// The version of the report's JSON schema; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -45,7 +45,7 @@ pub struct Report {
     /// What the gateway's own metrics said at the end of the run: session extensions, refused
     /// starts, dropped jobs. `null` when they were not read (`--target` without
     /// `--gateway-admin`).
-    pub gateway: Option<crate::gateway_metrics::GatewayReport>,
+    pub gateway: Option<crate::rehearsal::gateway_metrics::GatewayReport>,
     pub timeline: Vec<Second>,
     pub self_watch: SelfWatch,
     pub thresholds: Vec<Verdict>,

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::report::Report;
+use crate::rehearsal::report::Report;
 
 /// Draws `report` as an SVG at `path`.
 pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
@@ -27,7 +27,7 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
         .map_err(|error| error.to_string())?;
     let panels = root.split_evenly((4, 1));
 
-    let per_second = |pick: fn(&crate::measure::Second) -> u64| -> Vec<(f64, f64)> {
+    let per_second = |pick: fn(&crate::rehearsal::measure::Second) -> u64| -> Vec<(f64, f64)> {
         timeline
             .iter()
             .map(|second| (second.second as f64, pick(second) as f64))

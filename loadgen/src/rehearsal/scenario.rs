@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::schedule::RatePoint;
+use crate::rehearsal::schedule::RatePoint;
 
 /// A scenario, validated and with time compression applied: every duration and rate here is in
 /// real (wall-clock) terms.
@@ -387,7 +387,7 @@ impl Scenario {
 
     /// How many users the arrival profile brings in expectation: the integral of the rate.
     pub fn expected_arrivals(&self) -> f64 {
-        crate::schedule::integral(&self.arrivals, self.duration)
+        crate::rehearsal::schedule::integral(&self.arrivals, self.duration)
     }
 }
 
@@ -783,7 +783,8 @@ impl RawScenario {
         }
 
         // The run's size: a schedule is computed before the run, and every user needs a number.
-        let expected = crate::schedule::integral(&arrivals, duration.div_f64(compression));
+        let expected =
+            crate::rehearsal::schedule::integral(&arrivals, duration.div_f64(compression));
         if expected > MAX_ARRIVALS {
             return invalid(
                 "arrivals",

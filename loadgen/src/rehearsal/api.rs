@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use crate::connect::Connector;
+use crate::rehearsal::connect::Connector;
 
 /// The largest answer read from the gateway.
 const MAX_ANSWER: usize = 64 * 1024;
