@@ -9,13 +9,12 @@
 //!
 //! - [`cli`]: the command-line flags of the `loadgen` binary.
 //! - [`rehearsal`]: `loadgen run` and `loadgen merge`.
+//! - [`carriers`]: the simulated carriers (HTTP and SMPP) and handsets.
 //! - [`bench`](mod@bench): the benchmark tools: the sink, the bare server and the filler.
 //! - [`shutdown`]: the signals that stop a server.
 
 pub mod bench;
+pub mod carriers;
 pub mod cli;
-pub mod handset;
 pub mod rehearsal;
 pub mod shutdown;
-pub mod simcarrier;
-pub mod simsmsc;

@@ -191,8 +191,8 @@ async fn run_fill(args: FillArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
+    use loadgen::carriers::smsc::{self, SmscSettings};
     use loadgen::rehearsal::scenario::{Carrier, Protocol, Smpp};
-    use loadgen::simsmsc::{self, SmscSettings};
     if args.system_id.is_empty() || args.system_id.len() > 15 {
         anyhow::bail!("smsc: --system-id must be 1 to 15 characters");
     }
@@ -224,8 +224,8 @@ async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
     let mut settings = SmscSettings::from_carrier(&carrier, std::time::Instant::now());
     settings.capacity_rule = args.capacity_rule;
     let stop = tokio_util::sync::CancellationToken::new();
-    let network = std::sync::Arc::new(loadgen::simcarrier::Network::without_users());
-    let smsc = simsmsc::start(settings, network, stop.clone())
+    let network = std::sync::Arc::new(loadgen::carriers::http::Network::without_users());
+    let smsc = smsc::start(settings, network, stop.clone())
         .await
         .context("smsc")?;
     println!("listening on {}", smsc.local_addr());

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use loadgen::carriers::http::Network;
+use loadgen::carriers::smsc::{self, SmscMessage, SmscSettings};
 use loadgen::rehearsal::scenario::{Carrier, Protocol, Smpp};
-use loadgen::simcarrier::Network;
-use loadgen::simsmsc::{self, SmscMessage, SmscSettings};
 use tests::kannel::{Coding, DlrReceiver, Kannel, KannelOptions, require_kannel};
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +37,7 @@ async fn kannel_sends_through_the_simulator_and_matches_its_receipts() {
     settings.messages = Some(messages_tx);
     let stop = CancellationToken::new();
     let _stop_on_drop = stop.clone().drop_guard();
-    let smsc = simsmsc::start(settings, Arc::new(Network::without_users()), stop)
+    let smsc = smsc::start(settings, Arc::new(Network::without_users()), stop)
         .await
         .expect("the simulator starts");
     let port = smsc.local_addr().port();

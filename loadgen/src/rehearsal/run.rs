@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::carriers::http::{self, Network, SimCarrier};
 use crate::rehearsal::api::Api;
 use crate::rehearsal::connect::Connector;
 use crate::rehearsal::measure::{Count, Measurements, Series};
@@ -27,7 +28,6 @@ use crate::rehearsal::scenario::Scenario;
 use crate::rehearsal::schedule;
 use crate::rehearsal::threshold::Threshold;
 use crate::rehearsal::user::{self, World};
-use crate::simcarrier::{self, Network, SimCarrier};
 
 /// How a run is set up, beyond its scenario.
 #[derive(Debug, Clone)]
@@ -170,7 +170,7 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
         measurements.clone(),
         n_users,
     ));
-    let carriers = simcarrier::start_all(&network, started, &stop)
+    let carriers = http::start_all(&network, started, &stop)
         .await
         .context("cannot start the simulated carriers")?;
 

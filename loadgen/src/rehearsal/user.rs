@@ -11,11 +11,11 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng;
 use serde_json::json;
 
-use crate::handset::standard_normal;
+use crate::carriers::handset::standard_normal;
+use crate::carriers::http::Network;
 use crate::rehearsal::api::Api;
 use crate::rehearsal::measure::{Count, Measurements, Series};
 use crate::rehearsal::scenario::Scenario;
-use crate::simcarrier::Network;
 
 /// What every user shares.
 #[derive(Debug)]
@@ -311,7 +311,7 @@ mod size {
             .unwrap(),
         );
         let measurements = Arc::new(crate::rehearsal::measure::Measurements::new(Instant::now()));
-        let network = Arc::new(crate::simcarrier::Network::new(
+        let network = Arc::new(crate::carriers::http::Network::new(
             scenario.clone(),
             measurements.clone(),
             1,

@@ -4,7 +4,7 @@
 //! number.
 //!
 //! What every simulated carrier does whatever its wire, the SMPP simulator
-//! ([`crate::simsmsc`]) included, is here: the capacity bucket and the draws of one submit
+//! ([`crate::carriers::smsc`]) included, is here: the capacity bucket and the draws of one submit
 //! (`judge`), and handing an SMS over to its user with duplicates noticed
 //! ([`Network::hand_over`]).
 
@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::handset::{Handsets, standard_normal};
+use crate::carriers::handset::{Handsets, standard_normal};
 use crate::rehearsal::measure::{Count, Measurements};
 use crate::rehearsal::scenario::{Carrier as CarrierSettings, CarrierState, Protocol, Scenario};
 
@@ -71,7 +71,7 @@ pub struct SimCarrier {
     /// The token its receipts carry (`Authorization: Bearer`); unused by an SMSC.
     pub receipt_token: String,
     /// An SMSC's login, which the gateway binds with; `None` for an HTTP carrier.
-    pub smpp_login: Option<crate::simsmsc::Login>,
+    pub smpp_login: Option<crate::carriers::smsc::Login>,
     pub counts: Arc<CarrierCounts>,
 }
 
@@ -320,8 +320,8 @@ pub async fn start_all(
     let mut carriers = Vec::new();
     for settings in &network.scenario.carriers {
         if let Protocol::Smpp(_) = settings.protocol {
-            let smsc = crate::simsmsc::start(
-                crate::simsmsc::SmscSettings::from_carrier(settings, started),
+            let smsc = crate::carriers::smsc::start(
+                crate::carriers::smsc::SmscSettings::from_carrier(settings, started),
                 network.clone(),
                 stop.clone(),
             )
