@@ -244,7 +244,7 @@ pub struct SmscArgs {
         value_enum,
         default_value = "bucket"
     )]
-    pub capacity_rule: crate::carriers::http::CapacityRule,
+    pub capacity_rule: crate::carriers::CapacityRule,
 
     /// Every submit_sm is answered this many milliseconds after it arrived (answers overlap).
     #[arg(long, env = "LOADGEN_LATENCY_MS", default_value_t = 0)]

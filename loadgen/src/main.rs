@@ -224,7 +224,7 @@ async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
     let mut settings = SmscSettings::from_carrier(&carrier, std::time::Instant::now());
     settings.capacity_rule = args.capacity_rule;
     let stop = tokio_util::sync::CancellationToken::new();
-    let network = std::sync::Arc::new(loadgen::carriers::http::Network::without_users());
+    let network = std::sync::Arc::new(loadgen::carriers::Network::without_users());
     let smsc = smsc::start(settings, network, stop.clone())
         .await
         .context("smsc")?;

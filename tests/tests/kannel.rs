@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use loadgen::carriers::http::Network;
+use loadgen::carriers::Network;
 use loadgen::carriers::smsc::{self, SmscMessage, SmscSettings};
 use loadgen::rehearsal::scenario::{Carrier, Protocol, Smpp};
 use tests::kannel::{Coding, DlrReceiver, Kannel, KannelOptions, require_kannel};

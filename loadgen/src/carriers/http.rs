@@ -1,123 +1,26 @@
 //! Simulated HTTP carriers: they speak DESIGN.md section 5's wire format, behave as the
 //! scenario's timeline says (capacity, latency, failures, refusals, outages), post delivery
 //! receipts back to the gateway, and hand each SMS to the handset of the user who owns the
-//! number.
-//!
-//! What every simulated carrier does whatever its wire, the SMPP simulator
-//! ([`crate::carriers::smsc`]) included, is here: the capacity bucket and the draws of one submit
-//! (`judge`), and handing an SMS over to its user with duplicates noticed
-//! ([`Network::hand_over`]).
+//! number. What they share with the SMSC ([`super::smsc`]) is in [`super::network`].
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rand::Rng;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::carriers::handset::{Handsets, standard_normal};
-use crate::rehearsal::measure::{Count, Measurements};
-use crate::rehearsal::scenario::{Carrier as CarrierSettings, CarrierState, Protocol, Scenario};
+use crate::carriers::network::{Bucket, CarrierCounts, Network, SmsKey, Verdict, judge};
+use crate::rehearsal::scenario::Carrier as CarrierSettings;
 
 /// The largest submit body read.
 const MAX_BODY: usize = 16 * 1024;
-
-/// What the simulated carriers share: the users' handsets, the run's measurements, and which
-/// users had an SMS accepted.
-#[derive(Debug)]
-pub struct Network {
-    pub scenario: Arc<Scenario>,
-    pub handsets: Handsets,
-    pub measurements: Arc<Measurements>,
-    /// SMS accepted per user (saturating), by schedule index.
-    pub accepted: Box<[AtomicU8]>,
-    /// How many times each SMS was handed over, across carriers, by its [`SmsKey`]: a repeat
-    /// beyond what the user asked for is a duplicate SMS.
-    handed_over: Mutex<HashMap<Box<str>, u8>>,
-    /// Resends each user pressed (saturating), by schedule index.
-    resends: Box<[AtomicU8]>,
-    /// SMS to numbers outside the scenario.
-    pub strangers: AtomicU64,
-    receipts: Client<HttpConnector, Full<Bytes>>,
-}
-
-/// How a repeated SMS is recognised.
-#[derive(Debug)]
-pub enum SmsKey {
-    /// By the gateway's message id (HTTP): a repeat is the same job sent twice.
-    MessageId(String),
-    /// By destination and text (SMPP, whose `submit_sm` carries no gateway id): each code is
-    /// drawn afresh and the text carries it, so the same text to the same number twice is the
-    /// same verification's SMS sent twice. A resend sends the same code again on purpose, so a
-    /// user's resends are allowed as that many more copies.
-    Text,
-}
-
-/// One simulated carrier, listening.
-#[derive(Debug)]
-pub struct SimCarrier {
-    pub name: String,
-    pub addr: SocketAddr,
-    /// The token its receipts carry (`Authorization: Bearer`); unused by an SMSC.
-    pub receipt_token: String,
-    /// An SMSC's login, which the gateway binds with; `None` for an HTTP carrier.
-    pub smpp_login: Option<crate::carriers::smsc::Login>,
-    pub counts: Arc<CarrierCounts>,
-}
-
-/// What one carrier answered. An SMSC counts per `submit_sm` (a segment) in `accepted`,
-/// `throttled`, `failed` and `refused`, and fills [`SmppCounts`] too.
-#[derive(Debug, Default)]
-pub struct CarrierCounts {
-    pub accepted: AtomicU64,
-    pub throttled: AtomicU64,
-    pub failed: AtomicU64,
-    pub refused: AtomicU64,
-    pub dropped: AtomicU64,
-    /// Accepted, and drawn undeliverable: never reached the handset.
-    pub undeliverable: AtomicU64,
-    /// Receipts the gateway acknowledged (HTTP: answered 2xx; SMPP: `deliver_sm_resp` ok).
-    pub receipts_sent: AtomicU64,
-    /// Receipts not sent, refused or left unanswered.
-    pub receipts_failed: AtomicU64,
-    pub smpp: SmppCounts,
-}
-
-/// What an SMSC saw besides submits' answers.
-#[derive(Debug, Default)]
-pub struct SmppCounts {
-    /// Binds accepted, and refused (bad system_id or password, a second bind).
-    pub binds: AtomicU64,
-    pub binds_refused: AtomicU64,
-    /// `submit_sm` received while bound, whatever their answer.
-    pub submit_sm: AtomicU64,
-    /// Parts of concatenated messages accepted.
-    pub parts: AtomicU64,
-    /// Whole messages handed over (a single SMS, or every part of a concatenated one).
-    pub messages: AtomicU64,
-    /// Whole messages whose text had been handed over before (see [`SmsKey::Text`]).
-    pub duplicates: AtomicU64,
-    /// Concatenated messages given up incomplete after a minute.
-    pub incomplete: AtomicU64,
-    /// PDUs that could not be read (answered `generic_nack`, or the connection closed), and
-    /// `short_message`s whose text could not be decoded.
-    pub decode_errors: AtomicU64,
-    /// Receipts sent as `deliver_sm`, and `deliver_sm_resp` with a non-zero status.
-    pub deliver_sm: AtomicU64,
-    pub receipts_nacked: AtomicU64,
-    /// Receipts never sent: no receiver bound before the held ones overflowed.
-    pub receipts_lost: AtomicU64,
-}
 
 #[derive(Deserialize)]
 struct Submit {
@@ -127,251 +30,55 @@ struct Submit {
     receipt_url: String,
 }
 
-impl CarrierCounts {
-    /// The report's view of these counts (with the SMPP section for an SMSC).
-    pub fn report(&self, name: &str, smpp: bool) -> crate::rehearsal::report::CarrierReport {
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let s = &self.smpp;
-        crate::rehearsal::report::CarrierReport {
-            name: name.to_owned(),
-            accepted: load(&self.accepted),
-            throttled: load(&self.throttled),
-            failed: load(&self.failed),
-            refused: load(&self.refused),
-            dropped: load(&self.dropped),
-            receipts_sent: load(&self.receipts_sent),
-            receipts_failed: load(&self.receipts_failed),
-            undeliverable: load(&self.undeliverable),
-            smpp: smpp.then(|| crate::rehearsal::report::SmppReport {
-                binds: load(&s.binds),
-                binds_refused: load(&s.binds_refused),
-                submit_sm: load(&s.submit_sm),
-                parts: load(&s.parts),
-                messages: load(&s.messages),
-                duplicates: load(&s.duplicates),
-                incomplete: load(&s.incomplete),
-                decode_errors: load(&s.decode_errors),
-                deliver_sm: load(&s.deliver_sm),
-                receipts_nacked: load(&s.receipts_nacked),
-                receipts_lost: load(&s.receipts_lost),
-            }),
-        }
-    }
+/// An HTTP carrier, listening.
+#[derive(Debug)]
+pub(crate) struct HttpCarrier {
+    pub(crate) addr: SocketAddr,
+    /// The token its receipts carry (`Authorization: Bearer`).
+    pub(crate) receipt_token: String,
+    pub(crate) counts: Arc<CarrierCounts>,
 }
 
-impl Network {
-    pub fn new(scenario: Arc<Scenario>, measurements: Arc<Measurements>, n_users: u64) -> Network {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let receipts = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(64)
-            .build(connector);
-        Network {
-            handsets: Handsets::new(scenario.handsets.clone()),
-            scenario,
-            measurements,
-            accepted: (0..n_users).map(|_| AtomicU8::new(0)).collect(),
-            handed_over: Mutex::new(HashMap::new()),
-            resends: (0..n_users).map(|_| AtomicU8::new(0)).collect(),
-            strangers: AtomicU64::new(0),
-            receipts,
-        }
-    }
-
-    /// A network without users, for a simulated carrier run on its own: every SMS goes to a
-    /// stranger.
-    pub fn without_users() -> Network {
-        let scenario = Arc::new(Scenario::without_users());
-        let measurements = Arc::new(Measurements::new(Instant::now()));
-        Network::new(scenario, measurements, 0)
-    }
-
-    /// How many SMS carriers accepted for `user`.
-    pub fn accepted_for(&self, user: u64) -> u8 {
-        self.accepted
-            .get(user as usize)
-            .map_or(0, |count| count.load(Ordering::Relaxed))
-    }
-
-    /// Notes that `user` pressed resend: one more copy of its code's SMS is expected (counted
-    /// before the call, so an SMS that beats the call's answer is not taken for a duplicate).
-    pub fn resend_pressed(&self, user: u64) {
-        if let Some(count) = self.resends.get(user as usize) {
-            saturating_increment(count);
-        }
-    }
-
-    /// Hands an SMS a carrier accepted to the handset of the user who owns `to` (unless it was
-    /// drawn undeliverable), counting it per user, as a stranger's, or as a duplicate. Returns
-    /// whether it was a duplicate.
-    pub fn hand_over(&self, to: &str, text: &str, key: SmsKey, delivered: bool) -> bool {
-        let user = self.scenario.user_of(to);
-        let (key, allowed): (Box<str>, u8) = match key {
-            SmsKey::MessageId(id) => (id.into_boxed_str(), 1),
-            SmsKey::Text => {
-                let resends = user
-                    .and_then(|user| self.resends.get(user as usize))
-                    .map_or(0, |count| count.load(Ordering::Relaxed));
-                (
-                    format!("{to}\n{text}").into_boxed_str(),
-                    resends.saturating_add(1),
-                )
-            }
-        };
-        let copies = {
-            let mut handed_over = self
-                .handed_over
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let copies = handed_over.entry(key).or_insert(0);
-            *copies = copies.saturating_add(1);
-            *copies
-        };
-        let duplicate = copies > allowed;
-        if duplicate {
-            self.measurements.count(Count::DuplicateSms);
-        }
-        match user {
-            Some(user) => {
-                if let Some(count) = self.accepted.get(user as usize) {
-                    saturating_increment(count);
-                }
-                if delivered {
-                    self.measurements.count(Count::SmsReceived);
-                    self.handsets.deliver(user, text);
-                }
-            }
-            None => {
-                self.strangers.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        duplicate
-    }
-}
-
-fn saturating_increment(count: &AtomicU8) {
-    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-        Some(n.saturating_add(1))
-    });
-}
-
-/// What a carrier answers one submit: an HTTP request, or an SMPP `submit_sm` (a segment).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Above capacity.
-    Throttled,
-    /// A temporary failure (`failure_rate`).
-    Failed,
-    /// A permanent refusal (`refusal_rate`).
-    Refused,
-    /// Accepted: its receipt is due after `receipt_delay` and says whether it was `delivered`
-    /// (`undeliverable_rate`).
-    Accepted {
-        receipt_delay: Duration,
-        delivered: bool,
-    },
-}
-
-/// The draws for one submit at `state`: how long the carrier takes to answer and what it
-/// answers (a token from `bucket` first, shared by all the carrier's connections), counted in
-/// `counts`.
-pub(crate) fn judge(
-    state: &CarrierState,
-    bucket: &Mutex<Bucket>,
-    counts: &CarrierCounts,
-) -> (Duration, Verdict) {
-    let mut rng = rand::rng();
-    let latency = state.latency.sample_with(standard_normal(&mut rng));
-    let roll = rng.random::<f64>();
-    let allowed = bucket
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .take(state.capacity_per_sec, Instant::now());
-    let (counter, verdict) = if !allowed {
-        (&counts.throttled, Verdict::Throttled)
-    } else if roll < state.failure_rate {
-        (&counts.failed, Verdict::Failed)
-    } else if roll < state.failure_rate + state.refusal_rate {
-        (&counts.refused, Verdict::Refused)
-    } else {
-        let delivered = rng.random::<f64>() >= state.undeliverable_rate;
-        if !delivered {
-            counts.undeliverable.fetch_add(1, Ordering::Relaxed);
-        }
-        let receipt_delay = state.receipt_delay.sample_with(standard_normal(&mut rng));
-        (
-            &counts.accepted,
-            Verdict::Accepted {
-                receipt_delay,
-                delivered,
-            },
-        )
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
-    (latency, verdict)
-}
-
-/// Starts every carrier of the scenario; they stop when `stop` fires.
-pub async fn start_all(
+/// Starts an HTTP carrier listening on `settings.listen`; it stops when `stop` fires.
+pub(crate) async fn start(
+    settings: &CarrierSettings,
     network: &Arc<Network>,
     started: Instant,
     stop: &CancellationToken,
-) -> std::io::Result<Vec<SimCarrier>> {
-    let mut carriers = Vec::new();
-    for settings in &network.scenario.carriers {
-        if let Protocol::Smpp(_) = settings.protocol {
-            let smsc = crate::carriers::smsc::start(
-                crate::carriers::smsc::SmscSettings::from_carrier(settings, started),
-                network.clone(),
-                stop.clone(),
-            )
-            .await?;
-            carriers.push(SimCarrier {
-                name: settings.name.clone(),
-                addr: smsc.local_addr(),
-                receipt_token: String::new(),
-                smpp_login: Some(smsc.login().clone()),
-                counts: smsc.counts().clone(),
-            });
-            continue;
-        }
-        let listener = TcpListener::bind(settings.listen).await.map_err(|error| {
-            std::io::Error::new(
-                error.kind(),
-                format!(
-                    "carrier {}: cannot listen on {}: {error}",
-                    settings.name, settings.listen
-                ),
-            )
-        })?;
-        let addr = listener.local_addr()?;
-        let receipt_token = settings.receipt_token.clone().unwrap_or_else(|| {
+) -> std::io::Result<HttpCarrier> {
+    let listener = TcpListener::bind(settings.listen).await.map_err(|error| {
+        std::io::Error::new(
+            error.kind(),
             format!(
-                "loadgen-receipts-{}-{:016x}",
-                settings.name,
-                rand::random::<u64>()
-            )
-        });
-        let counts = Arc::new(CarrierCounts::default());
-        let state = Arc::new(CarrierTask {
-            settings: settings.clone(),
-            network: network.clone(),
-            started,
-            receipt_token: receipt_token.clone(),
-            counts: counts.clone(),
-            next_id: AtomicU64::new(1),
-            bucket: Mutex::new(Bucket::new(settings.base.capacity_per_sec)),
-        });
-        tokio::spawn(serve(listener, state, stop.clone()));
-        carriers.push(SimCarrier {
-            name: settings.name.clone(),
-            addr,
-            receipt_token,
-            smpp_login: None,
-            counts,
-        });
-    }
-    Ok(carriers)
+                "carrier {}: cannot listen on {}: {error}",
+                settings.name, settings.listen
+            ),
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let receipt_token = settings.receipt_token.clone().unwrap_or_else(|| {
+        format!(
+            "loadgen-receipts-{}-{:016x}",
+            settings.name,
+            rand::random::<u64>()
+        )
+    });
+    let counts = Arc::new(CarrierCounts::default());
+    let state = Arc::new(CarrierTask {
+        settings: settings.clone(),
+        network: network.clone(),
+        started,
+        receipt_token: receipt_token.clone(),
+        counts: counts.clone(),
+        next_id: AtomicU64::new(1),
+        bucket: Mutex::new(Bucket::new(settings.base.capacity_per_sec)),
+    });
+    tokio::spawn(serve(listener, state, stop.clone()));
+    Ok(HttpCarrier {
+        addr,
+        receipt_token,
+        counts,
+    })
 }
 
 #[derive(Debug)]
@@ -383,75 +90,6 @@ struct CarrierTask {
     counts: Arc<CarrierCounts>,
     next_id: AtomicU64,
     bucket: Mutex<Bucket>,
-}
-
-/// How a simulated carrier counts its capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum CapacityRule {
-    /// A token bucket holding a tenth of a second of capacity.
-    #[default]
-    Bucket,
-    /// At most the capacity in any second (a sliding second), as the HTTP sink counts its
-    /// `--capacity-per-sec`: a second's worth at once, then as the oldest leave the second.
-    SlidingSecond,
-}
-
-/// A carrier's capacity, counted as its [`CapacityRule`] says: above it the carrier answers 429
-/// (an SMSC `ESME_RTHROTTLED`).
-#[derive(Debug)]
-pub(crate) struct Bucket {
-    rule: CapacityRule,
-    tokens: f64,
-    last: Instant,
-    /// For [`CapacityRule::SlidingSecond`]: when the last second's submits were accepted.
-    accepted: std::collections::VecDeque<Instant>,
-}
-
-impl Bucket {
-    pub(crate) fn new(per_sec: f64) -> Bucket {
-        Bucket::with_rule(per_sec, CapacityRule::Bucket)
-    }
-
-    pub(crate) fn with_rule(per_sec: f64, rule: CapacityRule) -> Bucket {
-        Bucket {
-            rule,
-            tokens: burst(per_sec),
-            last: Instant::now(),
-            accepted: std::collections::VecDeque::new(),
-        }
-    }
-
-    pub(crate) fn take(&mut self, per_sec: f64, now: Instant) -> bool {
-        if self.rule == CapacityRule::SlidingSecond {
-            while self
-                .accepted
-                .front()
-                .is_some_and(|at| now.saturating_duration_since(*at) >= Duration::from_secs(1))
-            {
-                self.accepted.pop_front();
-            }
-            // At least one a second, as the bucket allows.
-            let capacity = per_sec.floor().max(1.0);
-            if (self.accepted.len() as f64) < capacity {
-                self.accepted.push_back(now);
-                return true;
-            }
-            return false;
-        }
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * per_sec;
-        self.tokens = (self.tokens + refill).min(burst(per_sec));
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-fn burst(per_sec: f64) -> f64 {
-    (per_sec / 10.0).max(1.0)
 }
 
 async fn serve(listener: TcpListener, carrier: Arc<CarrierTask>, stop: CancellationToken) {

@@ -1,5 +1,5 @@
-//! A simulated SMSC: an SMPP 3.4 server that behaves as a scenario carrier does over HTTP
-//! ([`crate::carriers::http`]), on the SMPP wire.
+//! A simulated SMSC: an SMPP 3.4 server that behaves as a scenario carrier does over HTTP (see
+//! [`crate::carriers`]), on the SMPP wire.
 //!
 //! - **Binds**: `bind_transmitter`, `bind_receiver` and `bind_transceiver`, checked against
 //!   one `system_id` and `password` (`ESME_RINVSYSID`, `ESME_RINVPASWD`); a second bind on a
@@ -10,7 +10,7 @@
 //!   connection goes on; a length below 16 octets or above the maximum gets a `generic_nack` and
 //!   the connection closes, since the stream has no PDU boundary left to trust.
 //! - **Submits**: each `submit_sm` is one segment for capacity and billing, judged with the HTTP
-//!   carriers' draws (`http::judge`: the token bucket shared by all binds, then
+//!   carriers' draws (`network::judge`: the token bucket shared by all binds, then
 //!   failure and refusal rates) and answered after its latency without holding up the others:
 //!   `ESME_RTHROTTLED` above capacity, `ESME_RSYSERR` for a failure, `ESME_RINVDSTADR` for a
 //!   refusal, else a message id: upper-case hex, zero-padded (`00000A1F`), unique per simulator.
@@ -26,7 +26,7 @@
 //!   `id:… stat:DELIVRD …` text, as the carrier's `receipt_format` says. By default the id is
 //!   quoted lower-case without leading zeros (`a1f`), so the gateway must normalise ids.
 //! - **Handsets**: a whole message is handed to its user's handset once
-//!   ([`crate::carriers::http::Network::hand_over`]); duplicates are told by destination and text.
+//!   ([`Network::hand_over`]); duplicates are told by destination and text.
 //!
 //! The text of an SMS carries its code: nothing here logs it. Tests can read every message
 //! reassembled through [`SmscSettings::messages`].
@@ -52,7 +52,9 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
-use crate::carriers::http::{Bucket, CapacityRule, CarrierCounts, Network, SmsKey, Verdict, judge};
+use crate::carriers::network::{
+    Bucket, CapacityRule, CarrierCounts, Network, SmsKey, Verdict, judge,
+};
 use crate::rehearsal::scenario::{Carrier as CarrierSettings, ReceiptFormat, ReceiptIds, Smpp};
 
 /// The largest PDU read by default (rusmpp's default too): a `submit_sm` with a full

@@ -106,7 +106,7 @@ pub struct CarrierReport {
     pub smpp: Option<SmppReport>,
 }
 
-/// An SMSC's own counts (see `carriers::http::SmppCounts`).
+/// An SMSC's own counts (see `carriers::SmppCounts`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SmppReport {

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::carriers::http::{self, Network, SimCarrier};
+use crate::carriers::{self, Network, SimCarrier};
 use crate::rehearsal::api::Api;
 use crate::rehearsal::connect::Connector;
 use crate::rehearsal::measure::{Count, Measurements, Series};
@@ -170,7 +170,7 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
         measurements.clone(),
         n_users,
     ));
-    let carriers = http::start_all(&network, started, &stop)
+    let carriers = carriers::start(&scenario.carriers, &network, started, &stop)
         .await
         .context("cannot start the simulated carriers")?;
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng;
 use serde_json::json;
 
-use crate::carriers::handset::standard_normal;
-use crate::carriers::http::Network;
+use crate::carriers::Network;
+use crate::carriers::standard_normal;
 use crate::rehearsal::api::Api;
 use crate::rehearsal::measure::{Count, Measurements, Series};
 use crate::rehearsal::scenario::Scenario;
@@ -311,7 +311,7 @@ mod size {
             .unwrap(),
         );
         let measurements = Arc::new(crate::rehearsal::measure::Measurements::new(Instant::now()));
-        let network = Arc::new(crate::carriers::http::Network::new(
+        let network = Arc::new(crate::carriers::Network::new(
             scenario.clone(),
             measurements.clone(),
             1,
