@@ -277,9 +277,9 @@ pub struct SmscArgs {
         value_enum,
         default_value = "both"
     )]
-    pub receipt_format: crate::rehearsal::scenario::ReceiptFormat,
+    pub receipt_format: crate::carriers::ReceiptFormat,
 
     /// How receipts quote the message id: `short` (lower case, no leading zeros) or `same`.
     #[arg(long, env = "LOADGEN_RECEIPT_IDS", value_enum, default_value = "short")]
-    pub receipt_ids: crate::rehearsal::scenario::ReceiptIds,
+    pub receipt_ids: crate::carriers::ReceiptIds,
 }

@@ -192,7 +192,7 @@ async fn run_fill(args: FillArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
     use loadgen::carriers::smsc::{self, SmscSettings};
-    use loadgen::rehearsal::scenario::{Carrier, Protocol, Smpp};
+    use loadgen::carriers::{Carrier, Protocol, Smpp};
     if args.system_id.is_empty() || args.system_id.len() > 15 {
         anyhow::bail!("smsc: --system-id must be 1 to 15 characters");
     }

@@ -6,9 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use loadgen::carriers::Network;
 use loadgen::carriers::smsc::{self, SmscMessage, SmscSettings};
-use loadgen::rehearsal::scenario::{Carrier, Protocol, Smpp};
+use loadgen::carriers::{Carrier, Network, Protocol, Smpp};
 use tests::kannel::{Coding, DlrReceiver, Kannel, KannelOptions, require_kannel};
 use tokio_util::sync::CancellationToken;
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rand::Rng;
 use tokio::sync::mpsc;
 
-use crate::rehearsal::scenario::Handsets as HandsetSettings;
+use crate::carriers::settings::{HandsetSettings, standard_normal};
 
 /// How many SMS a handset keeps unread.
 const INBOX: usize = 8;
@@ -115,11 +115,4 @@ impl Drop for Inbox<'_> {
     fn drop(&mut self) {
         self.handsets.shard(self.user).remove(&self.user);
     }
-}
-
-/// A standard normal deviate (Box-Muller).
-pub fn standard_normal(rng: &mut impl Rng) -> f64 {
-    let u1: f64 = 1.0 - rng.random::<f64>();
-    let u2: f64 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::carriers::network::{Bucket, CarrierCounts, Network, SmsKey, Verdict, judge};
-use crate::rehearsal::scenario::Carrier as CarrierSettings;
+use crate::carriers::settings::Carrier as CarrierSettings;
 
 /// The largest submit body read.
 const MAX_BODY: usize = 16 * 1024;

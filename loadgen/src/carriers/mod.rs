@@ -11,15 +11,17 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::rehearsal::scenario::{Carrier as CarrierSettings, Protocol};
-
 mod handset;
 mod http;
 mod network;
+mod settings;
 pub mod smsc;
 
-pub use handset::standard_normal;
 pub use network::{CapacityRule, CarrierCounts, Network, SmppCounts};
+pub use settings::{
+    BindKind, Carrier, CarrierState, Dist, HandsetSettings, Protocol, ReceiptFormat, ReceiptIds,
+    Smpp, TimelineEntry, standard_normal,
+};
 
 /// One simulated carrier, listening.
 #[derive(Debug)]
@@ -36,7 +38,7 @@ pub struct SimCarrier {
 /// Starts every carrier of `carriers`, an HTTP carrier or an SMSC as its protocol says; they
 /// stop when `stop` fires.
 pub async fn start(
-    carriers: &[CarrierSettings],
+    carriers: &[Carrier],
     network: &Arc<Network>,
     started: Instant,
     stop: &CancellationToken,

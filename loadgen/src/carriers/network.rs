@@ -14,9 +14,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
-use crate::carriers::handset::{Handsets, standard_normal};
+use crate::carriers::handset::Handsets;
+use crate::carriers::settings::CarrierState;
+use crate::carriers::settings::standard_normal;
 use crate::rehearsal::measure::{Count, Measurements};
-use crate::rehearsal::scenario::{CarrierState, Scenario};
+use crate::rehearsal::scenario::Scenario;
 
 /// What the simulated carriers share: the users' handsets, the run's measurements, and which
 /// users had an SMS accepted.

@@ -55,7 +55,9 @@ use tokio_util::sync::CancellationToken;
 use crate::carriers::network::{
     Bucket, CapacityRule, CarrierCounts, Network, SmsKey, Verdict, judge,
 };
-use crate::rehearsal::scenario::{Carrier as CarrierSettings, ReceiptFormat, ReceiptIds, Smpp};
+use crate::carriers::settings::{
+    Carrier as CarrierSettings, Protocol, ReceiptFormat, ReceiptIds, Smpp,
+};
 
 /// The largest PDU read by default (rusmpp's default too): a `submit_sm` with a full
 /// `short_message` and some TLVs is well under it.
@@ -159,8 +161,8 @@ impl SmscSettings {
     /// A scenario carrier's simulator, its login made up where the scenario leaves it out.
     pub fn from_carrier(carrier: &CarrierSettings, started: Instant) -> SmscSettings {
         let smpp = match &carrier.protocol {
-            crate::rehearsal::scenario::Protocol::Smpp(smpp) => smpp.clone(),
-            crate::rehearsal::scenario::Protocol::Http => Smpp::default(),
+            Protocol::Smpp(smpp) => smpp.clone(),
+            Protocol::Http => Smpp::default(),
         };
         let system_id = smpp.system_id.clone().unwrap_or_else(|| {
             // At most 15 characters, as SMPP allows.

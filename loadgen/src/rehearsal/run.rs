@@ -406,7 +406,7 @@ pub fn gateway_config(
 
 /// One `[[carriers]]` entry of the in-process gateway's configuration: an HTTP carrier, or an
 /// SMPP one (`kind = "smpp"`) bound to the simulated SMSC with its login.
-fn gateway_carrier(settings: &crate::rehearsal::scenario::Carrier, carrier: &SimCarrier) -> String {
+fn gateway_carrier(settings: &crate::carriers::Carrier, carrier: &SimCarrier) -> String {
     let prefixes: Vec<String> = settings
         .prefixes
         .iter()
@@ -422,7 +422,7 @@ fn gateway_carrier(settings: &crate::rehearsal::scenario::Carrier, carrier: &Sim
         prefixes.join(", "),
     );
     match (&settings.protocol, &carrier.smpp_login) {
-        (crate::rehearsal::scenario::Protocol::Smpp(smpp), Some(login)) => format!(
+        (crate::carriers::Protocol::Smpp(smpp), Some(login)) => format!(
             "{common}kind = \"smpp\"\nhost = \"{}\"\nport = {}\nsystem_id = \"{}\"\npassword = \"{}\"\n\
              bind = \"{}\"\nbinds = {}\nenquire_link_secs = 30\ngsm7_packed = {}\n\
              gsm7_data_coding = {}\nucs2_data_coding = {}\n",

@@ -21,8 +21,9 @@ use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::carriers::{Protocol, TimelineEntry};
 use crate::rehearsal::measure::Measurements;
-use crate::rehearsal::scenario::{Protocol, Scenario, TimelineEntry};
+use crate::rehearsal::scenario::Scenario;
 
 const SYSTEM_ID: &str = "otpgate";
 const PASSWORD: &str = "secret1";
@@ -65,8 +66,8 @@ async fn sim(tune: impl FnOnce(&mut SmscSettings)) -> Sim {
     let measurements = Arc::new(Measurements::new(Instant::now()));
     let network = Arc::new(Network::new(scenario.clone(), measurements, 100));
     let mut carrier = scenario.carriers[0].clone();
-    carrier.base.latency = crate::rehearsal::scenario::Dist::Constant(Duration::ZERO);
-    carrier.base.receipt_delay = crate::rehearsal::scenario::Dist::Constant(Duration::ZERO);
+    carrier.base.latency = crate::carriers::Dist::Constant(Duration::ZERO);
+    carrier.base.receipt_delay = crate::carriers::Dist::Constant(Duration::ZERO);
     let mut settings = SmscSettings::from_carrier(&carrier, Instant::now());
     settings.login = Login {
         system_id: SYSTEM_ID.to_owned(),
@@ -281,8 +282,7 @@ async fn a_sliding_second_takes_a_seconds_capacity_at_once_and_no_more() {
 #[tokio::test]
 async fn the_summary_says_how_long_answers_took() {
     let sim = sim(|settings| {
-        settings.carrier.base.latency =
-            crate::rehearsal::scenario::Dist::Constant(Duration::from_millis(30));
+        settings.carrier.base.latency = crate::carriers::Dist::Constant(Duration::from_millis(30));
     })
     .await;
     assert_eq!(sim.smsc.summary().mean_answer_micros, None);

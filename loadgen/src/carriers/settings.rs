@@ -1,0 +1,250 @@
+//! What a scenario says of the simulated network: each carrier's behaviour over its timeline and
+//! its wire (HTTP, or SMPP with its knobs), and what handsets do to SMS. The rehearsal's scenario
+//! file is parsed and validated into these; a carrier run on its own (`loadgen smsc`) builds them
+//! from flags.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::Rng;
+use serde::Deserialize;
+
+/// A simulated carrier.
+#[derive(Debug, Clone)]
+pub struct Carrier {
+    pub name: String,
+    /// Where it listens; port 0 picks one (fine for the in-process gateway).
+    pub listen: SocketAddr,
+    pub base: CarrierState,
+    /// Changes on the timeline: each applies from `from` until `until`.
+    pub timeline: Vec<TimelineEntry>,
+    /// What the gateway is configured with (in-process gateway only).
+    pub window: u32,
+    pub pace_per_sec: u32,
+    pub weight: u32,
+    pub prefixes: Vec<String>,
+    /// The token its receipts carry; with `--target` it must be the gateway's `receipt_token`
+    /// for this carrier. Made up when absent.
+    pub receipt_token: Option<String>,
+    /// The wire it speaks: DESIGN.md section 5 over HTTP, or SMPP 3.4 as an SMSC.
+    pub protocol: Protocol,
+}
+
+/// A simulated carrier's wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Smpp(Smpp),
+}
+
+/// The SMPP knobs of a simulated SMSC (`protocol = "smpp"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smpp {
+    /// The `system_id` and `password` binds must carry; made up when absent (with `--target`,
+    /// they must be what the gateway binds with).
+    pub system_id: Option<String>,
+    pub password: Option<String>,
+    /// GSM-7 `short_message`s arrive packed 8 septets into 7 octets.
+    pub gsm7_packed: bool,
+    /// The `data_coding` read as GSM-7 (`0` unless the ESME says otherwise; `0xF0`..`0xF3` are
+    /// GSM-7 always).
+    pub gsm7_data_coding: u8,
+    /// The `data_coding` read as UCS-2 (`8` unless the ESME says otherwise).
+    pub ucs2_data_coding: u8,
+    /// Where receipts carry the message id and state.
+    pub receipt_format: ReceiptFormat,
+    /// How receipts quote the message id.
+    pub receipt_ids: ReceiptIds,
+    /// The in-process gateway's binds to it, and their kind.
+    pub binds: u32,
+    pub bind: BindKind,
+}
+
+/// Where a receipt (`deliver_sm`) carries its message id and state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptFormat {
+    /// The `receipted_message_id` and `message_state` TLVs only (the text is a bare `id:`).
+    Tlv,
+    /// The `id:… stat:…` text only.
+    Text,
+    /// Both.
+    Both,
+}
+
+/// How a receipt quotes the id its `submit_sm_resp` gave (`00000A1F`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptIds {
+    /// Lower case without leading zeros (`a1f`): the gateway must normalise ids to match.
+    Short,
+    /// As `submit_sm_resp` gave it.
+    Same,
+}
+
+/// How the in-process gateway binds to a simulated SMSC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindKind {
+    Transceiver,
+    TransmitterReceiver,
+}
+
+impl BindKind {
+    /// The gateway configuration's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindKind::Transceiver => "transceiver",
+            BindKind::TransmitterReceiver => "transmitter_receiver",
+        }
+    }
+}
+
+/// How a carrier behaves at some moment.
+#[derive(Debug, Clone)]
+pub struct CarrierState {
+    /// SMS accepted per second; above it, `429`.
+    pub capacity_per_sec: f64,
+    pub latency: Dist,
+    /// Share of submits answered `500`.
+    pub failure_rate: f64,
+    /// Share of submits refused permanently (`400`).
+    pub refusal_rate: f64,
+    /// Share of accepted SMS that never reach the handset: their receipt says `undeliverable`.
+    pub undeliverable_rate: f64,
+    pub receipt_delay: Dist,
+    /// Down: connections are dropped without an answer.
+    pub down: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TimelineEntry {
+    pub from: Duration,
+    pub until: Duration,
+    pub state: CarrierState,
+}
+
+/// A distribution of durations: constant, or log-normal by its median and 95th percentile.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dist {
+    Constant(Duration),
+    LogNormal { median: Duration, p95: Duration },
+}
+
+impl Dist {
+    /// A sample, given a standard normal deviate `z`.
+    pub fn sample_with(&self, z: f64) -> Duration {
+        match *self {
+            Dist::Constant(duration) => duration,
+            Dist::LogNormal { median, p95 } => {
+                let median = median.as_secs_f64().max(1e-6);
+                let sigma = (p95.as_secs_f64().max(median) / median).ln() / 1.6449;
+                Duration::from_secs_f64((median.ln() + sigma * z).exp().min(86_400.0))
+            }
+        }
+    }
+
+    /// The distribution with every duration divided by `by` (time compression).
+    pub(crate) fn scaled(self, by: f64) -> Dist {
+        match self {
+            Dist::Constant(duration) => Dist::Constant(duration.div_f64(by)),
+            Dist::LogNormal { median, p95 } => Dist::LogNormal {
+                median: median.div_f64(by),
+                p95: p95.div_f64(by),
+            },
+        }
+    }
+}
+
+/// A standard normal deviate (Box-Muller).
+pub fn standard_normal(rng: &mut impl Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+impl Carrier {
+    /// The carrier's state at `elapsed` into the run.
+    pub fn state_at(&self, elapsed: Duration) -> &CarrierState {
+        self.timeline
+            .iter()
+            .find(|entry| entry.from <= elapsed && elapsed < entry.until)
+            .map_or(&self.base, |entry| &entry.state)
+    }
+
+    /// A carrier that behaves the same all run long, without failures: for a simulator run on
+    /// its own (`loadgen smsc`) and for tests.
+    pub fn steady(
+        name: &str,
+        listen: SocketAddr,
+        capacity_per_sec: f64,
+        latency: Duration,
+        receipt_delay: Duration,
+        protocol: Protocol,
+    ) -> Carrier {
+        Carrier {
+            name: name.to_owned(),
+            listen,
+            base: CarrierState {
+                capacity_per_sec,
+                latency: Dist::Constant(latency),
+                failure_rate: 0.0,
+                refusal_rate: 0.0,
+                undeliverable_rate: 0.0,
+                receipt_delay: Dist::Constant(receipt_delay),
+                down: false,
+            },
+            timeline: Vec::new(),
+            window: 100,
+            pace_per_sec: capacity_per_sec.round().max(1.0) as u32,
+            weight: 1,
+            prefixes: Vec::new(),
+            receipt_token: None,
+            protocol,
+        }
+    }
+}
+
+impl Default for Smpp {
+    fn default() -> Smpp {
+        Smpp {
+            system_id: None,
+            password: None,
+            gsm7_packed: false,
+            gsm7_data_coding: 0,
+            ucs2_data_coding: 8,
+            receipt_format: ReceiptFormat::Both,
+            receipt_ids: ReceiptIds::Short,
+            binds: 1,
+            bind: BindKind::Transceiver,
+        }
+    }
+}
+
+/// What handsets do to SMS on their way to the user.
+#[derive(Debug, Clone)]
+pub struct HandsetSettings {
+    pub delay: Dist,
+    /// Share of SMS lost on the way.
+    pub loss: f64,
+    /// Share of SMS delivered twice.
+    pub duplicate: f64,
+    /// Share of SMS held back long enough to arrive after a later one.
+    pub reorder: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lognormal_has_its_median_and_p95() {
+        let dist = Dist::LogNormal {
+            median: Duration::from_millis(100),
+            p95: Duration::from_millis(400),
+        };
+        assert_eq!(dist.sample_with(0.0), Duration::from_millis(100));
+        let p95 = dist.sample_with(1.6449).as_secs_f64();
+        assert!((p95 - 0.4).abs() < 1e-3, "{p95}");
+    }
+}
