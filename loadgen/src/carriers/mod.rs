@@ -17,10 +17,10 @@ mod network;
 mod settings;
 pub mod smsc;
 
-pub use network::{CapacityRule, CarrierCounts, Network, SmppCounts};
+pub use network::{CapacityRule, CarrierCounts, Network, SmppCounts, Tally};
 pub use settings::{
-    BindKind, Carrier, CarrierState, Dist, HandsetSettings, Protocol, ReceiptFormat, ReceiptIds,
-    Smpp, TimelineEntry, standard_normal,
+    BindKind, Carrier, CarrierState, Dist, HandsetSettings, Phones, Protocol, ReceiptFormat,
+    ReceiptIds, Smpp, TimelineEntry, standard_normal,
 };
 
 /// One simulated carrier, listening.

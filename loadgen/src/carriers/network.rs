@@ -15,18 +15,15 @@ use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
 use crate::carriers::handset::Handsets;
-use crate::carriers::settings::CarrierState;
-use crate::carriers::settings::standard_normal;
-use crate::rehearsal::measure::{Count, Measurements};
-use crate::rehearsal::scenario::Scenario;
+use crate::carriers::settings::{CarrierState, HandsetSettings, Phones, standard_normal};
 
-/// What the simulated carriers share: the users' handsets, the run's measurements, and which
-/// users had an SMS accepted.
+/// What the simulated carriers share: the users' numbers and handsets, the tally of the run they
+/// serve, and which users had an SMS accepted.
 #[derive(Debug)]
 pub struct Network {
-    pub scenario: Arc<Scenario>,
+    pub phones: Phones,
     pub handsets: Handsets,
-    pub measurements: Arc<Measurements>,
+    pub tally: Arc<dyn Tally>,
     /// SMS accepted per user (saturating), by schedule index.
     pub accepted: Box<[AtomicU8]>,
     /// How many times each SMS was handed over, across carriers, by its [`SmsKey`]: a repeat
@@ -38,6 +35,24 @@ pub struct Network {
     pub strangers: AtomicU64,
     /// The client the HTTP carriers post their receipts with, one pool for them all.
     pub(crate) receipts: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Where the network tells the run it serves what became of the SMS it handed over: the
+/// rehearsal's measurements.
+pub trait Tally: std::fmt::Debug + Send + Sync {
+    /// An SMS handed over more times than its user asked for.
+    fn duplicate_sms(&self);
+    /// An SMS delivered to its user's handset.
+    fn sms_received(&self);
+}
+
+/// The tally of a carrier run on its own, which nobody reads.
+#[derive(Debug)]
+pub(crate) struct Unread;
+
+impl Tally for Unread {
+    fn duplicate_sms(&self) {}
+    fn sms_received(&self) {}
 }
 
 /// How a repeated SMS is recognised.
@@ -96,49 +111,22 @@ pub struct SmppCounts {
     pub receipts_lost: AtomicU64,
 }
 
-impl CarrierCounts {
-    /// The report's view of these counts (with the SMPP section for an SMSC).
-    pub fn report(&self, name: &str, smpp: bool) -> crate::rehearsal::report::CarrierReport {
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let s = &self.smpp;
-        crate::rehearsal::report::CarrierReport {
-            name: name.to_owned(),
-            accepted: load(&self.accepted),
-            throttled: load(&self.throttled),
-            failed: load(&self.failed),
-            refused: load(&self.refused),
-            dropped: load(&self.dropped),
-            receipts_sent: load(&self.receipts_sent),
-            receipts_failed: load(&self.receipts_failed),
-            undeliverable: load(&self.undeliverable),
-            smpp: smpp.then(|| crate::rehearsal::report::SmppReport {
-                binds: load(&s.binds),
-                binds_refused: load(&s.binds_refused),
-                submit_sm: load(&s.submit_sm),
-                parts: load(&s.parts),
-                messages: load(&s.messages),
-                duplicates: load(&s.duplicates),
-                incomplete: load(&s.incomplete),
-                decode_errors: load(&s.decode_errors),
-                deliver_sm: load(&s.deliver_sm),
-                receipts_nacked: load(&s.receipts_nacked),
-                receipts_lost: load(&s.receipts_lost),
-            }),
-        }
-    }
-}
-
 impl Network {
-    pub fn new(scenario: Arc<Scenario>, measurements: Arc<Measurements>, n_users: u64) -> Network {
+    pub fn new(
+        phones: Phones,
+        handsets: HandsetSettings,
+        tally: Arc<dyn Tally>,
+        n_users: u64,
+    ) -> Network {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let receipts = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(64)
             .build(connector);
         Network {
-            handsets: Handsets::new(scenario.handsets.clone()),
-            scenario,
-            measurements,
+            phones,
+            handsets: Handsets::new(handsets),
+            tally,
             accepted: (0..n_users).map(|_| AtomicU8::new(0)).collect(),
             handed_over: Mutex::new(HashMap::new()),
             resends: (0..n_users).map(|_| AtomicU8::new(0)).collect(),
@@ -148,11 +136,14 @@ impl Network {
     }
 
     /// A network without users, for a simulated carrier run on its own: every SMS goes to a
-    /// stranger.
+    /// stranger (no real number starts with `+0`).
     pub fn without_users() -> Network {
-        let scenario = Arc::new(Scenario::without_users());
-        let measurements = Arc::new(Measurements::new(Instant::now()));
-        Network::new(scenario, measurements, 0)
+        let phones = Phones {
+            prefix: "+0".to_owned(),
+            digits: 7,
+            first: 0,
+        };
+        Network::new(phones, HandsetSettings::faultless(), Arc::new(Unread), 0)
     }
 
     /// How many SMS carriers accepted for `user`.
@@ -174,7 +165,7 @@ impl Network {
     /// drawn undeliverable), counting it per user, as a stranger's, or as a duplicate. Returns
     /// whether it was a duplicate.
     pub fn hand_over(&self, to: &str, text: &str, key: SmsKey, delivered: bool) -> bool {
-        let user = self.scenario.user_of(to);
+        let user = self.phones.user_of(to);
         let (key, allowed): (Box<str>, u8) = match key {
             SmsKey::MessageId(id) => (id.into_boxed_str(), 1),
             SmsKey::Text => {
@@ -198,7 +189,7 @@ impl Network {
         };
         let duplicate = copies > allowed;
         if duplicate {
-            self.measurements.count(Count::DuplicateSms);
+            self.tally.duplicate_sms();
         }
         match user {
             Some(user) => {
@@ -206,7 +197,7 @@ impl Network {
                     saturating_increment(count);
                 }
                 if delivered {
-                    self.measurements.count(Count::SmsReceived);
+                    self.tally.sms_received();
                     self.handsets.deliver(user, text);
                 }
             }

@@ -1,7 +1,7 @@
 //! What a scenario says of the simulated network: each carrier's behaviour over its timeline and
-//! its wire (HTTP, or SMPP with its knobs), and what handsets do to SMS. The rehearsal's scenario
-//! file is parsed and validated into these; a carrier run on its own (`loadgen smsc`) builds them
-//! from flags.
+//! its wire (HTTP, or SMPP with its knobs), what handsets do to SMS, and the users' numbers. The
+//! rehearsal's scenario file is parsed and validated into these; a carrier run on its own
+//! (`loadgen smsc`) builds them from flags.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -231,6 +231,55 @@ pub struct HandsetSettings {
     pub duplicate: f64,
     /// Share of SMS held back long enough to arrive after a later one.
     pub reorder: f64,
+}
+
+impl HandsetSettings {
+    /// Handsets that deliver at once and never lose, duplicate or hold back an SMS.
+    pub(crate) fn faultless() -> HandsetSettings {
+        HandsetSettings {
+            delay: Dist::Constant(Duration::ZERO),
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+        }
+    }
+}
+
+/// Phone numbers: `prefix` followed by the user's index, zero-padded to `digits` digits.
+#[derive(Debug, Clone)]
+pub struct Phones {
+    pub prefix: String,
+    pub digits: u8,
+    pub first: u64,
+}
+
+impl Phones {
+    /// Every user's phone number, by index.
+    ///
+    /// The first digit after the prefix is the user's index modulo 10, and the rest the index
+    /// divided by 10 (plus `first`): so the users of shard `i` of `n` (for `n` dividing 10) own
+    /// whole number prefixes, which a gateway's prefix rules can route to that shard's carriers.
+    pub fn phone(&self, index: u64) -> String {
+        format!(
+            "{}{}{:0width$}",
+            self.prefix,
+            index % 10,
+            self.first + index / 10,
+            width = usize::from(self.digits) - 1
+        )
+    }
+
+    /// The index of the user who owns `phone`, if a user does.
+    pub fn user_of(&self, phone: &str) -> Option<u64> {
+        let digits = phone.strip_prefix(&self.prefix)?;
+        if digits.len() != usize::from(self.digits) || !digits.is_ascii() {
+            return None;
+        }
+        let (last, rest) = digits.split_at(1);
+        let last: u64 = last.parse().ok()?;
+        let rest: u64 = rest.parse().ok()?;
+        Some(rest.checked_sub(self.first)? * 10 + last)
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::carriers::Tally;
+
 /// Everything latency-like the run records, in the order of [`Series::ALL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Series {
@@ -338,6 +340,17 @@ impl Measurements {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The simulated network counts into the run's measurements.
+impl Tally for Measurements {
+    fn duplicate_sms(&self) {
+        self.count(Count::DuplicateSms);
+    }
+
+    fn sms_received(&self) {
+        self.count(Count::SmsReceived);
     }
 }
 

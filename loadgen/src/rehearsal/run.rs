@@ -10,7 +10,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -23,7 +23,9 @@ use crate::rehearsal::api::Api;
 use crate::rehearsal::connect::Connector;
 use crate::rehearsal::measure::{Count, Measurements, Series};
 use crate::rehearsal::progress::Progress;
-use crate::rehearsal::report::{HandsetReport, Report, ScenarioInfo, SelfWatch};
+use crate::rehearsal::report::{
+    CarrierReport, HandsetReport, Report, ScenarioInfo, SelfWatch, SmppReport,
+};
 use crate::rehearsal::scenario::Scenario;
 use crate::rehearsal::schedule;
 use crate::rehearsal::threshold::Threshold;
@@ -166,7 +168,8 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
         measurements.schedule(arrival.at);
     }
     let network = Arc::new(Network::new(
-        scenario.clone(),
+        scenario.phones.clone(),
+        scenario.handsets.clone(),
         measurements.clone(),
         n_users,
     ));
@@ -512,14 +515,7 @@ fn build_report(
         rejections: Vec::new(),
         latency: Default::default(),
         histograms: Default::default(),
-        carriers: carriers
-            .iter()
-            .map(|carrier| {
-                carrier
-                    .counts
-                    .report(&carrier.name, carrier.smpp_login.is_some())
-            })
-            .collect(),
+        carriers: carriers.iter().map(carrier_report).collect(),
         gateway: None,
         handsets: HandsetReport {
             received: counts.received.load(Ordering::Relaxed),
@@ -613,4 +609,35 @@ fn build_report(
         gateway_in_process: options.target.is_none(),
     };
     report
+}
+
+/// What a carrier did, for the report (with the SMPP section for an SMSC).
+fn carrier_report(carrier: &SimCarrier) -> CarrierReport {
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let counts = &carrier.counts;
+    let s = &counts.smpp;
+    CarrierReport {
+        name: carrier.name.clone(),
+        accepted: load(&counts.accepted),
+        throttled: load(&counts.throttled),
+        failed: load(&counts.failed),
+        refused: load(&counts.refused),
+        dropped: load(&counts.dropped),
+        receipts_sent: load(&counts.receipts_sent),
+        receipts_failed: load(&counts.receipts_failed),
+        undeliverable: load(&counts.undeliverable),
+        smpp: carrier.smpp_login.is_some().then(|| SmppReport {
+            binds: load(&s.binds),
+            binds_refused: load(&s.binds_refused),
+            submit_sm: load(&s.submit_sm),
+            parts: load(&s.parts),
+            messages: load(&s.messages),
+            duplicates: load(&s.duplicates),
+            incomplete: load(&s.incomplete),
+            decode_errors: load(&s.decode_errors),
+            deliver_sm: load(&s.deliver_sm),
+            receipts_nacked: load(&s.receipts_nacked),
+            receipts_lost: load(&s.receipts_lost),
+        }),
+    }
 }

@@ -17,8 +17,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::carriers::{
-    BindKind, Carrier, CarrierState, Dist, HandsetSettings, Protocol, ReceiptFormat, ReceiptIds,
-    Smpp, TimelineEntry,
+    BindKind, Carrier, CarrierState, Dist, HandsetSettings, Phones, Protocol, ReceiptFormat,
+    ReceiptIds, Smpp, TimelineEntry,
 };
 use crate::rehearsal::schedule::RatePoint;
 
@@ -44,14 +44,6 @@ pub struct Scenario {
     pub handsets: HandsetSettings,
     pub gateway: GatewaySettings,
     pub carriers: Vec<Carrier>,
-}
-
-/// Phone numbers: `prefix` followed by the user's index, zero-padded to `digits` digits.
-#[derive(Debug, Clone)]
-pub struct Phones {
-    pub prefix: String,
-    pub digits: u8,
-    pub first: u64,
 }
 
 /// A frontend whose users arrive with a share of all arrivals.
@@ -127,44 +119,14 @@ impl Scenario {
         raw.validate()
     }
 
-    /// A scenario without users, for simulated carriers run on their own (`loadgen smsc`):
-    /// every SMS goes to a stranger.
-    pub fn without_users() -> Scenario {
-        const TEXT: &str = "name = \"standalone\"\nduration_secs = 1\n\
-            [phones]\nprefix = \"+0\"\n[[arrivals]]\nat_secs = 0\nper_sec = 0\n\
-            [[clients]]\nname = \"none\"\nshare = 1\n\
-            [[carriers]]\nname = \"none\"\ncapacity_per_sec = 1\n";
-        match Scenario::parse(TEXT) {
-            Ok(scenario) => scenario,
-            Err(error) => unreachable!("the built-in empty scenario is valid: {error}"),
-        }
-    }
-
-    /// Every user's phone number, by index.
-    ///
-    /// The first digit after the prefix is the user's index modulo 10, and the rest the index
-    /// divided by 10 (plus `first`): so the users of shard `i` of `n` (for `n` dividing 10) own
-    /// whole number prefixes, which a gateway's prefix rules can route to that shard's carriers.
+    /// Every user's phone number, by index (see [`Phones::phone`]).
     pub fn phone(&self, index: u64) -> String {
-        format!(
-            "{}{}{:0width$}",
-            self.phones.prefix,
-            index % 10,
-            self.phones.first + index / 10,
-            width = usize::from(self.phones.digits) - 1
-        )
+        self.phones.phone(index)
     }
 
     /// The user index of a phone number of this scenario, if it is one.
     pub fn user_of(&self, phone: &str) -> Option<u64> {
-        let digits = phone.strip_prefix(&self.phones.prefix)?;
-        if digits.len() != usize::from(self.phones.digits) || !digits.is_ascii() {
-            return None;
-        }
-        let (last, rest) = digits.split_at(1);
-        let last: u64 = last.parse().ok()?;
-        let rest: u64 = rest.parse().ok()?;
-        Some(rest.checked_sub(self.phones.first)? * 10 + last)
+        self.phones.user_of(phone)
     }
 
     /// The number prefixes the users of shard `shard` of `n_shards` own (`n_shards` dividing
@@ -797,7 +759,10 @@ impl RawCarrier {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
+    use crate::carriers::smsc::SmscSettings;
 
     const SMALL: &str = r#"
 name = "small"
@@ -824,6 +789,70 @@ from_secs = 10
 until_secs = 20
 capacity_per_sec = 5
 "#;
+
+    const SMSC: &str = r#"
+name = "smsc-test"
+duration_secs = 10
+[phones]
+prefix = "+39333"
+[[arrivals]]
+at_secs = 0
+per_sec = 1
+[[clients]]
+name = "portal"
+share = 1
+[handsets]
+delay_secs = 0
+[[carriers]]
+name = "smsc"
+capacity_per_sec = 1000
+protocol = "smpp"
+"#;
+
+    #[test]
+    fn scenario_smpp_keys() {
+        let scenario = Scenario::parse(&SMSC.replace(
+            "protocol = \"smpp\"",
+            "protocol = \"smpp\"\nsystem_id = \"gw\"\npassword = \"pw\"\nreceipt_format = \"tlv\"\nbinds = 2\nbind = \"transmitter_receiver\"\ngsm7_packed = true",
+        ))
+        .unwrap();
+        let Protocol::Smpp(smpp) = &scenario.carriers[0].protocol else {
+            panic!("smpp");
+        };
+        assert_eq!(smpp.system_id.as_deref(), Some("gw"));
+        assert_eq!(smpp.receipt_format, ReceiptFormat::Tlv);
+        assert_eq!(smpp.binds, 2);
+        assert!(smpp.gsm7_packed);
+        let settings = SmscSettings::from_carrier(&scenario.carriers[0], Instant::now());
+        assert_eq!(settings.login.password, "pw");
+        for (from, to, key) in [
+            (
+                "protocol = \"smpp\"",
+                "system_id = \"x\"",
+                "carriers[0].system_id",
+            ),
+            (
+                "protocol = \"smpp\"",
+                "protocol = \"smpp\"\npassword = \"123456789\"",
+                "carriers[0].password",
+            ),
+            (
+                "protocol = \"smpp\"",
+                "protocol = \"smpp\"\nreceipt_token = \"t\"",
+                "carriers[0].receipt_token",
+            ),
+            (
+                "protocol = \"smpp\"",
+                "protocol = \"x25\"",
+                "carriers[0].protocol",
+            ),
+        ] {
+            let error = Scenario::parse(&SMSC.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+    }
 
     #[test]
     fn compression_scales_rates_up_and_durations_down() {

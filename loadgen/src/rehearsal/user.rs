@@ -312,7 +312,8 @@ mod size {
         );
         let measurements = Arc::new(crate::rehearsal::measure::Measurements::new(Instant::now()));
         let network = Arc::new(crate::carriers::Network::new(
-            scenario.clone(),
+            scenario.phones.clone(),
+            scenario.handsets.clone(),
             measurements.clone(),
             1,
         ));

@@ -21,31 +21,11 @@ use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::carriers::{Protocol, TimelineEntry};
-use crate::rehearsal::measure::Measurements;
-use crate::rehearsal::scenario::Scenario;
+use crate::carriers::network::Unread;
+use crate::carriers::settings::{Dist, HandsetSettings, Phones, TimelineEntry};
 
 const SYSTEM_ID: &str = "otpgate";
 const PASSWORD: &str = "secret1";
-
-const SCENARIO: &str = r#"
-name = "smsc-test"
-duration_secs = 10
-[phones]
-prefix = "+39333"
-[[arrivals]]
-at_secs = 0
-per_sec = 1
-[[clients]]
-name = "portal"
-share = 1
-[handsets]
-delay_secs = 0
-[[carriers]]
-name = "smsc"
-capacity_per_sec = 1000
-protocol = "smpp"
-"#;
 
 struct Sim {
     smsc: SimSmsc,
@@ -60,14 +40,28 @@ impl Drop for Sim {
     }
 }
 
-/// A simulator with a scenario's users; `tune` adjusts its settings first.
+/// A simulator with 100 users (`+39333` and 7 digits, handsets without delay) and a capacity of
+/// 1,000 a second; `tune` adjusts its settings first.
 async fn sim(tune: impl FnOnce(&mut SmscSettings)) -> Sim {
-    let scenario = Arc::new(Scenario::parse(SCENARIO).unwrap());
-    let measurements = Arc::new(Measurements::new(Instant::now()));
-    let network = Arc::new(Network::new(scenario.clone(), measurements, 100));
-    let mut carrier = scenario.carriers[0].clone();
-    carrier.base.latency = crate::carriers::Dist::Constant(Duration::ZERO);
-    carrier.base.receipt_delay = crate::carriers::Dist::Constant(Duration::ZERO);
+    let phones = Phones {
+        prefix: "+39333".to_owned(),
+        digits: 7,
+        first: 0,
+    };
+    let network = Arc::new(Network::new(
+        phones,
+        HandsetSettings::faultless(),
+        Arc::new(Unread),
+        100,
+    ));
+    let carrier = CarrierSettings::steady(
+        "smsc",
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        1000.0,
+        Duration::ZERO,
+        Duration::ZERO,
+        Protocol::Smpp(Smpp::default()),
+    );
     let mut settings = SmscSettings::from_carrier(&carrier, Instant::now());
     settings.login = Login {
         system_id: SYSTEM_ID.to_owned(),
@@ -215,7 +209,7 @@ async fn binds_are_checked_and_the_session_answered() {
 async fn a_submit_is_answered_with_an_id_and_reaches_the_handset() {
     let mut sim = sim(|_| {}).await;
     let user = 3;
-    let phone = sim.network.scenario.phone(user);
+    let phone = sim.network.phones.phone(user);
     let mut inbox = sim.network.handsets.register(user);
     let mut esme = Esme::bound(sim.smsc.local_addr()).await;
     let part = &parts("Il tuo codice: 123456", &Coding::default())[0];
@@ -282,7 +276,7 @@ async fn a_sliding_second_takes_a_seconds_capacity_at_once_and_no_more() {
 #[tokio::test]
 async fn the_summary_says_how_long_answers_took() {
     let sim = sim(|settings| {
-        settings.carrier.base.latency = crate::carriers::Dist::Constant(Duration::from_millis(30));
+        settings.carrier.base.latency = Dist::Constant(Duration::from_millis(30));
     })
     .await;
     assert_eq!(sim.smsc.summary().mean_answer_micros, None);
@@ -345,7 +339,7 @@ async fn a_concatenated_message_is_reassembled_for_the_handset() {
     for packed in [false, true] {
         let mut sim = sim(|settings| settings.smpp.gsm7_packed = packed).await;
         let user = 7;
-        let phone = sim.network.scenario.phone(user);
+        let phone = sim.network.phones.phone(user);
         let mut inbox = sim.network.handsets.register(user);
         let mut esme = Esme::bound(sim.smsc.local_addr()).await;
         let text = format!(
@@ -649,51 +643,6 @@ async fn an_outage_drops_a_bound_connection() {
         .await;
     esme.send(Pdu::EnquireLink).await;
     assert!(esme.recv().await.is_none(), "dropped without an answer");
-}
-
-#[test]
-fn scenario_smpp_keys() {
-    let scenario = Scenario::parse(&SCENARIO.replace(
-        "protocol = \"smpp\"",
-        "protocol = \"smpp\"\nsystem_id = \"gw\"\npassword = \"pw\"\nreceipt_format = \"tlv\"\nbinds = 2\nbind = \"transmitter_receiver\"\ngsm7_packed = true",
-    ))
-    .unwrap();
-    let Protocol::Smpp(smpp) = &scenario.carriers[0].protocol else {
-        panic!("smpp");
-    };
-    assert_eq!(smpp.system_id.as_deref(), Some("gw"));
-    assert_eq!(smpp.receipt_format, ReceiptFormat::Tlv);
-    assert_eq!(smpp.binds, 2);
-    assert!(smpp.gsm7_packed);
-    let settings = SmscSettings::from_carrier(&scenario.carriers[0], Instant::now());
-    assert_eq!(settings.login.password, "pw");
-    for (from, to, key) in [
-        (
-            "protocol = \"smpp\"",
-            "system_id = \"x\"",
-            "carriers[0].system_id",
-        ),
-        (
-            "protocol = \"smpp\"",
-            "protocol = \"smpp\"\npassword = \"123456789\"",
-            "carriers[0].password",
-        ),
-        (
-            "protocol = \"smpp\"",
-            "protocol = \"smpp\"\nreceipt_token = \"t\"",
-            "carriers[0].receipt_token",
-        ),
-        (
-            "protocol = \"smpp\"",
-            "protocol = \"x25\"",
-            "carriers[0].protocol",
-        ),
-    ] {
-        let error = Scenario::parse(&SCENARIO.replace(from, to))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains(key), "{to}: {error}");
-    }
 }
 
 #[test]
