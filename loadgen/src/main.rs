@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use loadgen::bench::fill::{self, FillConfig};
-use loadgen::bench::server;
-use loadgen::bench::sink::{Sink, SinkConfig};
-use loadgen::cli::{Cli, Command, FillArgs, MergeArgs, RunArgs, ServerArgs, SinkArgs, SmscArgs};
+use loadgen::bench::fill::{self, FillArgs, FillConfig};
+use loadgen::bench::server::{self, ServerArgs};
+use loadgen::bench::sink::{Sink, SinkArgs, SinkConfig};
+use loadgen::cli::{Cli, Command, MergeArgs, RunArgs, SmscArgs};
 use loadgen::shutdown::Signals;
 
 #[global_allocator]

@@ -16,9 +16,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
-use loadgen::bench::fill::{self, Failure, FillConfig};
+use loadgen::bench::fill::{self, Failure, FillArgs, FillConfig};
 use loadgen::bench::sink::{Sink, SinkConfig, Stats};
-use loadgen::cli::{Cli, FillArgs};
+use loadgen::cli::Cli;
 
 /// Stops the server it was made for when dropped, at the end of a test.
 type StopOnDrop = oneshot::Sender<()>;

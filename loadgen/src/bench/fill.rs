@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clap::Args;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::uri::{Scheme, Uri};
 use http::{HeaderValue, Method, Request, StatusCode};
@@ -28,7 +29,34 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::bench::phone;
-use crate::cli::FillArgs;
+
+/// Flags of `loadgen fill`.
+#[derive(Debug, Args)]
+pub struct FillArgs {
+    /// Base URL of the gateway's API, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "LOADGEN_TARGET")]
+    pub target: String,
+
+    /// Verifications to start, one phone number each.
+    #[arg(long, env = "LOADGEN_COUNT", default_value_t = 1_000_000)]
+    pub count: u64,
+
+    /// Keep-alive connections, each with one request in flight.
+    #[arg(long, env = "LOADGEN_CONCURRENCY", default_value_t = NonZeroUsize::new(64).unwrap())]
+    pub concurrency: NonZeroUsize,
+
+    /// API key sent as `Authorization: Bearer <key>`; omit it for an unauthenticated gateway.
+    #[arg(long, env = "LOADGEN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Index of the first phone number, so that several runs can use disjoint numbers.
+    #[arg(long, env = "LOADGEN_PHONE_OFFSET", default_value_t = 0)]
+    pub phone_offset: u64,
+
+    /// Time allowed for one request, connecting included, before it counts as failed.
+    #[arg(long, env = "LOADGEN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
 
 /// The API path verifications are started at (DESIGN.md section 3), relative to the target.
 const VERIFICATIONS_PATH: &str = "/v1/verifications";

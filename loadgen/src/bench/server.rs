@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use clap::Args;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -20,6 +21,14 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+
+/// Flags shared by the subcommands that run a server.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on; port 0 picks a free port, printed on the first line of stdout.
+    #[arg(long, env = "LOADGEN_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+}
 
 /// How long to back off after a failed `accept`, e.g. when out of file descriptors.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use clap::Args;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -36,8 +37,35 @@ use hyper::service::service_fn;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use crate::bench::server;
-use crate::cli::SinkArgs;
+use crate::bench::server::{self, ServerArgs};
+
+/// Flags of `loadgen sink`.
+#[derive(Debug, Args)]
+pub struct SinkArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    /// Accept at most this many SMS in any one second and answer `429` above it, like a
+    /// carrier capped at its contracted rate; without it, the sink accepts everything.
+    #[arg(long, env = "LOADGEN_CAPACITY_PER_SEC")]
+    pub capacity_per_sec: Option<std::num::NonZeroU32>,
+
+    /// Answer every SMS this many milliseconds after it arrived, like a carrier that takes that
+    /// long to accept; the wait is a timer, so answers in flight overlap.
+    #[arg(long, env = "LOADGEN_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+
+    /// Exit the process at once on accepting this many SMS, like a carrier that crashes: the SMS
+    /// accepted but not yet answered at that moment get no answer, and their connections close.
+    /// The SMS accepted are written to --ids-file first.
+    #[arg(long, env = "LOADGEN_DIE_AFTER", requires = "ids_file")]
+    pub die_after: Option<NonZeroU64>,
+
+    /// Write every SMS accepted to this file, one `UNIX_MICROS MESSAGE_ID` line each (as
+    /// `GET /ids` serves them), when the sink stops on SIGINT or SIGTERM or dies on --die-after.
+    #[arg(long, env = "LOADGEN_IDS_FILE")]
+    pub ids_file: Option<PathBuf>,
+}
 
 /// Largest SMS request read; a carrier would refuse larger ones too.
 const MAX_BODY_BYTES: usize = 64 * 1024;
