@@ -1,17 +1,17 @@
-//! otpgate's load generator and simulated carriers.
+//! otpgate's load generator and simulated carriers, in three wings:
 //!
-//! For now this crate holds the tools the benchmarks under `bench/` need:
-//! a fast fake HTTP carrier (the sink), a bare hyper server to compare the gateway with,
-//! and a filler that starts many verifications as fast as the gateway takes them.
-//! A later issue grows it into the full load generator of DESIGN.md section 6.
+//! - [`rehearsal`]: `loadgen run` and `loadgen merge`, the load generator of DESIGN.md
+//!   section 6: a scenario's users against a gateway, measured, reported and judged.
+//! - [`carriers`]: the simulated carriers (HTTP, and SMPP SMSCs, also run alone by
+//!   `loadgen smsc`) and the handsets they deliver to.
+//! - [`bench`](mod@bench): the tools the benchmarks under `bench/` run: the sink, the bare server
+//!   and the filler.
 //!
-//! # Layout
+//! The wings import downward only: the rehearsal starts and reads the carriers through what
+//! [`carriers`] exports; the carriers and the benchmark tools import nothing of the rehearsal,
+//! nor of each other.
 //!
-//! - [`cli`]: the command-line flags of the `loadgen` binary.
-//! - [`rehearsal`]: `loadgen run` and `loadgen merge`.
-//! - [`carriers`]: the simulated carriers (HTTP and SMPP) and handsets.
-//! - [`bench`](mod@bench): the benchmark tools: the sink, the bare server and the filler.
-//! - [`shutdown`]: the signals that stop a server.
+//! Above them, [`cli`] holds the binary's flags and [`shutdown`] the signals that stop a server.
 
 pub mod bench;
 pub mod carriers;

@@ -1,7 +1,7 @@
 //! `loadgen run` and `loadgen merge`: the rehearsal of DESIGN.md section 6. Virtual users arrive
 //! on a schedule drawn in advance from a scenario and go through their journey against a gateway,
-//! while the simulated carriers and handsets deliver their SMS; what they see is measured,
-//! reported, judged against thresholds and drawn.
+//! while the simulated carriers and handsets ([`crate::carriers`]) deliver their SMS; what they
+//! see is measured, reported, judged against thresholds and drawn.
 //!
 //! - [`scenario`]: the scenario file, validated, with time compression applied.
 //! - [`schedule`]: the arrival rate's profile and the arrivals drawn from it.
