@@ -34,10 +34,10 @@ use tokio::task::JoinSet;
 use crate::breaker::{Breaker, Permit};
 use crate::carrier::{Connector, OutboundSms, SubmitError};
 use crate::config::CarrierConfig;
+use crate::ids::CarrierId;
 use crate::metrics::{CarrierMetrics, SubmitOutcome};
 use crate::pace::AdaptivePace;
 use crate::queue::Job;
-use crate::verification::CarrierId;
 use crate::verifier::{Completion, Prepared, Verifier};
 
 /// Longest pause after a throttle answer before the job is offered again.

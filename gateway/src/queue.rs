@@ -22,9 +22,9 @@ use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::clock::Millis;
+use crate::ids::CarrierId;
+use crate::ids::VerificationId;
 use crate::routing::CarrierSet;
-use crate::store::VerificationId;
-use crate::verification::CarrierId;
 
 /// One SMS to send.
 #[derive(Debug, Clone)]
@@ -51,7 +51,7 @@ pub struct Job {
     /// itself, so a job never waits for a carrier that is not coming.
     pub passes: u8,
     /// Its entry in the redis back-end's stream, acknowledged when the job ends.
-    pub entry: Option<crate::redis_store::StreamEntry>,
+    pub entry: Option<crate::ids::AckToken>,
     /// The verification as the redis back-end wrote it when the job was prepared, and its
     /// revision: the carrier's answer is recorded on it without reading it again.
     pub snapshot: Option<Box<(u64, crate::verification::Verification)>>,
@@ -389,12 +389,7 @@ impl Queue {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the heap half-updated in a way that
-        // matters more than losing the gateway, so poisoning is ignored.
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.shared.state)
     }
 }
 

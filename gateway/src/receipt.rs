@@ -13,8 +13,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::clock::Millis;
-use crate::store::VerificationId;
-use crate::verification::CarrierId;
+use crate::ids::{CarrierId, VerificationId};
+use crate::sync::lock;
 
 /// Shards of the index: receipts arrive from many carrier connections at once.
 const N_SHARDS: usize = 16;
@@ -288,12 +288,6 @@ fn key(carrier: CarrierId, reading: &Reading) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
     (carrier, reading).hash(&mut hasher);
     hasher.finish()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

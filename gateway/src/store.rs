@@ -13,19 +13,16 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rand::RngCore;
 use tokio::sync::Notify;
 
 use crate::clock::Millis;
+use crate::ids::{AckToken, ClientId, VerificationId, shard_byte};
 use crate::phone::Phone;
-use crate::verification::{ClientId, Verification};
+use crate::sync::lock;
+use crate::verification::Verification;
 
 /// Shards in the embedded store: enough that two cores rarely meet on one lock.
 const N_SHARDS: usize = 64;
-
-/// A verification's id: 16 random bytes, the first of which names the phone's shard.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct VerificationId([u8; 16]);
 
 /// The embedded store. Cheap to clone.
 #[derive(Clone)]
@@ -68,7 +65,7 @@ pub struct Deferred {
     /// Webhook events to raise.
     pub events: Vec<(
         ClientId,
-        crate::webhook::EventKind,
+        crate::verification::EventKind,
         crate::verification::View,
     )>,
     /// Verifications whose long-polls to wake.
@@ -80,18 +77,27 @@ pub struct Deferred {
     /// The phone's limit already refused this call once: the answer to give it.
     pub phone_refused: Option<crate::ratelimit::Rejection>,
     /// The job's stream entry to acknowledge: `(lane, entry)`.
-    pub ack: Option<(u8, crate::redis_store::StreamEntry)>,
+    pub ack: Option<(u8, AckToken)>,
     /// A due `verification.delayed` watch the call dealt with: the send it watched.
     pub unwatch_delay: Option<u8>,
     /// The job's stream entry, which must still be this instance's for the write to happen.
-    pub owns: Option<(u8, crate::redis_store::StreamEntry)>,
+    pub owns: Option<(u8, AckToken)>,
     /// Set after the write: the entry in `owns` was no longer this instance's (nothing was
     /// written; another instance has the job).
     pub not_owned: bool,
     /// Set after the write: the record as written, and its new revision.
     pub written: Option<(u64, crate::verification::Verification)>,
     /// The verification's next deadline, when the call changed nothing else.
-    pub deadline: Option<crate::redis_store::DeadlineWrite>,
+    pub deadline: Option<DeadlineWrite>,
+}
+
+/// What a call does to a verification's next deadline (the sweep's moment to look at it).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum DeadlineWrite {
+    #[default]
+    Keep,
+    At(Millis),
+    Remove,
 }
 
 /// Wrong codes typed for one phone since `window_start_ms`.
@@ -117,65 +123,6 @@ pub struct IdempotencyEntry {
     pub created_ms: Millis,
 }
 
-// === impl VerificationId ===
-
-impl VerificationId {
-    /// A fresh random id in the shard of `phone`.
-    pub fn new_for(phone: &Phone) -> VerificationId {
-        let mut bytes = [0u8; 16];
-        rand::rng().fill_bytes(&mut bytes);
-        bytes[0] = shard_byte(phone.as_u64());
-        VerificationId(bytes)
-    }
-
-    /// Parses the 32 lowercase hex digits of an id.
-    pub fn parse(text: &str) -> Option<VerificationId> {
-        let mut bytes = [0u8; 16];
-        if text.len() != 32 || text.bytes().any(|b| b.is_ascii_uppercase()) {
-            return None;
-        }
-        hex::decode_to_slice(text, &mut bytes).ok()?;
-        Some(VerificationId(bytes))
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 16] {
-        &self.0
-    }
-
-    /// The redis back-end's hash-tag group of the id (and of its phone).
-    pub fn group(&self) -> u8 {
-        self.0[0] % crate::redis_store::GROUPS
-    }
-
-    /// The hash-tag group of every verification of `phone`.
-    pub fn group_of(phone: &Phone) -> u8 {
-        shard_byte(phone.as_u64()) % crate::redis_store::GROUPS
-    }
-
-    fn shard(&self) -> usize {
-        self.0[0] as usize % N_SHARDS
-    }
-}
-
-impl fmt::Display for VerificationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut out = [0u8; 32];
-        hex::encode_to_slice(self.0, &mut out).map_err(|_| fmt::Error)?;
-        f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
-    }
-}
-
-impl fmt::Debug for VerificationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "VerificationId({self})")
-    }
-}
-
-/// The shard byte of a phone: a fixed mix of its digits.
-fn shard_byte(phone: u64) -> u8 {
-    (phone.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
-}
-
 // === impl Store ===
 
 impl Store {
@@ -192,12 +139,12 @@ impl Store {
 
     /// The shard holding `id`.
     pub fn shard(&self, id: &VerificationId) -> MutexGuard<'_, Shard> {
-        lock(&self.shared.shards[id.shard()])
+        lock(&self.shared.shards[id.shard_byte() as usize % N_SHARDS])
     }
 
     /// The shard holding every verification of `phone`.
     pub fn shard_of_phone(&self, phone: &Phone) -> MutexGuard<'_, Shard> {
-        lock(&self.shared.shards[shard_byte(phone.as_u64()) as usize % N_SHARDS])
+        lock(&self.shared.shards[shard_byte(phone) as usize % N_SHARDS])
     }
 
     /// The idempotency map shard for `key`.
@@ -255,15 +202,6 @@ impl Shard {
     }
 }
 
-/// Locks a mutex, taking it over if a panic elsewhere poisoned it.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update under these locks is a plain field write; a panic elsewhere cannot leave a
-    // shard inconsistent enough to be worth taking the gateway down for.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Hashes a verification id by taking 8 of its random bytes: ids are drawn from a CSPRNG, so
 /// they are already uniform and cannot be chosen by a client to collide.
 #[derive(Default, Debug)]
@@ -279,36 +217,6 @@ impl Hasher for IdHasher {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
             self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn id_round_trips_and_names_the_phone_shard() {
-        let (phone, _) = Phone::parse("+393331234567").unwrap();
-        let id = VerificationId::new_for(&phone);
-        let text = id.to_string();
-        assert_eq!(text.len(), 32);
-        assert_eq!(VerificationId::parse(&text), Some(id));
-        assert_eq!(id.as_bytes()[0], shard_byte(phone.as_u64()));
-        assert_ne!(VerificationId::new_for(&phone), id);
-    }
-
-    #[test]
-    fn refuses_malformed_ids() {
-        for text in [
-            "",
-            "abc",
-            &"g".repeat(32),
-            &"A".repeat(32),
-            &"0".repeat(31),
-            &"0".repeat(33),
-        ] {
-            assert_eq!(VerificationId::parse(text), None, "{text:?}");
         }
     }
 }

@@ -16,25 +16,28 @@ use crate::carrier::OutboundSms;
 use crate::clock::{Clock, Millis};
 use crate::config::{CarrierConfig, ClientConfig, Config, Rule, VerificationPolicy};
 use crate::error::ApiError;
-use crate::metrics::{Checked, Ended, LimitKind, Metrics, QueueDrop, QueueRefusal, Started};
+use crate::ids::{CarrierId, ClientId, VerificationId};
+use crate::metrics::{Checked, Ended, Metrics, QueueDrop, QueueRefusal, Started};
 use crate::otp::CodeKeys;
 use crate::phone::Phone;
 use crate::queue::{Job, PushError, Queue};
+use crate::ratelimit::LimitKind;
 use crate::ratelimit::Limiters;
 use crate::receipt::{ReceiptIndex, ReceiptStatus};
 use crate::redis_store::{
-    Commit, Committed, DeadlineWrite, FailedChecksOf, IdempotencyHolder, LiveWrite, LoadKeys,
-    RedisStore, StoreError,
+    Commit, Committed, FailedChecksOf, IdempotencyHolder, LiveWrite, LoadKeys, RedisStore,
+    StoreError,
 };
 use crate::routing::{CarrierSet, Routes};
 use crate::sms::{RenderParams, SmsText, Templates};
 use crate::store::{
-    Deferred, FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store, VerificationId, lock,
+    DeadlineWrite, Deferred, FailedChecks, IdempotencyEntry, IdempotencyKey, Shard, Store,
 };
+use crate::sync::lock;
 use crate::verification::{
-    CarrierId, ClientId, DeliveryState, Extras, FailureReason, Status, Verification, View,
+    DeliveryState, EventKind, Extras, FailureReason, Status, Verification, View,
 };
-use crate::webhook::{EventKind, Webhooks};
+use crate::webhook::Webhooks;
 
 /// The engine. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -1202,10 +1205,7 @@ impl Verifier {
         });
         let elapsed = shared.clock.elapsed();
         let receipts_due = {
-            let mut last = shared
-                .last_receipt_sweep
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut last = lock(&shared.last_receipt_sweep);
             let due = elapsed >= *last + RECEIPT_SWEEP_EVERY;
             if due {
                 *last = elapsed;
@@ -1424,7 +1424,7 @@ impl Verifier {
             }
             Some(redis) => {
                 let keys = LoadKeys {
-                    group: id.group(),
+                    group: crate::redis_store::group(id),
                     id: Some(*id),
                     live: None,
                     failed_checks: if failed_checks {
@@ -1843,7 +1843,7 @@ impl Verifier {
         let phone = request.phone;
         let lane = shared.clients.priority(client);
         let keys = LoadKeys {
-            group: VerificationId::group_of(&phone),
+            group: crate::redis_store::phone_group(&phone),
             id: None,
             live: Some((phone.as_u64(), client)),
             failed_checks: FailedChecksOf::None,
