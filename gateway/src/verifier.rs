@@ -24,7 +24,7 @@ use crate::queue::{Job, PushError, Queue};
 use crate::ratelimit::LimitKind;
 use crate::ratelimit::Limiters;
 use crate::receipt::{ReceiptIndex, ReceiptStatus};
-use crate::redis_store::{
+use crate::store::redis::{
     Commit, Committed, FailedChecksOf, IdempotencyHolder, LiveWrite, LoadKeys, RedisStore,
     StoreError,
 };
@@ -760,7 +760,7 @@ impl Verifier {
             let recorded = loop {
                 let preloaded = snapshot.take().map(|snapshot| {
                     let (revision, record) = *snapshot;
-                    crate::redis_store::Loaded {
+                    crate::store::redis::Loaded {
                         live: None,
                         record: Some((revision, record)),
                         failed_checks: None,
@@ -1424,7 +1424,7 @@ impl Verifier {
             }
             Some(redis) => {
                 let keys = LoadKeys {
-                    group: crate::redis_store::group(id),
+                    group: crate::store::redis::group(id),
                     id: Some(*id),
                     live: None,
                     failed_checks: if failed_checks {
@@ -1465,7 +1465,7 @@ impl Verifier {
         &self,
         redis: &RedisStore,
         keys: LoadKeys,
-        mut preloaded: Option<crate::redis_store::Loaded>,
+        mut preloaded: Option<crate::store::redis::Loaded>,
         mut body: impl FnMut(&Verifier, &mut Shard, Millis) -> Result<T, ApiError>,
     ) -> Result<(T, Deferred), ApiError> {
         let shared = &*self.shared;
@@ -1497,7 +1497,7 @@ impl Verifier {
                     .ended_ms
                     .is_some_and(|ended| now >= ended + retention_ms);
                 if !gone {
-                    let blob = crate::redis_store::encode_record(&record)
+                    let blob = crate::store::redis::encode_record(&record)
                         .map_err(|error| self.unavailable(error))?;
                     before = Some((revision, blob));
                     phone = Some(record.phone.as_u64());
@@ -1532,7 +1532,7 @@ impl Verifier {
             // The one record the call may write: the one it read, or one it created.
             let mut changed = None;
             for (id, record) in &shard.records {
-                let blob = crate::redis_store::encode_record(record)
+                let blob = crate::store::redis::encode_record(record)
                     .map_err(|error| self.unavailable(error))?;
                 let same =
                     Some(*id) == loaded_id && before.as_ref().is_some_and(|(_, old)| *old == blob);
@@ -1843,7 +1843,7 @@ impl Verifier {
         let phone = request.phone;
         let lane = shared.clients.priority(client);
         let keys = LoadKeys {
-            group: crate::redis_store::phone_group(&phone),
+            group: crate::store::redis::phone_group(&phone),
             id: None,
             live: Some((phone.as_u64(), client)),
             failed_checks: FailedChecksOf::None,
@@ -1925,7 +1925,7 @@ impl Verifier {
             shared.metrics.run_upkeep();
             return;
         }
-        for group in 0..crate::redis_store::GROUPS {
+        for group in 0..crate::store::redis::GROUPS {
             let due = match redis.due(group, now, SWEEP_BATCH).await {
                 Ok(due) => due,
                 Err(error) => {
@@ -1947,7 +1947,7 @@ impl Verifier {
             }
         }
         // SMS still queued past their clients' thresholds: tell the clients, with an ETA.
-        for group in 0..crate::redis_store::GROUPS {
+        for group in 0..crate::store::redis::GROUPS {
             let Ok(due) = redis.due_delays(group, now, SWEEP_BATCH).await else {
                 return;
             };
