@@ -144,6 +144,39 @@ pub struct DeliveryView {
 // === impl Verification ===
 
 impl Verification {
+    /// A new pending verification whose first SMS is queued.
+    pub fn new(
+        phone: Phone,
+        client: ClientId,
+        code: StoredCode,
+        lane: u8,
+        extras: Option<Box<Extras>>,
+        now: Millis,
+        policy: &VerificationPolicy,
+    ) -> Verification {
+        Verification {
+            phone,
+            client,
+            status: Status::Pending,
+            failure: None,
+            delivery: DeliveryState::Queued,
+            carrier: None,
+            carrier_message_id: None,
+            delivery_attempts: 0,
+            sends: 1,
+            attempts_left: policy.max_attempts,
+            code,
+            created_ms: now,
+            fixed_expiry_ms: None,
+            resend_after_ms: now + Verification::cooldown_ms(1, policy),
+            ended_ms: None,
+            lane,
+            queue_ticket: 0,
+            extras,
+            version: 0,
+        }
+    }
+
     pub fn is_pending(&self) -> bool {
         self.status == Status::Pending
     }

@@ -28,6 +28,8 @@
 //! send limit on Redis's clock, writes the record, the live index, the failed checks and the
 //! deadline, and adds or acknowledges the SMS job, all in one step.
 
+pub mod backend;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -43,7 +45,7 @@ use crate::ids::{AckToken, CarrierId, ClientId, VerificationId, shard_byte};
 use crate::otp::StoredCode;
 use crate::phone::Phone;
 use crate::queue::Job;
-use crate::store::{DeadlineWrite, FailedChecks};
+use crate::store::effects::{DeadlineWrite, FailedChecks};
 use crate::sync::lock;
 use crate::verification::{DeliveryState, Extras, FailureReason, Status, Verification};
 
