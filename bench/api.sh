@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# API throughput benchmark: the gateway end to end against a bare hyper server (DESIGN.md section 7).
+# API throughput benchmark: the gateway end to end against a bare hyper server (docs/DESIGN.md section 7).
 #
 # wrk drives POST /v1/verifications, a new valid phone number every request, over keep-alive
 # connections, first through the whole gateway pipeline to the loadgen sink (a fast fake HTTP

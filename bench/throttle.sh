@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Throttled-carrier benchmark (DESIGN.md section 7, carrier pacing): COUNT SMS (3,000) through
+# Throttled-carrier benchmark (docs/DESIGN.md section 7, carrier pacing): COUNT SMS (3,000) through
 # an HTTP carrier capped at CAPACITY SMS a second (200) that answers 429 above it.
 # The ideal is COUNT / CAPACITY seconds (15 s); Kannel 1.4.5 needs about 180 s for the same
 # over SMPP, because it parks throttled messages for a minute.

@@ -65,11 +65,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         .carriers
         .iter()
         .any(|(_, breaker)| breaker.state(now) != BreakerState::Open);
-    // The redis back-end: asked now, so readiness follows Redis going away and coming back.
-    let store_ok = match state.verifier.redis() {
-        None => true,
-        Some(redis) => redis.ping().await,
-    };
+    // Asked now, so readiness follows a store going away and coming back.
+    let store_ok = state.verifier.backend().is_up().await;
     let ready = accepting && queue_ok && carriers_ok && store_ok;
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
@@ -77,7 +74,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             "accepting": accepting,
             "queue": {"ok": queue_ok, "depth": depth, "capacity": capacity},
             "carriers": {"ok": carriers_ok, "each": carriers},
-            "store": {"ok": store_ok, "kind": if state.verifier.redis().is_some() { "redis" } else { "embedded" }},
+            "store": {"ok": store_ok, "kind": state.verifier.backend().kind()},
         }
     });
     let status = if ready {

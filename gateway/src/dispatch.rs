@@ -34,10 +34,10 @@ use tokio::task::JoinSet;
 use crate::breaker::{Breaker, Permit};
 use crate::carrier::{Connector, OutboundSms, SubmitError};
 use crate::config::CarrierConfig;
+use crate::ids::CarrierId;
 use crate::metrics::{CarrierMetrics, SubmitOutcome};
 use crate::pace::AdaptivePace;
 use crate::queue::Job;
-use crate::verification::CarrierId;
 use crate::verifier::{Completion, Prepared, Verifier};
 
 /// Longest pause after a throttle answer before the job is offered again.
@@ -128,9 +128,9 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
                     continue;
                 }
-                if verifier.redis().is_some() {
-                    // On Redis, preparing a job takes round trips: each runs inside its own
-                    // submit future, so the window's worth of jobs prepare at once.
+                if verifier.backend().is_remote() {
+                    // Preparing a job takes round trips: each runs inside its own submit
+                    // future, so the window's worth of jobs prepare at once.
                     next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
                     in_flight.push(Box::pin(prepare_and_submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job)));
                     carrier.metrics.set_in_flight(in_flight.len());

@@ -168,7 +168,7 @@ impl IntoResponse for ApiError {
 
 impl From<crate::ratelimit::Rejection> for ApiError {
     fn from(rejection: crate::ratelimit::Rejection) -> ApiError {
-        use crate::metrics::LimitKind;
+        use crate::ratelimit::LimitKind;
         let (code, message) = match rejection.limit {
             LimitKind::Phone => (
                 "rate_limited_phone",

@@ -19,6 +19,8 @@ pub mod clock;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod http_client;
+pub mod ids;
 pub mod metrics;
 pub mod otp;
 pub mod pace;
@@ -26,7 +28,6 @@ pub mod phone;
 pub mod queue;
 pub mod ratelimit;
 pub mod receipt;
-pub mod redis_store;
 pub mod routes;
 pub mod routing;
 pub mod server;
@@ -34,6 +35,7 @@ pub mod shutdown;
 pub mod sms;
 pub mod sms_wire;
 pub mod store;
+pub mod sync;
 pub mod verification;
 pub mod verifier;
 pub mod webhook;
@@ -150,7 +152,7 @@ pub async fn run(
     let redis = match &config.store {
         config::StoreKind::Embedded => None,
         config::StoreKind::Redis(redis_config) => Some(
-            redis_store::RedisStore::connect(redis_config, &lanes)
+            store::redis::RedisStore::connect(redis_config, &lanes)
                 .await
                 .map_err(|error| anyhow::anyhow!("redis: {error}"))?,
         ),
@@ -219,8 +221,8 @@ pub async fn run(
                 .clamp(64, 20_000);
             // Every task of the gateway ends with `run`, even when `run` is dropped mid-way (a
             // test's stand-in for a crash), as they would with the process.
-            Some(AbortOnDropHandle::new(tokio::spawn(redis_store::feed(
-                redis_store::Feed {
+            Some(AbortOnDropHandle::new(tokio::spawn(store::redis::feed(
+                store::redis::Feed {
                     store: redis.clone(),
                     queue: queue.clone(),
                     webhooks: webhooks.clone(),

@@ -71,17 +71,6 @@ pub enum Started {
     Replayed,
 }
 
-/// The limits that can turn a request away: the closed set behind the `limit` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitKind {
-    Phone,
-    Ip,
-    Client,
-    FailedChecks,
-    ResendCooldown,
-    Country,
-}
-
 /// Why a queued SMS was dropped or refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueDrop {
@@ -613,7 +602,7 @@ impl Metrics {
             .iter()
             .map(|name| {
                 let client = || Label::new("client", name.clone());
-                let events: Vec<Counter> = crate::webhook::EventKind::ALL
+                let events: Vec<Counter> = crate::verification::EventKind::ALL
                     .iter()
                     .map(|kind| {
                         r.counter(
@@ -712,7 +701,7 @@ impl Metrics {
         self.shared.store_up.set(if up { 1.0 } else { 0.0 });
     }
 
-    pub fn rejected(&self, limit: LimitKind) {
+    pub fn rejected(&self, limit: crate::ratelimit::LimitKind) {
         self.shared.rejections[limit as usize].increment(1);
     }
 
@@ -872,7 +861,7 @@ impl std::fmt::Debug for CarrierMetrics {
 // === impl WebhookMetrics ===
 
 impl WebhookMetrics {
-    pub fn event(&self, kind: crate::webhook::EventKind) {
+    pub fn event(&self, kind: crate::verification::EventKind) {
         self.events[kind as usize].increment(1);
     }
 

@@ -18,8 +18,8 @@ use rand::Rng;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
+use crate::ids::VerificationId;
 use crate::phone::Phone;
-use crate::store::VerificationId;
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -22,9 +22,8 @@ use rand::Rng;
 use tokio::sync::Notify;
 
 use crate::clock::Millis;
+use crate::ids::{CarrierId, VerificationId};
 use crate::routing::CarrierSet;
-use crate::store::VerificationId;
-use crate::verification::CarrierId;
 
 /// One SMS to send.
 #[derive(Debug, Clone)]
@@ -50,14 +49,53 @@ pub struct Job {
     /// How often the avoided carrier has passed the job on; past a few passes it sends it
     /// itself, so a job never waits for a carrier that is not coming.
     pub passes: u8,
-    /// Its entry in the redis back-end's stream, acknowledged when the job ends.
-    pub entry: Option<crate::redis_store::StreamEntry>,
-    /// The verification as the redis back-end wrote it when the job was prepared, and its
-    /// revision: the carrier's answer is recorded on it without reading it again.
+    /// What its back-end needs to acknowledge it when it ends (on Redis, its stream entry).
+    pub entry: Option<crate::ids::AckToken>,
+    /// The verification as the back-end wrote it when the job was prepared, and its revision,
+    /// when the back-end reads before it writes (Redis): the carrier's answer is recorded on it
+    /// without reading it again.
     pub snapshot: Option<Box<(u64, crate::verification::Verification)>>,
 }
 
 impl Job {
+    /// The job of a verification's first SMS.
+    pub fn first(
+        id: VerificationId,
+        lane: u8,
+        deadline_ms: Millis,
+        carriers: CarrierSet,
+        now: Millis,
+    ) -> Job {
+        Job::resend(id, 1, lane, deadline_ms, carriers, None, now)
+    }
+
+    /// The job of send `send_no`, avoiding the carrier that sent the previous SMS if another
+    /// may take it.
+    pub fn resend(
+        id: VerificationId,
+        send_no: u8,
+        lane: u8,
+        deadline_ms: Millis,
+        carriers: CarrierSet,
+        avoid_carrier: Option<CarrierId>,
+        now: Millis,
+    ) -> Job {
+        Job {
+            id,
+            send_no,
+            lane,
+            deadline_ms,
+            seq: 0,
+            enqueued_ms: now,
+            attempts: 0,
+            carriers,
+            avoid_carrier,
+            passes: 0,
+            entry: None,
+            snapshot: None,
+        }
+    }
+
     /// The carriers to wake for it: those eligible, less the one it avoids unless it is the only
     /// one.
     fn wanted_carriers(&self) -> CarrierSet {
@@ -389,12 +427,7 @@ impl Queue {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the heap half-updated in a way that
-        // matters more than losing the gateway, so poisoning is ignored.
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.shared.state)
     }
 }
 

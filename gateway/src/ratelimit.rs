@@ -19,8 +19,18 @@ use governor::{Quota, RateLimiter};
 
 use crate::clock::Clock;
 use crate::config::{ClientConfig, Limits, Rule};
-use crate::metrics::LimitKind;
-use crate::verification::ClientId;
+use crate::ids::ClientId;
+
+/// The limits that can turn a request away: the closed set behind the `limit` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Phone,
+    Ip,
+    Client,
+    FailedChecks,
+    ResendCooldown,
+    Country,
+}
 
 type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, Clock, NoOpMiddleware<Nanos>>;
 type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, NoOpMiddleware<Nanos>>;
@@ -149,7 +159,7 @@ impl Limiters {
     pub fn housekeep(&self) -> (usize, usize) {
         let now = self.clock.elapsed();
         let due = |last: &Mutex<Option<Duration>>, every: Duration| {
-            let mut last = last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut last = crate::sync::lock(last);
             let is_due = last.is_none_or(|last| now >= last + every);
             if is_due {
                 *last = Some(now);

@@ -5,16 +5,22 @@
 //! receipt `a1f3`, or hex in one and decimal in the other (SMPP carriers commonly do both). An
 //! id is therefore reduced to its possible *readings*: a number when it is all digits (decimal)
 //! or all hex digits (optionally `0x`-prefixed), leading zeros and case aside; otherwise its
-//! lowercased text. Every reading of the id a carrier accepted an SMS with is indexed, and a
-//! receipt matches if any of its readings is.
+//! lowercased text.
+//!
+//! [`index_readings`] is the one matching rule, which both back-ends keep: an accepted id is
+//! indexed under every reading; its *own* reading (the first, most likely one) replaces whatever
+//! held that key, while its other readings only fill keys nobody holds. A receipt tries its own
+//! readings in turn, most likely first, and takes the first key it finds. So a receipt finds its
+//! SMS however the carrier spells the id, and of two SMS whose ids share a reading (`"256"`, and
+//! `"100"` read as hex) each keeps the reading that is its own.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::clock::Millis;
-use crate::store::VerificationId;
-use crate::verification::CarrierId;
+use crate::ids::{CarrierId, VerificationId};
+use crate::sync::lock;
 
 /// Shards of the index: receipts arrive from many carrier connections at once.
 const N_SHARDS: usize = 16;
@@ -46,7 +52,8 @@ pub struct ReceiptIndex {
 /// costs 24 bytes, which matters at a million live verifications. A collision could only point
 /// a receipt at another verification, and the engine checks the verification's own carrier and
 /// message id before it applies a receipt.
-type Shard = HashMap<u64, VerificationId>;
+/// The value says whether the key is the verification's own reading (see [`index_readings`]).
+type Shard = HashMap<u64, (VerificationId, bool)>;
 
 /// What a carrier said about an SMS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -91,6 +98,16 @@ pub fn readings(id: &str) -> Vec<Reading> {
     readings
 }
 
+/// The readings an accepted id is indexed under, each with whether it is the id's own (its
+/// first, most likely reading). The rule both back-ends keep: an own reading replaces whatever
+/// held its key; another reading only fills a key nobody holds.
+pub fn index_readings(id: &str) -> impl Iterator<Item = (Reading, bool)> {
+    readings(id)
+        .into_iter()
+        .enumerate()
+        .map(|(index, reading)| (reading, index == 0))
+}
+
 // === impl ReceiptIndex ===
 
 impl ReceiptIndex {
@@ -100,15 +117,17 @@ impl ReceiptIndex {
         }
     }
 
-    /// Remembers that `carrier` accepted an SMS of `verification` under `id`, by the id's most
-    /// likely reading only (decimal when it is all digits). A receipt tries each of its own
-    /// readings in turn, most likely first, so both spellings still meet; and two different
-    /// ids never claim one key (`"256"` and `"100"`, which is 0x100, would otherwise both be
-    /// 256).
+    /// Remembers that `carrier` accepted an SMS of `verification` under `id`, by the rule of
+    /// [`index_readings`].
     pub fn insert(&self, carrier: CarrierId, id: &str, verification: VerificationId) {
-        if let Some(reading) = readings(id).into_iter().next() {
+        for (reading, own) in index_readings(id) {
             let key = key(carrier, &reading);
-            self.shard(key).insert(key, verification);
+            let mut shard = self.shard(key);
+            if own {
+                shard.insert(key, (verification, true));
+            } else {
+                shard.entry(key).or_insert((verification, false));
+            }
         }
     }
 
@@ -116,7 +135,9 @@ impl ReceiptIndex {
     pub fn find(&self, carrier: CarrierId, id: &str) -> Option<VerificationId> {
         readings(id).into_iter().find_map(|reading| {
             let key = key(carrier, &reading);
-            self.shard(key).get(&key).copied()
+            self.shard(key)
+                .get(&key)
+                .map(|(verification, _)| *verification)
         })
     }
 
@@ -125,7 +146,7 @@ impl ReceiptIndex {
         let mut n_left = 0;
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
-            shard.retain(|_, verification| keep(verification));
+            shard.retain(|_, (verification, _)| keep(verification));
             n_left += shard.len();
         }
         n_left
@@ -290,12 +311,6 @@ fn key(carrier: CarrierId, reading: &Reading) -> u64 {
     hasher.finish()
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -341,6 +356,24 @@ mod tests {
         // "256" is read as decimal first: the first SMS, not the second's 0x100.
         assert_eq!(index.find(0, "256"), Some(first));
         assert_eq!(index.find(0, "100"), Some(second));
+        // In the other order too: an own reading takes its key from another id's other reading.
+        let index = ReceiptIndex::new();
+        index.insert(0, "100", second);
+        index.insert(0, "256", first);
+        assert_eq!(index.find(0, "256"), Some(first));
+        assert_eq!(index.find(0, "0x100"), Some(first));
+        assert_eq!(index.find(0, "100"), Some(second));
+        assert_eq!(index.find(0, "0100"), Some(second));
+    }
+
+    #[test]
+    fn an_id_read_both_ways_is_found_by_either_reading() {
+        let index = ReceiptIndex::new();
+        let sms = verification();
+        // All digits, so also hex: 0x1234 is 4660, which a receipt may send in decimal.
+        index.insert(0, "1234", sms);
+        assert_eq!(index.find(0, "1234"), Some(sms));
+        assert_eq!(index.find(0, "4660"), Some(sms));
     }
 
     #[test]

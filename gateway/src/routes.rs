@@ -20,10 +20,10 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
+use crate::ids::VerificationId;
 use crate::metrics::{Route, Started};
 use crate::phone::{Phone, PhoneError};
 use crate::receipt::ReceiptStatus;
-use crate::store::VerificationId;
 use crate::verifier::{NewVerification, ReceiptMatch, Verifier};
 
 /// Every API route, as `(method, path template)`: the OpenAPI document must list exactly these.

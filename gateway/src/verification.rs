@@ -13,15 +13,9 @@ use serde::Serialize;
 
 use crate::clock::{Millis, rfc3339};
 use crate::config::VerificationPolicy;
+use crate::ids::{CarrierId, ClientId, VerificationId};
 use crate::otp::StoredCode;
 use crate::phone::Phone;
-use crate::store::VerificationId;
-
-/// Index of a client in the config (0 is the anonymous client when none is configured).
-pub type ClientId = u16;
-
-/// Index of a carrier in the config.
-pub type CarrierId = u8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -48,6 +42,40 @@ pub enum DeliveryState {
 pub enum FailureReason {
     TooManyAttempts,
     Undeliverable,
+}
+
+/// The kinds of webhook event a verification's changes raise, in the order of the `event` label's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Delayed,
+    Submitted,
+    Delivered,
+    Failed,
+    Approved,
+    Expired,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 6] = [
+        EventKind::Delayed,
+        EventKind::Submitted,
+        EventKind::Delivered,
+        EventKind::Failed,
+        EventKind::Approved,
+        EventKind::Expired,
+    ];
+
+    /// The event's `type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Delayed => "verification.delayed",
+            EventKind::Submitted => "verification.submitted",
+            EventKind::Delivered => "verification.delivered",
+            EventKind::Failed => "verification.failed",
+            EventKind::Approved => "verification.approved",
+            EventKind::Expired => "verification.expired",
+        }
+    }
 }
 
 /// Optional, rarely used request details, boxed so that most records pay one pointer for them.
@@ -116,6 +144,39 @@ pub struct DeliveryView {
 // === impl Verification ===
 
 impl Verification {
+    /// A new pending verification whose first SMS is queued.
+    pub fn new(
+        phone: Phone,
+        client: ClientId,
+        code: StoredCode,
+        lane: u8,
+        extras: Option<Box<Extras>>,
+        now: Millis,
+        policy: &VerificationPolicy,
+    ) -> Verification {
+        Verification {
+            phone,
+            client,
+            status: Status::Pending,
+            failure: None,
+            delivery: DeliveryState::Queued,
+            carrier: None,
+            carrier_message_id: None,
+            delivery_attempts: 0,
+            sends: 1,
+            attempts_left: policy.max_attempts,
+            code,
+            created_ms: now,
+            fixed_expiry_ms: None,
+            resend_after_ms: now + Verification::cooldown_ms(1, policy),
+            ended_ms: None,
+            lane,
+            queue_ticket: 0,
+            extras,
+            version: 0,
+        }
+    }
+
     pub fn is_pending(&self) -> bool {
         self.status == Status::Pending
     }

@@ -31,8 +31,6 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector as TcpConnector;
 use rand::Rng;
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -40,44 +38,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, Millis, rfc3339};
 use crate::config::{ClientConfig, HttpVersion, WebhookPolicy};
+use crate::http_client::PooledClient;
+use crate::ids::{AckToken, ClientId, VerificationId};
 use crate::metrics::{Metrics, WebhookMetrics, WebhookOutcome};
-use crate::redis_store::StreamEntry;
-use crate::store::{VerificationId, lock};
-use crate::verification::{ClientId, View};
-
-/// The kinds of event, in the order of the `event` label's values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Delayed,
-    Submitted,
-    Delivered,
-    Failed,
-    Approved,
-    Expired,
-}
-
-impl EventKind {
-    pub const ALL: [EventKind; 6] = [
-        EventKind::Delayed,
-        EventKind::Submitted,
-        EventKind::Delivered,
-        EventKind::Failed,
-        EventKind::Approved,
-        EventKind::Expired,
-    ];
-
-    /// The event's `type`.
-    pub fn name(self) -> &'static str {
-        match self {
-            EventKind::Delayed => "verification.delayed",
-            EventKind::Submitted => "verification.submitted",
-            EventKind::Delivered => "verification.delivered",
-            EventKind::Failed => "verification.failed",
-            EventKind::Approved => "verification.approved",
-            EventKind::Expired => "verification.expired",
-        }
-    }
-}
+use crate::sync::lock;
+use crate::verification::{EventKind, View};
 
 /// The largest answer body read from a receiver; the rest is not waited for.
 const MAX_ANSWER_BYTES: usize = 16 * 1024;
@@ -105,12 +70,12 @@ struct Shared {
     /// Verifications to announce as delayed if their SMS is still queued when due:
     /// `(due, id, send number)`.
     delayed: Mutex<BinaryHeap<Reverse<(Millis, VerificationId, u8)>>>,
-    client: Client<hyper_rustls::HttpsConnector<TcpConnector>, Full<Bytes>>,
+    client: PooledClient,
     clock: Clock,
     metrics: Metrics,
     /// Events from the redis back-end's outbox streams that were delivered or given up, for
     /// the feeder to acknowledge there: `(group, entry)`.
-    finished: Mutex<Vec<(u8, StreamEntry)>>,
+    finished: Mutex<Vec<(u8, AckToken)>>,
 }
 
 /// An event, rendered: its id and body are fixed when it is raised, and stay the same on every
@@ -169,7 +134,7 @@ struct Delivery {
     created: Instant,
     attempts: u32,
     /// Its entry in a redis outbox stream, acknowledged once it is delivered or given up.
-    entry: Option<(u8, StreamEntry)>,
+    entry: Option<(u8, AckToken)>,
 }
 
 #[derive(Serialize)]
@@ -213,7 +178,7 @@ impl Webhooks {
         let concurrency_per_client = policy.concurrency.div_ceil(n_targets).max(1);
         let lines = clients.iter().map(|_| Line::default()).collect();
         let client =
-            crate::carrier::pooled_client(policy.timeout, policy.concurrency, HttpVersion::Auto)?;
+            crate::http_client::pooled(policy.timeout, policy.concurrency, HttpVersion::Auto)?;
         Ok(Webhooks {
             shared: Arc::new(Shared {
                 targets,
@@ -285,7 +250,7 @@ impl Webhooks {
     pub fn enqueue(
         &self,
         event: RenderedEvent,
-        entry: Option<(u8, StreamEntry)>,
+        entry: Option<(u8, AckToken)>,
         now: Millis,
     ) -> bool {
         let Some(target) = self.target(event.client) else {
@@ -335,12 +300,12 @@ impl Webhooks {
     }
 
     /// Puts back finished events whose acknowledgement failed, to try again.
-    pub fn refinish(&self, entries: impl IntoIterator<Item = (u8, StreamEntry)>) {
+    pub fn refinish(&self, entries: impl IntoIterator<Item = (u8, AckToken)>) {
         lock(&self.shared.finished).extend(entries);
     }
 
     /// Events from redis outbox streams delivered or given up since the last call.
-    pub fn take_finished(&self) -> Vec<(u8, StreamEntry)> {
+    pub fn take_finished(&self) -> Vec<(u8, AckToken)> {
         std::mem::take(&mut *lock(&self.shared.finished))
     }
 
@@ -538,19 +503,13 @@ impl Webhooks {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
-        self.shared
-            .outbox
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.shared.outbox)
     }
 
     fn lock_delayed(
         &self,
     ) -> std::sync::MutexGuard<'_, BinaryHeap<Reverse<(Millis, VerificationId, u8)>>> {
-        self.shared
-            .delayed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.shared.delayed)
     }
 }
 

@@ -10,13 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector as TcpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
 
 use super::{Accepted, FailureKind, OutboundSms, SubmitError};
 use crate::config::HttpVersion;
+use crate::http_client::PooledClient;
 
 /// A carrier reached over HTTP.
 #[derive(Debug)]
@@ -26,7 +24,7 @@ pub struct HttpConnector {
     /// The carrier's configured headers (its auth), marked sensitive so they never print.
     headers: http::HeaderMap,
     timeout: Duration,
-    client: Client<hyper_rustls::HttpsConnector<TcpConnector>, Full<Bytes>>,
+    client: PooledClient,
 }
 
 #[derive(Serialize)]
@@ -45,50 +43,6 @@ struct AcceptBody {
 
 /// The largest carrier answer read: a carrier that sends more is broken or hostile.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-
-/// The pooled HTTP client both carriers and webhooks are reached with: keep-alive connections
-/// (up to `max_idle` kept per host), TLS by rustls with the webpki roots, and HTTP/1.1 or
-/// HTTP/2 as `version` says.
-pub(crate) fn pooled_client(
-    connect_timeout: Duration,
-    max_idle: usize,
-    version: HttpVersion,
-) -> Result<Client<hyper_rustls::HttpsConnector<TcpConnector>, Full<Bytes>>, std::io::Error> {
-    let mut tcp = TcpConnector::new();
-    tcp.enforce_http(false);
-    tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(connect_timeout.min(Duration::from_secs(5))));
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(std::io::Error::other)?
-    .with_root_certificates(rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    })
-    .with_no_client_auth();
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http();
-    let connector = match version {
-        HttpVersion::Http1 => builder.enable_http1().wrap_connector(tcp),
-        HttpVersion::Auto | HttpVersion::Http2 => builder.enable_all_versions().wrap_connector(tcp),
-    };
-    let mut client = Client::builder(TokioExecutor::new());
-    client
-        .pool_max_idle_per_host(max_idle)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new());
-    if version == HttpVersion::Http2 {
-        client
-            .http2_only(true)
-            .http2_adaptive_window(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_while_idle(true);
-    }
-    Ok(client.build(connector))
-}
 
 /// Whether the carrier answered something that is not HTTP, rather than no answer at all.
 fn is_parse_error(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -111,7 +65,7 @@ impl HttpConnector {
         window: usize,
         version: HttpVersion,
     ) -> Result<HttpConnector, std::io::Error> {
-        let client = pooled_client(timeout, window, version)?;
+        let client = crate::http_client::pooled(timeout, window, version)?;
         let mut header_map = http::HeaderMap::with_capacity(headers.len() + 2);
         for (header_name, mut value) in headers {
             value.set_sensitive(true);

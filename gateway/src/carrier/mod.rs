@@ -20,7 +20,6 @@ use crate::sms::SmsText;
 
 pub use self::console::ConsoleConnector;
 pub use self::http::HttpConnector;
-pub(crate) use self::http::pooled_client;
 pub use self::smpp::{ReceiptSink, SmppConnector};
 
 /// One SMS, ready for a carrier. Its text holds the code, so it never prints.

@@ -56,6 +56,7 @@ use crate::config::{BindMode, SmppSettings};
 use crate::metrics::CarrierMetrics;
 use crate::receipt::ReceiptStatus;
 use crate::sms_wire;
+use crate::sync::lock;
 
 /// Applies a receipt (carrier message id, status) and says whether it was taken.
 pub type ReceiptSink =
@@ -711,12 +712,6 @@ fn tls_connector(
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Role {

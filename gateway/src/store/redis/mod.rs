@@ -28,6 +28,8 @@
 //! send limit on Redis's clock, writes the record, the live index, the failed checks and the
 //! deadline, and adds or acknowledges the SMS job, all in one step.
 
+pub mod backend;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -39,16 +41,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
 use crate::config::{RedisConfig, Rule};
+use crate::ids::{AckToken, CarrierId, ClientId, VerificationId, shard_byte};
 use crate::otp::StoredCode;
 use crate::phone::Phone;
 use crate::queue::Job;
-use crate::store::{FailedChecks, VerificationId, lock};
-use crate::verification::{
-    CarrierId, ClientId, DeliveryState, Extras, FailureReason, Status, Verification,
-};
+use crate::store::effects::{DeadlineWrite, FailedChecks};
+use crate::sync::lock;
+use crate::verification::{DeliveryState, Extras, FailureReason, Status, Verification};
 
 /// Hash-tag groups: a verification's keys and its lane's stream share one.
 pub const GROUPS: u8 = 16;
+
+/// The hash-tag group of a verification (and of its phone).
+pub fn group(id: &VerificationId) -> u8 {
+    id.shard_byte() % GROUPS
+}
+
+/// The hash-tag group of every verification of `phone`.
+pub fn phone_group(phone: &Phone) -> u8 {
+    shard_byte(phone) % GROUPS
+}
 
 /// How long a claimed `Idempotency-Key` waits for its request to settle it.
 const IDEMPOTENCY_CLAIM: Duration = Duration::from_secs(30);
@@ -166,7 +178,7 @@ impl LoadKeys {
     /// The record `id`, nothing else.
     pub fn record(id: VerificationId) -> LoadKeys {
         LoadKeys {
-            group: id.group(),
+            group: group(&id),
             id: Some(id),
             live: None,
             failed_checks: FailedChecksOf::None,
@@ -202,7 +214,7 @@ pub struct Commit {
     pub failed_checks: Option<(u64, Option<FailedChecks>, Duration)>,
     pub deadline: DeadlineWrite,
     pub push: Option<Job>,
-    pub ack: Option<(u8, StreamEntry)>,
+    pub ack: Option<(u8, AckToken)>,
     /// The phone's send rules, when this commit spends one send of them.
     pub phone_limit: Option<(u64, Vec<Rule>)>,
     /// Webhook events the change raises: added to the group's outbox stream with it.
@@ -214,7 +226,7 @@ pub struct Commit {
     pub unwatch_delay: Option<u8>,
     /// The job's stream entry, which must still be pending to this instance (another may
     /// have taken it over); refreshed as held.
-    pub owns: Option<(u8, StreamEntry)>,
+    pub owns: Option<(u8, AckToken)>,
     /// The failed checks as read, checked unchanged (`Some(None)`: absent).
     pub expected_failed_checks: Option<Option<FailedChecks>>,
     pub clock_offset_ms: i64,
@@ -227,14 +239,6 @@ pub enum LiveWrite {
     Set(VerificationId),
     /// Removed if it still names this verification.
     Remove(VerificationId),
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub enum DeadlineWrite {
-    #[default]
-    Keep,
-    At(Millis),
-    Remove,
 }
 
 /// How a `COMMIT` went.
@@ -358,7 +362,8 @@ impl RedisStore {
 
     /// Forgets a stream entry this instance held: it was acknowledged, or let go for another
     /// instance (or this one, later) to take over.
-    pub fn release(&self, entry: StreamEntry) {
+    pub fn release(&self, token: AckToken) {
+        let entry = StreamEntry::from(token);
         lock(&self.shared.held).remove(&entry);
     }
 
@@ -480,7 +485,7 @@ impl RedisStore {
     }
 
     fn record_key(&self, id: &VerificationId) -> String {
-        self.tagged(id.group(), format_args!("v:{id}"))
+        self.tagged(group(id), format_args!("v:{id}"))
     }
 
     fn placeholder(&self, group: u8) -> String {
@@ -653,11 +658,9 @@ impl RedisStore {
         };
         invocation
             .arg(commit.push.as_ref().map_or_else(String::new, encode_job))
-            .arg(
-                commit
-                    .ack
-                    .map_or_else(String::new, |(_, entry)| entry.to_string()),
-            )
+            .arg(commit.ack.map_or_else(String::new, |(_, entry)| {
+                StreamEntry::from(entry).to_string()
+            }))
             .arg(CONSUMER_GROUP)
             .arg(rules)
             .arg(commit.clock_offset_ms)
@@ -672,11 +675,9 @@ impl RedisStore {
                     .unwatch_delay
                     .map_or_else(String::new, |send| format!("{member}:{send}")),
             )
-            .arg(
-                commit
-                    .owns
-                    .map_or_else(String::new, |(_, entry)| entry.to_string()),
-            )
+            .arg(commit.owns.map_or_else(String::new, |(_, entry)| {
+                StreamEntry::from(entry).to_string()
+            }))
             .arg(&self.shared.consumer)
             .arg(match commit.expected_failed_checks {
                 None => "*".to_owned(),
@@ -1086,7 +1087,7 @@ impl RedisStore {
         };
         match job {
             Some(mut job) => {
-                job.entry = Some(entry);
+                job.entry = Some(entry.into());
                 jobs.push(StreamJob {
                     group,
                     lane,
@@ -1252,7 +1253,7 @@ impl RedisStore {
                 match self.keep(self.stream_key(group, lane), chunk).await {
                     Ok(lost) => {
                         for entry in lost {
-                            self.release(entry);
+                            self.release(entry.into());
                         }
                     }
                     Err(error) => tracing::debug!(%error, "keeping held SMS jobs claimed failed"),
@@ -1381,7 +1382,7 @@ fn event_of(
         entry,
         crate::webhook::RenderedEvent {
             client: text("c")?.parse().ok()?,
-            kind: *crate::webhook::EventKind::ALL.get(kind)?,
+            kind: *crate::verification::EventKind::ALL.get(kind)?,
             id: text("i")?,
             body: field("b")?,
         },
@@ -1566,12 +1567,12 @@ async fn move_events(
 ) -> usize {
     let mut finished: HashMap<u8, Vec<StreamEntry>> = HashMap::new();
     for (group, entry) in webhooks.take_finished() {
-        finished.entry(group).or_default().push(entry);
+        finished.entry(group).or_default().push(entry.into());
     }
     for (group, entries) in finished {
         if let Err(error) = store.finish_events(group, &entries).await {
             tracing::debug!(%error, "acknowledging webhook events failed; trying again later");
-            webhooks.refinish(entries.into_iter().map(|entry| (group, entry)));
+            webhooks.refinish(entries.into_iter().map(|entry| (group, entry.into())));
         }
     }
     if matches!(source, Source::None) {
@@ -1579,7 +1580,7 @@ async fn move_events(
     }
     let mut taken = 0;
     for (group, entry, event) in std::mem::take(parked) {
-        if webhooks.enqueue(event.clone(), Some((group, entry)), clock.now_ms()) {
+        if webhooks.enqueue(event.clone(), Some((group, entry.into())), clock.now_ms()) {
             taken += 1;
         } else {
             parked.push((group, entry, event));
@@ -1608,7 +1609,7 @@ async fn move_events(
             }
             lock(&store.shared.held_events).insert(entry, group);
             // A full line parks it here until the line drains.
-            if webhooks.enqueue(event.clone(), Some((group, entry)), clock.now_ms()) {
+            if webhooks.enqueue(event.clone(), Some((group, entry.into())), clock.now_ms()) {
                 taken += 1;
             } else {
                 parked.push((group, entry, event));
@@ -1651,7 +1652,7 @@ fn push_all(store: &RedisStore, queue: &crate::queue::Queue, jobs: Vec<StreamJob
         if queue.push(job.job).is_err() {
             // Closed (shutting down) or full: the job stays pending in its stream, for
             // another instance to take over.
-            store.release(entry);
+            store.release(entry.into());
             return !queue.is_closed();
         }
     }
@@ -1685,6 +1686,18 @@ fn parse_failed(text: &str) -> Option<FailedChecks> {
 }
 
 // === impl StreamEntry ===
+
+impl From<StreamEntry> for AckToken {
+    fn from(entry: StreamEntry) -> AckToken {
+        AckToken(entry.0, entry.1)
+    }
+}
+
+impl From<AckToken> for StreamEntry {
+    fn from(token: AckToken) -> StreamEntry {
+        StreamEntry(token.0, token.1)
+    }
+}
 
 impl StreamEntry {
     pub fn parse(text: &str) -> Option<StreamEntry> {

@@ -1,0 +1,905 @@
+//! The verification engine: start, read, check, resend and cancel, the dispatcher's side of a
+//! send (prepare, complete), delivery receipts and the sweep.
+//!
+//! Each call is written once, over the store's [`Backend`]: it names the data it needs
+//! ([`Keys`]) and runs one of the rules of `rules.rs` on it; the back-end runs the rule where
+//! that data is safe to change (under a shard lock, or on a copy it commits back) and applies
+//! what the rule caused ([`crate::store::Effects`]). Nothing here knows which back-end it is.
+
+mod rules;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::carrier::OutboundSms;
+use crate::clock::Clock;
+use crate::config::{CarrierConfig, ClientConfig, Config, Rule, VerificationPolicy};
+use crate::error::ApiError;
+use crate::ids::{CarrierId, ClientId, VerificationId};
+use crate::metrics::{Ended, Metrics, Started};
+use crate::otp::CodeKeys;
+use crate::phone::Phone;
+use crate::queue::{Job, Queue};
+use crate::ratelimit::{LimitKind, Limiters};
+use crate::receipt::ReceiptStatus;
+use crate::routing::{CarrierSet, Routes};
+use crate::sms::Templates;
+use crate::store::embedded::{Embedded, EmbeddedParts};
+use crate::store::redis::RedisStore;
+use crate::store::redis::backend::{RedisBackend, RedisParts};
+use crate::store::{Backend, Claim, Keys, Outcome};
+use crate::verification::{DeliveryState, EventKind, View};
+use crate::webhook::Webhooks;
+
+/// The engine. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Verifier {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    policy: VerificationPolicy,
+    failed_checks_rule: Rule,
+    countries: crate::phone::CountryAllowList,
+    backend: Backend,
+    queue: Queue,
+    keys: CodeKeys,
+    clock: Clock,
+    metrics: Metrics,
+    templates: Templates,
+    clients: Clients,
+    carriers: Vec<CarrierInfo>,
+    /// Which carriers serve which numbers, and their configured paces (the basis of
+    /// `eta_seconds` and of the queue's admission).
+    routes: Routes,
+    /// Events to clients' webhooks.
+    webhooks: Webhooks,
+    /// Cleared when shutdown begins: new verifications are refused from then on.
+    accepting: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Clients {
+    by_key_hash: HashMap<[u8; 32], ClientId>,
+    names: Vec<String>,
+    priorities: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct CarrierInfo {
+    name: String,
+    from: Arc<str>,
+    receipt_url: Arc<str>,
+    receipt_token_sha256: Option<[u8; 32]>,
+}
+
+/// What became of a delivery receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptMatch {
+    /// It matched an SMS this carrier accepted.
+    Matched,
+    /// No SMS has this id yet: held until the carrier's submit answer names it (or counted as
+    /// unmatched after a while).
+    Held,
+    /// The SMS it names is gone (past retention).
+    Unmatched,
+}
+
+/// A start request, validated by the route.
+#[derive(Debug)]
+pub struct NewVerification {
+    pub phone: Phone,
+    pub region: Option<phonenumber::country::Id>,
+    /// The citizen's IP (the body's `client_ip`, else the peer address).
+    pub ip: IpAddr,
+    pub locale: Option<String>,
+    pub web_origin_host: Option<String>,
+    pub app_hash: Option<String>,
+    /// `(key, request fingerprint)` when the request carried an `Idempotency-Key`.
+    pub idempotency: Option<(String, u64)>,
+}
+
+/// The answer to a check.
+#[derive(Debug, serde::Serialize)]
+pub struct CheckAnswer {
+    pub valid: bool,
+    pub status: crate::verification::Status,
+    pub attempts_left: u8,
+}
+
+/// What the dispatcher does with a job it took from the queue.
+#[derive(Debug)]
+pub enum Prepared {
+    Send(OutboundSms),
+    Dropped,
+    /// The store did not answer: the job waits and is tried again.
+    Later,
+}
+
+/// A carrier's answer, as the engine records it.
+#[derive(Debug, Clone)]
+pub enum Completion {
+    Accepted {
+        carrier_message_id: Option<String>,
+    },
+    /// The job goes back in line (throttled or a temporary failure).
+    Retry,
+    Permanent,
+}
+
+/// A step of a start.
+#[derive(Debug)]
+enum StartStep {
+    Existing(View),
+    Created(View),
+    /// The live verification expired just now; that was written, now start over.
+    Again,
+    /// No live verification: the IP's limit is spent next, then the phone's with the write.
+    SpendIp,
+}
+
+/// Tries of a start whose phone another request keeps changing.
+const START_ROUNDS: usize = 16;
+/// Waits (20 ms each) for a request holding the same `Idempotency-Key` to finish.
+const IDEMPOTENCY_WAITS: usize = 250;
+/// The longest pause between tries to record a carrier's answer while the store is away (they
+/// double from 50 ms: about a minute in all).
+const COMPLETION_RETRY_MAX: Duration = Duration::from_secs(30);
+
+// === impl Verifier ===
+
+impl Verifier {
+    /// The engine over the embedded store, or over Redis when `redis` is given.
+    pub fn new(
+        config: &Config,
+        clock: Clock,
+        metrics: Metrics,
+        queue: Queue,
+        webhooks: Webhooks,
+        redis: Option<RedisStore>,
+    ) -> Verifier {
+        let secret = config.secret.clone().unwrap_or_else(|| {
+            let mut secret = vec![0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+            secret
+        });
+        let clients = Clients::new(&config.clients);
+        let anonymous_rate = Rule {
+            max: std::num::NonZeroU32::new(100_000).unwrap_or(std::num::NonZeroU32::MIN),
+            per: Duration::from_secs(1),
+        };
+        let limiters = Limiters::new(
+            &config.limits,
+            &config.clients,
+            anonymous_rate,
+            clock.clone(),
+        );
+        let backend = match redis {
+            None => Backend::Embedded(Embedded::new(EmbeddedParts {
+                limiters,
+                queue: queue.clone(),
+                webhooks: webhooks.clone(),
+                clock: clock.clone(),
+                retention: config.verification.retention,
+                idempotency_ttl: config.verification.idempotency_ttl,
+                failed_checks_window: config.limits.failed_checks_per_phone.per,
+            })),
+            Some(store) => Backend::Redis(RedisBackend::new(RedisParts {
+                store,
+                limiters,
+                has_clients: !config.clients.is_empty(),
+                queue: queue.clone(),
+                webhooks: webhooks.clone(),
+                clock: clock.clone(),
+                policy: config.verification.clone(),
+                failed_checks_rule: config.limits.failed_checks_per_phone,
+            })),
+        };
+        let carriers = config
+            .carriers
+            .iter()
+            .map(|carrier: &CarrierConfig| CarrierInfo {
+                name: carrier.name.clone(),
+                from: carrier.from.as_str().into(),
+                receipt_url: format!(
+                    "{}/v1/carriers/{}/receipts",
+                    config.public_url, carrier.name
+                )
+                .into(),
+                receipt_token_sha256: carrier.receipt_token_sha256,
+            })
+            .collect();
+        Verifier {
+            shared: Arc::new(Shared {
+                policy: config.verification.clone(),
+                failed_checks_rule: config.limits.failed_checks_per_phone,
+                countries: config.limits.countries.clone(),
+                backend,
+                queue,
+                keys: CodeKeys::new(&secret, config.verification.code_length),
+                clock,
+                metrics,
+                templates: config.templates.clone(),
+                clients,
+                carriers,
+                routes: Routes::new(&config.carriers),
+                webhooks,
+                accepting: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// The client an API key belongs to; with no clients configured, everyone is the anonymous
+    /// client.
+    pub fn authenticate(&self, bearer: Option<&str>) -> Result<ClientId, ApiError> {
+        let clients = &self.shared.clients;
+        if clients.by_key_hash.is_empty() {
+            return Ok(0);
+        }
+        let key = bearer.ok_or(ApiError::Unauthorized)?;
+        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()).into();
+        clients
+            .by_key_hash
+            .get(&hash)
+            .copied()
+            .ok_or(ApiError::Unauthorized)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.shared.clock
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.shared.queue
+    }
+
+    /// The store's back-end.
+    pub fn backend(&self) -> &Backend {
+        &self.shared.backend
+    }
+
+    pub fn code_length(&self) -> u8 {
+        self.shared.keys.length()
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.shared.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new verifications from now on (shutdown has begun).
+    pub fn stop_accepting(&self) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// Every lane (client priority) that can hold jobs.
+    pub fn lanes(config: &Config) -> Vec<u8> {
+        let mut lanes: Vec<u8> = config
+            .clients
+            .iter()
+            .map(|client| client.priority)
+            .collect();
+        if lanes.is_empty() {
+            lanes.push(0);
+        }
+        lanes.sort_unstable();
+        lanes.dedup();
+        lanes
+    }
+
+    // --- the frontend's calls ---
+
+    /// Starts a verification, or returns the live one of this phone and client.
+    pub async fn start(
+        &self,
+        client: ClientId,
+        request: NewVerification,
+    ) -> Result<(Started, View), ApiError> {
+        if !self.shared.backend.is_remote() {
+            return self.start_here(client, request).await;
+        }
+        // In a task of its own: a client that hangs up must not cancel a start between its
+        // write and its answer (the SMS would go, uncounted).
+        let verifier = self.clone();
+        tokio::spawn(async move { verifier.start_here(client, request).await })
+            .await
+            .unwrap_or(Err(ApiError::StoreUnavailable))
+    }
+
+    async fn start_here(
+        &self,
+        client: ClientId,
+        request: NewVerification,
+    ) -> Result<(Started, View), ApiError> {
+        let shared = &*self.shared;
+        if !self.is_accepting() {
+            return Err(ApiError::ShuttingDown);
+        }
+        if let Some(rejection) = shared.backend.limit_client(client).await? {
+            return Err(self.rejected(rejection));
+        }
+        if !shared.countries.allows(request.region) {
+            shared.metrics.rejected(LimitKind::Country);
+            return Err(ApiError::CountryNotAllowed);
+        }
+        let carriers = shared.routes.eligible_for(&request.phone);
+        if carriers == 0 {
+            return Err(ApiError::NumberNotServed);
+        }
+        let Some((key, fingerprint)) = request.idempotency.clone() else {
+            return self.start_claimed(client, &request, carriers).await;
+        };
+        for _ in 0..IDEMPOTENCY_WAITS {
+            match shared.backend.claim(client, &key, fingerprint).await? {
+                Claim::Claimed => {
+                    let result = self.start_claimed(client, &request, carriers).await;
+                    match &result {
+                        Ok((_, view)) => {
+                            if let Some(id) = VerificationId::parse(&view.id) {
+                                shared.backend.settle(client, &key, fingerprint, id).await;
+                            }
+                        }
+                        Err(_) => {
+                            // The key is free again; if that is not written, its claim runs out.
+                            let _ = shared.backend.release_key(client, &key).await;
+                        }
+                    }
+                    return result;
+                }
+                Claim::Done {
+                    fingerprint: held,
+                    id,
+                } => {
+                    if held != fingerprint {
+                        return Err(ApiError::IdempotencyMismatch);
+                    }
+                    let view = shared
+                        .backend
+                        .run(Keys::record(id), |shard, fx, now| {
+                            if !shard.records.contains_key(&id) {
+                                return Ok(None);
+                            }
+                            self.settle(shard, fx, &id, now);
+                            Ok(self.view_of(shard, &id, now))
+                        })
+                        .await?;
+                    match view {
+                        Some(view) => {
+                            shared.metrics.started(Started::Replayed);
+                            return Ok((Started::Replayed, view));
+                        }
+                        // Its verification is gone: the key is free again.
+                        None => shared.backend.release_key(client, &key).await?,
+                    }
+                }
+                Claim::Pending { fingerprint: held } => {
+                    if held != fingerprint {
+                        return Err(ApiError::IdempotencyMismatch);
+                    }
+                    // The first request with this key is still being served, maybe by another
+                    // instance: wait for its answer.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Err(ApiError::Overloaded {
+            message: "a request with this Idempotency-Key is still being served; try again",
+            retry_after: Duration::from_secs(1),
+        })
+    }
+
+    /// A start that holds its `Idempotency-Key`, if it has one.
+    async fn start_claimed(
+        &self,
+        client: ClientId,
+        request: &NewVerification,
+        carriers: CarrierSet,
+    ) -> Result<(Started, View), ApiError> {
+        let shared = &*self.shared;
+        let phone = request.phone;
+        let lane = shared.clients.priority(client);
+        // With no IP rule there is nothing to spend between reading and writing: one round.
+        let mut ip_spent = !shared.backend.has_ip_rules();
+        for _ in 0..START_ROUNDS {
+            let step = shared
+                .backend
+                .run(Keys::live(&phone, client), |shard, fx, now| {
+                    if let Some(id) = shard.live.get(&(phone.as_u64(), client)).copied() {
+                        let was_pending = shard.records.get(&id).is_some_and(|r| r.is_pending());
+                        self.settle(shard, fx, &id, now);
+                        if shard.records.get(&id).is_some_and(|r| r.is_pending()) {
+                            self.resend_if_due(shard, fx, &id, now);
+                            let view = self.view_of(shard, &id, now).ok_or(ApiError::NotFound)?;
+                            return Ok(StartStep::Existing(view));
+                        }
+                        if was_pending {
+                            // It just expired: that is written first, then the new one.
+                            return Ok(StartStep::Again);
+                        }
+                    }
+                    // The queue first (it spends nothing), then the IP, then the phone: a
+                    // limit is spent only when everything before it allowed the send. The
+                    // phone's budget is the one a citizen feels, so it is spent last; repeated
+                    // presses for a live verification never get here (they return the
+                    // existing one above).
+                    self.admit(lane, carriers)?;
+                    if !ip_spent {
+                        return Ok(StartStep::SpendIp);
+                    }
+                    let id = self.create(shard, fx, client, request, carriers, lane, now)?;
+                    let view = self.view_of(shard, &id, now).ok_or(ApiError::NotFound)?;
+                    Ok(StartStep::Created(view))
+                })
+                .await?;
+            match step {
+                StartStep::Existing(view) => {
+                    shared.metrics.started(Started::Existing);
+                    return Ok((Started::Existing, view));
+                }
+                StartStep::Created(view) => {
+                    shared.metrics.started(Started::Created);
+                    tracing::debug!(verification = %view.id, phone = %phone, client = %shared.clients.name(client), "verification started");
+                    return Ok((Started::Created, view));
+                }
+                StartStep::Again => {}
+                StartStep::SpendIp => {
+                    if let Some(rejection) = shared.backend.limit_ip(request.ip).await? {
+                        return Err(self.rejected(rejection));
+                    }
+                    ip_spent = true;
+                }
+            }
+        }
+        Err(ApiError::StoreUnavailable)
+    }
+
+    /// The verification as it is now, with its version for long-polls.
+    pub async fn get(
+        &self,
+        client: ClientId,
+        id: &VerificationId,
+    ) -> Result<(View, u32), ApiError> {
+        self.shared
+            .backend
+            .run(Keys::record(*id), |shard, fx, now| {
+                self.owned(shard, client, id)?;
+                self.settle(shard, fx, id, now);
+                let version = shard.records.get(id).map_or(0, |record| record.version);
+                let view = self.view_of(shard, id, now).ok_or(ApiError::NotFound)?;
+                Ok((view, version))
+            })
+            .await
+    }
+
+    /// Waits until the verification's version differs from `version`, or `timeout` passes, or
+    /// `cancel` fires; then returns it as it is, with its version.
+    pub async fn wait_for_change(
+        &self,
+        client: ClientId,
+        id: &VerificationId,
+        version: u32,
+        timeout: Duration,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(View, u32), ApiError> {
+        let backend = &self.shared.backend;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // When other instances may make the change, look again this often.
+        let poll = backend.long_poll_every().unwrap_or(timeout);
+        // Only a verification the client may see gets a watcher.
+        self.get(client, id).await?;
+        loop {
+            let notify = backend.watchers().watch(id);
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (view, current) = self.get(client, id).await?;
+            if current != version {
+                return Ok((view, current));
+            }
+            // Every change notifies, the sweeper's expiries included; otherwise the poll ends at
+            // its deadline or at shutdown.
+            let next_look = (tokio::time::Instant::now() + poll).min(deadline);
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(next_look) => {
+                    if next_look >= deadline {
+                        return self.get(client, id).await;
+                    }
+                }
+                _ = cancel.cancelled() => return self.get(client, id).await,
+            }
+        }
+    }
+
+    /// Checks a typed code.
+    pub async fn check(
+        &self,
+        client: ClientId,
+        id: &VerificationId,
+        typed: &str,
+    ) -> Result<CheckAnswer, ApiError> {
+        let shared = &*self.shared;
+        if !shared.keys.is_well_formed(typed) {
+            return Err(ApiError::bad_request(
+                "invalid_code",
+                format!("code: expected {} digits", shared.keys.length()),
+            ));
+        }
+        shared
+            .backend
+            .run(Keys::checking(*id), |shard, fx, now| {
+                self.check_in(shard, fx, client, id, typed, now)
+            })
+            .await
+    }
+
+    /// Sends the same code again, once the cooldown has passed.
+    pub async fn resend(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
+        self.shared
+            .backend
+            .run(Keys::record(*id), |shard, fx, now| {
+                self.resend_in(shard, fx, client, id, now)
+            })
+            .await
+    }
+
+    /// Cancels a pending verification.
+    pub async fn cancel(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
+        self.shared
+            .backend
+            .run(Keys::record(*id), |shard, fx, now| {
+                self.cancel_in(shard, fx, client, id, now)
+            })
+            .await
+    }
+
+    // --- the dispatcher's calls ---
+
+    /// Turns a job taken from the queue into an SMS for `carrier`, or drops it if its
+    /// verification ended or expired.
+    pub async fn prepare(&self, job: &Job, carrier: CarrierId) -> Prepared {
+        self.prepare_keeping(job, carrier).await.0
+    }
+
+    /// [`Verifier::prepare`], also returning the verification as written and its revision
+    /// when the back-end has one, for [`Verifier::complete`] to start from
+    /// (`Job::snapshot`).
+    pub async fn prepare_keeping(
+        &self,
+        job: &Job,
+        carrier: CarrierId,
+    ) -> (Prepared, Option<crate::store::Snapshot>) {
+        let backend = &self.shared.backend;
+        let ran = backend
+            .run_deferring(Keys::record(job.id), None, |shard, fx, now| {
+                let prepared = self.prepare_in(shard, fx, job, carrier, now);
+                match prepared {
+                    Prepared::Dropped => fx.ack = job.entry.map(|entry| (job.lane, entry)),
+                    // Sent only while the job is still this instance's.
+                    _ => fx.owns = job.entry.map(|entry| (job.lane, entry)),
+                }
+                Ok(prepared)
+            })
+            .await;
+        match ran {
+            Ok(Outcome::Ran {
+                value,
+                effects,
+                written,
+            }) => {
+                backend.apply(*effects, self.shared.clock.now_ms());
+                (value, written)
+            }
+            Ok(Outcome::NotOwned) => {
+                backend.release(job.entry);
+                tracing::debug!(verification = %job.id, "another instance took this SMS job over; not sending it");
+                (Prepared::Dropped, None)
+            }
+            // The store is unreachable: the job stays here (and unacknowledged, on a shared
+            // store) until it answers again.
+            Err(_) => (Prepared::Later, None),
+        }
+    }
+
+    /// Records what a carrier answered for `job`.
+    pub async fn complete(&self, job: &Job, carrier: CarrierId, completion: Completion) {
+        let shared = &*self.shared;
+        let backend = &shared.backend;
+        let ends_job = !matches!(completion, Completion::Retry);
+        // A carrier's answer is what the verification's state and the job's acknowledgement
+        // hang on: while the store is away, keep trying (holding this submit's window slot, so
+        // the carrier slows down rather than sending what cannot be recorded).
+        let mut pause = Duration::from_millis(50);
+        let mut snapshot = job.snapshot.clone();
+        let recorded = loop {
+            let recorded = backend
+                .run_deferring(Keys::record(job.id), snapshot.take(), |shard, fx, now| {
+                    let receipt_id =
+                        self.record_completion(shard, fx, job, carrier, completion.clone(), now);
+                    if ends_job {
+                        fx.ack = job.entry.map(|entry| (job.lane, entry));
+                    }
+                    Ok(receipt_id)
+                })
+                .await;
+            if recorded.is_ok() || pause > COMPLETION_RETRY_MAX || !ends_job {
+                break recorded;
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        };
+        match recorded {
+            Ok(Outcome::Ran { value, effects, .. }) => {
+                if let Some(receipt_id) = &value {
+                    backend.index_receipt(carrier, receipt_id, job.id).await;
+                }
+                // Only now may the client hear of the submit, so that a receipt it expects
+                // finds the id.
+                backend.apply(*effects, shared.clock.now_ms());
+                if let Some(receipt_id) = value {
+                    // The carrier's receipt may have come before its answer to the submit.
+                    if let Ok(Some(held)) = backend.take_held_receipt(carrier, &receipt_id).await {
+                        let _ = self
+                            .apply_receipt(carrier, job.id, &held.id, held.status)
+                            .await;
+                    }
+                }
+            }
+            Ok(Outcome::NotOwned) | Err(_) => {
+                // Let go of the job: read again from this instance's pending entries, it is
+                // sent again unless its verification ended meanwhile.
+                backend.release(job.entry);
+                tracing::warn!(verification = %job.id, "a carrier's answer could not be recorded; the job stays in the store");
+            }
+        }
+    }
+
+    /// Puts a job back in line; returns false (and drops it) if its deadline has passed.
+    pub fn requeue(&self, job: Job) -> bool {
+        let now = self.shared.clock.now_ms();
+        if now < job.deadline_ms {
+            self.shared.backend.requeue(job);
+            return true;
+        }
+        // Settled in its own task (a shared store's job stays there until then).
+        let verifier = self.clone();
+        tokio::spawn(async move {
+            let backend = &verifier.shared.backend;
+            let dropped = backend
+                .run(Keys::record(job.id), |shard, fx, now| {
+                    let reason = verifier.drop_late(shard, fx, &job.id, now);
+                    verifier.shared.metrics.queue_dropped(reason);
+                    fx.ack = job.entry.map(|entry| (job.lane, entry));
+                    Ok(())
+                })
+                .await;
+            // Not written: let go of the job, so it is read again (by this instance's look at
+            // its own pending entries) and dropped then.
+            if dropped.is_err() {
+                backend.release(job.entry);
+            }
+        });
+        false
+    }
+
+    // --- carriers' receipts ---
+
+    /// The carrier named `name` in the config.
+    pub fn carrier_by_name(&self, name: &str) -> Option<CarrierId> {
+        self.shared
+            .carriers
+            .iter()
+            .position(|carrier| carrier.name == name)
+            .map(|index| index as CarrierId)
+    }
+
+    /// Checks the token a carrier presents with its receipts, in constant time.
+    pub fn authenticate_carrier(
+        &self,
+        carrier: CarrierId,
+        bearer: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let expected = self
+            .shared
+            .carriers
+            .get(carrier as usize)
+            .and_then(|carrier| carrier.receipt_token_sha256)
+            .ok_or(ApiError::Unauthorized)?;
+        let presented: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(
+            bearer.ok_or(ApiError::Unauthorized)?.as_bytes(),
+        )
+        .into();
+        if bool::from(subtle::ConstantTimeEq::ct_eq(&presented[..], &expected[..])) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+
+    /// Applies a delivery receipt.
+    ///
+    /// A receipt moves `delivery.state` from `submitted` to `delivered` or `undeliverable` for
+    /// the SMS the receipt's carrier accepted last. The verification stays pending either way:
+    /// after an undeliverable SMS, a resend may go by another carrier. A receipt whose id no
+    /// submit answer has named yet is held for a while, in case the answer is still on its way.
+    pub async fn receipt(
+        &self,
+        carrier: CarrierId,
+        carrier_message_id: &str,
+        status: ReceiptStatus,
+    ) -> Result<ReceiptMatch, ApiError> {
+        let backend = &self.shared.backend;
+        if let Some(id) = backend.find_receipt(carrier, carrier_message_id).await? {
+            return self
+                .apply_receipt(carrier, id, carrier_message_id, status)
+                .await;
+        }
+        for evicted in backend
+            .hold_receipt(carrier, carrier_message_id, status)
+            .await?
+        {
+            self.shared
+                .metrics
+                .carrier(evicted as usize)
+                .receipt_unmatched();
+        }
+        // The submit answer may have been recorded between the lookup and the hold; whichever
+        // side takes the held receipt applies it.
+        if let Some(id) = backend.find_receipt(carrier, carrier_message_id).await? {
+            if backend
+                .take_held_receipt(carrier, carrier_message_id)
+                .await?
+                .is_some()
+            {
+                return self
+                    .apply_receipt(carrier, id, carrier_message_id, status)
+                    .await;
+            }
+        }
+        Ok(ReceiptMatch::Held)
+    }
+
+    /// Applies a receipt to the verification `id` that the index (or the submit answer) named.
+    async fn apply_receipt(
+        &self,
+        carrier: CarrierId,
+        id: VerificationId,
+        carrier_message_id: &str,
+        status: ReceiptStatus,
+    ) -> Result<ReceiptMatch, ApiError> {
+        self.shared
+            .backend
+            .run(Keys::record(id), |shard, fx, now| {
+                Ok(self.apply_receipt_in(shard, fx, carrier, id, carrier_message_id, status, now))
+            })
+            .await
+    }
+
+    // --- the sweep ---
+
+    /// Expires what has run out of time, forgets what is past retention, trims limiter memory
+    /// and refreshes the gauges. Runs on the sweeper's timer.
+    pub async fn sweep(&self) {
+        let shared = &*self.shared;
+        let backend = &shared.backend;
+        let now = shared.clock.now_ms();
+        // Housekeeping walks the embedded store: keep it off the request-serving workers.
+        let verifier = self.clone();
+        let kept = tokio::task::spawn_blocking(move || verifier.shared.backend.housekeep(now))
+            .await
+            .unwrap_or_default();
+        if let Some((phone_keys, ip_keys)) = kept.limiter_keys {
+            shared.metrics.set_limiter_keys(phone_keys, ip_keys);
+        }
+        if backend.is_remote() {
+            let up = backend.is_up().await;
+            shared.metrics.set_store_up(up);
+            if !up {
+                shared.metrics.run_upkeep();
+                return;
+            }
+        }
+        if let Ok(due) = backend.due(now).await {
+            for id in due {
+                let swept = backend
+                    .run(Keys::record(id), |shard, fx, now| {
+                        self.sweep_one(shard, fx, &id, now);
+                        Ok(())
+                    })
+                    .await;
+                if swept.is_err() {
+                    return;
+                }
+            }
+        }
+        // SMS still queued past their clients' thresholds: tell the clients, with an ETA.
+        let Ok(due) = backend.due_delays(now).await else {
+            return;
+        };
+        for (id, send_no) in due {
+            let _ = backend
+                .run(Keys::record(id), |shard, fx, now| {
+                    let still_queued = shard.records.get(&id).is_some_and(|record| {
+                        record.is_pending()
+                            && record.delivery == DeliveryState::Queued
+                            && record.sends == send_no
+                    });
+                    if still_queued {
+                        self.announce(shard, fx, &id, EventKind::Delayed, now);
+                    }
+                    fx.unwatch_delay = Some(send_no);
+                    Ok(())
+                })
+                .await;
+        }
+        // Receipts held for a submit answer that never named them: unmatched after all.
+        for carrier in backend.expired_receipts(now).await {
+            shared.metrics.carrier(carrier as usize).receipt_unmatched();
+        }
+        let Ok(backlog) = backend.backlog().await else {
+            return;
+        };
+        let pace = shared.routes.pace_of(CarrierSet::MAX);
+        for lane in backlog {
+            shared.metrics.set_queue_depth(lane.lane, lane.depth);
+            shared
+                .metrics
+                .set_predicted_wait(lane.lane, lane.ahead_of_new as f64 / pace);
+        }
+        match (kept.records, backend.pending_count().await) {
+            (Some(records), _) => shared.metrics.set_live(records),
+            (None, Some(pending)) => shared.metrics.set_live(pending as usize),
+            (None, None) => {}
+        }
+        shared.metrics.run_upkeep();
+    }
+
+    fn rejected(&self, rejection: crate::ratelimit::Rejection) -> ApiError {
+        self.shared.metrics.rejected(rejection.limit);
+        ApiError::from(rejection)
+    }
+
+    fn ended(&self, how: Ended) {
+        self.shared.metrics.ended(how);
+    }
+}
+
+// === impl Clients ===
+
+impl Clients {
+    fn new(configs: &[ClientConfig]) -> Clients {
+        if configs.is_empty() {
+            return Clients {
+                by_key_hash: HashMap::new(),
+                names: vec!["anonymous".to_owned()],
+                priorities: vec![0],
+            };
+        }
+        Clients {
+            by_key_hash: configs
+                .iter()
+                .enumerate()
+                .map(|(index, client)| (client.api_key_sha256, index as ClientId))
+                .collect(),
+            names: configs.iter().map(|client| client.name.clone()).collect(),
+            priorities: configs.iter().map(|client| client.priority).collect(),
+        }
+    }
+
+    fn priority(&self, client: ClientId) -> u8 {
+        self.priorities.get(client as usize).copied().unwrap_or(0)
+    }
+
+    fn name(&self, client: ClientId) -> &str {
+        self.names
+            .get(client as usize)
+            .map_or("unknown", String::as_str)
+    }
+}

@@ -1,0 +1,671 @@
+//! The rules: what each call does to one verification, on the [`Shard`] its back-end gave it,
+//! with everything it causes beyond that shard recorded in [`Effects`]. They never await and
+//! never know which back-end runs them.
+
+use std::time::Duration;
+
+use super::{CheckAnswer, Completion, NewVerification, Prepared, ReceiptMatch, Verifier};
+use crate::carrier::OutboundSms;
+use crate::clock::Millis;
+use crate::error::ApiError;
+use crate::ids::{CarrierId, ClientId, VerificationId};
+use crate::metrics::{Checked, Ended, QueueDrop, QueueRefusal};
+use crate::queue::{Job, PushError};
+use crate::ratelimit::LimitKind;
+use crate::receipt::ReceiptStatus;
+use crate::routing::CarrierSet;
+use crate::sms::{RenderParams, SmsText};
+use crate::store::{DeadlineWrite, Effects, FailedChecks, Shard};
+use crate::verification::{
+    DeliveryState, EventKind, Extras, FailureReason, Status, Verification, View,
+};
+
+impl Verifier {
+    /// Creates a verification and queues its first SMS, spending one send of the phone's limit.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn create(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        client: ClientId,
+        request: &NewVerification,
+        carriers: CarrierSet,
+        lane: u8,
+        now: Millis,
+    ) -> Result<VerificationId, ApiError> {
+        let shared = &*self.shared;
+        let phone = request.phone;
+        self.spend_phone(fx, phone.as_u64())?;
+        let id = VerificationId::new_for(&phone);
+        let (_code, stored_code) = shared.keys.generate(&id, &phone);
+        let extras = (request.locale.is_some()
+            || request.web_origin_host.is_some()
+            || request.app_hash.is_some())
+        .then(|| {
+            Box::new(Extras {
+                locale: request.locale.as_deref().map(Into::into),
+                web_origin_host: request.web_origin_host.as_deref().map(Into::into),
+                app_hash: request.app_hash.as_deref().map(Into::into),
+            })
+        });
+        let mut record = Verification::new(
+            phone,
+            client,
+            stored_code,
+            lane,
+            extras,
+            now,
+            &shared.policy,
+        );
+        let job = Job::first(
+            id,
+            lane,
+            record.send_deadline(&shared.policy),
+            carriers,
+            now,
+        );
+        record.queue_ticket = self.enqueue(fx, job)?;
+        shard.records.insert(id, Box::new(record));
+        shard.live.insert((phone.as_u64(), client), id);
+        fx.delay_watches.push((client, id, 1));
+        fx.deadline = Some((
+            id,
+            DeadlineWrite::At(now + shared.policy.code_ttl.as_millis() as Millis),
+        ));
+        Ok(id)
+    }
+
+    pub(super) fn check_in(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        client: ClientId,
+        id: &VerificationId,
+        typed: &str,
+        now: Millis,
+    ) -> Result<CheckAnswer, ApiError> {
+        let shared = &*self.shared;
+        self.owned(shard, client, id)?;
+        self.settle(shard, fx, id, now);
+        let record = shard.records.get_mut(id).ok_or(ApiError::NotFound)?;
+        if !record.is_pending() {
+            return Err(not_pending(record.status));
+        }
+        let phone_key = record.phone.as_u64();
+        let rule = shared.failed_checks_rule;
+        let window_ms = rule.per.as_millis() as Millis;
+        if let Some(failed) = shard.failed_checks.get(&phone_key) {
+            if now < failed.window_start_ms + window_ms && failed.count >= rule.max.get() {
+                shared.metrics.checked(Checked::Locked);
+                shared.metrics.rejected(LimitKind::FailedChecks);
+                return Err(ApiError::from(crate::ratelimit::Rejection {
+                    limit: LimitKind::FailedChecks,
+                    rule,
+                    retry_after: Duration::from_millis(failed.window_start_ms + window_ms - now),
+                }));
+            }
+        }
+        if shared.keys.matches(id, &record.phone, typed, &record.code) {
+            record.end(Status::Approved, None, now);
+            let answer = CheckAnswer {
+                valid: true,
+                status: record.status,
+                attempts_left: record.attempts_left,
+            };
+            let key = (phone_key, record.client);
+            forget_live(shard, key, id);
+            fx.notify(id);
+            self.announce(shard, fx, id, EventKind::Approved, now);
+            shared.metrics.checked(Checked::Valid);
+            self.ended(Ended::Approved);
+            return Ok(answer);
+        }
+        record.attempts_left = record.attempts_left.saturating_sub(1);
+        record.touch();
+        let failed = shard
+            .failed_checks
+            .entry(phone_key)
+            .or_insert(FailedChecks {
+                count: 0,
+                window_start_ms: now,
+            });
+        if now >= failed.window_start_ms + window_ms {
+            *failed = FailedChecks {
+                count: 0,
+                window_start_ms: now,
+            };
+        }
+        failed.count += 1;
+        shared.metrics.checked(Checked::Invalid);
+        let answer = CheckAnswer {
+            valid: false,
+            status: record.status,
+            attempts_left: record.attempts_left,
+        };
+        if record.attempts_left == 0 {
+            record.end(Status::Failed, Some(FailureReason::TooManyAttempts), now);
+            self.ended(Ended::TooManyAttempts);
+            let key = (phone_key, record.client);
+            let answer = CheckAnswer {
+                status: record.status,
+                ..answer
+            };
+            forget_live(shard, key, id);
+            fx.notify(id);
+            self.announce(shard, fx, id, EventKind::Failed, now);
+            return Ok(answer);
+        }
+        fx.notify(id);
+        Ok(answer)
+    }
+
+    pub(super) fn resend_in(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        client: ClientId,
+        id: &VerificationId,
+        now: Millis,
+    ) -> Result<View, ApiError> {
+        let shared = &*self.shared;
+        self.owned(shard, client, id)?;
+        self.settle(shard, fx, id, now);
+        let record = shard.records.get(id).ok_or(ApiError::NotFound)?;
+        if !record.is_pending() {
+            return Err(not_pending(record.status));
+        }
+        if now < record.resend_after_ms {
+            shared.metrics.rejected(LimitKind::ResendCooldown);
+            return Err(ApiError::RateLimited {
+                code: "resend_cooldown",
+                message: "a resend is not allowed yet; see Retry-After",
+                retry_after: Duration::from_millis(record.resend_after_ms - now),
+                rule: None,
+            });
+        }
+        if record.delivery != DeliveryState::Queued {
+            if shared.backend.queue_is_full() {
+                return Err(self.refused_at_queue(PushError::Full));
+            }
+            let phone = record.phone.as_u64();
+            self.spend_phone(fx, phone)?;
+            self.queue_resend(shard, fx, id, now)?;
+        }
+        self.view_of(shard, id, now).ok_or(ApiError::NotFound)
+    }
+
+    pub(super) fn cancel_in(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        client: ClientId,
+        id: &VerificationId,
+        now: Millis,
+    ) -> Result<View, ApiError> {
+        self.owned(shard, client, id)?;
+        self.settle(shard, fx, id, now);
+        let record = shard.records.get_mut(id).ok_or(ApiError::NotFound)?;
+        if !record.is_pending() {
+            return Err(not_pending(record.status));
+        }
+        record.end(Status::Canceled, None, now);
+        let key = (record.phone.as_u64(), record.client);
+        forget_live(shard, key, id);
+        fx.notify(id);
+        self.ended(Ended::Canceled);
+        self.view_of(shard, id, now).ok_or(ApiError::NotFound)
+    }
+
+    pub(super) fn prepare_in(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        job: &Job,
+        carrier: CarrierId,
+        now: Millis,
+    ) -> Prepared {
+        let shared = &*self.shared;
+        if job.attempts == 0 {
+            shared.metrics.queue_wait(
+                job.lane,
+                now.saturating_sub(job.enqueued_ms) as f64 / 1000.0,
+            );
+        }
+        let Some(record) = shard.records.get(&job.id) else {
+            shared.metrics.queue_dropped(QueueDrop::Canceled);
+            return Prepared::Dropped;
+        };
+        if record.is_pending() && now >= job.deadline_ms.min(record.send_deadline(&shared.policy)) {
+            let reason = self.drop_late(shard, fx, &job.id, now);
+            shared.metrics.queue_dropped(reason);
+            return Prepared::Dropped;
+        }
+        self.settle(shard, fx, &job.id, now);
+        let Some(record) = shard.records.get_mut(&job.id) else {
+            shared.metrics.queue_dropped(QueueDrop::Canceled);
+            return Prepared::Dropped;
+        };
+        // A carrier already accepted this send: a job taken over from an instance that died
+        // after the acceptance was written is not sent twice.
+        if record.is_pending()
+            && record.sends == job.send_no
+            && record.delivery != DeliveryState::Queued
+        {
+            shared.metrics.queue_dropped(QueueDrop::Canceled);
+            return Prepared::Dropped;
+        }
+        if !record.is_pending() || record.sends != job.send_no {
+            let reason = if record.status == Status::Expired {
+                QueueDrop::Expired
+            } else {
+                QueueDrop::Canceled
+            };
+            shared.metrics.queue_dropped(reason);
+            return Prepared::Dropped;
+        }
+        record.delivery_attempts = record.delivery_attempts.saturating_add(1);
+        record.touch();
+        let code = shared.keys.unseal(&job.id, &record.phone, &record.code);
+        let extras = record.extras.as_deref();
+        let text: SmsText = shared.templates.render(
+            extras.and_then(|extras| extras.locale.as_deref()),
+            &RenderParams {
+                code: code.expose(),
+                ttl_minutes: shared.policy.code_ttl.as_secs().div_ceil(60),
+                web_origin_host: extras.and_then(|extras| extras.web_origin_host.as_deref()),
+                app_hash: extras.and_then(|extras| extras.app_hash.as_deref()),
+            },
+        );
+        let carrier_info = &shared.carriers[carrier as usize];
+        let sms = OutboundSms {
+            message_id: format!("{}.{}", job.id, job.send_no),
+            to: record.phone,
+            from: carrier_info.from.clone(),
+            text,
+            receipt_url: carrier_info.receipt_url.clone(),
+        };
+        fx.notify(&job.id);
+        Prepared::Send(sms)
+    }
+
+    /// Records a carrier's answer; returns the carrier's message id to index for receipts.
+    pub(super) fn record_completion(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        job: &Job,
+        carrier: CarrierId,
+        completion: Completion,
+        now: Millis,
+    ) -> Option<String> {
+        let shared = &*self.shared;
+        let record = shard.records.get_mut(&job.id)?;
+        let mut receipt_id = None;
+        let mut event = None;
+        match completion {
+            Completion::Accepted { carrier_message_id } => {
+                receipt_id = carrier_message_id.clone();
+                let carrier_message_id = carrier_message_id.map(String::into_boxed_str);
+                if !record.is_pending() {
+                    // Cancelled or ended while the carrier answered: the SMS is out, so keep
+                    // its id for receipts, but the verification's state and expiry are final.
+                    record.carrier = Some(carrier);
+                    record.carrier_message_id = carrier_message_id;
+                } else {
+                    if let Some(extension_ms) =
+                        record.accept(carrier, carrier_message_id, now, &shared.policy)
+                    {
+                        shared
+                            .metrics
+                            .session_extended(extension_ms as f64 / 1000.0);
+                        // The first acceptance: the user's time to SMS, as far as the gateway
+                        // can tell.
+                        shared
+                            .metrics
+                            .carrier(carrier as usize)
+                            .first_accepted_after(
+                                now.saturating_sub(record.created_ms) as f64 / 1000.0,
+                            );
+                    }
+                    event = Some(EventKind::Submitted);
+                }
+            }
+            Completion::Retry => {}
+            Completion::Permanent => {
+                if record.is_pending() {
+                    record.end(Status::Failed, Some(FailureReason::Undeliverable), now);
+                    let key = (record.phone.as_u64(), record.client);
+                    forget_live(shard, key, &job.id);
+                    self.ended(Ended::Undeliverable);
+                    event = Some(EventKind::Failed);
+                }
+            }
+        }
+        fx.notify(&job.id);
+        if let Some(kind) = event {
+            self.announce(shard, fx, &job.id, kind, now);
+        }
+        receipt_id
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn apply_receipt_in(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        carrier: CarrierId,
+        id: VerificationId,
+        carrier_message_id: &str,
+        status: ReceiptStatus,
+        now: Millis,
+    ) -> ReceiptMatch {
+        let shared = &*self.shared;
+        let metrics = shared.metrics.carrier(carrier as usize);
+        let Some(record) = shard.records.get_mut(&id) else {
+            metrics.receipt_unmatched();
+            return ReceiptMatch::Unmatched;
+        };
+        // The index may point at a verification whose latest SMS went by another carrier or
+        // under another id (an earlier send): such a receipt is matched but changes nothing.
+        let receipt_readings = crate::receipt::readings(carrier_message_id);
+        let latest = record.carrier == Some(carrier)
+            && record.carrier_message_id.as_deref().is_some_and(|latest| {
+                crate::receipt::readings(latest)
+                    .iter()
+                    .any(|reading| receipt_readings.contains(reading))
+            });
+        metrics.receipt(status);
+        if latest && record.delivery == DeliveryState::Submitted {
+            match status {
+                ReceiptStatus::Delivered => {
+                    record.delivery = DeliveryState::Delivered;
+                    metrics.delivered_after(now.saturating_sub(record.created_ms) as f64 / 1000.0);
+                }
+                ReceiptStatus::Undeliverable | ReceiptStatus::Expired => {
+                    record.delivery = DeliveryState::Undeliverable;
+                }
+            }
+            record.touch();
+            fx.notify(&id);
+            if status == ReceiptStatus::Delivered {
+                self.announce(shard, fx, &id, EventKind::Delivered, now);
+            }
+        }
+        ReceiptMatch::Matched
+    }
+
+    /// A due verification: expired if its time ran out, else its next deadline.
+    pub(super) fn sweep_one(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        id: &VerificationId,
+        now: Millis,
+    ) {
+        let policy = &self.shared.policy;
+        let Some(record) = shard.records.get(id) else {
+            fx.deadline = Some((*id, DeadlineWrite::Remove));
+            return;
+        };
+        if record.is_expired(now, policy) {
+            self.expire(shard, fx, id, now);
+        }
+        let next = match shard.records.get(id) {
+            Some(record) if record.is_pending() => {
+                DeadlineWrite::At(record.expires_at(now, policy))
+            }
+            _ => DeadlineWrite::Remove,
+        };
+        fx.deadline = Some((*id, next));
+    }
+
+    // --- helpers ---
+
+    pub(super) fn owned(
+        &self,
+        shard: &Shard,
+        client: ClientId,
+        id: &VerificationId,
+    ) -> Result<(), ApiError> {
+        // Another client's verification is as unknown as a missing one.
+        match shard.records.get(id) {
+            Some(record) if record.client == client => Ok(()),
+            _ => Err(ApiError::NotFound),
+        }
+    }
+
+    /// Expires the verification if its time has run out.
+    pub(super) fn settle(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        id: &VerificationId,
+        now: Millis,
+    ) {
+        let expired = shard
+            .records
+            .get(id)
+            .is_some_and(|record| record.is_expired(now, &self.shared.policy));
+        if expired {
+            self.expire(shard, fx, id, now);
+        }
+    }
+
+    /// A job that missed its send deadline is dropped. If no SMS of its verification was ever
+    /// accepted, the user has no code and never will: the verification expires now. A late
+    /// resend leaves it pending, since the code of the earlier SMS still works until expiry.
+    pub(super) fn drop_late(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        id: &VerificationId,
+        now: Millis,
+    ) -> QueueDrop {
+        match shard.records.get(id) {
+            Some(record) if record.is_pending() => {
+                if record.fixed_expiry_ms.is_none() {
+                    self.expire(shard, fx, id, now);
+                }
+                QueueDrop::Expired
+            }
+            Some(record) if record.status == Status::Expired => QueueDrop::Expired,
+            _ => QueueDrop::Canceled,
+        }
+    }
+
+    fn expire(&self, shard: &mut Shard, fx: &mut Effects, id: &VerificationId, now: Millis) {
+        let Some(record) = shard.records.get_mut(id) else {
+            return;
+        };
+        if !record.is_pending() {
+            return;
+        }
+        let expires_at = record.expires_at(now, &self.shared.policy);
+        record.end(Status::Expired, None, expires_at.min(now));
+        let key = (record.phone.as_u64(), record.client);
+        forget_live(shard, key, id);
+        fx.notify(id);
+        self.announce(shard, fx, id, EventKind::Expired, now);
+        self.ended(Ended::Expired);
+    }
+
+    /// Queues the same code again if the verification's resend cooldown has passed (a start
+    /// request for a phone that already has a live verification).
+    pub(super) fn resend_if_due(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        id: &VerificationId,
+        now: Millis,
+    ) {
+        let Some(record) = shard.records.get(id) else {
+            return;
+        };
+        if now < record.resend_after_ms || record.delivery == DeliveryState::Queued {
+            return;
+        }
+        // A full queue leaves the verification as it is, and spends no limit.
+        if self.shared.backend.queue_is_full() {
+            return;
+        }
+        let phone = record.phone.as_u64();
+        if self.spend_phone(fx, phone).is_err() {
+            return;
+        }
+        // A full queue leaves the verification as it is; the frontend may resend later.
+        let _ = self.queue_resend(shard, fx, id, now);
+    }
+
+    fn queue_resend(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        id: &VerificationId,
+        now: Millis,
+    ) -> Result<(), ApiError> {
+        let policy = &self.shared.policy;
+        let Some(record) = shard.records.get_mut(id) else {
+            return Err(ApiError::NotFound);
+        };
+        let job = Job::resend(
+            *id,
+            record.sends.saturating_add(1),
+            record.lane,
+            record.send_deadline(policy),
+            self.shared.routes.eligible_for(&record.phone),
+            record.carrier,
+            now,
+        );
+        let ticket = self.enqueue(fx, job)?;
+        let Some(record) = shard.records.get_mut(id) else {
+            return Err(ApiError::NotFound);
+        };
+        record.sends = record.sends.saturating_add(1);
+        let (client, sends) = (record.client, record.sends);
+        record.queue_ticket = ticket;
+        record.delivery = DeliveryState::Queued;
+        record.resend_after_ms = now + Verification::cooldown_ms(record.sends, policy);
+        record.touch();
+        fx.delay_watches.push((client, *id, sends));
+        fx.notify(id);
+        Ok(())
+    }
+
+    /// Queues a job through the back-end (at once, or with the call's commit).
+    fn enqueue(&self, fx: &mut Effects, job: Job) -> Result<u64, ApiError> {
+        self.shared
+            .backend
+            .enqueue(fx, job)
+            .map_err(|error| self.refused_at_queue(error))
+    }
+
+    /// Spends one send of the phone's limit through the back-end.
+    fn spend_phone(&self, fx: &mut Effects, phone: u64) -> Result<(), ApiError> {
+        self.shared
+            .backend
+            .spend_phone(fx, phone)
+            .map_err(|rejection| self.rejected(rejection))
+    }
+
+    /// Sends `kind` about `id` to its client's webhook, if the client has one.
+    pub(super) fn announce(
+        &self,
+        shard: &Shard,
+        fx: &mut Effects,
+        id: &VerificationId,
+        kind: EventKind,
+        now: Millis,
+    ) {
+        let Some(client) = shard.records.get(id).map(|record| record.client) else {
+            return;
+        };
+        if !self.shared.webhooks.enabled_for(client) {
+            return;
+        }
+        if let Some(view) = self.view_of(shard, id, now) {
+            fx.events.push((client, kind, view));
+        }
+    }
+
+    pub(super) fn view_of(&self, shard: &Shard, id: &VerificationId, now: Millis) -> Option<View> {
+        let shared = &*self.shared;
+        let record = shard.records.get(id)?;
+        let eta = (record.delivery == DeliveryState::Queued).then(|| {
+            let carriers = shared.routes.eligible_for(&record.phone);
+            let ahead = shared
+                .backend
+                .ahead_of(record.lane, record.queue_ticket, carriers);
+            ahead as f64 / shared.routes.pace_of(carriers)
+        });
+        let carriers = &shared.carriers;
+        Some(record.view(
+            id,
+            now,
+            &shared.policy,
+            |carrier| {
+                carriers
+                    .get(carrier as usize)
+                    .map_or_else(String::new, |c| c.name.clone())
+            },
+            eta.map(|secs| (secs * 10.0).round() / 10.0),
+        ))
+    }
+
+    /// Refuses a new verification whose SMS would wait longer than a session can be extended.
+    pub(super) fn admit(&self, lane: u8, carriers: CarrierSet) -> Result<(), ApiError> {
+        let shared = &*self.shared;
+        // Refuse a full queue before any limit is spent on a send that cannot happen.
+        if shared.backend.queue_is_full() {
+            return Err(self.refused_at_queue(PushError::Full));
+        }
+        let ahead = shared.backend.ahead_of_new(lane, carriers) as f64;
+        let pace = shared.routes.pace_of(carriers);
+        let predicted_wait = ahead / pace;
+        let max_wait = shared.policy.max_extension.as_secs_f64().max(1.0);
+        if predicted_wait > max_wait {
+            shared.metrics.queue_refused(QueueRefusal::PredictedWait);
+            let excess = (ahead - max_wait * pace) / pace;
+            return Err(ApiError::Overloaded {
+                message: "the SMS queue is longer than a code could wait; try again later",
+                retry_after: Duration::from_secs_f64(excess.clamp(1.0, 3600.0)),
+            });
+        }
+        Ok(())
+    }
+
+    fn refused_at_queue(&self, error: PushError) -> ApiError {
+        match error {
+            PushError::Full => {
+                self.shared.metrics.queue_refused(QueueRefusal::Full);
+                ApiError::Overloaded {
+                    message: "the SMS queue is full; try again later",
+                    retry_after: Duration::from_secs(
+                        (self.shared.queue.capacity() as f64
+                            / self.shared.routes.pace_of(CarrierSet::MAX)
+                            / 10.0)
+                            .clamp(1.0, 60.0) as u64,
+                    ),
+                }
+            }
+            PushError::Closed => ApiError::ShuttingDown,
+        }
+    }
+}
+
+fn forget_live(shard: &mut Shard, key: (u64, ClientId), id: &VerificationId) {
+    if shard.live.get(&key) == Some(id) {
+        shard.live.remove(&key);
+    }
+}
+
+fn not_pending(status: Status) -> ApiError {
+    ApiError::NotPending {
+        status: match status {
+            Status::Pending => "pending",
+            Status::Approved => "approved",
+            Status::Expired => "expired",
+            Status::Canceled => "canceled",
+            Status::Failed => "failed",
+        },
+    }
+}
