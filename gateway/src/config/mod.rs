@@ -1402,7 +1402,7 @@ mod tests {
 
     #[test]
     fn example_config_is_valid() {
-        let text = include_str!("../../otpgate.example.toml");
+        let text = include_str!("../../../otpgate.example.toml");
         let config = Config::from_toml(text).unwrap();
         assert_eq!(config.carriers[0].name, "alpha");
         assert_eq!(config.clients[0].priority, 1);
