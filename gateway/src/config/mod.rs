@@ -6,6 +6,10 @@
 //! non-zero numbers and parsed addresses, or a [`ConfigError`] naming the key at fault.
 //! `otpgate.example.toml` at the repository root documents every key.
 
+mod error;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
@@ -18,6 +22,9 @@ use serde::Deserialize;
 use crate::breaker::BreakerPolicy;
 use crate::phone::CountryAllowList;
 use crate::sms::Templates;
+
+pub use self::error::ConfigError;
+use self::error::{invalid, is_absolute_http, secs};
 
 /// Command-line flags. Each one overrides the same key of the config file.
 #[derive(Debug, Clone, clap::Parser)]
@@ -510,25 +517,6 @@ impl std::fmt::Debug for WebhookTarget {
             .field("delayed_after", &self.delayed_after)
             .finish()
     }
-}
-
-/// A configuration that cannot be used, naming where it went wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config file {path}: cannot read it")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: toml::de::Error,
-    },
-    #[error("config key {key}: {message}")]
-    Invalid { key: String, message: String },
 }
 
 /// The largest window a carrier may have: beyond it, pooled connections cannot keep up anyway.
@@ -1331,35 +1319,3 @@ impl RawWebhooks {
         })
     }
 }
-
-fn secs(
-    key: &str,
-    value: Option<u64>,
-    default: u64,
-    min: u64,
-    max: u64,
-) -> Result<Duration, ConfigError> {
-    let value = value.unwrap_or(default);
-    if !(min..=max).contains(&value) {
-        return invalid(key, format!("must be between {min} and {max}"));
-    }
-    Ok(Duration::from_secs(value))
-}
-
-/// Whether `text` is an absolute `http://` or `https://` URL with a host.
-fn is_absolute_http(text: &str) -> bool {
-    text.parse::<http::Uri>().is_ok_and(|uri| {
-        matches!(uri.scheme_str(), Some("http" | "https"))
-            && uri.host().is_some_and(|host| !host.is_empty())
-    })
-}
-
-fn invalid<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    })
-}
-
-#[cfg(test)]
-mod tests;
