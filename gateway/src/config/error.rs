@@ -55,3 +55,24 @@ pub(crate) fn is_absolute_http(text: &str) -> bool {
             && uri.host().is_some_and(|host| !host.is_empty())
     })
 }
+
+/// An absolute `http://` or `https://` URL with a host, for `key`.
+pub(crate) fn http_url(key: String, url: &str) -> Result<http::Uri, ConfigError> {
+    match url.parse::<http::Uri>() {
+        Ok(parsed) if is_absolute_http(url) => Ok(parsed),
+        _ => invalid(key, "must be an absolute http:// or https:// URL"),
+    }
+}
+
+/// A carrier's or client's name, for `key`: 1 to 32 of a-z, 0-9, '-' and '_'.
+pub(crate) fn check_name(key: String, name: &str) -> Result<(), ConfigError> {
+    let valid = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid {
+        return invalid(key, "must be 1 to 32 of a-z, 0-9, '-' and '_'");
+    }
+    Ok(())
+}

@@ -24,7 +24,7 @@ use crate::breaker::BreakerPolicy;
 use crate::sms::Templates;
 
 pub use self::error::ConfigError;
-use self::error::{invalid, is_absolute_http, secs};
+use self::error::{check_name, http_url, invalid, is_absolute_http, secs};
 pub use self::limits::{Limits, RawLimits, RawRule, RawVerification, Rule, VerificationPolicy};
 use self::redis::validate_redis;
 pub use self::redis::{RawRedis, RedisConfig, StoreKind};
@@ -715,15 +715,7 @@ impl RawCarrier {
 
     fn validate(self, index: usize) -> Result<CarrierConfig, ConfigError> {
         let key = |field: &str| format!("carriers[{index}].{field}");
-        let valid_name = !self.name.is_empty()
-            && self.name.len() <= 32
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if !valid_name {
-            return invalid(key("name"), "must be 1 to 32 of a-z, 0-9, '-' and '_'");
-        }
+        check_name(key("name"), &self.name)?;
         let pace = self.pace_per_sec.unwrap_or(100);
         let Some(pace_per_sec) = NonZeroU32::new(pace).filter(|pace| pace.get() <= 1_000_000)
         else {
@@ -783,13 +775,7 @@ impl RawCarrier {
                 let Some(url) = self.url else {
                     return invalid(key("url"), "an http carrier needs a url");
                 };
-                let parsed = url
-                    .parse::<http::Uri>()
-                    .ok()
-                    .filter(|_| is_absolute_http(&url));
-                let Some(url) = parsed else {
-                    return invalid(key("url"), "must be an absolute http:// or https:// URL");
-                };
+                let url = http_url(key("url"), &url)?;
                 let mut headers = Vec::with_capacity(self.headers.len());
                 for (name, value) in self.headers {
                     let parsed_name =
@@ -905,15 +891,7 @@ fn validate_prefixes(prefixes: Vec<String>, key: &str) -> Result<Vec<Box<str>>, 
 impl RawClient {
     fn validate(self, index: usize) -> Result<ClientConfig, ConfigError> {
         let key = |field: &str| format!("clients[{index}].{field}");
-        let valid_name = !self.name.is_empty()
-            && self.name.len() <= 32
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if !valid_name {
-            return invalid(key("name"), "must be 1 to 32 of a-z, 0-9, '-' and '_'");
-        }
+        check_name(key("name"), &self.name)?;
         let mut api_key_sha256 = [0u8; 32];
         if hex::decode_to_slice(self.api_key_sha256.trim(), &mut api_key_sha256).is_err() {
             return invalid(key("api_key_sha256"), "must be 64 hex digits (a SHA-256)");
@@ -942,16 +920,7 @@ impl RawClient {
                 return invalid(key("webhook_url"), "a webhook_secret needs a webhook_url");
             }
             (Some(url), Some(secret)) => {
-                let Some(parsed) = url
-                    .parse::<http::Uri>()
-                    .ok()
-                    .filter(|_| is_absolute_http(&url))
-                else {
-                    return invalid(
-                        key("webhook_url"),
-                        "must be an absolute http:// or https:// URL",
-                    );
-                };
+                let parsed = http_url(key("webhook_url"), &url)?;
                 if secret.len() < 16 || secret.len() > 256 {
                     return invalid(key("webhook_secret"), "must be 16 to 256 characters");
                 }
