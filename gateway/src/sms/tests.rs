@@ -1,5 +1,6 @@
 use proptest::prelude::*;
 
+use super::template::{BUILTIN_EN, BUILTIN_IT};
 use super::*;
 
 fn params(code: &str) -> RenderParams<'_> {
