@@ -1,0 +1,194 @@
+//! `[verification]` and `[limits]`: how verifications behave, and the limits on sends and checks.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::error::{ConfigError, invalid, secs};
+use crate::phone::CountryAllowList;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerification {
+    pub code_length: Option<u8>,
+    pub code_ttl_secs: Option<u64>,
+    pub max_extension_secs: Option<u64>,
+    pub max_attempts: Option<u8>,
+    pub resend_cooldown_secs: Option<u64>,
+    pub retention_secs: Option<u64>,
+    pub idempotency_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub phone_sends: Option<Vec<RawRule>>,
+    pub ip_sends: Option<Vec<RawRule>>,
+    pub failed_checks_per_phone: Option<RawRule>,
+    pub countries: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub max: u32,
+    pub per_secs: u64,
+}
+
+/// How verifications behave (DESIGN.md section 4).
+#[derive(Debug, Clone)]
+pub struct VerificationPolicy {
+    pub code_length: u8,
+    pub code_ttl: Duration,
+    pub max_extension: Duration,
+    pub max_attempts: u8,
+    pub resend_cooldown: Duration,
+    pub retention: Duration,
+    pub idempotency_ttl: Duration,
+}
+
+/// Limits on sends and checks.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub phone_sends: Vec<Rule>,
+    pub ip_sends: Vec<Rule>,
+    pub failed_checks_per_phone: Rule,
+    pub countries: CountryAllowList,
+}
+
+/// At most `max` events per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub max: NonZeroU32,
+    pub per: Duration,
+}
+
+impl RawVerification {
+    pub(crate) fn validate(self) -> Result<VerificationPolicy, ConfigError> {
+        let code_length = self.code_length.unwrap_or(6);
+        if !(4..=9).contains(&code_length) {
+            return invalid("verification.code_length", "must be between 4 and 9");
+        }
+        let code_ttl = secs(
+            "verification.code_ttl_secs",
+            self.code_ttl_secs,
+            600,
+            10,
+            86_400,
+        )?;
+        let max_extension = secs(
+            "verification.max_extension_secs",
+            self.max_extension_secs,
+            900,
+            0,
+            86_400,
+        )?;
+        let max_attempts = self.max_attempts.unwrap_or(5);
+        if !(1..=20).contains(&max_attempts) {
+            return invalid("verification.max_attempts", "must be between 1 and 20");
+        }
+        let resend_cooldown = secs(
+            "verification.resend_cooldown_secs",
+            self.resend_cooldown_secs,
+            30,
+            1,
+            3600,
+        )?;
+        let retention = secs(
+            "verification.retention_secs",
+            self.retention_secs,
+            3600,
+            0,
+            604_800,
+        )?;
+        let idempotency_ttl = secs(
+            "verification.idempotency_ttl_secs",
+            self.idempotency_ttl_secs,
+            retention.as_secs().max(1),
+            1,
+            604_800,
+        )?;
+        if idempotency_ttl > retention {
+            // A key must never outlive the verification it names, or a late retry would start
+            // a second one and send a second SMS.
+            return invalid(
+                "verification.idempotency_ttl_secs",
+                "must not exceed verification.retention_secs",
+            );
+        }
+        Ok(VerificationPolicy {
+            code_length,
+            code_ttl,
+            max_extension,
+            max_attempts,
+            resend_cooldown,
+            retention,
+            idempotency_ttl,
+        })
+    }
+}
+
+impl RawLimits {
+    pub(crate) fn validate(self) -> Result<Limits, ConfigError> {
+        let default_phone = vec![
+            RawRule {
+                max: 1,
+                per_secs: 30,
+            },
+            RawRule {
+                max: 5,
+                per_secs: 600,
+            },
+        ];
+        let default_ip = vec![RawRule {
+            max: 150,
+            per_secs: 3600,
+        }];
+        let phone_sends = rules(
+            "limits.phone_sends",
+            self.phone_sends.unwrap_or(default_phone),
+        )?;
+        let ip_sends = rules("limits.ip_sends", self.ip_sends.unwrap_or(default_ip))?;
+        let failed_checks_per_phone = self
+            .failed_checks_per_phone
+            .unwrap_or(RawRule {
+                max: 100,
+                per_secs: 86_400,
+            })
+            .validate("limits.failed_checks_per_phone")?;
+        let countries = CountryAllowList::new(&self.countries.unwrap_or_default())
+            .or_else(|message| invalid("limits.countries", message))?;
+        Ok(Limits {
+            phone_sends,
+            ip_sends,
+            failed_checks_per_phone,
+            countries,
+        })
+    }
+}
+
+fn rules(key: &str, raw: Vec<RawRule>) -> Result<Vec<Rule>, ConfigError> {
+    if raw.len() > 8 {
+        return invalid(key, "at most 8 rules");
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(index, rule)| rule.validate(&format!("{key}[{index}]")))
+        .collect()
+}
+
+impl RawRule {
+    fn validate(self, key: &str) -> Result<Rule, ConfigError> {
+        let Some(max) = NonZeroU32::new(self.max) else {
+            return invalid(format!("{key}.max"), "must be at least 1");
+        };
+        if !(1..=30 * 86_400).contains(&self.per_secs) {
+            return invalid(format!("{key}.per_secs"), "must be between 1 and 2592000");
+        }
+        Ok(Rule {
+            max,
+            per: Duration::from_secs(self.per_secs),
+        })
+    }
+}

@@ -1,0 +1,165 @@
+use super::*;
+
+#[test]
+fn an_smpp_carrier_has_a_window_per_bind_and_a_secret_password() {
+    let config = Config::from_toml(
+        "[[carriers]]\nname = \"smsc\"\nkind = \"smpp\"\nhost = \"smsc.example\"\n\
+         system_id = \"otpgate\"\npassword = \"pa55word\"\nbinds = 3\nwindow = 50\n\
+         bind = \"transmitter_receiver\"\ngsm7_packed = true\nucs2_data_coding = 24\n",
+    )
+    .unwrap();
+    let carrier = &config.carriers[0];
+    assert_eq!(carrier.window.get(), 150, "the window across binds");
+    let CarrierKind::Smpp(smpp) = &carrier.kind else {
+        panic!("not smpp: {carrier:?}");
+    };
+    assert_eq!(smpp.port, 2775);
+    assert_eq!(smpp.window_per_bind.get(), 50);
+    assert_eq!(smpp.bind, BindMode::TransmitterReceiver);
+    assert!(smpp.coding.gsm7_packed);
+    assert_eq!(smpp.coding.gsm7_data_coding, 0);
+    assert_eq!(smpp.coding.ucs2_data_coding, 24);
+    assert_eq!(smpp.enquire_link, Duration::from_secs(30));
+    assert!(!format!("{config:?}").contains("pa55word"));
+}
+
+#[test]
+fn empty_file_gives_the_documented_defaults() {
+    let config = Config::from_toml("").unwrap();
+    assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(config.admin_listen, "127.0.0.1:9464".parse().unwrap());
+    assert_eq!(config.verification.code_ttl, Duration::from_secs(600));
+    assert_eq!(config.verification.max_extension, Duration::from_secs(900));
+    assert_eq!(config.limits.phone_sends.len(), 2);
+    assert!(config.is_unauthenticated());
+    assert!(config.carriers.is_empty());
+}
+
+#[test]
+fn example_config_is_valid() {
+    let text = include_str!("../../../otpgate.example.toml");
+    let config = Config::from_toml(text).unwrap();
+    assert_eq!(config.carriers[0].name, "alpha");
+    assert_eq!(config.clients[0].priority, 1);
+}
+
+#[test]
+fn unknown_keys_are_refused_with_their_name() {
+    let error = Config::from_toml("listne = \"127.0.0.1:1\"").unwrap_err();
+    assert!(error.to_string().contains("listne"), "{error}");
+    let error = Config::from_toml("[verification]\ncode_tll_secs = 3").unwrap_err();
+    assert!(error.to_string().contains("code_tll_secs"), "{error}");
+}
+
+#[test]
+fn refuses_unauthenticated_on_a_public_address() {
+    let error = Config::from_toml("listen = \"0.0.0.0:8080\"").unwrap_err();
+    assert!(
+        error.to_string().starts_with("config key clients:"),
+        "{error}"
+    );
+    let key = "00".repeat(32);
+    let with_key = format!(
+        "listen = \"0.0.0.0:8080\"\n[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\""
+    );
+    // Clients without a carrier would fall back to the console carrier, which prints codes.
+    let error = Config::from_toml(&with_key).unwrap_err();
+    assert!(
+        error.to_string().starts_with("config key carriers:"),
+        "{error}"
+    );
+    let ok = format!(
+        "{with_key}\n[[carriers]]\nname = \"alpha\"\nkind = \"http\"\nurl = \"https://sms.example\""
+    );
+    assert!(Config::from_toml(&ok).is_ok());
+}
+
+#[test]
+fn names_the_key_at_fault() {
+    let cases = [
+        (
+            "[verification]\ncode_length = 3",
+            "verification.code_length",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"http\"",
+            "carriers[0].url",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"pigeon\"",
+            "carriers[0].kind",
+        ),
+        (
+            "[[carriers]]\nname = \"A B\"\nkind = \"console\"",
+            "carriers[0].name",
+        ),
+        (
+            "[[clients]]\nname = \"a\"\napi_key_sha256 = \"zz\"",
+            "clients[0].api_key_sha256",
+        ),
+        ("[limits]\ncountries = [\"XX\"]", "limits.countries"),
+        (
+            "[limits]\nphone_sends = [{ max = 0, per_secs = 1 }]",
+            "limits.phone_sends[0].max",
+        ),
+        ("secret = \"abcd\"", "secret"),
+        (
+            "[verification]\nretention_secs = 60\nidempotency_ttl_secs = 61",
+            "verification.idempotency_ttl_secs",
+        ),
+        ("shutdown_grace_secs = 3601", "shutdown_grace_secs"),
+        ("store = \"mongo\"", "store"),
+        ("[templates]\nen = \"no code here\"", "templates"),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nsystem_id = \"x\"\npassword = \"y\"",
+            "carriers[0].host",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\npassword = \"y\"",
+            "carriers[0].system_id",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"123456789\"",
+            "carriers[0].password",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nbind = \"sideways\"",
+            "carriers[0].bind",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nwindow = 1000\nbinds = 11",
+            "carriers[0].window",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\ntls_ca_file = \"ca.pem\"",
+            "carriers[0].tls_ca_file",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nurl = \"http://a\"",
+            "carriers[0].url",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://a\"\nsystem_id = \"x\"",
+            "carriers[0].system_id",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nfrom = \"Caffè\"",
+            "carriers[0].from",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\ngsm7_data_coding = 3",
+            "carriers[0].gsm7_data_coding",
+        ),
+        (
+            "[[carriers]]\nname = \"a\"\nkind = \"smpp\"\nhost = \"h\"\nsystem_id = \"x\"\npassword = \"y\"\nucs2_data_coding = 0",
+            "carriers[0].ucs2_data_coding",
+        ),
+    ];
+    for (text, key) in cases {
+        let error = Config::from_toml(text).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("config key {key}:")),
+            "{text:?} gave {error}"
+        );
+    }
+}
