@@ -1,32 +1,15 @@
 //! The redis back-end: what must be shared by several gateway instances, or survive one, kept in
 //! Redis (standalone or Cluster) through a deadpool-redis pool.
 //!
-//! # Key layout
-//! Everything one engine call touches for one phone lives under one hash tag, the phone's
-//! *group* (`{0}` … `{f}`, the low nibble of the verification id's first byte), so every script
-//! runs on one Cluster slot:
-//!
-//! | key                         | what                                                        |
-//! |-----------------------------|-------------------------------------------------------------|
-//! | `P:{G}:v:<id>`              | a verification: hash of `r` (revision) and `b` (the record) |
-//! | `P:{G}:l:<phone>:<client>`  | the phone's live verification for a client                  |
-//! | `P:{G}:f:<phone>`           | wrong codes typed for the phone, `count:window_start`       |
-//! | `P:{G}:pl:<phone>:<rule>`   | the phone's send limit (GCRA theoretical arrival time)      |
-//! | `P:{G}:d`                   | sorted set: each verification's next deadline               |
-//! | `P:{G}:q:<lane>`            | the SMS jobs of a lane: a stream with one consumer group    |
-//! | `P:{G}:w`                   | webhook events raised by the group's verifications: a stream |
-//! | `P:{G}:dw`                  | sorted set: `id:send` watches for `verification.delayed`    |
-//! | `P:{c:<client>}:<rule>`     | a client's send limit                                       |
-//! | `P:{ip:<ip>}:<rule>`        | a citizen IP's send limit                                   |
-//! | `P:{i:<client>:<hash>}`     | an `Idempotency-Key`                                        |
-//! | `P:rc:<carrier>:<reading>`  | a carrier message id, for receipts                          |
-//! | `P:er:<carrier>:<reading>`  | a receipt that came before its submit answer                |
-//!
 //! A call reads what it needs (`LOAD`), runs the engine's own logic on that copy, and writes the
 //! result back with `COMMIT`, one Lua script that checks the revision it read (optimistic
 //! concurrency: another instance's write in between makes it start over), takes the phone's
 //! send limit on Redis's clock, writes the record, the live index, the failed checks and the
 //! deadline, and adds or acknowledges the SMS job, all in one step.
+//!
+//! # Keys
+//! Every key, and the hash tags that keep one call's keys on one Cluster slot, is named in
+//! `keys.rs`, with a table of them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -39,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
 use crate::config::{RedisConfig, Rule};
-use crate::ids::{AckToken, CarrierId, ClientId, VerificationId, shard_byte};
+use crate::ids::{AckToken, CarrierId, ClientId, VerificationId};
 use crate::otp::StoredCode;
 use crate::phone::Phone;
 use crate::queue::Job;
@@ -47,24 +30,13 @@ use crate::store::{DeadlineWrite, FailedChecks};
 use crate::sync::lock;
 use crate::verification::{DeliveryState, Extras, FailureReason, Status, Verification};
 
-/// Hash-tag groups: a verification's keys and its lane's stream share one.
-pub const GROUPS: u8 = 16;
+mod keys;
 
-/// The hash-tag group of a verification (and of its phone).
-pub fn group(id: &VerificationId) -> u8 {
-    id.shard_byte() % GROUPS
-}
-
-/// The hash-tag group of every verification of `phone`.
-pub fn phone_group(phone: &Phone) -> u8 {
-    shard_byte(phone) % GROUPS
-}
+use self::keys::{CONSUMER_GROUP, Keys};
+pub use self::keys::{GROUPS, group, phone_group};
 
 /// How long a claimed `Idempotency-Key` waits for its request to settle it.
 const IDEMPOTENCY_CLAIM: Duration = Duration::from_secs(30);
-
-/// The consumer group every instance reads the SMS streams in.
-const CONSUMER_GROUP: &str = "otpgate";
 
 /// Why the redis back-end could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +108,7 @@ struct Shared {
     /// fails, and filled again from the pool.
     conns: Box<[std::sync::Mutex<Option<Conn>>]>,
     next_conn: std::sync::atomic::AtomicUsize,
-    prefix: String,
+    keys: Keys,
     timeout: Duration,
     /// This instance's name in the consumer group.
     consumer: String,
@@ -312,7 +284,7 @@ impl RedisStore {
                     .map(|_| std::sync::Mutex::new(None))
                     .collect(),
                 next_conn: std::sync::atomic::AtomicUsize::new(0),
-                prefix: config.key_prefix.clone(),
+                keys: Keys::new(config.key_prefix.clone()),
                 timeout: config.timeout,
                 consumer: format!("{}-{}", std::process::id(), hex::encode(random)),
                 load: redis::Script::new(LOAD),
@@ -335,8 +307,8 @@ impl RedisStore {
         for group in 0..GROUPS {
             let keys = lanes
                 .iter()
-                .map(|&lane| self.stream_key(group, lane))
-                .chain(std::iter::once(self.outbox_key(group)));
+                .map(|&lane| self.keys().stream(group, lane))
+                .chain(std::iter::once(self.keys().outbox(group)));
             for key in keys {
                 let result: Result<Value, StoreError> = self
                     .run(
@@ -382,6 +354,10 @@ impl RedisStore {
                 }
             }
         }
+    }
+
+    fn keys(&self) -> &Keys {
+        &self.shared.keys
     }
 
     /// Whether the last call reached Redis.
@@ -476,59 +452,21 @@ impl RedisStore {
         }
     }
 
-    // --- keys ---
-
-    fn tagged(&self, group: u8, rest: fmt::Arguments<'_>) -> String {
-        format!("{}:{{{:x}}}:{}", self.shared.prefix, group, rest)
-    }
-
-    fn record_key(&self, id: &VerificationId) -> String {
-        self.tagged(group(id), format_args!("v:{id}"))
-    }
-
-    fn placeholder(&self, group: u8) -> String {
-        self.tagged(group, format_args!("none"))
-    }
-
-    fn live_key(&self, group: u8, phone: u64, client: ClientId) -> String {
-        self.tagged(group, format_args!("l:{phone}:{client}"))
-    }
-
-    fn failed_key(&self, group: u8, phone: u64) -> String {
-        self.tagged(group, format_args!("f:{phone}"))
-    }
-
-    fn deadlines_key(&self, group: u8) -> String {
-        self.tagged(group, format_args!("d"))
-    }
-
-    fn stream_key(&self, group: u8, lane: u8) -> String {
-        self.tagged(group, format_args!("q:{lane}"))
-    }
-
-    fn outbox_key(&self, group: u8) -> String {
-        self.tagged(group, format_args!("w"))
-    }
-
-    fn delays_key(&self, group: u8) -> String {
-        self.tagged(group, format_args!("dw"))
-    }
-
     // --- verifications ---
 
     /// Reads a record (by id or through the phone's live index) and the phone's failed checks.
     pub async fn load(&self, keys: LoadKeys) -> Result<Loaded, StoreError> {
         let group = keys.group;
-        let placeholder = self.placeholder(group);
+        let placeholder = self.keys().placeholder(group);
         let record_key = keys
             .id
-            .map_or_else(|| placeholder.clone(), |id| self.record_key(&id));
+            .map_or_else(|| placeholder.clone(), |id| self.keys().record(&id));
         let live_key = keys.live.map_or_else(
             || placeholder.clone(),
-            |(phone, client)| self.live_key(group, phone, client),
+            |(phone, client)| self.keys().live(group, phone, client),
         );
         let failed_key = match keys.failed_checks {
-            FailedChecksOf::Phone(phone) => self.failed_key(group, phone),
+            FailedChecksOf::Phone(phone) => self.keys().failed(group, phone),
             FailedChecksOf::None | FailedChecksOf::Record => placeholder.clone(),
         };
         let mut invocation = self.shared.load.prepare_invoke();
@@ -543,8 +481,8 @@ impl RedisStore {
                 FailedChecksOf::Phone(_) => "1",
                 FailedChecksOf::Record => "R",
             })
-            .arg(self.tagged(group, format_args!("v:")))
-            .arg(self.tagged(group, format_args!("f:")));
+            .arg(self.keys().records_of(group))
+            .arg(self.keys().failed_of(group));
         let (live, revision, blob, failed): (String, String, Vec<u8>, String) =
             self.invoke(&invocation).await?;
         let live = if live.is_empty() {
@@ -574,37 +512,37 @@ impl RedisStore {
     /// Writes what a call changed, if nothing it read changed meanwhile.
     pub async fn commit(&self, commit: Commit) -> Result<Committed, StoreError> {
         let group = commit.group;
-        let placeholder = self.placeholder(group);
+        let placeholder = self.keys().placeholder(group);
         let mut invocation = self.shared.commit.prepare_invoke();
         invocation
             .key(
                 commit
                     .id
-                    .map_or_else(|| placeholder.clone(), |id| self.record_key(&id)),
+                    .map_or_else(|| placeholder.clone(), |id| self.keys().record(&id)),
             )
             .key(commit.live_key.map_or_else(
                 || placeholder.clone(),
-                |(phone, client)| self.live_key(group, phone, client),
+                |(phone, client)| self.keys().live(group, phone, client),
             ))
             .key(commit.failed_checks.as_ref().map_or_else(
                 || placeholder.clone(),
-                |(phone, _, _)| self.failed_key(group, *phone),
+                |(phone, _, _)| self.keys().failed(group, *phone),
             ))
-            .key(self.deadlines_key(group))
+            .key(self.keys().deadlines(group))
             .key(commit.push.as_ref().map_or_else(
                 || placeholder.clone(),
-                |job| self.stream_key(group, job.lane),
+                |job| self.keys().stream(group, job.lane),
             ))
             .key(commit.ack.or(commit.owns).map_or_else(
                 || placeholder.clone(),
-                |(lane, _)| self.stream_key(group, lane),
+                |(lane, _)| self.keys().stream(group, lane),
             ))
-            .key(self.outbox_key(group))
-            .key(self.delays_key(group));
+            .key(self.keys().outbox(group))
+            .key(self.keys().delays(group));
         let mut rules = String::new();
         if let Some((phone, phone_rules)) = &commit.phone_limit {
             for (index, rule) in phone_rules.iter().enumerate() {
-                invocation.key(self.tagged(group, format_args!("pl:{phone}:{index}")));
+                invocation.key(self.keys().phone_limit(group, *phone, index));
                 let (emission, tolerance) = gcra_params(rule);
                 if !rules.is_empty() {
                     rules.push(';');
@@ -731,7 +669,7 @@ impl RedisStore {
         clock_offset_ms: i64,
     ) -> Result<Option<(usize, Duration)>, StoreError> {
         let keys: Vec<String> = (0..rules.len())
-            .map(|index| format!("{}:{{c:{client}}}:{index}", self.shared.prefix))
+            .map(|index| self.keys().client_limit(client, index))
             .collect();
         self.limit(&keys, rules, clock_offset_ms).await
     }
@@ -744,7 +682,7 @@ impl RedisStore {
         clock_offset_ms: i64,
     ) -> Result<Option<(usize, Duration)>, StoreError> {
         let keys: Vec<String> = (0..rules.len())
-            .map(|index| format!("{}:{{ip:{ip}}}:{index}", self.shared.prefix))
+            .map(|index| self.keys().ip_limit(ip, index))
             .collect();
         self.limit(&keys, rules, clock_offset_ms).await
     }
@@ -782,15 +720,6 @@ impl RedisStore {
 
     // --- idempotency keys ---
 
-    fn idempotency_key(&self, client: ClientId, key: &str) -> String {
-        let digest = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes());
-        format!(
-            "{}:{{i:{client}:{}}}",
-            self.shared.prefix,
-            hex::encode(&digest[..16])
-        )
-    }
-
     /// Claims an `Idempotency-Key` for a request (`None`), or returns what holds it already.
     pub async fn claim_idempotency(
         &self,
@@ -799,7 +728,7 @@ impl RedisStore {
         fingerprint: u64,
         ttl: Duration,
     ) -> Result<Option<IdempotencyHolder>, StoreError> {
-        let redis_key = self.idempotency_key(client, key);
+        let redis_key = self.keys().idempotency(client, key);
         let claimed: Option<String> = self
             .run(
                 redis::cmd("SET")
@@ -849,7 +778,7 @@ impl RedisStore {
         let _: () = self
             .run(
                 redis::cmd("SET")
-                    .arg(self.idempotency_key(client, key))
+                    .arg(self.keys().idempotency(client, key))
                     .arg(format!("{fingerprint}:{id}"))
                     .arg("PX")
                     .arg(ttl.as_millis().max(1) as u64),
@@ -861,7 +790,7 @@ impl RedisStore {
     /// Lets go of a claimed key whose request failed, so a retry may use it.
     pub async fn release_idempotency(&self, client: ClientId, key: &str) -> Result<(), StoreError> {
         let _: () = self
-            .run(redis::cmd("DEL").arg(self.idempotency_key(client, key)))
+            .run(redis::cmd("DEL").arg(self.keys().idempotency(client, key)))
             .await?;
         Ok(())
     }
@@ -880,7 +809,7 @@ impl RedisStore {
             let _: () = self
                 .run(
                     redis::cmd("SET")
-                        .arg(self.receipt_key("rc", carrier, &reading))
+                        .arg(self.keys().receipt(carrier, &reading))
                         .arg(id.to_string())
                         .arg("PX")
                         .arg(keep.as_millis().max(1) as u64),
@@ -898,27 +827,13 @@ impl RedisStore {
     ) -> Result<Option<VerificationId>, StoreError> {
         for reading in crate::receipt::readings(carrier_message_id) {
             let found: Option<String> = self
-                .run(redis::cmd("GET").arg(self.receipt_key("rc", carrier, &reading)))
+                .run(redis::cmd("GET").arg(self.keys().receipt(carrier, &reading)))
                 .await?;
             if let Some(id) = found.as_deref().and_then(VerificationId::parse) {
                 return Ok(Some(id));
             }
         }
         Ok(None)
-    }
-
-    /// A receipt key: `rc` (the index) or `er` (held early receipts), by carrier and reading.
-    fn receipt_key(
-        &self,
-        kind: &str,
-        carrier: CarrierId,
-        reading: &crate::receipt::Reading,
-    ) -> String {
-        format!("{}:{kind}:{carrier}:{reading}", self.shared.prefix)
-    }
-
-    fn held_receipts_key(&self) -> String {
-        format!("{}:er:due", self.shared.prefix)
     }
 
     /// Holds a receipt that matched nothing yet, for `keep`; until `now + keep` it is due in
@@ -934,7 +849,7 @@ impl RedisStore {
         let _: () = self
             .run(
                 redis::cmd("ZADD")
-                    .arg(self.held_receipts_key())
+                    .arg(self.keys().held_receipts())
                     .arg(now + keep.as_millis() as Millis)
                     .arg(format!("{carrier}:{carrier_message_id}")),
             )
@@ -943,7 +858,7 @@ impl RedisStore {
             let _: () = self
                 .run(
                     redis::cmd("SET")
-                        .arg(self.receipt_key("er", carrier, &reading))
+                        .arg(self.keys().held_receipt(carrier, &reading))
                         .arg(format!("{status}:{carrier_message_id}"))
                         .arg("PX")
                         .arg(keep.as_millis().max(1) as u64),
@@ -961,14 +876,14 @@ impl RedisStore {
     ) -> Result<Option<(u8, String)>, StoreError> {
         for reading in crate::receipt::readings(carrier_message_id) {
             let held: Option<String> = self
-                .run(redis::cmd("GETDEL").arg(self.receipt_key("er", carrier, &reading)))
+                .run(redis::cmd("GETDEL").arg(self.keys().held_receipt(carrier, &reading)))
                 .await?;
             if let Some((status, id)) = held.as_deref().and_then(|held| held.split_once(':')) {
                 if let Ok(status) = status.parse() {
                     let _: () = self
                         .run(
                             redis::cmd("ZREM")
-                                .arg(self.held_receipts_key())
+                                .arg(self.keys().held_receipts())
                                 .arg(format!("{carrier}:{id}")),
                         )
                         .await?;
@@ -985,7 +900,7 @@ impl RedisStore {
         let due: Vec<String> = self
             .run(
                 redis::cmd("ZRANGEBYSCORE")
-                    .arg(self.held_receipts_key())
+                    .arg(self.keys().held_receipts())
                     .arg("-inf")
                     .arg(now)
                     .arg("LIMIT")
@@ -998,7 +913,7 @@ impl RedisStore {
             let removed: u64 = self
                 .run(
                     redis::cmd("ZREM")
-                        .arg(self.held_receipts_key())
+                        .arg(self.keys().held_receipts())
                         .arg(&member),
                 )
                 .await?;
@@ -1034,7 +949,7 @@ impl RedisStore {
             .arg(count)
             .arg("STREAMS");
         for &lane in lanes {
-            cmd.arg(self.stream_key(group, lane));
+            cmd.arg(self.keys().stream(group, lane));
         }
         for _ in lanes {
             cmd.arg(if own { "0" } else { ">" });
@@ -1057,7 +972,7 @@ impl RedisStore {
         for key in keys {
             let Some(&lane) = lanes
                 .iter()
-                .find(|&&lane| self.stream_key(group, lane) == key.key)
+                .find(|&&lane| self.keys().stream(group, lane) == key.key)
             else {
                 continue;
             };
@@ -1110,7 +1025,7 @@ impl RedisStore {
         let reply: redis::streams::StreamAutoClaimReply = self
             .run(
                 redis::cmd("XAUTOCLAIM")
-                    .arg(self.stream_key(group, lane))
+                    .arg(self.keys().stream(group, lane))
                     .arg(CONSUMER_GROUP)
                     .arg(&self.shared.consumer)
                     .arg(idle.as_millis() as u64)
@@ -1170,7 +1085,7 @@ impl RedisStore {
                     .arg("COUNT")
                     .arg(count)
                     .arg("STREAMS")
-                    .arg(self.outbox_key(group))
+                    .arg(self.keys().outbox(group))
                     .arg(if own { "0" } else { ">" }),
             )
             .await?;
@@ -1195,7 +1110,7 @@ impl RedisStore {
         let reply: redis::streams::StreamAutoClaimReply = self
             .run(
                 redis::cmd("XAUTOCLAIM")
-                    .arg(self.outbox_key(group))
+                    .arg(self.keys().outbox(group))
                     .arg(CONSUMER_GROUP)
                     .arg(&self.shared.consumer)
                     .arg(idle.as_millis() as u64)
@@ -1224,13 +1139,13 @@ impl RedisStore {
         let _: Value = self
             .run(
                 redis::cmd("XACK")
-                    .arg(self.outbox_key(group))
+                    .arg(self.keys().outbox(group))
                     .arg(CONSUMER_GROUP)
                     .arg(&ids),
             )
             .await?;
         let _: Value = self
-            .run(redis::cmd("XDEL").arg(self.outbox_key(group)).arg(&ids))
+            .run(redis::cmd("XDEL").arg(self.keys().outbox(group)).arg(&ids))
             .await?;
         let mut held = lock(&self.shared.held_events);
         for entry in entries {
@@ -1248,7 +1163,7 @@ impl RedisStore {
         }
         for ((group, lane), entries) in jobs {
             for chunk in entries.chunks(512) {
-                match self.keep(self.stream_key(group, lane), chunk).await {
+                match self.keep(self.keys().stream(group, lane), chunk).await {
                     Ok(lost) => {
                         for entry in lost {
                             self.release(entry.into());
@@ -1264,7 +1179,7 @@ impl RedisStore {
         }
         for (group, entries) in events {
             for chunk in entries.chunks(512) {
-                match self.keep(self.outbox_key(group), chunk).await {
+                match self.keep(self.keys().outbox(group), chunk).await {
                     Ok(lost) => {
                         let mut held = lock(&self.shared.held_events);
                         for entry in lost {
@@ -1284,7 +1199,7 @@ impl RedisStore {
         let mut total = 0;
         for group in 0..GROUPS {
             let n: u64 = self
-                .run(redis::cmd("XLEN").arg(self.stream_key(group, lane)))
+                .run(redis::cmd("XLEN").arg(self.keys().stream(group, lane)))
                 .await?;
             total += n;
         }
@@ -1301,7 +1216,7 @@ impl RedisStore {
         let members: Vec<String> = self
             .run(
                 redis::cmd("ZRANGEBYSCORE")
-                    .arg(self.delays_key(group))
+                    .arg(self.keys().delays(group))
                     .arg("-inf")
                     .arg(now)
                     .arg("LIMIT")
@@ -1323,7 +1238,7 @@ impl RedisStore {
         let mut total = 0;
         for group in 0..GROUPS {
             let n: u64 = self
-                .run(redis::cmd("ZCARD").arg(self.deadlines_key(group)))
+                .run(redis::cmd("ZCARD").arg(self.keys().deadlines(group)))
                 .await?;
             total += n;
         }
@@ -1340,7 +1255,7 @@ impl RedisStore {
         let ids: Vec<String> = self
             .run(
                 redis::cmd("ZRANGEBYSCORE")
-                    .arg(self.deadlines_key(group))
+                    .arg(self.keys().deadlines(group))
                     .arg("-inf")
                     .arg(now)
                     .arg("LIMIT")
@@ -1358,7 +1273,7 @@ impl RedisStore {
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
-            .field("prefix", &self.shared.prefix)
+            .field("prefix", &self.shared.keys.prefix())
             .field("consumer", &self.shared.consumer)
             .finish_non_exhaustive()
     }
