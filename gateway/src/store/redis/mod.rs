@@ -12,7 +12,6 @@
 //! `keys.rs`, with a table of them.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -29,6 +28,7 @@ use crate::verification::Verification;
 mod codec;
 mod error;
 mod keys;
+mod limits;
 mod pool;
 
 pub use self::codec::{StreamEntry, decode_record, encode_record};
@@ -36,6 +36,7 @@ use self::codec::{decode_failed, decode_job, encode_failed, encode_job};
 pub use self::error::StoreError;
 use self::keys::CONSUMER_GROUP;
 pub use self::keys::{GROUPS, group, phone_group};
+use self::limits::gcra_rules;
 pub use self::pool::RedisStore;
 
 /// How long a claimed `Idempotency-Key` waits for its request to settle it.
@@ -266,17 +267,15 @@ impl RedisStore {
             ))
             .key(self.keys().outbox(group))
             .key(self.keys().delays(group));
-        let mut rules = String::new();
-        if let Some((phone, phone_rules)) = &commit.phone_limit {
-            for (index, rule) in phone_rules.iter().enumerate() {
-                invocation.key(self.keys().phone_limit(group, *phone, index));
-                let (emission, tolerance) = gcra_params(rule);
-                if !rules.is_empty() {
-                    rules.push(';');
+        let rules = match &commit.phone_limit {
+            Some((phone, phone_rules)) => {
+                for index in 0..phone_rules.len() {
+                    invocation.key(self.keys().phone_limit(group, *phone, index));
                 }
-                rules.push_str(&format!("{emission},{tolerance}"));
+                gcra_rules(phone_rules)
             }
-        }
+            None => String::new(),
+        };
         let (blob, ttl_ms, phone) = match &commit.record {
             Some((record, keep)) => (
                 encode_record(record)?,
@@ -383,65 +382,6 @@ impl RedisStore {
                 rule: int(2).unwrap_or(1).max(1) as usize - 1,
             }),
             _ => Err(StoreError::Protocol(format!("commit answered {answer:?}"))),
-        }
-    }
-
-    // --- limits ---
-
-    /// Spends one send of a client's rules (all or nothing), on Redis's clock.
-    pub async fn limit_client(
-        &self,
-        client: ClientId,
-        rules: &[Rule],
-        clock_offset_ms: i64,
-    ) -> Result<Option<(usize, Duration)>, StoreError> {
-        let keys: Vec<String> = (0..rules.len())
-            .map(|index| self.keys().client_limit(client, index))
-            .collect();
-        self.limit(&keys, rules, clock_offset_ms).await
-    }
-
-    /// Spends one send of an IP's rules (all or nothing), on Redis's clock.
-    pub async fn limit_ip(
-        &self,
-        ip: IpAddr,
-        rules: &[Rule],
-        clock_offset_ms: i64,
-    ) -> Result<Option<(usize, Duration)>, StoreError> {
-        let keys: Vec<String> = (0..rules.len())
-            .map(|index| self.keys().ip_limit(ip, index))
-            .collect();
-        self.limit(&keys, rules, clock_offset_ms).await
-    }
-
-    async fn limit(
-        &self,
-        keys: &[String],
-        rules: &[Rule],
-        clock_offset_ms: i64,
-    ) -> Result<Option<(usize, Duration)>, StoreError> {
-        if rules.is_empty() {
-            return Ok(None);
-        }
-        let mut invocation = GCRA_SCRIPT.prepare_invoke();
-        let mut specs = String::new();
-        for (key, rule) in keys.iter().zip(rules) {
-            invocation.key(key);
-            let (emission, tolerance) = gcra_params(rule);
-            if !specs.is_empty() {
-                specs.push(';');
-            }
-            specs.push_str(&format!("{emission},{tolerance}"));
-        }
-        invocation.arg(specs).arg(clock_offset_ms);
-        let answer: Vec<i64> = self.invoke(&invocation).await?;
-        match answer.as_slice() {
-            [1, ..] => Ok(None),
-            [2, retry, rule] => Ok(Some((
-                (*rule).max(1) as usize - 1,
-                Duration::from_millis((*retry).max(1) as u64),
-            ))),
-            _ => Err(StoreError::Protocol(format!("limit answered {answer:?}"))),
         }
     }
 
@@ -1301,18 +1241,10 @@ pub enum IdempotencyHolder {
     },
 }
 
-/// GCRA's emission interval and tolerance, in ms, for `max` sends per `per`.
-fn gcra_params(rule: &Rule) -> (u64, u64) {
-    let per = rule.per.as_millis().max(1) as u64;
-    let emission = (per / u64::from(rule.max.get())).max(1);
-    (emission, emission * u64::from(rule.max.get() - 1))
-}
-
 // --- scripts ---
 
 static LOAD_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(LOAD));
 static COMMIT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COMMIT));
-static GCRA_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(GCRA));
 static KEEP_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(KEEP));
 
 /// Reads a record (by id, or through the live index), and the failed checks.
@@ -1460,40 +1392,3 @@ for i = 3, #ARGV do
 end
 return lost
 ";
-
-/// Spends one send of every rule, or none: GCRA on Redis's clock.
-/// KEYS: one per rule. ARGV: 1 rules ('T,tau;…'), 2 clock offset ms.
-/// Returns {1} | {2, retry ms, rule}.
-const GCRA: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-local tats = {}
-local i = 0
-for spec in string.gmatch(ARGV[1], '[^;]+') do
-  i = i + 1
-  local emission, tolerance = string.match(spec, '(%d+),(%d+)')
-  emission, tolerance = tonumber(emission), tonumber(tolerance)
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  if tat < now then tat = now end
-  if now < tat - tolerance then return {2, tat - tolerance - now, i} end
-  tats[i] = tat + emission
-end
-for j = 1, i do
-  redis.call('SET', KEYS[j], string.format('%d', tats[j]), 'PX', string.format('%d', math.max(1, tats[j] - now)))
-end
-return {1}
-";
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gcra_allows_the_whole_burst_then_one_per_emission() {
-        let rule = Rule {
-            max: std::num::NonZeroU32::new(3).unwrap(),
-            per: Duration::from_secs(60),
-        };
-        assert_eq!(gcra_params(&rule), (20_000, 40_000));
-    }
-}
