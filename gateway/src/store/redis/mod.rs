@@ -19,7 +19,7 @@ use deadpool_redis::redis::{self, Value};
 
 use crate::clock::Millis;
 use crate::config::Rule;
-use crate::ids::{AckToken, CarrierId, ClientId, VerificationId};
+use crate::ids::{AckToken, ClientId, VerificationId};
 use crate::queue::Job;
 use crate::store::{DeadlineWrite, FailedChecks};
 use crate::sync::lock;
@@ -27,20 +27,20 @@ use crate::verification::Verification;
 
 mod codec;
 mod error;
+mod idempotency;
 mod keys;
 mod limits;
 mod pool;
+mod receipts;
 
 pub use self::codec::{StreamEntry, decode_record, encode_record};
 use self::codec::{decode_failed, decode_job, encode_failed, encode_job};
 pub use self::error::StoreError;
+pub use self::idempotency::IdempotencyHolder;
 use self::keys::CONSUMER_GROUP;
 pub use self::keys::{GROUPS, group, phone_group};
 use self::limits::gcra_rules;
 pub use self::pool::RedisStore;
-
-/// How long a claimed `Idempotency-Key` waits for its request to settle it.
-const IDEMPOTENCY_CLAIM: Duration = Duration::from_secs(30);
 
 /// What `LOAD` read.
 #[derive(Debug, Default)]
@@ -383,217 +383,6 @@ impl RedisStore {
             }),
             _ => Err(StoreError::Protocol(format!("commit answered {answer:?}"))),
         }
-    }
-
-    // --- idempotency keys ---
-
-    /// Claims an `Idempotency-Key` for a request (`None`), or returns what holds it already.
-    pub async fn claim_idempotency(
-        &self,
-        client: ClientId,
-        key: &str,
-        fingerprint: u64,
-        ttl: Duration,
-    ) -> Result<Option<IdempotencyHolder>, StoreError> {
-        let redis_key = self.keys().idempotency(client, key);
-        let claimed: Option<String> = self
-            .run(
-                redis::cmd("SET")
-                    .arg(&redis_key)
-                    .arg(format!("{fingerprint}:pending"))
-                    .arg("NX")
-                    .arg("PX")
-                    // Only while the request runs: one that dies mid-way must not hold the key
-                    // for its whole lifetime. The settled key gets the full `ttl`.
-                    .arg(ttl.min(IDEMPOTENCY_CLAIM).as_millis().max(1) as u64),
-            )
-            .await?;
-        if claimed.is_some() {
-            return Ok(None);
-        }
-        let held: Option<String> = self.run(redis::cmd("GET").arg(&redis_key)).await?;
-        let Some(held) = held else {
-            // Expired between the two calls: claim again next time round.
-            return Ok(Some(IdempotencyHolder::Pending { fingerprint }));
-        };
-        let (held_fingerprint, what) = held
-            .split_once(':')
-            .ok_or_else(|| StoreError::Protocol("idempotency entry".to_owned()))?;
-        let held_fingerprint: u64 = held_fingerprint
-            .parse()
-            .map_err(|_| StoreError::Protocol("idempotency fingerprint".to_owned()))?;
-        Ok(Some(match VerificationId::parse(what) {
-            Some(id) => IdempotencyHolder::Done {
-                fingerprint: held_fingerprint,
-                id,
-            },
-            None => IdempotencyHolder::Pending {
-                fingerprint: held_fingerprint,
-            },
-        }))
-    }
-
-    /// Records the verification an `Idempotency-Key` stands for.
-    pub async fn settle_idempotency(
-        &self,
-        client: ClientId,
-        key: &str,
-        fingerprint: u64,
-        id: VerificationId,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let _: () = self
-            .run(
-                redis::cmd("SET")
-                    .arg(self.keys().idempotency(client, key))
-                    .arg(format!("{fingerprint}:{id}"))
-                    .arg("PX")
-                    .arg(ttl.as_millis().max(1) as u64),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Lets go of a claimed key whose request failed, so a retry may use it.
-    pub async fn release_idempotency(&self, client: ClientId, key: &str) -> Result<(), StoreError> {
-        let _: () = self
-            .run(redis::cmd("DEL").arg(self.keys().idempotency(client, key)))
-            .await?;
-        Ok(())
-    }
-
-    // --- receipts ---
-
-    /// Indexes a carrier's message id under each of its readings.
-    pub async fn index_receipt(
-        &self,
-        carrier: CarrierId,
-        carrier_message_id: &str,
-        id: VerificationId,
-        keep: Duration,
-    ) -> Result<(), StoreError> {
-        for reading in crate::receipt::readings(carrier_message_id) {
-            let _: () = self
-                .run(
-                    redis::cmd("SET")
-                        .arg(self.keys().receipt(carrier, &reading))
-                        .arg(id.to_string())
-                        .arg("PX")
-                        .arg(keep.as_millis().max(1) as u64),
-                )
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// The verification a carrier message id was indexed for.
-    pub async fn find_receipt(
-        &self,
-        carrier: CarrierId,
-        carrier_message_id: &str,
-    ) -> Result<Option<VerificationId>, StoreError> {
-        for reading in crate::receipt::readings(carrier_message_id) {
-            let found: Option<String> = self
-                .run(redis::cmd("GET").arg(self.keys().receipt(carrier, &reading)))
-                .await?;
-            if let Some(id) = found.as_deref().and_then(VerificationId::parse) {
-                return Ok(Some(id));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Holds a receipt that matched nothing yet, for `keep`; until `now + keep` it is due in
-    /// the held set, where [`RedisStore::expired_receipts`] finds it if it is never taken.
-    pub async fn hold_receipt(
-        &self,
-        carrier: CarrierId,
-        carrier_message_id: &str,
-        status: u8,
-        keep: Duration,
-        now: Millis,
-    ) -> Result<(), StoreError> {
-        let _: () = self
-            .run(
-                redis::cmd("ZADD")
-                    .arg(self.keys().held_receipts())
-                    .arg(now + keep.as_millis() as Millis)
-                    .arg(format!("{carrier}:{carrier_message_id}")),
-            )
-            .await?;
-        for reading in crate::receipt::readings(carrier_message_id) {
-            let _: () = self
-                .run(
-                    redis::cmd("SET")
-                        .arg(self.keys().held_receipt(carrier, &reading))
-                        .arg(format!("{status}:{carrier_message_id}"))
-                        .arg("PX")
-                        .arg(keep.as_millis().max(1) as u64),
-                )
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Takes a held receipt for this message id, if one came early: `(status, its id)`.
-    pub async fn take_held_receipt(
-        &self,
-        carrier: CarrierId,
-        carrier_message_id: &str,
-    ) -> Result<Option<(u8, String)>, StoreError> {
-        for reading in crate::receipt::readings(carrier_message_id) {
-            let held: Option<String> = self
-                .run(redis::cmd("GETDEL").arg(self.keys().held_receipt(carrier, &reading)))
-                .await?;
-            if let Some((status, id)) = held.as_deref().and_then(|held| held.split_once(':')) {
-                if let Ok(status) = status.parse() {
-                    let _: () = self
-                        .run(
-                            redis::cmd("ZREM")
-                                .arg(self.keys().held_receipts())
-                                .arg(format!("{carrier}:{id}")),
-                        )
-                        .await?;
-                    return Ok(Some((status, id.to_owned())));
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// Held receipts whose time ran out untaken, each counted by exactly one instance: the
-    /// carriers they came from.
-    pub async fn expired_receipts(&self, now: Millis) -> Result<Vec<CarrierId>, StoreError> {
-        let due: Vec<String> = self
-            .run(
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(self.keys().held_receipts())
-                    .arg("-inf")
-                    .arg(now)
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(1000),
-            )
-            .await?;
-        let mut carriers = Vec::new();
-        for member in due {
-            let removed: u64 = self
-                .run(
-                    redis::cmd("ZREM")
-                        .arg(self.keys().held_receipts())
-                        .arg(&member),
-                )
-                .await?;
-            if removed == 1 {
-                if let Some(carrier) = member
-                    .split_once(':')
-                    .and_then(|(carrier, _)| carrier.parse().ok())
-                {
-                    carriers.push(carrier);
-                }
-            }
-        }
-        Ok(carriers)
     }
 
     // --- the SMS streams ---
@@ -1228,17 +1017,6 @@ fn push_all(store: &RedisStore, queue: &crate::queue::Queue, jobs: Vec<StreamJob
         }
     }
     true
-}
-
-/// Who holds an `Idempotency-Key`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdempotencyHolder {
-    /// A request still creating its verification.
-    Pending { fingerprint: u64 },
-    Done {
-        fingerprint: u64,
-        id: VerificationId,
-    },
 }
 
 // --- scripts ---

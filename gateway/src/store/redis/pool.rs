@@ -217,6 +217,18 @@ impl RedisStore {
         self.call(async |conn| cmd.query_async(conn).await).await
     }
 
+    /// Sets `key` to `value` for `keep` (a millisecond at least).
+    pub(crate) async fn set_for(
+        &self,
+        key: String,
+        value: String,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        let keep_ms = keep.as_millis().max(1) as u64;
+        self.run(redis::cmd("SET").arg(key).arg(value).arg("PX").arg(keep_ms))
+            .await
+    }
+
     /// Runs a script with the call timeout, noting whether Redis answered.
     pub(crate) async fn invoke<T: redis::FromRedisValue>(
         &self,
