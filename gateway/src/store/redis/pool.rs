@@ -11,6 +11,7 @@ use deadpool_redis::redis::{self, RedisFuture, Value, aio::ConnectionLike};
 use super::codec::StreamEntry;
 use super::error::StoreError;
 use super::keys::{CONSUMER_GROUP, GROUPS, Keys};
+use crate::clock::Millis;
 use crate::config::RedisConfig;
 use crate::sync::lock;
 
@@ -227,6 +228,25 @@ impl RedisStore {
         let keep_ms = keep.as_millis().max(1) as u64;
         self.run(redis::cmd("SET").arg(key).arg(value).arg("PX").arg(keep_ms))
             .await
+    }
+
+    /// The members of a sorted set scored `now` or less, at most `count`.
+    pub(crate) async fn due_members(
+        &self,
+        key: String,
+        now: Millis,
+        count: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.run(
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(key)
+                .arg("-inf")
+                .arg(now)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(count),
+        )
+        .await
     }
 
     /// Runs a script with the call timeout, noting whether Redis answered.

@@ -102,15 +102,7 @@ impl RedisStore {
     /// carriers they came from.
     pub async fn expired_receipts(&self, now: Millis) -> Result<Vec<CarrierId>, StoreError> {
         let due: Vec<String> = self
-            .run(
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(self.keys().held_receipts())
-                    .arg("-inf")
-                    .arg(now)
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(1000),
-            )
+            .due_members(self.keys().held_receipts(), now, 1000)
             .await?;
         let mut carriers = Vec::new();
         for member in due {
