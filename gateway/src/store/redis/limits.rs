@@ -83,30 +83,9 @@ fn gcra_params(rule: &Rule) -> (u64, u64) {
     (emission, emission * u64::from(rule.max.get() - 1))
 }
 
-static GCRA_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(GCRA));
-
-/// Spends one send of every rule, or none: GCRA on Redis's clock.
-/// KEYS: one per rule. ARGV: 1 rules ('T,tau;…'), 2 clock offset ms.
-/// Returns {1} | {2, retry ms, rule}.
-const GCRA: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-local tats = {}
-local i = 0
-for spec in string.gmatch(ARGV[1], '[^;]+') do
-  i = i + 1
-  local emission, tolerance = string.match(spec, '(%d+),(%d+)')
-  emission, tolerance = tonumber(emission), tonumber(tolerance)
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  if tat < now then tat = now end
-  if now < tat - tolerance then return {2, tat - tolerance - now, i} end
-  tats[i] = tat + emission
-end
-for j = 1, i do
-  redis.call('SET', KEYS[j], string.format('%d', tats[j]), 'PX', string.format('%d', math.max(1, tats[j] - now)))
-end
-return {1}
-";
+/// `GCRA`: spends one send of every rule, or none (`lua/gcra.lua`).
+static GCRA_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lua/gcra.lua")));
 
 #[cfg(test)]
 mod tests {

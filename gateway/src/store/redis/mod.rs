@@ -19,6 +19,7 @@
 //!   and held receipts, the sweeper's deadlines and the delay watches.
 //! - `streams.rs`: the SMS and webhook streams; `feed.rs`: the task that moves their entries
 //!   into this instance's queue and webhook outbox.
+//! - `lua/`: the scripts, each with its keys, arguments and answer described at its top.
 
 mod codec;
 mod deadlines;

@@ -354,20 +354,6 @@ fn event_of(
     ))
 }
 
-static KEEP_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(KEEP));
-
-/// Re-claims (resetting their idle time) the entries still pending to this consumer.
-/// KEYS: the stream. ARGV: 1 group, 2 consumer, 3.. entries. Returns the entries that are not
-/// (another consumer took them over, or they are gone).
-const KEEP: &str = r"
-local lost = {}
-for i = 3, #ARGV do
-  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if pending[1] and pending[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  else
-    lost[#lost + 1] = ARGV[i]
-  end
-end
-return lost
-";
+/// `KEEP`: re-claims the entries still pending to this consumer (`lua/keep.lua`).
+static KEEP_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lua/keep.lua")));
