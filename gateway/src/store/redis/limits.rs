@@ -83,9 +83,14 @@ fn gcra_params(rule: &Rule) -> (u64, u64) {
     (emission, emission * u64::from(rule.max.get() - 1))
 }
 
-/// `GCRA`: spends one send of every rule, or none (`lua/gcra.lua`).
-static GCRA_SCRIPT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("lua/gcra.lua")));
+/// `GCRA`: spends one send of every rule, or none (`lua/limits.lua`, after the GCRA function
+/// it shares with `COMMIT`, `lua/gcra.lua`).
+static GCRA_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(concat!(
+        include_str!("lua/gcra.lua"),
+        include_str!("lua/limits.lua")
+    ))
+});
 
 #[cfg(test)]
 mod tests {

@@ -333,6 +333,11 @@ impl RedisStore {
 /// (`lua/load.lua`).
 static LOAD_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/load.lua")));
-/// `COMMIT`: writes a call's changes if what it read is unchanged (`lua/commit.lua`).
-static COMMIT_SCRIPT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("lua/commit.lua")));
+/// `COMMIT`: writes a call's changes if what it read is unchanged (`lua/commit.lua`, after the
+/// GCRA function that spends the phone's send limit, `lua/gcra.lua`).
+static COMMIT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(concat!(
+        include_str!("lua/gcra.lua"),
+        include_str!("lua/commit.lua")
+    ))
+});

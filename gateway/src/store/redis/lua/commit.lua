@@ -40,22 +40,8 @@ if ARGV[4] ~= '*' then
   end
 end
 if ARGV[16] ~= '' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[17])
-  local tats = {}
-  local i = 0
-  for spec in string.gmatch(ARGV[16], '[^;]+') do
-    i = i + 1
-    local emission, tolerance = string.match(spec, '(%d+),(%d+)')
-    emission, tolerance = tonumber(emission), tonumber(tolerance)
-    local tat = tonumber(redis.call('GET', KEYS[8 + i])) or now
-    if tat < now then tat = now end
-    if now < tat - tolerance then return {2, tat - tolerance - now, i} end
-    tats[i] = tat + emission
-  end
-  for j = 1, i do
-    redis.call('SET', KEYS[8 + j], string.format('%d', tats[j]), 'PX', string.format('%d', math.max(1, tats[j] - now)))
-  end
+  local refused = gcra(ARGV[16], 9, ARGV[17])
+  if refused then return refused end
 end
 local newrev = tonumber(rev) or 0
 if ARGV[2] ~= '' then
