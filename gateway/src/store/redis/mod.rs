@@ -28,6 +28,7 @@ mod feed;
 mod idempotency;
 mod keys;
 mod limits;
+mod named;
 mod pool;
 mod receipts;
 mod streams;

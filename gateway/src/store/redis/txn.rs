@@ -12,6 +12,7 @@ use super::codec::{
 use super::error::StoreError;
 use super::keys::{CONSUMER_GROUP, group};
 use super::limits::gcra_rules;
+use super::named::{Named, Names};
 use super::pool::RedisStore;
 use crate::clock::Millis;
 use crate::config::Rule;
@@ -139,19 +140,24 @@ impl RedisStore {
             FailedChecksOf::None | FailedChecksOf::Record => placeholder.clone(),
         };
         let mut invocation = LOAD_SCRIPT.prepare_invoke();
-        invocation
-            .key(record_key)
-            .key(live_key)
-            .key(failed_key)
-            .arg(if keys.id.is_some() { "1" } else { "0" })
-            .arg(if keys.live.is_some() { "1" } else { "0" })
-            .arg(match keys.failed_checks {
-                FailedChecksOf::None => "0",
-                FailedChecksOf::Phone(_) => "1",
-                FailedChecksOf::Record => "R",
-            })
-            .arg(self.keys().records_of(group))
-            .arg(self.keys().failed_of(group));
+        let flag = |read: bool| if read { "1" } else { "0" };
+        Named::new(&mut invocation, &LOAD_NAMES)
+            .key("record_key", record_key)
+            .key("live_key", live_key)
+            .key("failed_key", failed_key)
+            .arg("read_record", flag(keys.id.is_some()))
+            .arg("read_live", flag(keys.live.is_some()))
+            .arg(
+                "read_failed",
+                match keys.failed_checks {
+                    FailedChecksOf::None => "0",
+                    FailedChecksOf::Phone(_) => "1",
+                    FailedChecksOf::Record => "R",
+                },
+            )
+            .arg("records_of", self.keys().records_of(group))
+            .arg("failed_of", self.keys().failed_of(group))
+            .done();
         let (live, revision, blob, failed): (String, String, Vec<u8>, String) =
             self.invoke(&invocation).await?;
         let live = if live.is_empty() {
@@ -181,43 +187,9 @@ impl RedisStore {
     /// Writes what a call changed, if nothing it read changed meanwhile.
     pub async fn commit(&self, commit: Commit) -> Result<Committed, StoreError> {
         let group = commit.group;
-        let placeholder = self.keys().placeholder(group);
-        let mut invocation = COMMIT_SCRIPT.prepare_invoke();
-        invocation
-            .key(
-                commit
-                    .id
-                    .map_or_else(|| placeholder.clone(), |id| self.keys().record(&id)),
-            )
-            .key(commit.live_key.map_or_else(
-                || placeholder.clone(),
-                |(phone, client)| self.keys().live(group, phone, client),
-            ))
-            .key(commit.failed_checks.as_ref().map_or_else(
-                || placeholder.clone(),
-                |(phone, _, _)| self.keys().failed(group, *phone),
-            ))
-            .key(self.keys().deadlines(group))
-            .key(commit.push.as_ref().map_or_else(
-                || placeholder.clone(),
-                |job| self.keys().stream(group, job.lane),
-            ))
-            .key(commit.ack.or(commit.owns).map_or_else(
-                || placeholder.clone(),
-                |(lane, _)| self.keys().stream(group, lane),
-            ))
-            .key(self.keys().outbox(group))
-            .key(self.keys().delays(group));
-        let rules = match &commit.phone_limit {
-            Some((phone, phone_rules)) => {
-                for index in 0..phone_rules.len() {
-                    invocation.key(self.keys().phone_limit(group, *phone, index));
-                }
-                gcra_rules(phone_rules)
-            }
-            None => String::new(),
-        };
-        let (blob, ttl_ms, phone) = match &commit.record {
+        let keys = self.keys();
+        let placeholder = || keys.placeholder(group);
+        let (record, keep_ms, phone) = match &commit.record {
             Some((record, keep)) => (
                 encode_record(record)?,
                 keep.as_millis().max(1) as u64,
@@ -225,76 +197,136 @@ impl RedisStore {
             ),
             None => (Vec::new(), 0, String::new()),
         };
-        invocation
-            .arg(match commit.expected_revision {
-                _ if !commit.check_revision => "*".to_owned(),
-                Some(revision) => revision.to_string(),
-                None => String::new(),
-            })
-            .arg(blob)
-            .arg(ttl_ms)
-            .arg(if commit.check_live {
-                commit
-                    .expected_live
-                    .map_or_else(String::new, |id| id.to_string())
-            } else {
-                "*".to_owned()
-            });
-        match commit.live {
-            LiveWrite::Keep => invocation.arg("").arg(""),
-            LiveWrite::Set(id) => invocation.arg("S").arg(id.to_string()),
-            LiveWrite::Remove(id) => invocation.arg("D").arg(id.to_string()),
+        let expected_revision = match commit.expected_revision {
+            _ if !commit.check_revision => "*".to_owned(),
+            Some(revision) => revision.to_string(),
+            None => String::new(),
         };
-        match &commit.failed_checks {
-            None => invocation.arg("").arg("").arg(0),
-            Some((_, None, _)) => invocation.arg("D").arg("").arg(0),
-            Some((_, Some(failed), keep)) => invocation
-                .arg("S")
-                .arg(encode_failed(failed))
-                .arg(keep.as_millis().max(1) as u64),
+        let expected_live = match commit.expected_live {
+            _ if !commit.check_live => "*".to_owned(),
+            Some(id) => id.to_string(),
+            None => String::new(),
+        };
+        let (live_op, live_id) = match commit.live {
+            LiveWrite::Keep => ("", String::new()),
+            LiveWrite::Set(id) => ("S", id.to_string()),
+            LiveWrite::Remove(id) => ("D", id.to_string()),
+        };
+        let (failed_op, failed, failed_keep_ms) = match &commit.failed_checks {
+            None => ("", String::new(), 0),
+            Some((_, None, _)) => ("D", String::new(), 0),
+            Some((_, Some(failed), keep)) => {
+                ("S", encode_failed(failed), keep.as_millis().max(1) as u64)
+            }
         };
         let member = commit.id.map_or_else(String::new, |id| id.to_string());
-        match commit.deadline {
-            DeadlineWrite::Keep => invocation.arg("").arg(0).arg(&member),
-            DeadlineWrite::At(at) => invocation.arg("A").arg(at).arg(&member),
-            DeadlineWrite::Remove => invocation.arg("R").arg(0).arg(&member),
+        let (deadline_op, deadline) = match commit.deadline {
+            DeadlineWrite::Keep => ("", 0),
+            DeadlineWrite::At(at) => ("A", at),
+            DeadlineWrite::Remove => ("R", 0),
         };
-        invocation
-            .arg(commit.push.as_ref().map_or_else(String::new, encode_job))
-            .arg(commit.ack.map_or_else(String::new, |(_, entry)| {
+        let (watch_due, watch_member) = match commit.watch_delay {
+            Some((due, send)) => (due.to_string(), format!("{member}:{send}")),
+            None => (String::new(), String::new()),
+        };
+        let entry = |entry: Option<(u8, AckToken)>| {
+            entry.map_or_else(String::new, |(_, entry)| {
                 StreamEntry::from(entry).to_string()
-            }))
-            .arg(CONSUMER_GROUP)
-            .arg(rules)
-            .arg(commit.clock_offset_ms)
-            .arg(phone);
-        match commit.watch_delay {
-            Some((due, send)) => invocation.arg(due).arg(format!("{member}:{send}")),
-            None => invocation.arg("").arg(""),
+            })
         };
-        invocation
+        let expected_failed = match commit.expected_failed_checks {
+            None => "*".to_owned(),
+            Some(None) => String::new(),
+            Some(Some(failed)) => encode_failed(&failed),
+        };
+        let mut invocation = COMMIT_SCRIPT.prepare_invoke();
+        let mut named = Named::new(&mut invocation, &COMMIT_NAMES)
+            .key(
+                "record_key",
+                commit.id.map_or_else(placeholder, |id| keys.record(&id)),
+            )
+            .key(
+                "live_key",
+                commit.live_key.map_or_else(placeholder, |(phone, client)| {
+                    keys.live(group, phone, client)
+                }),
+            )
+            .key(
+                "failed_key",
+                commit
+                    .failed_checks
+                    .as_ref()
+                    .map_or_else(placeholder, |(phone, _, _)| keys.failed(group, *phone)),
+            )
+            .key("deadlines_key", keys.deadlines(group))
+            .key(
+                "push_stream",
+                commit
+                    .push
+                    .as_ref()
+                    .map_or_else(placeholder, |job| keys.stream(group, job.lane)),
+            )
+            .key(
+                "ack_stream",
+                commit
+                    .ack
+                    .or(commit.owns)
+                    .map_or_else(placeholder, |(lane, _)| keys.stream(group, lane)),
+            )
+            .key("outbox_key", keys.outbox(group))
+            .key("delays_key", keys.delays(group))
+            .arg("expected_revision", expected_revision)
+            .arg("record", record)
+            .arg("keep_ms", keep_ms)
+            .arg("expected_live", expected_live)
+            .arg("live_op", live_op)
+            .arg("live_id", live_id)
+            .arg("failed_op", failed_op)
+            .arg("failed", failed)
+            .arg("failed_keep_ms", failed_keep_ms)
+            .arg("deadline_op", deadline_op)
+            .arg("deadline", deadline)
+            .arg("member", &member)
             .arg(
+                "job",
+                commit.push.as_ref().map_or_else(String::new, encode_job),
+            )
+            .arg("ack_entry", entry(commit.ack))
+            .arg("consumer_group", CONSUMER_GROUP)
+            .arg(
+                "phone_rules",
+                commit
+                    .phone_limit
+                    .as_ref()
+                    .map_or_else(String::new, |(_, rules)| gcra_rules(rules)),
+            )
+            .arg("clock_offset_ms", commit.clock_offset_ms)
+            .arg("phone", phone)
+            .arg("watch_due", watch_due)
+            .arg("watch_member", watch_member)
+            .arg(
+                "unwatch_member",
                 commit
                     .unwatch_delay
                     .map_or_else(String::new, |send| format!("{member}:{send}")),
             )
-            .arg(commit.owns.map_or_else(String::new, |(_, entry)| {
-                StreamEntry::from(entry).to_string()
-            }))
-            .arg(&self.shared.consumer)
-            .arg(match commit.expected_failed_checks {
-                None => "*".to_owned(),
-                Some(None) => String::new(),
-                Some(Some(failed)) => encode_failed(&failed),
-            })
-            .arg(commit.events.len());
-        for event in &commit.events {
-            invocation
-                .arg(event.client)
-                .arg(event.kind as u8)
-                .arg(&event.id)
-                .arg(&event.body);
+            .arg("owned_entry", entry(commit.owns))
+            .arg("consumer", &self.shared.consumer)
+            .arg("expected_failed", expected_failed)
+            .arg("event_count", commit.events.len());
+        if let Some((phone, rules)) = &commit.phone_limit {
+            for rule in 0..rules.len() {
+                named = named.more_key(keys.phone_limit(group, *phone, rule));
+            }
         }
+        for event in &commit.events {
+            named = named
+                .more_arg(event.client)
+                .more_arg(event.kind as u8)
+                .more_arg(&event.id)
+                .more_arg(&event.body);
+        }
+        named.done();
         let answer: Vec<Value> = self.invoke(&invocation).await?;
         if let (Some((_, entry)), Some(Value::Int(1))) = (commit.ack, answer.first()) {
             self.release(entry);
@@ -341,3 +373,78 @@ static COMMIT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
         include_str!("lua/commit.lua")
     ))
 });
+
+/// `LOAD`'s keys and arguments; `lua/load.lua` says what each holds.
+static LOAD_NAMES: Names = Names {
+    keys: &["record_key", "live_key", "failed_key"],
+    args: &[
+        "read_record",
+        "read_live",
+        "read_failed",
+        "records_of",
+        "failed_of",
+    ],
+    more_keys: None,
+    more_args: None,
+};
+
+/// `COMMIT`'s keys and arguments; `lua/commit.lua` says what each holds. Past the named keys
+/// come the phone's limit keys, one per rule; past the named arguments each webhook event's
+/// client, kind, id and body.
+static COMMIT_NAMES: Names = Names {
+    keys: &[
+        "record_key",
+        "live_key",
+        "failed_key",
+        "deadlines_key",
+        "push_stream",
+        "ack_stream",
+        "outbox_key",
+        "delays_key",
+    ],
+    args: &[
+        "expected_revision",
+        "record",
+        "keep_ms",
+        "expected_live",
+        "live_op",
+        "live_id",
+        "failed_op",
+        "failed",
+        "failed_keep_ms",
+        "deadline_op",
+        "deadline",
+        "member",
+        "job",
+        "ack_entry",
+        "consumer_group",
+        "phone_rules",
+        "clock_offset_ms",
+        "phone",
+        "watch_due",
+        "watch_member",
+        "unwatch_member",
+        "owned_entry",
+        "consumer",
+        "expected_failed",
+        "event_count",
+    ],
+    more_keys: Some("first_limit_key"),
+    more_args: Some("first_event_arg"),
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redis::named::assert_script_reads;
+
+    #[test]
+    fn load_reads_its_keys_and_arguments_by_the_names_given_here() {
+        assert_script_reads(include_str!("lua/load.lua"), &LOAD_NAMES);
+    }
+
+    #[test]
+    fn commit_reads_its_keys_and_arguments_by_the_names_given_here() {
+        assert_script_reads(include_str!("lua/commit.lua"), &COMMIT_NAMES);
+    }
+}
