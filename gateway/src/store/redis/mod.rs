@@ -13,13 +13,16 @@
 //! - `codec.rs`: how records, jobs, failed checks and stream entry ids are written.
 //! - `pool.rs`: [`RedisStore`], its pool of multiplexed sockets, `connect`, and running one
 //!   command or script with the call timeout. `error.rs`: [`StoreError`].
-//! - `txn.rs`: `LOAD` and `COMMIT`, one engine call's read and write.
+//! - `txn.rs`: `LOAD` and `COMMIT`, one engine call's read and write; `named.rs`: how their
+//!   keys and arguments are named once, for the Rust that passes them and the Lua that reads
+//!   them.
 //! - `limits.rs`: client and IP send limits (`GCRA`), and the rule text both scripts read.
 //! - `idempotency.rs`, `receipts.rs`, `deadlines.rs`: `Idempotency-Key`s, the receipt index
 //!   and held receipts, the sweeper's deadlines and the delay watches.
 //! - `streams.rs`: the SMS and webhook streams; `feed.rs`: the task that moves their entries
 //!   into this instance's queue and webhook outbox.
-//! - `lua/`: the scripts, each with its keys, arguments and answer described at its top.
+//! - `lua/`: the scripts, each with its keys, arguments and answer described at its top;
+//!   `gcra.lua` is the GCRA function that `GCRA` (`limits.lua`) and `COMMIT` both start with.
 
 mod codec;
 mod deadlines;
