@@ -22,8 +22,12 @@ const ERROR_SOURCES: &[(&str, &str)] = &[
         include_str!("../../gateway/src/routes.rs"),
     ),
     (
-        "gateway/src/verifier.rs",
-        include_str!("../../gateway/src/verifier.rs"),
+        "gateway/src/verifier/mod.rs",
+        include_str!("../../gateway/src/verifier/mod.rs"),
+    ),
+    (
+        "gateway/src/verifier/rules.rs",
+        include_str!("../../gateway/src/verifier/rules.rs"),
     ),
 ];
 

@@ -1,0 +1,144 @@
+//! Every key the redis back-end uses, named in one place.
+//!
+//! Everything one engine call touches for one phone lives under one hash tag, the phone's
+//! *group* (`{0}` … `{f}`, the low nibble of the verification id's first byte), so every script
+//! runs on one Cluster slot. `P` is the configured key prefix:
+//!
+//! | key                         | what                                                        |
+//! |-----------------------------|-------------------------------------------------------------|
+//! | `P:{G}:v:<id>`              | a verification: hash of `r` (revision), `b` (the record) and `p` (its phone) |
+//! | `P:{G}:l:<phone>:<client>`  | the phone's live verification for a client                  |
+//! | `P:{G}:f:<phone>`           | wrong codes typed for the phone, `count:window_start`       |
+//! | `P:{G}:pl:<phone>:<rule>`   | the phone's send limit (GCRA theoretical arrival time)      |
+//! | `P:{G}:d`                   | sorted set: each verification's next deadline               |
+//! | `P:{G}:q:<lane>`            | the SMS jobs of a lane: a stream with one consumer group    |
+//! | `P:{G}:w`                   | webhook events raised by the group's verifications: a stream |
+//! | `P:{G}:dw`                  | sorted set: `id:send` watches for `verification.delayed`    |
+//! | `P:{G}:none`                | never written: stands in a script's key list for a key it does not use |
+//! | `P:{c:<client>}:<rule>`     | a client's send limit                                       |
+//! | `P:{ip:<ip>}:<rule>`        | a citizen IP's send limit                                   |
+//! | `P:{i:<client>:<hash>}`     | an `Idempotency-Key`                                        |
+//! | `P:rc:<carrier>:<reading>`  | a carrier message id, for receipts                          |
+//! | `P:er:<carrier>:<reading>`  | a receipt that came before its submit answer                |
+//! | `P:er:due`                  | sorted set: `carrier:message id` of each held receipt, by when it runs out |
+
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::ids::{CarrierId, ClientId, VerificationId, shard_byte};
+use crate::phone::Phone;
+use crate::receipt::Reading;
+
+/// Hash-tag groups: a verification's keys and its lane's stream share one.
+pub const GROUPS: u8 = 16;
+
+/// The hash-tag group of a verification (and of its phone).
+pub fn group(id: &VerificationId) -> u8 {
+    id.shard_byte() % GROUPS
+}
+
+/// The hash-tag group of every verification of `phone`.
+pub fn phone_group(phone: &Phone) -> u8 {
+    shard_byte(phone) % GROUPS
+}
+
+/// The consumer group every instance reads the SMS and webhook streams in.
+pub(crate) const CONSUMER_GROUP: &str = "otpgate";
+
+/// The keys under one prefix.
+#[derive(Debug)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: String) -> Keys {
+        Keys { prefix }
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn tagged(&self, group: u8, rest: fmt::Arguments<'_>) -> String {
+        format!("{}:{{{:x}}}:{}", self.prefix, group, rest)
+    }
+
+    pub(crate) fn record(&self, id: &VerificationId) -> String {
+        self.tagged(group(id), format_args!("v:{id}"))
+    }
+
+    /// What a record key of `group` starts with: the id follows.
+    pub(crate) fn records_of(&self, group: u8) -> String {
+        self.tagged(group, format_args!("v:"))
+    }
+
+    pub(crate) fn placeholder(&self, group: u8) -> String {
+        self.tagged(group, format_args!("none"))
+    }
+
+    pub(crate) fn live(&self, group: u8, phone: u64, client: ClientId) -> String {
+        self.tagged(group, format_args!("l:{phone}:{client}"))
+    }
+
+    pub(crate) fn failed(&self, group: u8, phone: u64) -> String {
+        self.tagged(group, format_args!("f:{phone}"))
+    }
+
+    /// What a failed-checks key of `group` starts with: the phone follows.
+    pub(crate) fn failed_of(&self, group: u8) -> String {
+        self.tagged(group, format_args!("f:"))
+    }
+
+    pub(crate) fn phone_limit(&self, group: u8, phone: u64, rule: usize) -> String {
+        self.tagged(group, format_args!("pl:{phone}:{rule}"))
+    }
+
+    pub(crate) fn deadlines(&self, group: u8) -> String {
+        self.tagged(group, format_args!("d"))
+    }
+
+    pub(crate) fn stream(&self, group: u8, lane: u8) -> String {
+        self.tagged(group, format_args!("q:{lane}"))
+    }
+
+    pub(crate) fn outbox(&self, group: u8) -> String {
+        self.tagged(group, format_args!("w"))
+    }
+
+    pub(crate) fn delays(&self, group: u8) -> String {
+        self.tagged(group, format_args!("dw"))
+    }
+
+    pub(crate) fn client_limit(&self, client: ClientId, rule: usize) -> String {
+        format!("{}:{{c:{client}}}:{rule}", self.prefix)
+    }
+
+    pub(crate) fn ip_limit(&self, ip: IpAddr, rule: usize) -> String {
+        format!("{}:{{ip:{ip}}}:{rule}", self.prefix)
+    }
+
+    pub(crate) fn idempotency(&self, client: ClientId, key: &str) -> String {
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes());
+        format!(
+            "{}:{{i:{client}:{}}}",
+            self.prefix,
+            hex::encode(&digest[..16])
+        )
+    }
+
+    /// The receipt index: a carrier message id, by one of its readings.
+    pub(crate) fn receipt(&self, carrier: CarrierId, reading: &Reading) -> String {
+        format!("{}:rc:{carrier}:{reading}", self.prefix)
+    }
+
+    /// A receipt held until its submit answer comes, by one of its readings.
+    pub(crate) fn held_receipt(&self, carrier: CarrierId, reading: &Reading) -> String {
+        format!("{}:er:{carrier}:{reading}", self.prefix)
+    }
+
+    /// When each held receipt runs out.
+    pub(crate) fn held_receipts(&self) -> String {
+        format!("{}:er:due", self.prefix)
+    }
+}
