@@ -56,7 +56,8 @@ pub fn testing_redis() -> bool {
         .is_ok_and(|store| store == "redis" || store == "redis-cluster")
 }
 
-fn testing_cluster() -> bool {
+/// Whether this run puts the gateways on a Redis Cluster (`OTPGATE_TEST_STORE=redis-cluster`).
+pub fn testing_cluster() -> bool {
     std::env::var("OTPGATE_TEST_STORE").is_ok_and(|store| store == "redis-cluster")
 }
 
