@@ -1,7 +1,7 @@
 //! otpgate: a high-throughput SMS one-time-passcode gateway.
 //!
 //! Frontends start a verification over the HTTP API; the gateway answers at once, queues the
-//! SMS, paces it to each carrier, and checks the code the user types. See DESIGN.md for the
+//! SMS, paces it to each carrier, and checks the code the user types. See docs/DESIGN.md for the
 //! contract and ARCHITECTURE.md for the map of this crate.
 //!
 //! # Layout

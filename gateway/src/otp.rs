@@ -4,7 +4,7 @@
 //! - its **tag**, `HMAC-SHA256(check_key, id ‖ phone ‖ code)`, which a check compares in constant
 //!   time, so a code typed for one verification or phone never matches another;
 //! - a **sealed** copy, the code's number XOR a pad `HMAC-SHA256(seal_key, id ‖ phone)` reduced to
-//!   32 bits, which exists only so that a resend carries the *same* code (DESIGN.md section 3).
+//!   32 bits, which exists only so that a resend carries the *same* code (docs/DESIGN.md section 3).
 //!   It is wiped when the verification ends.
 //!
 //! Both keys are derived from the server secret, which never leaves this module. [`Code`] prints

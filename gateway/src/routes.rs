@@ -1,4 +1,4 @@
-//! The frontend API v1 (DESIGN.md section 3): routes, request parsing, and responses.
+//! The frontend API v1 (docs/DESIGN.md section 3): routes, request parsing, and responses.
 //!
 //! Handlers parse and validate input into the engine's types, call the [`Verifier`], and turn
 //! its answers into JSON. Bodies are read with a hard cap and parsed here (not by an extractor),
@@ -72,7 +72,7 @@ struct CheckBody {
     code: String,
 }
 
-/// A delivery receipt (DESIGN.md section 5). Unknown fields are allowed: carriers add their own.
+/// A delivery receipt (docs/DESIGN.md section 5). Unknown fields are allowed: carriers add their own.
 #[derive(Deserialize)]
 struct ReceiptBody {
     carrier_message_id: serde_json::Value,

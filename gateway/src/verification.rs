@@ -5,7 +5,7 @@
 //! `delivery.state`: `queued` → `submitted` → `delivered` | `undeliverable`; a resend puts a
 //! submitted (or delivered) verification back to `queued`.
 //!
-//! Expiry follows DESIGN.md section 4: the code lives `code_ttl` from the moment a carrier first
+//! Expiry follows docs/DESIGN.md section 4: the code lives `code_ttl` from the moment a carrier first
 //! accepts its SMS. Until then the verification's expiry moves forward with the clock, by at most
 //! `max_extension`, so time spent in the gateway's queue never eats into the user's session.
 
@@ -118,7 +118,7 @@ pub struct Verification {
     pub version: u32,
 }
 
-/// A verification as frontends see it (DESIGN.md section 3).
+/// A verification as frontends see it (docs/DESIGN.md section 3).
 #[derive(Debug, Clone, Serialize)]
 pub struct View {
     pub id: String,

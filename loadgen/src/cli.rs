@@ -41,7 +41,7 @@ pub enum Command {
     Merge(MergeArgs),
     /// Run a fast fake HTTP carrier that accepts every well-formed SMS and counts it.
     ///
-    /// It accepts `POST <any path>` in the carrier wire format (DESIGN.md section 5),
+    /// It accepts `POST <any path>` in the carrier wire format (docs/DESIGN.md section 5),
     /// serves its counters at `GET /stats` and the SMS it accepted at `GET /ids`.
     Sink(SinkArgs),
     /// Run a bare HTTP server that answers every request 202 and does no work.

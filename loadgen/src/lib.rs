@@ -1,6 +1,6 @@
 //! otpgate's load generator and simulated carriers, in three wings:
 //!
-//! - [`rehearsal`]: `loadgen run` and `loadgen merge`, the load generator of DESIGN.md
+//! - [`rehearsal`]: `loadgen run` and `loadgen merge`, the load generator of docs/DESIGN.md
 //!   section 6: a scenario's users against a gateway, measured, reported and judged.
 //! - [`carriers`]: the simulated carriers (HTTP, and SMPP SMSCs, also run alone by
 //!   `loadgen smsc`) and the handsets they deliver to.

@@ -3,7 +3,7 @@
 //!
 //! - [`Gateway`] runs `gateway::run` in the test's runtime on two ephemeral ports, with a clock
 //!   the test can move forward, and speaks HTTP to it like a frontend would.
-//! - [`FakeCarrier`] is an HTTP carrier that checks every request against DESIGN.md section 5's
+//! - [`FakeCarrier`] is an HTTP carrier that checks every request against docs/DESIGN.md section 5's
 //!   wire format exactly, records what it was sent, and answers as the test tells it.
 //! - [`capture_logs`] collects everything the gateway logs (at trace level) for secrecy checks.
 

@@ -1,4 +1,4 @@
-//! The API v1 end to end (DESIGN.md section 3): a frontend starts a verification, the SMS reaches
+//! The API v1 end to end (docs/DESIGN.md section 3): a frontend starts a verification, the SMS reaches
 //! the carrier in the exact wire format, and the user's code checks out; and around that, what
 //! frontends rely on: dedup per phone and client, resends of the same code with growing
 //! cooldowns, cancel, the attempt limit, idempotency keys, long-polls, API keys and per-client

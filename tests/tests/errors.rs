@@ -1,5 +1,5 @@
 //! Every error path of the API v1 end to end: its status, its stable code, and the one JSON shape
-//! `{"error": {"code", "message"}}` (DESIGN.md section 3), for bad bodies, bad fields, unknown
+//! `{"error": {"code", "message"}}` (docs/DESIGN.md section 3), for bad bodies, bad fields, unknown
 //! ids, oversized bodies, unknown routes and methods; and proof that no bad request takes the
 //! gateway down.
 
@@ -359,7 +359,7 @@ async fn json_arrays_are_not_accepted_as_bodies() {
     gateway.stop().await.unwrap();
 }
 
-/// An error message never echoes a phone number back unmasked (DESIGN.md section 4: "Phone
+/// An error message never echoes a phone number back unmasked (docs/DESIGN.md section 4: "Phone
 /// numbers are masked in logs and responses"), even one sent with the wrong JSON type.
 #[tokio::test]
 async fn error_messages_never_echo_a_phone_number() {

@@ -1,4 +1,4 @@
-//! Session extension, expiry and the SMS queue of DESIGN.md section 4, end to end.
+//! Session extension, expiry and the SMS queue of docs/DESIGN.md section 4, end to end.
 //!
 //! A code lives `code_ttl` from the moment a carrier accepts its SMS: while the SMS waits in the
 //! gateway's queue or in retry, `expires_at` moves with the clock, by at most `max_extension`.

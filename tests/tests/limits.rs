@@ -1,4 +1,4 @@
-//! The limits of DESIGN.md section 4, end to end: sends per phone (1 per 30 s and 5 per 10
+//! The limits of docs/DESIGN.md section 4, end to end: sends per phone (1 per 30 s and 5 per 10
 //! minutes by default, resends included), verifications per citizen IP, requests per client,
 //! wrong codes per phone across verifications, and the country allow-list.
 //!

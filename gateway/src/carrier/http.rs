@@ -1,4 +1,4 @@
-//! The HTTP carrier connector: DESIGN.md section 5's wire format over pooled keep-alive
+//! The HTTP carrier connector: docs/DESIGN.md section 5's wire format over pooled keep-alive
 //! connections (HTTP/1.1, or HTTP/2 by ALPN or prior knowledge), over TLS when the URL says
 //! `https`.
 //!
@@ -112,7 +112,7 @@ impl HttpConnector {
         }
     }
 
-    /// Sends the request and classifies the answer (DESIGN.md section 5).
+    /// Sends the request and classifies the answer (docs/DESIGN.md section 5).
     async fn exchange(&self, request: http::Request<Full<Bytes>>) -> Result<Accepted, SubmitError> {
         let response = self.client.request(request).await.map_err(|error| {
             let reason = if error.is_connect() {

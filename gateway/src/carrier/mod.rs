@@ -1,7 +1,7 @@
 //! Carrier connectors: the only code that talks to carriers.
 //!
 //! A connector takes one [`OutboundSms`] and answers with what the carrier said, classified the
-//! way the dispatcher needs it (DESIGN.md section 5): accepted with the carrier's message id,
+//! way the dispatcher needs it (docs/DESIGN.md section 5): accepted with the carrier's message id,
 //! throttled (slow down and retry within milliseconds), a temporary failure (retry, or fail over
 //! to another carrier) or a permanent one (fail the verification). Retry policy, pacing and
 //! windows belong to the dispatcher, never to a connector.

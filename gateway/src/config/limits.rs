@@ -36,7 +36,7 @@ pub struct RawRule {
     pub per_secs: u64,
 }
 
-/// How verifications behave (DESIGN.md section 4).
+/// How verifications behave (docs/DESIGN.md section 4).
 #[derive(Debug, Clone)]
 pub struct VerificationPolicy {
     pub code_length: u8,

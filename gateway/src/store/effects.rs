@@ -16,6 +16,7 @@ use crate::ids::{AckToken, ClientId, VerificationId, shard_byte};
 use crate::phone::Phone;
 use crate::queue::Job;
 use crate::ratelimit::Rejection;
+use crate::receipt::ReceiptStatus;
 use crate::verification::{EventKind, Verification, View};
 
 /// What an engine call reads and may write: one verification, by id or as the live one of a
@@ -113,6 +114,36 @@ pub enum Outcome<T> {
 
 /// A verification as a back-end wrote it, with its revision.
 pub type Snapshot = Box<(u64, Verification)>;
+
+/// Who holds an `Idempotency-Key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Nobody did: this request now does, until it settles or releases it.
+    Claimed,
+    /// A request with this key created or found `id`.
+    Done {
+        fingerprint: u64,
+        id: VerificationId,
+    },
+    /// A request with this key is still being served.
+    Pending { fingerprint: u64 },
+}
+
+/// A receipt that came before the submit answer naming its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The id as the receipt spelt it.
+    pub id: Box<str>,
+    pub status: ReceiptStatus,
+}
+
+/// A lane's backlog: jobs in it, and jobs ahead of a new one for any carrier.
+#[derive(Debug, Clone, Copy)]
+pub struct LaneBacklog {
+    pub lane: u8,
+    pub depth: usize,
+    pub ahead_of_new: usize,
+}
 
 // === impl Keys ===
 

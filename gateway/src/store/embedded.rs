@@ -23,9 +23,10 @@ use crate::queue::{Job, PushError, Queue};
 use crate::ratelimit::{Limiters, Rejection};
 use crate::receipt::{EarlyReceipts, ReceiptIndex, ReceiptStatus};
 use crate::routing::CarrierSet;
-use crate::store::effects::{DeadlineWrite, Effects, Keys, Outcome, Shard};
+use crate::store::effects::{
+    Claim, DeadlineWrite, Effects, Held, Keys, LaneBacklog, Outcome, Shard,
+};
 use crate::store::watchers::Watchers;
-use crate::store::{Claim, Held, LaneBacklog};
 use crate::sync::lock;
 use crate::webhook::Webhooks;
 

@@ -23,7 +23,9 @@ use crate::ratelimit::Rejection;
 use crate::receipt::ReceiptStatus;
 use crate::routing::CarrierSet;
 
-pub use self::effects::{DeadlineWrite, Effects, FailedChecks, Keys, Outcome, Shard, Snapshot};
+pub use self::effects::{
+    Claim, DeadlineWrite, Effects, FailedChecks, Held, Keys, LaneBacklog, Outcome, Shard, Snapshot,
+};
 use self::embedded::Embedded;
 use self::redis::backend::RedisBackend;
 use self::watchers::Watchers;
@@ -38,28 +40,6 @@ pub enum Backend {
     Redis(RedisBackend),
 }
 
-/// Who holds an `Idempotency-Key`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// Nobody did: this request now does, until it settles or releases it.
-    Claimed,
-    /// A request with this key created or found `id`.
-    Done {
-        fingerprint: u64,
-        id: VerificationId,
-    },
-    /// A request with this key is still being served.
-    Pending { fingerprint: u64 },
-}
-
-/// A receipt that came before the submit answer naming its id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Held {
-    /// The id as the receipt spelt it.
-    pub id: Box<str>,
-    pub status: ReceiptStatus,
-}
-
 /// What a sweep's housekeeping found.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Housekeeping {
@@ -67,14 +47,6 @@ pub struct Housekeeping {
     pub records: Option<usize>,
     /// The limiters' phone and IP keys (embedded).
     pub limiter_keys: Option<(usize, usize)>,
-}
-
-/// A lane's backlog: jobs in it, and jobs ahead of a new one for any carrier.
-#[derive(Debug, Clone, Copy)]
-pub struct LaneBacklog {
-    pub lane: u8,
-    pub depth: usize,
-    pub ahead_of_new: usize,
 }
 
 // === impl Backend ===

@@ -1,4 +1,4 @@
-//! The bare server: the baseline that API throughput is measured against (DESIGN.md section 7).
+//! The bare server: the baseline that API throughput is measured against (docs/DESIGN.md section 7).
 //!
 //! It reads each request's body, as any server must before reusing the connection,
 //! and answers `202` with a small fixed JSON body; it does nothing else.

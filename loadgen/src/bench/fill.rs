@@ -58,7 +58,7 @@ pub struct FillArgs {
     pub timeout_ms: u64,
 }
 
-/// The API path verifications are started at (DESIGN.md section 3), relative to the target.
+/// The API path verifications are started at (docs/DESIGN.md section 3), relative to the target.
 const VERIFICATIONS_PATH: &str = "/v1/verifications";
 
 /// How often progress is printed on stderr.

@@ -1,6 +1,6 @@
 //! The sink: a fast fake HTTP carrier that accepts every well-formed SMS and counts it.
 //!
-//! It speaks the carrier side of the HTTP wire format (DESIGN.md section 5):
+//! It speaks the carrier side of the HTTP wire format (docs/DESIGN.md section 5):
 //! `POST <any path>` with `{"message_id","to","from","text","receipt_url"}` is answered
 //! `200 {"carrier_message_id":"sink-N"}` with a fresh `N`, and a malformed body `400`.
 //! `GET /stats` returns

@@ -1,4 +1,4 @@
-//! Simulated HTTP carriers: they speak DESIGN.md section 5's wire format, behave as the
+//! Simulated HTTP carriers: they speak docs/DESIGN.md section 5's wire format, behave as the
 //! scenario's timeline says (capacity, latency, failures, refusals, outages), post delivery
 //! receipts back to the gateway, and hand each SMS to the handset of the user who owns the
 //! number. What they share with the SMSC ([`super::smsc`]) is in [`super::network`].

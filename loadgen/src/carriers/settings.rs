@@ -26,7 +26,7 @@ pub struct Carrier {
     /// The token its receipts carry; with `--target` it must be the gateway's `receipt_token`
     /// for this carrier. Made up when absent.
     pub receipt_token: Option<String>,
-    /// The wire it speaks: DESIGN.md section 5 over HTTP, or SMPP 3.4 as an SMSC.
+    /// The wire it speaks: docs/DESIGN.md section 5 over HTTP, or SMPP 3.4 as an SMSC.
     pub protocol: Protocol,
 }
 

@@ -1,4 +1,4 @@
-//! `loadgen run` and `loadgen merge`: the rehearsal of DESIGN.md section 6. Virtual users arrive
+//! `loadgen run` and `loadgen merge`: the rehearsal of docs/DESIGN.md section 6. Virtual users arrive
 //! on a schedule drawn in advance from a scenario and go through their journey against a gateway,
 //! while the simulated carriers and handsets ([`crate::carriers`]) deliver their SMS; what they
 //! see is measured, reported, judged against thresholds and drawn.

@@ -12,13 +12,14 @@ use crate::ids::{AckToken, CarrierId, ClientId, VerificationId};
 use crate::queue::{Job, Queue};
 use crate::ratelimit::{LimitKind, Limiters, Rejection};
 use crate::receipt::ReceiptStatus;
-use crate::store::effects::{DeadlineWrite, Effects, Keys, Outcome, Shard, Snapshot};
+use crate::store::effects::{
+    Claim, DeadlineWrite, Effects, Held, Keys, LaneBacklog, Outcome, Shard, Snapshot,
+};
 use crate::store::redis::{
     Commit, Committed, FailedChecksOf, GROUPS, IdempotencyHolder, LiveWrite, LoadKeys, Loaded,
     RedisStore, StoreError, encode_record,
 };
 use crate::store::watchers::Watchers;
-use crate::store::{Claim, Held, LaneBacklog};
 use crate::sync::lock;
 use crate::verification::Verification;
 use crate::webhook::{RenderedEvent, Webhooks};
