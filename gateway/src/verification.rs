@@ -324,27 +324,7 @@ mod tests {
         let (phone, _) = Phone::parse("+393331234567").unwrap();
         let id = VerificationId::new_for(&phone);
         let (_, code) = CodeKeys::new(&[7; 32], 6).generate(&id, &phone);
-        Verification {
-            phone,
-            client: 0,
-            status: Status::Pending,
-            failure: None,
-            delivery: DeliveryState::Queued,
-            carrier: None,
-            carrier_message_id: None,
-            delivery_attempts: 0,
-            sends: 1,
-            attempts_left: 5,
-            code,
-            created_ms,
-            fixed_expiry_ms: None,
-            resend_after_ms: created_ms + 30_000,
-            ended_ms: None,
-            lane: 0,
-            queue_ticket: 0,
-            extras: None,
-            version: 0,
-        }
+        Verification::new(phone, 0, code, 0, None, created_ms, &policy())
     }
 
     #[test]

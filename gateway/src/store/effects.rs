@@ -17,7 +17,9 @@ use crate::phone::Phone;
 use crate::queue::Job;
 use crate::ratelimit::Rejection;
 use crate::receipt::ReceiptStatus;
+use crate::store::watchers::Watchers;
 use crate::verification::{EventKind, Verification, View};
+use crate::webhook::Webhooks;
 
 /// What an engine call reads and may write: one verification, by id or as the live one of a
 /// phone and client, and (when asked) its phone's failed checks.
@@ -180,6 +182,20 @@ impl Keys {
 // === impl Effects ===
 
 impl Effects {
+    /// Raises what is left for after the data stands: webhook events and delay watches (those
+    /// a commit did not write itself), and long-poll wake-ups.
+    pub fn apply(self, webhooks: &Webhooks, watchers: &Watchers, now: Millis) {
+        for (client, kind, view) in self.events {
+            webhooks.emit(client, kind, &view, now);
+        }
+        for (client, id, send) in self.delay_watches {
+            webhooks.watch_delay(client, id, send, now);
+        }
+        for id in self.notified {
+            watchers.notify(&id);
+        }
+    }
+
     /// Wakes the long-polls waiting on `id`.
     pub fn notify(&mut self, id: &VerificationId) {
         self.notified.push(*id);

@@ -161,15 +161,7 @@ impl Embedded {
 
     /// What a call raised outside the store: webhook events, delay watches, long-polls.
     pub fn apply(&self, effects: Effects, now: Millis) {
-        for (client, kind, view) in effects.events {
-            self.webhooks.emit(client, kind, &view, now);
-        }
-        for (client, id, send) in effects.delay_watches {
-            self.webhooks.watch_delay(client, id, send, now);
-        }
-        for id in effects.notified {
-            self.watchers.notify(&id);
-        }
+        effects.apply(&self.webhooks, &self.watchers, now);
     }
 
     fn write_deadline(&self, shard: &mut Shard, effects: &Effects) {

@@ -88,14 +88,6 @@ impl Backend {
         }
     }
 
-    /// The redis store itself, for the instance's background tasks.
-    pub fn redis(&self) -> Option<&self::redis::RedisStore> {
-        match self {
-            Backend::Embedded(_) => None,
-            Backend::Redis(redis) => Some(redis.store()),
-        }
-    }
-
     // --- running a rule ---
 
     /// Runs `body` on the data `keys` name, and applies what it caused once its changes stand.

@@ -80,10 +80,6 @@ impl RedisBackend {
         }
     }
 
-    pub fn store(&self) -> &RedisStore {
-        &self.store
-    }
-
     pub fn watchers(&self) -> &Watchers {
         &self.watchers
     }
@@ -323,15 +319,7 @@ impl RedisBackend {
     /// What a written call does outside Redis: webhook events and delay watches it did not
     /// commit, long-poll wake-ups.
     pub fn apply(&self, effects: Effects, now: Millis) {
-        for (client, kind, view) in effects.events {
-            self.webhooks.emit(client, kind, &view, now);
-        }
-        for (client, id, send) in effects.delay_watches {
-            self.webhooks.watch_delay(client, id, send, now);
-        }
-        for id in effects.notified {
-            self.watchers.notify(&id);
-        }
+        effects.apply(&self.webhooks, &self.watchers, now);
     }
 
     /// How long Redis keeps a record: past its retention once ended; while pending, past the
