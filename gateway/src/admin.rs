@@ -48,7 +48,7 @@ async fn healthz() -> Response {
 }
 
 /// Ready: accepting new verifications, with room in the queue, and with at least one carrier
-/// whose circuit is not open.
+/// whose circuit is not open. Each carrier's delivery state is in the detail.
 async fn readyz(State(state): State<AdminState>) -> Response {
     let queue = state.verifier.queue();
     let accepting = state.verifier.is_accepting();
@@ -56,10 +56,20 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     let capacity = queue.capacity();
     let queue_ok = depth < capacity;
     let now = Instant::now();
+    // Delivery is shown, not judged: a lagging carrier is routed around, and restarting the
+    // gateway would not make it deliver sooner.
+    let deliveries = state.verifier.deliveries().report();
     let carriers: Vec<serde_json::Value> = state
         .carriers
         .iter()
-        .map(|(name, breaker)| json!({"name": name, "circuit": breaker.state(now).as_str()}))
+        .zip(deliveries)
+        .map(|((name, breaker), delivery)| {
+            json!({
+                "name": name,
+                "circuit": breaker.state(now).as_str(),
+                "delivery": delivery,
+            })
+        })
         .collect();
     let carriers_ok = state
         .carriers

@@ -33,6 +33,7 @@ use tokio::task::JoinSet;
 
 use crate::breaker::{Breaker, Permit};
 use crate::carrier::{Connector, OutboundSms, SubmitError};
+use crate::clock::Millis;
 use crate::config::CarrierConfig;
 use crate::ids::CarrierId;
 use crate::metrics::{CarrierMetrics, SubmitOutcome};
@@ -90,7 +91,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
     // The next job, kept across turns of the loop rather than dropped and made again, so that a
     // pace cell it has taken is never wasted and a job it has popped is never lost.
     let mut next: Option<NextJob> = Some(Box::pin(next_job(
-        queue.clone(),
+        verifier.clone(),
         pacer.clone(),
         carrier.clone(),
     )));
@@ -110,7 +111,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     if queue.is_done_for(carrier.id) {
                         return;
                     }
-                    next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
+                    next = Some(Box::pin(next_job(verifier.clone(), pacer.clone(), carrier.clone())));
                     continue;
                 };
                 // A resend, or a retry after this carrier failed, goes by another carrier when
@@ -125,13 +126,13 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                         requeuer.requeue(job);
                     });
                     queue.settle();
-                    next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
+                    next = Some(Box::pin(pop_job(verifier.clone(), permit, carrier.clone())));
                     continue;
                 }
                 if verifier.backend().is_remote() {
                     // Preparing a job takes round trips: each runs inside its own submit
                     // future, so the window's worth of jobs prepare at once.
-                    next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
+                    next = Some(Box::pin(next_job(verifier.clone(), pacer.clone(), carrier.clone())));
                     in_flight.push(Box::pin(prepare_and_submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job)));
                     carrier.metrics.set_in_flight(in_flight.len());
                     continue;
@@ -141,7 +142,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                         if job.avoid_carrier.is_some_and(|avoided| avoided != carrier.id) {
                             carrier.metrics.took_over();
                         }
-                        next = Some(Box::pin(next_job(queue.clone(), pacer.clone(), carrier.clone())));
+                        next = Some(Box::pin(next_job(verifier.clone(), pacer.clone(), carrier.clone())));
                         in_flight.push(Box::pin(submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job, sms)));
                         carrier.metrics.set_in_flight(in_flight.len());
                     }
@@ -149,7 +150,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     // job has them.
                     Prepared::Dropped => {
                         queue.settle();
-                        next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
+                        next = Some(Box::pin(pop_job(verifier.clone(), permit, carrier.clone())));
                     }
                     Prepared::Later => {
                         let requeuer = verifier.clone();
@@ -157,7 +158,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                             requeuer.requeue(job);
                         });
                         queue.settle();
-                        next = Some(Box::pin(pop_job(queue.clone(), permit, carrier.clone())));
+                        next = Some(Box::pin(pop_job(verifier.clone(), permit, carrier.clone())));
                     }
                 }
             }
@@ -173,10 +174,11 @@ type NextJob =
 /// Waits for the carrier's breaker to allow a submit, then for a pace cell, then for the most
 /// urgent job (`None` once the queue is closed and empty).
 async fn next_job(
-    queue: crate::queue::Queue,
+    verifier: Verifier,
     pacer: Arc<Pacer>,
     carrier: Arc<Carrier>,
 ) -> (Option<Permit>, Option<Job>) {
+    let queue = verifier.queue();
     loop {
         let permit = loop {
             match carrier.breaker.try_acquire(Instant::now()) {
@@ -208,7 +210,7 @@ async fn next_job(
             tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
         }
         pacer.until_ready().await;
-        let Some(job) = queue.pop(carrier.id).await else {
+        let Some(job) = take_job(&verifier, &carrier).await else {
             carrier.breaker.record(permit, None, Instant::now());
             return (None, None);
         };
@@ -227,11 +229,11 @@ async fn next_job(
 
 /// The most urgent job, with a breaker permit and a pace cell already in hand.
 async fn pop_job(
-    queue: crate::queue::Queue,
+    verifier: Verifier,
     permit: Permit,
     carrier: Arc<Carrier>,
 ) -> (Option<Permit>, Option<Job>) {
-    match queue.pop(carrier.id).await {
+    match take_job(&verifier, &carrier).await {
         Some(job) => (Some(permit), Some(job)),
         None => {
             carrier.breaker.record(permit, None, Instant::now());
@@ -239,6 +241,45 @@ async fn pop_job(
         }
     }
 }
+
+/// The most urgent job for `carrier`, waiting for one (`None` once none can come).
+///
+/// While the carrier lags (its receipts come late or not at all, `delivery.rs`), it takes only a
+/// probe now and then, and the jobs the other carriers leave waiting or cannot send: new jobs go
+/// to the carriers that deliver, as far as their pace allows, and the probes' receipts bring the
+/// carrier back.
+async fn take_job(verifier: &Verifier, carrier: &Carrier) -> Option<Job> {
+    let queue = verifier.queue();
+    let deliveries = verifier.deliveries();
+    let id = carrier.id;
+    loop {
+        if !deliveries.is_lagging(id) {
+            return queue.pop(id).await;
+        }
+        let now = verifier.clock().now_ms();
+        let every = deliveries.probe_every(id);
+        let waited_since = now.saturating_sub(every.as_millis() as Millis);
+        let others = !deliveries.lagging() & !(1 << id);
+        let left_waiting = |job: &Job| job.enqueued_ms <= waited_since || job.carriers & others == 0;
+        if let Some(job) = queue.try_pop_where(id, left_waiting) {
+            return Some(job);
+        }
+        if deliveries.probe_due(id, now) {
+            if let Some(job) = queue.try_pop(id) {
+                deliveries.probe_taken(id, now);
+                carrier.metrics.probed();
+                return Some(job);
+            }
+        }
+        if queue.is_done_for(id) {
+            return None;
+        }
+        tokio::time::sleep(every.min(LAGGING_LOOK_EVERY)).await;
+    }
+}
+
+/// How often a lagging carrier looks at the queue for jobs left waiting.
+const LAGGING_LOOK_EVERY: Duration = Duration::from_millis(50);
 
 /// A submit in flight: boxed, since the embedded and redis back-ends start it differently.
 type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;

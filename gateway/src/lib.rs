@@ -17,6 +17,7 @@ pub mod breaker;
 pub mod carrier;
 pub mod clock;
 pub mod config;
+pub mod delivery;
 pub mod dispatch;
 pub mod error;
 pub mod http_client;
@@ -101,6 +102,7 @@ pub async fn run(
             window: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
             from: "otpgate".to_owned(),
             receipt_token_sha256: None,
+            receipt_timeout: None,
             breaker: breaker::BreakerPolicy {
                 failures: 5,
                 error_ratio: 0.5,

@@ -23,6 +23,11 @@ const LATENCY_BUCKETS: &[f64] = &[
 const WAIT_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0,
 ];
+/// From a carrier's acceptance to its `delivered` receipt: seconds when all is well, up to the
+/// half hour of an operator generating its SMS late.
+const DELIVERY_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0,
+];
 
 /// The API routes, by template: the closed set behind the `route` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +164,12 @@ pub struct CarrierMetrics {
     receipts_unmatched: Counter,
     delivery: Histogram,
     first_accepted: Histogram,
+    delivered_in: Histogram,
+    receipts_missing: Counter,
+    rerouted: Counter,
+    probes: Counter,
+    reroutes_skipped: [Counter; 4],
+    delivery_health: [Gauge; 3],
     configured_pace: Gauge,
     circuit: Gauge,
     retries: [Counter; 2],
@@ -244,6 +255,12 @@ impl Metrics {
                 b.set_buckets_for_metric(
                     Matcher::Full("otpgate_sms_delivery_seconds".into()),
                     WAIT_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("otpgate_carrier_delivery_seconds".into()),
+                    DELIVERY_BUCKETS,
                 )
             })
             .and_then(|b| {
@@ -381,6 +398,31 @@ impl Metrics {
             "otpgate_sms_first_accepted_seconds",
             Unit::Seconds,
             "Time from the start request to a carrier's first acceptance of the verification's SMS (the time to SMS the gateway can see), by carrier.",
+        );
+        r.describe_histogram(
+            "otpgate_carrier_delivery_seconds",
+            Unit::Seconds,
+            "Time from a carrier's acceptance of an SMS to its delivered receipt, by carrier: the lag acceptance cannot show.",
+        );
+        r.describe_counter(
+            "otpgate_carrier_receipts_missing_total",
+            "SMS with no delivered receipt within their carrier's receipt_timeout, by carrier (only carriers whose receipts are awaited).",
+        );
+        r.describe_counter(
+            "otpgate_carrier_rerouted_total",
+            "SMS the gateway sent again, the same code through another carrier, because this carrier's receipt was missing; apart from user resends.",
+        );
+        r.describe_counter(
+            "otpgate_carrier_reroutes_skipped_total",
+            "SMS with a missing receipt that were not rerouted, by carrier and reason (exhausted, no_other_carrier, limited, no_room).",
+        );
+        r.describe_counter(
+            "otpgate_carrier_probes_total",
+            "Jobs a lagging carrier took as probes of its delivery, by carrier.",
+        );
+        r.describe_gauge(
+            "otpgate_carrier_delivery_state",
+            "1 for each carrier's delivery state (unknown: receipts not awaited; ok; lagging: its receipts come late or not at all), 0 for the others.",
         );
         r.describe_gauge(
             "otpgate_carrier_configured_pace_per_second",
@@ -555,7 +597,34 @@ impl Metrics {
                     gauge.set(0.0);
                     gauge
                 });
+                let reroutes_skipped: Vec<Counter> = crate::delivery::Reroute::SKIPPED
+                    .iter()
+                    .map(|reason| {
+                        r.counter(
+                            "otpgate_carrier_reroutes_skipped_total",
+                            vec![carrier(), Label::new("reason", reason.as_str())],
+                        )
+                    })
+                    .collect();
+                let delivery_health: Vec<Gauge> = crate::delivery::Health::ALL
+                    .iter()
+                    .map(|health| {
+                        let gauge = r.gauge(
+                            "otpgate_carrier_delivery_state",
+                            vec![carrier(), Label::new("state", health.as_str())],
+                        );
+                        gauge.set(0.0);
+                        gauge
+                    })
+                    .collect();
                 CarrierMetrics {
+                    delivered_in: r.histogram("otpgate_carrier_delivery_seconds", vec![carrier()]),
+                    receipts_missing: r
+                        .counter("otpgate_carrier_receipts_missing_total", vec![carrier()]),
+                    rerouted: r.counter("otpgate_carrier_rerouted_total", vec![carrier()]),
+                    probes: r.counter("otpgate_carrier_probes_total", vec![carrier()]),
+                    reroutes_skipped: to_array(reroutes_skipped),
+                    delivery_health: to_array(delivery_health),
                     sessions_bound,
                     retries: to_array(retries),
                     passed_on,
@@ -849,6 +918,34 @@ impl CarrierMetrics {
 
     pub fn first_accepted_after(&self, seconds: f64) {
         self.first_accepted.record(seconds);
+    }
+
+    /// A `delivered` receipt, `seconds` after the carrier accepted the SMS.
+    pub fn delivered_in(&self, seconds: f64) {
+        self.delivered_in.record(seconds);
+    }
+
+    /// An SMS's receipt did not come in time, and what became of it.
+    pub fn receipt_missing(&self, reroute: crate::delivery::Reroute) {
+        self.receipts_missing.increment(1);
+        match crate::delivery::Reroute::SKIPPED
+            .iter()
+            .position(|skipped| *skipped == reroute)
+        {
+            Some(index) => self.reroutes_skipped[index].increment(1),
+            None => self.rerouted.increment(1),
+        }
+    }
+
+    /// A lagging carrier took a job as a probe.
+    pub fn probed(&self) {
+        self.probes.increment(1);
+    }
+
+    pub fn set_delivery_health(&self, health: crate::delivery::Health) {
+        for (gauge, each) in self.delivery_health.iter().zip(crate::delivery::Health::ALL) {
+            gauge.set(if each == health { 1.0 } else { 0.0 });
+        }
     }
 }
 

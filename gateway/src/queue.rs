@@ -239,7 +239,7 @@ impl Queue {
             notified.as_mut().enable();
             {
                 let mut state = self.lock();
-                if let Some(job) = state.take(bit) {
+                if let Some(job) = state.take(bit, |_| true) {
                     state.idle &= !bit;
                     guard.armed = false;
                     // Pass the baton: another idle carrier may take what is left.
@@ -263,7 +263,13 @@ impl Queue {
 
     /// Takes the most urgent job `carrier` may send, if there is one.
     pub fn try_pop(&self, carrier: CarrierId) -> Option<Job> {
-        self.lock().take(1 << carrier)
+        self.lock().take(1 << carrier, |_| true)
+    }
+
+    /// Takes the most urgent job `carrier` may send among those `wanted` accepts (looking at
+    /// the head of each of its heaps), if there is one.
+    pub fn try_pop_where(&self, carrier: CarrierId, wanted: impl Fn(&Job) -> bool) -> Option<Job> {
+        self.lock().take(1 << carrier, wanted)
     }
 
     /// Refuses new jobs from now on; dispatchers drain what is queued and then stop.
@@ -488,8 +494,8 @@ impl State {
     }
 
     /// The most urgent job for a carrier in `bit`: the highest lane holding one, and in it the
-    /// earliest deadline among the heads of the heaps it may take from.
-    fn take(&mut self, bit: CarrierSet) -> Option<Job> {
+    /// earliest deadline among the heads of the heaps it may take from (and `wanted` accepts).
+    fn take(&mut self, bit: CarrierSet, wanted: impl Fn(&Job) -> bool) -> Option<Job> {
         for lane in self.lanes.values_mut() {
             let best = lane
                 .heaps
@@ -497,6 +503,7 @@ impl State {
                 .enumerate()
                 .filter(|(_, (set, _))| set & bit != 0)
                 .filter_map(|(index, (_, heap))| heap.peek().map(|Reverse(entry)| (index, entry)))
+                .filter(|(_, entry)| wanted(&entry.0))
                 .min_by(|(_, a), (_, b)| a.cmp(b))
                 .map(|(index, _)| index);
             if let Some(index) = best {

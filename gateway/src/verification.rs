@@ -6,8 +6,10 @@
 //! submitted (or delivered) verification back to `queued`.
 //!
 //! Expiry follows docs/DESIGN.md section 4: the code lives `code_ttl` from the moment a carrier first
-//! accepts its SMS. Until then the verification's expiry moves forward with the clock, by at most
-//! `max_extension`, so time spent in the gateway's queue never eats into the user's session.
+//! accepts its SMS, or, for a carrier whose receipts are awaited (`delivery.rs`), from its
+//! `delivered` receipt. Until then the verification's expiry moves forward with the clock, by at
+//! most `max_extension`, so time spent in the gateway's queue, or in a carrier's, never eats into
+//! the user's session.
 
 use serde::Serialize;
 
@@ -98,6 +100,20 @@ pub struct Verification {
     pub carrier: Option<CarrierId>,
     /// The carrier's id for the latest accepted SMS, for receipts.
     pub carrier_message_id: Option<Box<str>>,
+    /// When a carrier accepted the latest SMS (never cleared once set: `None` means no SMS of
+    /// this verification was ever accepted).
+    pub accepted_ms: Option<Millis>,
+    /// The latest SMS's carrier awaits receipts: its `delivered` receipt is due by this moment,
+    /// and the SMS has no verdict yet (`delivery.rs`).
+    pub receipt_due_ms: Option<Millis>,
+    /// The latest SMS's carrier awaited receipts when it accepted it.
+    pub awaits_receipt: bool,
+    /// When a `delivered` receipt came for an SMS of this verification.
+    pub delivered_ms: Option<Millis>,
+    /// SMS the gateway sent again by itself after a missing receipt (counted in `sends` too).
+    pub reroutes: u8,
+    /// Earlier accepted SMS of this verification, for their late receipts.
+    pub earlier: Option<Box<Vec<EarlierSms>>>,
     /// Submits tried for this verification, across sends.
     pub delivery_attempts: u16,
     /// SMS sends asked for: 1 for the first, plus one per resend.
@@ -117,6 +133,20 @@ pub struct Verification {
     /// Bumped on every change, so long-polls can tell.
     pub version: u32,
 }
+
+/// An SMS of a verification that a later one replaced, kept so that its receipt still counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlierSms {
+    pub carrier: CarrierId,
+    pub message_id: Box<str>,
+    pub accepted_ms: Millis,
+    /// Its receipt's due moment while it has no verdict.
+    pub receipt_due_ms: Option<Millis>,
+}
+
+/// How many earlier SMS a verification remembers (the phone's send limits keep the real number
+/// lower).
+const MAX_EARLIER: usize = 8;
 
 /// A verification as frontends see it (docs/DESIGN.md section 3).
 #[derive(Debug, Clone, Serialize)]
@@ -139,6 +169,11 @@ pub struct DeliveryView {
     pub carrier: Option<String>,
     pub attempts: u16,
     pub eta_seconds: Option<f64>,
+    /// Seconds from the carrier's acceptance of the latest SMS to its `delivered` receipt, or
+    /// until now while that receipt is awaited; absent when the carrier's receipts are not
+    /// awaited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
 }
 
 // === impl Verification ===
@@ -162,6 +197,12 @@ impl Verification {
             delivery: DeliveryState::Queued,
             carrier: None,
             carrier_message_id: None,
+            accepted_ms: None,
+            receipt_due_ms: None,
+            awaits_receipt: false,
+            delivered_ms: None,
+            reroutes: 0,
+            earlier: None,
             delivery_attempts: 0,
             sends: 1,
             attempts_left: policy.max_attempts,
@@ -214,27 +255,88 @@ impl Verification {
         self.is_pending() && now >= self.expires_at(now, policy)
     }
 
-    /// Records a carrier's acceptance; returns the session extension it earned, in ms, the
-    /// first time.
+    /// Records a carrier's acceptance; returns the session extension it earned, in ms, when it
+    /// fixes the code's expiry: at the first acceptance, unless the carrier's receipts are
+    /// awaited (`receipt_timeout_ms`, some) and the policy lets expiry follow delivery, in which
+    /// case [`Verification::deliver`] fixes it.
     pub fn accept(
         &mut self,
         carrier: CarrierId,
         carrier_message_id: Option<Box<str>>,
+        receipt_timeout_ms: Option<Millis>,
         now: Millis,
         policy: &VerificationPolicy,
     ) -> Option<Millis> {
+        if let (Some(previous_carrier), Some(previous_id), Some(accepted_ms)) = (
+            self.carrier,
+            self.carrier_message_id.take(),
+            self.accepted_ms,
+        ) {
+            let earlier = self.earlier.get_or_insert_with(Default::default);
+            if earlier.len() == MAX_EARLIER {
+                earlier.remove(0);
+            }
+            earlier.push(EarlierSms {
+                carrier: previous_carrier,
+                message_id: previous_id,
+                accepted_ms,
+                receipt_due_ms: self.receipt_due_ms,
+            });
+        }
         self.carrier = Some(carrier);
         self.carrier_message_id = carrier_message_id;
+        self.accepted_ms = Some(now);
+        self.awaits_receipt = receipt_timeout_ms.is_some();
+        self.receipt_due_ms = receipt_timeout_ms.map(|timeout| now + timeout);
         if self.delivery == DeliveryState::Queued {
             self.delivery = DeliveryState::Submitted;
         }
         self.touch();
+        if self.fixed_expiry_ms.is_some()
+            || (self.awaits_receipt && policy.expiry_follows_delivery)
+        {
+            return None;
+        }
+        Some(self.fix_expiry(now, policy))
+    }
+
+    /// Records a `delivered` receipt for any SMS of this verification (they all carry the same
+    /// code, so the user has it); returns the session extension, in ms, if this fixes the
+    /// code's expiry.
+    pub fn deliver(&mut self, now: Millis, policy: &VerificationPolicy) -> Option<Millis> {
+        self.delivery = DeliveryState::Delivered;
+        self.delivered_ms.get_or_insert(now);
+        self.touch();
         if self.fixed_expiry_ms.is_some() {
             return None;
         }
+        Some(self.fix_expiry(now, policy))
+    }
+
+    /// Fixes the code's expiry where it stands at `now`; returns the extension it earned.
+    fn fix_expiry(&mut self, now: Millis, policy: &VerificationPolicy) -> Millis {
         let expiry = self.expires_at(now, policy);
         self.fixed_expiry_ms = Some(expiry);
-        Some(expiry - self.created_ms - policy.code_ttl.as_millis() as Millis)
+        expiry - self.created_ms - policy.code_ttl.as_millis() as Millis
+    }
+
+    /// The SMS sent at the user's request: the first and each resend, not the reroutes.
+    pub fn user_sends(&self) -> u8 {
+        self.sends.saturating_sub(self.reroutes).max(1)
+    }
+
+    /// The earlier SMS a receipt of `carrier` with these readings names, if any.
+    pub fn earlier_sms_mut(
+        &mut self,
+        carrier: CarrierId,
+        readings: &[crate::receipt::Reading],
+    ) -> Option<&mut EarlierSms> {
+        self.earlier.as_mut()?.iter_mut().rev().find(|sms| {
+            sms.carrier == carrier
+                && crate::receipt::readings(&sms.message_id)
+                    .iter()
+                    .any(|reading| readings.contains(reading))
+        })
     }
 
     /// Ends a pending verification; the sealed copy of the code is wiped, since it can never be
@@ -256,6 +358,26 @@ impl Verification {
         let base = policy.resend_cooldown.as_millis() as Millis;
         let doublings = sends.saturating_sub(1).min(16) as u32;
         base.saturating_mul(1 << doublings)
+    }
+
+    /// From the latest SMS's acceptance to its delivery (or to `now`, or to the end, while
+    /// awaited), when its carrier's receipts are awaited.
+    pub fn lag_ms(&self, now: Millis) -> Option<Millis> {
+        if !self.awaits_receipt
+            || !matches!(
+                self.delivery,
+                DeliveryState::Submitted | DeliveryState::Delivered
+            )
+        {
+            return None;
+        }
+        let accepted = self.accepted_ms?;
+        let until = match (self.delivered_ms, self.ended_ms) {
+            (Some(delivered), _) => delivered,
+            (None, Some(ended)) => ended,
+            (None, None) => now,
+        };
+        Some(until.saturating_sub(accepted))
     }
 
     pub fn touch(&mut self) {
@@ -284,6 +406,7 @@ impl Verification {
                 } else {
                     None
                 },
+                lag_seconds: self.lag_ms(now).map(|ms| ms as f64 / 1000.0),
             },
             created_at: rfc3339(self.created_ms),
             expires_at: rfc3339(match self.ended_ms {
@@ -317,6 +440,8 @@ mod tests {
             resend_cooldown: Duration::from_secs(30),
             retention: Duration::from_secs(3600),
             idempotency_ttl: Duration::from_secs(86_400),
+            reroutes: 1,
+            expiry_follows_delivery: true,
         }
     }
 
@@ -343,12 +468,64 @@ mod tests {
     fn acceptance_fixes_expiry_and_reports_the_extension() {
         let policy = policy();
         let mut v = pending(1_000_000);
-        assert_eq!(v.accept(0, None, 1_045_000, &policy), Some(45_000));
+        assert_eq!(v.accept(0, None, None, 1_045_000, &policy), Some(45_000));
         assert_eq!(v.delivery, DeliveryState::Submitted);
         assert_eq!(v.expires_at(2_000_000, &policy), 1_045_000 + 600_000);
         // A second acceptance (a resend) does not move expiry again.
-        assert_eq!(v.accept(1, None, 1_200_000, &policy), None);
+        assert_eq!(v.accept(1, None, None, 1_200_000, &policy), None);
         assert_eq!(v.expires_at(2_000_000, &policy), 1_045_000 + 600_000);
+    }
+
+    #[test]
+    fn with_receipts_awaited_the_clock_starts_at_delivery() {
+        let policy = policy();
+        let mut v = pending(1_000_000);
+        // Accepted after 10 s by a carrier whose receipts are awaited: expiry keeps moving.
+        assert_eq!(
+            v.accept(0, Some("a1".into()), Some(60_000), 1_010_000, &policy),
+            None
+        );
+        assert_eq!(v.receipt_due_ms, Some(1_070_000));
+        assert_eq!(v.expires_at(1_300_000, &policy), 1_300_000 + 600_000);
+        assert_eq!(v.lag_ms(1_300_000), Some(290_000));
+        // Delivered 5 minutes after acceptance: the code lives its whole ttl from there.
+        assert_eq!(v.deliver(1_310_000, &policy), Some(310_000));
+        assert_eq!(v.delivery, DeliveryState::Delivered);
+        assert_eq!(v.expires_at(2_000_000, &policy), 1_310_000 + 600_000);
+        assert_eq!(v.lag_ms(2_000_000), Some(300_000));
+        // A later delivery moves nothing.
+        assert_eq!(v.deliver(1_400_000, &policy), None);
+        // Never delivered: the cap of the extension still bounds the code's life.
+        let mut v = pending(1_000_000);
+        v.accept(0, None, Some(60_000), 1_010_000, &policy);
+        assert_eq!(v.expires_at(9_000_000, &policy), 1_000_000 + 600_000 + 900_000);
+        // With the policy off, acceptance fixes expiry as before.
+        let off = VerificationPolicy {
+            expiry_follows_delivery: false,
+            ..policy.clone()
+        };
+        let mut v = pending(1_000_000);
+        assert_eq!(v.accept(0, None, Some(60_000), 1_010_000, &off), Some(10_000));
+        assert_eq!(v.expires_at(9_000_000, &off), 1_010_000 + 600_000);
+    }
+
+    #[test]
+    fn a_later_sms_keeps_the_earlier_for_its_receipt() {
+        let policy = policy();
+        let mut v = pending(1_000_000);
+        v.accept(0, Some("00A1".into()), Some(60_000), 1_010_000, &policy);
+        v.delivery = DeliveryState::Queued;
+        v.sends = 2;
+        v.reroutes = 1;
+        v.accept(1, Some("b7".into()), Some(60_000), 1_080_000, &policy);
+        assert_eq!(v.user_sends(), 1);
+        let readings = crate::receipt::readings("a1");
+        let earlier = v.earlier_sms_mut(0, &readings).unwrap();
+        assert_eq!(earlier.accepted_ms, 1_010_000);
+        assert_eq!(earlier.receipt_due_ms, Some(1_070_000));
+        assert!(v.earlier_sms_mut(1, &readings).is_none());
+        assert_eq!(v.carrier, Some(1));
+        assert_eq!(v.receipt_due_ms, Some(1_140_000));
     }
 
     #[test]
@@ -360,7 +537,7 @@ mod tests {
             v.send_deadline(&policy),
             1_000_000 + 600_000 + 900_000 - 60_000
         );
-        v.accept(0, None, 1_010_000, &policy);
+        v.accept(0, None, None, 1_010_000, &policy);
         assert_eq!(v.send_deadline(&policy), 1_010_000 + 600_000 - 60_000);
         // A short-lived code keeps half its lifetime.
         let short = VerificationPolicy {
@@ -387,7 +564,7 @@ mod tests {
             let policy = policy();
             let mut v = pending(created);
             let accepted_at = created + waited;
-            v.accept(0, None, accepted_at, &policy);
+            v.accept(0, None, None, accepted_at, &policy);
             let expiry = v.expires_at(accepted_at, &policy);
             prop_assert!(expiry <= created + 600_000 + 900_000);
             prop_assert!(expiry >= created + 600_000);

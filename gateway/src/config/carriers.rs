@@ -23,6 +23,7 @@ pub struct RawCarrier {
     pub timeout_ms: Option<u64>,
     pub http_version: Option<String>,
     pub receipt_token: Option<String>,
+    pub receipt_timeout_ms: Option<u64>,
     pub breaker_failures: Option<u32>,
     pub breaker_error_ratio: Option<f64>,
     pub breaker_open_ms: Option<u64>,
@@ -63,6 +64,10 @@ pub struct CarrierConfig {
     /// SHA-256 of the token the carrier presents (`Authorization: Bearer …`) when it posts
     /// delivery receipts; without one, its receipts are refused.
     pub receipt_token_sha256: Option<[u8; 32]>,
+    /// How long after acceptance a `delivered` receipt is awaited before the SMS counts as
+    /// missing its receipt (and may be rerouted); `None` when its receipts are not awaited at
+    /// all (`receipt_timeout_ms = 0`, or a carrier that cannot send receipts).
+    pub receipt_timeout: Option<Duration>,
     /// When the carrier's circuit breaker opens, and how it probes back.
     pub breaker: BreakerPolicy,
     /// E.164 prefixes (with `+`) of the numbers it serves; empty serves every number.
@@ -399,6 +404,18 @@ impl RawCarrier {
             }
             Some(token) => Some(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()).into()),
         };
+        let receipt_timeout_ms = self.receipt_timeout_ms.unwrap_or(DEFAULT_RECEIPT_TIMEOUT_MS);
+        if receipt_timeout_ms > 3_600_000 {
+            return invalid(key("receipt_timeout_ms"), "must be between 0 and 3600000");
+        }
+        // Only an HTTP carrier with a receipt token, or an SMPP carrier, can send receipts.
+        let sends_receipts = match &kind {
+            CarrierKind::Http { .. } => receipt_token_sha256.is_some(),
+            CarrierKind::Smpp(_) => true,
+            CarrierKind::Console => false,
+        };
+        let receipt_timeout = (sends_receipts && receipt_timeout_ms > 0)
+            .then(|| Duration::from_millis(receipt_timeout_ms));
         let failures = self.breaker_failures.unwrap_or(5);
         if !(1..=10_000).contains(&failures) {
             return invalid(key("breaker_failures"), "must be between 1 and 10000");
@@ -428,6 +445,7 @@ impl RawCarrier {
             window,
             from,
             receipt_token_sha256,
+            receipt_timeout,
             breaker: BreakerPolicy {
                 failures,
                 error_ratio,
@@ -440,6 +458,10 @@ impl RawCarrier {
         })
     }
 }
+
+/// How long a `delivered` receipt is awaited by default: most carriers' receipts come within
+/// seconds, and a minute is still well inside a code's life.
+pub const DEFAULT_RECEIPT_TIMEOUT_MS: u64 = 60_000;
 
 /// E.164 prefixes: `+` and 1 to 15 digits each.
 fn validate_prefixes(prefixes: Vec<String>, key: &str) -> Result<Vec<Box<str>>, ConfigError> {

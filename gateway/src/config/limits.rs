@@ -18,6 +18,8 @@ pub struct RawVerification {
     pub resend_cooldown_secs: Option<u64>,
     pub retention_secs: Option<u64>,
     pub idempotency_ttl_secs: Option<u64>,
+    pub reroutes: Option<u8>,
+    pub expiry_follows_delivery: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +48,13 @@ pub struct VerificationPolicy {
     pub resend_cooldown: Duration,
     pub retention: Duration,
     pub idempotency_ttl: Duration,
+    /// How often the gateway itself sends a verification's SMS again, the same code through
+    /// another carrier, when the carrier that accepted it sent no `delivered` receipt within its
+    /// `receipt_timeout` (0: never).
+    pub reroutes: u8,
+    /// For a carrier whose receipts are awaited, the code's clock starts at the `delivered`
+    /// receipt rather than at acceptance (within the same `max_extension` cap).
+    pub expiry_follows_delivery: bool,
 }
 
 /// Limits on sends and checks.
@@ -117,7 +126,13 @@ impl RawVerification {
                 "must not exceed verification.retention_secs",
             );
         }
+        let reroutes = self.reroutes.unwrap_or(1);
+        if reroutes > 5 {
+            return invalid("verification.reroutes", "must be between 0 and 5");
+        }
         Ok(VerificationPolicy {
+            reroutes,
+            expiry_follows_delivery: self.expiry_follows_delivery.unwrap_or(true),
             code_length,
             code_ttl,
             max_extension,

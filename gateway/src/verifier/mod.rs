@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::carrier::OutboundSms;
 use crate::clock::Clock;
+use crate::delivery::Deliveries;
 use crate::config::{CarrierConfig, ClientConfig, Config, Rule, VerificationPolicy};
 use crate::error::ApiError;
 use crate::ids::{CarrierId, ClientId, VerificationId};
@@ -58,6 +59,8 @@ struct Shared {
     routes: Routes,
     /// Events to clients' webhooks.
     webhooks: Webhooks,
+    /// Whether each carrier's receipts come in time.
+    deliveries: Deliveries,
     /// Cleared when shutdown begins: new verifications are refused from then on.
     accepting: AtomicBool,
 }
@@ -222,11 +225,12 @@ impl Verifier {
                 queue,
                 keys: CodeKeys::new(&secret, config.verification.code_length),
                 clock,
-                metrics,
+                metrics: metrics.clone(),
                 templates: config.templates.clone(),
                 clients,
                 carriers,
                 routes: Routes::new(&config.carriers),
+                deliveries: Deliveries::new(&config.carriers, &metrics),
                 webhooks,
                 accepting: AtomicBool::new(true),
             }),
@@ -255,6 +259,11 @@ impl Verifier {
 
     pub fn clock(&self) -> &Clock {
         &self.shared.clock
+    }
+
+    /// Whether each carrier's receipts come in time (`delivery.rs`).
+    pub fn deliveries(&self) -> &Deliveries {
+        &self.shared.deliveries
     }
 
     pub fn queue(&self) -> &Queue {
@@ -736,6 +745,8 @@ impl Verifier {
         status: ReceiptStatus,
     ) -> Result<ReceiptMatch, ApiError> {
         let backend = &self.shared.backend;
+        // Any receipt shows that this carrier sends them.
+        self.shared.deliveries.heard(carrier);
         if let Some(id) = backend.find_receipt(carrier, carrier_message_id).await? {
             return self
                 .apply_receipt(carrier, id, carrier_message_id, status)
@@ -774,12 +785,17 @@ impl Verifier {
         carrier_message_id: &str,
         status: ReceiptStatus,
     ) -> Result<ReceiptMatch, ApiError> {
-        self.shared
+        let (matched, observation) = self
+            .shared
             .backend
             .run(Keys::record(id), |shard, fx, now| {
                 Ok(self.apply_receipt_in(shard, fx, carrier, id, carrier_message_id, status, now))
             })
-            .await
+            .await?;
+        if let Some(observation) = observation {
+            self.shared.deliveries.observe(observation);
+        }
+        Ok(matched)
     }
 
     // --- the sweep ---
@@ -810,12 +826,13 @@ impl Verifier {
             for id in due {
                 let swept = backend
                     .run(Keys::record(id), |shard, fx, now| {
-                        self.sweep_one(shard, fx, &id, now);
-                        Ok(())
+                        Ok(self.sweep_one(shard, fx, &id, now))
                     })
                     .await;
-                if swept.is_err() {
-                    return;
+                match swept {
+                    Ok(Some(observation)) => shared.deliveries.observe(observation),
+                    Ok(None) => {}
+                    Err(_) => return,
                 }
             }
         }
@@ -826,12 +843,16 @@ impl Verifier {
         for (id, send_no) in due {
             let _ = backend
                 .run(Keys::record(id), |shard, fx, now| {
-                    let still_queued = shard.records.get(&id).is_some_and(|record| {
+                    // Still queued, or accepted by a carrier whose receipts are awaited and
+                    // not delivered yet: either way the user has no code.
+                    let still_waiting = shard.records.get(&id).is_some_and(|record| {
                         record.is_pending()
-                            && record.delivery == DeliveryState::Queued
                             && record.sends == send_no
+                            && (record.delivery == DeliveryState::Queued
+                                || (record.delivery == DeliveryState::Submitted
+                                    && record.awaits_receipt))
                     });
-                    if still_queued {
+                    if still_waiting {
                         self.announce(shard, fx, &id, EventKind::Delayed, now);
                     }
                     fx.unwatch_delay = Some(send_no);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::{CheckAnswer, Completion, NewVerification, Prepared, ReceiptMatch, Verifier};
 use crate::carrier::OutboundSms;
 use crate::clock::Millis;
+use crate::delivery::{Observation, Reroute};
 use crate::error::ApiError;
 use crate::ids::{CarrierId, ClientId, VerificationId};
 use crate::metrics::{Checked, Ended, QueueDrop, QueueRefusal};
@@ -312,13 +313,17 @@ impl Verifier {
                     record.carrier = Some(carrier);
                     record.carrier_message_id = carrier_message_id;
                 } else {
+                    let first = record.accepted_ms.is_none();
+                    let awaited = shared.deliveries.awaited(carrier);
                     if let Some(extension_ms) =
-                        record.accept(carrier, carrier_message_id, now, &shared.policy)
+                        record.accept(carrier, carrier_message_id, awaited, now, &shared.policy)
                     {
                         shared
                             .metrics
                             .session_extended(extension_ms as f64 / 1000.0);
-                        // The first acceptance: the user's time to SMS, as far as the gateway
+                    }
+                    if first {
+                        // The first acceptance: the user's time to SMS, as far as acceptance
                         // can tell.
                         shared
                             .metrics
@@ -326,6 +331,11 @@ impl Verifier {
                             .first_accepted_after(
                                 now.saturating_sub(record.created_ms) as f64 / 1000.0,
                             );
+                    }
+                    // The sweep looks again when the receipt is due.
+                    if let Some(due) = record.receipt_due_ms {
+                        let expires = record.expires_at(now, &shared.policy);
+                        fx.deadline = Some((job.id, DeadlineWrite::At(due.min(expires))));
                     }
                     event = Some(EventKind::Submitted);
                 }
@@ -348,6 +358,9 @@ impl Verifier {
         receipt_id
     }
 
+    /// Applies a receipt to the SMS of `id` it names: the latest one, or an earlier one (a
+    /// rerouted or resent SMS whose receipt comes late). Returns what it says about the
+    /// carrier's delivery, for [`crate::delivery::Deliveries`].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_receipt_in(
         &self,
@@ -358,15 +371,15 @@ impl Verifier {
         carrier_message_id: &str,
         status: ReceiptStatus,
         now: Millis,
-    ) -> ReceiptMatch {
+    ) -> (ReceiptMatch, Option<Observation>) {
         let shared = &*self.shared;
         let metrics = shared.metrics.carrier(carrier as usize);
         let Some(record) = shard.records.get_mut(&id) else {
             metrics.receipt_unmatched();
-            return ReceiptMatch::Unmatched;
+            return (ReceiptMatch::Unmatched, None);
         };
         // The index may point at a verification whose latest SMS went by another carrier or
-        // under another id (an earlier send): such a receipt is matched but changes nothing.
+        // under another id (an earlier send).
         let receipt_readings = crate::receipt::readings(carrier_message_id);
         let latest = record.carrier == Some(carrier)
             && record.carrier_message_id.as_deref().is_some_and(|latest| {
@@ -375,48 +388,182 @@ impl Verifier {
                     .any(|reading| receipt_readings.contains(reading))
             });
         metrics.receipt(status);
-        if latest && record.delivery == DeliveryState::Submitted {
-            match status {
-                ReceiptStatus::Delivered => {
-                    record.delivery = DeliveryState::Delivered;
+        // The SMS it names: when it was accepted and when its receipt was due (its verdict
+        // pending), taken so that it is judged once.
+        let named = if latest {
+            record
+                .accepted_ms
+                .map(|accepted| (accepted, record.receipt_due_ms.take()))
+        } else {
+            record
+                .earlier_sms_mut(carrier, &receipt_readings)
+                .map(|sms| (sms.accepted_ms, sms.receipt_due_ms.take()))
+        };
+        let Some((accepted_ms, due_ms)) = named else {
+            return (ReceiptMatch::Matched, None);
+        };
+        let mut observation = None;
+        let mut changed = due_ms.is_some();
+        match status {
+            ReceiptStatus::Delivered => {
+                observation = Some(Observation::Delivered {
+                    carrier,
+                    after_ms: now.saturating_sub(accepted_ms),
+                    on_time: due_ms.map(|due| now <= due),
+                });
+                // Every SMS of a verification carries the same code: whichever is delivered
+                // first, the user has it. An SMS still queued for it is then not sent.
+                if record.is_pending()
+                    && matches!(
+                        record.delivery,
+                        DeliveryState::Submitted | DeliveryState::Queued
+                    )
+                {
                     metrics.delivered_after(now.saturating_sub(record.created_ms) as f64 / 1000.0);
-                }
-                ReceiptStatus::Undeliverable | ReceiptStatus::Expired => {
-                    record.delivery = DeliveryState::Undeliverable;
+                    if let Some(extension_ms) = record.deliver(now, &shared.policy) {
+                        shared
+                            .metrics
+                            .session_extended(extension_ms as f64 / 1000.0);
+                    }
+                    changed = true;
+                    fx.notify(&id);
+                    fx.deadline = Some((
+                        id,
+                        DeadlineWrite::At(record.expires_at(now, &shared.policy)),
+                    ));
+                    self.announce(shard, fx, &id, EventKind::Delivered, now);
                 }
             }
-            record.touch();
-            fx.notify(&id);
-            if status == ReceiptStatus::Delivered {
-                self.announce(shard, fx, &id, EventKind::Delivered, now);
+            ReceiptStatus::Undeliverable | ReceiptStatus::Expired => {
+                if latest && record.delivery == DeliveryState::Submitted {
+                    record.delivery = DeliveryState::Undeliverable;
+                    changed = true;
+                    fx.notify(&id);
+                }
             }
         }
-        ReceiptMatch::Matched
+        if changed {
+            if let Some(record) = shard.records.get_mut(&id) {
+                record.touch();
+            }
+        }
+        (ReceiptMatch::Matched, observation)
     }
 
-    /// A due verification: expired if its time ran out, else its next deadline.
+    /// A due verification: expired if its time ran out; its latest SMS judged late, and
+    /// perhaps rerouted, if its receipt is overdue; then its next deadline.
     pub(super) fn sweep_one(
         &self,
         shard: &mut Shard,
         fx: &mut Effects,
         id: &VerificationId,
         now: Millis,
-    ) {
+    ) -> Option<Observation> {
         let policy = &self.shared.policy;
         let Some(record) = shard.records.get(id) else {
             fx.deadline = Some((*id, DeadlineWrite::Remove));
-            return;
+            return None;
         };
         if record.is_expired(now, policy) {
             self.expire(shard, fx, id, now);
         }
+        let observation = self.receipt_overdue(shard, fx, id, now);
         let next = match shard.records.get(id) {
             Some(record) if record.is_pending() => {
-                DeadlineWrite::At(record.expires_at(now, policy))
+                let expires = record.expires_at(now, policy);
+                DeadlineWrite::At(record.receipt_due_ms.map_or(expires, |due| due.min(expires)))
             }
             _ => DeadlineWrite::Remove,
         };
         fx.deadline = Some((*id, next));
+        observation
+    }
+
+    /// The latest SMS's receipt is overdue: it is judged late and, while the verification is
+    /// pending and the user has no code, sent again (the same code) through another carrier,
+    /// if its reroutes, the other carriers, the phone's send limits and the queue allow.
+    fn receipt_overdue(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        id: &VerificationId,
+        now: Millis,
+    ) -> Option<Observation> {
+        let shared = &*self.shared;
+        let record = shard.records.get_mut(id)?;
+        let due = record.receipt_due_ms?;
+        if now < due {
+            return None;
+        }
+        let carrier = record.carrier?;
+        record.receipt_due_ms = None;
+        record.touch();
+        if !record.is_pending() || record.delivery != DeliveryState::Submitted {
+            // Ended, or the user already has the code: only the verdict.
+            return Some(Observation::Missing {
+                carrier,
+                reroute: Reroute::Exhausted,
+            });
+        }
+        let reroute = self.reroute(shard, fx, id, carrier, now);
+        if reroute == Reroute::Queued {
+            tracing::info!(verification = %id, carrier = %shared.carriers[carrier as usize].name, "no delivery receipt in time; the same code goes again by another carrier");
+        }
+        Some(Observation::Missing { carrier, reroute })
+    }
+
+    fn reroute(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        id: &VerificationId,
+        carrier: CarrierId,
+        now: Millis,
+    ) -> Reroute {
+        let shared = &*self.shared;
+        let policy = &shared.policy;
+        let Some(record) = shard.records.get(id) else {
+            return Reroute::Exhausted;
+        };
+        if record.reroutes >= policy.reroutes {
+            return Reroute::Exhausted;
+        }
+        let others = shared.routes.eligible_for(&record.phone) & !(1 << carrier);
+        if others == 0 {
+            return Reroute::NoOtherCarrier;
+        }
+        let deadline = record.send_deadline(policy);
+        if now >= deadline || shared.backend.queue_is_full() {
+            return Reroute::NoRoom;
+        }
+        let phone = record.phone.as_u64();
+        let job = Job::resend(
+            *id,
+            record.sends.saturating_add(1),
+            record.lane,
+            deadline,
+            others,
+            Some(carrier),
+            now,
+        );
+        // The phone's send limits count a reroute like any SMS to that phone: they protect its
+        // owner, whoever asked for the SMS.
+        if self.spend_phone(fx, phone).is_err() {
+            return Reroute::Limited;
+        }
+        let Ok(ticket) = self.enqueue(fx, job) else {
+            return Reroute::NoRoom;
+        };
+        let Some(record) = shard.records.get_mut(id) else {
+            return Reroute::Exhausted;
+        };
+        record.sends = record.sends.saturating_add(1);
+        record.reroutes = record.reroutes.saturating_add(1);
+        record.queue_ticket = ticket;
+        record.delivery = DeliveryState::Queued;
+        record.touch();
+        fx.notify(id);
+        Reroute::Queued
     }
 
     // --- helpers ---
@@ -463,7 +610,7 @@ impl Verifier {
     ) -> QueueDrop {
         match shard.records.get(id) {
             Some(record) if record.is_pending() => {
-                if record.fixed_expiry_ms.is_none() {
+                if record.accepted_ms.is_none() {
                     self.expire(shard, fx, id, now);
                 }
                 QueueDrop::Expired
@@ -544,7 +691,7 @@ impl Verifier {
         let (client, sends) = (record.client, record.sends);
         record.queue_ticket = ticket;
         record.delivery = DeliveryState::Queued;
-        record.resend_after_ms = now + Verification::cooldown_ms(record.sends, policy);
+        record.resend_after_ms = now + Verification::cooldown_ms(record.user_sends(), policy);
         record.touch();
         fx.delay_watches.push((client, *id, sends));
         fx.notify(id);

@@ -12,7 +12,7 @@ use crate::otp::StoredCode;
 use crate::phone::Phone;
 use crate::queue::Job;
 use crate::store::effects::FailedChecks;
-use crate::verification::{DeliveryState, Extras, FailureReason, Status, Verification};
+use crate::verification::{DeliveryState, EarlierSms, Extras, FailureReason, Status, Verification};
 
 /// A stream entry id, `ms-seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -121,6 +121,20 @@ struct StoredRecord {
     c: Option<CarrierId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     m: Option<String>,
+    /// The latest SMS's acceptance, its receipt's due moment, whether its carrier awaited
+    /// receipts; the first delivery; reroutes; earlier SMS (`delivery.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    am: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rd: Option<Millis>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    aw: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dm: Option<Millis>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    rr: u8,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    es: Vec<StoredEarlier>,
     da: u16,
     n: u8,
     al: u8,
@@ -140,6 +154,14 @@ struct StoredRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ah: Option<String>,
     v: u32,
+}
+
+/// An earlier SMS: `[carrier, message id, accepted, receipt due]`.
+#[derive(Serialize, Deserialize)]
+struct StoredEarlier(CarrierId, String, Millis, Option<Millis>);
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 const STATUSES: [Status; 5] = [
@@ -175,6 +197,28 @@ pub fn encode_record(record: &Verification) -> Result<Vec<u8>, StoreError> {
         d: index_of(&DELIVERIES, &record.delivery),
         c: record.carrier,
         m: record.carrier_message_id.as_deref().map(str::to_owned),
+        am: record.accepted_ms,
+        rd: record.receipt_due_ms,
+        aw: record.awaits_receipt,
+        dm: record.delivered_ms,
+        rr: record.reroutes,
+        es: record
+            .earlier
+            .as_deref()
+            .map(|earlier| {
+                earlier
+                    .iter()
+                    .map(|sms| {
+                        StoredEarlier(
+                            sms.carrier,
+                            sms.message_id.to_string(),
+                            sms.accepted_ms,
+                            sms.receipt_due_ms,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         da: record.delivery_attempts,
         n: record.sends,
         al: record.attempts_left,
@@ -226,6 +270,27 @@ pub fn decode_record(bytes: &[u8]) -> Result<Verification, StoreError> {
         delivery: DELIVERIES[pick(DELIVERIES.len(), stored.d)?],
         carrier: stored.c,
         carrier_message_id: stored.m.map(String::into_boxed_str),
+        accepted_ms: stored.am,
+        receipt_due_ms: stored.rd,
+        awaits_receipt: stored.aw,
+        delivered_ms: stored.dm,
+        reroutes: stored.rr,
+        earlier: (!stored.es.is_empty()).then(|| {
+            Box::new(
+                stored
+                    .es
+                    .into_iter()
+                    .map(|StoredEarlier(carrier, message_id, accepted_ms, receipt_due_ms)| {
+                        EarlierSms {
+                            carrier,
+                            message_id: message_id.into_boxed_str(),
+                            accepted_ms,
+                            receipt_due_ms,
+                        }
+                    })
+                    .collect(),
+            )
+        }),
         delivery_attempts: stored.da,
         sends: stored.n,
         attempts_left: stored.al,
