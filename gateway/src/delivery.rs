@@ -15,9 +15,11 @@
 //!
 //! A carrier whose receipts are not awaited is `unknown`, and none of this applies to it: one
 //! configured with `receipt_timeout_ms = 0`, one that cannot send receipts (an HTTP carrier
-//! without a `receipt_token`, the console), and one that has sent no receipt at all since
-//! start-up (an SMSC that never sends them would otherwise look like a carrier losing every
-//! SMS). Each instance judges from the receipts it sees.
+//! without a `receipt_token`, the console), and one that sends none at all: after
+//! [`NEVER_HEARD_LIMIT`] receipts missing without a single receipt of it since start-up, its
+//! SMSC is taken not to send them (otherwise it would look like a carrier losing every SMS).
+//! Until then a carrier that can send receipts is awaited from the start, so that one lagging
+//! from its first SMS is caught too. Each instance judges from the receipts it sees.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -25,8 +27,8 @@ use std::time::Duration;
 use crate::clock::Millis;
 use crate::config::CarrierConfig;
 use crate::ids::CarrierId;
-use crate::routing::CarrierSet;
 use crate::metrics::{CarrierMetrics, Metrics};
+use crate::routing::CarrierSet;
 use crate::sync::lock;
 
 /// Weight of the newest verdict in the late share.
@@ -37,8 +39,16 @@ pub const ENTER_LAGGING: f64 = 0.5;
 /// The late share below which a lagging carrier is `ok` again: from the threshold, nine SMS on
 /// time in a row.
 pub const LEAVE_LAGGING: f64 = 0.2;
-/// How many probes a lagging carrier is sent per receipt timeout.
-const PROBES_PER_TIMEOUT: u32 = 30;
+/// Receipts missing, with none of the carrier's ever heard, after which it is taken to send none.
+pub const NEVER_HEARD_LIMIT: u32 = 50;
+/// A lagging carrier's probes: one in this many jobs taken from the queue by any carrier, and
+/// at least one per [`PROBE_AT_LEAST_EVERY`] receipt timeouts, so that it can come back under a
+/// light load too without taking the SMS of every citizen who arrives alone.
+pub const PROBE_ONE_IN: u64 = 20;
+pub const PROBE_AT_LEAST_EVERY: u64 = 10;
+/// A job that has waited a thirtieth of a lagging carrier's receipt timeout was left waiting by
+/// the others, and the lagging carrier may take it.
+const LEFT_WAITING_PER_TIMEOUT: u64 = 30;
 
 /// What the gateway knows of a carrier's deliveries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,11 +140,14 @@ struct Watch {
 struct Tracker {
     /// A receipt of this carrier has arrived since start-up.
     heard: bool,
+    /// Receipts missing while none was ever heard.
+    missing_unheard: u32,
     /// Exponentially weighted share of late verdicts.
     late_share: f64,
     lagging: bool,
-    /// When the last probe was let through while lagging.
-    last_probe_ms: Millis,
+    /// When the last probe was taken while lagging, and the queue's count of jobs taken then
+    /// (`None` until the dispatcher first looks after the carrier started lagging).
+    last_probe: Option<(Millis, u64)>,
 }
 
 /// One carrier's state, for `/readyz`.
@@ -160,7 +173,9 @@ impl Deliveries {
             })
             .collect();
         for watch in carriers.iter() {
-            watch.metrics.set_delivery_health(Health::Unknown);
+            watch
+                .metrics
+                .set_delivery_health(watch.health(&lock(&watch.state)));
         }
         Deliveries { carriers }
     }
@@ -169,23 +184,28 @@ impl Deliveries {
     pub fn awaited(&self, carrier: CarrierId) -> Option<Millis> {
         let watch = self.carriers.get(carrier as usize)?;
         let timeout = watch.timeout_ms?;
-        lock(&watch.state).heard.then_some(timeout)
+        (watch.health(&lock(&watch.state)) != Health::Unknown).then_some(timeout)
     }
 
-    /// A receipt of `carrier` arrived: from now on its receipts are awaited (if configured).
+    /// A receipt of `carrier` arrived: it sends them.
     pub fn heard(&self, carrier: CarrierId) {
         let Some(watch) = self.carriers.get(carrier as usize) else {
             return;
         };
-        if watch.timeout_ms.is_none() {
+        let mut state = lock(&watch.state);
+        if state.heard {
             return;
         }
-        let mut state = lock(&watch.state);
-        if !state.heard {
-            state.heard = true;
-            drop(state);
-            watch.metrics.set_delivery_health(Health::Ok);
-            tracing::info!(carrier, "first delivery receipt: this carrier's receipts are awaited from now on");
+        let was = watch.health(&state);
+        state.heard = true;
+        let now = watch.health(&state);
+        drop(state);
+        if now != was {
+            watch.metrics.set_delivery_health(now);
+            tracing::info!(
+                carrier,
+                "a delivery receipt: this carrier's receipts are awaited again"
+            );
         }
     }
 
@@ -215,29 +235,34 @@ impl Deliveries {
             .collect()
     }
 
-    /// How often a lagging carrier gets a probe, or a job the others left waiting.
-    pub fn probe_every(&self, carrier: CarrierId) -> Duration {
-        let timeout = self
-            .carriers
-            .get(carrier as usize)
-            .and_then(|watch| watch.timeout_ms)
-            .unwrap_or(30_000);
-        Duration::from_millis((timeout / Millis::from(PROBES_PER_TIMEOUT)).max(10))
+    /// How long a job waits before a lagging carrier may take it, as left waiting by the others.
+    pub fn left_waiting_after(&self, carrier: CarrierId) -> Duration {
+        let timeout = self.timeout_ms(carrier).unwrap_or(30_000);
+        Duration::from_millis((timeout / LEFT_WAITING_PER_TIMEOUT).max(10))
     }
 
-    /// Whether a lagging carrier may send a probe now.
-    pub fn probe_due(&self, carrier: CarrierId, now: Millis) -> bool {
-        let every = self.probe_every(carrier).as_millis() as Millis;
-        self.carriers
-            .get(carrier as usize)
-            .is_some_and(|watch| now >= lock(&watch.state).last_probe_ms + every)
+    /// Whether a lagging carrier is due a probe, with the queue's count of jobs taken so far:
+    /// one in [`PROBE_ONE_IN`] jobs since its last probe (or since it started lagging), and at
+    /// least one per [`PROBE_AT_LEAST_EVERY`] receipt timeouts.
+    pub fn probe_due(&self, carrier: CarrierId, now: Millis, popped: u64) -> bool {
+        let Some(watch) = self.carriers.get(carrier as usize) else {
+            return false;
+        };
+        let every_ms = watch.timeout_ms.unwrap_or(30_000) * PROBE_AT_LEAST_EVERY;
+        let mut state = lock(&watch.state);
+        let (last_ms, last_popped) = *state.last_probe.get_or_insert((now, popped));
+        popped >= last_popped + PROBE_ONE_IN || now >= last_ms + every_ms
     }
 
-    /// A lagging carrier took a probe: the next is due one interval later.
-    pub fn probe_taken(&self, carrier: CarrierId, now: Millis) {
+    /// A lagging carrier took a probe.
+    pub fn probe_taken(&self, carrier: CarrierId, now: Millis, popped: u64) {
         if let Some(watch) = self.carriers.get(carrier as usize) {
-            lock(&watch.state).last_probe_ms = now;
+            lock(&watch.state).last_probe = Some((now, popped));
         }
+    }
+
+    fn timeout_ms(&self, carrier: CarrierId) -> Option<Millis> {
+        self.carriers.get(carrier as usize)?.timeout_ms
     }
 
     /// The carriers lagging now.
@@ -278,21 +303,27 @@ impl Deliveries {
 
 impl Watch {
     fn health(&self, state: &Tracker) -> Health {
-        match (self.timeout_ms, state.heard, state.lagging) {
-            (None, _, _) | (_, false, _) => Health::Unknown,
-            (Some(_), true, false) => Health::Ok,
-            (Some(_), true, true) => Health::Lagging,
+        let never_heard = !state.heard && state.missing_unheard >= NEVER_HEARD_LIMIT;
+        match (self.timeout_ms, never_heard, state.lagging) {
+            (None, _, _) | (_, true, _) => Health::Unknown,
+            (Some(_), false, false) => Health::Ok,
+            (Some(_), false, true) => Health::Lagging,
         }
     }
 
     /// One SMS's verdict.
     fn judge(&self, late: bool) {
         let mut state = lock(&self.state);
+        if late && !state.heard {
+            state.missing_unheard = state.missing_unheard.saturating_add(1);
+        }
         let sample = if late { 1.0 } else { 0.0 };
         state.late_share += ALPHA * (sample - state.late_share);
         let was = self.health(&state);
         if !state.lagging && state.late_share >= ENTER_LAGGING {
             state.lagging = true;
+            // Probes are counted from the dispatcher's next look.
+            state.last_probe = None;
         } else if state.lagging && state.late_share < LEAVE_LAGGING {
             state.lagging = false;
         }
@@ -342,19 +373,32 @@ mod tests {
     }
 
     #[test]
-    fn unknown_until_the_first_receipt() {
+    fn a_carrier_that_never_sends_receipts_becomes_unknown() {
         let deliveries = deliveries(None);
-        assert_eq!(deliveries.health(0), Health::Unknown);
-        assert_eq!(deliveries.awaited(0), None);
-        deliveries.heard(0);
         assert_eq!(deliveries.health(0), Health::Ok);
         assert_eq!(deliveries.awaited(0), Some(60_000));
+        for _ in 0..NEVER_HEARD_LIMIT - 1 {
+            deliveries.observe(late(0));
+        }
+        assert_eq!(deliveries.health(0), Health::Lagging);
+        deliveries.observe(late(0));
+        assert_eq!(deliveries.health(0), Health::Unknown);
+        assert_eq!(deliveries.awaited(0), None);
+        // A receipt after all: awaited again, and judged by its record.
+        deliveries.heard(0);
+        assert_eq!(deliveries.health(0), Health::Lagging);
+        // Once heard, missing receipts never make it unknown.
+        for _ in 0..100 {
+            deliveries.observe(late(0));
+        }
+        assert_eq!(deliveries.health(0), Health::Lagging);
     }
 
     #[test]
     fn a_timeout_of_zero_never_awaits_receipts() {
         let deliveries = deliveries(Some(0));
         deliveries.heard(0);
+        assert_eq!(deliveries.health(0), Health::Unknown);
         for _ in 0..50 {
             deliveries.observe(late(0));
         }
@@ -365,7 +409,6 @@ mod tests {
     #[test]
     fn lagging_comes_and_goes_with_hysteresis() {
         let deliveries = deliveries(Some(30_000));
-        deliveries.heard(0);
         // Six late SMS are not enough; the seventh is.
         for _ in 0..6 {
             deliveries.observe(late(0));
@@ -394,12 +437,18 @@ mod tests {
     }
 
     #[test]
-    fn probes_are_spaced_by_a_share_of_the_timeout() {
+    fn probes_are_one_job_in_twenty_and_one_per_ten_timeouts() {
         let deliveries = deliveries(Some(30_000));
-        assert_eq!(deliveries.probe_every(0), Duration::from_millis(1000));
-        assert!(deliveries.probe_due(0, 10_000));
-        deliveries.probe_taken(0, 10_000);
-        assert!(!deliveries.probe_due(0, 10_500));
-        assert!(deliveries.probe_due(0, 11_000));
+        assert_eq!(
+            deliveries.left_waiting_after(0),
+            Duration::from_millis(1000)
+        );
+        // The first look sets the count's start.
+        assert!(!deliveries.probe_due(0, 10_000, 100));
+        assert!(!deliveries.probe_due(0, 10_500, 119));
+        assert!(deliveries.probe_due(0, 10_500, 120));
+        deliveries.probe_taken(0, 11_000, 120);
+        assert!(!deliveries.probe_due(0, 310_999, 121));
+        assert!(deliveries.probe_due(0, 311_000, 121));
     }
 }

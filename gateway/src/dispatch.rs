@@ -244,37 +244,41 @@ async fn pop_job(
 
 /// The most urgent job for `carrier`, waiting for one (`None` once none can come).
 ///
-/// While the carrier lags (its receipts come late or not at all, `delivery.rs`), it takes only a
-/// probe now and then, and the jobs the other carriers leave waiting or cannot send: new jobs go
-/// to the carriers that deliver, as far as their pace allows, and the probes' receipts bring the
-/// carrier back.
+/// While the carrier lags (its receipts come late or not at all, `delivery.rs`), new jobs go to
+/// the carriers that deliver, as far as their pace allows: it takes the jobs they leave waiting
+/// or cannot send, and a probe now and then (one job in twenty, and at least one per ten receipt
+/// timeouts), for which it competes like any idle carrier. The probes' receipts bring it back.
 async fn take_job(verifier: &Verifier, carrier: &Carrier) -> Option<Job> {
     let queue = verifier.queue();
     let deliveries = verifier.deliveries();
+    let clock = verifier.clock();
     let id = carrier.id;
     loop {
         if !deliveries.is_lagging(id) {
             return queue.pop(id).await;
         }
-        let now = verifier.clock().now_ms();
-        let every = deliveries.probe_every(id);
-        let waited_since = now.saturating_sub(every.as_millis() as Millis);
+        if deliveries.probe_due(id, clock.now_ms(), queue.popped()) {
+            let job = queue.pop(id).await;
+            if job.is_some() {
+                deliveries.probe_taken(id, clock.now_ms(), queue.popped());
+                carrier.metrics.probed();
+            }
+            return job;
+        }
+        let left_after = deliveries.left_waiting_after(id);
+        let waited_since = clock
+            .now_ms()
+            .saturating_sub(left_after.as_millis() as Millis);
         let others = !deliveries.lagging() & !(1 << id);
-        let left_waiting = |job: &Job| job.enqueued_ms <= waited_since || job.carriers & others == 0;
+        let left_waiting =
+            |job: &Job| job.enqueued_ms <= waited_since || job.carriers & others == 0;
         if let Some(job) = queue.try_pop_where(id, left_waiting) {
             return Some(job);
-        }
-        if deliveries.probe_due(id, now) {
-            if let Some(job) = queue.try_pop(id) {
-                deliveries.probe_taken(id, now);
-                carrier.metrics.probed();
-                return Some(job);
-            }
         }
         if queue.is_done_for(id) {
             return None;
         }
-        tokio::time::sleep(every.min(LAGGING_LOOK_EVERY)).await;
+        tokio::time::sleep(left_after.min(LAGGING_LOOK_EVERY)).await;
     }
 }
 

@@ -943,7 +943,11 @@ impl CarrierMetrics {
     }
 
     pub fn set_delivery_health(&self, health: crate::delivery::Health) {
-        for (gauge, each) in self.delivery_health.iter().zip(crate::delivery::Health::ALL) {
+        for (gauge, each) in self
+            .delivery_health
+            .iter()
+            .zip(crate::delivery::Health::ALL)
+        {
             gauge.set(if each == health { 1.0 } else { 0.0 });
         }
     }

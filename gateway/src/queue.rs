@@ -147,6 +147,8 @@ struct State {
     /// Jobs taken by a dispatcher and not yet settled (sent, dropped, deferred or put back):
     /// one of them may yet come back, so the queue is not drained while any are out either.
     checked_out: usize,
+    /// Jobs taken by any carrier since start-up (the pace of a lagging carrier's probes).
+    popped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -293,6 +295,11 @@ impl Queue {
 
     pub fn len(&self) -> usize {
         self.lock().len
+    }
+
+    /// Jobs taken from the queue by any carrier since start-up.
+    pub fn popped(&self) -> u64 {
+        self.lock().popped
     }
 
     /// Whether the queue was closed (shutdown began).
@@ -510,6 +517,7 @@ impl State {
                 let Reverse(Entry(job)) = lane.heaps[index].1.pop()?;
                 lane.len -= 1;
                 lane.popped += 1;
+                self.popped += 1;
                 self.len -= 1;
                 self.checked_out += 1;
                 return Some(job);

@@ -250,6 +250,13 @@ impl Verification {
         expiry.saturating_sub(useful)
     }
 
+    /// When the sweep must next look at a pending verification: its expiry as it stands at
+    /// `now`, or its latest SMS's receipt due moment if that comes first.
+    pub fn next_deadline(&self, now: Millis, policy: &VerificationPolicy) -> Millis {
+        let expires = self.expires_at(now, policy);
+        self.receipt_due_ms.map_or(expires, |due| due.min(expires))
+    }
+
     /// Whether a pending verification has run out of time at `now`.
     pub fn is_expired(&self, now: Millis, policy: &VerificationPolicy) -> bool {
         self.is_pending() && now >= self.expires_at(now, policy)
@@ -292,8 +299,7 @@ impl Verification {
             self.delivery = DeliveryState::Submitted;
         }
         self.touch();
-        if self.fixed_expiry_ms.is_some()
-            || (self.awaits_receipt && policy.expiry_follows_delivery)
+        if self.fixed_expiry_ms.is_some() || (self.awaits_receipt && policy.expiry_follows_delivery)
         {
             return None;
         }
@@ -498,14 +504,20 @@ mod tests {
         // Never delivered: the cap of the extension still bounds the code's life.
         let mut v = pending(1_000_000);
         v.accept(0, None, Some(60_000), 1_010_000, &policy);
-        assert_eq!(v.expires_at(9_000_000, &policy), 1_000_000 + 600_000 + 900_000);
+        assert_eq!(
+            v.expires_at(9_000_000, &policy),
+            1_000_000 + 600_000 + 900_000
+        );
         // With the policy off, acceptance fixes expiry as before.
         let off = VerificationPolicy {
             expiry_follows_delivery: false,
             ..policy.clone()
         };
         let mut v = pending(1_000_000);
-        assert_eq!(v.accept(0, None, Some(60_000), 1_010_000, &off), Some(10_000));
+        assert_eq!(
+            v.accept(0, None, Some(60_000), 1_010_000, &off),
+            Some(10_000)
+        );
         assert_eq!(v.expires_at(9_000_000, &off), 1_010_000 + 600_000);
     }
 

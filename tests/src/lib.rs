@@ -133,6 +133,11 @@ struct CarrierShared {
     n_throttled: Mutex<usize>,
     /// Fired by [`FakeCarrier::kill`].
     killed: tokio_util::sync::CancellationToken,
+    /// Set by [`FakeCarrier::deliver`]: accepted SMS reach the handset this long after
+    /// acceptance, and a `delivered` receipt with this token follows.
+    delivery: Mutex<Option<(Duration, String)>>,
+    /// SMS that reached their handsets, with when.
+    handset: Mutex<Vec<(ReceivedSms, tokio::time::Instant)>>,
 }
 
 // === impl Gateway ===
@@ -169,11 +174,15 @@ impl Gateway {
     /// Starts a gateway with exactly this config (no redis-server of its own).
     pub async fn start_configured(config_toml: &str, clock: Clock) -> Gateway {
         install_log_capture();
-        let config =
+        let mut config =
             Config::from_toml(config_toml).unwrap_or_else(|error| panic!("test config: {error}"));
         let api_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let api = api_listener.local_addr().expect("api addr");
+        // Carriers post receipts back to this gateway, unless the test names another URL.
+        if !config_toml.contains("public_url") {
+            config.public_url = format!("http://{api}");
+        }
         let admin = admin_listener.local_addr().expect("admin addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway::run(
@@ -543,6 +552,30 @@ impl FakeCarrier {
         )
     }
 
+    /// From now on, every SMS accepted with [`Reply::Accept`] spends `delay` in the carrier's
+    /// own queue before it reaches the handset ([`FakeCarrier::handset_code_for`]); then its
+    /// `delivered` receipt is posted to the SMS's `receipt_url` with `receipt_token`. Without
+    /// this, SMS reach the handset on acceptance and no receipt is sent.
+    pub fn deliver(&self, delay: Duration, receipt_token: &str) {
+        *self.shared.delivery.lock().unwrap() = Some((delay, receipt_token.to_owned()));
+    }
+
+    /// The code in the latest SMS that reached `phone`'s handset (at acceptance, unless
+    /// [`FakeCarrier::deliver`] delays it).
+    pub fn handset_code_for(&self, phone: &str) -> Option<String> {
+        if self.shared.delivery.lock().unwrap().is_none() {
+            return self.code_for(phone);
+        }
+        self.shared
+            .handset
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(sms, _)| sms.to == phone)
+            .and_then(|(sms, _)| extract_code(&sms.text))
+    }
+
     /// Replies to use from now on, in order; the last one repeats.
     pub fn script(&self, replies: &[Reply]) {
         let mut script = self.shared.script.lock().unwrap();
@@ -685,6 +718,16 @@ async fn receive(
                 tokio::time::sleep(delay).await;
             }
             let carrier_message_id = format!("cm-{}", sms.message_id);
+            let delivery = shared.delivery.lock().unwrap().clone();
+            if let Some((delay, token)) = delivery {
+                tokio::spawn(deliver_later(
+                    shared.clone(),
+                    sms.clone(),
+                    carrier_message_id.clone(),
+                    delay,
+                    token,
+                ));
+            }
             shared.received.lock().unwrap().push(sms);
             shared.arrived.notify_waiters();
             if let Reply::SlowAnswer(delay) = reply {
@@ -712,6 +755,39 @@ async fn receive(
             }
             response
         }
+    }
+}
+
+/// Hands an accepted SMS to its handset after `delay`, then posts its `delivered` receipt.
+async fn deliver_later(
+    shared: Arc<CarrierShared>,
+    sms: ReceivedSms,
+    carrier_message_id: String,
+    delay: Duration,
+    token: String,
+) {
+    tokio::time::sleep(delay).await;
+    let url = sms.receipt_url.clone();
+    shared
+        .handset
+        .lock()
+        .unwrap()
+        .push((sms, tokio::time::Instant::now()));
+    let body =
+        serde_json::json!({ "carrier_message_id": carrier_message_id, "status": "delivered" });
+    let posted = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(token)
+        .json(&body)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    if let Err(error) = posted {
+        shared
+            .violations
+            .lock()
+            .unwrap()
+            .push(format!("receipt not posted: {error}"));
     }
 }
 

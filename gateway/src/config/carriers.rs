@@ -404,7 +404,9 @@ impl RawCarrier {
             }
             Some(token) => Some(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()).into()),
         };
-        let receipt_timeout_ms = self.receipt_timeout_ms.unwrap_or(DEFAULT_RECEIPT_TIMEOUT_MS);
+        let receipt_timeout_ms = self
+            .receipt_timeout_ms
+            .unwrap_or(DEFAULT_RECEIPT_TIMEOUT_MS);
         if receipt_timeout_ms > 3_600_000 {
             return invalid(key("receipt_timeout_ms"), "must be between 0 and 3600000");
         }

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use crate::carrier::OutboundSms;
 use crate::clock::Clock;
-use crate::delivery::Deliveries;
 use crate::config::{CarrierConfig, ClientConfig, Config, Rule, VerificationPolicy};
+use crate::delivery::Deliveries;
 use crate::error::ApiError;
 use crate::ids::{CarrierId, ClientId, VerificationId};
 use crate::metrics::{Ended, Metrics, Started};

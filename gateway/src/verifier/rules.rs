@@ -333,9 +333,9 @@ impl Verifier {
                             );
                     }
                     // The sweep looks again when the receipt is due.
-                    if let Some(due) = record.receipt_due_ms {
-                        let expires = record.expires_at(now, &shared.policy);
-                        fx.deadline = Some((job.id, DeadlineWrite::At(due.min(expires))));
+                    if record.receipt_due_ms.is_some() {
+                        let next = record.next_deadline(now, &shared.policy);
+                        fx.deadline = Some((job.id, DeadlineWrite::At(next)));
                     }
                     event = Some(EventKind::Submitted);
                 }
@@ -429,7 +429,7 @@ impl Verifier {
                     fx.notify(&id);
                     fx.deadline = Some((
                         id,
-                        DeadlineWrite::At(record.expires_at(now, &shared.policy)),
+                        DeadlineWrite::At(record.next_deadline(now, &shared.policy)),
                     ));
                     self.announce(shard, fx, &id, EventKind::Delivered, now);
                 }
@@ -470,8 +470,7 @@ impl Verifier {
         let observation = self.receipt_overdue(shard, fx, id, now);
         let next = match shard.records.get(id) {
             Some(record) if record.is_pending() => {
-                let expires = record.expires_at(now, policy);
-                DeadlineWrite::At(record.receipt_due_ms.map_or(expires, |due| due.min(expires)))
+                DeadlineWrite::At(record.next_deadline(now, policy))
             }
             _ => DeadlineWrite::Remove,
         };

@@ -193,7 +193,7 @@ impl RedisBackend {
                 commit.id = Some(id);
                 commit.check_revision = true;
                 commit.deadline = if record.is_pending() {
-                    DeadlineWrite::At(record.expires_at(now, &self.policy))
+                    DeadlineWrite::At(record.next_deadline(now, &self.policy))
                 } else {
                     DeadlineWrite::Remove
                 };

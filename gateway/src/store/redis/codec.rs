@@ -280,14 +280,16 @@ pub fn decode_record(bytes: &[u8]) -> Result<Verification, StoreError> {
                 stored
                     .es
                     .into_iter()
-                    .map(|StoredEarlier(carrier, message_id, accepted_ms, receipt_due_ms)| {
-                        EarlierSms {
-                            carrier,
-                            message_id: message_id.into_boxed_str(),
-                            accepted_ms,
-                            receipt_due_ms,
-                        }
-                    })
+                    .map(
+                        |StoredEarlier(carrier, message_id, accepted_ms, receipt_due_ms)| {
+                            EarlierSms {
+                                carrier,
+                                message_id: message_id.into_boxed_str(),
+                                accepted_ms,
+                                receipt_due_ms,
+                            }
+                        },
+                    )
                     .collect(),
             )
         }),

@@ -1,0 +1,281 @@
+//! Delivery-aware dispatch: receipts, not acceptance, decide whether a citizen got the code.
+//!
+//! Real fake carriers over HTTP that accept at once and deliver late, or never, posting their
+//! `delivered` receipts back to the gateway when the SMS reaches the handset; users who read
+//! their code on the handset and type it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tests::{FakeCarrier, Gateway, phone};
+
+const LATE_TOKEN: &str = "receipt-token-of-the-late-carrier";
+const PROMPT_TOKEN: &str = "receipt-token-of-the-prompt-carrier";
+
+/// A user: starts a verification for `phone(n)`, waits for the code on the handset (from
+/// either carrier), types it, and says whether it was accepted.
+async fn user(gateway: &Gateway, carriers: &[&FakeCarrier], n: u32) -> Result<(), String> {
+    let started = gateway.start_verification(&phone(n)).await;
+    if started.status != 202 {
+        return Err(format!("start: {} {}", started.status, started.text));
+    }
+    let id = started.id();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let code = loop {
+        if let Some(code) = carriers
+            .iter()
+            .find_map(|carrier| carrier.handset_code_for(&phone(n)))
+        {
+            break code;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err("no SMS reached the handset".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let checked = gateway.check(&id, &code).await;
+    if checked.status == 200 && checked.body["valid"] == true {
+        Ok(())
+    } else {
+        Err(format!("check: {} {}", checked.status, checked.text))
+    }
+}
+
+/// Two carriers as in the case that found the failure: the busier one (weight 3) accepts at
+/// once and delivers 45 s later; codes live 20 s, sessions stretch by up to 40 s.
+async fn late_and_prompt(verification: &str) -> (Arc<Gateway>, FakeCarrier, FakeCarrier) {
+    let late = FakeCarrier::start().await;
+    late.deliver(Duration::from_secs(45), LATE_TOKEN);
+    let prompt = FakeCarrier::start().await;
+    prompt.deliver(Duration::ZERO, PROMPT_TOKEN);
+    let config = format!(
+        "sweep_interval_ms = 100\n[verification]\ncode_ttl_secs = 20\nmax_extension_secs = 40\n\
+         {verification}\n\
+         {}receipt_token = \"{LATE_TOKEN}\"\nweight = 3\n\
+         {}receipt_token = \"{PROMPT_TOKEN}\"\nweight = 1\n",
+        late.config("late", 100, 20),
+        prompt.config("prompt", 100, 20),
+    );
+    (Arc::new(Gateway::start(&config).await), late, prompt)
+}
+
+/// Forty users arrive over four seconds; each must be able to verify with the first code it
+/// gets, though most of them get it from the late carrier 45 s after the request, when a code
+/// counted from acceptance would have been dead for 25 s.
+async fn forty_users(
+    gateway: &Arc<Gateway>,
+    late: &FakeCarrier,
+    prompt: &FakeCarrier,
+) -> Vec<String> {
+    let mut users = tokio::task::JoinSet::new();
+    for n in 0..40u32 {
+        let (gateway, late, prompt) = (gateway.clone(), late.clone(), prompt.clone());
+        users.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100) * n).await;
+            user(&gateway, &[&late, &prompt], n).await
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(done) = users.join_next().await {
+        if let Err(failure) = done.expect("user task") {
+            failures.push(failure);
+        }
+    }
+    failures
+}
+
+#[tokio::test]
+async fn codes_a_carrier_delivers_late_still_work() {
+    let (gateway, late, prompt) = late_and_prompt("").await;
+    let failures = forty_users(&gateway, &late, &prompt).await;
+    let by_late = late.received().len();
+    assert!(
+        by_late >= 15,
+        "the late carrier sent {by_late} SMS: the test needs it to carry most"
+    );
+    assert!(
+        failures.len() <= 2,
+        "{} of 40 users could not verify with their first code: {failures:?}",
+        failures.len()
+    );
+    // The gateway saw the lag: acceptance to delivered receipt, per carrier.
+    let all = r#"otpgate_carrier_delivery_seconds_count{carrier="late"}"#;
+    gateway.wait_for_metric(all, |n| n >= by_late as f64).await;
+    let slow = gateway
+        .metric(r#"otpgate_carrier_delivery_seconds_bucket{carrier="late",le="30"}"#)
+        .await;
+    assert_eq!(
+        slow,
+        Some(0.0),
+        "no late-carrier SMS was delivered within 30 s"
+    );
+    assert!(late.violations().is_empty(), "{:?}", late.violations());
+    stop(gateway).await;
+}
+
+/// The same day with the code's clock fixed at acceptance and no reroutes: the codes the late
+/// carrier delivers arrive dead. This is the failure the defence above prevents.
+#[tokio::test]
+async fn with_the_clock_fixed_at_acceptance_late_codes_arrive_dead() {
+    let (gateway, late, prompt) =
+        late_and_prompt("expiry_follows_delivery = false\nreroutes = 0\n").await;
+    let failures = forty_users(&gateway, &late, &prompt).await;
+    let by_late = late.received().len();
+    assert!(by_late >= 15, "the late carrier sent {by_late} SMS");
+    assert!(
+        failures.len() >= by_late - 2,
+        "only {} of the {by_late} users served by the late carrier failed",
+        failures.len()
+    );
+    stop(gateway).await;
+}
+
+async fn stop(gateway: Arc<Gateway>) {
+    let Ok(gateway) = Arc::try_unwrap(gateway) else {
+        panic!("a user still holds the gateway");
+    };
+    gateway.stop().await.unwrap();
+}
+
+/// A carrier that accepts and never delivers: after its receipt timeout the same code goes by
+/// the other carrier, without spending the user's resend cooldown; after enough missing
+/// receipts the carrier is `lagging`, and new SMS go to the carrier that delivers.
+#[tokio::test]
+async fn missing_receipts_reroute_the_same_code_and_route_away() {
+    let silent = FakeCarrier::start().await;
+    silent.deliver(Duration::from_secs(3600), LATE_TOKEN);
+    let prompt = FakeCarrier::start().await;
+    prompt.deliver(Duration::ZERO, PROMPT_TOKEN);
+    // A reroute spends a send of the phone's limits: with a receipt timeout of a second, the
+    // default one-per-30-s rule would refuse it (see `reroutes_respect_the_phone_limits`).
+    let config = format!(
+        "sweep_interval_ms = 50\n[limits]\nphone_sends = [{{ max = 10, per_secs = 600 }}]\n\
+         {}receipt_token = \"{LATE_TOKEN}\"\nreceipt_timeout_ms = 1000\nweight = 1000\n\
+         {}receipt_token = \"{PROMPT_TOKEN}\"\nweight = 1\n",
+        silent.config("silent", 100, 20),
+        prompt.config("prompt", 100, 20),
+    );
+    let gateway = Gateway::start(&config).await;
+
+    // One verification, sent by the silent carrier (a thousand to one): rerouted.
+    let started = gateway.start_verification(&phone(1)).await;
+    assert_eq!(started.status, 202, "{}", started.text);
+    let id = started.id();
+    silent.wait_for(1, Duration::from_secs(5)).await;
+    let submitted = gateway.wait_for_delivery(&id, "submitted").await;
+    let resend_after = submitted.body["resend_after"].clone();
+    assert_eq!(submitted.body["delivery"]["carrier"], "silent");
+    assert!(submitted.body["delivery"]["lag_seconds"].is_number());
+    let delivered = gateway.wait_for_delivery(&id, "delivered").await;
+    assert_eq!(delivered.body["delivery"]["carrier"], "prompt");
+    assert_eq!(
+        delivered.body["resend_after"], resend_after,
+        "a reroute does not spend the user's resend cooldown"
+    );
+    let sent_first = tests::extract_code(&silent.received()[0].text);
+    let code = prompt.handset_code_for(&phone(1));
+    assert!(
+        code.is_some() && code == sent_first,
+        "the same code goes again"
+    );
+    let checked = gateway.check(&id, &code.unwrap()).await;
+    assert_eq!(checked.body["valid"], true, "{}", checked.text);
+    let rerouted = r#"otpgate_carrier_rerouted_total{carrier="silent"}"#;
+    assert_eq!(gateway.metric(rerouted).await, Some(1.0));
+    let missing = r#"otpgate_carrier_receipts_missing_total{carrier="silent"}"#;
+    assert_eq!(gateway.metric(missing).await, Some(1.0));
+
+    // Seven more missing receipts in a row: the silent carrier is lagging.
+    for n in 2..=8 {
+        let started = gateway.start_verification(&phone(n)).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        gateway.wait_for_delivery(&started.id(), "delivered").await;
+    }
+    let lagging = r#"otpgate_carrier_delivery_state{carrier="silent",state="lagging"}"#;
+    gateway.wait_for_metric(lagging, |v| v == 1.0).await;
+    let ready = gateway.admin_get("/readyz").await;
+    assert_eq!(
+        ready.status, 200,
+        "a lagging carrier does not make the gateway unready"
+    );
+    let each = &ready.body["checks"]["carriers"]["each"];
+    assert_eq!(each[0]["delivery"]["state"], "lagging", "{}", ready.text);
+    assert_eq!(each[1]["delivery"]["state"], "ok", "{}", ready.text);
+
+    // New SMS now go to the carrier that delivers, a thousand-to-one weight notwithstanding
+    // (but for a probe now and then, one in twenty, and the one it may have been waiting for
+    // when it started lagging).
+    let sent_by_silent = silent.received().len();
+    for n in 9..=18 {
+        let started = gateway.start_verification(&phone(n)).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        gateway.wait_for_delivery(&started.id(), "delivered").await;
+    }
+    let probes = silent.received().len() - sent_by_silent;
+    assert!(
+        probes <= 2,
+        "the lagging carrier took {probes} of 10 new SMS"
+    );
+    gateway.stop().await.unwrap();
+}
+
+/// A reroute is an SMS to the phone like any other: when the phone's send limits refuse it, it
+/// is not sent, and counted.
+#[tokio::test]
+async fn reroutes_respect_the_phone_limits() {
+    let silent = FakeCarrier::start().await;
+    silent.deliver(Duration::from_secs(3600), LATE_TOKEN);
+    let prompt = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 50\n\
+         {}receipt_token = \"{LATE_TOKEN}\"\nreceipt_timeout_ms = 500\nweight = 1000\n{}",
+        silent.config("silent", 100, 20),
+        prompt.config("prompt", 100, 20),
+    );
+    let gateway = Gateway::start(&config).await;
+    let started = gateway.start_verification(&phone(1)).await;
+    assert_eq!(started.status, 202, "{}", started.text);
+    silent.wait_for(1, Duration::from_secs(5)).await;
+    let limited = r#"otpgate_carrier_reroutes_skipped_total{carrier="silent",reason="limited"}"#;
+    gateway.wait_for_metric(limited, |n| n == 1.0).await;
+    let read = gateway
+        .get(&format!("/v1/verifications/{}", started.id()))
+        .await;
+    assert_eq!(read.body["delivery"]["state"], "submitted", "{}", read.text);
+    assert!(
+        prompt.received().is_empty(),
+        "nothing went by the other carrier"
+    );
+    let rerouted = r#"otpgate_carrier_rerouted_total{carrier="silent"}"#;
+    assert_eq!(gateway.metric(rerouted).await, Some(0.0));
+    gateway.stop().await.unwrap();
+}
+
+/// A carrier without a receipt token cannot send receipts: it is `unknown` from the start, and
+/// its SMS have no lag to show. (One whose receipts never come at all turns `unknown` after
+/// enough are missing: `delivery.rs`'s tests.)
+#[tokio::test]
+async fn carriers_without_receipts_are_unknown() {
+    let tokenless = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 50\n{}",
+        tokenless.config("plain", 100, 10)
+    );
+    let gateway = Gateway::start(&config).await;
+    let unknown = r#"otpgate_carrier_delivery_state{carrier="plain",state="unknown"}"#;
+    assert_eq!(gateway.metric(unknown).await, Some(1.0));
+    let started = gateway.start_verification(&phone(1)).await;
+    let submitted = gateway.wait_for_delivery(&started.id(), "submitted").await;
+    assert!(
+        submitted.body["delivery"].get("lag_seconds").is_none(),
+        "{}",
+        submitted.text
+    );
+    let ready = gateway.admin_get("/readyz").await;
+    assert_eq!(
+        ready.body["checks"]["carriers"]["each"][0]["delivery"],
+        json!({ "state": "unknown", "late_share": 0.0, "receipt_timeout_ms": null })
+    );
+    gateway.stop().await.unwrap();
+}
