@@ -98,6 +98,9 @@ pub struct CarrierReport {
     pub dropped: u64,
     pub receipts_sent: u64,
     pub receipts_failed: u64,
+    /// Receipts the carrier never sent on purpose (`receipt_loss`).
+    #[serde(default)]
+    pub receipts_withheld: u64,
     /// Accepted, and drawn undeliverable (`undeliverable_rate`).
     #[serde(default)]
     pub undeliverable: u64,
@@ -286,20 +289,28 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\n{:<12} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9}",
-            "carrier", "accepted", "throttled", "failed", "refused", "dropped", "receipts"
+            "\n{:<12} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9} {:>9}",
+            "carrier",
+            "accepted",
+            "throttled",
+            "failed",
+            "refused",
+            "dropped",
+            "receipts",
+            "withheld"
         );
         for carrier in &self.carriers {
             let _ = writeln!(
                 out,
-                "{:<12} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9}",
+                "{:<12} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9} {:>9}",
                 carrier.name,
                 carrier.accepted,
                 carrier.throttled,
                 carrier.failed,
                 carrier.refused,
                 carrier.dropped,
-                carrier.receipts_sent
+                carrier.receipts_sent,
+                carrier.receipts_withheld
             );
         }
         if let Some(gateway) = &self.gateway {
@@ -524,6 +535,7 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
             total.dropped += carrier.dropped;
             total.receipts_sent += carrier.receipts_sent;
             total.receipts_failed += carrier.receipts_failed;
+            total.receipts_withheld += carrier.receipts_withheld;
             total.undeliverable += carrier.undeliverable;
             if let Some(smpp) = &carrier.smpp {
                 total.smpp.get_or_insert_with(SmppReport::default).add(smpp);

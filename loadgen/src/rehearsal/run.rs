@@ -625,6 +625,7 @@ fn carrier_report(carrier: &SimCarrier) -> CarrierReport {
         dropped: load(&counts.dropped),
         receipts_sent: load(&counts.receipts_sent),
         receipts_failed: load(&counts.receipts_failed),
+        receipts_withheld: load(&counts.receipts_withheld),
         undeliverable: load(&counts.undeliverable),
         smpp: carrier.smpp_login.is_some().then(|| SmppReport {
             binds: load(&s.binds),

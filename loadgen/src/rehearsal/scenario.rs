@@ -275,6 +275,8 @@ struct RawCarrier {
     failure_rate: Option<f64>,
     refusal_rate: Option<f64>,
     receipt_delay_ms: Option<RawDist>,
+    delivery_delay_ms: Option<RawDist>,
+    receipt_loss: Option<f64>,
     window: Option<u32>,
     pace_per_sec: Option<u32>,
     weight: Option<u32>,
@@ -316,16 +318,20 @@ struct RawTimelineEntry {
     refusal_rate: Option<f64>,
     undeliverable_rate: Option<f64>,
     receipt_delay_ms: Option<RawDist>,
+    delivery_delay_ms: Option<RawDist>,
+    receipt_loss: Option<f64>,
     #[serde(default)]
     down: bool,
 }
 
-/// A number (constant) or `{ median = …, p95 = … }`, in the unit its key names.
+/// A number (constant), `{ median = …, p95 = … }` (log-normal) or `{ min = …, max = … }`
+/// (uniform), in the unit its key names.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(untagged)]
 enum RawDist {
     Constant(f64),
     LogNormal { median: f64, p95: f64 },
+    Uniform { min: f64, max: f64 },
 }
 
 impl RawDist {
@@ -344,10 +350,19 @@ impl RawDist {
                     p95: Duration::from_secs_f64(p95 * unit_secs),
                 })
             }
+            RawDist::Uniform { min, max } if ok(min) && ok(max) => {
+                if max < min {
+                    return invalid(format!("{key}.max"), "must not be below the min");
+                }
+                Ok(Dist::Uniform {
+                    min: Duration::from_secs_f64(min * unit_secs),
+                    max: Duration::from_secs_f64(max * unit_secs),
+                })
+            }
             _ => invalid(
                 key,
-                "must be a non-negative number, or { median, p95 } with a positive median, \
-                 at most a day",
+                "must be a non-negative number, { median, p95 } with a positive median, or \
+                 { min, max }, at most a day",
             ),
         }
     }
@@ -622,6 +637,12 @@ impl RawCarrier {
                 })
                 .validate(&key("receipt_delay_ms"), 0.001)?
                 .scaled(compression),
+            delivery_delay: self
+                .delivery_delay_ms
+                .unwrap_or(RawDist::Constant(0.0))
+                .validate(&key("delivery_delay_ms"), 0.001)?
+                .scaled(compression),
+            receipt_loss: share(&key("receipt_loss"), self.receipt_loss, 0.0)?,
             down: false,
         };
         let mut timeline = Vec::with_capacity(self.timeline.len());
@@ -657,6 +678,13 @@ impl RawCarrier {
                         .scaled(compression),
                     None => base.receipt_delay,
                 },
+                delivery_delay: match raw.delivery_delay_ms {
+                    Some(dist) => dist
+                        .validate(&key("delivery_delay_ms"), 0.001)?
+                        .scaled(compression),
+                    None => base.delivery_delay,
+                },
+                receipt_loss: share(&key("receipt_loss"), raw.receipt_loss, base.receipt_loss)?,
                 down: raw.down,
             };
             timeline.push(TimelineEntry {
@@ -945,6 +973,60 @@ protocol = "smpp"
         let text = SMALL.replace("per_sec = 10", "per_sec = = 10");
         let error = Scenario::parse(&text).unwrap_err().to_string();
         assert!(error.contains("line 9, column"), "{error}");
+    }
+
+    #[test]
+    fn carriers_can_deliver_late_and_lose_receipts() {
+        let text = SMALL
+            .replace(
+                "latency_ms = { median = 40, p95 = 120 }",
+                "latency_ms = { median = 40, p95 = 120 }\ndelivery_delay_ms = 500\nreceipt_loss = 0.1",
+            )
+            .replace(
+                "capacity_per_sec = 5",
+                "delivery_delay_ms = { min = 300000, max = 1500000 }\nreceipt_loss = 0.5",
+            );
+        let scenario = Scenario::parse(&text).unwrap();
+        let carrier = &scenario.carriers[0];
+        // Compressed 2 times, as every duration.
+        assert_eq!(
+            carrier.base.delivery_delay,
+            Dist::Constant(Duration::from_millis(250))
+        );
+        assert_eq!(carrier.base.receipt_loss, 0.1);
+        let late = carrier.state_at(Duration::from_secs(5));
+        assert_eq!(
+            late.delivery_delay,
+            Dist::Uniform {
+                min: Duration::from_secs(150),
+                max: Duration::from_secs(750)
+            }
+        );
+        assert_eq!(late.receipt_loss, 0.5);
+        assert_eq!(late.capacity_per_sec, carrier.base.capacity_per_sec);
+        // Without the keys: no delay, no loss.
+        let plain = Scenario::parse(SMALL).unwrap();
+        assert_eq!(
+            plain.carriers[0].base.delivery_delay,
+            Dist::Constant(Duration::ZERO)
+        );
+        assert_eq!(plain.carriers[0].timeline[0].state.receipt_loss, 0.0);
+        for (to, key) in [
+            (
+                "delivery_delay_ms = { min = 9, max = 3 }",
+                "carriers[0].timeline[0].delivery_delay_ms.max",
+            ),
+            (
+                "delivery_delay_ms = -1",
+                "carriers[0].timeline[0].delivery_delay_ms",
+            ),
+            ("receipt_loss = 2", "carriers[0].timeline[0].receipt_loss"),
+        ] {
+            let error = Scenario::parse(&SMALL.replace("capacity_per_sec = 5", to))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
     }
 
     #[test]
