@@ -34,6 +34,9 @@ pub struct Report {
     /// How many shards the run was split into (`--shard INDEX/COUNT`).
     pub shard_count: u64,
     pub counts: BTreeMap<String, u64>,
+    /// Completed sign-ups (users verified) by the scenario's `[[marks]]`, in their order.
+    #[serde(default)]
+    pub marks: Vec<MarkReport>,
     /// Answers other than the expected one.
     pub rejections: Vec<Rejection>,
     /// Summaries of every series, by name.
@@ -63,6 +66,17 @@ pub struct ScenarioInfo {
     pub duration_secs: f64,
     /// Arrivals scheduled for this report's shards.
     pub scheduled_arrivals: u64,
+}
+
+/// Users verified by a moment of the scenario.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MarkReport {
+    pub label: String,
+    /// Scenario seconds from the start.
+    pub at_secs: f64,
+    /// Users verified before it.
+    pub verified: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -276,6 +290,17 @@ impl Report {
         for count in Count::ALL {
             let _ = writeln!(out, "{:<18} {:>9}", count.name(), self.count(count));
         }
+        if !self.marks.is_empty() {
+            let _ = writeln!(out, "\n{:<18} {:>9}", "verified by", "users");
+            for mark in &self.marks {
+                let _ = writeln!(
+                    out,
+                    "{:<18} {:>9}",
+                    format!("{} ({} s)", mark.label, mark.at_secs),
+                    mark.verified
+                );
+            }
+        }
         if !self.rejections.is_empty() {
             let _ = writeln!(out, "\n{:<18} {:>9}", "unexpected answers", "count");
             for rejection in &self.rejections {
@@ -422,6 +447,8 @@ pub enum MergeError {
         seed: u64,
         expected: String,
     },
+    #[error("report {index}: its marks differ from the first report's")]
+    Marks { index: usize },
     #[error("report {index}: histogram {series} is unreadable")]
     Histogram { index: usize, series: String },
     #[error("report {index}: a run split in {found} shards, not {expected}")]
@@ -451,6 +478,14 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
     let mut merged = first.clone();
     merged.shards = Vec::new();
     merged.counts.clear();
+    merged.marks = first
+        .marks
+        .iter()
+        .map(|mark| MarkReport {
+            verified: 0,
+            ..mark.clone()
+        })
+        .collect();
     merged.rejections.clear();
     merged.carriers.clear();
     merged.timeline.clear();
@@ -504,6 +539,18 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
         merged.elapsed_secs = merged.elapsed_secs.max(report.elapsed_secs);
         for (name, value) in &report.counts {
             *merged.counts.entry(name.clone()).or_default() += value;
+        }
+        let same_marks = report.marks.len() == merged.marks.len()
+            && report
+                .marks
+                .iter()
+                .zip(&merged.marks)
+                .all(|(mark, kept)| mark.label == kept.label && mark.at_secs == kept.at_secs);
+        if !same_marks {
+            return Err(MergeError::Marks { index });
+        }
+        for (mark, total) in report.marks.iter().zip(merged.marks.iter_mut()) {
+            total.verified += mark.verified;
         }
         for rejection in &report.rejections {
             *rejections

@@ -24,7 +24,7 @@ use crate::rehearsal::connect::Connector;
 use crate::rehearsal::measure::{Count, Measurements, Series};
 use crate::rehearsal::progress::Progress;
 use crate::rehearsal::report::{
-    CarrierReport, HandsetReport, Report, ScenarioInfo, SelfWatch, SmppReport,
+    CarrierReport, HandsetReport, MarkReport, Report, ScenarioInfo, SelfWatch, SmppReport,
 };
 use crate::rehearsal::scenario::Scenario;
 use crate::rehearsal::schedule;
@@ -163,7 +163,8 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
     // The run starts a moment from now, once everything is listening.
     let lead = Duration::from_millis(300);
     let started = Instant::now() + lead;
-    let measurements = Arc::new(Measurements::new(started));
+    let marks = scenario.marks.iter().map(|mark| mark.at).collect();
+    let measurements = Arc::new(Measurements::with_marks(started, marks));
     for arrival in &arrivals {
         measurements.schedule(arrival.at);
     }
@@ -512,6 +513,16 @@ fn build_report(
         shards: vec![options.shard.0],
         shard_count: options.shard.1,
         counts: Default::default(),
+        marks: scenario
+            .marks
+            .iter()
+            .zip(&snapshot.verified_by_marks)
+            .map(|(mark, &verified)| MarkReport {
+                label: mark.label.clone(),
+                at_secs: mark.at_secs,
+                verified,
+            })
+            .collect(),
         rejections: Vec::new(),
         latency: Default::default(),
         histograms: Default::default(),

@@ -44,6 +44,18 @@ pub struct Scenario {
     pub handsets: HandsetSettings,
     pub gateway: GatewaySettings,
     pub carriers: Vec<Carrier>,
+    /// Moments of the scenario at which the report counts the users verified so far.
+    pub marks: Vec<Mark>,
+}
+
+/// A moment of the scenario the report counts completed sign-ups by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mark {
+    /// Scenario seconds from the start, as written.
+    pub at_secs: f64,
+    /// The same moment in real time (time compression applied).
+    pub at: Duration,
+    pub label: String,
 }
 
 /// A frontend whose users arrive with a share of all arrivals.
@@ -73,6 +85,13 @@ pub struct Users {
     pub give_up_after: Duration,
     /// Share of users who get the SMS and never come back to type it.
     pub never_type: f64,
+    /// Share of users whose sign-up failed (no code in time, an expired session, a refused
+    /// start) who come back later and start again.
+    pub retry: f64,
+    /// How long after the failure they come back.
+    pub retry_after: Dist,
+    /// How many times a user starts again at most.
+    pub retries: u32,
 }
 
 /// Settings of the in-process gateway (ignored with `--target`).
@@ -208,6 +227,15 @@ struct RawScenario {
     #[serde(default)]
     gateway: RawGateway,
     carriers: Vec<RawCarrier>,
+    #[serde(default)]
+    marks: Vec<RawMark>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMark {
+    at_secs: f64,
+    label: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,6 +274,9 @@ struct RawUsers {
     resend: Option<f64>,
     give_up_after_secs: Option<f64>,
     never_type: Option<f64>,
+    retry: Option<f64>,
+    retry_after_secs: Option<RawDist>,
+    retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -498,6 +529,20 @@ impl RawScenario {
             )?
             .div_f64(compression),
             never_type: share("users.never_type", self.users.never_type, 0.01)?,
+            retry: share("users.retry", self.users.retry, 0.0)?,
+            retry_after: self
+                .users
+                .retry_after_secs
+                .unwrap_or(RawDist::LogNormal {
+                    median: 1800.0,
+                    p95: 7200.0,
+                })
+                .validate("users.retry_after_secs", 1.0)?
+                .scaled(compression),
+            retries: match self.users.retries.unwrap_or(2) {
+                retries @ 0..=10 => retries,
+                _ => return invalid("users.retries", "must be between 0 and 10"),
+            },
         };
         let handsets = HandsetSettings {
             delay: self
@@ -574,6 +619,22 @@ impl RawScenario {
                 ),
             );
         }
+        let mut marks = Vec::with_capacity(self.marks.len());
+        for (index, raw) in self.marks.into_iter().enumerate() {
+            let key = |field: &str| format!("marks[{index}].{field}");
+            let at = seconds(&key("at_secs"), raw.at_secs, 0.0, 30.0 * 86_400.0)?;
+            if raw.label.is_empty() || raw.label.chars().count() > 32 {
+                return invalid(key("label"), "must be 1 to 32 characters");
+            }
+            if marks.iter().any(|mark: &Mark| mark.label == raw.label) {
+                return invalid(key("label"), "duplicate mark label");
+            }
+            marks.push(Mark {
+                at_secs: raw.at_secs,
+                at: at.div_f64(compression),
+                label: raw.label,
+            });
+        }
         let connections = self.connections.unwrap_or(256);
         if !(1..=1_000_000).contains(&connections) {
             return invalid("connections", "must be between 1 and 1000000");
@@ -597,6 +658,7 @@ impl RawScenario {
             handsets,
             gateway,
             carriers,
+            marks,
         })
     }
 }
@@ -932,50 +994,6 @@ protocol = "smpp"
     }
 
     #[test]
-    fn errors_name_the_key() {
-        for (from, to, key) in [
-            ("per_sec = 10", "per_sec = -1", "arrivals[0].per_sec"),
-            ("share = 3", "share = \"x\"", "clients[0].share"),
-            (
-                "until_secs = 20",
-                "until_secs = 5",
-                "carriers[0].timeline[0].until_secs",
-            ),
-            ("p95 = 120", "p95 = 10", "carriers[0].latency_ms.p95"),
-            ("prefix = \"+39333\"", "prefix = \"39333\"", "phones.prefix"),
-            (
-                "time_compression = 2",
-                "time_compression = 2\ncolour = 1",
-                "colour",
-            ),
-            (
-                "time_compression = 2",
-                "time_compression = 2\nconnections = 0",
-                "connections",
-            ),
-            ("at_secs = 0", "at_secs = 1e20", "arrivals[0].at_secs"),
-            (
-                "at_secs = 0\nper_sec = 10\n",
-                "at_secs = 0\nper_sec = 9000000\n",
-                "key arrivals: the profile brings",
-            ),
-            (
-                "prefix = \"+39333\"",
-                "prefix = \"+39333\"\ndigits = 2",
-                "phones",
-            ),
-        ] {
-            let text = SMALL.replace(from, to);
-            let error = Scenario::parse(&text).unwrap_err().to_string();
-            assert!(error.contains(key), "{to}: {error}");
-        }
-        // A syntax error says where it is.
-        let text = SMALL.replace("per_sec = 10", "per_sec = = 10");
-        let error = Scenario::parse(&text).unwrap_err().to_string();
-        assert!(error.contains("line 9, column"), "{error}");
-    }
-
-    #[test]
     fn carriers_can_deliver_late_and_lose_receipts() {
         let text = SMALL
             .replace(
@@ -1027,6 +1045,108 @@ protocol = "smpp"
                 .to_string();
             assert!(error.contains(key), "{to}: {error}");
         }
+    }
+
+    #[test]
+    fn marks_are_in_scenario_time() {
+        let text = format!(
+            "{SMALL}\n[[marks]]\nat_secs = 20\nlabel = \"13:00:20\"\n[[marks]]\nat_secs = 60\nlabel = \"end\"\n"
+        );
+        let scenario = Scenario::parse(&text).unwrap();
+        assert_eq!(scenario.marks.len(), 2);
+        assert_eq!(scenario.marks[0].label, "13:00:20");
+        assert_eq!(scenario.marks[0].at_secs, 20.0);
+        assert_eq!(scenario.marks[0].at, Duration::from_secs(10));
+        assert!(Scenario::parse(SMALL).unwrap().marks.is_empty());
+        for (second, key) in [
+            ("at_secs = -1\nlabel = \"x\"", "marks[1].at_secs"),
+            ("at_secs = 2\nlabel = \"\"", "marks[1].label"),
+            ("at_secs = 2\nlabel = \"13:00:20\"", "marks[1].label"),
+            ("at_secs = 2\nlabel = \"x\"\ncolour = 1", "marks[1].colour"),
+            ("label = \"x\"", "marks[1]"),
+        ] {
+            let text = format!(
+                "{SMALL}\n[[marks]]\nat_secs = 1\nlabel = \"13:00:20\"\n[[marks]]\n{second}\n"
+            );
+            let error = Scenario::parse(&text).unwrap_err().to_string();
+            assert!(error.contains(key), "{second}: {error}");
+        }
+    }
+
+    #[test]
+    fn failed_users_may_come_back() {
+        let plain = Scenario::parse(SMALL).unwrap();
+        assert_eq!(plain.users.retry, 0.0);
+        let text = format!(
+            "{SMALL}\n[users]\nretry = 0.6\nretries = 3\nretry_after_secs = {{ median = 3600, p95 = 7200 }}\n"
+        );
+        let users = Scenario::parse(&text).unwrap().users;
+        assert_eq!(users.retry, 0.6);
+        assert_eq!(users.retries, 3);
+        assert_eq!(
+            users.retry_after,
+            Dist::LogNormal {
+                median: Duration::from_secs(1800),
+                p95: Duration::from_secs(3600)
+            }
+        );
+        for (to, key) in [
+            ("retry = 1.5", "users.retry"),
+            ("retries = 11", "users.retries"),
+            (
+                "retry_after_secs = { min = 2, max = 1 }",
+                "users.retry_after_secs.max",
+            ),
+        ] {
+            let error = Scenario::parse(&format!("{SMALL}\n[users]\n{to}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (from, to, key) in [
+            ("per_sec = 10", "per_sec = -1", "arrivals[0].per_sec"),
+            ("share = 3", "share = \"x\"", "clients[0].share"),
+            (
+                "until_secs = 20",
+                "until_secs = 5",
+                "carriers[0].timeline[0].until_secs",
+            ),
+            ("p95 = 120", "p95 = 10", "carriers[0].latency_ms.p95"),
+            ("prefix = \"+39333\"", "prefix = \"39333\"", "phones.prefix"),
+            (
+                "time_compression = 2",
+                "time_compression = 2\ncolour = 1",
+                "colour",
+            ),
+            (
+                "time_compression = 2",
+                "time_compression = 2\nconnections = 0",
+                "connections",
+            ),
+            ("at_secs = 0", "at_secs = 1e20", "arrivals[0].at_secs"),
+            (
+                "at_secs = 0\nper_sec = 10\n",
+                "at_secs = 0\nper_sec = 9000000\n",
+                "key arrivals: the profile brings",
+            ),
+            (
+                "prefix = \"+39333\"",
+                "prefix = \"+39333\"\ndigits = 2",
+                "phones",
+            ),
+        ] {
+            let text = SMALL.replace(from, to);
+            let error = Scenario::parse(&text).unwrap_err().to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+        // A syntax error says where it is.
+        let text = SMALL.replace("per_sec = 10", "per_sec = = 10");
+        let error = Scenario::parse(&text).unwrap_err().to_string();
+        assert!(error.contains("line 9, column"), "{error}");
     }
 
     #[test]
