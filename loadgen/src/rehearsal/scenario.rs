@@ -100,6 +100,13 @@ pub struct GatewaySettings {
     pub code_ttl: Duration,
     pub max_extension: Duration,
     pub queue_capacity: usize,
+    /// The delivery-aware defences, passed to the gateway only when the scenario sets them:
+    /// how long each carrier's `delivered` receipt may take before the SMS is rerouted (real
+    /// time), how many reroutes an SMS gets, and whether a code's expiry counts from its
+    /// delivery.
+    pub receipt_timeout: Option<Duration>,
+    pub reroutes: Option<u32>,
+    pub expiry_follows_delivery: Option<bool>,
 }
 
 impl Scenario {
@@ -294,6 +301,9 @@ struct RawGateway {
     code_ttl_secs: Option<f64>,
     max_extension_secs: Option<f64>,
     queue_capacity: Option<usize>,
+    receipt_timeout_secs: Option<f64>,
+    reroutes: Option<u32>,
+    expiry_follows_delivery: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -577,6 +587,19 @@ impl RawScenario {
                 capacity @ 1..=100_000_000 => capacity,
                 _ => return invalid("gateway.queue_capacity", "must be between 1 and 100000000"),
             },
+            receipt_timeout: match self.gateway.receipt_timeout_secs {
+                Some(secs) => Some(
+                    seconds("gateway.receipt_timeout_secs", secs, 0.0, 86_400.0)?
+                        .div_f64(compression),
+                ),
+                None => None,
+            },
+            reroutes: match self.gateway.reroutes {
+                Some(reroutes @ 0..=10) => Some(reroutes),
+                Some(_) => return invalid("gateway.reroutes", "must be between 0 and 10"),
+                None => None,
+            },
+            expiry_follows_delivery: self.gateway.expiry_follows_delivery,
         };
 
         if self.carriers.is_empty() {
@@ -1099,6 +1122,35 @@ protocol = "smpp"
             ),
         ] {
             let error = Scenario::parse(&format!("{SMALL}\n[users]\n{to}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_gateway_defences_are_set_only_when_written() {
+        let plain = Scenario::parse(SMALL).unwrap().gateway;
+        assert_eq!(plain.receipt_timeout, None);
+        assert_eq!(plain.reroutes, None);
+        assert_eq!(plain.expiry_follows_delivery, None);
+        let text = format!(
+            "{SMALL}\n[gateway]\nreceipt_timeout_secs = 45\nreroutes = 2\nexpiry_follows_delivery = false\n"
+        );
+        let gateway = Scenario::parse(&text).unwrap().gateway;
+        assert_eq!(gateway.receipt_timeout, Some(Duration::from_millis(22_500)));
+        assert_eq!(gateway.reroutes, Some(2));
+        assert_eq!(gateway.expiry_follows_delivery, Some(false));
+        for (to, key) in [
+            ("receipt_timeout_secs = -1", "gateway.receipt_timeout_secs"),
+            ("reroutes = 11", "gateway.reroutes"),
+            ("reroutes = -1", "gateway.reroutes"),
+            (
+                "expiry_follows_delivery = 1",
+                "gateway.expiry_follows_delivery",
+            ),
+        ] {
+            let error = Scenario::parse(&format!("{SMALL}\n[gateway]\n{to}\n"))
                 .unwrap_err()
                 .to_string();
             assert!(error.contains(key), "{to}: {error}");
