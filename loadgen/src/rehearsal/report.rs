@@ -341,7 +341,7 @@ impl Report {
         if let Some(gateway) = &self.gateway {
             let _ = writeln!(
                 out,
-                "\ngateway: {} first SMS accepted, each session extended by the time its SMS waited (mean {:.1} s, p50 <= {} s, p99 <= {} s); starts refused {:?}; jobs dropped {:?}; verifications ended {:?}; {} throttled submits",
+                "\ngateway: {} first SMS accepted, each session extended by the time its SMS waited (mean {:.1} s, p50 <= {} s, p99 <= {} s); starts refused {:?}; jobs dropped {:?}; verifications ended {:?}; {} throttled submits; {} receipts missing, {} SMS rerouted (apart from user resends)",
                 gateway.session_extensions,
                 gateway.session_extension_mean_secs,
                 gateway.session_extension_p50_secs,
@@ -350,6 +350,8 @@ impl Report {
                 gateway.queue_dropped,
                 gateway.verifications_ended,
                 gateway.throttled_submits,
+                gateway.receipts_missing,
+                gateway.rerouted_sms,
             );
         }
         let watch = &self.self_watch;
