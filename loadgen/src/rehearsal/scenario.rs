@@ -112,29 +112,43 @@ pub struct GatewaySettings {
 impl Scenario {
     /// Reads and validates a scenario file.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        Scenario::load_with(path, &[])
+    }
+
+    /// Reads a scenario file, applies `overrides` (`--set`) in order, and validates the result.
+    pub fn load_with(path: &Path, overrides: &[Override]) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Scenario::parse(&text).map_err(|error| error.in_file(path))
+        Scenario::parse_with(&text, overrides).map_err(|error| error.in_file(path))
     }
 
     /// Parses and validates scenario text; errors name the key at fault.
     pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
-        let deserializer = toml::Deserializer::parse(text).map_err(|error| {
-            // Where the syntax error is: line and column, counted from 1.
-            let position = error.span().map(|span| {
-                let before = &text[..span.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
-                format!("line {line}, column {column}: ")
-            });
-            ScenarioError::Invalid {
-                path: None,
-                key: String::new(),
-                message: format!("{}{}", position.unwrap_or_default(), error.message()),
-            }
+        Scenario::parse_with(text, &[])
+    }
+
+    /// Parses scenario text, applies `overrides` in order, and validates the result.
+    pub fn parse_with(text: &str, overrides: &[Override]) -> Result<Scenario, ScenarioError> {
+        if overrides.is_empty() {
+            return Scenario::parse_text(text);
+        }
+        let mut table: toml::Table = text.parse().map_err(|error| syntax_error(text, &error))?;
+        for set in overrides {
+            set.apply(&mut table)?;
+        }
+        let text = toml::to_string(&table).map_err(|error| ScenarioError::Invalid {
+            path: None,
+            key: String::new(),
+            message: format!("after --set: {error}"),
         })?;
+        Scenario::parse_text(&text)
+    }
+
+    fn parse_text(text: &str) -> Result<Scenario, ScenarioError> {
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|error| syntax_error(text, &error))?;
         let raw: RawScenario = serde_path_to_error::deserialize(deserializer).map_err(|error| {
             ScenarioError::Invalid {
                 path: None,
@@ -167,6 +181,162 @@ impl Scenario {
     /// How many users the arrival profile brings in expectation: the integral of the rate.
     pub fn expected_arrivals(&self) -> f64 {
         crate::rehearsal::schedule::integral(&self.arrivals, self.duration)
+    }
+}
+
+/// A TOML syntax error, with where it is: line and column, counted from 1.
+fn syntax_error(text: &str, error: &toml::de::Error) -> ScenarioError {
+    let position = error.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    ScenarioError::Invalid {
+        path: None,
+        key: String::new(),
+        message: format!("{}{}", position.unwrap_or_default(), error.message()),
+    }
+}
+
+/// A `--set KEY=VALUE` override of a scenario key: a dotted path into the scenario's TOML
+/// (`users.resend`, `carriers[0].timeline[1].delivery_delay_ms`) and a TOML value (`0.2`,
+/// `true`, `"text"`, `{ min = 300000, max = 1500000 }`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// The path as written.
+    pub key: String,
+    steps: Vec<Step>,
+    pub value: toml::Value,
+}
+
+/// One step of an override's path: a key of a table, or an index into an array.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// The longest path an override may have, in steps.
+const MAX_PATH_STEPS: usize = 16;
+
+impl std::str::FromStr for Override {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Override, String> {
+        let (key, value) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+        let key = key.trim();
+        let steps = parse_path(key).map_err(|message| format!("key {key:?}: {message}"))?;
+        let value = format!("value = {}", value.trim())
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut table| table.remove("value"))
+            .ok_or_else(|| {
+                format!(
+                    "key {key}: {:?} is not a TOML value (a number, true or false, a string in \
+                     quotes, an inline table or array)",
+                    value.trim()
+                )
+            })?;
+        Ok(Override {
+            key: key.to_owned(),
+            steps,
+            value,
+        })
+    }
+}
+
+/// `a.b[2].c` (or `a.b.2.c`) into its steps.
+fn parse_path(key: &str) -> Result<Vec<Step>, String> {
+    let mut steps = Vec::new();
+    for part in key.split('.') {
+        let (name, mut rest) = part.split_at(part.find('[').unwrap_or(part.len()));
+        if name.is_empty() && steps.is_empty() {
+            return Err("must start with a key".to_owned());
+        }
+        if !name.is_empty() {
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(format!("{name:?} is not a key"));
+            }
+            steps.push(match name.parse::<usize>() {
+                Ok(index) if !steps.is_empty() => Step::Index(index),
+                _ => Step::Key(name.to_owned()),
+            });
+        } else if rest.is_empty() {
+            return Err("has an empty step".to_owned());
+        }
+        while let Some(inner) = rest.strip_prefix('[') {
+            let (index, after) = inner
+                .split_once(']')
+                .ok_or_else(|| "has an unclosed [".to_owned())?;
+            let index = index
+                .parse::<usize>()
+                .map_err(|_| format!("[{index}] is not an index"))?;
+            steps.push(Step::Index(index));
+            rest = after;
+        }
+        if !rest.is_empty() {
+            return Err(format!("{rest:?} after an index"));
+        }
+        if steps.len() > MAX_PATH_STEPS {
+            return Err(format!("has more than {MAX_PATH_STEPS} steps"));
+        }
+    }
+    Ok(steps)
+}
+
+impl Override {
+    /// Sets the value in `table`, making the tables on its way that are missing; an index must
+    /// name an entry that exists.
+    fn apply(&self, table: &mut toml::Table) -> Result<(), ScenarioError> {
+        let fail = |message: String| ScenarioError::Invalid {
+            path: None,
+            key: self.key.clone(),
+            message: format!("--set: {message}"),
+        };
+        let mut root = toml::Value::Table(std::mem::take(table));
+        let mut here = &mut root;
+        let mut walked = String::new();
+        for (at, step) in self.steps.iter().enumerate() {
+            let last = at + 1 == self.steps.len();
+            here = match (step, here) {
+                (Step::Key(name), toml::Value::Table(inner)) => {
+                    inner.entry(name.clone()).or_insert_with(|| {
+                        if last {
+                            self.value.clone()
+                        } else {
+                            toml::Value::Table(toml::Table::new())
+                        }
+                    })
+                }
+                (Step::Index(index), toml::Value::Array(values)) => {
+                    let len = values.len();
+                    values.get_mut(*index).ok_or_else(|| {
+                        fail(format!("{walked} has {len} entries, not an entry {index}"))
+                    })?
+                }
+                (Step::Key(_), toml::Value::Array(_)) => {
+                    return Err(fail(format!("{walked} is an array: give an index")));
+                }
+                (Step::Index(_), _) => return Err(fail(format!("{walked} is not an array"))),
+                (Step::Key(_), _) => return Err(fail(format!("{walked} is not a table"))),
+            };
+            walked.push_str(&match step {
+                Step::Key(name) if walked.is_empty() => name.clone(),
+                Step::Key(name) => format!(".{name}"),
+                Step::Index(index) => format!("[{index}]"),
+            });
+        }
+        *here = self.value.clone();
+        if let toml::Value::Table(root) = root {
+            *table = root;
+        }
+        Ok(())
     }
 }
 
@@ -1154,6 +1324,60 @@ protocol = "smpp"
                 .unwrap_err()
                 .to_string();
             assert!(error.contains(key), "{to}: {error}");
+        }
+    }
+
+    #[test]
+    fn overrides_set_keys_before_validation() {
+        let set = |text: &str| text.parse::<Override>().unwrap();
+        let scenario = Scenario::parse_with(
+            SMALL,
+            &[
+                set("users.resend=0.2"),
+                set("gateway.receipt_timeout_secs=0"),
+                set("carriers[0].timeline[0].delivery_delay_ms = { min = 2, max = 4 }"),
+                set("clients.1.priority=3"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(scenario.users.resend, 0.2);
+        assert_eq!(scenario.gateway.receipt_timeout, Some(Duration::ZERO));
+        assert_eq!(
+            scenario.carriers[0].timeline[0].state.delivery_delay,
+            Dist::Uniform {
+                min: Duration::from_millis(1),
+                max: Duration::from_millis(2)
+            }
+        );
+        assert_eq!(scenario.clients[1].priority, 3);
+        // Bad text is refused before the scenario is read.
+        for text in [
+            "users.resend",
+            "users.resend=fast",
+            "users..resend=1",
+            "[0]=1",
+            "a[x]=1",
+        ] {
+            assert!(text.parse::<Override>().is_err(), "{text}");
+        }
+        // A bad path or value is named by its key.
+        for (text, key) in [
+            (
+                "carriers[3].weight=2",
+                "key carriers[3].weight: --set: carriers has 1 entries",
+            ),
+            (
+                "carriers.name=\"x\"",
+                "key carriers.name: --set: carriers is an array",
+            ),
+            ("name.first=1", "key name.first: --set: name is not a table"),
+            ("users.resend=\"often\"", "key users.resend"),
+            ("users.colour=1", "colour"),
+        ] {
+            let error = Scenario::parse_with(SMALL, &[set(text)])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{text}: {error}");
         }
     }
 
