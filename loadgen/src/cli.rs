@@ -65,6 +65,17 @@ pub struct RunArgs {
     /// The scenario file (TOML); see scenarios/README.md.
     pub scenario: std::path::PathBuf,
 
+    /// Override a scenario key before validation, as KEY=VALUE: a dotted path into the scenario
+    /// (`users.resend`, `carriers[0].timeline[0].delivery_delay_ms`) and a TOML value (`0.2`,
+    /// `true`, `'"text"'`, `'{ min = 1, max = 2 }'`). Repeatable; applied in order.
+    #[arg(
+        long = "set",
+        value_name = "KEY=VALUE",
+        env = "LOADGEN_SET",
+        value_delimiter = ';'
+    )]
+    pub set: Vec<crate::rehearsal::scenario::Override>,
+
     /// Base URL of a gateway to drive (e.g. http://127.0.0.1:8080); without it, one starts in
     /// this process. The scenario's carriers then listen on the `listen` addresses the gateway
     /// is configured with, and its clients' `api_key`s are used.

@@ -51,13 +51,14 @@ const BAD_CONFIGURATION: u8 = 2;
 const FAILED: u8 = 4;
 
 async fn rehearse(args: RunArgs) -> ExitCode {
-    let scenario = match loadgen::rehearsal::scenario::Scenario::load(&args.scenario) {
-        Ok(scenario) => scenario,
-        Err(error) => {
-            eprintln!("loadgen: {error}");
-            return ExitCode::from(BAD_CONFIGURATION);
-        }
-    };
+    let scenario =
+        match loadgen::rehearsal::scenario::Scenario::load_with(&args.scenario, &args.set) {
+            Ok(scenario) => scenario,
+            Err(error) => {
+                eprintln!("loadgen: {error}");
+                return ExitCode::from(BAD_CONFIGURATION);
+            }
+        };
     let options = loadgen::rehearsal::run::RunOptions {
         target: args.target.clone(),
         shard: args.shard,

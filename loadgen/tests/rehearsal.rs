@@ -80,6 +80,23 @@ fn tiny_scenario_runs_end_to_end() {
     assert_eq!(report.latency(Series::Start).count, scheduled);
     assert_eq!(report.carriers.len(), 1);
     assert!(report.carriers[0].accepted >= verified);
+    // The marks count the users verified before them, in scenario time.
+    let marks: Vec<(&str, u64)> = report
+        .marks
+        .iter()
+        .map(|mark| (mark.label.as_str(), mark.verified))
+        .collect();
+    let trickle = arrivals
+        .iter()
+        .filter(|arrival| arrival.at < Duration::from_secs(2))
+        .count() as u64;
+    assert_eq!(marks, [("before the crowd", marks[0].1), ("end", verified)]);
+    assert!(marks[0].1 <= trickle, "{marks:?}, {trickle} in the trickle");
+    assert!(
+        run.outcome.stdout.contains("before the crowd (2 s)"),
+        "{}",
+        run.outcome
+    );
 }
 
 /// The same users with an SMSC beside the HTTP carrier: the in-process gateway binds to the

@@ -149,29 +149,39 @@ impl CarrierTask {
         };
         let (latency, verdict) = judge(&state, &self.bucket, &self.counts);
         tokio::time::sleep(latency).await;
-        let (receipt_delay, delivered) = match verdict {
+        let (delivery_delay, receipt_delay, delivered, receipt_lost) = match verdict {
             Verdict::Throttled => return Ok(answer(429, r#"{"error":"throttled"}"#)),
             Verdict::Failed => return Ok(answer(500, r#"{"error":"internal"}"#)),
             Verdict::Refused => return Ok(answer(400, r#"{"error":"number refused"}"#)),
             Verdict::Accepted {
+                delivery_delay,
                 receipt_delay,
                 delivered,
-            } => (receipt_delay, delivered),
+                receipt_lost,
+            } => (delivery_delay, receipt_delay, delivered, receipt_lost),
         };
         self.network.hand_over(
             &submit.to,
             &submit.text,
             SmsKey::MessageId(submit.message_id),
             delivered,
+            delivery_delay,
         );
         // Upper-case hex with leading zeros: the gateway must normalise it to match receipts.
         let carrier_message_id = format!("{:012X}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        self.send_receipt(
-            submit.receipt_url,
-            carrier_message_id.clone(),
-            receipt_delay,
-            delivered,
-        );
+        if receipt_lost {
+            self.counts
+                .receipts_withheld
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
+            // The receipt follows the SMS out of the carrier's queue.
+            self.send_receipt(
+                submit.receipt_url,
+                carrier_message_id.clone(),
+                delivery_delay.saturating_add(receipt_delay),
+                delivered,
+            );
+        }
         Ok(answer(
             200,
             &format!(r#"{{"carrier_message_id":"{carrier_message_id}"}}"#),
@@ -234,4 +244,102 @@ fn answer(status: u16, body: &str) -> http::Response<Full<Bytes>> {
         http::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::carriers::network::Unread;
+    use crate::carriers::settings::{Dist, HandsetSettings, Phones, Protocol};
+
+    /// A receipt endpoint that notes when each receipt came.
+    async fn receipts() -> (String, mpsc::UnboundedReceiver<(Instant, String)>) {
+        let (sender, received) = mpsc::unbounded_channel();
+        let app = axum::Router::new().route(
+            "/receipts",
+            axum::routing::post(move |body: String| {
+                let sender = sender.clone();
+                async move {
+                    let _ = sender.send((Instant::now(), body));
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/receipts", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, received)
+    }
+
+    #[tokio::test]
+    async fn a_late_carrier_answers_at_once_and_sends_the_sms_and_its_receipt_late() {
+        let phones = Phones {
+            prefix: "+39333".to_owned(),
+            digits: 7,
+            first: 0,
+        };
+        let network = Arc::new(Network::new(
+            phones,
+            HandsetSettings::faultless(),
+            Arc::new(Unread),
+            10,
+        ));
+        let delivery = Duration::from_millis(400);
+        let mut settings = CarrierSettings::steady(
+            "late",
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            1000.0,
+            Duration::ZERO,
+            Duration::from_millis(200),
+            Protocol::Http,
+        );
+        settings.base.delivery_delay = Dist::Constant(delivery);
+        let stop = CancellationToken::new();
+        let carrier = start(&settings, &network, Instant::now(), &stop)
+            .await
+            .unwrap();
+        let (receipt_url, mut receipts) = receipts().await;
+        let user = 4;
+        let mut inbox = network.handsets.register(user);
+        let body = serde_json::json!({
+            "message_id": "m1",
+            "to": network.phones.phone(user),
+            "text": "Codice: 424242",
+            "receipt_url": receipt_url,
+        });
+        let request = http::Request::post(format!("http://{}/sms", carrier.addr))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = network.receipts.request(request).await.unwrap();
+        let accepted = Instant::now();
+        assert_eq!(response.status(), 200);
+        assert_eq!(network.accepted_for(user), 1);
+        let text = tokio::time::timeout(Duration::from_secs(5), inbox.messages.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let on_handset = accepted.elapsed();
+        assert_eq!(&*text, "Codice: 424242");
+        let (receipted, receipt) = tokio::time::timeout(Duration::from_secs(5), receipts.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let receipted = receipted.duration_since(accepted);
+        assert!(receipt.contains(r#""status":"delivered""#), "{receipt}");
+        assert!(
+            on_handset >= delivery - Duration::from_millis(5),
+            "{on_handset:?}"
+        );
+        assert!(
+            receipted >= delivery + Duration::from_millis(195),
+            "{receipted:?}"
+        );
+        assert!(on_handset < receipted, "{on_handset:?} {receipted:?}");
+        stop.cancel();
+    }
 }

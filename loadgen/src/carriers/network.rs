@@ -15,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
 use crate::carriers::handset::Handsets;
-use crate::carriers::settings::{CarrierState, HandsetSettings, Phones, standard_normal};
+use crate::carriers::settings::{CarrierState, HandsetSettings, Phones};
 
 /// What the simulated carriers share: the users' numbers and handsets, the tally of the run they
 /// serve, and which users had an SMS accepted.
@@ -82,6 +82,8 @@ pub struct CarrierCounts {
     pub receipts_sent: AtomicU64,
     /// Receipts not sent, refused or left unanswered.
     pub receipts_failed: AtomicU64,
+    /// Receipts the carrier chose never to send (`receipt_loss`).
+    pub receipts_withheld: AtomicU64,
     pub smpp: SmppCounts,
 }
 
@@ -162,9 +164,17 @@ impl Network {
     }
 
     /// Hands an SMS a carrier accepted to the handset of the user who owns `to` (unless it was
-    /// drawn undeliverable), counting it per user, as a stranger's, or as a duplicate. Returns
-    /// whether it was a duplicate.
-    pub fn hand_over(&self, to: &str, text: &str, key: SmsKey, delivered: bool) -> bool {
+    /// drawn undeliverable), counting it per user, as a stranger's, or as a duplicate, at once.
+    /// It leaves the carrier for the handset `after` from now (the carrier's `delivery_delay`),
+    /// and the handset's own delay follows. Returns whether it was a duplicate.
+    pub fn hand_over(
+        self: &Arc<Self>,
+        to: &str,
+        text: &str,
+        key: SmsKey,
+        delivered: bool,
+        after: Duration,
+    ) -> bool {
         let user = self.phones.user_of(to);
         let (key, allowed): (Box<str>, u8) = match key {
             SmsKey::MessageId(id) => (id.into_boxed_str(), 1),
@@ -197,8 +207,16 @@ impl Network {
                     saturating_increment(count);
                 }
                 if delivered {
-                    self.tally.sms_received();
-                    self.handsets.deliver(user, text);
+                    if after.is_zero() {
+                        self.leave_carrier(user, text);
+                    } else {
+                        let network = self.clone();
+                        let text: Box<str> = text.into();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(after).await;
+                            network.leave_carrier(user, &text);
+                        });
+                    }
                 }
             }
             None => {
@@ -206,6 +224,12 @@ impl Network {
             }
         }
         duplicate
+    }
+
+    /// An SMS leaves its carrier for `user`'s handset.
+    fn leave_carrier(&self, user: u64, text: &str) {
+        self.tally.sms_received();
+        self.handsets.deliver(user, text);
     }
 }
 
@@ -224,11 +248,14 @@ pub(crate) enum Verdict {
     Failed,
     /// A permanent refusal (`refusal_rate`).
     Refused,
-    /// Accepted: its receipt is due after `receipt_delay` and says whether it was `delivered`
-    /// (`undeliverable_rate`).
+    /// Accepted: the SMS leaves for the handset after `delivery_delay`, and its receipt, which
+    /// says whether it was `delivered` (`undeliverable_rate`), is due `receipt_delay` after that
+    /// unless the carrier never sends it (`receipt_lost`, drawn from `receipt_loss`).
     Accepted {
+        delivery_delay: Duration,
         receipt_delay: Duration,
         delivered: bool,
+        receipt_lost: bool,
     },
 }
 
@@ -240,8 +267,17 @@ pub(crate) fn judge(
     bucket: &Mutex<Bucket>,
     counts: &CarrierCounts,
 ) -> (Duration, Verdict) {
-    let mut rng = rand::rng();
-    let latency = state.latency.sample_with(standard_normal(&mut rng));
+    judge_with(state, bucket, counts, &mut rand::rng())
+}
+
+/// [`judge`] with its draws taken from `rng`.
+pub(crate) fn judge_with(
+    state: &CarrierState,
+    bucket: &Mutex<Bucket>,
+    counts: &CarrierCounts,
+    rng: &mut impl Rng,
+) -> (Duration, Verdict) {
+    let latency = state.latency.sample(rng);
     let roll = rng.random::<f64>();
     let allowed = bucket
         .lock()
@@ -258,12 +294,16 @@ pub(crate) fn judge(
         if !delivered {
             counts.undeliverable.fetch_add(1, Ordering::Relaxed);
         }
-        let receipt_delay = state.receipt_delay.sample_with(standard_normal(&mut rng));
+        let receipt_delay = state.receipt_delay.sample(rng);
+        let delivery_delay = state.delivery_delay.sample(rng);
+        let receipt_lost = rng.random::<f64>() < state.receipt_loss;
         (
             &counts.accepted,
             Verdict::Accepted {
+                delivery_delay,
                 receipt_delay,
                 delivered,
+                receipt_lost,
             },
         )
     };
@@ -338,4 +378,88 @@ impl Bucket {
 
 fn burst(per_sec: f64) -> f64 {
     (per_sec / 10.0).max(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    use super::*;
+    use crate::carriers::settings::{Carrier, Dist, Protocol, TimelineEntry};
+
+    fn carrier() -> Carrier {
+        Carrier::steady(
+            "a",
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            1e9,
+            Duration::ZERO,
+            Duration::from_secs(2),
+            Protocol::Http,
+        )
+    }
+
+    /// Judges `n` submits at `state` with a seeded generator; returns the accepted verdicts.
+    fn accepted(state: &CarrierState, n: usize) -> Vec<(Duration, Duration, bool)> {
+        let bucket = Mutex::new(Bucket::new(state.capacity_per_sec));
+        let counts = CarrierCounts::default();
+        let mut rng = StdRng::seed_from_u64(42);
+        (0..n)
+            .filter_map(|_| match judge_with(state, &bucket, &counts, &mut rng).1 {
+                Verdict::Accepted {
+                    delivery_delay,
+                    receipt_delay,
+                    receipt_lost,
+                    ..
+                } => Some((delivery_delay, receipt_delay, receipt_lost)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_share_of_receipts_is_lost_as_receipt_loss_says() {
+        let mut state = carrier().base;
+        assert!(accepted(&state, 1000).iter().all(|(.., lost)| !lost));
+        state.receipt_loss = 0.3;
+        let verdicts = accepted(&state, 10_000);
+        assert_eq!(verdicts.len(), 10_000);
+        let lost = verdicts.iter().filter(|(.., lost)| *lost).count();
+        assert!((2800..3200).contains(&lost), "{lost} of 10000 lost");
+        state.receipt_loss = 1.0;
+        assert!(accepted(&state, 1000).iter().all(|(.., lost)| *lost));
+    }
+
+    #[test]
+    fn the_delivery_delay_is_drawn_at_acceptance_from_the_timeline() {
+        let mut carrier = carrier();
+        let mut late = carrier.base.clone();
+        late.delivery_delay = Dist::Uniform {
+            min: Duration::from_secs(300),
+            max: Duration::from_secs(1500),
+        };
+        late.receipt_loss = 0.5;
+        carrier.timeline = vec![TimelineEntry {
+            from: Duration::from_secs(300),
+            until: Duration::from_secs(5400),
+            state: late,
+        }];
+        for (at, delayed) in [(0, false), (300, true), (5399, true), (5400, false)] {
+            let state = carrier.state_at(Duration::from_secs(at));
+            let verdicts = accepted(state, 200);
+            let delays_ok = verdicts.iter().all(|(delay, receipt, _)| {
+                *receipt == Duration::from_secs(2)
+                    && if delayed {
+                        (300..=1500).contains(&delay.as_secs())
+                    } else {
+                        delay.is_zero()
+                    }
+            });
+            assert!(delays_ok, "at {at} s: {:?}", &verdicts[..3]);
+            let lost = verdicts.iter().filter(|(.., lost)| *lost).count();
+            assert_eq!(lost > 50, delayed, "at {at} s: {lost} receipts lost");
+        }
+    }
 }

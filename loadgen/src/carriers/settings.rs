@@ -112,7 +112,14 @@ pub struct CarrierState {
     pub refusal_rate: f64,
     /// Share of accepted SMS that never reach the handset: their receipt says `undeliverable`.
     pub undeliverable_rate: f64,
+    /// From acceptance to the `delivered` (or `undeliverable`) receipt, counted once the SMS
+    /// leaves the carrier's queue (after `delivery_delay`).
     pub receipt_delay: Dist,
+    /// How long an accepted SMS waits in the carrier's own queue before it leaves for the
+    /// handset (a carrier that accepts at once but generates its SMS late).
+    pub delivery_delay: Dist,
+    /// Share of receipts the carrier never sends (the SMS is delivered all the same).
+    pub receipt_loss: f64,
     /// Down: connections are dropped without an answer.
     pub down: bool,
 }
@@ -124,15 +131,19 @@ pub struct TimelineEntry {
     pub state: CarrierState,
 }
 
-/// A distribution of durations: constant, or log-normal by its median and 95th percentile.
+/// A distribution of durations: constant, log-normal by its median and 95th percentile, or
+/// uniform between two bounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Dist {
     Constant(Duration),
     LogNormal { median: Duration, p95: Duration },
+    Uniform { min: Duration, max: Duration },
 }
 
 impl Dist {
-    /// A sample, given a standard normal deviate `z`.
+    /// A sample, given a standard normal deviate `z`: the distribution's quantile at the
+    /// standard normal's probability of `z` (so `z = 0` is the median, and a larger `z` never
+    /// gives a shorter duration).
     pub fn sample_with(&self, z: f64) -> Duration {
         match *self {
             Dist::Constant(duration) => duration,
@@ -141,7 +152,16 @@ impl Dist {
                 let sigma = (p95.as_secs_f64().max(median) / median).ln() / 1.6449;
                 Duration::from_secs_f64((median.ln() + sigma * z).exp().min(86_400.0))
             }
+            Dist::Uniform { min, max } => {
+                let span = max.saturating_sub(min);
+                min + span.mul_f64(normal_cdf(z).clamp(0.0, 1.0))
+            }
         }
+    }
+
+    /// A sample drawn with `rng`.
+    pub fn sample(&self, rng: &mut impl Rng) -> Duration {
+        self.sample_with(standard_normal(rng))
     }
 
     /// The distribution with every duration divided by `by` (time compression).
@@ -152,7 +172,31 @@ impl Dist {
                 median: median.div_f64(by),
                 p95: p95.div_f64(by),
             },
+            Dist::Uniform { min, max } => Dist::Uniform {
+                min: min.div_f64(by),
+                max: max.div_f64(by),
+            },
         }
+    }
+}
+
+/// The standard normal's cumulative distribution at `z` (Abramowitz and Stegun 7.1.26, within
+/// 1.5e-7): turns a standard normal deviate into a uniform one.
+fn normal_cdf(z: f64) -> f64 {
+    if z.is_nan() {
+        return 0.5;
+    }
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-x * x).exp();
+    if z >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
     }
 }
 
@@ -192,6 +236,8 @@ impl Carrier {
                 refusal_rate: 0.0,
                 undeliverable_rate: 0.0,
                 receipt_delay: Dist::Constant(receipt_delay),
+                delivery_delay: Dist::Constant(Duration::ZERO),
+                receipt_loss: 0.0,
                 down: false,
             },
             timeline: Vec::new(),
@@ -295,5 +341,40 @@ mod tests {
         assert_eq!(dist.sample_with(0.0), Duration::from_millis(100));
         let p95 = dist.sample_with(1.6449).as_secs_f64();
         assert!((p95 - 0.4).abs() < 1e-3, "{p95}");
+    }
+
+    #[test]
+    fn uniform_stays_within_its_bounds_and_spreads_evenly() {
+        let dist = Dist::Uniform {
+            min: Duration::from_secs(300),
+            max: Duration::from_secs(1500),
+        };
+        // The standard normal's distribution is approximated within 1.5e-7.
+        let near = |z: f64, secs: f64| (dist.sample_with(z).as_secs_f64() - secs).abs() < 0.1;
+        assert!(near(0.0, 900.0));
+        assert!(near(f64::NEG_INFINITY, 300.0));
+        assert!(near(f64::INFINITY, 1500.0));
+        assert!(near(f64::NAN, 900.0));
+        assert!(near(-1.6449, 360.0));
+        let p95 = dist.sample_with(1.6449).as_secs_f64();
+        assert!((p95 - 1440.0).abs() < 0.1, "{p95}");
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+        let mut below_600 = 0;
+        for _ in 0..10_000 {
+            let sample = dist.sample(&mut rng);
+            assert!((300..=1500).contains(&sample.as_secs()), "{sample:?}");
+            if sample < Duration::from_secs(600) {
+                below_600 += 1;
+            }
+        }
+        // A quarter of the span: 2,500 expected.
+        assert!((2300..2700).contains(&below_600), "{below_600}");
+        assert_eq!(
+            dist.scaled(100.0),
+            Dist::Uniform {
+                min: Duration::from_secs(3),
+                max: Duration::from_secs(15)
+            }
+        );
     }
 }

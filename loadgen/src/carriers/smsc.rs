@@ -978,7 +978,7 @@ async fn submit_sm(
         () = kill.cancelled() => return,
         () = tokio::time::sleep_until((read_at + latency).into()) => {}
     }
-    let (receipt_delay, delivered) = match verdict {
+    let (delivery_delay, receipt_delay, delivered, receipt_lost) = match verdict {
         Verdict::Throttled => {
             let _ = out.send(refuse(CommandStatus::EsmeRthrottled)).await;
             return;
@@ -992,9 +992,11 @@ async fn submit_sm(
             return;
         }
         Verdict::Accepted {
+            delivery_delay,
             receipt_delay,
             delivered,
-        } => (receipt_delay, delivered),
+            receipt_lost,
+        } => (delivery_delay, receipt_delay, delivered, receipt_lost),
     };
     let id = smsc.next_id.fetch_add(1, Ordering::Relaxed);
     let (message_id, _) = smsc.ids(id);
@@ -1017,13 +1019,15 @@ async fn submit_sm(
     } else {
         destination.clone()
     };
-    smsc.assemble(&source, &handset, text, delivered);
+    smsc.assemble(&source, &handset, text, delivered, delivery_delay);
     let wants_receipt = match u8::from(submit.registered_delivery) & 0x03 {
         1 => true,
         2 => !delivered,
         _ => false,
     };
-    if wants_receipt {
+    if wants_receipt && receipt_lost {
+        counts.receipts_withheld.fetch_add(1, Ordering::Relaxed);
+    } else if wants_receipt {
         let receipt = Receipt {
             message_id: id,
             handset: destination,
@@ -1035,16 +1039,33 @@ async fn submit_sm(
         // A receipt outlives its connection: it goes on any receiver bind, or waits for one.
         tokio::select! {
             () = smsc.stop.cancelled() => {}
-            () = tokio::time::sleep(receipt_delay) => smsc.send_receipt(receipt).await,
+            // The receipt follows the SMS out of the carrier's queue.
+            () = tokio::time::sleep(delivery_delay.saturating_add(receipt_delay)) => {
+                smsc.send_receipt(receipt).await;
+            }
         }
     }
 }
 
 impl Smsc {
-    /// Hands a single message over, or files a part and hands the message over once whole.
-    fn assemble(&self, source: &str, destination: &str, text: Text, delivered: bool) {
+    /// Hands a single message over, or files a part and hands the message over once whole;
+    /// it leaves for the handset `after` from now (the delivery delay of its last part).
+    fn assemble(
+        &self,
+        source: &str,
+        destination: &str,
+        text: Text,
+        delivered: bool,
+        after: Duration,
+    ) {
         let Some(concat) = text.concat.filter(|concat| concat.total > 1) else {
-            self.hand_over(destination, &text.text, text.data_coding, 1, delivered);
+            let message = Whole {
+                text: &text.text,
+                data_coding: text.data_coding,
+                parts: 1,
+                delivered,
+            };
+            self.hand_over(destination, &message, after);
             return;
         };
         self.counts.smpp.parts.fetch_add(1, Ordering::Relaxed);
@@ -1078,29 +1099,28 @@ impl Smsc {
         };
         if let Some(message) = whole {
             let text: String = message.parts.into_iter().flatten().collect();
-            self.hand_over(
-                destination,
-                &text,
-                message.data_coding,
-                concat.total,
-                message.delivered,
-            );
+            let whole = Whole {
+                text: &text,
+                data_coding: message.data_coding,
+                parts: concat.total,
+                delivered: message.delivered,
+            };
+            self.hand_over(destination, &whole, after);
         }
     }
 
-    fn hand_over(
-        &self,
-        destination: &str,
-        text: &str,
-        data_coding: u8,
-        parts: u8,
-        delivered: bool,
-    ) {
+    fn hand_over(&self, destination: &str, message: &Whole<'_>, after: Duration) {
+        let &Whole {
+            text,
+            data_coding,
+            parts,
+            delivered,
+        } = message;
         let smpp = &self.counts.smpp;
         smpp.messages.fetch_add(1, Ordering::Relaxed);
         if self
             .network
-            .hand_over(destination, text, SmsKey::Text, delivered)
+            .hand_over(destination, text, SmsKey::Text, delivered, after)
         {
             smpp.duplicates.fetch_add(1, Ordering::Relaxed);
         }
@@ -1120,6 +1140,17 @@ impl Smsc {
             });
         }
     }
+}
+
+/// A whole message, ready to be handed over.
+#[derive(Debug)]
+struct Whole<'a> {
+    text: &'a str,
+    data_coding: u8,
+    /// How many `submit_sm` it took.
+    parts: u8,
+    /// Whether every part was accepted as deliverable.
+    delivered: bool,
 }
 
 /// What the reader gets: a PDU, or octets that are not one.

@@ -24,6 +24,14 @@ pub struct GatewayReport {
     pub verifications_ended: BTreeMap<String, u64>,
     /// Submits carriers answered "throttled".
     pub throttled_submits: u64,
+    /// SMS the gateway sent again through another carrier because the `delivered` receipt did
+    /// not come in time (`otpgate_carrier_rerouted_total`, all carriers), apart from the
+    /// resends users pressed.
+    #[serde(default)]
+    pub rerouted_sms: u64,
+    /// Receipts the gateway waited for in vain (`otpgate_carrier_receipts_missing_total`).
+    #[serde(default)]
+    pub receipts_missing: u64,
 }
 
 /// Reads the figures from the Prometheus text exposition; `None` if it holds no otpgate series.
@@ -66,6 +74,9 @@ pub fn from_exposition(text: &str) -> Option<GatewayReport> {
             "otpgate_sms_submitted_total" if label(labels, "outcome") == Some("throttled") => {
                 report.throttled_submits += count;
             }
+            // Labelled by the carrier whose receipt was missing.
+            "otpgate_carrier_rerouted_total" => report.rerouted_sms += count,
+            "otpgate_carrier_receipts_missing_total" => report.receipts_missing += count,
             _ => {}
         }
         seen |= name.starts_with("otpgate_");
@@ -123,6 +134,12 @@ otpgate_verifications_ended_total{outcome="expired"} 3
 otpgate_sms_submitted_total{carrier="a",outcome="throttled"} 5
 otpgate_sms_submitted_total{carrier="b",outcome="throttled"} 6
 otpgate_sms_submitted_total{carrier="b",outcome="accepted"} 600
+# TYPE otpgate_carrier_rerouted_total counter
+otpgate_carrier_rerouted_total{carrier="a"} 40
+otpgate_carrier_rerouted_total{carrier="b"} 2
+otpgate_carrier_receipts_missing_total{carrier="a"} 45
+otpgate_carrier_receipts_missing_total{carrier="b"} 3
+otpgate_carrier_rerouted_totals{carrier="a"} 1000
 "#;
         let report = from_exposition(text).unwrap();
         assert_eq!(report.session_extensions, 100);
@@ -132,6 +149,11 @@ otpgate_sms_submitted_total{carrier="b",outcome="accepted"} 600
         assert_eq!(report.queue_rejected["predicted_wait"], 7);
         assert_eq!(report.verifications_ended["expired"], 3);
         assert_eq!(report.throttled_submits, 11);
+        assert_eq!(report.rerouted_sms, 42);
+        assert_eq!(report.receipts_missing, 48);
         assert_eq!(from_exposition("no metrics here"), None);
+        // A gateway without the counters: zero, not absent.
+        let before = from_exposition("otpgate_queue_rejected_total{reason=\"full\"} 1\n").unwrap();
+        assert_eq!((before.rerouted_sms, before.receipts_missing), (0, 0));
     }
 }

@@ -92,10 +92,13 @@ pub enum Count {
     TransportErrors,
     /// Users still in their journey when the run ended.
     Unfinished,
+    /// Users who came back after a failed sign-up and started again (the scenario's
+    /// `users.retry`).
+    Retries,
 }
 
 impl Count {
-    pub const ALL: [Count; 14] = [
+    pub const ALL: [Count; 15] = [
         Count::Arrived,
         Count::Started,
         Count::Verified,
@@ -110,6 +113,7 @@ impl Count {
         Count::SmsReceived,
         Count::TransportErrors,
         Count::Unfinished,
+        Count::Retries,
     ];
 
     pub fn name(self) -> &'static str {
@@ -128,6 +132,7 @@ impl Count {
             Count::SmsReceived => "sms_received",
             Count::TransportErrors => "transport_errors",
             Count::Unfinished => "unfinished",
+            Count::Retries => "retries",
         }
     }
 
@@ -160,6 +165,8 @@ pub struct Second {
 #[derive(Debug)]
 pub struct Measurements {
     started: Instant,
+    /// Moments of the run (from `started`) by which the users verified are counted.
+    marks: Vec<Duration>,
     inner: Mutex<Inner>,
 }
 
@@ -176,6 +183,8 @@ struct Inner {
     current_start: Histogram<u64>,
     /// Likewise for the time to SMS.
     current_sms: Histogram<u64>,
+    /// Users verified before each of the marks.
+    verified_by: Vec<u64>,
 }
 
 /// Microseconds up to an hour, three significant digits.
@@ -185,8 +194,16 @@ pub fn new_histogram() -> Histogram<u64> {
 
 impl Measurements {
     pub fn new(started: Instant) -> Measurements {
+        Measurements::with_marks(started, Vec::new())
+    }
+
+    /// Measurements that also count the users verified before each of `marks` (moments from
+    /// `started`).
+    pub fn with_marks(started: Instant, marks: Vec<Duration>) -> Measurements {
+        let verified_by = vec![0; marks.len()];
         Measurements {
             started,
+            marks,
             inner: Mutex::new(Inner {
                 histograms: Series::ALL.iter().map(|_| new_histogram()).collect(),
                 counts: [0; Count::ALL.len()],
@@ -195,6 +212,7 @@ impl Measurements {
                 in_flight: 0,
                 current_start: new_histogram(),
                 current_sms: new_histogram(),
+                verified_by,
             }),
         }
     }
@@ -231,9 +249,18 @@ impl Measurements {
     }
 
     pub fn add(&self, count: Count, n: u64) {
-        let now = self.second_of(Instant::now());
+        let at = Instant::now();
+        let now = self.second_of(at);
         let mut inner = self.lock();
         inner.counts[count as usize] += n;
+        if count == Count::Verified {
+            let elapsed = at.saturating_duration_since(self.started);
+            for (mark, verified) in self.marks.iter().zip(inner.verified_by.iter_mut()) {
+                if elapsed < *mark {
+                    *verified += n;
+                }
+            }
+        }
         match count {
             Count::Arrived => inner.second(now).arrived += n,
             Count::SmsReceived => inner.second(now).sms += n,
@@ -329,6 +356,7 @@ impl Measurements {
                 .map(|(&(call, status), &n)| (call, status, n))
                 .collect(),
             timeline: inner.timeline.clone(),
+            verified_by_marks: inner.verified_by.clone(),
         }
     }
 
@@ -377,4 +405,30 @@ pub struct Snapshot {
     /// `(call, status, how many)` for answers other than the expected one.
     pub statuses: Vec<(&'static str, u16, u64)>,
     pub timeline: Vec<Second>,
+    /// Users verified before each mark, in the order of the marks given.
+    pub verified_by_marks: Vec<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verified_users_are_counted_by_the_marks_after_them() {
+        let started = Instant::now();
+        let marks = vec![Duration::ZERO, Duration::from_secs(3600), Duration::MAX];
+        let measurements = Measurements::with_marks(started, marks);
+        measurements.count(Count::Verified);
+        measurements.add(Count::Verified, 2);
+        measurements.count(Count::GaveUp);
+        let snapshot = measurements.snapshot();
+        assert_eq!(snapshot.verified_by_marks, [0, 3, 3]);
+        assert_eq!(snapshot.counts[Count::Verified as usize], 3);
+        assert!(
+            Measurements::new(started)
+                .snapshot()
+                .verified_by_marks
+                .is_empty()
+        );
+    }
 }

@@ -34,6 +34,9 @@ pub struct Report {
     /// How many shards the run was split into (`--shard INDEX/COUNT`).
     pub shard_count: u64,
     pub counts: BTreeMap<String, u64>,
+    /// Completed sign-ups (users verified) by the scenario's `[[marks]]`, in their order.
+    #[serde(default)]
+    pub marks: Vec<MarkReport>,
     /// Answers other than the expected one.
     pub rejections: Vec<Rejection>,
     /// Summaries of every series, by name.
@@ -63,6 +66,17 @@ pub struct ScenarioInfo {
     pub duration_secs: f64,
     /// Arrivals scheduled for this report's shards.
     pub scheduled_arrivals: u64,
+}
+
+/// Users verified by a moment of the scenario.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MarkReport {
+    pub label: String,
+    /// Scenario seconds from the start.
+    pub at_secs: f64,
+    /// Users verified before it.
+    pub verified: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -98,6 +112,9 @@ pub struct CarrierReport {
     pub dropped: u64,
     pub receipts_sent: u64,
     pub receipts_failed: u64,
+    /// Receipts the carrier never sent on purpose (`receipt_loss`).
+    #[serde(default)]
+    pub receipts_withheld: u64,
     /// Accepted, and drawn undeliverable (`undeliverable_rate`).
     #[serde(default)]
     pub undeliverable: u64,
@@ -273,6 +290,17 @@ impl Report {
         for count in Count::ALL {
             let _ = writeln!(out, "{:<18} {:>9}", count.name(), self.count(count));
         }
+        if !self.marks.is_empty() {
+            let _ = writeln!(out, "\n{:<18} {:>9}", "verified by", "users");
+            for mark in &self.marks {
+                let _ = writeln!(
+                    out,
+                    "{:<18} {:>9}",
+                    format!("{} ({} s)", mark.label, mark.at_secs),
+                    mark.verified
+                );
+            }
+        }
         if !self.rejections.is_empty() {
             let _ = writeln!(out, "\n{:<18} {:>9}", "unexpected answers", "count");
             for rejection in &self.rejections {
@@ -286,26 +314,34 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\n{:<12} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9}",
-            "carrier", "accepted", "throttled", "failed", "refused", "dropped", "receipts"
+            "\n{:<12} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9} {:>9}",
+            "carrier",
+            "accepted",
+            "throttled",
+            "failed",
+            "refused",
+            "dropped",
+            "receipts",
+            "withheld"
         );
         for carrier in &self.carriers {
             let _ = writeln!(
                 out,
-                "{:<12} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9}",
+                "{:<12} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9} {:>9}",
                 carrier.name,
                 carrier.accepted,
                 carrier.throttled,
                 carrier.failed,
                 carrier.refused,
                 carrier.dropped,
-                carrier.receipts_sent
+                carrier.receipts_sent,
+                carrier.receipts_withheld
             );
         }
         if let Some(gateway) = &self.gateway {
             let _ = writeln!(
                 out,
-                "\ngateway: {} first SMS accepted, each session extended by the time its SMS waited (mean {:.1} s, p50 <= {} s, p99 <= {} s); starts refused {:?}; jobs dropped {:?}; verifications ended {:?}; {} throttled submits",
+                "\ngateway: {} first SMS accepted, each session extended by the time its SMS waited (mean {:.1} s, p50 <= {} s, p99 <= {} s); starts refused {:?}; jobs dropped {:?}; verifications ended {:?}; {} throttled submits; {} receipts missing, {} SMS rerouted (apart from user resends)",
                 gateway.session_extensions,
                 gateway.session_extension_mean_secs,
                 gateway.session_extension_p50_secs,
@@ -314,6 +350,8 @@ impl Report {
                 gateway.queue_dropped,
                 gateway.verifications_ended,
                 gateway.throttled_submits,
+                gateway.receipts_missing,
+                gateway.rerouted_sms,
             );
         }
         let watch = &self.self_watch;
@@ -411,6 +449,8 @@ pub enum MergeError {
         seed: u64,
         expected: String,
     },
+    #[error("report {index}: its marks differ from the first report's")]
+    Marks { index: usize },
     #[error("report {index}: histogram {series} is unreadable")]
     Histogram { index: usize, series: String },
     #[error("report {index}: a run split in {found} shards, not {expected}")]
@@ -440,6 +480,14 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
     let mut merged = first.clone();
     merged.shards = Vec::new();
     merged.counts.clear();
+    merged.marks = first
+        .marks
+        .iter()
+        .map(|mark| MarkReport {
+            verified: 0,
+            ..mark.clone()
+        })
+        .collect();
     merged.rejections.clear();
     merged.carriers.clear();
     merged.timeline.clear();
@@ -494,6 +542,18 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
         for (name, value) in &report.counts {
             *merged.counts.entry(name.clone()).or_default() += value;
         }
+        let same_marks = report.marks.len() == merged.marks.len()
+            && report
+                .marks
+                .iter()
+                .zip(&merged.marks)
+                .all(|(mark, kept)| mark.label == kept.label && mark.at_secs == kept.at_secs);
+        if !same_marks {
+            return Err(MergeError::Marks { index });
+        }
+        for (mark, total) in report.marks.iter().zip(merged.marks.iter_mut()) {
+            total.verified += mark.verified;
+        }
         for rejection in &report.rejections {
             *rejections
                 .entry((rejection.call.clone(), rejection.status))
@@ -524,6 +584,7 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
             total.dropped += carrier.dropped;
             total.receipts_sent += carrier.receipts_sent;
             total.receipts_failed += carrier.receipts_failed;
+            total.receipts_withheld += carrier.receipts_withheld;
             total.undeliverable += carrier.undeliverable;
             if let Some(smpp) = &carrier.smpp {
                 total.smpp.get_or_insert_with(SmppReport::default).add(smpp);

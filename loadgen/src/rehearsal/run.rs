@@ -24,7 +24,7 @@ use crate::rehearsal::connect::Connector;
 use crate::rehearsal::measure::{Count, Measurements, Series};
 use crate::rehearsal::progress::Progress;
 use crate::rehearsal::report::{
-    CarrierReport, HandsetReport, Report, ScenarioInfo, SelfWatch, SmppReport,
+    CarrierReport, HandsetReport, MarkReport, Report, ScenarioInfo, SelfWatch, SmppReport,
 };
 use crate::rehearsal::scenario::Scenario;
 use crate::rehearsal::schedule;
@@ -163,7 +163,8 @@ pub async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<(Rep
     // The run starts a moment from now, once everything is listening.
     let lead = Duration::from_millis(300);
     let started = Instant::now() + lead;
-    let measurements = Arc::new(Measurements::new(started));
+    let marks = scenario.marks.iter().map(|mark| mark.at).collect();
+    let measurements = Arc::new(Measurements::with_marks(started, marks));
     for arrival in &arrivals {
         measurements.schedule(arrival.at);
     }
@@ -377,10 +378,19 @@ pub fn gateway_config(
     use std::fmt::Write as _;
     let c = scenario.time_compression;
     let secs = |scenario_secs: f64, min: u64| ((scenario_secs / c).round() as u64).max(min);
+    // The delivery-aware defences, only when the scenario sets them: a gateway without them
+    // refuses keys it does not know.
+    let mut defences = String::new();
+    if let Some(reroutes) = scenario.gateway.reroutes {
+        let _ = writeln!(defences, "reroutes = {reroutes}");
+    }
+    if let Some(follows) = scenario.gateway.expiry_follows_delivery {
+        let _ = writeln!(defences, "expiry_follows_delivery = {follows}");
+    }
     let mut toml = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\npublic_url = \"http://{api_addr}\"\n\
          max_connections = {}\nshutdown_grace_secs = 5\n\n\
-         [verification]\ncode_ttl_secs = {}\nmax_extension_secs = {}\nresend_cooldown_secs = {}\n\n\
+         [verification]\ncode_ttl_secs = {}\nmax_extension_secs = {}\nresend_cooldown_secs = {}\n{defences}\n\
          [limits]\nphone_sends = [{{ max = 1, per_secs = {} }}, {{ max = 5, per_secs = {} }}]\n\n\
          [queue]\ncapacity = {}\n",
         options.connections * 2 + 1024,
@@ -403,6 +413,10 @@ pub fn gateway_config(
     }
     for (settings, carrier) in scenario.carriers.iter().zip(carriers) {
         toml.push_str(&gateway_carrier(settings, carrier));
+        if let Some(timeout) = scenario.gateway.receipt_timeout {
+            let millis = (timeout.as_secs_f64() * 1000.0).round() as u64;
+            let _ = writeln!(toml, "receipt_timeout_ms = {millis}");
+        }
     }
     toml
 }
@@ -512,6 +526,16 @@ fn build_report(
         shards: vec![options.shard.0],
         shard_count: options.shard.1,
         counts: Default::default(),
+        marks: scenario
+            .marks
+            .iter()
+            .zip(&snapshot.verified_by_marks)
+            .map(|(mark, &verified)| MarkReport {
+                label: mark.label.clone(),
+                at_secs: mark.at_secs,
+                verified,
+            })
+            .collect(),
         rejections: Vec::new(),
         latency: Default::default(),
         histograms: Default::default(),
@@ -625,6 +649,7 @@ fn carrier_report(carrier: &SimCarrier) -> CarrierReport {
         dropped: load(&counts.dropped),
         receipts_sent: load(&counts.receipts_sent),
         receipts_failed: load(&counts.receipts_failed),
+        receipts_withheld: load(&counts.receipts_withheld),
         undeliverable: load(&counts.undeliverable),
         smpp: carrier.smpp_login.is_some().then(|| SmppReport {
             binds: load(&s.binds),
@@ -639,5 +664,104 @@ fn carrier_report(carrier: &SimCarrier) -> CarrierReport {
             receipts_nacked: load(&s.receipts_nacked),
             receipts_lost: load(&s.receipts_lost),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCENARIO: &str = r#"
+name = "config"
+duration_secs = 60
+time_compression = 40
+[phones]
+prefix = "+39333"
+[[arrivals]]
+at_secs = 0
+per_sec = 1
+[[clients]]
+name = "portal"
+share = 1
+[[carriers]]
+name = "a"
+capacity_per_sec = 25
+[[carriers]]
+name = "b"
+capacity_per_sec = 8
+protocol = "smpp"
+"#;
+
+    fn config(extra: &str) -> String {
+        let scenario = Scenario::parse(&format!("{SCENARIO}{extra}")).unwrap();
+        let carriers: Vec<SimCarrier> = scenario
+            .carriers
+            .iter()
+            .enumerate()
+            .map(|(index, carrier)| SimCarrier {
+                name: carrier.name.clone(),
+                addr: SocketAddr::from(([127, 0, 0, 1], 9000 + index as u16)),
+                receipt_token: "token".to_owned(),
+                smpp_login: (index == 1).then(|| carriers::smsc::Login {
+                    system_id: "b".to_owned(),
+                    password: "pw".to_owned(),
+                }),
+                counts: Arc::default(),
+            })
+            .collect();
+        let options = RunOptions {
+            target: None,
+            shard: (0, 1),
+            connections: 8,
+            source_ips: Vec::new(),
+            request_timeout: Duration::from_secs(1),
+            thresholds: Vec::new(),
+            progress: crate::rehearsal::progress::Progress::Off,
+            max_scheduler_lag: Duration::from_millis(100),
+            gateway_admin: None,
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], 8080));
+        gateway_config(&scenario, &carriers, &options, addr, &["key".to_owned()])
+    }
+
+    #[test]
+    fn the_gateway_defences_are_passed_only_when_the_scenario_sets_them() {
+        let plain = config("");
+        for key in ["reroutes", "expiry_follows_delivery", "receipt_timeout_ms"] {
+            assert!(!plain.contains(key), "{key} in\n{plain}");
+        }
+        let text = config(
+            "[gateway]\nreceipt_timeout_secs = 90\nreroutes = 2\nexpiry_follows_delivery = true\n",
+        );
+        let on: toml::Table = text.parse().unwrap();
+        let verification = on["verification"].as_table().unwrap();
+        assert_eq!(verification["reroutes"].as_integer(), Some(2));
+        assert_eq!(
+            verification["expiry_follows_delivery"].as_bool(),
+            Some(true)
+        );
+        assert_eq!(verification["code_ttl_secs"].as_integer(), Some(15));
+        let carriers = on["carriers"].as_array().unwrap();
+        assert_eq!(carriers.len(), 2);
+        for carrier in carriers {
+            // 90 s of scenario time at 40x: 2,250 real milliseconds, on every carrier.
+            assert_eq!(
+                carrier["receipt_timeout_ms"].as_integer(),
+                Some(2250),
+                "{carrier}"
+            );
+        }
+        assert_eq!(carriers[1]["kind"].as_str(), Some("smpp"));
+        let off = config("[gateway]\nreceipt_timeout_secs = 0\nexpiry_follows_delivery = false\n");
+        let off: toml::Table = off.parse().unwrap();
+        assert_eq!(
+            off["verification"]["expiry_follows_delivery"].as_bool(),
+            Some(false)
+        );
+        assert!(off["verification"].get("reroutes").is_none());
+        assert_eq!(
+            off["carriers"][0]["receipt_timeout_ms"].as_integer(),
+            Some(0)
+        );
     }
 }

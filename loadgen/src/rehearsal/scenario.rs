@@ -44,6 +44,18 @@ pub struct Scenario {
     pub handsets: HandsetSettings,
     pub gateway: GatewaySettings,
     pub carriers: Vec<Carrier>,
+    /// Moments of the scenario at which the report counts the users verified so far.
+    pub marks: Vec<Mark>,
+}
+
+/// A moment of the scenario the report counts completed sign-ups by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mark {
+    /// Scenario seconds from the start, as written.
+    pub at_secs: f64,
+    /// The same moment in real time (time compression applied).
+    pub at: Duration,
+    pub label: String,
 }
 
 /// A frontend whose users arrive with a share of all arrivals.
@@ -73,6 +85,13 @@ pub struct Users {
     pub give_up_after: Duration,
     /// Share of users who get the SMS and never come back to type it.
     pub never_type: f64,
+    /// Share of users whose sign-up failed (no code in time, an expired session, a refused
+    /// start) who come back later and start again.
+    pub retry: f64,
+    /// How long after the failure they come back.
+    pub retry_after: Dist,
+    /// How many times a user starts again at most.
+    pub retries: u32,
 }
 
 /// Settings of the in-process gateway (ignored with `--target`).
@@ -81,34 +100,55 @@ pub struct GatewaySettings {
     pub code_ttl: Duration,
     pub max_extension: Duration,
     pub queue_capacity: usize,
+    /// The delivery-aware defences, passed to the gateway only when the scenario sets them:
+    /// how long each carrier's `delivered` receipt may take before the SMS is rerouted (real
+    /// time), how many reroutes an SMS gets, and whether a code's expiry counts from its
+    /// delivery.
+    pub receipt_timeout: Option<Duration>,
+    pub reroutes: Option<u32>,
+    pub expiry_follows_delivery: Option<bool>,
 }
 
 impl Scenario {
     /// Reads and validates a scenario file.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        Scenario::load_with(path, &[])
+    }
+
+    /// Reads a scenario file, applies `overrides` (`--set`) in order, and validates the result.
+    pub fn load_with(path: &Path, overrides: &[Override]) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Scenario::parse(&text).map_err(|error| error.in_file(path))
+        Scenario::parse_with(&text, overrides).map_err(|error| error.in_file(path))
     }
 
     /// Parses and validates scenario text; errors name the key at fault.
     pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
-        let deserializer = toml::Deserializer::parse(text).map_err(|error| {
-            // Where the syntax error is: line and column, counted from 1.
-            let position = error.span().map(|span| {
-                let before = &text[..span.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
-                format!("line {line}, column {column}: ")
-            });
-            ScenarioError::Invalid {
-                path: None,
-                key: String::new(),
-                message: format!("{}{}", position.unwrap_or_default(), error.message()),
-            }
+        Scenario::parse_with(text, &[])
+    }
+
+    /// Parses scenario text, applies `overrides` in order, and validates the result.
+    pub fn parse_with(text: &str, overrides: &[Override]) -> Result<Scenario, ScenarioError> {
+        if overrides.is_empty() {
+            return Scenario::parse_text(text);
+        }
+        let mut table: toml::Table = text.parse().map_err(|error| syntax_error(text, &error))?;
+        for set in overrides {
+            set.apply(&mut table)?;
+        }
+        let text = toml::to_string(&table).map_err(|error| ScenarioError::Invalid {
+            path: None,
+            key: String::new(),
+            message: format!("after --set: {error}"),
         })?;
+        Scenario::parse_text(&text)
+    }
+
+    fn parse_text(text: &str) -> Result<Scenario, ScenarioError> {
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|error| syntax_error(text, &error))?;
         let raw: RawScenario = serde_path_to_error::deserialize(deserializer).map_err(|error| {
             ScenarioError::Invalid {
                 path: None,
@@ -141,6 +181,162 @@ impl Scenario {
     /// How many users the arrival profile brings in expectation: the integral of the rate.
     pub fn expected_arrivals(&self) -> f64 {
         crate::rehearsal::schedule::integral(&self.arrivals, self.duration)
+    }
+}
+
+/// A TOML syntax error, with where it is: line and column, counted from 1.
+fn syntax_error(text: &str, error: &toml::de::Error) -> ScenarioError {
+    let position = error.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    ScenarioError::Invalid {
+        path: None,
+        key: String::new(),
+        message: format!("{}{}", position.unwrap_or_default(), error.message()),
+    }
+}
+
+/// A `--set KEY=VALUE` override of a scenario key: a dotted path into the scenario's TOML
+/// (`users.resend`, `carriers[0].timeline[1].delivery_delay_ms`) and a TOML value (`0.2`,
+/// `true`, `"text"`, `{ min = 300000, max = 1500000 }`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// The path as written.
+    pub key: String,
+    steps: Vec<Step>,
+    pub value: toml::Value,
+}
+
+/// One step of an override's path: a key of a table, or an index into an array.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// The longest path an override may have, in steps.
+const MAX_PATH_STEPS: usize = 16;
+
+impl std::str::FromStr for Override {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Override, String> {
+        let (key, value) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+        let key = key.trim();
+        let steps = parse_path(key).map_err(|message| format!("key {key:?}: {message}"))?;
+        let value = format!("value = {}", value.trim())
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut table| table.remove("value"))
+            .ok_or_else(|| {
+                format!(
+                    "key {key}: {:?} is not a TOML value (a number, true or false, a string in \
+                     quotes, an inline table or array)",
+                    value.trim()
+                )
+            })?;
+        Ok(Override {
+            key: key.to_owned(),
+            steps,
+            value,
+        })
+    }
+}
+
+/// `a.b[2].c` (or `a.b.2.c`) into its steps.
+fn parse_path(key: &str) -> Result<Vec<Step>, String> {
+    let mut steps = Vec::new();
+    for part in key.split('.') {
+        let (name, mut rest) = part.split_at(part.find('[').unwrap_or(part.len()));
+        if name.is_empty() && steps.is_empty() {
+            return Err("must start with a key".to_owned());
+        }
+        if !name.is_empty() {
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(format!("{name:?} is not a key"));
+            }
+            steps.push(match name.parse::<usize>() {
+                Ok(index) if !steps.is_empty() => Step::Index(index),
+                _ => Step::Key(name.to_owned()),
+            });
+        } else if rest.is_empty() {
+            return Err("has an empty step".to_owned());
+        }
+        while let Some(inner) = rest.strip_prefix('[') {
+            let (index, after) = inner
+                .split_once(']')
+                .ok_or_else(|| "has an unclosed [".to_owned())?;
+            let index = index
+                .parse::<usize>()
+                .map_err(|_| format!("[{index}] is not an index"))?;
+            steps.push(Step::Index(index));
+            rest = after;
+        }
+        if !rest.is_empty() {
+            return Err(format!("{rest:?} after an index"));
+        }
+        if steps.len() > MAX_PATH_STEPS {
+            return Err(format!("has more than {MAX_PATH_STEPS} steps"));
+        }
+    }
+    Ok(steps)
+}
+
+impl Override {
+    /// Sets the value in `table`, making the tables on its way that are missing; an index must
+    /// name an entry that exists.
+    fn apply(&self, table: &mut toml::Table) -> Result<(), ScenarioError> {
+        let fail = |message: String| ScenarioError::Invalid {
+            path: None,
+            key: self.key.clone(),
+            message: format!("--set: {message}"),
+        };
+        let mut root = toml::Value::Table(std::mem::take(table));
+        let mut here = &mut root;
+        let mut walked = String::new();
+        for (at, step) in self.steps.iter().enumerate() {
+            let last = at + 1 == self.steps.len();
+            here = match (step, here) {
+                (Step::Key(name), toml::Value::Table(inner)) => {
+                    inner.entry(name.clone()).or_insert_with(|| {
+                        if last {
+                            self.value.clone()
+                        } else {
+                            toml::Value::Table(toml::Table::new())
+                        }
+                    })
+                }
+                (Step::Index(index), toml::Value::Array(values)) => {
+                    let len = values.len();
+                    values.get_mut(*index).ok_or_else(|| {
+                        fail(format!("{walked} has {len} entries, not an entry {index}"))
+                    })?
+                }
+                (Step::Key(_), toml::Value::Array(_)) => {
+                    return Err(fail(format!("{walked} is an array: give an index")));
+                }
+                (Step::Index(_), _) => return Err(fail(format!("{walked} is not an array"))),
+                (Step::Key(_), _) => return Err(fail(format!("{walked} is not a table"))),
+            };
+            walked.push_str(&match step {
+                Step::Key(name) if walked.is_empty() => name.clone(),
+                Step::Key(name) => format!(".{name}"),
+                Step::Index(index) => format!("[{index}]"),
+            });
+        }
+        *here = self.value.clone();
+        if let toml::Value::Table(root) = root {
+            *table = root;
+        }
+        Ok(())
     }
 }
 
@@ -208,6 +404,15 @@ struct RawScenario {
     #[serde(default)]
     gateway: RawGateway,
     carriers: Vec<RawCarrier>,
+    #[serde(default)]
+    marks: Vec<RawMark>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMark {
+    at_secs: f64,
+    label: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,6 +451,9 @@ struct RawUsers {
     resend: Option<f64>,
     give_up_after_secs: Option<f64>,
     never_type: Option<f64>,
+    retry: Option<f64>,
+    retry_after_secs: Option<RawDist>,
+    retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -263,6 +471,9 @@ struct RawGateway {
     code_ttl_secs: Option<f64>,
     max_extension_secs: Option<f64>,
     queue_capacity: Option<usize>,
+    receipt_timeout_secs: Option<f64>,
+    reroutes: Option<u32>,
+    expiry_follows_delivery: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -275,6 +486,8 @@ struct RawCarrier {
     failure_rate: Option<f64>,
     refusal_rate: Option<f64>,
     receipt_delay_ms: Option<RawDist>,
+    delivery_delay_ms: Option<RawDist>,
+    receipt_loss: Option<f64>,
     window: Option<u32>,
     pace_per_sec: Option<u32>,
     weight: Option<u32>,
@@ -316,16 +529,20 @@ struct RawTimelineEntry {
     refusal_rate: Option<f64>,
     undeliverable_rate: Option<f64>,
     receipt_delay_ms: Option<RawDist>,
+    delivery_delay_ms: Option<RawDist>,
+    receipt_loss: Option<f64>,
     #[serde(default)]
     down: bool,
 }
 
-/// A number (constant) or `{ median = …, p95 = … }`, in the unit its key names.
+/// A number (constant), `{ median = …, p95 = … }` (log-normal) or `{ min = …, max = … }`
+/// (uniform), in the unit its key names.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(untagged)]
 enum RawDist {
     Constant(f64),
     LogNormal { median: f64, p95: f64 },
+    Uniform { min: f64, max: f64 },
 }
 
 impl RawDist {
@@ -344,10 +561,19 @@ impl RawDist {
                     p95: Duration::from_secs_f64(p95 * unit_secs),
                 })
             }
+            RawDist::Uniform { min, max } if ok(min) && ok(max) => {
+                if max < min {
+                    return invalid(format!("{key}.max"), "must not be below the min");
+                }
+                Ok(Dist::Uniform {
+                    min: Duration::from_secs_f64(min * unit_secs),
+                    max: Duration::from_secs_f64(max * unit_secs),
+                })
+            }
             _ => invalid(
                 key,
-                "must be a non-negative number, or { median, p95 } with a positive median, \
-                 at most a day",
+                "must be a non-negative number, { median, p95 } with a positive median, or \
+                 { min, max }, at most a day",
             ),
         }
     }
@@ -483,6 +709,20 @@ impl RawScenario {
             )?
             .div_f64(compression),
             never_type: share("users.never_type", self.users.never_type, 0.01)?,
+            retry: share("users.retry", self.users.retry, 0.0)?,
+            retry_after: self
+                .users
+                .retry_after_secs
+                .unwrap_or(RawDist::LogNormal {
+                    median: 1800.0,
+                    p95: 7200.0,
+                })
+                .validate("users.retry_after_secs", 1.0)?
+                .scaled(compression),
+            retries: match self.users.retries.unwrap_or(2) {
+                retries @ 0..=10 => retries,
+                _ => return invalid("users.retries", "must be between 0 and 10"),
+            },
         };
         let handsets = HandsetSettings {
             delay: self
@@ -517,6 +757,19 @@ impl RawScenario {
                 capacity @ 1..=100_000_000 => capacity,
                 _ => return invalid("gateway.queue_capacity", "must be between 1 and 100000000"),
             },
+            receipt_timeout: match self.gateway.receipt_timeout_secs {
+                Some(secs) => Some(
+                    seconds("gateway.receipt_timeout_secs", secs, 0.0, 86_400.0)?
+                        .div_f64(compression),
+                ),
+                None => None,
+            },
+            reroutes: match self.gateway.reroutes {
+                Some(reroutes @ 0..=10) => Some(reroutes),
+                Some(_) => return invalid("gateway.reroutes", "must be between 0 and 10"),
+                None => None,
+            },
+            expiry_follows_delivery: self.gateway.expiry_follows_delivery,
         };
 
         if self.carriers.is_empty() {
@@ -559,6 +812,22 @@ impl RawScenario {
                 ),
             );
         }
+        let mut marks = Vec::with_capacity(self.marks.len());
+        for (index, raw) in self.marks.into_iter().enumerate() {
+            let key = |field: &str| format!("marks[{index}].{field}");
+            let at = seconds(&key("at_secs"), raw.at_secs, 0.0, 30.0 * 86_400.0)?;
+            if raw.label.is_empty() || raw.label.chars().count() > 32 {
+                return invalid(key("label"), "must be 1 to 32 characters");
+            }
+            if marks.iter().any(|mark: &Mark| mark.label == raw.label) {
+                return invalid(key("label"), "duplicate mark label");
+            }
+            marks.push(Mark {
+                at_secs: raw.at_secs,
+                at: at.div_f64(compression),
+                label: raw.label,
+            });
+        }
         let connections = self.connections.unwrap_or(256);
         if !(1..=1_000_000).contains(&connections) {
             return invalid("connections", "must be between 1 and 1000000");
@@ -582,6 +851,7 @@ impl RawScenario {
             handsets,
             gateway,
             carriers,
+            marks,
         })
     }
 }
@@ -622,6 +892,12 @@ impl RawCarrier {
                 })
                 .validate(&key("receipt_delay_ms"), 0.001)?
                 .scaled(compression),
+            delivery_delay: self
+                .delivery_delay_ms
+                .unwrap_or(RawDist::Constant(0.0))
+                .validate(&key("delivery_delay_ms"), 0.001)?
+                .scaled(compression),
+            receipt_loss: share(&key("receipt_loss"), self.receipt_loss, 0.0)?,
             down: false,
         };
         let mut timeline = Vec::with_capacity(self.timeline.len());
@@ -657,6 +933,13 @@ impl RawCarrier {
                         .scaled(compression),
                     None => base.receipt_delay,
                 },
+                delivery_delay: match raw.delivery_delay_ms {
+                    Some(dist) => dist
+                        .validate(&key("delivery_delay_ms"), 0.001)?
+                        .scaled(compression),
+                    None => base.delivery_delay,
+                },
+                receipt_loss: share(&key("receipt_loss"), raw.receipt_loss, base.receipt_loss)?,
                 down: raw.down,
             };
             timeline.push(TimelineEntry {
@@ -900,6 +1183,201 @@ protocol = "smpp"
                 .iter()
                 .any(|prefix| scenario.phone(user).starts_with(prefix.as_str()));
             assert!(owner, "user {user} is in its shard's prefixes");
+        }
+    }
+
+    #[test]
+    fn carriers_can_deliver_late_and_lose_receipts() {
+        let text = SMALL
+            .replace(
+                "latency_ms = { median = 40, p95 = 120 }",
+                "latency_ms = { median = 40, p95 = 120 }\ndelivery_delay_ms = 500\nreceipt_loss = 0.1",
+            )
+            .replace(
+                "capacity_per_sec = 5",
+                "delivery_delay_ms = { min = 300000, max = 1500000 }\nreceipt_loss = 0.5",
+            );
+        let scenario = Scenario::parse(&text).unwrap();
+        let carrier = &scenario.carriers[0];
+        // Compressed 2 times, as every duration.
+        assert_eq!(
+            carrier.base.delivery_delay,
+            Dist::Constant(Duration::from_millis(250))
+        );
+        assert_eq!(carrier.base.receipt_loss, 0.1);
+        let late = carrier.state_at(Duration::from_secs(5));
+        assert_eq!(
+            late.delivery_delay,
+            Dist::Uniform {
+                min: Duration::from_secs(150),
+                max: Duration::from_secs(750)
+            }
+        );
+        assert_eq!(late.receipt_loss, 0.5);
+        assert_eq!(late.capacity_per_sec, carrier.base.capacity_per_sec);
+        // Without the keys: no delay, no loss.
+        let plain = Scenario::parse(SMALL).unwrap();
+        assert_eq!(
+            plain.carriers[0].base.delivery_delay,
+            Dist::Constant(Duration::ZERO)
+        );
+        assert_eq!(plain.carriers[0].timeline[0].state.receipt_loss, 0.0);
+        for (to, key) in [
+            (
+                "delivery_delay_ms = { min = 9, max = 3 }",
+                "carriers[0].timeline[0].delivery_delay_ms.max",
+            ),
+            (
+                "delivery_delay_ms = -1",
+                "carriers[0].timeline[0].delivery_delay_ms",
+            ),
+            ("receipt_loss = 2", "carriers[0].timeline[0].receipt_loss"),
+        ] {
+            let error = Scenario::parse(&SMALL.replace("capacity_per_sec = 5", to))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+    }
+
+    #[test]
+    fn marks_are_in_scenario_time() {
+        let text = format!(
+            "{SMALL}\n[[marks]]\nat_secs = 20\nlabel = \"13:00:20\"\n[[marks]]\nat_secs = 60\nlabel = \"end\"\n"
+        );
+        let scenario = Scenario::parse(&text).unwrap();
+        assert_eq!(scenario.marks.len(), 2);
+        assert_eq!(scenario.marks[0].label, "13:00:20");
+        assert_eq!(scenario.marks[0].at_secs, 20.0);
+        assert_eq!(scenario.marks[0].at, Duration::from_secs(10));
+        assert!(Scenario::parse(SMALL).unwrap().marks.is_empty());
+        for (second, key) in [
+            ("at_secs = -1\nlabel = \"x\"", "marks[1].at_secs"),
+            ("at_secs = 2\nlabel = \"\"", "marks[1].label"),
+            ("at_secs = 2\nlabel = \"13:00:20\"", "marks[1].label"),
+            ("at_secs = 2\nlabel = \"x\"\ncolour = 1", "marks[1].colour"),
+            ("label = \"x\"", "marks[1]"),
+        ] {
+            let text = format!(
+                "{SMALL}\n[[marks]]\nat_secs = 1\nlabel = \"13:00:20\"\n[[marks]]\n{second}\n"
+            );
+            let error = Scenario::parse(&text).unwrap_err().to_string();
+            assert!(error.contains(key), "{second}: {error}");
+        }
+    }
+
+    #[test]
+    fn failed_users_may_come_back() {
+        let plain = Scenario::parse(SMALL).unwrap();
+        assert_eq!(plain.users.retry, 0.0);
+        let text = format!(
+            "{SMALL}\n[users]\nretry = 0.6\nretries = 3\nretry_after_secs = {{ median = 3600, p95 = 7200 }}\n"
+        );
+        let users = Scenario::parse(&text).unwrap().users;
+        assert_eq!(users.retry, 0.6);
+        assert_eq!(users.retries, 3);
+        assert_eq!(
+            users.retry_after,
+            Dist::LogNormal {
+                median: Duration::from_secs(1800),
+                p95: Duration::from_secs(3600)
+            }
+        );
+        for (to, key) in [
+            ("retry = 1.5", "users.retry"),
+            ("retries = 11", "users.retries"),
+            (
+                "retry_after_secs = { min = 2, max = 1 }",
+                "users.retry_after_secs.max",
+            ),
+        ] {
+            let error = Scenario::parse(&format!("{SMALL}\n[users]\n{to}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_gateway_defences_are_set_only_when_written() {
+        let plain = Scenario::parse(SMALL).unwrap().gateway;
+        assert_eq!(plain.receipt_timeout, None);
+        assert_eq!(plain.reroutes, None);
+        assert_eq!(plain.expiry_follows_delivery, None);
+        let text = format!(
+            "{SMALL}\n[gateway]\nreceipt_timeout_secs = 45\nreroutes = 2\nexpiry_follows_delivery = false\n"
+        );
+        let gateway = Scenario::parse(&text).unwrap().gateway;
+        assert_eq!(gateway.receipt_timeout, Some(Duration::from_millis(22_500)));
+        assert_eq!(gateway.reroutes, Some(2));
+        assert_eq!(gateway.expiry_follows_delivery, Some(false));
+        for (to, key) in [
+            ("receipt_timeout_secs = -1", "gateway.receipt_timeout_secs"),
+            ("reroutes = 11", "gateway.reroutes"),
+            ("reroutes = -1", "gateway.reroutes"),
+            (
+                "expiry_follows_delivery = 1",
+                "gateway.expiry_follows_delivery",
+            ),
+        ] {
+            let error = Scenario::parse(&format!("{SMALL}\n[gateway]\n{to}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+    }
+
+    #[test]
+    fn overrides_set_keys_before_validation() {
+        let set = |text: &str| text.parse::<Override>().unwrap();
+        let scenario = Scenario::parse_with(
+            SMALL,
+            &[
+                set("users.resend=0.2"),
+                set("gateway.receipt_timeout_secs=0"),
+                set("carriers[0].timeline[0].delivery_delay_ms = { min = 2, max = 4 }"),
+                set("clients.1.priority=3"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(scenario.users.resend, 0.2);
+        assert_eq!(scenario.gateway.receipt_timeout, Some(Duration::ZERO));
+        assert_eq!(
+            scenario.carriers[0].timeline[0].state.delivery_delay,
+            Dist::Uniform {
+                min: Duration::from_millis(1),
+                max: Duration::from_millis(2)
+            }
+        );
+        assert_eq!(scenario.clients[1].priority, 3);
+        // Bad text is refused before the scenario is read.
+        for text in [
+            "users.resend",
+            "users.resend=fast",
+            "users..resend=1",
+            "[0]=1",
+            "a[x]=1",
+        ] {
+            assert!(text.parse::<Override>().is_err(), "{text}");
+        }
+        // A bad path or value is named by its key.
+        for (text, key) in [
+            (
+                "carriers[3].weight=2",
+                "key carriers[3].weight: --set: carriers has 1 entries",
+            ),
+            (
+                "carriers.name=\"x\"",
+                "key carriers.name: --set: carriers is an array",
+            ),
+            ("name.first=1", "key name.first: --set: name is not a table"),
+            ("users.resend=\"often\"", "key users.resend"),
+            ("users.colour=1", "colour"),
+        ] {
+            let error = Scenario::parse_with(SMALL, &[set(text)])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{text}: {error}");
         }
     }
 

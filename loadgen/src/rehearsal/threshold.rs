@@ -301,6 +301,7 @@ mod tests {
             shards: vec![0],
             shard_count: 1,
             counts: Default::default(),
+            marks: Vec::new(),
             rejections: Vec::new(),
             latency: Default::default(),
             histograms: Default::default(),

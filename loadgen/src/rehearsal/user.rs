@@ -15,7 +15,7 @@ use crate::carriers::Network;
 use crate::carriers::standard_normal;
 use crate::rehearsal::api::Api;
 use crate::rehearsal::measure::{Count, Measurements, Series};
-use crate::rehearsal::scenario::Scenario;
+use crate::rehearsal::scenario::{Scenario, Users};
 
 /// What every user shares.
 #[derive(Debug)]
@@ -43,23 +43,54 @@ pub enum Outcome {
     Failed,
 }
 
-/// Plays user `user`, who arrives at `intended` as a user of client `client`.
+/// Plays user `user`, who arrives at `intended` as a user of client `client`; after a failed
+/// sign-up the user may come back and start again (the scenario's `users.retry`), within the
+/// scenario's arrivals and at most `users.retries` times. Returns how the last attempt ended.
 pub async fn journey(world: Arc<World>, user: u64, client: usize, intended: Instant) -> Outcome {
     let measurements = &world.measurements;
+    let behaviour = &world.scenario.users;
+    let arrivals_end = measurements.started() + world.scenario.duration;
     measurements.record(Series::SchedulerLag, intended.elapsed());
     measurements.count(Count::Arrived);
-    measurements.user_entered();
-    let outcome = run(&world, user, client, intended).await;
-    measurements.user_left();
-    match outcome {
-        Outcome::Verified => measurements.count(Count::Verified),
-        Outcome::GaveUp => measurements.count(Count::GaveUp),
-        Outcome::NeverTyped => measurements.count(Count::NeverTyped),
-        Outcome::ExpiredSession => measurements.count(Count::ExpiredSessions),
-        Outcome::ExpiredWhileTyping => measurements.count(Count::ExpiredWhileTyping),
-        Outcome::Rejected | Outcome::Failed => {}
+    let mut intended = intended;
+    let mut attempt = 0;
+    loop {
+        measurements.user_entered();
+        let outcome = run(&world, user, client, intended).await;
+        measurements.user_left();
+        match outcome {
+            Outcome::Verified => measurements.count(Count::Verified),
+            Outcome::GaveUp => measurements.count(Count::GaveUp),
+            Outcome::NeverTyped => measurements.count(Count::NeverTyped),
+            Outcome::ExpiredSession => measurements.count(Count::ExpiredSessions),
+            Outcome::ExpiredWhileTyping => measurements.count(Count::ExpiredWhileTyping),
+            Outcome::Rejected | Outcome::Failed => {}
+        }
+        let Some(again) = comes_back(behaviour, outcome, attempt, &mut rand::rng()) else {
+            return outcome;
+        };
+        let again = Instant::now() + again;
+        if again >= arrivals_end {
+            return outcome;
+        }
+        tokio::time::sleep_until(again.into()).await;
+        measurements.count(Count::Retries);
+        intended = again;
+        attempt += 1;
     }
-    outcome
+}
+
+/// Whether a user whose attempt number `attempt` (from 0) ended so comes back to start again,
+/// and after how long.
+fn comes_back(
+    behaviour: &Users,
+    outcome: Outcome,
+    attempt: u32,
+    rng: &mut impl Rng,
+) -> Option<Duration> {
+    let failed = !matches!(outcome, Outcome::Verified | Outcome::NeverTyped);
+    (failed && attempt < behaviour.retries && rng.random::<f64>() < behaviour.retry)
+        .then(|| behaviour.retry_after.sample(rng))
 }
 
 async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outcome {
@@ -282,6 +313,33 @@ pub fn longest_journey(scenario: &Scenario) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_users_come_back_as_the_scenario_says() {
+        let scenario = crate::rehearsal::scenario::Scenario::parse(
+            &include_str!("../../../scenarios/smoke.toml").replace(
+                "[users]",
+                "[users]\nretry = 0.25\nretries = 1\nretry_after_secs = { min = 60, max = 120 }",
+            ),
+        )
+        .unwrap();
+        let behaviour = &scenario.users;
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let mut back = 0;
+        for _ in 0..4000 {
+            if let Some(after) = comes_back(behaviour, Outcome::ExpiredSession, 0, &mut rng) {
+                back += 1;
+                let secs = after.as_secs_f64() * scenario.time_compression;
+                assert!((59.9..=120.1).contains(&secs), "{secs}");
+            }
+        }
+        assert!((900..1100).contains(&back), "{back} of 4000 came back");
+        for outcome in [Outcome::Verified, Outcome::NeverTyped] {
+            assert_eq!(comes_back(behaviour, outcome, 0, &mut rng), None);
+        }
+        // Past `retries`, nobody comes back.
+        assert!((0..100).all(|_| comes_back(behaviour, Outcome::GaveUp, 1, &mut rng).is_none()));
+    }
 
     #[test]
     fn codes_and_typos() {

@@ -658,3 +658,72 @@ fn the_steady_rate_leaves_out_the_first_and_last_tenth() {
     assert!((rate - 1_000.0).abs() < 1.0, "{rate}");
     assert_eq!(super::steady_rate(&at[..9]), None);
 }
+
+#[tokio::test]
+async fn a_late_carrier_answers_at_once_and_sends_the_sms_and_its_receipt_late() {
+    let delivery = Duration::from_millis(400);
+    let sim = sim(|settings| {
+        settings.carrier.base.delivery_delay = Dist::Constant(delivery);
+        settings.carrier.base.receipt_delay = Dist::Constant(Duration::from_millis(200));
+    })
+    .await;
+    let user = 5;
+    let phone = sim.network.phones.phone(user);
+    let mut inbox = sim.network.handsets.register(user);
+    let mut esme = Esme::bound(sim.smsc.local_addr()).await;
+    let part = &parts("Codice: 778899", &Coding::default())[0];
+    esme.send(submit(&phone, part, true)).await;
+    let answer = esme.recv().await.unwrap();
+    let accepted = Instant::now();
+    assert_eq!(answer.status(), CommandStatus::EsmeRok);
+    // Accepted at once: counted for the user before the SMS leaves the carrier.
+    assert_eq!(sim.network.accepted_for(user), 1);
+    let text = tokio::time::timeout(Duration::from_secs(5), inbox.messages.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let on_handset = accepted.elapsed();
+    assert_eq!(&*text, "Codice: 778899");
+    let receipt = tokio::time::timeout(Duration::from_secs(5), esme.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let receipted = accepted.elapsed();
+    assert_eq!(receipt.id(), CommandId::DeliverSm);
+    // Handset at acceptance + delivery delay (+ no handset delay), the receipt 200 ms later.
+    assert!(
+        on_handset >= delivery - Duration::from_millis(5),
+        "{on_handset:?}"
+    );
+    assert!(
+        receipted >= delivery + Duration::from_millis(195),
+        "{receipted:?}"
+    );
+    assert!(on_handset < receipted, "{on_handset:?} {receipted:?}");
+}
+
+#[tokio::test]
+async fn a_lost_receipt_is_never_sent_but_the_sms_arrives() {
+    let sim = sim(|settings| settings.carrier.base.receipt_loss = 1.0).await;
+    let user = 6;
+    let phone = sim.network.phones.phone(user);
+    let mut inbox = sim.network.handsets.register(user);
+    let mut esme = Esme::bound(sim.smsc.local_addr()).await;
+    let part = &parts("Codice: 101010", &Coding::default())[0];
+    esme.send(submit(&phone, part, true)).await;
+    assert_eq!(esme.recv().await.unwrap().status(), CommandStatus::EsmeRok);
+    let text = tokio::time::timeout(Duration::from_secs(2), inbox.messages.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&*text, "Codice: 101010");
+    let counts = sim.smsc.counts();
+    eventually("the receipt withheld", || {
+        load(&counts.receipts_withheld) == 1
+    })
+    .await;
+    // The receipt delay is zero: a receipt would be here by now.
+    let next = tokio::time::timeout(Duration::from_millis(300), esme.recv()).await;
+    assert!(next.is_err(), "{next:?}");
+    assert_eq!(load(&counts.smpp.deliver_sm), 0);
+}
