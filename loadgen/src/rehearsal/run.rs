@@ -378,25 +378,23 @@ pub fn gateway_config(
     use std::fmt::Write as _;
     let c = scenario.time_compression;
     let secs = |scenario_secs: f64, min: u64| ((scenario_secs / c).round() as u64).max(min);
-    // The delivery-aware defences, only when the scenario sets them: a gateway without them
-    // refuses keys it does not know.
-    let mut defences = String::new();
-    if let Some(reroutes) = scenario.gateway.reroutes {
-        let _ = writeln!(defences, "reroutes = {reroutes}");
-    }
-    if let Some(follows) = scenario.gateway.expiry_follows_delivery {
-        let _ = writeln!(defences, "expiry_follows_delivery = {follows}");
-    }
     let mut toml = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\npublic_url = \"http://{api_addr}\"\n\
-         max_connections = {}\nshutdown_grace_secs = 5\n\n\
-         [verification]\ncode_ttl_secs = {}\nmax_extension_secs = {}\nresend_cooldown_secs = {}\n{defences}\n\
+         max_connections = {}\nshutdown_grace_secs = 5\nsweep_interval_ms = {}\n\n\
+         [verification]\ncode_ttl_secs = {}\nmax_extension_secs = {}\nresend_cooldown_secs = {}\n\
+         reroutes = {}\nexpiry_follows_delivery = {}\n\n\
          [limits]\nphone_sends = [{{ max = 1, per_secs = {} }}, {{ max = 5, per_secs = {} }}]\n\n\
          [queue]\ncapacity = {}\n",
         options.connections * 2 + 1024,
+        // The sweep finds expired codes and overdue receipts. Its default second of real time
+        // is 40 s of the day at 40x: run it every second of scenario time, but no more often
+        // than every 50 ms, since each sweep also walks the store's housekeeping.
+        ((1000.0 / c).round() as u64).clamp(50, 1000),
         (scenario.gateway.code_ttl.as_secs_f64().round() as u64).max(10),
         scenario.gateway.max_extension.as_secs_f64().round() as u64,
         secs(30.0, 1),
+        scenario.gateway.reroutes,
+        scenario.gateway.expiry_follows_delivery,
         secs(30.0, 1),
         secs(600.0, 1),
         scenario.gateway.queue_capacity,
@@ -413,10 +411,8 @@ pub fn gateway_config(
     }
     for (settings, carrier) in scenario.carriers.iter().zip(carriers) {
         toml.push_str(&gateway_carrier(settings, carrier));
-        if let Some(timeout) = scenario.gateway.receipt_timeout {
-            let millis = (timeout.as_secs_f64() * 1000.0).round() as u64;
-            let _ = writeln!(toml, "receipt_timeout_ms = {millis}");
-        }
+        let millis = (scenario.gateway.receipt_timeout.as_secs_f64() * 1000.0).round() as u64;
+        let _ = writeln!(toml, "receipt_timeout_ms = {millis}");
     }
     toml
 }
@@ -725,11 +721,20 @@ protocol = "smpp"
     }
 
     #[test]
-    fn the_gateway_defences_are_passed_only_when_the_scenario_sets_them() {
-        let plain = config("");
-        for key in ["reroutes", "expiry_follows_delivery", "receipt_timeout_ms"] {
-            assert!(!plain.contains(key), "{key} in\n{plain}");
-        }
+    fn the_gateway_defences_are_passed_as_the_scenario_sets_them() {
+        let plain: toml::Table = config("").parse().unwrap();
+        assert_eq!(plain["verification"]["reroutes"].as_integer(), Some(1));
+        assert_eq!(
+            plain["verification"]["expiry_follows_delivery"].as_bool(),
+            Some(true)
+        );
+        // The gateway's 60 s receipt timeout in scenario time is 1,500 real ms at 40x, and the
+        // sweep runs every 50 ms (two seconds of the scenario, at its floor).
+        assert_eq!(
+            plain["carriers"][0]["receipt_timeout_ms"].as_integer(),
+            Some(1500)
+        );
+        assert_eq!(plain["sweep_interval_ms"].as_integer(), Some(50));
         let text = config(
             "[gateway]\nreceipt_timeout_secs = 90\nreroutes = 2\nexpiry_follows_delivery = true\n",
         );
@@ -758,7 +763,7 @@ protocol = "smpp"
             off["verification"]["expiry_follows_delivery"].as_bool(),
             Some(false)
         );
-        assert!(off["verification"].get("reroutes").is_none());
+        assert_eq!(off["verification"]["reroutes"].as_integer(), Some(1));
         assert_eq!(
             off["carriers"][0]["receipt_timeout_ms"].as_integer(),
             Some(0)

@@ -100,13 +100,13 @@ pub struct GatewaySettings {
     pub code_ttl: Duration,
     pub max_extension: Duration,
     pub queue_capacity: usize,
-    /// The delivery-aware defences, passed to the gateway only when the scenario sets them:
-    /// how long each carrier's `delivered` receipt may take before the SMS is rerouted (real
-    /// time), how many reroutes an SMS gets, and whether a code's expiry counts from its
-    /// delivery.
-    pub receipt_timeout: Option<Duration>,
-    pub reroutes: Option<u32>,
-    pub expiry_follows_delivery: Option<bool>,
+    /// The delivery-aware defences, with the gateway's own defaults: how long each carrier's
+    /// `delivered` receipt may take before the SMS is rerouted (real time, so compressed like
+    /// every duration; zero turns the watch off), how many reroutes a verification gets, and
+    /// whether a code's expiry counts from its delivery.
+    pub receipt_timeout: Duration,
+    pub reroutes: u32,
+    pub expiry_follows_delivery: bool,
 }
 
 impl Scenario {
@@ -757,19 +757,18 @@ impl RawScenario {
                 capacity @ 1..=100_000_000 => capacity,
                 _ => return invalid("gateway.queue_capacity", "must be between 1 and 100000000"),
             },
-            receipt_timeout: match self.gateway.receipt_timeout_secs {
-                Some(secs) => Some(
-                    seconds("gateway.receipt_timeout_secs", secs, 0.0, 86_400.0)?
-                        .div_f64(compression),
-                ),
-                None => None,
+            receipt_timeout: seconds(
+                "gateway.receipt_timeout_secs",
+                self.gateway.receipt_timeout_secs.unwrap_or(60.0),
+                0.0,
+                86_400.0,
+            )?
+            .div_f64(compression),
+            reroutes: match self.gateway.reroutes.unwrap_or(1) {
+                reroutes @ 0..=5 => reroutes,
+                _ => return invalid("gateway.reroutes", "must be between 0 and 5"),
             },
-            reroutes: match self.gateway.reroutes {
-                Some(reroutes @ 0..=10) => Some(reroutes),
-                Some(_) => return invalid("gateway.reroutes", "must be between 0 and 10"),
-                None => None,
-            },
-            expiry_follows_delivery: self.gateway.expiry_follows_delivery,
+            expiry_follows_delivery: self.gateway.expiry_follows_delivery.unwrap_or(true),
         };
 
         if self.carriers.is_empty() {
@@ -1299,21 +1298,22 @@ protocol = "smpp"
     }
 
     #[test]
-    fn the_gateway_defences_are_set_only_when_written() {
+    fn the_gateway_defences_default_to_the_gateways_own() {
+        // SMALL runs at 2x: the gateway's 60 s receipt timeout is 30 s of real time.
         let plain = Scenario::parse(SMALL).unwrap().gateway;
-        assert_eq!(plain.receipt_timeout, None);
-        assert_eq!(plain.reroutes, None);
-        assert_eq!(plain.expiry_follows_delivery, None);
+        assert_eq!(plain.receipt_timeout, Duration::from_secs(30));
+        assert_eq!(plain.reroutes, 1);
+        assert!(plain.expiry_follows_delivery);
         let text = format!(
             "{SMALL}\n[gateway]\nreceipt_timeout_secs = 45\nreroutes = 2\nexpiry_follows_delivery = false\n"
         );
         let gateway = Scenario::parse(&text).unwrap().gateway;
-        assert_eq!(gateway.receipt_timeout, Some(Duration::from_millis(22_500)));
-        assert_eq!(gateway.reroutes, Some(2));
-        assert_eq!(gateway.expiry_follows_delivery, Some(false));
+        assert_eq!(gateway.receipt_timeout, Duration::from_millis(22_500));
+        assert_eq!(gateway.reroutes, 2);
+        assert!(!gateway.expiry_follows_delivery);
         for (to, key) in [
             ("receipt_timeout_secs = -1", "gateway.receipt_timeout_secs"),
-            ("reroutes = 11", "gateway.reroutes"),
+            ("reroutes = 6", "gateway.reroutes"),
             ("reroutes = -1", "gateway.reroutes"),
             (
                 "expiry_follows_delivery = 1",
@@ -1341,7 +1341,7 @@ protocol = "smpp"
         )
         .unwrap();
         assert_eq!(scenario.users.resend, 0.2);
-        assert_eq!(scenario.gateway.receipt_timeout, Some(Duration::ZERO));
+        assert_eq!(scenario.gateway.receipt_timeout, Duration::ZERO);
         assert_eq!(
             scenario.carriers[0].timeline[0].state.delivery_delay,
             Dist::Uniform {
