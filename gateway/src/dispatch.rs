@@ -17,7 +17,9 @@
 //!
 //! Which carriers may take a job is the queue's business: each job carries the set its number's
 //! prefix rules allow (`routing.rs`), a carrier pops only jobs in its set, and a job arriving
-//! while several eligible carriers are idle wakes one of them drawn by weight.
+//! while several eligible carriers are idle wakes one of them drawn by weight. A carrier on
+//! standby (`standby = true`, a backup) is never woken that way: it takes only the jobs no
+//! serving primary may take, those whose eligible primaries all lag or have an open circuit.
 //!
 //! Every job popped is settled with the queue once it is sent, dropped, deferred or put back,
 //! so the queue never counts as drained (and shutdown never ends) while a job may come back.
@@ -39,6 +41,7 @@ use crate::ids::CarrierId;
 use crate::metrics::{CarrierMetrics, SubmitOutcome};
 use crate::pace::AdaptivePace;
 use crate::queue::Job;
+use crate::routing::CarrierSet;
 use crate::verifier::{Completion, Prepared, Verifier};
 
 /// Longest pause after a throttle answer before the job is offered again.
@@ -60,14 +63,56 @@ pub struct Carrier {
     pub breaker: Arc<Breaker>,
 }
 
+/// The carriers that are not on standby, each with its breaker: what a standby carrier watches.
+#[derive(Debug, Default)]
+struct Primaries(Vec<(CarrierId, Arc<Breaker>)>);
+
+impl Primaries {
+    /// The primaries serving now: not lagging, and with a circuit that is not open.
+    fn serving(&self, deliveries: &crate::delivery::Deliveries, now: Instant) -> CarrierSet {
+        self.0
+            .iter()
+            .filter(|(id, breaker)| {
+                !deliveries.is_lagging(*id) && breaker.state(now) != crate::breaker::State::Open
+            })
+            .fold(0, |set, (id, _)| set | 1 << id)
+    }
+}
+
 /// Starts a dispatcher task per carrier. The returned set finishes once the queue is closed and
 /// every job has been handed to a carrier (or dropped).
 pub fn spawn(verifier: Verifier, carriers: Vec<Carrier>) -> JoinSet<()> {
+    let primaries = Arc::new(Primaries(
+        carriers
+            .iter()
+            .filter(|carrier| !carrier.config.standby)
+            .map(|carrier| (carrier.id, carrier.breaker.clone()))
+            .collect(),
+    ));
+    let standby: CarrierSet = carriers
+        .iter()
+        .filter(|carrier| carrier.config.standby)
+        .fold(0, |set, carrier| set | 1 << carrier.id);
     let mut tasks = JoinSet::new();
     for carrier in carriers {
-        tasks.spawn(run_carrier(verifier.clone(), Arc::new(carrier)));
+        let role = if carrier.config.standby {
+            Role::Standby(primaries.clone())
+        } else {
+            Role::Primary { standby }
+        };
+        tasks.spawn(run_carrier(verifier.clone(), Arc::new(carrier), role));
     }
     tasks
+}
+
+/// How a carrier takes jobs from the queue.
+#[derive(Debug, Clone)]
+enum Role {
+    /// Takes the most urgent job it may send; `standby` are the carriers on standby, which a
+    /// resend does not pass its job on to.
+    Primary { standby: CarrierSet },
+    /// Takes only the jobs the serving primaries may not take.
+    Standby(Arc<Primaries>),
 }
 
 /// How often a carrier passes on a job that asked to avoid it before sending it anyway.
@@ -77,7 +122,7 @@ const PASS_PAUSE: Duration = Duration::from_millis(20);
 /// How long a job waits when the store did not answer before it is tried again.
 const STORE_PAUSE: Duration = Duration::from_millis(250);
 
-async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
+async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>, role: Role) {
     let window = carrier.config.window.get() as usize;
     let pacer = Arc::new(AdaptivePace::new(carrier.config.pace_per_sec));
     carrier.metrics.set_pace(pacer.current());
@@ -94,6 +139,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
         verifier.clone(),
         pacer.clone(),
         carrier.clone(),
+        role.clone(),
     )));
     loop {
         tokio::select! {
@@ -111,12 +157,16 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     if queue.is_done_for(carrier.id) {
                         return;
                     }
-                    next = Some(Box::pin(next_job(verifier.clone(), pacer.clone(), carrier.clone())));
+                    next = Some(Box::pin(next_job(verifier.clone(), pacer.clone(), carrier.clone(), role.clone())));
                     continue;
                 };
                 // A resend, or a retry after this carrier failed, goes by another carrier when
                 // there is one: pass it on, and keep the permit and pace cell for the next job.
-                let others_eligible = job.carriers & !(1 << carrier.id) != 0;
+                let standby = match &role {
+                    Role::Primary { standby } => *standby,
+                    Role::Standby(_) => 0,
+                };
+                let others_eligible = job.carriers & !(1 << carrier.id) & !standby != 0;
                 if others_eligible && job.avoid_carrier == Some(carrier.id) && job.passes < MAX_PASSES {
                     let mut job = job;
                     job.passes += 1;
@@ -126,13 +176,13 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                         requeuer.requeue(job);
                     });
                     queue.settle();
-                    next = Some(Box::pin(pop_job(verifier.clone(), permit, carrier.clone())));
+                    next = Some(Box::pin(pop_job(verifier.clone(), permit, carrier.clone(), role.clone())));
                     continue;
                 }
                 if verifier.backend().is_remote() {
                     // Preparing a job takes round trips: each runs inside its own submit
                     // future, so the window's worth of jobs prepare at once.
-                    next = Some(Box::pin(next_job(verifier.clone(), pacer.clone(), carrier.clone())));
+                    next = Some(Box::pin(next_job(verifier.clone(), pacer.clone(), carrier.clone(), role.clone())));
                     in_flight.push(Box::pin(prepare_and_submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job)));
                     carrier.metrics.set_in_flight(in_flight.len());
                     continue;
@@ -142,7 +192,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                         if job.avoid_carrier.is_some_and(|avoided| avoided != carrier.id) {
                             carrier.metrics.took_over();
                         }
-                        next = Some(Box::pin(next_job(verifier.clone(), pacer.clone(), carrier.clone())));
+                        next = Some(Box::pin(next_job(verifier.clone(), pacer.clone(), carrier.clone(), role.clone())));
                         in_flight.push(Box::pin(submit(verifier.clone(), carrier.clone(), pacer.clone(), permit, job, sms)));
                         carrier.metrics.set_in_flight(in_flight.len());
                     }
@@ -150,7 +200,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                     // job has them.
                     Prepared::Dropped => {
                         queue.settle();
-                        next = Some(Box::pin(pop_job(verifier.clone(), permit, carrier.clone())));
+                        next = Some(Box::pin(pop_job(verifier.clone(), permit, carrier.clone(), role.clone())));
                     }
                     Prepared::Later => {
                         let requeuer = verifier.clone();
@@ -158,7 +208,7 @@ async fn run_carrier(verifier: Verifier, carrier: Arc<Carrier>) {
                             requeuer.requeue(job);
                         });
                         queue.settle();
-                        next = Some(Box::pin(pop_job(verifier.clone(), permit, carrier.clone())));
+                        next = Some(Box::pin(pop_job(verifier.clone(), permit, carrier.clone(), role.clone())));
                     }
                 }
             }
@@ -177,6 +227,7 @@ async fn next_job(
     verifier: Verifier,
     pacer: Arc<Pacer>,
     carrier: Arc<Carrier>,
+    role: Role,
 ) -> (Option<Permit>, Option<Job>) {
     let queue = verifier.queue();
     loop {
@@ -210,7 +261,7 @@ async fn next_job(
             tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
         }
         pacer.until_ready().await;
-        let Some(job) = take_job(&verifier, &carrier).await else {
+        let Some(job) = take_job(&verifier, &carrier, &role).await else {
             carrier.breaker.record(permit, None, Instant::now());
             return (None, None);
         };
@@ -232,8 +283,9 @@ async fn pop_job(
     verifier: Verifier,
     permit: Permit,
     carrier: Arc<Carrier>,
+    role: Role,
 ) -> (Option<Permit>, Option<Job>) {
-    match take_job(&verifier, &carrier).await {
+    match take_job(&verifier, &carrier, &role).await {
         Some(job) => (Some(permit), Some(job)),
         None => {
             carrier.breaker.record(permit, None, Instant::now());
@@ -248,11 +300,23 @@ async fn pop_job(
 /// the carriers that deliver, as far as their pace allows: it takes the jobs they leave waiting
 /// or cannot send, and a probe now and then (one job in twenty, and at least one per ten receipt
 /// timeouts), for which it competes like any idle carrier. The probes' receipts bring it back.
-async fn take_job(verifier: &Verifier, carrier: &Carrier) -> Option<Job> {
+async fn take_job(verifier: &Verifier, carrier: &Carrier, role: &Role) -> Option<Job> {
     let queue = verifier.queue();
     let deliveries = verifier.deliveries();
     let clock = verifier.clock();
     let id = carrier.id;
+    if let Role::Standby(primaries) = role {
+        loop {
+            let serving = primaries.serving(deliveries, Instant::now());
+            if let Some(job) = queue.try_pop_where(id, |job| job.carriers & serving == 0) {
+                return Some(job);
+            }
+            if queue.is_done_for(id) {
+                return None;
+            }
+            tokio::time::sleep(STANDBY_LOOK_EVERY).await;
+        }
+    }
     loop {
         if !deliveries.is_lagging(id) {
             return queue.pop(id).await;
@@ -284,6 +348,8 @@ async fn take_job(verifier: &Verifier, carrier: &Carrier) -> Option<Job> {
 
 /// How often a lagging carrier looks at the queue for jobs left waiting.
 const LAGGING_LOOK_EVERY: Duration = Duration::from_millis(50);
+/// How often a carrier on standby looks at the queue for jobs no serving primary may take.
+const STANDBY_LOOK_EVERY: Duration = Duration::from_millis(20);
 
 /// A submit in flight: boxed, since the embedded and redis back-ends start it differently.
 type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;

@@ -112,6 +112,7 @@ pub async fn run(
             prefixes: Vec::new(),
             exclude_prefixes: Vec::new(),
             weight: NonZeroU32::MIN,
+            standby: false,
         });
     }
     if config.is_unauthenticated() {

@@ -25,6 +25,8 @@ struct Rules {
     prefixes: Vec<Box<str>>,
     exclude: Vec<Box<str>>,
     pace_per_sec: f64,
+    /// A backup carrier: its pace counts only where no primary may send.
+    standby: bool,
 }
 
 impl Routes {
@@ -35,6 +37,7 @@ impl Routes {
                 prefixes: carrier.prefixes.clone(),
                 exclude: carrier.exclude_prefixes.clone(),
                 pace_per_sec: f64::from(carrier.pace_per_sec.get()),
+                standby: carrier.standby,
             })
             .collect();
         let unrestricted = carriers
@@ -68,13 +71,20 @@ impl Routes {
     }
 
     /// SMS per second the carriers in `set` are configured for together (at least 1), the basis
-    /// of a job's `eta_seconds`.
+    /// of a job's `eta_seconds` and of admission. Carriers on standby count only for a set with
+    /// no primary: they send while the primaries fail or lag, not beside them.
     pub fn pace_of(&self, set: CarrierSet) -> f64 {
-        self.carriers
-            .iter()
-            .enumerate()
-            .filter(|(id, _)| set & (1 << id) != 0)
-            .map(|(_, rules)| rules.pace_per_sec)
+        let in_set = || {
+            self.carriers
+                .iter()
+                .enumerate()
+                .filter(move |(id, _)| set & (1 << id) != 0)
+                .map(|(_, rules)| rules)
+        };
+        let any_primary = in_set().any(|rules| !rules.standby);
+        in_set()
+            .filter(|rules| !any_primary || !rules.standby)
+            .map(|rules| rules.pace_per_sec)
             .sum::<f64>()
             .max(1.0)
     }
@@ -94,6 +104,7 @@ mod tests {
             prefixes: prefixes.iter().map(|p| (*p).into()).collect(),
             exclude: exclude.iter().map(|p| (*p).into()).collect(),
             pace_per_sec: 10.0,
+            standby: false,
         }
     }
 
@@ -114,5 +125,18 @@ mod tests {
         assert_eq!(routes.eligible("+33612345678"), 0b001);
         assert_eq!(routes.pace_of(0b101), 20.0);
         assert_eq!(routes.pace_of(0), 1.0);
+    }
+
+    #[test]
+    fn a_standby_carriers_pace_counts_only_without_a_primary() {
+        let mut backup = rules(&[], &[]);
+        backup.standby = true;
+        backup.pace_per_sec = 4.0;
+        let routes = Routes {
+            carriers: vec![rules(&[], &[]), backup],
+            unrestricted: None,
+        };
+        assert_eq!(routes.pace_of(0b11), 10.0);
+        assert_eq!(routes.pace_of(0b10), 4.0);
     }
 }

@@ -279,3 +279,86 @@ async fn carriers_without_receipts_are_unknown() {
     );
     gateway.stop().await.unwrap();
 }
+
+/// A carrier on standby (a backup) sends nothing while its primary serves, however idle it is;
+/// it takes the reroutes away from the primary, then every new SMS while the primary lags, and
+/// the jobs of a primary whose circuit is open.
+#[tokio::test]
+async fn a_standby_carrier_sends_only_what_its_primary_cannot() {
+    let silent = FakeCarrier::start().await;
+    silent.deliver(Duration::from_secs(3600), LATE_TOKEN);
+    let backup = FakeCarrier::start().await;
+    backup.deliver(Duration::ZERO, PROMPT_TOKEN);
+    let config = format!(
+        "sweep_interval_ms = 50\n[limits]\nphone_sends = [{{ max = 10, per_secs = 600 }}]\n\
+         {}receipt_token = \"{LATE_TOKEN}\"\nreceipt_timeout_ms = 1500\n\
+         {}receipt_token = \"{PROMPT_TOKEN}\"\nstandby = true\n",
+        silent.config("silent", 100, 20),
+        backup.config("backup", 100, 20),
+    );
+    let gateway = Gateway::start(&config).await;
+
+    // The primary serves: every first SMS is its, though the backup is idle and as fast.
+    let mut ids = Vec::new();
+    for n in 1..=4 {
+        let started = gateway.start_verification(&phone(n)).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        ids.push(started.id());
+    }
+    silent.wait_for(4, Duration::from_secs(5)).await;
+    assert!(
+        backup.received().is_empty(),
+        "the backup sent while the primary served"
+    );
+    // Their receipts go missing: the same codes go by the backup.
+    for id in &ids {
+        let delivered = gateway.wait_for_delivery(id, "delivered").await;
+        assert_eq!(delivered.body["delivery"]["carrier"], "backup");
+    }
+    // Four more missing receipts: the primary is lagging, and new SMS go by the backup at once
+    // (but for a probe now and then).
+    for n in 5..=8 {
+        let started = gateway.start_verification(&phone(n)).await;
+        gateway.wait_for_delivery(&started.id(), "delivered").await;
+    }
+    let lagging = r#"otpgate_carrier_delivery_state{carrier="silent",state="lagging"}"#;
+    gateway.wait_for_metric(lagging, |v| v == 1.0).await;
+    let sent_by_silent = silent.received().len();
+    for n in 9..=18 {
+        let started = gateway.start_verification(&phone(n)).await;
+        gateway.wait_for_delivery(&started.id(), "delivered").await;
+    }
+    let probes = silent.received().len() - sent_by_silent;
+    assert!(
+        probes <= 2,
+        "the lagging primary took {probes} of 10 new SMS"
+    );
+    gateway.stop().await.unwrap();
+}
+
+/// A primary that fails opens its circuit; its jobs then go by the standby carrier.
+#[tokio::test]
+async fn a_standby_carrier_takes_over_from_an_open_circuit() {
+    let failing = FakeCarrier::start().await;
+    failing.script(&[tests::Reply::Status(500, None)]);
+    let backup = FakeCarrier::start().await;
+    let config = format!(
+        "{}breaker_failures = 3\nbreaker_open_ms = 60000\n{}standby = true\n",
+        failing.config("failing", 100, 20),
+        backup.config("backup", 100, 20),
+    );
+    let gateway = Gateway::start(&config).await;
+    let mut ids = Vec::new();
+    for n in 1..=10 {
+        let started = gateway.start_verification(&phone(n)).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        ids.push(started.id());
+    }
+    for id in &ids {
+        let submitted = gateway.wait_for_delivery(id, "submitted").await;
+        assert_eq!(submitted.body["delivery"]["carrier"], "backup");
+    }
+    let open = r#"otpgate_carrier_circuit_state{carrier="failing"}"#;
+    assert_eq!(gateway.metric(open).await, Some(2.0));
+    gateway.stop().await.unwrap();
+}

@@ -35,6 +35,7 @@ pub struct RawCarrier {
     #[serde(default)]
     pub exclude_prefixes: Vec<String>,
     pub weight: Option<u32>,
+    pub standby: Option<bool>,
     // SMPP carriers only.
     pub host: Option<String>,
     pub port: Option<u16>,
@@ -77,6 +78,10 @@ pub struct CarrierConfig {
     /// Its share, against the other eligible carriers, of the jobs that arrive while several
     /// are idle. When jobs wait in the queue every carrier sends as fast as it is allowed.
     pub weight: NonZeroU32,
+    /// A backup carrier: it takes a job only when no other carrier eligible for it is serving
+    /// (all lagging or with an open circuit), or when no other may send it (prefix rules, a
+    /// reroute away from the carrier that sent).
+    pub standby: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -457,6 +462,7 @@ impl RawCarrier {
             prefixes,
             exclude_prefixes,
             weight,
+            standby: self.standby.unwrap_or(false),
         })
     }
 }

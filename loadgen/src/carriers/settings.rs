@@ -22,6 +22,8 @@ pub struct Carrier {
     pub window: u32,
     pub pace_per_sec: u32,
     pub weight: u32,
+    /// A backup the gateway calls on only while the others lag or fail (`standby = true`).
+    pub standby: bool,
     pub prefixes: Vec<String>,
     /// The token its receipts carry; with `--target` it must be the gateway's `receipt_token`
     /// for this carrier. Made up when absent.
@@ -244,6 +246,7 @@ impl Carrier {
             window: 100,
             pace_per_sec: capacity_per_sec.round().max(1.0) as u32,
             weight: 1,
+            standby: false,
             prefixes: Vec::new(),
             receipt_token: None,
             protocol,

@@ -426,12 +426,13 @@ fn gateway_carrier(settings: &crate::carriers::Carrier, carrier: &SimCarrier) ->
         .map(|prefix| format!("\"{prefix}\""))
         .collect();
     let common = format!(
-        "\n[[carriers]]\nname = \"{}\"\npace_per_sec = {}\nwindow = {}\nweight = {}\nprefixes = [{}]\n\
-         timeout_ms = 5000\n",
+        "\n[[carriers]]\nname = \"{}\"\npace_per_sec = {}\nwindow = {}\nweight = {}\nstandby = {}\n\
+         prefixes = [{}]\ntimeout_ms = 5000\n",
         settings.name,
         settings.pace_per_sec,
         settings.window,
         settings.weight,
+        settings.standby,
         prefixes.join(", "),
     );
     match (&settings.protocol, &carrier.smpp_login) {

@@ -491,6 +491,7 @@ struct RawCarrier {
     window: Option<u32>,
     pace_per_sec: Option<u32>,
     weight: Option<u32>,
+    standby: Option<bool>,
     #[serde(default)]
     prefixes: Vec<String>,
     receipt_token: Option<String>,
@@ -1032,6 +1033,7 @@ impl RawCarrier {
             window,
             pace_per_sec: pace.round() as u32,
             weight,
+            standby: self.standby.unwrap_or(false),
             prefixes: self.prefixes,
             receipt_token: self.receipt_token,
             protocol,
