@@ -170,6 +170,7 @@ window = 10
 timeout_ms = 1000
 http_version = "1.1"
 receipt_token = "dashboards-test-beta-receipts"
+receipt_timeout_ms = 4000
 breaker_open_ms = 3000
 
 # An SMPP carrier whose SMSC is never there (nothing listens on DEAD_PORT): it exports
