@@ -14,6 +14,7 @@
 //! | `bind` | `session`, `command` (`bind_transceiver`, …), `system_id`, `system_type`, `interface_version`, `status` (0, or 0x0E bad password, 0x0F bad system_id, 0x05 already bound) |
 //! | `submit` | `session`, `seq`, `status`, `message_id` (null unless status 0), `service_type`, `source_addr`, `source_addr_ton`, `source_addr_npi`, `destination_addr`, `dest_addr_ton`, `dest_addr_npi`, `data_coding`, `esm_class`, `registered_delivery`, `short_message_hex`, `in_message_payload`, `udh` (`{ref, total, seq}` or null), `sar` (the same from SAR TLVs, or null), `text` (the package's decoding of this part; null if it left bytes) |
 //! | `message` | `source_addr`, `destination_addr`, `text` (whole, parts joined in seq order), `parts`, `data_coding`, `message_ids`, `ref` (concatenated only): once every part of an accepted message is in |
+//! | `handset` | the same fields: when that message reaches the handset, [`NpmSmscOptions::delivery_delay`] after the `submit_sm_resp` of its last part |
 //! | `receipt_queued` | `message_id`: no receiver or transceiver of its system_id is bound yet |
 //! | `receipt_sent` | `session`, `seq`, `message_id` (as the submit_sm_resp gave it), `receipt_id` (as the receipt gives it), `receipts` |
 //! | `receipt_acked` | `session`, `message_id`, `command` (`deliver_sm_resp` or `generic_nack`), `status` |
@@ -23,9 +24,9 @@
 //! | `exit` | `reason` |
 //!
 //! Statuses are numbers (`88` is ESME_RTHROTTLED 0x58). Receipts go out about 20 ms after the
-//! `submit_sm_resp`, for accepted submits whose `registered_delivery & 3 == 1`, round-robin over
-//! the receiver and transceiver sessions of the submit's system_id. The password is never
-//! printed.
+//! SMS reaches the handset (the delivery delay and 20 ms after the `submit_sm_resp`), for
+//! accepted submits whose `registered_delivery & 3 == 1`, round-robin over the receiver and
+//! transceiver sessions of the submit's system_id. The password is never printed.
 //!
 //! Everything here is blocking std code usable from `#[test]` and `#[tokio::test]`, except
 //! that in a `#[tokio::test]` whose runtime also runs the gateway the waiting must not block
@@ -78,7 +79,7 @@ pub enum IdFormat {
 }
 
 /// How to run an [`NpmSmsc`]. Its `Default`: system_id `otpgate`, password `secret12`, every
-/// submit accepted, receipts with TLVs, hex ids.
+/// submit accepted, receipts with TLVs, hex ids, SMS on the handset at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NpmSmscOptions {
     /// The system_id a bind must give, else ESME_RINVSYSID (0x0F).
@@ -91,6 +92,11 @@ pub struct NpmSmscOptions {
     pub qfull_first: u32,
     pub receipts: Receipts,
     pub id_format: IdFormat,
+    /// How long an accepted message waits in the SMSC's own queue before it reaches the
+    /// handset (its `handset` event, [`NpmSmsc::handset_code_for`]); its receipts go out 20 ms
+    /// after that. An operator that accepts at once and delivers late. Whole milliseconds, up
+    /// to 2^31 - 21 of them.
+    pub delivery_delay: Duration,
 }
 
 impl Default for NpmSmscOptions {
@@ -102,6 +108,7 @@ impl Default for NpmSmscOptions {
             qfull_first: 0,
             receipts: Receipts::Tlv,
             id_format: IdFormat::Hex,
+            delivery_delay: Duration::ZERO,
         }
     }
 }
@@ -194,6 +201,24 @@ impl NpmSmsc {
     /// Every `message` event: whole messages, concatenated parts joined.
     pub fn messages(&self) -> Vec<Value> {
         self.events_of("message")
+    }
+
+    /// Every `handset` event: whole messages, as they reached their handsets.
+    pub fn handsets(&self) -> Vec<Value> {
+        self.events_of("handset")
+    }
+
+    /// The code ([`crate::extract_code`]) in the latest message that has reached the handset
+    /// of `phone` (`+39…`; the SMSC's `destination_addr` has no `+`), if any has yet.
+    pub fn handset_code_for(&self, phone: &str) -> Option<String> {
+        let number = phone.trim_start_matches('+');
+        let output = self.lock();
+        output
+            .events
+            .iter()
+            .rev()
+            .find(|event| event["event"] == "handset" && event["destination_addr"] == number)
+            .and_then(|event| crate::extract_code(event["text"].as_str()?))
     }
 
     pub fn binds(&self) -> Vec<Value> {
@@ -342,6 +367,10 @@ impl NpmSmsc {
             .env("SMSC_QFULL_FIRST", options.qfull_first.to_string())
             .env("SMSC_RECEIPTS", options.receipts.as_env())
             .env("SMSC_ID_FORMAT", options.id_format.as_env())
+            .env(
+                "SMSC_DELIVERY_DELAY_MS",
+                options.delivery_delay.as_millis().to_string(),
+            )
             .env("SMSC_EXIT_ON_STDIN_CLOSE", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -1,21 +1,28 @@
 //! Delivery-aware dispatch: receipts, not acceptance, decide whether a citizen got the code.
 //!
 //! Real fake carriers over HTTP that accept at once and deliver late, or never, posting their
-//! `delivered` receipts back to the gateway when the SMS reaches the handset; users who read
-//! their code on the handset and type it.
+//! `delivered` receipts back to the gateway when the SMS reaches the handset, and an SMSC
+//! nobody on this team wrote (the npm SMSC, tests/src/npm_smsc.rs) that does the same over
+//! SMPP; users who read their code on the handset and type it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use tests::npm_smsc::{NpmSmsc, NpmSmscOptions, require_npm_smsc};
 use tests::{FakeCarrier, Gateway, phone};
 
 const LATE_TOKEN: &str = "receipt-token-of-the-late-carrier";
 const PROMPT_TOKEN: &str = "receipt-token-of-the-prompt-carrier";
 
-/// A user: starts a verification for `phone(n)`, waits for the code on the handset (from
-/// either carrier), types it, and says whether it was accepted.
-async fn user(gateway: &Gateway, carriers: &[&FakeCarrier], n: u32) -> Result<(), String> {
+/// A user: starts a verification for `phone(n)`, waits for the code on the handset
+/// (`handset(phone)`, the code that has reached it, if one has), types it, and says whether it
+/// was accepted; a failure says which step failed (`start:`, `handset:` or `check:`).
+async fn user(
+    gateway: &Gateway,
+    handset: impl Fn(&str) -> Option<String>,
+    n: u32,
+) -> Result<(), String> {
     let started = gateway.start_verification(&phone(n)).await;
     if started.status != 202 {
         return Err(format!("start: {} {}", started.status, started.text));
@@ -23,14 +30,11 @@ async fn user(gateway: &Gateway, carriers: &[&FakeCarrier], n: u32) -> Result<()
     let id = started.id();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let code = loop {
-        if let Some(code) = carriers
-            .iter()
-            .find_map(|carrier| carrier.handset_code_for(&phone(n)))
-        {
+        if let Some(code) = handset(&phone(n)) {
             break code;
         }
         if tokio::time::Instant::now() > deadline {
-            return Err("no SMS reached the handset".to_owned());
+            return Err("handset: no SMS reached it".to_owned());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -60,20 +64,29 @@ async fn late_and_prompt(verification: &str) -> (Arc<Gateway>, FakeCarrier, Fake
     (Arc::new(Gateway::start(&config).await), late, prompt)
 }
 
+/// The code on `phone`'s handset from either carrier.
+fn either(late: &FakeCarrier, prompt: &FakeCarrier) -> impl HandsetOf {
+    let (late, prompt) = (late.clone(), prompt.clone());
+    move |phone: &str| {
+        late.handset_code_for(phone)
+            .or_else(|| prompt.handset_code_for(phone))
+    }
+}
+
+/// Where users read their codes: the code that has reached a phone's handset, if any has.
+trait HandsetOf: Fn(&str) -> Option<String> + Clone + Send + Sync + 'static {}
+impl<F: Fn(&str) -> Option<String> + Clone + Send + Sync + 'static> HandsetOf for F {}
+
 /// Forty users arrive over four seconds; each must be able to verify with the first code it
-/// gets, though most of them get it from the late carrier 45 s after the request, when a code
-/// counted from acceptance would have been dead for 25 s.
-async fn forty_users(
-    gateway: &Arc<Gateway>,
-    late: &FakeCarrier,
-    prompt: &FakeCarrier,
-) -> Vec<String> {
+/// gets, though most of them get it from a late carrier 45 s after the request, when a code
+/// counted from acceptance would have been dead for 25 s. Returns the failures.
+async fn forty_users(gateway: &Arc<Gateway>, handset: impl HandsetOf) -> Vec<String> {
     let mut users = tokio::task::JoinSet::new();
     for n in 0..40u32 {
-        let (gateway, late, prompt) = (gateway.clone(), late.clone(), prompt.clone());
+        let (gateway, handset) = (gateway.clone(), handset.clone());
         users.spawn(async move {
             tokio::time::sleep(Duration::from_millis(100) * n).await;
-            user(&gateway, &[&late, &prompt], n).await
+            user(&gateway, handset, n).await
         });
     }
     let mut failures = Vec::new();
@@ -88,7 +101,7 @@ async fn forty_users(
 #[tokio::test]
 async fn codes_a_carrier_delivers_late_still_work() {
     let (gateway, late, prompt) = late_and_prompt("").await;
-    let failures = forty_users(&gateway, &late, &prompt).await;
+    let failures = forty_users(&gateway, either(&late, &prompt)).await;
     let by_late = late.received().len();
     assert!(
         by_late >= 15,
@@ -120,7 +133,7 @@ async fn codes_a_carrier_delivers_late_still_work() {
 async fn with_the_clock_fixed_at_acceptance_late_codes_arrive_dead() {
     let (gateway, late, prompt) =
         late_and_prompt("expiry_follows_delivery = false\nreroutes = 0\n").await;
-    let failures = forty_users(&gateway, &late, &prompt).await;
+    let failures = forty_users(&gateway, either(&late, &prompt)).await;
     let by_late = late.received().len();
     assert!(by_late >= 15, "the late carrier sent {by_late} SMS");
     assert!(
@@ -136,6 +149,94 @@ async fn stop(gateway: Arc<Gateway>) {
         panic!("a user still holds the gateway");
     };
     gateway.stop().await.unwrap();
+}
+
+/// An SMPP carrier as late as the HTTP one above, on the npm SMSC: it answers every submit_sm at
+/// once, and the SMS reaches the handset 45 s later, its `deliver_sm` receipt 20 ms after that
+/// (within the default 60 s receipt timeout, set here all the same: no receipt goes missing, no
+/// SMS is rerouted). It is the only carrier, so every user depends on it. Codes live 20 s,
+/// sessions stretch by up to 40 s.
+async fn late_smsc(verification: &str) -> (Arc<Gateway>, Arc<NpmSmsc>) {
+    let smsc = Arc::new(NpmSmsc::start(NpmSmscOptions {
+        delivery_delay: Duration::from_secs(45),
+        ..NpmSmscOptions::default()
+    }));
+    let config = format!(
+        "sweep_interval_ms = 100\n[verification]\ncode_ttl_secs = 20\nmax_extension_secs = 40\n\
+         {verification}\n\
+         [[carriers]]\nname = \"late-smsc\"\nkind = \"smpp\"\nhost = \"127.0.0.1\"\nport = {}\n\
+         system_id = \"otpgate\"\npassword = \"secret12\"\npace_per_sec = 100\nwindow = 10\n\
+         timeout_ms = 2000\nenquire_link_secs = 5\nreceipt_timeout_ms = 60000\n",
+        smsc.port()
+    );
+    (Arc::new(Gateway::start(&config).await), smsc)
+}
+
+/// The code on `phone`'s handset from the npm SMSC.
+fn from_smsc(smsc: &Arc<NpmSmsc>) -> impl HandsetOf {
+    let smsc = smsc.clone();
+    move |phone: &str| smsc.handset_code_for(phone)
+}
+
+/// Over SMPP, an SMSC that accepts at once and delivers 45 s later: the codes, on the handsets
+/// 25 s after a code counted from acceptance would have died, still work, and the gateway
+/// measured the lag from the `deliver_sm` receipts.
+#[tokio::test]
+async fn codes_an_smsc_delivers_late_still_work() {
+    if !require_npm_smsc() {
+        return;
+    }
+    let (gateway, smsc) = late_smsc("").await;
+    let failures = forty_users(&gateway, from_smsc(&smsc)).await;
+    assert!(
+        failures.len() <= 2,
+        "{} of 40 users could not verify with their first code: {failures:?}\n{}",
+        failures.len(),
+        smsc.dump()
+    );
+    // One SMS each, none rerouted or resent, each on its handset 45 s after acceptance.
+    assert_eq!(smsc.messages().len(), 40, "{}", smsc.dump());
+    assert_eq!(smsc.handsets().len(), 40, "{}", smsc.dump());
+    // The gateway saw the lag: acceptance to the deliver_sm receipt, every SMS, none within 30 s.
+    let all = r#"otpgate_carrier_delivery_seconds_count{carrier="late-smsc"}"#;
+    gateway.wait_for_metric(all, |n| n == 40.0).await;
+    let slow = gateway
+        .metric(r#"otpgate_carrier_delivery_seconds_bucket{carrier="late-smsc",le="30"}"#)
+        .await;
+    assert_eq!(slow, Some(0.0), "no SMS was delivered within 30 s");
+    let missing = r#"otpgate_carrier_receipts_missing_total{carrier="late-smsc"}"#;
+    assert_eq!(gateway.metric(missing).await, Some(0.0));
+    let acked = smsc.events_of("receipt_acked");
+    assert_eq!(acked.len(), 40, "{}", smsc.dump());
+    assert!(acked.iter().all(|event| event["status"] == 0), "{acked:#?}");
+    assert!(smsc.errors().is_empty(), "{}", smsc.dump());
+    stop(gateway).await;
+}
+
+/// The same SMSC with the code's clock fixed at acceptance and no reroutes: every code reaches
+/// its handset dead, and every user fails at the check. This is the failure the defence above
+/// prevents over SMPP.
+#[tokio::test]
+async fn with_the_clock_fixed_at_acceptance_an_smsc_delivers_late_codes_dead() {
+    if !require_npm_smsc() {
+        return;
+    }
+    let (gateway, smsc) = late_smsc("expiry_follows_delivery = false\nreroutes = 0\n").await;
+    let failures = forty_users(&gateway, from_smsc(&smsc)).await;
+    assert_eq!(smsc.handsets().len(), 40, "{}", smsc.dump());
+    assert_eq!(
+        failures.len(),
+        40,
+        "{} of 40 users failed: a code 45 s old, dead at 20 s, was accepted",
+        failures.len()
+    );
+    assert!(
+        failures
+            .iter()
+            .all(|failure| failure.starts_with("check: ")),
+        "every code reached its handset and was refused: {failures:?}"
+    );
+    stop(gateway).await;
 }
 
 /// A carrier that accepts and never delivers: after its receipt timeout the same code goes by

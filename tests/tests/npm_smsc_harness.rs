@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::npm_smsc::{IdFormat, NpmSmsc, NpmSmscOptions, Receipts, require_npm_smsc};
@@ -300,6 +300,7 @@ fn npm_smsc_refuses_binds_and_throttles_as_told() {
         qfull_first: 1,
         receipts: Receipts::None,
         id_format: IdFormat::Decimal,
+        delivery_delay: Duration::ZERO,
     });
     let mut stream = connect(&smsc);
     send(
@@ -357,6 +358,86 @@ fn npm_smsc_refuses_binds_and_throttles_as_told() {
     // registered_delivery 1, but receipts are off.
     std::thread::sleep(Duration::from_millis(100));
     assert!(smsc.events_of("receipt_sent").is_empty(), "{}", smsc.dump());
+}
+
+/// With a delivery delay, a submit is answered at once, but its message reaches the handset
+/// only after the delay, and its receipt after that; without one, at once.
+#[test]
+fn npm_smsc_delivers_late_when_told() {
+    if !require_npm_smsc() {
+        return;
+    }
+    const DELAY: Duration = Duration::from_millis(1500);
+    let smsc = NpmSmsc::start(NpmSmscOptions {
+        delivery_delay: DELAY,
+        ..NpmSmscOptions::default()
+    });
+    let mut stream = connect(&smsc);
+    send(
+        &mut stream,
+        BIND_TRANSCEIVER,
+        1,
+        &bind_transceiver("otpgate", "secret12"),
+    );
+    assert_eq!(read(&mut stream).status, 0);
+    let submitted = Instant::now();
+    send(
+        &mut stream,
+        SUBMIT_SM,
+        2,
+        &submit_sm("393331234567", 0, 0, b"Code 123456"),
+    );
+    let answer = read(&mut stream);
+    assert_eq!((answer.id, answer.status), (SUBMIT_SM | RESP, 0));
+    assert!(submitted.elapsed() < DELAY / 2, "answered at once");
+    smsc.wait_for(|events| by_event(events, "message").len() == 1, WAIT);
+    assert_eq!(smsc.handset_code_for("+393331234567"), None, "not yet");
+    assert!(smsc.handsets().is_empty(), "{}", smsc.dump());
+
+    let receipt = read(&mut stream);
+    let took = submitted.elapsed();
+    assert_eq!(receipt.id, DELIVER_SM);
+    assert!(took >= DELAY, "the receipt came after {took:?}");
+    send(&mut stream, DELIVER_SM | RESP, receipt.seq, &cstr(""));
+    let events = smsc.wait_for(|events| by_event(events, "receipt_acked").len() == 1, WAIT);
+    assert_eq!(
+        smsc.handset_code_for("+393331234567").as_deref(),
+        Some("123456")
+    );
+    assert_eq!(smsc.handset_code_for("+393331234568"), None);
+    let order: Vec<&str> = events
+        .iter()
+        .filter_map(|event| event["event"].as_str())
+        .filter(|kind| ["message", "handset", "receipt_sent"].contains(kind))
+        .collect();
+    assert_eq!(order, ["message", "handset", "receipt_sent"]);
+    let handset = &by_event(&events, "handset")[0];
+    assert_eq!(handset["text"], "Code 123456");
+    assert_eq!(handset["message_ids"], serde_json::json!(["0000A1F3"]));
+    assert!(smsc.errors().is_empty(), "{}", smsc.dump());
+
+    // By default the message is on the handset at once.
+    let prompt = NpmSmsc::start_default();
+    let mut stream = connect(&prompt);
+    send(
+        &mut stream,
+        BIND_TRANSCEIVER,
+        1,
+        &bind_transceiver("otpgate", "secret12"),
+    );
+    assert_eq!(read(&mut stream).status, 0);
+    send(
+        &mut stream,
+        SUBMIT_SM,
+        2,
+        &submit_sm("393331234567", 0, 0, b"Code 654321"),
+    );
+    assert_eq!(read(&mut stream).status, 0);
+    prompt.wait_for(|events| by_event(events, "handset").len() == 1, DELAY / 2);
+    assert_eq!(
+        prompt.handset_code_for("+393331234567").as_deref(),
+        Some("654321")
+    );
 }
 
 /// Dropped, the SMSC's process is gone and its port refuses connections; a killed one restarts

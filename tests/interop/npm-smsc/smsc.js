@@ -32,6 +32,12 @@
 //   SMSC_ID_FORMAT       hex (default): message ids like 0000A1F3 (uppercase, zero-padded),
 //                        while the receipt (text and TLV) names it a1f3 (lowercase, no leading
 //                        zeros), as some SMSCs do; decimal: ids like 4711001, the same in both
+//   SMSC_DELIVERY_DELAY_MS  how long an accepted message spends in this SMSC's own queue
+//                        before it reaches the handset, in milliseconds (default 0): its
+//                        `handset` event goes out that long after its (last part's)
+//                        submit_sm_resp, and each receipt that long plus 20 ms after its part's
+//                        submit_sm_resp, as from an operator that accepts at once and delivers
+//                        late
 //   SMSC_EXIT_ON_STDIN_CLOSE  1 (default): exit when stdin closes, so that a test killed
 //                        without its Drop leaves no node behind; 0 to run it by hand in the
 //                        background (`node smsc.js </dev/null &`)
@@ -51,7 +57,8 @@ const ESME_RINVPASWD = 0x0e;
 const ESME_RINVSYSID = 0x0f;
 const ESME_RMSGQFUL = 0x14;
 const ESME_RTHROTTLED = 0x58;
-/// How long after a submit_sm_resp its receipt goes out.
+/// How long after a message reaches the handset (SMSC_DELIVERY_DELAY_MS after the submit_sm_resp)
+/// its receipt goes out.
 const RECEIPT_DELAY_MS = 20;
 const MESSAGE_STATE_DELIVERED = 2;
 
@@ -68,11 +75,12 @@ function emitError(error, fields) {
 
 // === configuration ===
 
-function envInt(name, fallback) {
+function envInt(name, fallback, max = Number.MAX_SAFE_INTEGER) {
   const text = process.env[name];
   if (text === undefined || text === '') return fallback;
-  if (!/^\d+$/.test(text)) {
-    emitError(`${name} must be a non-negative integer, not ${JSON.stringify(text)}`);
+  if (!/^\d+$/.test(text) || Number(text) > max) {
+    const bound = max < Number.MAX_SAFE_INTEGER ? ` no greater than ${max}` : '';
+    emitError(`${name} must be a non-negative integer${bound}, not ${JSON.stringify(text)}`);
     process.exit(2);
   }
   return Number(text);
@@ -96,6 +104,8 @@ const config = {
   qfullFirst: envInt('SMSC_QFULL_FIRST', 0),
   receipts: envChoice('SMSC_RECEIPTS', ['tlv', 'text', 'none'], 'tlv'),
   idFormat: envChoice('SMSC_ID_FORMAT', ['hex', 'decimal'], 'hex'),
+  // A timer longer than 2^31 - 1 ms would fire at once.
+  deliveryDelayMs: envInt('SMSC_DELIVERY_DELAY_MS', 0, 2 ** 31 - 1 - RECEIPT_DELAY_MS),
   exitOnStdinClose: envChoice('SMSC_EXIT_ON_STDIN_CLOSE', ['0', '1'], '1') === '1',
 };
 
@@ -344,21 +354,30 @@ function onSubmit(session, state, pdu) {
     return;
   }
   const wantsReceipt = ((pdu.registered_delivery ?? 0) & 0x03) === 0x01;
+  const submitted = new Date();
+  let message = null;
   session.send(pdu.response({ message_id: ids.id }), () => {
+    // The message (once whole) waits in this SMSC's queue, then reaches the handset; the
+    // receipts follow.
+    if (message) {
+      const handset = Object.assign({}, message, { event: 'handset' });
+      setTimeout(() => emit(handset), config.deliveryDelayMs);
+    }
     if (wantsReceipt && config.receipts !== 'none') {
       setTimeout(() => {
         try {
-          queueReceipt(state.systemId, pdu, ids, text);
+          queueReceipt(state.systemId, pdu, ids, text, submitted);
         } catch (error) {
           emitError(`receipt: ${error && error.stack ? error.stack : error}`);
         }
-      }, RECEIPT_DELAY_MS);
+      }, config.deliveryDelayMs + RECEIPT_DELAY_MS);
     }
   });
-  collectMessage(pdu, concat, text, ids.id);
+  message = collectMessage(pdu, concat, text, ids.id);
 }
 
-/// Emits a `message` event once every part of a message is in (at once for an unsplit one).
+/// Emits a `message` event once every part of a message is in (at once for an unsplit one), and
+/// returns its fields (for the `handset` event); returns null while parts are missing.
 function collectMessage(pdu, concat, text, messageId) {
   const base = {
     event: 'message',
@@ -366,8 +385,9 @@ function collectMessage(pdu, concat, text, messageId) {
     destination_addr: pdu.destination_addr ?? null,
   };
   if (!concat || concat.total <= 1) {
-    emit(Object.assign(base, { text, parts: 1, data_coding: pdu.data_coding ?? null, message_ids: [messageId] }));
-    return;
+    const message = Object.assign(base, { text, parts: 1, data_coding: pdu.data_coding ?? null, message_ids: [messageId] });
+    emit(message);
+    return message;
   }
   const key = [pdu.source_addr, pdu.destination_addr, concat.ref, concat.total].join('|');
   let entry = partial.get(key);
@@ -383,22 +403,22 @@ function collectMessage(pdu, concat, text, messageId) {
   }
   entry.parts.set(concat.seq, { text, messageId });
   entry.dataCodings.add(pdu.data_coding ?? null);
-  if (entry.parts.size < concat.total) return;
+  if (entry.parts.size < concat.total) return null;
   partial.delete(key);
   const seqs = [...entry.parts.keys()].sort((a, b) => a - b);
   const codings = [...entry.dataCodings];
   if (codings.length > 1) {
     emitError('parts of one message differ in data_coding', { destination_addr: base.destination_addr, data_codings: codings });
   }
-  emit(
-    Object.assign(base, {
-      text: seqs.map((seq) => entry.parts.get(seq).text ?? '').join(''),
-      parts: seqs.length,
-      data_coding: codings[0],
-      ref: concat.ref,
-      message_ids: seqs.map((seq) => entry.parts.get(seq).messageId),
-    }),
-  );
+  const message = Object.assign(base, {
+    text: seqs.map((seq) => entry.parts.get(seq).text ?? '').join(''),
+    parts: seqs.length,
+    data_coding: codings[0],
+    ref: concat.ref,
+    message_ids: seqs.map((seq) => entry.parts.get(seq).messageId),
+  });
+  emit(message);
+  return message;
 }
 
 // === receipts ===
@@ -414,14 +434,14 @@ function receiptDate(date) {
   );
 }
 
-function queueReceipt(systemId, submit, ids, text) {
+function queueReceipt(systemId, submit, ids, text, submitted) {
   const now = new Date();
   // The first 20 characters of the message, as many SMSCs quote it, kept to the characters
   // whose GSM 03.38 code is their ASCII code (the receipt's octets are ASCII, with data_coding
   // 0); any other becomes '.'.
   const quoted = (text ?? '').slice(0, 20).replace(/[^ !"#%&'()*+,\-./0-9:;<=>?A-Za-z]/g, '.');
   const receiptText =
-    `id:${ids.receiptId} sub:001 dlvrd:001 submit date:${receiptDate(now)} ` +
+    `id:${ids.receiptId} sub:001 dlvrd:001 submit date:${receiptDate(submitted)} ` +
     `done date:${receiptDate(now)} stat:DELIVRD err:000 text:${quoted}`;
   const options = {
     service_type: '',
