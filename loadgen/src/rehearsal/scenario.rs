@@ -1445,8 +1445,9 @@ protocol = "smpp"
             dir.display()
         );
         let lombardia = Scenario::load(&dir.join("lombardia-2021.toml")).unwrap();
+        // First attempts: the day's ~100,000 sign-ups and those who never completed one.
         let expected = lombardia.expected_arrivals();
-        assert!((90_000.0..110_000.0).contains(&expected), "{expected}");
+        assert!((90_000.0..120_000.0).contains(&expected), "{expected}");
         assert!(
             lombardia.duration < Duration::from_secs(600),
             "runs in under 10 minutes"
