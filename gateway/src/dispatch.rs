@@ -443,6 +443,7 @@ async fn handle_result(
     match result {
         Ok(accepted) => {
             carrier.metrics.submitted(SubmitOutcome::Accepted, seconds);
+            verifier.queue().accepted();
             verifier
                 .complete(
                     &job,

@@ -44,8 +44,11 @@ pub enum ApiError {
         retry_after: Duration,
         rule: Option<Rule>,
     },
+    /// `overloaded` (the queue is full, or busy for a moment), or `come_back_later` (the SMS
+    /// would wait longer than the queue's `max_wait`: refused at once, to try again later).
     #[error("{message}")]
     Overloaded {
+        code: &'static str,
         message: &'static str,
         retry_after: Duration,
     },
@@ -113,7 +116,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::IdempotencyMismatch => "idempotency_key_reused",
             ApiError::RateLimited { code, .. } => code,
-            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::Overloaded { code, .. } => code,
             ApiError::ShuttingDown => "shutting_down",
             ApiError::StoreUnavailable => "store_unavailable",
             ApiError::Internal(_) => "internal",

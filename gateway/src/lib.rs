@@ -143,7 +143,11 @@ pub async fn run(
         config.verification.max_extension,
     );
     let weights: Vec<_> = config.carriers.iter().map(|c| c.weight).collect();
-    let queue = Queue::new(config.queue_capacity, &weights);
+    let queue = Queue::with_policy(
+        config.queue_capacity,
+        &weights,
+        config.overload.map(|policy| (policy, clock.clone())),
+    );
     let webhooks = webhook::Webhooks::new(
         &config.clients,
         config.webhooks.clone(),

@@ -81,6 +81,8 @@ pub enum Started {
 pub enum QueueDrop {
     Expired,
     Canceled,
+    /// Held under overload: nobody had read its verification for `unseen_after`.
+    Abandoned,
 }
 
 /// Why a new verification was refused at the queue.
@@ -88,6 +90,8 @@ pub enum QueueDrop {
 pub enum QueueRefusal {
     Full,
     PredictedWait,
+    /// The predicted wait passed the adaptive policy's `max_wait`.
+    MaxWait,
 }
 
 /// Outcomes of one submit to a carrier.
@@ -127,8 +131,13 @@ struct Shared {
     rejections: [Counter; 6],
     limiter_keys: [Gauge; 2],
     session_extension: Histogram,
-    queue_dropped: [Counter; 2],
-    queue_refused: [Counter; 2],
+    queue_dropped: [Counter; 3],
+    queue_refused: [Counter; 3],
+    queue_resumed: Counter,
+    queue_out_of_order: Counter,
+    queue_overloaded: Gauge,
+    queue_oldest_wait: Gauge,
+    queue_drain: Gauge,
     lanes: Vec<Lane>,
     carriers: Vec<CarrierMetrics>,
     webhooks: Vec<WebhookMetrics>,
@@ -346,7 +355,27 @@ impl Metrics {
         );
         r.describe_counter(
             "otpgate_queue_rejected_total",
-            "Start requests refused with 503 at the queue, by reason.",
+            "Start requests refused with 503 at the queue, by reason: full, predicted_wait (past max_extension, deadline policy), max_wait (past the adaptive policy's max_wait).",
+        );
+        r.describe_counter(
+            "otpgate_queue_resumed_total",
+            "SMS held under overload (dropped as abandoned) and queued again because someone read their verification.",
+        );
+        r.describe_counter(
+            "otpgate_queue_out_of_order_total",
+            "SMS jobs taken under overload ahead of a job with an earlier deadline (newest first).",
+        );
+        r.describe_gauge(
+            "otpgate_queue_overloaded",
+            "1 while the queue is in overload (the oldest job has waited longer than overload_wait_ms for overload_after_ms) and serves the newest first; 0 otherwise, and always under the deadline policy.",
+        );
+        r.describe_gauge(
+            "otpgate_queue_oldest_wait_seconds",
+            "How long the oldest queued SMS job has waited (adaptive policy; 0 under the deadline policy).",
+        );
+        r.describe_gauge(
+            "otpgate_queue_drain_per_second",
+            "SMS the carriers accepted per second lately, as the adaptive policy measures it for admission.",
         );
         r.describe_counter(
             "otpgate_sms_submitted_total",
@@ -527,8 +556,14 @@ impl Metrics {
                 .map(|value| r.counter(name, vec![Label::new("reason", *value)]))
                 .collect()
         };
-        let queue_dropped = reason("otpgate_queue_dropped_total", &["expired", "canceled"]);
-        let queue_refused = reason("otpgate_queue_rejected_total", &["full", "predicted_wait"]);
+        let queue_dropped = reason(
+            "otpgate_queue_dropped_total",
+            &["expired", "canceled", "abandoned"],
+        );
+        let queue_refused = reason(
+            "otpgate_queue_rejected_total",
+            &["full", "predicted_wait", "max_wait"],
+        );
 
         let lanes = lane_priorities
             .iter()
@@ -703,6 +738,14 @@ impl Metrics {
         let store_up = r.gauge("otpgate_store_up", vec![]);
         store_up.set(1.0);
         let session_extension = r.histogram("otpgate_session_extension_seconds", vec![]);
+        let gauge_at_zero = |name: &'static str| {
+            let gauge = r.gauge(name, vec![]);
+            gauge.set(0.0);
+            gauge
+        };
+        let queue_overloaded = gauge_at_zero("otpgate_queue_overloaded");
+        let queue_oldest_wait = gauge_at_zero("otpgate_queue_oldest_wait_seconds");
+        let queue_drain = gauge_at_zero("otpgate_queue_drain_per_second");
 
         Metrics {
             shared: Arc::new(Shared {
@@ -719,6 +762,11 @@ impl Metrics {
                 session_extension,
                 queue_dropped: to_array(queue_dropped),
                 queue_refused: to_array(queue_refused),
+                queue_resumed: r.counter("otpgate_queue_resumed_total", vec![]),
+                queue_out_of_order: r.counter("otpgate_queue_out_of_order_total", vec![]),
+                queue_overloaded,
+                queue_oldest_wait,
+                queue_drain,
                 lanes,
                 carriers,
                 webhooks,
@@ -813,6 +861,26 @@ impl Metrics {
 
     pub fn queue_refused(&self, reason: QueueRefusal) {
         self.shared.queue_refused[reason as usize].increment(1);
+    }
+
+    /// A held SMS queued again because someone read its verification.
+    pub fn queue_resumed(&self) {
+        self.shared.queue_resumed.increment(1);
+    }
+
+    /// What the adaptive queue policy reads of the queue (`Queue::overload`).
+    pub fn set_queue_overload(&self, reading: &crate::queue::OverloadReading) {
+        let shared = &self.shared;
+        shared
+            .queue_overloaded
+            .set(if reading.overloaded { 1.0 } else { 0.0 });
+        shared
+            .queue_oldest_wait
+            .set(reading.oldest_wait.as_secs_f64());
+        shared
+            .queue_drain
+            .set(reading.accepted_per_sec.unwrap_or(0.0));
+        shared.queue_out_of_order.absolute(reading.out_of_order);
     }
 
     /// Handles for the carrier at `index` in the config.

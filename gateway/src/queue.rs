@@ -11,9 +11,16 @@
 //! handful of heads, not at every job. When jobs wait, every carrier takes them as fast as its
 //! pace and window allow, and weights do not matter. When carriers wait for jobs, a new job wakes
 //! one idle eligible carrier, drawn by weight: that is how weights share out a light load.
+//!
+//! Under overload the order changes ([`Overload`], the adaptive policy): once the oldest job has
+//! waited longer than a target for a while (a standing queue, in the manner of CoDel), a carrier
+//! takes the newest job of a lane first (adaptive LIFO), since its citizen is the one most
+//! likely still looking at the screen; a job older than `unseen_after` goes before the newest,
+//! marked for the engine to send it only if its citizen has shown up since (`check_presence`).
+//! When the oldest job is younger than the target again, the order is earliest deadline first.
 
-use std::cmp::{Ordering as CmpOrdering, Reverse};
-use std::collections::{BTreeMap, BinaryHeap};
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +28,8 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::Notify;
 
-use crate::clock::Millis;
+use crate::clock::{Clock, Millis};
+use crate::config::OverloadPolicy;
 use crate::ids::{CarrierId, VerificationId};
 use crate::routing::CarrierSet;
 
@@ -55,6 +63,9 @@ pub struct Job {
     /// when the back-end reads before it writes (Redis): the carrier's answer is recorded on it
     /// without reading it again.
     pub snapshot: Option<Box<(u64, crate::verification::Verification)>>,
+    /// Taken while the queue was in overload: the engine sends it only if its citizen was seen
+    /// within `unseen_after`, and holds it otherwise.
+    pub check_presence: bool,
 }
 
 impl Job {
@@ -93,6 +104,7 @@ impl Job {
             passes: 0,
             entry: None,
             snapshot: None,
+            check_presence: false,
         }
     }
 
@@ -130,6 +142,8 @@ struct Shared {
     /// Each carrier's weight, for the choice of which idle carrier to wake.
     weights: Box<[u32]>,
     capacity: usize,
+    /// The adaptive policy and the clock it reads; `None` is earliest deadline first always.
+    overload: Option<(OverloadPolicy, Clock)>,
 }
 
 #[derive(Debug, Default)]
@@ -149,21 +163,78 @@ struct State {
     checked_out: usize,
     /// Jobs taken by any carrier since start-up (the pace of a lagging carrier's probes).
     popped: u64,
+    /// The adaptive policy's reading of the queue.
+    mode: Mode,
+}
+
+/// Whether the queue is in overload, and what it counted.
+#[derive(Debug, Default)]
+struct Mode {
+    /// Since when the oldest job has waited longer than the target, as first noticed.
+    above_since: Option<Millis>,
+    overloaded: bool,
+    /// Jobs taken under overload ahead of a more urgent one.
+    out_of_order: u64,
+    /// SMS the carriers accepted lately: what the queue really drains.
+    accepted: Meter,
 }
 
 #[derive(Debug, Default)]
 struct LaneState {
-    /// One heap per set of eligible carriers; there are as many sets as distinct outcomes of
+    /// One group per set of eligible carriers; there are as many sets as distinct outcomes of
     /// the prefix rules, usually one.
-    heaps: Vec<(CarrierSet, BinaryHeap<Reverse<Entry>>)>,
+    groups: Vec<Group>,
     len: usize,
     /// Tickets handed out and jobs taken: their difference approximates a job's place in line.
     pushed: u64,
     popped: u64,
 }
 
+/// The jobs of one lane that the same carriers may send, by urgency and by arrival.
 #[derive(Debug)]
-struct Entry(Job);
+struct Group {
+    carriers: CarrierSet,
+    by_deadline: BTreeMap<(Millis, u64), Job>,
+    /// When the job was first queued (on a shared store, when its verification queued it,
+    /// whichever instance holds it now) and its sequence number, to its deadline.
+    by_arrival: BTreeMap<(Millis, u64), Millis>,
+}
+
+/// How the next job is chosen.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    /// Earliest deadline first.
+    Urgent,
+    /// Under overload: a job queued at or before `stale_before` first (oldest first), else the
+    /// newest.
+    Newest { stale_before: Option<Millis> },
+}
+
+/// Events per second over the last few slots of a sliding window.
+#[derive(Debug, Default)]
+struct Meter {
+    slot_ms: Millis,
+    /// When it began watching.
+    since: Option<Millis>,
+    /// The slot `slot` is counted in `counts[slot % SLOTS]`.
+    slot: Millis,
+    counts: [u32; METER_SLOTS],
+}
+
+const METER_SLOTS: usize = 8;
+
+/// What the adaptive policy reads of the queue, for admission and metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OverloadReading {
+    pub overloaded: bool,
+    /// How long the oldest queued job has waited.
+    pub oldest_wait: Duration,
+    /// Jobs taken under overload ahead of a more urgent one, since start-up.
+    pub out_of_order: u64,
+    /// SMS the carriers accepted per second over the last `overload_after` (at least a
+    /// second), once that much has been seen.
+    pub accepted_per_sec: Option<f64>,
+}
 
 /// A snapshot of one lane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,13 +248,29 @@ pub struct LaneDepth {
 impl Queue {
     /// A queue for carriers with these weights (carrier ids are indices; at most 64).
     pub fn new(capacity: usize, weights: &[NonZeroU32]) -> Queue {
+        Queue::with_policy(capacity, weights, None)
+    }
+
+    /// A queue that follows the adaptive policy when `overload` is some, read on `clock`.
+    pub fn with_policy(
+        capacity: usize,
+        weights: &[NonZeroU32],
+        overload: Option<(OverloadPolicy, Clock)>,
+    ) -> Queue {
         assert!(weights.len() <= 64, "at most 64 carriers");
+        let mut state = State::default();
+        if let Some((policy, _)) = &overload {
+            // The meter's window is the time the queue must stay congested, at least a second.
+            let window_ms = (policy.after.as_millis() as Millis).max(1000);
+            state.mode.accepted.slot_ms = (window_ms / METER_SLOTS as Millis).max(1);
+        }
         Queue {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
                 wake: weights.iter().map(|_| Notify::new()).collect(),
                 weights: weights.iter().map(|w| w.get()).collect(),
                 capacity,
+                overload,
             }),
         }
     }
@@ -241,7 +328,7 @@ impl Queue {
             notified.as_mut().enable();
             {
                 let mut state = self.lock();
-                if let Some(job) = state.take(bit, |_| true) {
+                if let Some(job) = self.take(&mut state, bit, |_| true) {
                     state.idle &= !bit;
                     guard.armed = false;
                     // Pass the baton: another idle carrier may take what is left.
@@ -265,13 +352,68 @@ impl Queue {
 
     /// Takes the most urgent job `carrier` may send, if there is one.
     pub fn try_pop(&self, carrier: CarrierId) -> Option<Job> {
-        self.lock().take(1 << carrier, |_| true)
+        let mut state = self.lock();
+        self.take(&mut state, 1 << carrier, |_| true)
     }
 
     /// Takes the most urgent job `carrier` may send among those `wanted` accepts (looking at
-    /// the head of each of its heaps), if there is one.
+    /// the candidate of each of its groups), if there is one.
     pub fn try_pop_where(&self, carrier: CarrierId, wanted: impl Fn(&Job) -> bool) -> Option<Job> {
-        self.lock().take(1 << carrier, wanted)
+        let mut state = self.lock();
+        self.take(&mut state, 1 << carrier, wanted)
+    }
+
+    /// Counts an SMS a carrier accepted: what the queue really drains, which admission compares
+    /// with the configured pace under overload.
+    pub fn accepted(&self) {
+        if let Some((_, clock)) = &self.shared.overload {
+            let now = clock.now_ms();
+            self.lock().mode.accepted.count(now);
+        }
+    }
+
+    /// The adaptive policy's reading of the queue now; `None` under the deadline policy.
+    pub fn overload(&self) -> Option<OverloadReading> {
+        let (policy, clock) = self.shared.overload.as_ref()?;
+        let now = clock.now_ms();
+        let mut state = self.lock();
+        state.update_mode(policy, now);
+        let oldest_wait = state
+            .oldest_enqueued()
+            .map_or(0, |enqueued| now.saturating_sub(enqueued));
+        let window_ms = (policy.after.as_millis() as Millis).max(1000);
+        Some(OverloadReading {
+            overloaded: state.mode.overloaded,
+            oldest_wait: Duration::from_millis(oldest_wait),
+            out_of_order: state.mode.out_of_order,
+            accepted_per_sec: state.mode.accepted.per_sec(now, window_ms),
+        })
+    }
+
+    /// Takes the next job for a carrier in `bit` by the queue's policy.
+    fn take(
+        &self,
+        state: &mut State,
+        bit: CarrierSet,
+        wanted: impl Fn(&Job) -> bool,
+    ) -> Option<Job> {
+        let pick = match &self.shared.overload {
+            None => Pick::Urgent,
+            Some((policy, clock)) => {
+                let now = clock.now_ms();
+                state.update_mode(policy, now);
+                if state.mode.overloaded {
+                    Pick::Newest {
+                        stale_before: policy
+                            .unseen_after
+                            .map(|unseen| now.saturating_sub(unseen.as_millis() as Millis)),
+                    }
+                } else {
+                    Pick::Urgent
+                }
+            }
+        };
+        state.take(bit, wanted, pick)
     }
 
     /// Refuses new jobs from now on; dispatchers drain what is queued and then stop.
@@ -472,10 +614,10 @@ impl Drop for IdleGuard<'_> {
 impl LaneState {
     /// Jobs in this lane that any of `carriers` may send.
     fn len_for(&self, carriers: CarrierSet) -> usize {
-        self.heaps
+        self.groups
             .iter()
-            .filter(|(set, _)| set & carriers != 0)
-            .map(|(_, heap)| heap.len())
+            .filter(|group| group.carriers & carriers != 0)
+            .map(|group| group.by_deadline.len())
             .sum()
     }
 }
@@ -483,45 +625,111 @@ impl LaneState {
 // === impl State ===
 
 impl State {
-    fn insert(&mut self, job: Job) -> u64 {
+    fn insert(&mut self, mut job: Job) -> u64 {
         let lane = self.lanes.entry(Reverse(job.lane)).or_default();
         lane.pushed += 1;
         let ticket = lane.pushed;
-        let heap = match lane.heaps.iter().position(|(set, _)| *set == job.carriers) {
-            Some(index) => &mut lane.heaps[index].1,
+        let index = match lane
+            .groups
+            .iter()
+            .position(|group| group.carriers == job.carriers)
+        {
+            Some(index) => index,
             None => {
-                lane.heaps.push((job.carriers, BinaryHeap::new()));
-                &mut lane.heaps.last_mut().expect("just pushed").1
+                lane.groups.push(Group {
+                    carriers: job.carriers,
+                    by_deadline: BTreeMap::new(),
+                    by_arrival: BTreeMap::new(),
+                });
+                lane.groups.len() - 1
             }
         };
-        heap.push(Reverse(Entry(job)));
+        let group = &mut lane.groups[index];
+        // Whether to look for its citizen is decided when it is taken again.
+        job.check_presence = false;
+        // A job keeps its sequence number when it is put back; one that never had one here
+        // (or whose number is taken) gets a new one, so no job ever replaces another.
+        if group.by_deadline.contains_key(&(job.deadline_ms, job.seq))
+            || group.by_arrival.contains_key(&(job.enqueued_ms, job.seq))
+        {
+            job.seq = self.next_seq;
+            self.next_seq += 1;
+        }
+        group
+            .by_arrival
+            .insert((job.enqueued_ms, job.seq), job.deadline_ms);
+        group.by_deadline.insert((job.deadline_ms, job.seq), job);
         lane.len += 1;
         self.len += 1;
         ticket
     }
 
-    /// The most urgent job for a carrier in `bit`: the highest lane holding one, and in it the
-    /// earliest deadline among the heads of the heaps it may take from (and `wanted` accepts).
-    fn take(&mut self, bit: CarrierSet, wanted: impl Fn(&Job) -> bool) -> Option<Job> {
+    /// The next job for a carrier in `bit` (and that `wanted` accepts, looking at each group's
+    /// candidate): from the highest lane holding one, the earliest deadline among the heads of
+    /// the groups it may take from, or under overload the job `pick` names.
+    fn take(&mut self, bit: CarrierSet, wanted: impl Fn(&Job) -> bool, pick: Pick) -> Option<Job> {
         for lane in self.lanes.values_mut() {
-            let best = lane
-                .heaps
-                .iter()
-                .enumerate()
-                .filter(|(_, (set, _))| set & bit != 0)
-                .filter_map(|(index, (_, heap))| heap.peek().map(|Reverse(entry)| (index, entry)))
-                .filter(|(_, entry)| wanted(&entry.0))
-                .min_by(|(_, a), (_, b)| a.cmp(b))
-                .map(|(index, _)| index);
-            if let Some(index) = best {
-                let Reverse(Entry(job)) = lane.heaps[index].1.pop()?;
-                lane.len -= 1;
-                lane.popped += 1;
-                self.popped += 1;
-                self.len -= 1;
-                self.checked_out += 1;
-                return Some(job);
+            let eligible = || {
+                lane.groups
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, group)| group.carriers & bit != 0)
+            };
+            let urgent = eligible()
+                .filter_map(|(index, group)| {
+                    let job = group.by_deadline.values().next()?;
+                    wanted(job).then_some((index, (job.deadline_ms, job.seq)))
+                })
+                .min_by_key(|(_, key)| *key);
+            let chosen = match pick {
+                Pick::Urgent => urgent,
+                Pick::Newest { stale_before } => {
+                    let stale = stale_before.and_then(|cutoff| {
+                        eligible()
+                            .filter_map(|(index, group)| {
+                                let ((enqueued, seq), deadline) =
+                                    group.by_arrival.first_key_value()?;
+                                let job = group.by_deadline.get(&(*deadline, *seq))?;
+                                (*enqueued <= cutoff && wanted(job)).then_some((
+                                    index,
+                                    (*enqueued, *seq),
+                                    (*deadline, *seq),
+                                ))
+                            })
+                            .min_by_key(|(_, arrival, _)| *arrival)
+                            .map(|(index, _, key)| (index, key))
+                    });
+                    stale.or_else(|| {
+                        eligible()
+                            .filter_map(|(index, group)| {
+                                let ((enqueued, seq), deadline) =
+                                    group.by_arrival.last_key_value()?;
+                                let job = group.by_deadline.get(&(*deadline, *seq))?;
+                                wanted(job).then_some((index, (*enqueued, *seq), (*deadline, *seq)))
+                            })
+                            .max_by_key(|(_, arrival, _)| *arrival)
+                            .map(|(index, _, key)| (index, key))
+                    })
+                }
+            };
+            let Some((index, key)) = chosen else {
+                continue;
+            };
+            let group = &mut lane.groups[index];
+            let mut job = group.by_deadline.remove(&key)?;
+            group.by_arrival.remove(&(job.enqueued_ms, job.seq));
+            lane.len -= 1;
+            lane.popped += 1;
+            self.popped += 1;
+            self.len -= 1;
+            self.checked_out += 1;
+            if let Pick::Newest { .. } = pick {
+                job.check_presence = true;
+                if urgent.map(|(_, urgent_key)| urgent_key) != Some(key) {
+                    self.mode.out_of_order += 1;
+                }
             }
+            return Some(job);
         }
         None
     }
@@ -530,37 +738,87 @@ impl State {
     fn waiting_for(&self) -> CarrierSet {
         self.lanes
             .values()
-            .flat_map(|lane| lane.heaps.iter())
-            .filter(|(_, heap)| !heap.is_empty())
-            .fold(0, |set, (carriers, _)| set | carriers)
+            .flat_map(|lane| lane.groups.iter())
+            .filter(|group| !group.by_deadline.is_empty())
+            .fold(0, |set, group| set | group.carriers)
+    }
+
+    /// When the job waiting longest was queued.
+    fn oldest_enqueued(&self) -> Option<Millis> {
+        self.lanes
+            .values()
+            .flat_map(|lane| lane.groups.iter())
+            .filter_map(|group| group.by_arrival.first_key_value())
+            .map(|((enqueued, _), _)| *enqueued)
+            .min()
+    }
+
+    /// Enters overload once the oldest job has waited longer than the target for `after`, and
+    /// leaves it as soon as the oldest job is younger than the target (or the queue is empty).
+    fn update_mode(&mut self, policy: &OverloadPolicy, now: Millis) {
+        let target = policy.target.as_millis() as Millis;
+        let congested = self
+            .oldest_enqueued()
+            .is_some_and(|enqueued| now.saturating_sub(enqueued) > target);
+        if !congested {
+            self.mode.above_since = None;
+            self.mode.overloaded = false;
+            return;
+        }
+        let since = *self.mode.above_since.get_or_insert(now);
+        if now.saturating_sub(since) >= policy.after.as_millis() as Millis {
+            self.mode.overloaded = true;
+        }
     }
 }
 
-// === impl Entry ===
+// === impl Meter ===
 
-impl Entry {
-    fn key(&self) -> (Millis, u64) {
-        (self.0.deadline_ms, self.0.seq)
+impl Meter {
+    fn count(&mut self, now: Millis) {
+        self.roll(now);
+        let slot = (self.slot % METER_SLOTS as Millis) as usize;
+        self.counts[slot] = self.counts[slot].saturating_add(1);
     }
-}
 
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
+    /// Events per second over the complete slots of the last `window_ms`; `None` until that
+    /// much time has been watched.
+    fn per_sec(&mut self, now: Millis, window_ms: Millis) -> Option<f64> {
+        self.roll(now);
+        let since = self.since?;
+        if self.slot_ms == 0 || now.saturating_sub(since) < window_ms {
+            return None;
+        }
+        let current = (self.slot % METER_SLOTS as Millis) as usize;
+        let complete: u64 = self
+            .counts
+            .iter()
+            .enumerate()
+            .filter(|(slot, _)| *slot != current)
+            .map(|(_, count)| u64::from(*count))
+            .sum();
+        let span_ms = self.slot_ms * (METER_SLOTS as Millis - 1);
+        Some(complete as f64 * 1000.0 / span_ms as f64)
     }
-}
 
-impl Eq for Entry {}
-
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Entry {
-    fn cmp(&self, other: &Self) -> CmpOrdering {
-        self.key().cmp(&other.key())
+    /// Moves to the slot of `now`, clearing the slots passed over.
+    fn roll(&mut self, now: Millis) {
+        if self.slot_ms == 0 {
+            return;
+        }
+        self.since.get_or_insert(now);
+        let slot = now / self.slot_ms;
+        if slot <= self.slot {
+            return;
+        }
+        if slot - self.slot >= METER_SLOTS as Millis {
+            self.counts = [0; METER_SLOTS];
+        } else {
+            for passed in self.slot + 1..=slot {
+                self.counts[(passed % METER_SLOTS as Millis) as usize] = 0;
+            }
+        }
+        self.slot = slot;
     }
 }
 
@@ -586,6 +844,7 @@ mod tests {
             passes: 0,
             entry: None,
             snapshot: None,
+            check_presence: false,
         }
     }
 
@@ -799,5 +1058,131 @@ mod tests {
         gone.abort();
         assert!(gone.await.unwrap_err().is_cancelled());
         assert_eq!(waiter.await.unwrap(), Some(3));
+    }
+
+    fn adaptive(unseen_after: Option<Duration>) -> (Queue, Clock) {
+        let clock = Clock::system();
+        let policy = OverloadPolicy {
+            max_wait: Duration::from_secs(300),
+            target: Duration::from_secs(5),
+            after: Duration::from_secs(30),
+            unseen_after,
+        };
+        (
+            Queue::with_policy(100, ONE, Some((policy, clock.clone()))),
+            clock,
+        )
+    }
+
+    /// A job queued now on `clock`, with a deadline far away and in arrival order.
+    fn queued_now(clock: &Clock, deadline_ms: Millis) -> Job {
+        Job {
+            enqueued_ms: clock.now_ms(),
+            ..job(0, clock.now_ms() + deadline_ms)
+        }
+    }
+
+    #[test]
+    fn overload_begins_after_a_standing_wait_and_ends_when_the_oldest_is_young() {
+        let (queue, clock) = adaptive(None);
+        // Later arrivals have later deadlines, as they do: earliest deadline first is oldest
+        // first here.
+        let mut deadlines = Vec::new();
+        for n in 0..4 {
+            let job = queued_now(&clock, 10_000 + n * 1000);
+            deadlines.push(job.deadline_ms);
+            queue.push(job).unwrap();
+            clock.advance(Duration::from_millis(1));
+        }
+        let reading = |queue: &Queue| queue.overload().unwrap();
+        // Young: no overload.
+        assert!(!reading(&queue).overloaded);
+        // Older than the target, but not yet for `after`.
+        clock.advance(Duration::from_secs(6));
+        assert!(!reading(&queue).overloaded);
+        clock.advance(Duration::from_secs(29));
+        assert!(!reading(&queue).overloaded);
+        clock.advance(Duration::from_secs(1));
+        let now = reading(&queue);
+        assert!(now.overloaded);
+        assert!(now.oldest_wait >= Duration::from_secs(36), "{now:?}");
+        // Newest first, each taken ahead of the more urgent oldest job.
+        let taken: Vec<Millis> = std::iter::from_fn(|| queue.try_pop(0))
+            .take(2)
+            .map(|job| {
+                assert!(job.check_presence);
+                job.deadline_ms
+            })
+            .collect();
+        assert_eq!(taken, [deadlines[3], deadlines[2]]);
+        assert_eq!(reading(&queue).out_of_order, 2);
+        // Drain it: an empty queue is not overloaded, and new jobs go by deadline again.
+        while queue.try_pop(0).is_some() {}
+        assert!(!reading(&queue).overloaded);
+        let (later, sooner) = (queued_now(&clock, 9_000), queued_now(&clock, 8_000));
+        let sooner_deadline = sooner.deadline_ms;
+        queue.push(later).unwrap();
+        queue.push(sooner).unwrap();
+        let next = queue.try_pop(0).unwrap();
+        assert_eq!(next.deadline_ms, sooner_deadline);
+        assert!(!next.check_presence);
+    }
+
+    #[test]
+    fn under_overload_a_stale_job_goes_before_the_newest() {
+        let (queue, clock) = adaptive(Some(Duration::from_secs(60)));
+        let stale = queue
+            .push(queued_now(&clock, 500_000))
+            .map(|_| clock.now_ms());
+        clock.advance(Duration::from_secs(50));
+        queue.push(queued_now(&clock, 500_000)).unwrap();
+        clock.advance(Duration::from_secs(5));
+        queue.push(queued_now(&clock, 500_000)).unwrap();
+        // Congested for `after`: overload, and the first job is past `unseen_after`.
+        assert!(!queue.overload().unwrap().overloaded);
+        clock.advance(Duration::from_secs(30));
+        let taken = queue.try_pop(0).unwrap();
+        assert_eq!(Ok(taken.enqueued_ms), stale);
+        assert!(taken.check_presence);
+        // The others are not stale yet (35 s and 30 s): the newest goes next.
+        let next = queue.try_pop(0).unwrap();
+        assert_eq!(next.enqueued_ms + 30_000, clock.now_ms());
+    }
+
+    #[test]
+    fn a_put_back_job_loses_its_presence_mark_and_keeps_its_place() {
+        let (queue, clock) = adaptive(None);
+        queue.push(queued_now(&clock, 1000)).unwrap();
+        let newest = queued_now(&clock, 2000);
+        let newest_deadline = newest.deadline_ms;
+        queue.push(newest).unwrap();
+        clock.advance(Duration::from_secs(6));
+        queue.overload();
+        clock.advance(Duration::from_secs(30));
+        let newest = queue.try_pop(0).unwrap();
+        assert!(newest.check_presence);
+        queue.requeue(newest);
+        queue.settle();
+        assert_eq!(queue.len(), 2);
+        let again = queue.try_pop(0).unwrap();
+        assert_eq!(again.deadline_ms, newest_deadline);
+        assert!(again.check_presence);
+    }
+
+    #[test]
+    fn the_drain_meter_counts_acceptances_over_its_window() {
+        let (queue, clock) = adaptive(None);
+        assert_eq!(queue.overload().unwrap().accepted_per_sec, None);
+        // 10 a second for 40 s: the 30 s window (8 slots of 3.75 s, the current one left out)
+        // reads about 10.
+        for _ in 0..400 {
+            queue.accepted();
+            clock.advance(Duration::from_millis(100));
+        }
+        let rate = queue.overload().unwrap().accepted_per_sec.unwrap();
+        assert!((9.0..=11.0).contains(&rate), "{rate}");
+        // Then nothing for a minute: zero.
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(queue.overload().unwrap().accepted_per_sec, Some(0.0));
     }
 }

@@ -36,6 +36,9 @@ pub enum DeliveryState {
     Submitted,
     Delivered,
     Undeliverable,
+    /// Its SMS was taken out of an overloaded queue because nobody had read the verification
+    /// for `unseen_after`: it is queued again when someone reads it (or asks for a resend).
+    Held,
 }
 
 /// Why a verification failed.
@@ -121,6 +124,9 @@ pub struct Verification {
     pub attempts_left: u8,
     pub code: StoredCode,
     pub created_ms: Millis,
+    /// When the frontend last showed that its citizen is there: the start, or a later read,
+    /// long-poll, resend or start again (kept only under the adaptive queue policy).
+    pub seen_ms: Millis,
     /// Set when a carrier first accepts an SMS: the code's real expiry.
     pub fixed_expiry_ms: Option<Millis>,
     pub resend_after_ms: Millis,
@@ -208,6 +214,7 @@ impl Verification {
             attempts_left: policy.max_attempts,
             code,
             created_ms: now,
+            seen_ms: now,
             fixed_expiry_ms: None,
             resend_after_ms: now + Verification::cooldown_ms(1, policy),
             ended_ms: None,

@@ -329,6 +329,20 @@ impl Gateway {
             .await
     }
 
+    /// Starts a verification for `phone`, checks that it was accepted, and returns its id.
+    pub async fn start_ok(&self, phone: &str) -> String {
+        let started = self.start_verification(phone).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        started.id()
+    }
+
+    /// Reads a verification, and checks that the read succeeded.
+    pub async fn read(&self, id: &str) -> Answer {
+        let answer = self.get(&format!("/v1/verifications/{id}")).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        answer
+    }
+
     pub async fn check(&self, id: &str, code: &str) -> Answer {
         self.post(
             &format!("/v1/verifications/{id}/check"),
@@ -606,6 +620,20 @@ impl FakeCarrier {
     /// Requests that broke the wire format.
     pub fn violations(&self) -> Vec<String> {
         self.shared.violations.lock().unwrap().clone()
+    }
+
+    /// Waits until the carrier has answered at least `n` submits (of any outcome), or panics
+    /// after `timeout`.
+    pub async fn wait_for_submits(&self, n: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.n_requests() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the carrier got {} submits, expected {n}",
+                self.n_requests()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Waits until at least `n` SMS were accepted, or panics after `timeout`.

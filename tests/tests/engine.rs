@@ -51,7 +51,11 @@ async fn engine() -> Engine {
         .collect();
     let metrics = Metrics::new(&lanes, &carriers, &[]);
     let weights: Vec<_> = config.carriers.iter().map(|c| c.weight).collect();
-    let queue = Queue::new(config.queue_capacity, &weights);
+    let queue = Queue::with_policy(
+        config.queue_capacity,
+        &weights,
+        config.overload.map(|policy| (policy, clock.clone())),
+    );
     let webhooks = Webhooks::new(
         &config.clients,
         config.webhooks.clone(),

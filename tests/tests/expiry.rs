@@ -44,33 +44,6 @@ async fn gateway_with(
     Gateway::start(&config(50, carrier, pace_per_sec, window, extra)).await
 }
 
-/// Starts a verification and checks that it was accepted; returns its id.
-async fn start_ok(gateway: &Gateway, number: &str) -> String {
-    let started = gateway.start_verification(number).await;
-    assert_eq!(started.status, 202, "{}", started.text);
-    started.id()
-}
-
-/// Reads a verification.
-async fn read(gateway: &Gateway, id: &str) -> Answer {
-    let answer = gateway.get(&format!("/v1/verifications/{id}")).await;
-    assert_eq!(answer.status, 200, "{}", answer.text);
-    answer
-}
-
-/// Waits until the carrier has answered at least `n` submits (of any outcome).
-async fn wait_for_submits(carrier: &FakeCarrier, n: usize) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while carrier.n_requests() < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the carrier got {} submits, expected {n}",
-            carrier.n_requests()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// How many start requests the queue refused for `reason`.
 async fn queue_rejections(gateway: &Gateway, reason: &str) -> f64 {
     let series = format!("otpgate_queue_rejected_total{{reason=\"{reason}\"}}");
@@ -107,10 +80,10 @@ async fn code_ttl_counts_from_carrier_acceptance() {
     let carrier = FakeCarrier::start().await;
     carrier.script(&[Reply::Status(503, None)]);
     let gateway = gateway_with(&carrier, 1000, 10, "[verification]\ncode_ttl_secs = 60").await;
-    let id = start_ok(&gateway, &phone(1001)).await;
-    wait_for_submits(&carrier, 1).await;
+    let id = gateway.start_ok(&phone(1001)).await;
+    carrier.wait_for_submits(1, PATIENCE).await;
 
-    let before = read(&gateway, &id).await;
+    let before = gateway.read(&id).await;
     assert_eq!(
         before.body["delivery"]["state"], "queued",
         "{}",
@@ -119,7 +92,7 @@ async fn code_ttl_counts_from_carrier_acceptance() {
     let first_expiry = time_field(&before, "expires_at");
     gateway.clock.advance(Duration::from_secs(10));
     let read_ms = gateway.clock.now_ms();
-    let after = read(&gateway, &id).await;
+    let after = gateway.read(&id).await;
     assert_eq!(after.body["status"], "pending", "{}", after.text);
     assert_eq!(after.body["delivery"]["state"], "queued", "{}", after.text);
     let moved_expiry = time_field(&after, "expires_at");
@@ -145,7 +118,7 @@ async fn code_ttl_counts_from_carrier_acceptance() {
     );
 
     gateway.clock.advance(Duration::from_secs(10));
-    let later = read(&gateway, &id).await;
+    let later = gateway.read(&id).await;
     assert_eq!(later.body["status"], "pending", "{}", later.text);
     assert_eq!(
         later.body["expires_at"], submitted.body["expires_at"],
@@ -177,10 +150,10 @@ async fn session_extension_is_capped() {
     let id = started.id();
     let created = time_field(&started, "created_at");
     assert_eq!(time_field(&started, "expires_at"), created + 60_000);
-    wait_for_submits(&carrier, 1).await;
+    carrier.wait_for_submits(1, PATIENCE).await;
 
     gateway.clock.advance(Duration::from_secs(45));
-    let queued = read(&gateway, &id).await;
+    let queued = gateway.read(&id).await;
     assert_eq!(queued.body["status"], "pending", "{}", queued.text);
     assert_eq!(queued.body["delivery"]["state"], "queued");
     assert_eq!(
@@ -216,7 +189,7 @@ async fn sweeper_expires_verifications() {
     let carrier = FakeCarrier::start().await;
     let gateway = gateway_with(&carrier, 1000, 10, "[verification]\ncode_ttl_secs = 60").await;
     let number = phone(1201);
-    let id = start_ok(&gateway, &number).await;
+    let id = gateway.start_ok(&number).await;
     let submitted = gateway.wait_for_delivery(&id, "submitted").await;
     let code = carrier.code_for(&number).expect("a code in the SMS");
     let series = "otpgate_verifications_ended_total{outcome=\"expired\"}";
@@ -226,7 +199,7 @@ async fn sweeper_expires_verifications() {
     // Scrapes do not touch verifications: only the sweeper can end this one.
     gateway.wait_for_metric(series, |n| n >= 1.0).await;
 
-    let expired = read(&gateway, &id).await;
+    let expired = gateway.read(&id).await;
     assert_eq!(expired.body["status"], "expired", "{}", expired.text);
     assert_eq!(expired.body["expires_at"], submitted.body["expires_at"]);
     let check = gateway.check(&id, &code).await;
@@ -257,7 +230,7 @@ async fn expiry_is_noticed_on_read() {
     ))
     .await;
     let number = phone(1301);
-    let id = start_ok(&gateway, &number).await;
+    let id = gateway.start_ok(&number).await;
     let submitted = gateway.wait_for_delivery(&id, "submitted").await;
     let code = carrier.code_for(&number).expect("a code in the SMS");
 
@@ -269,7 +242,7 @@ async fn expiry_is_noticed_on_read() {
         check.text
     );
     assert_eq!(check.error_code(), "not_pending");
-    let expired = read(&gateway, &id).await;
+    let expired = gateway.read(&id).await;
     assert_eq!(expired.body["status"], "expired", "{}", expired.text);
     assert_eq!(expired.body["expires_at"], submitted.body["expires_at"]);
     assert_eq!(
@@ -289,8 +262,8 @@ async fn job_of_an_expired_verification_is_dropped() {
     let extra = "[verification]\ncode_ttl_secs = 60\nmax_extension_secs = 30";
     let gateway = gateway_with(&carrier, 1000, 10, extra).await;
     let late = phone(1401);
-    let id = start_ok(&gateway, &late).await;
-    wait_for_submits(&carrier, 1).await;
+    let id = gateway.start_ok(&late).await;
+    carrier.wait_for_submits(1, PATIENCE).await;
 
     // Past created + code_ttl + max_extension.
     gateway.clock.advance(Duration::from_secs(91));
@@ -304,12 +277,12 @@ async fn job_of_an_expired_verification_is_dropped() {
     // The carrier accepts again: a later verification's SMS goes out, and the expired one's never
     // does.
     let on_time = phone(1402);
-    start_ok(&gateway, &on_time).await;
+    gateway.start_ok(&on_time).await;
     let received = carrier.wait_for(1, PATIENCE).await;
     let recipients: Vec<&str> = received.iter().map(|sms| sms.to.as_str()).collect();
     assert_eq!(recipients, [on_time.as_str()], "nothing is sent late");
 
-    let expired = read(&gateway, &id).await;
+    let expired = gateway.read(&id).await;
     assert_eq!(expired.body["status"], "expired", "{}", expired.text);
     assert_eq!(expired.body["delivery"]["eta_seconds"], json!(null));
     assert_eq!(
@@ -335,13 +308,13 @@ async fn eta_grows_with_queue_position() {
     let gateway = gateway_with(&carrier, 1, 1, "").await;
     let mut ids = Vec::new();
     for n in 0..5 {
-        ids.push(start_ok(&gateway, &phone(1501 + n)).await);
+        ids.push(gateway.start_ok(&phone(1501 + n)).await);
     }
-    wait_for_submits(&carrier, 1).await;
+    carrier.wait_for_submits(1, PATIENCE).await;
 
     let mut etas = Vec::new();
     for id in &ids[1..] {
-        let queued = read(&gateway, id).await;
+        let queued = gateway.read(id).await;
         assert_eq!(
             queued.body["delivery"]["state"], "queued",
             "{}",
@@ -366,7 +339,7 @@ async fn eta_grows_with_queue_position() {
         "{}",
         submitted.text
     );
-    let last = read(&gateway, &ids[4]).await;
+    let last = gateway.read(&ids[4]).await;
     if last.body["delivery"]["state"] == "queued" {
         let eta = last.body["delivery"]["eta_seconds"]
             .as_f64()
@@ -378,8 +351,9 @@ async fn eta_grows_with_queue_position() {
     }
 }
 
-/// When the queue holds more than a session can be extended by, new verifications get 503 with
-/// `Retry-After`, counted as `predicted_wait`.
+/// Under the deadline policy, when the queue holds more than a session can be extended by, new
+/// verifications get 503 with `Retry-After`, counted as `predicted_wait`. (The adaptive policy's
+/// `max_wait` is `overload::a_start_that_would_wait_past_max_wait_is_refused_at_once`.)
 #[tokio::test]
 async fn predicted_wait_beyond_the_extension_is_refused() {
     if tests::testing_redis() {
@@ -389,9 +363,15 @@ async fn predicted_wait_beyond_the_extension_is_refused() {
     }
     let carrier = FakeCarrier::start().await;
     carrier.script(&[Reply::Slow(Duration::from_secs(5))]);
-    let gateway = gateway_with(&carrier, 1, 1, "[verification]\nmax_extension_secs = 0").await;
-    start_ok(&gateway, &phone(1601)).await;
-    wait_for_submits(&carrier, 1).await;
+    let gateway = gateway_with(
+        &carrier,
+        1,
+        1,
+        "[verification]\nmax_extension_secs = 0\n[queue]\npolicy = \"deadline\"",
+    )
+    .await;
+    gateway.start_ok(&phone(1601)).await;
+    carrier.wait_for_submits(1, PATIENCE).await;
 
     let mut statuses = Vec::new();
     let mut n_refused = 0;
@@ -459,10 +439,10 @@ async fn full_queue_is_refused() {
     let carrier = FakeCarrier::start().await;
     carrier.script(&[Reply::Slow(Duration::from_secs(2)), Reply::Accept]);
     let gateway = gateway_with(&carrier, 1, 1, "[queue]\ncapacity = 1").await;
-    start_ok(&gateway, &phone(1701)).await;
-    wait_for_submits(&carrier, 1).await;
+    gateway.start_ok(&phone(1701)).await;
+    carrier.wait_for_submits(1, PATIENCE).await;
     // The first SMS is with the carrier; the second fills the queue.
-    start_ok(&gateway, &phone(1702)).await;
+    gateway.start_ok(&phone(1702)).await;
 
     let number = phone(1703);
     let refused = gateway.start_verification(&number).await;
@@ -500,7 +480,7 @@ async fn higher_priority_clients_are_served_first() {
     let low: Vec<String> = (0..3).map(|n| phone(1801 + n)).collect();
     let high: Vec<String> = (0..3).map(|n| phone(1851 + n)).collect();
     start_as(&gateway, "k-low", &low[0]).await;
-    wait_for_submits(&carrier, 1).await;
+    carrier.wait_for_submits(1, PATIENCE).await;
     for number in &low[1..] {
         start_as(&gateway, "k-low", number).await;
     }

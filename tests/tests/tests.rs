@@ -13,6 +13,7 @@ mod kannel_harness;
 mod limits;
 mod npm_smsc_harness;
 mod openapi;
+mod overload;
 mod receipts;
 mod redis;
 mod redis_harness;

@@ -122,6 +122,27 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawQueue {
     pub capacity: Option<usize>,
+    pub policy: Option<String>,
+    pub max_wait_ms: Option<u64>,
+    pub overload_wait_ms: Option<u64>,
+    pub overload_after_ms: Option<u64>,
+    pub unseen_after_ms: Option<u64>,
+}
+
+/// The adaptive queue policy (`[queue] policy = "adaptive"`, docs/DESIGN.md section 4,
+/// *Overload*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverloadPolicy {
+    /// A new start whose SMS would wait longer than this is refused at once (`503`,
+    /// `come_back_later`).
+    pub max_wait: Duration,
+    /// The oldest job's wait above which the queue counts as congested.
+    pub target: Duration,
+    /// How long it must stay congested to be in overload (newest first).
+    pub after: Duration,
+    /// Under overload, an SMS whose verification nobody has read for this long is held until
+    /// someone does; `None`: never.
+    pub unseen_after: Option<Duration>,
 }
 
 /// The validated configuration the gateway runs on.
@@ -143,6 +164,9 @@ pub struct Config {
     pub verification: VerificationPolicy,
     pub limits: Limits,
     pub queue_capacity: usize,
+    /// `None`: the deadline policy (earliest deadline first always, and starts refused only
+    /// when the predicted wait passes `max_extension`).
+    pub overload: Option<OverloadPolicy>,
     pub webhooks: WebhookPolicy,
     pub carriers: Vec<CarrierConfig>,
     pub clients: Vec<ClientConfig>,
@@ -293,6 +317,7 @@ impl RawConfig {
         if !(1..=100_000_000).contains(&queue_capacity) {
             return invalid("queue.capacity", "must be between 1 and 100000000");
         }
+        let overload = self.queue.validate_policy()?;
 
         let webhooks = self.webhooks.validate()?;
 
@@ -358,10 +383,64 @@ impl RawConfig {
             verification,
             limits,
             queue_capacity,
+            overload,
             webhooks,
             carriers,
             clients,
         })
+    }
+}
+
+// === impl RawQueue ===
+
+impl RawQueue {
+    fn validate_policy(&self) -> Result<Option<OverloadPolicy>, ConfigError> {
+        let millis = |key: &str, value: Option<u64>, default: u64, min: u64, max: u64| {
+            let value = value.unwrap_or(default);
+            if !(min..=max).contains(&value) {
+                return invalid(
+                    format!("queue.{key}"),
+                    format!("must be between {min} and {max}"),
+                );
+            }
+            Ok(Duration::from_millis(value))
+        };
+        // Checked whatever the policy, so that a typo shows before anyone switches policy.
+        let max_wait = millis("max_wait_ms", self.max_wait_ms, 300_000, 1, 86_400_000)?;
+        let target = millis(
+            "overload_wait_ms",
+            self.overload_wait_ms,
+            5_000,
+            1,
+            3_600_000,
+        )?;
+        let after = millis(
+            "overload_after_ms",
+            self.overload_after_ms,
+            30_000,
+            0,
+            3_600_000,
+        )?;
+        let unseen_after = millis(
+            "unseen_after_ms",
+            self.unseen_after_ms,
+            300_000,
+            0,
+            86_400_000,
+        )?;
+        match self.policy.as_deref().unwrap_or("adaptive") {
+            "adaptive" => Ok(Some(OverloadPolicy {
+                max_wait,
+                target,
+                after,
+                unseen_after: (!unseen_after.is_zero()).then_some(unseen_after),
+            })),
+            "deadline" => Ok(None),
+            other => invalid(
+                "queue.policy",
+                format!("unknown policy {other:?}; use \"adaptive\" or \"deadline\""),
+            ),
+        }
     }
 }
 

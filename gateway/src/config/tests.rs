@@ -163,3 +163,38 @@ fn names_the_key_at_fault() {
         );
     }
 }
+
+#[test]
+fn the_queue_policy_is_adaptive_by_default_and_can_be_the_deadline_one() {
+    let config = Config::from_toml("").unwrap();
+    let overload = config.overload.expect("adaptive by default");
+    assert_eq!(overload.max_wait, Duration::from_secs(300));
+    assert_eq!(overload.target, Duration::from_secs(5));
+    assert_eq!(overload.after, Duration::from_secs(30));
+    assert_eq!(overload.unseen_after, Some(Duration::from_secs(300)));
+    let never = Config::from_toml("[queue]\nunseen_after_ms = 0\nmax_wait_ms = 1500").unwrap();
+    let overload = never.overload.unwrap();
+    assert_eq!(overload.unseen_after, None);
+    assert_eq!(overload.max_wait, Duration::from_millis(1500));
+    let deadline = Config::from_toml("[queue]\npolicy = \"deadline\"").unwrap();
+    assert_eq!(deadline.overload, None);
+    for (text, key) in [
+        ("[queue]\npolicy = \"lifo\"", "queue.policy"),
+        ("[queue]\nmax_wait_ms = 0", "queue.max_wait_ms"),
+        ("[queue]\noverload_wait_ms = 0", "queue.overload_wait_ms"),
+        (
+            "[queue]\nunseen_after_ms = 90000000",
+            "queue.unseen_after_ms",
+        ),
+        (
+            "[queue]\npolicy = \"deadline\"\noverload_after_ms = 4000000",
+            "queue.overload_after_ms",
+        ),
+    ] {
+        let error = Config::from_toml(text).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("config key {key}:")),
+            "{text:?} gave {error}"
+        );
+    }
+}

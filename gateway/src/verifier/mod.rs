@@ -44,6 +44,8 @@ pub struct Verifier {
 #[derive(Debug)]
 struct Shared {
     policy: VerificationPolicy,
+    /// The adaptive queue policy; `None` under the deadline policy.
+    overload: Option<crate::config::OverloadPolicy>,
     failed_checks_rule: Rule,
     countries: crate::phone::CountryAllowList,
     backend: Backend,
@@ -219,6 +221,7 @@ impl Verifier {
         Verifier {
             shared: Arc::new(Shared {
                 policy: config.verification.clone(),
+                overload: config.overload,
                 failed_checks_rule: config.limits.failed_checks_per_phone,
                 countries: config.limits.countries.clone(),
                 backend,
@@ -399,6 +402,7 @@ impl Verifier {
             }
         }
         Err(ApiError::Overloaded {
+            code: "overloaded",
             message: "a request with this Idempotency-Key is still being served; try again",
             retry_after: Duration::from_secs(1),
         })
@@ -424,6 +428,7 @@ impl Verifier {
                         let was_pending = shard.records.get(&id).is_some_and(|r| r.is_pending());
                         self.settle(shard, fx, &id, now);
                         if shard.records.get(&id).is_some_and(|r| r.is_pending()) {
+                            self.seen(shard, fx, &id, now);
                             self.resend_if_due(shard, fx, &id, now);
                             let view = self.view_of(shard, &id, now).ok_or(ApiError::NotFound)?;
                             return Ok(StartStep::Existing(view));
@@ -480,6 +485,7 @@ impl Verifier {
             .run(Keys::record(*id), |shard, fx, now| {
                 self.owned(shard, client, id)?;
                 self.settle(shard, fx, id, now);
+                self.seen(shard, fx, id, now);
                 let version = shard.records.get(id).map_or(0, |record| record.version);
                 let view = self.view_of(shard, id, now).ok_or(ApiError::NotFound)?;
                 Ok((view, version))
@@ -867,7 +873,10 @@ impl Verifier {
         let Ok(backlog) = backend.backlog().await else {
             return;
         };
-        let pace = shared.routes.pace_of(CarrierSet::MAX);
+        if let Some(reading) = shared.queue.overload() {
+            shared.metrics.set_queue_overload(&reading);
+        }
+        let pace = self.drain_pace(CarrierSet::MAX);
         for lane in backlog {
             shared.metrics.set_queue_depth(lane.lane, lane.depth);
             shared

@@ -171,6 +171,8 @@ impl Verifier {
         let shared = &*self.shared;
         self.owned(shard, client, id)?;
         self.settle(shard, fx, id, now);
+        // A resend shows the citizen is there: a held SMS goes back in line at once.
+        self.seen(shard, fx, id, now);
         let record = shard.records.get(id).ok_or(ApiError::NotFound)?;
         if !record.is_pending() {
             return Err(not_pending(record.status));
@@ -263,6 +265,18 @@ impl Verifier {
             };
             shared.metrics.queue_dropped(reason);
             return Prepared::Dropped;
+        }
+        // Taken from an overloaded queue: sent only if someone has looked at it lately; held
+        // otherwise, until someone does (`seen`).
+        let unseen_after = shared.overload.and_then(|overload| overload.unseen_after);
+        if let Some(unseen_after) = unseen_after.filter(|_| job.check_presence) {
+            if now.saturating_sub(record.seen_ms) > unseen_after.as_millis() as Millis {
+                record.delivery = DeliveryState::Held;
+                record.touch();
+                fx.notify(&job.id);
+                shared.metrics.queue_dropped(QueueDrop::Abandoned);
+                return Prepared::Dropped;
+            }
         }
         record.delivery_attempts = record.delivery_attempts.saturating_add(1);
         record.touch();
@@ -757,7 +771,9 @@ impl Verifier {
         ))
     }
 
-    /// Refuses a new verification whose SMS would wait longer than a session can be extended.
+    /// Refuses a new verification whose SMS would wait too long: longer than the adaptive
+    /// policy's `max_wait` (`come_back_later`), or under the deadline policy longer than a
+    /// session can be extended (`overloaded`).
     pub(super) fn admit(&self, lane: u8, carriers: CarrierSet) -> Result<(), ApiError> {
         let shared = &*self.shared;
         // Refuse a full queue before any limit is spent on a send that cannot happen.
@@ -765,18 +781,103 @@ impl Verifier {
             return Err(self.refused_at_queue(PushError::Full));
         }
         let ahead = shared.backend.ahead_of_new(lane, carriers) as f64;
-        let pace = shared.routes.pace_of(carriers);
+        let pace = self.drain_pace(carriers);
         let predicted_wait = ahead / pace;
-        let max_wait = shared.policy.max_extension.as_secs_f64().max(1.0);
+        let (max_wait, reason, code, message) = match &shared.overload {
+            Some(overload) => (
+                overload.max_wait.as_secs_f64(),
+                QueueRefusal::MaxWait,
+                "come_back_later",
+                "the SMS would wait longer than a citizen should; there is no rush, come back \
+                 later (see Retry-After)",
+            ),
+            None => (
+                shared.policy.max_extension.as_secs_f64().max(1.0),
+                QueueRefusal::PredictedWait,
+                "overloaded",
+                "the SMS queue is longer than a code could wait; try again later",
+            ),
+        };
         if predicted_wait > max_wait {
-            shared.metrics.queue_refused(QueueRefusal::PredictedWait);
+            shared.metrics.queue_refused(reason);
+            // When the queue should have room for this start again; never so soon that
+            // refused citizens come straight back.
             let excess = (ahead - max_wait * pace) / pace;
+            let floor = if shared.overload.is_some() {
+                (max_wait / 4.0).max(1.0)
+            } else {
+                1.0
+            };
             return Err(ApiError::Overloaded {
-                message: "the SMS queue is longer than a code could wait; try again later",
-                retry_after: Duration::from_secs_f64(excess.clamp(1.0, 3600.0)),
+                code,
+                message,
+                retry_after: Duration::from_secs_f64(excess.clamp(floor, 3600.0)),
             });
         }
         Ok(())
+    }
+
+    /// The SMS per second the queue can count on for `carriers`: their configured pace, and
+    /// under overload no more than the carriers have really accepted lately.
+    pub(super) fn drain_pace(&self, carriers: CarrierSet) -> f64 {
+        let shared = &*self.shared;
+        let pace = shared.routes.pace_of(carriers);
+        match shared.queue.overload() {
+            Some(reading) if reading.overloaded => reading
+                .accepted_per_sec
+                .map_or(pace, |accepted| pace.min(accepted.max(0.1))),
+            _ => pace,
+        }
+    }
+
+    /// The frontend showed its citizen is there (a read, a long-poll, a resend, a start
+    /// again): remember when, and queue again an SMS held while nobody was looking. Kept
+    /// only under the adaptive policy, and written at most a few times per `unseen_after`.
+    pub(super) fn seen(
+        &self,
+        shard: &mut Shard,
+        fx: &mut Effects,
+        id: &VerificationId,
+        now: Millis,
+    ) {
+        let shared = &*self.shared;
+        let Some(unseen_after) = shared.overload.and_then(|overload| overload.unseen_after) else {
+            return;
+        };
+        let Some(record) = shard.records.get_mut(id) else {
+            return;
+        };
+        if !record.is_pending() {
+            return;
+        }
+        let step = (unseen_after.as_millis() as Millis / 8).max(1);
+        if now.saturating_sub(record.seen_ms) >= step {
+            record.seen_ms = now;
+        }
+        if record.delivery != DeliveryState::Held {
+            return;
+        }
+        let job = Job::resend(
+            *id,
+            record.sends,
+            record.lane,
+            record.send_deadline(&shared.policy),
+            shared.routes.eligible_for(&record.phone),
+            None,
+            now,
+        );
+        // A full queue keeps it held; the next look tries again.
+        let Ok(ticket) = shared.backend.enqueue(fx, job) else {
+            return;
+        };
+        let Some(record) = shard.records.get_mut(id) else {
+            return;
+        };
+        record.delivery = DeliveryState::Queued;
+        record.queue_ticket = ticket;
+        record.touch();
+        fx.notify(id);
+        shared.metrics.queue_resumed();
     }
 
     fn refused_at_queue(&self, error: PushError) -> ApiError {
@@ -784,6 +885,7 @@ impl Verifier {
             PushError::Full => {
                 self.shared.metrics.queue_refused(QueueRefusal::Full);
                 ApiError::Overloaded {
+                    code: "overloaded",
                     message: "the SMS queue is full; try again later",
                     retry_after: Duration::from_secs(
                         (self.shared.queue.capacity() as f64

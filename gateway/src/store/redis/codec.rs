@@ -101,6 +101,7 @@ pub(crate) fn decode_job(text: &str) -> Option<Job> {
         passes: 0,
         entry: None,
         snapshot: None,
+        check_presence: false,
     })
 }
 
@@ -141,6 +142,9 @@ struct StoredRecord {
     tag: String,
     sl: u32,
     cr: Millis,
+    /// When the frontend was last seen, if later than the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sn: Option<Millis>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fx: Option<Millis>,
     ra: Millis,
@@ -171,11 +175,12 @@ const STATUSES: [Status; 5] = [
     Status::Canceled,
     Status::Failed,
 ];
-const DELIVERIES: [DeliveryState; 4] = [
+const DELIVERIES: [DeliveryState; 5] = [
     DeliveryState::Queued,
     DeliveryState::Submitted,
     DeliveryState::Delivered,
     DeliveryState::Undeliverable,
+    DeliveryState::Held,
 ];
 const FAILURES: [FailureReason; 2] = [FailureReason::TooManyAttempts, FailureReason::Undeliverable];
 
@@ -225,6 +230,7 @@ pub fn encode_record(record: &Verification) -> Result<Vec<u8>, StoreError> {
         tag: hex::encode(tag),
         sl,
         cr: record.created_ms,
+        sn: (record.seen_ms != record.created_ms).then_some(record.seen_ms),
         fx: record.fixed_expiry_ms,
         ra: record.resend_after_ms,
         e: record.ended_ms,
@@ -298,6 +304,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Verification, StoreError> {
         attempts_left: stored.al,
         code: StoredCode::from_parts(tag, stored.sl),
         created_ms: stored.cr,
+        seen_ms: stored.sn.unwrap_or(stored.cr),
         fixed_expiry_ms: stored.fx,
         resend_after_ms: stored.ra,
         ended_ms: stored.e,
@@ -328,6 +335,7 @@ mod tests {
             passes: 1,
             entry: None,
             snapshot: None,
+            check_presence: false,
         };
         let back = decode_job(&encode_job(&job)).unwrap();
         assert_eq!(back.id, job.id);
