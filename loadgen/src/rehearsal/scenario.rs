@@ -92,6 +92,10 @@ pub struct Users {
     pub retry_after: Dist,
     /// How many times a user starts again at most.
     pub retries: u32,
+    /// While its user waits for the SMS, the frontend reads the verification this often
+    /// (jittered by a fifth either way), the gateway's sign that the user is still there;
+    /// `None`: it never does.
+    pub poll_every: Option<Duration>,
 }
 
 /// Settings of the in-process gateway (ignored with `--target`).
@@ -482,6 +486,7 @@ struct RawUsers {
     retry: Option<f64>,
     retry_after_secs: Option<RawDist>,
     retries: Option<u32>,
+    poll_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -716,6 +721,13 @@ impl RawScenario {
             client.share /= total_share;
         }
 
+        let poll_secs = self.users.poll_secs.unwrap_or(0.0);
+        if !(poll_secs == 0.0 || (1.0..=86_400.0).contains(&poll_secs)) {
+            return invalid(
+                "users.poll_secs",
+                "must be 0 (never) or between 1 and 86400 seconds",
+            );
+        }
         let users = Users {
             type_delay: self
                 .users
@@ -757,6 +769,8 @@ impl RawScenario {
                 retries @ 0..=10 => retries,
                 _ => return invalid("users.retries", "must be between 0 and 10"),
             },
+            poll_every: (poll_secs > 0.0)
+                .then(|| Duration::from_secs_f64(poll_secs).div_f64(compression)),
         };
         let handsets = HandsetSettings {
             delay: self
@@ -1372,6 +1386,27 @@ protocol = "smpp"
     }
 
     #[test]
+    fn the_frontend_polls_as_the_scenario_says() {
+        // SMALL runs at 2x: a poll every 60 s of the scenario is one every 30 real seconds.
+        assert_eq!(Scenario::parse(SMALL).unwrap().users.poll_every, None);
+        let polling = Scenario::parse(&format!("{SMALL}\n[users]\npoll_secs = 60\n")).unwrap();
+        assert_eq!(polling.users.poll_every, Some(Duration::from_secs(30)));
+        let never = Scenario::parse(&format!("{SMALL}\n[users]\npoll_secs = 0\n")).unwrap();
+        assert_eq!(never.users.poll_every, None);
+        for to in [
+            "poll_secs = 0.5",
+            "poll_secs = -1",
+            "poll_secs = 1e6",
+            "poll_secs = nan",
+        ] {
+            let error = Scenario::parse(&format!("{SMALL}\n[users]\n{to}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("users.poll_secs"), "{to}: {error}");
+        }
+    }
+
+    #[test]
     fn the_gateway_defences_default_to_the_gateways_own() {
         // SMALL runs at 2x: the gateway's 60 s receipt timeout is 30 s of real time.
         let plain = Scenario::parse(SMALL).unwrap().gateway;
@@ -1399,6 +1434,47 @@ protocol = "smpp"
                 .to_string();
             assert!(error.contains(key), "{to}: {error}");
         }
+    }
+
+    #[test]
+    fn the_queue_policy_defaults_to_the_gateways_own() {
+        // SMALL runs at 2x: every duration is halved.
+        let plain = Scenario::parse(SMALL).unwrap().gateway;
+        assert_eq!(plain.queue_policy, QueuePolicy::Adaptive);
+        assert_eq!(plain.max_wait, Duration::from_secs(150));
+        assert_eq!(plain.overload_wait, Duration::from_millis(2500));
+        assert_eq!(plain.overload_after, Duration::from_secs(15));
+        assert_eq!(plain.unseen_after, Some(Duration::from_secs(150)));
+        let text = format!(
+            "{SMALL}\n[gateway]\nqueue_policy = \"deadline\"\nmax_wait_secs = 60\n\
+             overload_wait_secs = 0\noverload_after_secs = 10\nunseen_after_secs = 0\n"
+        );
+        let gateway = Scenario::parse(&text).unwrap().gateway;
+        assert_eq!(gateway.queue_policy, QueuePolicy::Deadline);
+        assert_eq!(gateway.max_wait, Duration::from_secs(30));
+        assert_eq!(gateway.overload_wait, Duration::ZERO);
+        assert_eq!(gateway.overload_after, Duration::from_secs(5));
+        assert_eq!(gateway.unseen_after, None);
+        for (to, key) in [
+            ("queue_policy = \"fifo\"", "gateway.queue_policy"),
+            ("queue_policy = 1", "gateway.queue_policy"),
+            ("max_wait_secs = 0", "gateway.max_wait_secs"),
+            ("overload_wait_secs = -1", "gateway.overload_wait_secs"),
+            ("overload_after_secs = 1e9", "gateway.overload_after_secs"),
+            ("unseen_after_secs = -5", "gateway.unseen_after_secs"),
+        ] {
+            let error = Scenario::parse(&format!("{SMALL}\n[gateway]\n{to}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+        // `--set` takes a TOML value: the policy is a string in quotes.
+        let set = "gateway.queue_policy=\"deadline\""
+            .parse::<Override>()
+            .unwrap();
+        let scenario = Scenario::parse_with(SMALL, &[set]).unwrap();
+        assert_eq!(scenario.gateway.queue_policy, QueuePolicy::Deadline);
+        assert!("gateway.queue_policy=deadline".parse::<Override>().is_err());
     }
 
     #[test]
@@ -1453,47 +1529,6 @@ protocol = "smpp"
                 .to_string();
             assert!(error.contains(key), "{text}: {error}");
         }
-    }
-
-    #[test]
-    fn the_queue_policy_defaults_to_the_gateways_own() {
-        // SMALL runs at 2x: every duration is halved.
-        let plain = Scenario::parse(SMALL).unwrap().gateway;
-        assert_eq!(plain.queue_policy, QueuePolicy::Adaptive);
-        assert_eq!(plain.max_wait, Duration::from_secs(150));
-        assert_eq!(plain.overload_wait, Duration::from_millis(2500));
-        assert_eq!(plain.overload_after, Duration::from_secs(15));
-        assert_eq!(plain.unseen_after, Some(Duration::from_secs(150)));
-        let text = format!(
-            "{SMALL}\n[gateway]\nqueue_policy = \"deadline\"\nmax_wait_secs = 60\n\
-             overload_wait_secs = 0\noverload_after_secs = 10\nunseen_after_secs = 0\n"
-        );
-        let gateway = Scenario::parse(&text).unwrap().gateway;
-        assert_eq!(gateway.queue_policy, QueuePolicy::Deadline);
-        assert_eq!(gateway.max_wait, Duration::from_secs(30));
-        assert_eq!(gateway.overload_wait, Duration::ZERO);
-        assert_eq!(gateway.overload_after, Duration::from_secs(5));
-        assert_eq!(gateway.unseen_after, None);
-        for (to, key) in [
-            ("queue_policy = \"fifo\"", "gateway.queue_policy"),
-            ("queue_policy = 1", "gateway.queue_policy"),
-            ("max_wait_secs = 0", "gateway.max_wait_secs"),
-            ("overload_wait_secs = -1", "gateway.overload_wait_secs"),
-            ("overload_after_secs = 1e9", "gateway.overload_after_secs"),
-            ("unseen_after_secs = -5", "gateway.unseen_after_secs"),
-        ] {
-            let error = Scenario::parse(&format!("{SMALL}\n[gateway]\n{to}\n"))
-                .unwrap_err()
-                .to_string();
-            assert!(error.contains(key), "{to}: {error}");
-        }
-        // `--set` takes a TOML value: the policy is a string in quotes.
-        let set = "gateway.queue_policy=\"deadline\""
-            .parse::<Override>()
-            .unwrap();
-        let scenario = Scenario::parse_with(SMALL, &[set]).unwrap();
-        assert_eq!(scenario.gateway.queue_policy, QueuePolicy::Deadline);
-        assert!("gateway.queue_policy=deadline".parse::<Override>().is_err());
     }
 
     #[test]

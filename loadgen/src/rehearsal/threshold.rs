@@ -3,11 +3,13 @@
 //!
 //! A threshold is `SUBJECT OP VALUE`:
 //! - a latency statistic of a series (`start`, `check`, `resend`, `time_to_sms`,
-//!   `time_to_verified`, `scheduler_lag`): `p50(…)`, `p90(…)`, `p95(…)`, `p99(…)`, `p999(…)`,
-//!   `max(…)`, `mean(…)`, compared with a duration (`250ms`, `1.5s`, `2m`, or plain
+//!   `time_to_verified`, `scheduler_lag`, `read`): `p50(…)`, `p90(…)`, `p95(…)`, `p99(…)`,
+//!   `p999(…)`, `max(…)`, `mean(…)`, compared with a duration (`250ms`, `1.5s`, `2m`, or plain
 //!   milliseconds);
 //! - a counter (`expired_sessions`, `lost_sms`, `gave_up`, …), compared with a number;
-//! - `rate(COUNTER)`: the counter divided by users arrived, compared with a number.
+//! - `rate(COUNTER)`: the counter divided by users arrived, compared with a number;
+//! - `verified_per_capacity`: users verified per SMS the carriers could have accepted, compared
+//!   with a number (no capacity breaks the threshold).
 //!
 //! `OP` is one of `<`, `<=`, `>`, `>=`, `==`, `!=`.
 
