@@ -584,6 +584,8 @@ fn build_report(
         latency: Default::default(),
         histograms: Default::default(),
         carriers: carriers.iter().map(carrier_report).collect(),
+        sms_capacity: 0.0,
+        verified_per_capacity: None,
         gateway: None,
         handsets: HandsetReport {
             received: counts.received.load(Ordering::Relaxed),
@@ -598,6 +600,13 @@ fn build_report(
         result: String::new(),
     };
     report.fill_from(&snapshot);
+    report.set_capacity(
+        scenario
+            .carriers
+            .iter()
+            .map(|carrier| carrier.capacity_over(scenario.duration))
+            .sum(),
+    );
     let lag = report.latency(Series::SchedulerLag);
     let mut problems = Vec::new();
     let max_lag_ms = options.max_scheduler_lag.as_secs_f64() * 1000.0;
