@@ -319,7 +319,7 @@ mod tests {
         let accepted = Instant::now();
         assert_eq!(response.status(), 200);
         assert_eq!(network.accepted_for(user), 1);
-        let text = tokio::time::timeout(Duration::from_secs(5), inbox.messages.recv())
+        let text = tokio::time::timeout(Duration::from_secs(5), inbox.recv())
             .await
             .unwrap()
             .unwrap();

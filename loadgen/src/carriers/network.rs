@@ -44,6 +44,9 @@ pub trait Tally: std::fmt::Debug + Send + Sync {
     fn duplicate_sms(&self);
     /// An SMS delivered to its user's handset.
     fn sms_received(&self);
+    /// An SMS that reached the handset of a user who had left without a code (gave up, or the
+    /// session ended, before any SMS came).
+    fn sms_to_absent(&self);
 }
 
 /// The tally of a carrier run on its own, which nobody reads.
@@ -53,6 +56,7 @@ pub(crate) struct Unread;
 impl Tally for Unread {
     fn duplicate_sms(&self) {}
     fn sms_received(&self) {}
+    fn sms_to_absent(&self) {}
 }
 
 /// How a repeated SMS is recognised.
@@ -127,7 +131,7 @@ impl Network {
             .build(connector);
         Network {
             phones,
-            handsets: Handsets::new(handsets),
+            handsets: Handsets::new(handsets, tally.clone()),
             tally,
             accepted: (0..n_users).map(|_| AtomicU8::new(0)).collect(),
             handed_over: Mutex::new(HashMap::new()),

@@ -218,6 +218,29 @@ impl Carrier {
             .map_or(&self.base, |entry| &entry.state)
     }
 
+    /// How many SMS the carrier could accept over the first `duration` of the run: its capacity
+    /// per second integrated over time, following its timeline (none while it is down).
+    pub fn capacity_over(&self, duration: Duration) -> f64 {
+        let mut moments = vec![Duration::ZERO, duration];
+        for entry in &self.timeline {
+            moments.extend([entry.from.min(duration), entry.until.min(duration)]);
+        }
+        moments.sort_unstable();
+        moments.dedup();
+        moments
+            .windows(2)
+            .map(|span| {
+                let state = self.state_at(span[0]);
+                let per_sec = if state.down {
+                    0.0
+                } else {
+                    state.capacity_per_sec
+                };
+                per_sec * (span[1] - span[0]).as_secs_f64()
+            })
+            .sum()
+    }
+
     /// A carrier that behaves the same all run long, without failures: for a simulator run on
     /// its own (`loadgen smsc`) and for tests.
     pub fn steady(
@@ -334,6 +357,51 @@ impl Phones {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_carriers_capacity_follows_its_timeline() {
+        let secs = Duration::from_secs;
+        let mut carrier = Carrier::steady(
+            "a",
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            25.0,
+            Duration::ZERO,
+            Duration::ZERO,
+            Protocol::Http,
+        );
+        assert_eq!(carrier.capacity_over(secs(100)), 2500.0);
+        let slow = CarrierState {
+            capacity_per_sec: 1.5,
+            ..carrier.base.clone()
+        };
+        let down = CarrierState {
+            down: true,
+            ..carrier.base.clone()
+        };
+        // Slow from 10 s to 30 s, down from 50 s to 200 s (past the end): 10 × 25 + 20 × 1.5 +
+        // 20 × 25, and nothing after 50 s. An entry that overlaps an earlier one yields to it,
+        // as `state_at` says.
+        carrier.timeline = vec![
+            TimelineEntry {
+                from: secs(10),
+                until: secs(30),
+                state: slow,
+            },
+            TimelineEntry {
+                from: secs(50),
+                until: secs(200),
+                state: down,
+            },
+            TimelineEntry {
+                from: secs(20),
+                until: secs(60),
+                state: carrier.base.clone(),
+            },
+        ];
+        assert_eq!(carrier.capacity_over(secs(100)), 250.0 + 30.0 + 500.0);
+        assert_eq!(carrier.capacity_over(secs(20)), 250.0 + 15.0);
+        assert_eq!(carrier.capacity_over(Duration::ZERO), 0.0);
+    }
 
     #[test]
     fn lognormal_has_its_median_and_p95() {

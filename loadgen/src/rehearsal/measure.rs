@@ -31,16 +31,20 @@ pub enum Series {
     TimeToVerified,
     /// How late users started against their schedule (the load generator's own lag).
     SchedulerLag,
+    /// `GET /v1/verifications/{id}`, the frontend's poll while its user waits
+    /// (`users.poll_secs`), from the moment it was due.
+    Read,
 }
 
 impl Series {
-    pub const ALL: [Series; 6] = [
+    pub const ALL: [Series; 7] = [
         Series::Start,
         Series::Check,
         Series::Resend,
         Series::TimeToSms,
         Series::TimeToVerified,
         Series::SchedulerLag,
+        Series::Read,
     ];
 
     /// The name in reports and thresholds.
@@ -52,6 +56,7 @@ impl Series {
             Series::TimeToSms => "time_to_sms",
             Series::TimeToVerified => "time_to_verified",
             Series::SchedulerLag => "scheduler_lag",
+            Series::Read => "read",
         }
     }
 
@@ -95,10 +100,24 @@ pub enum Count {
     /// Users who came back after a failed sign-up and started again (the scenario's
     /// `users.retry`).
     Retries,
+    /// SMS that reached the handset of a user who had left without a code (gave up, saw the
+    /// session expire, or was refused): SMS the carriers spent on nobody. SMS arriving after a
+    /// user verified, or got its code and left, are not counted.
+    SmsToAbsent,
+    /// Starts answered `503`, whatever the error code (each attempt of a user who comes back
+    /// counts).
+    RefusedAtStart,
+    /// Of those, the ones whose error code was `come_back_later` (the predicted wait passed the
+    /// gateway's patience, `max_wait_ms`)…
+    RefusedComeBackLater,
+    /// …and `overloaded` (the queue was full, or the wait passed `max_extension`).
+    RefusedOverloaded,
+    /// Reads of a verification by the frontend while its user waits (`users.poll_secs`).
+    Polls,
 }
 
 impl Count {
-    pub const ALL: [Count; 15] = [
+    pub const ALL: [Count; 20] = [
         Count::Arrived,
         Count::Started,
         Count::Verified,
@@ -114,6 +133,11 @@ impl Count {
         Count::TransportErrors,
         Count::Unfinished,
         Count::Retries,
+        Count::SmsToAbsent,
+        Count::RefusedAtStart,
+        Count::RefusedComeBackLater,
+        Count::RefusedOverloaded,
+        Count::Polls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -133,6 +157,11 @@ impl Count {
             Count::TransportErrors => "transport_errors",
             Count::Unfinished => "unfinished",
             Count::Retries => "retries",
+            Count::SmsToAbsent => "sms_to_absent",
+            Count::RefusedAtStart => "refused_at_start",
+            Count::RefusedComeBackLater => "refused_come_back_later",
+            Count::RefusedOverloaded => "refused_overloaded",
+            Count::Polls => "polls",
         }
     }
 
@@ -379,6 +408,10 @@ impl Tally for Measurements {
 
     fn sms_received(&self) {
         self.count(Count::SmsReceived);
+    }
+
+    fn sms_to_absent(&self) {
+        self.count(Count::SmsToAbsent);
     }
 }
 

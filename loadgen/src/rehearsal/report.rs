@@ -44,6 +44,14 @@ pub struct Report {
     /// Every series as an HDR histogram (V2 serialization, base64), for merging.
     pub histograms: BTreeMap<String, String>,
     pub carriers: Vec<CarrierReport>,
+    /// SMS the carriers could have accepted over the scenario's duration: each carrier's
+    /// capacity per second integrated over it, following its timeline (none while down).
+    #[serde(default)]
+    pub sms_capacity: f64,
+    /// Users verified per SMS of `sms_capacity`: how much of what the carriers could send
+    /// became sign-ups. `None` without capacity.
+    #[serde(default)]
+    pub verified_per_capacity: Option<f64>,
     pub handsets: HandsetReport,
     /// What the gateway's own metrics said at the end of the run: session extensions, refused
     /// starts, dropped jobs. `null` when they were not read (`--target` without
@@ -222,6 +230,13 @@ impl Report {
         self.timeline = snapshot.timeline.clone();
     }
 
+    /// Sets the carriers' capacity over the run, and the users verified per SMS of it.
+    pub fn set_capacity(&mut self, sms_capacity: f64) {
+        self.sms_capacity = sms_capacity;
+        self.verified_per_capacity =
+            (sms_capacity > 0.0).then(|| self.count(Count::Verified) as f64 / sms_capacity);
+    }
+
     pub fn count(&self, count: Count) -> u64 {
         self.counts.get(count.name()).copied().unwrap_or(0)
     }
@@ -290,6 +305,15 @@ impl Report {
         for count in Count::ALL {
             let _ = writeln!(out, "{:<18} {:>9}", count.name(), self.count(count));
         }
+        let _ = writeln!(
+            out,
+            "{:<18} {:>9}  ({} verified of {:.0} SMS the carriers could accept)",
+            "verified/capacity",
+            self.verified_per_capacity
+                .map_or_else(|| "-".to_owned(), |share| format!("{share:.3}")),
+            self.count(Count::Verified),
+            self.sms_capacity,
+        );
         if !self.marks.is_empty() {
             let _ = writeln!(out, "\n{:<18} {:>9}", "verified by", "users");
             for mark in &self.marks {
@@ -495,6 +519,7 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
     merged.gateway = None;
     merged.thresholds.clear();
     merged.scenario.scheduled_arrivals = 0;
+    merged.sms_capacity = 0.0;
     merged.elapsed_secs = 0.0;
     merged.self_watch = SelfWatch {
         valid: true,
@@ -538,6 +563,8 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
             merged.shards.push(shard);
         }
         merged.scenario.scheduled_arrivals += report.scenario.scheduled_arrivals;
+        // Each shard runs carriers of its own.
+        merged.sms_capacity += report.sms_capacity;
         merged.elapsed_secs = merged.elapsed_secs.max(report.elapsed_secs);
         for (name, value) in &report.counts {
             *merged.counts.entry(name.clone()).or_default() += value;
@@ -660,6 +687,7 @@ pub fn merge(reports: &[Report]) -> Result<Report, MergeError> {
         })
         .collect();
     merged.carriers = carriers.into_values().collect();
+    merged.set_capacity(merged.sms_capacity);
     merged.shards.sort_unstable();
     let missing: Vec<u64> = (0..merged.shard_count)
         .filter(|shard| !merged.shards.contains(shard))

@@ -350,8 +350,22 @@ async fn start_gateway(
         );
     }
     let toml = gateway_config(scenario, carriers, options, api_addr, &keys);
-    let config = gateway::config::Config::from_toml(&toml)
-        .map_err(|error| anyhow::anyhow!("generated gateway config: {error}"))?;
+    let config = match gateway::config::Config::from_toml(&toml) {
+        Ok(config) => config,
+        // A gateway from before the overload policy (issue 19) refuses the `[queue]` keys that
+        // set it: it runs with the one policy it has, and says so, rather than not at all.
+        Err(error) => match gateway::config::Config::from_toml(&without_overload_keys(&toml)) {
+            Ok(config) => {
+                eprintln!(
+                    "loadgen: warning: the in-process gateway has no overload policy (it refuses \
+                     [queue] {}): gateway.queue_policy and its keys are ignored",
+                    OVERLOAD_KEYS.join(", ")
+                );
+                config
+            }
+            Err(_) => anyhow::bail!("generated gateway config: {error}"),
+        },
+    };
     let handle = tokio::spawn(gateway::run(
         gateway::Listeners { api, admin },
         config,
@@ -384,7 +398,8 @@ pub fn gateway_config(
          [verification]\ncode_ttl_secs = {}\nmax_extension_secs = {}\nresend_cooldown_secs = {}\n\
          reroutes = {}\nexpiry_follows_delivery = {}\n\n\
          [limits]\nphone_sends = [{{ max = 1, per_secs = {} }}, {{ max = 5, per_secs = {} }}]\n\n\
-         [queue]\ncapacity = {}\n",
+         [queue]\ncapacity = {}\npolicy = \"{}\"\nmax_wait_ms = {}\noverload_wait_ms = {}\n\
+         overload_after_ms = {}\nunseen_after_ms = {}\n",
         options.connections * 2 + 1024,
         // The sweep finds expired codes and overdue receipts. Its default second of real time
         // is 40 s of the day at 40x: run it every second of scenario time, but no more often
@@ -398,6 +413,11 @@ pub fn gateway_config(
         secs(30.0, 1),
         secs(600.0, 1),
         scenario.gateway.queue_capacity,
+        scenario.gateway.queue_policy.as_str(),
+        millis(scenario.gateway.max_wait),
+        millis(scenario.gateway.overload_wait),
+        millis(scenario.gateway.overload_after),
+        scenario.gateway.unseen_after.map_or(0, millis),
     );
     for (client, key) in scenario.clients.iter().zip(keys) {
         let _ = write!(
@@ -455,6 +475,33 @@ fn gateway_carrier(settings: &crate::carriers::Carrier, carrier: &SimCarrier) ->
             carrier.addr, carrier.receipt_token,
         ),
     }
+}
+
+/// The `[queue]` keys of the gateway's overload policy.
+const OVERLOAD_KEYS: [&str; 5] = [
+    "policy",
+    "max_wait_ms",
+    "overload_wait_ms",
+    "overload_after_ms",
+    "unseen_after_ms",
+];
+
+/// The generated configuration without the overload policy's keys, for a gateway that has none.
+fn without_overload_keys(toml: &str) -> String {
+    toml.lines()
+        .filter(|line| {
+            !OVERLOAD_KEYS.iter().any(|key| {
+                line.strip_prefix(key)
+                    .is_some_and(|rest| rest.starts_with(" ="))
+            })
+        })
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
+/// A real duration in whole milliseconds for the gateway's configuration, at least 1.
+fn millis(duration: Duration) -> u64 {
+    ((duration.as_secs_f64() * 1000.0).round() as u64).max(1)
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -537,6 +584,8 @@ fn build_report(
         latency: Default::default(),
         histograms: Default::default(),
         carriers: carriers.iter().map(carrier_report).collect(),
+        sms_capacity: 0.0,
+        verified_per_capacity: None,
         gateway: None,
         handsets: HandsetReport {
             received: counts.received.load(Ordering::Relaxed),
@@ -551,6 +600,13 @@ fn build_report(
         result: String::new(),
     };
     report.fill_from(&snapshot);
+    report.set_capacity(
+        scenario
+            .carriers
+            .iter()
+            .map(|carrier| carrier.capacity_over(scenario.duration))
+            .sum(),
+    );
     let lag = report.latency(Series::SchedulerLag);
     let mut problems = Vec::new();
     let max_lag_ms = options.max_scheduler_lag.as_secs_f64() * 1000.0;
@@ -698,7 +754,7 @@ protocol = "smpp"
             .map(|(index, carrier)| SimCarrier {
                 name: carrier.name.clone(),
                 addr: SocketAddr::from(([127, 0, 0, 1], 9000 + index as u16)),
-                receipt_token: "token".to_owned(),
+                receipt_token: "receipt-token-0123456789".to_owned(),
                 smpp_login: (index == 1).then(|| carriers::smsc::Login {
                     system_id: "b".to_owned(),
                     password: "pw".to_owned(),
@@ -769,5 +825,60 @@ protocol = "smpp"
             off["carriers"][0]["receipt_timeout_ms"].as_integer(),
             Some(0)
         );
+    }
+
+    #[test]
+    fn the_queue_policy_defaults_to_the_gateways_own() {
+        // The gateway's defaults in scenario time, compressed 40x: 300 s of patience is 7,500
+        // real ms, overload is a job waiting 5 s (125 ms) for 30 s (750 ms).
+        let plain: toml::Table = config("").parse().unwrap();
+        let queue = plain["queue"].as_table().unwrap();
+        assert_eq!(queue["policy"].as_str(), Some("adaptive"));
+        assert_eq!(queue["max_wait_ms"].as_integer(), Some(7500));
+        assert_eq!(queue["overload_wait_ms"].as_integer(), Some(125));
+        assert_eq!(queue["overload_after_ms"].as_integer(), Some(750));
+        assert_eq!(queue["unseen_after_ms"].as_integer(), Some(7500));
+        assert_eq!(queue["capacity"].as_integer(), Some(200_000));
+    }
+
+    #[test]
+    fn the_queue_policy_is_passed_as_the_scenario_sets_it() {
+        let set: toml::Table = config(
+            "[gateway]\nqueue_policy = \"deadline\"\nmax_wait_secs = 61\noverload_wait_secs = 0\n\
+             overload_after_secs = 0.01\nunseen_after_secs = 0\n",
+        )
+        .parse()
+        .unwrap();
+        let queue = set["queue"].as_table().unwrap();
+        assert_eq!(queue["policy"].as_str(), Some("deadline"));
+        // 61 s at 40x is 1,525 ms; zero and a hundredth of a second round up to the floor of
+        // 1 ms; an unseen time of 0 stays 0 (never drop).
+        assert_eq!(queue["max_wait_ms"].as_integer(), Some(1525));
+        assert_eq!(queue["overload_wait_ms"].as_integer(), Some(1));
+        assert_eq!(queue["overload_after_ms"].as_integer(), Some(1));
+        assert_eq!(queue["unseen_after_ms"].as_integer(), Some(0));
+        let unseen: toml::Table = config("[gateway]\nunseen_after_secs = 90\n")
+            .parse()
+            .unwrap();
+        assert_eq!(unseen["queue"]["unseen_after_ms"].as_integer(), Some(2250));
+    }
+
+    #[test]
+    fn a_gateway_without_the_overload_policy_runs_without_its_keys() {
+        let text = config("[gateway]\nqueue_policy = \"deadline\"\n");
+        let older = without_overload_keys(&text);
+        let queue = older.parse::<toml::Table>().unwrap()["queue"].clone();
+        assert_eq!(
+            queue.as_table().unwrap().keys().collect::<Vec<_>>(),
+            ["capacity"]
+        );
+        assert_eq!(
+            older.lines().count() + OVERLOAD_KEYS.len(),
+            text.lines().count()
+        );
+        // Whichever gateway this is built with, one of the two configurations is its own.
+        let gateway = gateway::config::Config::from_toml(&text)
+            .or_else(|_| gateway::config::Config::from_toml(&older));
+        assert!(gateway.is_ok(), "{:?}", gateway.err());
     }
 }

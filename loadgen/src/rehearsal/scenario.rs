@@ -92,6 +92,10 @@ pub struct Users {
     pub retry_after: Dist,
     /// How many times a user starts again at most.
     pub retries: u32,
+    /// While its user waits for the SMS, the frontend reads the verification this often
+    /// (jittered by a fifth either way), the gateway's sign that the user is still there;
+    /// `None`: it never does.
+    pub poll_every: Option<Duration>,
 }
 
 /// Settings of the in-process gateway (ignored with `--target`).
@@ -107,6 +111,34 @@ pub struct GatewaySettings {
     pub receipt_timeout: Duration,
     pub reroutes: u32,
     pub expiry_follows_delivery: bool,
+    /// The overload policy of the gateway's queue (`[queue]`), in real time like every duration
+    /// here: which policy, the predicted SMS wait past which a start is refused
+    /// (`come_back_later`), the oldest job's wait that counts as overload and for how long, and
+    /// how long an unread verification may go unseen before overload drops it (`None`: never).
+    pub queue_policy: QueuePolicy,
+    pub max_wait: Duration,
+    pub overload_wait: Duration,
+    pub overload_after: Duration,
+    pub unseen_after: Option<Duration>,
+}
+
+/// The gateway queue's policy under overload (`gateway.queue_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueuePolicy {
+    /// Admission by patience; under overload, newest first and unseen verifications dropped.
+    Adaptive,
+    /// Earliest deadline first always, no abandonment drops, admission by `max_extension`.
+    Deadline,
+}
+
+impl QueuePolicy {
+    /// The spelling of scenarios and of the gateway's configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueuePolicy::Adaptive => "adaptive",
+            QueuePolicy::Deadline => "deadline",
+        }
+    }
 }
 
 impl Scenario {
@@ -454,6 +486,7 @@ struct RawUsers {
     retry: Option<f64>,
     retry_after_secs: Option<RawDist>,
     retries: Option<u32>,
+    poll_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -474,6 +507,11 @@ struct RawGateway {
     receipt_timeout_secs: Option<f64>,
     reroutes: Option<u32>,
     expiry_follows_delivery: Option<bool>,
+    queue_policy: Option<String>,
+    max_wait_secs: Option<f64>,
+    overload_wait_secs: Option<f64>,
+    overload_after_secs: Option<f64>,
+    unseen_after_secs: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -683,6 +721,13 @@ impl RawScenario {
             client.share /= total_share;
         }
 
+        let poll_secs = self.users.poll_secs.unwrap_or(0.0);
+        if !(poll_secs == 0.0 || (1.0..=86_400.0).contains(&poll_secs)) {
+            return invalid(
+                "users.poll_secs",
+                "must be 0 (never) or between 1 and 86400 seconds",
+            );
+        }
         let users = Users {
             type_delay: self
                 .users
@@ -724,6 +769,8 @@ impl RawScenario {
                 retries @ 0..=10 => retries,
                 _ => return invalid("users.retries", "must be between 0 and 10"),
             },
+            poll_every: (poll_secs > 0.0)
+                .then(|| Duration::from_secs_f64(poll_secs).div_f64(compression)),
         };
         let handsets = HandsetSettings {
             delay: self
@@ -770,6 +817,45 @@ impl RawScenario {
                 _ => return invalid("gateway.reroutes", "must be between 0 and 5"),
             },
             expiry_follows_delivery: self.gateway.expiry_follows_delivery.unwrap_or(true),
+            queue_policy: match self.gateway.queue_policy.as_deref().unwrap_or("adaptive") {
+                "adaptive" => QueuePolicy::Adaptive,
+                "deadline" => QueuePolicy::Deadline,
+                _ => {
+                    return invalid(
+                        "gateway.queue_policy",
+                        "must be \"adaptive\" or \"deadline\"",
+                    );
+                }
+            },
+            max_wait: seconds(
+                "gateway.max_wait_secs",
+                self.gateway.max_wait_secs.unwrap_or(300.0),
+                1.0,
+                86_400.0,
+            )?
+            .div_f64(compression),
+            overload_wait: seconds(
+                "gateway.overload_wait_secs",
+                self.gateway.overload_wait_secs.unwrap_or(5.0),
+                0.0,
+                86_400.0,
+            )?
+            .div_f64(compression),
+            overload_after: seconds(
+                "gateway.overload_after_secs",
+                self.gateway.overload_after_secs.unwrap_or(30.0),
+                0.0,
+                86_400.0,
+            )?
+            .div_f64(compression),
+            unseen_after: Some(seconds(
+                "gateway.unseen_after_secs",
+                self.gateway.unseen_after_secs.unwrap_or(300.0),
+                0.0,
+                86_400.0,
+            )?)
+            .filter(|unseen| !unseen.is_zero())
+            .map(|unseen| unseen.div_f64(compression)),
         };
 
         if self.carriers.is_empty() {
@@ -1300,6 +1386,27 @@ protocol = "smpp"
     }
 
     #[test]
+    fn the_frontend_polls_as_the_scenario_says() {
+        // SMALL runs at 2x: a poll every 60 s of the scenario is one every 30 real seconds.
+        assert_eq!(Scenario::parse(SMALL).unwrap().users.poll_every, None);
+        let polling = Scenario::parse(&format!("{SMALL}\n[users]\npoll_secs = 60\n")).unwrap();
+        assert_eq!(polling.users.poll_every, Some(Duration::from_secs(30)));
+        let never = Scenario::parse(&format!("{SMALL}\n[users]\npoll_secs = 0\n")).unwrap();
+        assert_eq!(never.users.poll_every, None);
+        for to in [
+            "poll_secs = 0.5",
+            "poll_secs = -1",
+            "poll_secs = 1e6",
+            "poll_secs = nan",
+        ] {
+            let error = Scenario::parse(&format!("{SMALL}\n[users]\n{to}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("users.poll_secs"), "{to}: {error}");
+        }
+    }
+
+    #[test]
     fn the_gateway_defences_default_to_the_gateways_own() {
         // SMALL runs at 2x: the gateway's 60 s receipt timeout is 30 s of real time.
         let plain = Scenario::parse(SMALL).unwrap().gateway;
@@ -1327,6 +1434,47 @@ protocol = "smpp"
                 .to_string();
             assert!(error.contains(key), "{to}: {error}");
         }
+    }
+
+    #[test]
+    fn the_queue_policy_defaults_to_the_gateways_own() {
+        // SMALL runs at 2x: every duration is halved.
+        let plain = Scenario::parse(SMALL).unwrap().gateway;
+        assert_eq!(plain.queue_policy, QueuePolicy::Adaptive);
+        assert_eq!(plain.max_wait, Duration::from_secs(150));
+        assert_eq!(plain.overload_wait, Duration::from_millis(2500));
+        assert_eq!(plain.overload_after, Duration::from_secs(15));
+        assert_eq!(plain.unseen_after, Some(Duration::from_secs(150)));
+        let text = format!(
+            "{SMALL}\n[gateway]\nqueue_policy = \"deadline\"\nmax_wait_secs = 60\n\
+             overload_wait_secs = 0\noverload_after_secs = 10\nunseen_after_secs = 0\n"
+        );
+        let gateway = Scenario::parse(&text).unwrap().gateway;
+        assert_eq!(gateway.queue_policy, QueuePolicy::Deadline);
+        assert_eq!(gateway.max_wait, Duration::from_secs(30));
+        assert_eq!(gateway.overload_wait, Duration::ZERO);
+        assert_eq!(gateway.overload_after, Duration::from_secs(5));
+        assert_eq!(gateway.unseen_after, None);
+        for (to, key) in [
+            ("queue_policy = \"fifo\"", "gateway.queue_policy"),
+            ("queue_policy = 1", "gateway.queue_policy"),
+            ("max_wait_secs = 0", "gateway.max_wait_secs"),
+            ("overload_wait_secs = -1", "gateway.overload_wait_secs"),
+            ("overload_after_secs = 1e9", "gateway.overload_after_secs"),
+            ("unseen_after_secs = -5", "gateway.unseen_after_secs"),
+        ] {
+            let error = Scenario::parse(&format!("{SMALL}\n[gateway]\n{to}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{to}: {error}");
+        }
+        // `--set` takes a TOML value: the policy is a string in quotes.
+        let set = "gateway.queue_policy=\"deadline\""
+            .parse::<Override>()
+            .unwrap();
+        let scenario = Scenario::parse_with(SMALL, &[set]).unwrap();
+        assert_eq!(scenario.gateway.queue_policy, QueuePolicy::Deadline);
+        assert!("gateway.queue_policy=deadline".parse::<Override>().is_err());
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //!
 //! A threshold is `SUBJECT OP VALUE`:
 //! - a latency statistic of a series (`start`, `check`, `resend`, `time_to_sms`,
-//!   `time_to_verified`, `scheduler_lag`): `p50(…)`, `p90(…)`, `p95(…)`, `p99(…)`, `p999(…)`,
-//!   `max(…)`, `mean(…)`, compared with a duration (`250ms`, `1.5s`, `2m`, or plain
+//!   `time_to_verified`, `scheduler_lag`, `read`): `p50(…)`, `p90(…)`, `p95(…)`, `p99(…)`,
+//!   `p999(…)`, `max(…)`, `mean(…)`, compared with a duration (`250ms`, `1.5s`, `2m`, or plain
 //!   milliseconds);
 //! - a counter (`expired_sessions`, `lost_sms`, `gave_up`, …), compared with a number;
-//! - `rate(COUNTER)`: the counter divided by users arrived, compared with a number.
+//! - `rate(COUNTER)`: the counter divided by users arrived, compared with a number;
+//! - `verified_per_capacity`: users verified per SMS the carriers could have accepted, compared
+//!   with a number (no capacity breaks the threshold).
 //!
 //! `OP` is one of `<`, `<=`, `>`, `>=`, `==`, `!=`.
 
@@ -31,6 +33,7 @@ enum Subject {
     Latency(Stat, Series),
     Count(Count),
     Rate(Count),
+    VerifiedPerCapacity,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -112,6 +115,8 @@ impl std::str::FromStr for Threshold {
                 };
                 Subject::Latency(stat, series)
             }
+        } else if left == "verified_per_capacity" {
+            Subject::VerifiedPerCapacity
         } else {
             let count = Count::from_name(left).ok_or_else(|| {
                 fail(&format!(
@@ -124,7 +129,7 @@ impl std::str::FromStr for Threshold {
         let value = match subject {
             Subject::Latency(..) => parse_millis(right)
                 .ok_or_else(|| fail("the value must be a duration like 50ms, 1.5s or 2m"))?,
-            Subject::Count(_) | Subject::Rate(_) => right
+            Subject::Count(_) | Subject::Rate(_) | Subject::VerifiedPerCapacity => right
                 .parse::<f64>()
                 .ok()
                 .filter(|value| value.is_finite())
@@ -188,6 +193,16 @@ impl Threshold {
             }
         }
         let value = match self.subject {
+            Subject::VerifiedPerCapacity => match report.verified_per_capacity {
+                Some(share) => share,
+                None => {
+                    return Verdict {
+                        threshold: self.text.clone(),
+                        value: None,
+                        passed: false,
+                    };
+                }
+            },
             Subject::Latency(stat, series) => {
                 let summary = report.latency(series);
                 match stat {
@@ -306,6 +321,8 @@ mod tests {
             latency: Default::default(),
             histograms: Default::default(),
             carriers: Vec::new(),
+            sms_capacity: 0.0,
+            verified_per_capacity: None,
             handsets: Default::default(),
             gateway: None,
             timeline: Vec::new(),
@@ -326,5 +343,29 @@ mod tests {
             .unwrap()
             .evaluate(&report);
         assert_eq!((verdict.value, verdict.passed), (Some(0.0), true));
+        // Without capacity, a share of it proves nothing either.
+        let verdict = "verified_per_capacity>=0"
+            .parse::<Threshold>()
+            .unwrap()
+            .evaluate(&report);
+        assert_eq!((verdict.value, verdict.passed), (None, false));
+        report.counts.insert("verified".to_owned(), 300);
+        report.counts.insert("arrived".to_owned(), 1000);
+        report.counts.insert("sms_to_absent".to_owned(), 20);
+        report.set_capacity(1000.0);
+        for (text, value, passed) in [
+            ("verified_per_capacity>=0.25", 0.3, true),
+            ("verified_per_capacity>0.5", 0.3, false),
+            ("sms_to_absent<100", 20.0, true),
+            ("rate(sms_to_absent)<0.01", 0.02, false),
+            ("refused_at_start==0", 0.0, true),
+        ] {
+            let verdict = text.parse::<Threshold>().unwrap().evaluate(&report);
+            assert_eq!(
+                (verdict.value, verdict.passed),
+                (Some(value), passed),
+                "{text}"
+            );
+        }
     }
 }

@@ -1,6 +1,9 @@
 //! A virtual user's journey: start a verification, wait for the SMS on the handset, type the
 //! code after a human delay, check it. Some mistype, some press resend, some give up, some
-//! never come back; a session that expires before the code could be used is counted.
+//! never come back; a session that expires before the code could be used is counted. While the
+//! user waits, its frontend may read the verification now and then (`users.poll_secs`): the
+//! gateway's sign that the user is still there. A user who gives up just stops, like a closed
+//! browser tab: nothing tells the gateway.
 //!
 //! Each user is one small task, alive from its scheduled arrival to the end of its journey.
 
@@ -107,6 +110,14 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
     measurements.latency_since(Series::Start, intended);
     let accepted = answer.as_ref().is_some_and(|answer| answer.status == 202);
     measurements.answered("start", answer.as_ref().map(|a| a.status), accepted);
+    if let Some(refused) = answer.as_ref().filter(|answer| answer.status == 503) {
+        measurements.count(Count::RefusedAtStart);
+        match refused.body["error"]["code"].as_str() {
+            Some("come_back_later") => measurements.count(Count::RefusedComeBackLater),
+            Some("overloaded") => measurements.count(Count::RefusedOverloaded),
+            _ => {}
+        }
+    }
     let Some(answer) = answer.filter(|_| accepted) else {
         return Outcome::Rejected;
     };
@@ -115,13 +126,23 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
         return Outcome::Rejected;
     };
 
-    // Wait for the SMS; press resend once if it is slow, and give up past patience.
+    // Wait for the SMS; press resend once if it is slow, and give up past patience. Meanwhile
+    // the frontend reads the verification every so often, if it does.
     let give_up_at = intended + behaviour.give_up_after;
     let mut resend_at = Some(intended + behaviour.resend_after);
-    let text = loop {
-        let wake = resend_at.map_or(give_up_at, |at| at.min(give_up_at));
-        match tokio::time::timeout_at(wake.into(), inbox.messages.recv()).await {
-            Ok(Some(text)) => break text,
+    let next_poll = || {
+        behaviour
+            .poll_every
+            .map(|every| Instant::now() + every.mul_f64(rand::rng().random_range(0.8..=1.2)))
+    };
+    let mut poll_at = next_poll();
+    let sms = loop {
+        let wake = [resend_at, poll_at]
+            .into_iter()
+            .flatten()
+            .fold(give_up_at, Instant::min);
+        match tokio::time::timeout_at(wake.into(), inbox.recv()).await {
+            Ok(Some(sms)) => break sms,
             Ok(None) => return Outcome::GaveUp,
             Err(_) if resend_at.is_some_and(|at| Instant::now() >= at) => {
                 // Measured from the moment the user meant to press it, not when the timer ran.
@@ -143,6 +164,14 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
                     );
                 }
             }
+            Err(_)
+                if poll_at.is_some_and(|at| Instant::now() >= at)
+                    && Instant::now() < give_up_at =>
+            {
+                let due = poll_at.unwrap_or_else(Instant::now);
+                poll(world, &id, key, due).await;
+                poll_at = next_poll();
+            }
             Err(_) => {
                 // One look at the verification tells a lost SMS and an expired session apart.
                 let view = world
@@ -162,8 +191,14 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
             }
         }
     };
-    measurements.latency_since(Series::TimeToSms, intended);
-    let sms_at = SystemTime::now();
+    // Counted from when the SMS reached the handset, even if the user was busy (a poll, a
+    // resend) when it came.
+    let on_handset = sms.arrived.elapsed();
+    measurements.record(
+        Series::TimeToSms,
+        sms.arrived.saturating_duration_since(intended),
+    );
+    let sms_at = SystemTime::now() - on_handset;
 
     let (delay, mistype, never) = {
         let mut rng = rand::rng();
@@ -177,9 +212,9 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
         return Outcome::NeverTyped;
     }
     // The user decides to type at `typed`: latency counts from then, however late the timer.
-    let typed = Instant::now() + delay;
+    let typed = sms.arrived + delay;
     tokio::time::sleep_until(typed.into()).await;
-    let Some(code) = code_in(&text) else {
+    let Some(code) = code_in(&sms) else {
         return Outcome::Failed;
     };
     if mistype {
@@ -203,6 +238,17 @@ async fn run(world: &World, user: u64, client: usize, intended: Instant) -> Outc
         }
         Checked::Ended(outcome) => outcome,
     }
+}
+
+/// The frontend reads the verification, as it meant to at `due`: the gateway sees that its user
+/// is still there.
+async fn poll(world: &World, id: &str, key: Option<&str>, due: Instant) {
+    let measurements = &world.measurements;
+    measurements.count(Count::Polls);
+    let answer = world.api.get(&format!("/v1/verifications/{id}"), key).await;
+    measurements.latency_since(Series::Read, due);
+    let status = answer.as_ref().map(|answer| answer.status);
+    measurements.answered("read", status, status == Some(200));
 }
 
 enum Checked {

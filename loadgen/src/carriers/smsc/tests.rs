@@ -221,7 +221,7 @@ async fn a_submit_is_answered_with_an_id_and_reaches_the_handset() {
         panic!("{answer:?}");
     };
     assert_eq!(resp.message_id().as_str(), "00000001");
-    let text = tokio::time::timeout(Duration::from_secs(2), inbox.messages.recv())
+    let text = tokio::time::timeout(Duration::from_secs(2), inbox.recv())
         .await
         .unwrap()
         .unwrap();
@@ -357,7 +357,7 @@ async fn a_concatenated_message_is_reassembled_for_the_handset() {
             esme.send(submit(&phone, part, false)).await;
             assert_eq!(esme.recv().await.unwrap().status(), CommandStatus::EsmeRok);
         }
-        let received = tokio::time::timeout(Duration::from_secs(2), inbox.messages.recv())
+        let received = tokio::time::timeout(Duration::from_secs(2), inbox.recv())
             .await
             .unwrap()
             .unwrap();
@@ -678,7 +678,7 @@ async fn a_late_carrier_answers_at_once_and_sends_the_sms_and_its_receipt_late()
     assert_eq!(answer.status(), CommandStatus::EsmeRok);
     // Accepted at once: counted for the user before the SMS leaves the carrier.
     assert_eq!(sim.network.accepted_for(user), 1);
-    let text = tokio::time::timeout(Duration::from_secs(5), inbox.messages.recv())
+    let text = tokio::time::timeout(Duration::from_secs(5), inbox.recv())
         .await
         .unwrap()
         .unwrap();
@@ -712,7 +712,7 @@ async fn a_lost_receipt_is_never_sent_but_the_sms_arrives() {
     let part = &parts("Codice: 101010", &Coding::default())[0];
     esme.send(submit(&phone, part, true)).await;
     assert_eq!(esme.recv().await.unwrap().status(), CommandStatus::EsmeRok);
-    let text = tokio::time::timeout(Duration::from_secs(2), inbox.messages.recv())
+    let text = tokio::time::timeout(Duration::from_secs(2), inbox.recv())
         .await
         .unwrap()
         .unwrap();
