@@ -364,14 +364,22 @@ pub async fn run(
     Ok(())
 }
 
-/// The sweeper: expiry, retention, limiter housekeeping and gauges, on a timer, until cancelled.
+/// The sweeper: expiry, retention, limiter housekeeping and gauges, on a timer, until cancelled;
+/// a sweep that panics does not stop the ones after it.
 async fn sweep(verifier: Verifier, interval: std::time::Duration, cancel: CancellationToken) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticks.tick() => {
-                verifier.sweep().await;
+                // Each sweep in a task of its own: should one ever panic (a bug), it is logged
+                // and the next runs on time, since expiry and receipt timeouts must not stop.
+                let verifier = verifier.clone();
+                if let Err(error) = tokio::spawn(async move { verifier.sweep().await }).await {
+                    if error.is_panic() {
+                        tracing::error!("a sweep panicked; the next one runs on time");
+                    }
+                }
             }
             _ = cancel.cancelled() => return,
         }

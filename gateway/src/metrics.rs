@@ -888,6 +888,12 @@ impl Metrics {
         self.shared.carriers[index].clone()
     }
 
+    /// Handles for a carrier named by an id read from a shared store, which may come from
+    /// another configuration: `None` for a carrier this one does not have.
+    pub fn carrier_if_known(&self, index: usize) -> Option<CarrierMetrics> {
+        self.shared.carriers.get(index).cloned()
+    }
+
     /// Handles for the `index`th client that has a webhook, in config order.
     pub fn webhook(&self, index: usize) -> WebhookMetrics {
         self.shared.webhooks[index].clone()

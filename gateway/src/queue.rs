@@ -277,6 +277,7 @@ impl Queue {
 
     /// Queues a new job unless the queue is full; returns its ticket in its lane.
     pub fn push(&self, mut job: Job) -> Result<u64, PushError> {
+        self.route_known(&mut job);
         let mut state = self.lock();
         if state.closed {
             return Err(PushError::Closed);
@@ -298,7 +299,8 @@ impl Queue {
 
     /// Puts a job back after a throttle or a temporary failure, keeping its place in line. It
     /// was admitted once, so capacity does not apply; returns its ticket.
-    pub fn requeue(&self, job: Job) -> u64 {
+    pub fn requeue(&self, mut job: Job) -> u64 {
+        self.route_known(&mut job);
         let mut state = self.lock();
         let (wanted, eligible) = (job.wanted_carriers(), job.carriers);
         let ticket = state.insert(job);
@@ -308,6 +310,21 @@ impl Queue {
         drop(state);
         self.wake(woken);
         ticket
+    }
+
+    /// Keeps a job's eligible set within the carriers this queue serves. A job read back from a
+    /// shared store may name carriers an earlier configuration had: it keeps those still here,
+    /// and if none is, any carrier may send it, so that no job waits for a carrier that is gone.
+    fn route_known(&self, job: &mut Job) {
+        let known: CarrierSet = match self.shared.weights.len() {
+            0 => return,
+            64.. => CarrierSet::MAX,
+            n => (1 << n) - 1,
+        };
+        job.carriers = match job.carriers & known {
+            0 => known,
+            still_here => still_here,
+        };
     }
 
     /// Takes the most urgent job `carrier` may send, waiting for one. Returns `None` once no job
@@ -1184,5 +1201,17 @@ mod tests {
         // Then nothing for a minute: zero.
         clock.advance(Duration::from_secs(60));
         assert_eq!(queue.overload().unwrap().accepted_per_sec, Some(0.0));
+    }
+
+    #[test]
+    fn a_job_for_carriers_no_longer_configured_goes_to_those_still_here() {
+        let weights = [NonZeroU32::MIN, NonZeroU32::MIN];
+        let queue = Queue::new(10, &weights);
+        // Carriers 1 and 5 (an earlier configuration): only 1 is still here.
+        queue.push(routed(0, 1, 0b10_0010)).unwrap();
+        assert_eq!(queue.try_pop(1).map(|job| job.carriers), Some(0b10));
+        // Only carriers that are gone: any carrier here may send it.
+        queue.push(routed(0, 2, 0b1100)).unwrap();
+        assert_eq!(queue.try_pop(0).map(|job| job.carriers), Some(0b11));
     }
 }

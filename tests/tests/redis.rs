@@ -115,6 +115,57 @@ async fn admission_follows_the_shared_backlog() {
     gateway.stop().await.unwrap();
 }
 
+/// A carrier dropped from the configuration stops nothing: what Redis still holds for it (a
+/// receipt held for a submit answer that never came) is skipped by the next instance's sweep,
+/// which goes on expiring verifications.
+#[tokio::test]
+async fn a_carrier_removed_from_the_config_stops_nothing() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (alpha, beta) = (FakeCarrier::start().await, FakeCarrier::start().await);
+    let token = "receipt-token-of-beta-0123456789";
+    let both = format!(
+        "sweep_interval_ms = 50\n{}{}receipt_token = \"{token}\"\nprefixes = [\"+44\"]\n",
+        alpha.config("alpha", 100, 4),
+        beta.config("beta", 100, 4)
+    );
+    let before = instance(&both, &redis.url()).await;
+    // A receipt for an SMS beta never answered for: held in Redis, under beta's id.
+    let body = serde_json::json!({ "carrier_message_id": "b-1", "status": "delivered" });
+    let held = before
+        .request_with_bearer(
+            http::Method::POST,
+            "/v1/carriers/beta/receipts",
+            body.to_string().into_bytes(),
+            Some(token),
+        )
+        .await;
+    assert_eq!(held.status, 200, "{}", held.text);
+    before.stop().await.unwrap();
+
+    // The next configuration has alpha only; its clock runs past the hold.
+    let clock = gateway::clock::Clock::system();
+    let only_alpha = format!("sweep_interval_ms = 50\n{}", alpha.config("alpha", 100, 4));
+    let after =
+        Gateway::start_configured(&on_redis(&only_alpha, &redis.url()), clock.clone()).await;
+    after.wait_ready().await;
+    // Only the sweep ends a verification nobody reads: one sweep meets beta's receipt, and the
+    // sweeps after it must still run.
+    let expired = r#"otpgate_verifications_ended_total{outcome="expired"}"#;
+    for n in 1..=2 {
+        let started = after.start_verification(&phone(30 + n)).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        alpha.wait_for(n as usize, TIMEOUT).await;
+        clock.advance(Duration::from_secs(60 * 60));
+        after
+            .wait_for_metric(expired, |ended| ended >= f64::from(n))
+            .await;
+    }
+    after.stop().await.unwrap();
+}
+
 /// `kill -9` of an `otpgate` process mid-load (no shutdown, no acknowledgements) leaves its jobs
 /// pending in the streams; another process takes them over after `claim_after_secs` and every
 /// verification gets its SMS. Duplicates are at most what the dead one had in flight.

@@ -762,10 +762,10 @@ impl Verifier {
             .hold_receipt(carrier, carrier_message_id, status)
             .await?
         {
-            self.shared
-                .metrics
-                .carrier(evicted as usize)
-                .receipt_unmatched();
+            // Read back from the store: a carrier an earlier configuration had may be gone.
+            if let Some(metrics) = self.shared.metrics.carrier_if_known(evicted as usize) {
+                metrics.receipt_unmatched();
+            }
         }
         // The submit answer may have been recorded between the lookup and the hold; whichever
         // side takes the held receipt applies it.
@@ -867,8 +867,12 @@ impl Verifier {
                 .await;
         }
         // Receipts held for a submit answer that never named them: unmatched after all.
+        // The ids are read back from the store: a carrier an earlier configuration had (and
+        // another instance may still have) is skipped, never looked up out of range.
         for carrier in backend.expired_receipts(now).await {
-            shared.metrics.carrier(carrier as usize).receipt_unmatched();
+            if let Some(metrics) = shared.metrics.carrier_if_known(carrier as usize) {
+                metrics.receipt_unmatched();
+            }
         }
         let Ok(backlog) = backend.backlog().await else {
             return;

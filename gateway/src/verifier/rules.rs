@@ -520,7 +520,11 @@ impl Verifier {
         }
         let reroute = self.reroute(shard, fx, id, carrier, now);
         if reroute == Reroute::Queued {
-            tracing::info!(verification = %id, carrier = %shared.carriers[carrier as usize].name, "no delivery receipt in time; the same code goes again by another carrier");
+            let name = shared
+                .carriers
+                .get(carrier as usize)
+                .map_or("(not configured here)", |info| info.name.as_str());
+            tracing::info!(verification = %id, carrier = %name, "no delivery receipt in time; the same code goes again by another carrier");
         }
         Some(Observation::Missing { carrier, reroute })
     }
