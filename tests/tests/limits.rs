@@ -307,7 +307,8 @@ async fn client_is_held_to_its_rate() {
 }
 
 /// Wrong codes are limited per phone across verifications: after 3 wrong codes even the right
-/// code is refused without being compared, in a new verification too, until the window passes.
+/// code is refused without being compared, and the phone gets no SMS (no resend, no new
+/// verification) until the window passes.
 #[tokio::test]
 async fn failed_checks_lock_the_phone_across_verifications() {
     let extra = "[verification]\nmax_attempts = 5\ncode_ttl_secs = 7200\n\
@@ -349,26 +350,35 @@ async fn failed_checks_lock_the_phone_across_verifications() {
         0.0
     );
 
-    // A new verification for the same phone is locked as well.
-    cancel(&gateway, &first_id).await;
+    // While the phone is locked it gets no SMS: a new verification is refused, and so is a
+    // resend of a live one.
+    // (Past the resend cooldown, so that only the lock can refuse it.)
     gateway.clock.advance(Duration::from_secs(31));
+    let resend = gateway
+        .post(&format!("/v1/verifications/{first_id}/resend"), json!({}))
+        .await;
+    assert_rate_limited(&resend, "too_many_failed_checks", "3;w=3600");
+    cancel(&gateway, &first_id).await;
+    let refused = gateway.start_verification(&number).await;
+    assert_rate_limited(&refused, "too_many_failed_checks", "3;w=3600");
+    assert!(refused.retry_after().unwrap_or_default() <= 3600);
+    assert_eq!(carrier.received().len(), 1, "no SMS to a locked phone");
+
+    // Past the window, a new verification is sent, and its code works.
+    gateway.clock.advance(Duration::from_secs(3600));
     let second = gateway.start_verification(&number).await;
     assert_eq!(second.status, 202, "{}", second.text);
     let second_id = second.id();
     carrier.wait_for(2, PATIENCE).await;
     let second_code = carrier.code_for(&number).expect("a code in the second SMS");
-    let locked = gateway.check(&second_id, &second_code).await;
-    assert_rate_limited(&locked, "too_many_failed_checks", "3;w=3600");
-
-    // Past the window, the right code works.
-    gateway.clock.advance(Duration::from_secs(3600));
     let approved = gateway.check(&second_id, &second_code).await;
     assert_eq!(approved.status, 200, "{}", approved.text);
     assert_eq!(
         approved.body,
         json!({"valid": true, "status": "approved", "attempts_left": 5})
     );
-    assert_eq!(rejections(&gateway, "failed_checks").await, 2.0);
+    // The locked check, the resend and the start.
+    assert_eq!(rejections(&gateway, "failed_checks").await, 3.0);
 
     // An unknown id gets the same 404 whatever it looks like, even one in the phone's shard.
     let tail = if second_id.ends_with("00") {
@@ -516,9 +526,28 @@ async fn rejections_are_counted_by_limit() {
     )
     .await;
     assert_eq!(answer.status, 200, "{}", answer.text);
+    // Another phone, sent to once, cancelled and started again within 30 s.
+    let sent_once = phone(705);
     let answer = start(
         &gateway,
-        json!({ "phone": number, "client_ip": "198.51.100.2" }),
+        json!({ "phone": sent_once, "client_ip": "198.51.100.2" }),
+        portal,
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{}", answer.text);
+    let cancel_path = format!("/v1/verifications/{}", answer.id());
+    let answer = send_as(
+        &gateway,
+        http::Method::DELETE,
+        &cancel_path,
+        None,
+        "k-portal",
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let answer = start(
+        &gateway,
+        json!({ "phone": sent_once, "client_ip": "198.51.100.4" }),
         portal,
     )
     .await;

@@ -168,13 +168,14 @@ impl Keys {
         }
     }
 
-    /// The live verification of `phone` for `client`, if any.
+    /// The live verification of `phone` for `client`, if any, and the phone's failed checks
+    /// (a locked phone gets no SMS).
     pub fn live(phone: &Phone, client: ClientId) -> Keys {
         Keys {
             shard_byte: shard_byte(phone),
             id: None,
             live: Some((phone.as_u64(), client)),
-            failed_checks: false,
+            failed_checks: true,
         }
     }
 }

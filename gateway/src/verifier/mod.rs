@@ -424,6 +424,9 @@ impl Verifier {
             let step = shared
                 .backend
                 .run(Keys::live(&phone, client), |shard, fx, now| {
+                    // A phone locked by wrong codes gets no SMS, not even its live
+                    // verification's resend.
+                    self.unlocked(shard, phone.as_u64(), now)?;
                     if let Some(id) = shard.live.get(&(phone.as_u64(), client)).copied() {
                         let was_pending = shard.records.get(&id).is_some_and(|r| r.is_pending());
                         self.settle(shard, fx, &id, now);
@@ -559,7 +562,7 @@ impl Verifier {
     pub async fn resend(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
         self.shared
             .backend
-            .run(Keys::record(*id), |shard, fx, now| {
+            .run(Keys::checking(*id), |shard, fx, now| {
                 self.resend_in(shard, fx, client, id, now)
             })
             .await

@@ -88,24 +88,18 @@ impl Verifier {
         let shared = &*self.shared;
         self.owned(shard, client, id)?;
         self.settle(shard, fx, id, now);
-        let record = shard.records.get_mut(id).ok_or(ApiError::NotFound)?;
+        let record = shard.records.get(id).ok_or(ApiError::NotFound)?;
         if !record.is_pending() {
             return Err(not_pending(record.status));
         }
         let phone_key = record.phone.as_u64();
         let rule = shared.failed_checks_rule;
         let window_ms = rule.per.as_millis() as Millis;
-        if let Some(failed) = shard.failed_checks.get(&phone_key) {
-            if now < failed.window_start_ms + window_ms && failed.count >= rule.max.get() {
-                shared.metrics.checked(Checked::Locked);
-                shared.metrics.rejected(LimitKind::FailedChecks);
-                return Err(ApiError::from(crate::ratelimit::Rejection {
-                    limit: LimitKind::FailedChecks,
-                    rule,
-                    retry_after: Duration::from_millis(failed.window_start_ms + window_ms - now),
-                }));
-            }
+        if let Err(locked) = self.unlocked(shard, phone_key, now) {
+            shared.metrics.checked(Checked::Locked);
+            return Err(locked);
         }
+        let record = shard.records.get_mut(id).ok_or(ApiError::NotFound)?;
         if shared.keys.matches(id, &record.phone, typed, &record.code) {
             record.end(Status::Approved, None, now);
             let answer = CheckAnswer {
@@ -160,6 +154,26 @@ impl Verifier {
         Ok(answer)
     }
 
+    /// Refuses (`429 too_many_failed_checks`, counted) anything for a phone locked by too many
+    /// wrong codes: no check is compared, and no SMS is sent to it, until its window passes.
+    pub(super) fn unlocked(&self, shard: &Shard, phone: u64, now: Millis) -> Result<(), ApiError> {
+        let shared = &*self.shared;
+        let rule = shared.failed_checks_rule;
+        let window_ms = rule.per.as_millis() as Millis;
+        let Some(failed) = shard.failed_checks.get(&phone) else {
+            return Ok(());
+        };
+        if now >= failed.window_start_ms + window_ms || failed.count < rule.max.get() {
+            return Ok(());
+        }
+        shared.metrics.rejected(LimitKind::FailedChecks);
+        Err(ApiError::from(crate::ratelimit::Rejection {
+            limit: LimitKind::FailedChecks,
+            rule,
+            retry_after: Duration::from_millis(failed.window_start_ms + window_ms - now),
+        }))
+    }
+
     pub(super) fn resend_in(
         &self,
         shard: &mut Shard,
@@ -191,6 +205,7 @@ impl Verifier {
                 return Err(self.refused_at_queue(PushError::Full));
             }
             let phone = record.phone.as_u64();
+            self.unlocked(shard, phone, now)?;
             self.spend_phone(fx, phone)?;
             self.queue_resend(shard, fx, id, now)?;
         }

@@ -114,7 +114,11 @@ impl RedisBackend {
             id: keys.id,
             live: keys.live,
             failed_checks: if keys.failed_checks {
-                FailedChecksOf::Record
+                // A start names the phone; every other call, the record it reads.
+                match (keys.id, keys.live) {
+                    (None, Some((phone, _))) => FailedChecksOf::Phone(phone),
+                    _ => FailedChecksOf::Record,
+                }
             } else {
                 FailedChecksOf::None
             },
