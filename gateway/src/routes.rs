@@ -293,7 +293,8 @@ async fn cancel(
     Ok(axum::Json(view).into_response())
 }
 
-/// A carrier's delivery receipt, authenticated with the carrier's own token. A receipt that
+/// A carrier's delivery receipt, authenticated with the carrier's own token (an unknown carrier
+/// name is answered like a wrong token, so names cannot be probed). A receipt that
 /// matches no SMS yet is held for a while (its submit answer may still be on the way) and
 /// answered `200 {"matched": false, "held": true}`; one that never matches is counted. Either
 /// way the answer is `200`, so carriers do not retry it.
@@ -305,11 +306,7 @@ async fn receipt(
     let (parts, body) = request.into_parts();
     let carrier = state
         .verifier
-        .carrier_by_name(&name)
-        .ok_or(ApiError::UnknownCarrier)?;
-    state
-        .verifier
-        .authenticate_carrier(carrier, bearer(&parts.headers))?;
+        .authenticate_carrier(&name, bearer(&parts.headers))?;
     let bytes = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let body: ReceiptBody = parse_json(&bytes)?;
     // Carriers send ids as strings or numbers.
