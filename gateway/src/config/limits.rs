@@ -76,8 +76,13 @@ pub struct Rule {
 impl RawVerification {
     pub(crate) fn validate(self) -> Result<VerificationPolicy, ConfigError> {
         let code_length = self.code_length.unwrap_or(6);
-        if !(4..=9).contains(&code_length) {
-            return invalid("verification.code_length", "must be between 4 and 9");
+        // Four or five digits fall to guessing: the 100 wrong codes a phone may spend a day (by
+        // default) find a 4-digit code one time in a hundred, on each phone an attacker tries.
+        if !(6..=9).contains(&code_length) {
+            return invalid(
+                "verification.code_length",
+                "must be between 6 and 9 (shorter codes can be guessed)",
+            );
         }
         let code_ttl = secs(
             "verification.code_ttl_secs",

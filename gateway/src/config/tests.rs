@@ -198,3 +198,21 @@ fn the_queue_policy_is_adaptive_by_default_and_can_be_the_deadline_one() {
         );
     }
 }
+
+#[test]
+fn codes_shorter_than_six_digits_are_refused() {
+    for length in [4, 5] {
+        let error =
+            Config::from_toml(&format!("[verification]\ncode_length = {length}")).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("config key verification.code_length:"),
+            "{length}: {error}"
+        );
+    }
+    for length in [6, 9] {
+        let config = Config::from_toml(&format!("[verification]\ncode_length = {length}")).unwrap();
+        assert_eq!(config.verification.code_length, length);
+    }
+}
