@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod breaker;
 pub mod carrier;
+pub mod citizen_ip;
 pub mod clock;
 pub mod config;
 pub mod delivery;
@@ -137,7 +138,17 @@ pub async fn run(
         .filter(|client| client.webhook.is_some())
         .map(|client| client.name.clone())
         .collect();
-    let metrics = Metrics::new(&Verifier::lanes(&config), &carrier_names, &webhook_clients);
+    let client_names: Vec<String> = config
+        .clients
+        .iter()
+        .map(|client| client.name.clone())
+        .collect();
+    let metrics = Metrics::new(
+        &Verifier::lanes(&config),
+        &carrier_names,
+        &client_names,
+        &webhook_clients,
+    );
     metrics.set_policy(
         config.verification.code_ttl,
         config.verification.max_extension,

@@ -5,7 +5,7 @@
 //! so every bad input gets the API's own error shape: a code and a message naming the field.
 
 use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use crate::citizen_ip::{self, CitizenIp};
 use crate::error::ApiError;
 use crate::ids::VerificationId;
 use crate::metrics::{Route, Started};
@@ -141,14 +142,19 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
         };
         ApiError::bad_request("invalid_phone", message)
     })?;
-    let ip = match body.client_ip.as_deref() {
-        Some(text) => text.trim().parse::<IpAddr>().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_client_ip",
-                "client_ip: expected an IPv4 or IPv6 address",
-            )
-        })?,
-        None => peer.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+    // The client's own source of citizen addresses; only the anonymous client of local
+    // development falls back to the peer address (`citizen_ip.rs` says why).
+    let citizen_ip = match state.verifier.citizen_ip_source(client) {
+        Some(source) => source.resolve(body.client_ip.as_deref(), &parts.headers)?,
+        None => citizen_ip::anonymous(body.client_ip.as_deref(), peer)?,
+    };
+    let ip = match citizen_ip {
+        CitizenIp::Address(ip) => Some(ip),
+        CitizenIp::Missing => {
+            state.verifier.started_without_citizen_ip(client);
+            None
+        }
+        CitizenIp::Unlimited => None,
     };
     let locale = match body.locale {
         Some(locale)
