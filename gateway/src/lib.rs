@@ -116,6 +116,13 @@ pub async fn run(
             standby: false,
         });
     }
+    if !config.is_unauthenticated() && config.limits.countries.allows_every_region() {
+        tracing::warn!(
+            "NO COUNTRY ALLOW-LIST: [limits] countries is empty, so SMS go to every region, \
+             premium-rate and satellite ranges included (the SMS pumping risk); list the \
+             regions your citizens' numbers belong to, e.g. countries = [\"IT\"]"
+        );
+    }
     if config.is_unauthenticated() {
         tracing::warn!(
             "NO API KEYS CONFIGURED: the API accepts unauthenticated calls. This is allowed only \

@@ -622,6 +622,31 @@ async fn country_allow_list_refuses_other_countries() {
     assert_eq!(rejections(&gateway, "country").await, 1.0);
 }
 
+/// With clients configured and no country allow-list, `/readyz` points out that every region is
+/// allowed (the SMS pumping risk) and stays ready; with a list it does not.
+#[tokio::test]
+async fn readyz_points_out_that_every_region_is_allowed() {
+    let clients = format!(
+        "[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{}\"\n",
+        sha256_hex("k-portal")
+    );
+    let (open, _carrier) = gateway_with(&clients).await;
+    let ready = open.admin_get("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    let countries = &ready.body["checks"]["countries"];
+    assert_eq!(countries["ok"], true, "{}", ready.text);
+    assert_eq!(countries["all_regions_allowed"], true, "{}", ready.text);
+    assert!(countries["warning"].is_string(), "{}", ready.text);
+
+    let (listed, _carrier) =
+        gateway_with(&format!("[limits]\ncountries = [\"IT\"]\n{clients}")).await;
+    let ready = listed.admin_get("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    let countries = &ready.body["checks"]["countries"];
+    assert_eq!(countries["all_regions_allowed"], false, "{}", ready.text);
+    assert!(countries.get("warning").is_none(), "{}", ready.text);
+}
+
 /// Limiter memory stays bounded: the sweeper drops per-phone limiter keys once their limits
 /// have fully recovered.
 #[tokio::test]
