@@ -48,7 +48,8 @@ async fn healthz() -> Response {
 }
 
 /// Ready: accepting new verifications, with room in the queue, and with at least one carrier
-/// whose circuit is not open. Each carrier's delivery state is in the detail.
+/// whose circuit is not open. Each carrier's delivery state is in the detail, and so is an
+/// empty country allow-list, which is a risk to point out but no reason to stop serving.
 async fn readyz(State(state): State<AdminState>) -> Response {
     let queue = state.verifier.queue();
     let accepting = state.verifier.is_accepting();
@@ -78,6 +79,14 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     // Asked now, so readiness follows a store going away and coming back.
     let store_ok = state.verifier.backend().is_up().await;
     let ready = accepting && queue_ok && carriers_ok && store_ok;
+    let all_regions_allowed = state.verifier.countries().allows_every_region();
+    let mut countries = json!({"ok": true, "all_regions_allowed": all_regions_allowed});
+    if all_regions_allowed && state.verifier.has_clients() {
+        countries["warning"] = json!(
+            "[limits] countries is empty: SMS go to every region, premium-rate and satellite \
+             ranges included"
+        );
+    }
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {
@@ -85,6 +94,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             "queue": {"ok": queue_ok, "depth": depth, "capacity": capacity},
             "carriers": {"ok": carriers_ok, "each": carriers},
             "store": {"ok": store_ok, "kind": state.verifier.backend().kind()},
+            "countries": countries,
         }
     });
     let status = if ready {

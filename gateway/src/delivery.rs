@@ -353,7 +353,7 @@ mod tests {
             timeout_ms.map_or(String::new(), |ms| format!("receipt_timeout_ms = {ms}\n"))
         ))
         .unwrap();
-        let metrics = Metrics::new(&[0], &[("a".to_owned(), false)], &[]);
+        let metrics = Metrics::new(&[0], &[("a".to_owned(), false)], &[], &[]);
         Deliveries::new(&config.carriers, &metrics)
     }
 

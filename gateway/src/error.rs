@@ -27,8 +27,6 @@ pub enum ApiError {
     NotFound,
     #[error("no such route")]
     NoRoute,
-    #[error("no such carrier")]
-    UnknownCarrier,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     #[error("verification is {status}, no longer pending")]
@@ -86,9 +84,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::CountryNotAllowed | ApiError::NumberNotServed => StatusCode::FORBIDDEN,
-            ApiError::NotFound | ApiError::NoRoute | ApiError::UnknownCarrier => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::NotFound | ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotPending { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -110,7 +106,6 @@ impl ApiError {
             ApiError::NumberNotServed => "number_not_served",
             ApiError::NotFound => "not_found",
             ApiError::NoRoute => "no_route",
-            ApiError::UnknownCarrier => "unknown_carrier",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::NotPending { .. } => "not_pending",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",

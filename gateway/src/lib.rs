@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod breaker;
 pub mod carrier;
+pub mod citizen_ip;
 pub mod clock;
 pub mod config;
 pub mod delivery;
@@ -115,6 +116,13 @@ pub async fn run(
             standby: false,
         });
     }
+    if !config.is_unauthenticated() && config.limits.countries.allows_every_region() {
+        tracing::warn!(
+            "NO COUNTRY ALLOW-LIST: [limits] countries is empty, so SMS go to every region, \
+             premium-rate and satellite ranges included (the SMS pumping risk); list the \
+             regions your citizens' numbers belong to, e.g. countries = [\"IT\"]"
+        );
+    }
     if config.is_unauthenticated() {
         tracing::warn!(
             "NO API KEYS CONFIGURED: the API accepts unauthenticated calls. This is allowed only \
@@ -137,7 +145,17 @@ pub async fn run(
         .filter(|client| client.webhook.is_some())
         .map(|client| client.name.clone())
         .collect();
-    let metrics = Metrics::new(&Verifier::lanes(&config), &carrier_names, &webhook_clients);
+    let client_names: Vec<String> = config
+        .clients
+        .iter()
+        .map(|client| client.name.clone())
+        .collect();
+    let metrics = Metrics::new(
+        &Verifier::lanes(&config),
+        &carrier_names,
+        &client_names,
+        &webhook_clients,
+    );
     metrics.set_policy(
         config.verification.code_ttl,
         config.verification.max_extension,

@@ -129,6 +129,8 @@ struct Shared {
     live: Gauge,
     store_up: Gauge,
     rejections: [Counter; 6],
+    /// By client id; empty for the anonymous client.
+    starts_without_citizen_ip: Vec<Counter>,
     limiter_keys: [Gauge; 2],
     session_extension: Histogram,
     queue_dropped: [Counter; 3],
@@ -246,10 +248,12 @@ impl Route {
 
 impl Metrics {
     /// Builds the recorder and registers every series: lanes by priority, carriers by name (and
-    /// whether they speak SMPP), and webhooks by the names of the clients that have one.
+    /// whether they speak SMPP), clients by name (none for the anonymous client), and webhooks
+    /// by the names of the clients that have one.
     pub fn new(
         lane_priorities: &[u8],
         carriers: &[(String, bool)],
+        clients: &[String],
         webhook_clients: &[String],
     ) -> Metrics {
         let recorder = PrometheusBuilder::new()
@@ -546,6 +550,21 @@ impl Metrics {
             )
         })
         .collect();
+        r.describe_counter(
+            "otpgate_starts_without_citizen_ip_total",
+            "Starts that came without the citizen's address (no client_ip) from a client whose \
+             citizen_ip is \"optional\", by client: they are not limited per IP. A warning \
+             sign: the frontend most likely forgot client_ip.",
+        );
+        let starts_without_citizen_ip: Vec<Counter> = clients
+            .iter()
+            .map(|name| {
+                r.counter(
+                    "otpgate_starts_without_citizen_ip_total",
+                    vec![Label::new("client", name.clone())],
+                )
+            })
+            .collect();
         let limiter_keys: Vec<Gauge> = ["phone", "ip"]
             .iter()
             .map(|limit| r.gauge("otpgate_ratelimit_keys", vec![Label::new("limit", *limit)]))
@@ -758,6 +777,7 @@ impl Metrics {
                 live,
                 store_up,
                 rejections: to_array(rejections),
+                starts_without_citizen_ip,
                 limiter_keys: to_array(limiter_keys),
                 session_extension,
                 queue_dropped: to_array(queue_dropped),
@@ -820,6 +840,13 @@ impl Metrics {
 
     pub fn rejected(&self, limit: crate::ratelimit::LimitKind) {
         self.shared.rejections[limit as usize].increment(1);
+    }
+
+    /// A start of `client` not limited per IP because its citizen address was missing.
+    pub fn started_without_citizen_ip(&self, client: crate::ids::ClientId) {
+        if let Some(counter) = self.shared.starts_without_citizen_ip.get(client as usize) {
+            counter.increment(1);
+        }
     }
 
     pub fn set_limiter_keys(&self, n_phone_keys: usize, n_ip_keys: usize) {

@@ -57,7 +57,7 @@ impl StoredCode {
 // === impl CodeKeys ===
 
 impl CodeKeys {
-    /// Derives the keys from the server secret; `length` is the number of digits (4 to 9).
+    /// Derives the keys from the server secret; `length` is the number of digits (6 to 9).
     pub fn new(secret: &[u8], length: u8) -> CodeKeys {
         CodeKeys {
             check_key: derive(secret, b"otpgate code check v1"),
@@ -235,7 +235,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn codes_are_well_formed_for_every_length(length in 4u8..=9) {
+        fn codes_are_well_formed_for_every_length(length in 6u8..=9) {
             let (_, id, phone) = fixture();
             let keys = CodeKeys::new(b"another secret of enough length!", length);
             let (code, stored) = keys.generate(&id, &phone);

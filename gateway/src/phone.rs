@@ -249,6 +249,12 @@ impl CountryAllowList {
         Ok(CountryAllowList { regions })
     }
 
+    /// Whether every region is allowed (no list configured): premium-rate and satellite ranges
+    /// included, which is what SMS pumping feeds on.
+    pub fn allows_every_region(&self) -> bool {
+        self.regions.is_empty()
+    }
+
     /// Whether a number from `region` may be sent to.
     pub fn allows(&self, region: Option<phonenumber::country::Id>) -> bool {
         if self.regions.is_empty() {

@@ -256,6 +256,7 @@ mod tests {
         let limits = Limits {
             phone_sends: vec![rule(1, 30), rule(5, 600)],
             ip_sends: vec![rule(3, 3600)],
+            ipv6_prefix: 64,
             failed_checks_per_phone: rule(100, 86_400),
             countries: CountryAllowList::default(),
         };

@@ -5,7 +5,7 @@
 //! so every bad input gets the API's own error shape: a code and a message naming the field.
 
 use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use crate::citizen_ip::{self, CitizenIp};
 use crate::error::ApiError;
 use crate::ids::VerificationId;
 use crate::metrics::{Route, Started};
@@ -141,14 +142,19 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
         };
         ApiError::bad_request("invalid_phone", message)
     })?;
-    let ip = match body.client_ip.as_deref() {
-        Some(text) => text.trim().parse::<IpAddr>().map_err(|_| {
-            ApiError::bad_request(
-                "invalid_client_ip",
-                "client_ip: expected an IPv4 or IPv6 address",
-            )
-        })?,
-        None => peer.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+    // The client's own source of citizen addresses; only the anonymous client of local
+    // development falls back to the peer address (`citizen_ip.rs` says why).
+    let citizen_ip = match state.verifier.citizen_ip_source(client) {
+        Some(source) => source.resolve(body.client_ip.as_deref(), &parts.headers)?,
+        None => citizen_ip::anonymous(body.client_ip.as_deref(), peer)?,
+    };
+    let ip = match citizen_ip {
+        CitizenIp::Address(ip) => Some(ip),
+        CitizenIp::Missing => {
+            state.verifier.started_without_citizen_ip(client);
+            None
+        }
+        CitizenIp::Unlimited => None,
     };
     let locale = match body.locale {
         Some(locale)
@@ -293,7 +299,8 @@ async fn cancel(
     Ok(axum::Json(view).into_response())
 }
 
-/// A carrier's delivery receipt, authenticated with the carrier's own token. A receipt that
+/// A carrier's delivery receipt, authenticated with the carrier's own token (an unknown carrier
+/// name is answered like a wrong token, so names cannot be probed). A receipt that
 /// matches no SMS yet is held for a while (its submit answer may still be on the way) and
 /// answered `200 {"matched": false, "held": true}`; one that never matches is counted. Either
 /// way the answer is `200`, so carriers do not retry it.
@@ -305,11 +312,7 @@ async fn receipt(
     let (parts, body) = request.into_parts();
     let carrier = state
         .verifier
-        .carrier_by_name(&name)
-        .ok_or(ApiError::UnknownCarrier)?;
-    state
-        .verifier
-        .authenticate_carrier(carrier, bearer(&parts.headers))?;
+        .authenticate_carrier(&name, bearer(&parts.headers))?;
     let bytes = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let body: ReceiptBody = parse_json(&bytes)?;
     // Carriers send ids as strings or numbers.

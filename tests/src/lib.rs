@@ -663,10 +663,10 @@ impl FakeCarrier {
     }
 }
 
-/// The first run of 4 to 9 digits in an SMS text.
+/// The first run of 6 to 9 digits (a code's possible lengths) in an SMS text.
 pub fn extract_code(text: &str) -> Option<String> {
     text.split(|c: char| !c.is_ascii_digit())
-        .find(|run| (4..=9).contains(&run.len()))
+        .find(|run| (6..=9).contains(&run.len()))
         .map(str::to_owned)
 }
 

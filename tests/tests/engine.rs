@@ -49,7 +49,7 @@ async fn engine() -> Engine {
         .iter()
         .map(|carrier| (carrier.name.clone(), false))
         .collect();
-    let metrics = Metrics::new(&lanes, &carriers, &[]);
+    let metrics = Metrics::new(&lanes, &carriers, &[], &[]);
     let weights: Vec<_> = config.carriers.iter().map(|c| c.weight).collect();
     let queue = Queue::with_policy(
         config.queue_capacity,
@@ -85,7 +85,7 @@ fn request(phone: &str, idempotency: Option<(&str, u64)>) -> NewVerification {
     NewVerification {
         phone,
         region,
-        ip: "192.0.2.7".parse().expect("an IP"),
+        ip: Some("192.0.2.7".parse().expect("an IP")),
         locale: None,
         web_origin_host: None,
         app_hash: None,

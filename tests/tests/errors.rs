@@ -18,6 +18,7 @@ pub(crate) const OBSERVED_CODES: &[&str] = &[
     "invalid_field",
     "invalid_phone",
     "invalid_client_ip",
+    "missing_client_ip",
     "invalid_locale",
     "invalid_web_origin",
     "invalid_app_hash",

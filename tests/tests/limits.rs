@@ -228,8 +228,9 @@ async fn resends_count_against_the_phone_limit() {
     assert_rate_limited(&refused, "rate_limited_phone", "1;w=30");
 }
 
-/// Verifications per citizen IP: the body's `client_ip` is the key, another IP is unaffected,
-/// and without `client_ip` the peer address (127.0.0.1) is the key.
+/// Verifications per citizen IP with no clients configured (local development): the body's
+/// `client_ip` is the key, another IP is unaffected, and without `client_ip` the peer address
+/// (127.0.0.1) is the key.
 #[tokio::test]
 async fn citizen_ip_is_limited() {
     let (gateway, _carrier) =
@@ -260,6 +261,216 @@ async fn citizen_ip_is_limited() {
 
     assert_eq!(rejections(&gateway, "ip").await, 3.0);
     assert_eq!(rejections(&gateway, "phone").await, 0.0);
+}
+
+/// A client's config with its API key `k-<name>` and `extra` keys (such as `citizen_ip`).
+fn client(name: &str, extra: &str) -> String {
+    format!(
+        "[[clients]]\nname = \"{name}\"\napi_key_sha256 = \"{}\"\n{extra}\n",
+        sha256_hex(&format!("k-{name}"))
+    )
+}
+
+/// Starts a verification as the client with API key `key`, with this body and these headers.
+async fn start_as(gateway: &Gateway, key: &str, body: Value, headers: &[(&str, &str)]) -> Answer {
+    let bearer = format!("Bearer {key}");
+    let mut all = vec![("authorization", bearer.as_str())];
+    all.extend_from_slice(headers);
+    gateway
+        .request(
+            http::Method::POST,
+            "/v1/verifications",
+            Some(body.to_string().into_bytes()),
+            &all,
+        )
+        .await
+}
+
+/// How many starts of `client` came without a citizen address.
+async fn starts_without_citizen_ip(gateway: &Gateway, client: &str) -> f64 {
+    gateway
+        .registered_metric(&format!(
+            "otpgate_starts_without_citizen_ip_total{{client=\"{client}\"}}"
+        ))
+        .await
+}
+
+/// A frontend that omits `client_ip` does not get all its citizens throttled together under its
+/// own address (the sign-up failure this gateway exists to prevent): by default such starts are
+/// not limited per IP, and are counted by client. Those that send `client_ip` are limited by it.
+#[tokio::test]
+async fn a_client_that_omits_client_ip_does_not_throttle_its_citizens_together() {
+    let config = format!(
+        "[limits]\nip_sends = [{{ max = 3, per_secs = 3600 }}]\n{}{}",
+        client("portal", ""),
+        client("doctors", "")
+    );
+    let (gateway, _carrier) = gateway_with(&config).await;
+    for n in 1..=10 {
+        let started = start_as(
+            &gateway,
+            "k-portal",
+            json!({ "phone": phone(1100 + n) }),
+            &[],
+        )
+        .await;
+        assert_eq!(started.status, 202, "start {n}: {}", started.text);
+    }
+    assert_eq!(starts_without_citizen_ip(&gateway, "portal").await, 10.0);
+    assert_eq!(starts_without_citizen_ip(&gateway, "doctors").await, 0.0);
+    assert_eq!(rejections(&gateway, "ip").await, 0.0);
+
+    for n in 1..=3 {
+        let body = json!({ "phone": phone(1120 + n), "client_ip": "203.0.113.20" });
+        let started = start_as(&gateway, "k-portal", body, &[]).await;
+        assert_eq!(started.status, 202, "start {n}: {}", started.text);
+    }
+    let body = json!({ "phone": phone(1124), "client_ip": "203.0.113.20" });
+    let refused = start_as(&gateway, "k-portal", body, &[]).await;
+    assert_rate_limited(&refused, "rate_limited_ip", "3;w=3600");
+    assert_eq!(starts_without_citizen_ip(&gateway, "portal").await, 10.0);
+}
+
+/// A client with `citizen_ip = "body"` must send `client_ip`: without it a start is a clear 400
+/// that starts nothing.
+#[tokio::test]
+async fn a_client_with_citizen_ip_body_must_send_client_ip() {
+    let (gateway, carrier) = gateway_with(&client("portal", "citizen_ip = \"body\"")).await;
+    let refused = start_as(&gateway, "k-portal", json!({ "phone": phone(1201) }), &[]).await;
+    assert_eq!(refused.status, 400, "{}", refused.text);
+    assert_eq!(refused.error_code(), "missing_client_ip");
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("client_ip")),
+        "{}",
+        refused.text
+    );
+    let body = json!({ "phone": phone(1201), "client_ip": "203.0.113.30" });
+    let started = start_as(&gateway, "k-portal", body, &[]).await;
+    assert_eq!(started.status, 202, "{}", started.text);
+    let received = carrier.wait_for(1, PATIENCE).await;
+    assert_eq!(received.len(), 1, "the refused start sent nothing");
+}
+
+/// A client with `citizen_ip = "header"` is limited by the right-most address of its header that
+/// is not a trusted proxy; the body's `client_ip` does not stand in for it, and another client
+/// sending the same header is not limited by it.
+#[tokio::test]
+async fn a_client_with_citizen_ip_header_is_limited_by_its_proxy_header() {
+    let config = format!(
+        "[limits]\nip_sends = [{{ max = 3, per_secs = 3600 }}]\n{}{}",
+        client(
+            "portal",
+            "citizen_ip = \"header\"\ncitizen_ip_header = \"X-Forwarded-For\"\n\
+             citizen_ip_trusted_proxies = [\"10.0.0.0/8\"]"
+        ),
+        client("doctors", "")
+    );
+    let (gateway, _carrier) = gateway_with(&config).await;
+    // The left-most entry is the citizen's side's to write: it changes nothing.
+    for (n, spoofed) in ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+        .iter()
+        .enumerate()
+    {
+        let forwarded = format!("{spoofed}, 203.0.113.40, 10.1.2.3");
+        let started = start_as(
+            &gateway,
+            "k-portal",
+            json!({ "phone": phone(1301 + n as u32) }),
+            &[("x-forwarded-for", forwarded.as_str())],
+        )
+        .await;
+        assert_eq!(started.status, 202, "start {n}: {}", started.text);
+    }
+    let refused = start_as(
+        &gateway,
+        "k-portal",
+        json!({ "phone": phone(1304), "client_ip": "192.0.2.99" }),
+        &[("x-forwarded-for", "203.0.113.40, 10.9.9.9")],
+    )
+    .await;
+    assert_rate_limited(&refused, "rate_limited_ip", "3;w=3600");
+    let other = start_as(
+        &gateway,
+        "k-portal",
+        json!({ "phone": phone(1304) }),
+        &[("x-forwarded-for", "203.0.113.41, 10.9.9.9")],
+    )
+    .await;
+    assert_eq!(other.status, 202, "{}", other.text);
+
+    let missing = start_as(
+        &gateway,
+        "k-portal",
+        json!({ "phone": phone(1305), "client_ip": "192.0.2.99" }),
+        &[],
+    )
+    .await;
+    assert_eq!(missing.status, 400, "{}", missing.text);
+    assert_eq!(missing.error_code(), "missing_client_ip");
+
+    // Only the portal's header is read: the doctors' client sends none of its own.
+    let doctors = start_as(
+        &gateway,
+        "k-doctors",
+        json!({ "phone": phone(1306) }),
+        &[("x-forwarded-for", "203.0.113.40")],
+    )
+    .await;
+    assert_eq!(doctors.status, 202, "{}", doctors.text);
+    assert_eq!(starts_without_citizen_ip(&gateway, "doctors").await, 1.0);
+    assert_eq!(rejections(&gateway, "ip").await, 1.0);
+}
+
+/// A client with `citizen_ip = "none"` is not limited per IP, whatever `client_ip` it sends, and
+/// its starts are not counted as missing an address.
+#[tokio::test]
+async fn a_client_with_citizen_ip_none_is_not_limited_per_ip() {
+    let config = format!(
+        "[limits]\nip_sends = [{{ max = 2, per_secs = 3600 }}]\n{}",
+        client("callcenter", "citizen_ip = \"none\"")
+    );
+    let (gateway, _carrier) = gateway_with(&config).await;
+    for n in 1..=5 {
+        let body = json!({ "phone": phone(1400 + n), "client_ip": "203.0.113.50" });
+        let started = start_as(&gateway, "k-callcenter", body, &[]).await;
+        assert_eq!(started.status, 202, "start {n}: {}", started.text);
+    }
+    assert_eq!(rejections(&gateway, "ip").await, 0.0);
+    assert_eq!(starts_without_citizen_ip(&gateway, "callcenter").await, 0.0);
+}
+
+/// IPv6 citizens are limited by their /64 (`ipv6_prefix`): a fresh address in the same /64 is
+/// refused once the /64 has used its starts, another /64 is unaffected.
+#[tokio::test]
+async fn ipv6_addresses_are_limited_by_their_64() {
+    let (gateway, _carrier) =
+        gateway_with("[limits]\nip_sends = [{ max = 3, per_secs = 3600 }]").await;
+    for n in 1..=3 {
+        let address = format!("2001:db8:1:2::{n}");
+        let started = start_from_ip(&gateway, &phone(1500 + n), &address).await;
+        assert_eq!(started.status, 202, "{address}: {}", started.text);
+    }
+    let refused = start_from_ip(&gateway, &phone(1504), "2001:db8:1:2:ffff:1:2:3").await;
+    assert_rate_limited(&refused, "rate_limited_ip", "3;w=3600");
+    let other = start_from_ip(&gateway, &phone(1504), "2001:db8:1:3::1").await;
+    assert_eq!(other.status, 202, "another /64: {}", other.text);
+}
+
+/// `ipv6_prefix = 128` limits each IPv6 address on its own.
+#[tokio::test]
+async fn ipv6_prefix_sets_how_addresses_are_grouped() {
+    let (gateway, _carrier) =
+        gateway_with("[limits]\nip_sends = [{ max = 1, per_secs = 3600 }]\nipv6_prefix = 128")
+            .await;
+    for n in 1..=3 {
+        let address = format!("2001:db8:1:2::{n}");
+        let started = start_from_ip(&gateway, &phone(1600 + n), &address).await;
+        assert_eq!(started.status, 202, "{address}: {}", started.text);
+    }
+    let refused = start_from_ip(&gateway, &phone(1604), "2001:db8:1:2::1").await;
+    assert_rate_limited(&refused, "rate_limited_ip", "1;w=3600");
 }
 
 /// A client (API key) is held to its `rate_per_sec`: a burst is refused with 429 and
@@ -419,6 +630,31 @@ async fn country_allow_list_refuses_other_countries() {
     let allowed = gateway.start_verification(&phone(501)).await;
     assert_eq!(allowed.status, 202, "{}", allowed.text);
     assert_eq!(rejections(&gateway, "country").await, 1.0);
+}
+
+/// With clients configured and no country allow-list, `/readyz` points out that every region is
+/// allowed (the SMS pumping risk) and stays ready; with a list it does not.
+#[tokio::test]
+async fn readyz_points_out_that_every_region_is_allowed() {
+    let clients = format!(
+        "[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{}\"\n",
+        sha256_hex("k-portal")
+    );
+    let (open, _carrier) = gateway_with(&clients).await;
+    let ready = open.admin_get("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    let countries = &ready.body["checks"]["countries"];
+    assert_eq!(countries["ok"], true, "{}", ready.text);
+    assert_eq!(countries["all_regions_allowed"], true, "{}", ready.text);
+    assert!(countries["warning"].is_string(), "{}", ready.text);
+
+    let (listed, _carrier) =
+        gateway_with(&format!("[limits]\ncountries = [\"IT\"]\n{clients}")).await;
+    let ready = listed.admin_get("/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    let countries = &ready.body["checks"]["countries"];
+    assert_eq!(countries["all_regions_allowed"], false, "{}", ready.text);
+    assert!(countries.get("warning").is_none(), "{}", ready.text);
 }
 
 /// Limiter memory stays bounded: the sweeper drops per-phone limiter keys once their limits

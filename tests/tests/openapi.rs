@@ -18,6 +18,10 @@ const ERROR_SOURCES: &[(&str, &str)] = &[
         include_str!("../../gateway/src/error.rs"),
     ),
     (
+        "gateway/src/citizen_ip.rs",
+        include_str!("../../gateway/src/citizen_ip.rs"),
+    ),
+    (
         "gateway/src/routes.rs",
         include_str!("../../gateway/src/routes.rs"),
     ),

@@ -138,7 +138,8 @@ async fn a_receipt_before_the_submit_answer_is_applied_when_the_answer_comes() {
     gateway.stop().await.unwrap();
 }
 
-/// Only the carrier's own token will do; an unknown carrier is a 404.
+/// Only the carrier's own token will do, and an unknown carrier name is answered exactly like a
+/// known one with a wrong token (same status, same body), so carrier names cannot be probed.
 #[tokio::test]
 async fn receipts_need_the_carriers_token() {
     let (gateway, _carrier) = gateway_with(r#"{"carrier_message_id": "abc-2"}"#).await;
@@ -153,7 +154,8 @@ async fn receipts_need_the_carriers_token() {
             "unauthorized",
         ),
         ("beta", Some(TOKEN), 401, "unauthorized"),
-        ("gamma", Some(TOKEN), 404, "unknown_carrier"),
+        ("gamma", Some(TOKEN), 401, "unauthorized"),
+        ("gamma", None, 401, "unauthorized"),
     ] {
         let answer = post_receipt(&gateway, carrier, token, body).await;
         assert_eq!(
@@ -163,6 +165,13 @@ async fn receipts_need_the_carriers_token() {
         );
         assert_eq!(answer.error_code(), code);
     }
+    let wrong_token = post_receipt(&gateway, "alpha", Some("wrong"), body).await;
+    let unknown_name = post_receipt(&gateway, "gamma", Some("wrong"), body).await;
+    assert_eq!(
+        (unknown_name.status, &unknown_name.body),
+        (wrong_token.status, &wrong_token.body),
+        "an unknown carrier name is answered like a wrong token"
+    );
     let read = gateway.get(&format!("/v1/verifications/{id_2}")).await;
     assert_eq!(
         read.body["delivery"]["state"], "submitted",

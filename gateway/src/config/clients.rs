@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::error::{ConfigError, check_name, http_url, invalid, secs};
+use crate::citizen_ip::{CitizenIpSource, ForwardedHeader, IpBlock};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +29,9 @@ pub struct RawClient {
     pub webhook_url: Option<String>,
     pub webhook_secret: Option<String>,
     pub webhook_delayed_after_secs: Option<u64>,
+    pub citizen_ip: Option<String>,
+    pub citizen_ip_header: Option<String>,
+    pub citizen_ip_trusted_proxies: Option<Vec<String>>,
 }
 
 /// How webhook events are delivered to clients.
@@ -55,6 +59,9 @@ pub struct ClientConfig {
     pub priority: u8,
     /// Where this client's events go, if anywhere.
     pub webhook: Option<WebhookTarget>,
+    /// Where the address of the citizen behind each start comes from, for the per-IP limit;
+    /// never this client's own address, which every citizen it serves shares.
+    pub citizen_ip: CitizenIpSource,
 }
 
 /// A client's webhook: its URL, the secret its events are signed with, and after how long in
@@ -129,14 +136,83 @@ impl RawClient {
                 })
             }
         };
+        let citizen_ip = citizen_ip_source(
+            &key,
+            self.citizen_ip.as_deref(),
+            self.citizen_ip_header,
+            self.citizen_ip_trusted_proxies,
+        )?;
         Ok(ClientConfig {
             name: self.name,
             api_key_sha256,
             rate_per_sec,
             priority,
             webhook,
+            citizen_ip,
         })
     }
+}
+
+/// A client's `citizen_ip`, with `citizen_ip_header` and `citizen_ip_trusted_proxies`, which
+/// only the `"header"` source takes (and requires the first of).
+fn citizen_ip_source(
+    key: &dyn Fn(&str) -> String,
+    source: Option<&str>,
+    header: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
+) -> Result<CitizenIpSource, ConfigError> {
+    let source = match source.unwrap_or("optional") {
+        "optional" => CitizenIpSource::Optional,
+        "body" => CitizenIpSource::Body,
+        "none" => CitizenIpSource::None,
+        "header" => {
+            let Some(header) = header else {
+                return invalid(
+                    key("citizen_ip_header"),
+                    "citizen_ip = \"header\" needs the header's name, e.g. \"X-Forwarded-For\"",
+                );
+            };
+            let Ok(name) = http::HeaderName::from_bytes(header.trim().as_bytes()) else {
+                return invalid(key("citizen_ip_header"), "not a valid HTTP header name");
+            };
+            let trusted_proxies = trusted_proxies
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(index, block)| {
+                    block.parse::<IpBlock>().or_else(|()| {
+                        invalid(
+                            key(&format!("citizen_ip_trusted_proxies[{index}]")),
+                            "expected an IP address or a block such as 10.0.0.0/8",
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(CitizenIpSource::Header(ForwardedHeader {
+                name,
+                trusted_proxies,
+            }));
+        }
+        _ => {
+            return invalid(
+                key("citizen_ip"),
+                "must be \"optional\", \"body\", \"header\" or \"none\"",
+            );
+        }
+    };
+    if header.is_some() {
+        return invalid(
+            key("citizen_ip_header"),
+            "only with citizen_ip = \"header\"",
+        );
+    }
+    if trusted_proxies.is_some() {
+        return invalid(
+            key("citizen_ip_trusted_proxies"),
+            "only with citizen_ip = \"header\"",
+        );
+    }
+    Ok(source)
 }
 
 impl RawWebhooks {

@@ -27,6 +27,7 @@ pub struct RawVerification {
 pub struct RawLimits {
     pub phone_sends: Option<Vec<RawRule>>,
     pub ip_sends: Option<Vec<RawRule>>,
+    pub ipv6_prefix: Option<u8>,
     pub failed_checks_per_phone: Option<RawRule>,
     pub countries: Option<Vec<String>>,
 }
@@ -62,6 +63,9 @@ pub struct VerificationPolicy {
 pub struct Limits {
     pub phone_sends: Vec<Rule>,
     pub ip_sends: Vec<Rule>,
+    /// IPv6 addresses count against `ip_sends` by their first this many bits: a subscriber
+    /// commonly holds a whole /64 and can pick a fresh address in it for every request.
+    pub ipv6_prefix: u8,
     pub failed_checks_per_phone: Rule,
     pub countries: CountryAllowList,
 }
@@ -76,8 +80,13 @@ pub struct Rule {
 impl RawVerification {
     pub(crate) fn validate(self) -> Result<VerificationPolicy, ConfigError> {
         let code_length = self.code_length.unwrap_or(6);
-        if !(4..=9).contains(&code_length) {
-            return invalid("verification.code_length", "must be between 4 and 9");
+        // Four or five digits fall to guessing: the 100 wrong codes a phone may spend a day (by
+        // default) find a 4-digit code one time in a hundred, on each phone an attacker tries.
+        if !(6..=9).contains(&code_length) {
+            return invalid(
+                "verification.code_length",
+                "must be between 6 and 9 (shorter codes can be guessed)",
+            );
         }
         let code_ttl = secs(
             "verification.code_ttl_secs",
@@ -165,6 +174,10 @@ impl RawLimits {
             self.phone_sends.unwrap_or(default_phone),
         )?;
         let ip_sends = rules("limits.ip_sends", self.ip_sends.unwrap_or(default_ip))?;
+        let ipv6_prefix = self.ipv6_prefix.unwrap_or(64);
+        if !(32..=128).contains(&ipv6_prefix) {
+            return invalid("limits.ipv6_prefix", "must be between 32 and 128");
+        }
         let failed_checks_per_phone = self
             .failed_checks_per_phone
             .unwrap_or(RawRule {
@@ -177,6 +190,7 @@ impl RawLimits {
         Ok(Limits {
             phone_sends,
             ip_sends,
+            ipv6_prefix,
             failed_checks_per_phone,
             countries,
         })

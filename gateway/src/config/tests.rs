@@ -1,4 +1,5 @@
 use super::*;
+use crate::citizen_ip::CitizenIpSource;
 
 #[test]
 fn an_smpp_carrier_has_a_window_per_bind_and_a_secret_password() {
@@ -195,6 +196,100 @@ fn the_queue_policy_is_adaptive_by_default_and_can_be_the_deadline_one() {
         assert!(
             error.starts_with(&format!("config key {key}:")),
             "{text:?} gave {error}"
+        );
+    }
+}
+
+#[test]
+fn codes_shorter_than_six_digits_are_refused() {
+    for length in [4, 5] {
+        let error =
+            Config::from_toml(&format!("[verification]\ncode_length = {length}")).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("config key verification.code_length:"),
+            "{length}: {error}"
+        );
+    }
+    for length in [6, 9] {
+        let config = Config::from_toml(&format!("[verification]\ncode_length = {length}")).unwrap();
+        assert_eq!(config.verification.code_length, length);
+    }
+}
+
+#[test]
+fn citizen_ip_defaults_to_optional_and_ipv6_to_a_64() {
+    let key = "00".repeat(32);
+    let carrier = "[[carriers]]\nname = \"alpha\"\nkind = \"http\"\nurl = \"https://sms.example\"";
+    let config = Config::from_toml(&format!(
+        "[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\"\n{carrier}"
+    ))
+    .unwrap();
+    assert_eq!(config.clients[0].citizen_ip, CitizenIpSource::Optional);
+    assert_eq!(config.limits.ipv6_prefix, 64);
+
+    let config = Config::from_toml(&format!(
+        "[limits]\nipv6_prefix = 56\n[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\"\n\
+         citizen_ip = \"header\"\ncitizen_ip_header = \"X-Real-IP\"\n\
+         citizen_ip_trusted_proxies = [\"10.0.0.0/8\", \"2001:db8::1\"]\n{carrier}"
+    ))
+    .unwrap();
+    assert_eq!(config.limits.ipv6_prefix, 56);
+    let CitizenIpSource::Header(header) = &config.clients[0].citizen_ip else {
+        panic!("not a header: {:?}", config.clients[0].citizen_ip);
+    };
+    assert_eq!(header.name, "x-real-ip");
+    assert_eq!(header.trusted_proxies.len(), 2);
+}
+
+#[test]
+fn citizen_ip_keys_are_checked_and_named() {
+    let key = "00".repeat(32);
+    let client = |extra: &str| {
+        format!("[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\"\n{extra}")
+    };
+    let cases = [
+        (client("citizen_ip = \"peer\""), "clients[0].citizen_ip"),
+        (
+            client("citizen_ip = \"header\""),
+            "clients[0].citizen_ip_header",
+        ),
+        (
+            client("citizen_ip = \"header\"\ncitizen_ip_header = \"bad header\""),
+            "clients[0].citizen_ip_header",
+        ),
+        (
+            client("citizen_ip_header = \"X-Forwarded-For\""),
+            "clients[0].citizen_ip_header",
+        ),
+        (
+            client("citizen_ip = \"body\"\ncitizen_ip_trusted_proxies = [\"10.0.0.0/8\"]"),
+            "clients[0].citizen_ip_trusted_proxies",
+        ),
+        (
+            client(
+                "citizen_ip = \"header\"\ncitizen_ip_header = \"X-Forwarded-For\"\n\
+                 citizen_ip_trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/40\"]",
+            ),
+            "clients[0].citizen_ip_trusted_proxies[1]",
+        ),
+        (
+            "[limits]\nipv6_prefix = 16".to_owned(),
+            "limits.ipv6_prefix",
+        ),
+        (
+            "[limits]\nipv6_prefix = 129".to_owned(),
+            "limits.ipv6_prefix",
+        ),
+    ];
+    for (toml, expected) in cases {
+        let error = Config::from_toml(&toml).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("config key {expected}:")),
+            "{toml}: {error}"
         );
     }
 }

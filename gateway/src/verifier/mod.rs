@@ -48,6 +48,8 @@ struct Shared {
     overload: Option<crate::config::OverloadPolicy>,
     failed_checks_rule: Rule,
     countries: crate::phone::CountryAllowList,
+    /// IPv6 citizen addresses are limited by their first this many bits.
+    ipv6_prefix: u8,
     backend: Backend,
     queue: Queue,
     keys: CodeKeys,
@@ -72,6 +74,10 @@ struct Clients {
     by_key_hash: HashMap<[u8; 32], ClientId>,
     names: Vec<String>,
     priorities: Vec<u8>,
+    /// Where each client's citizen addresses come from; empty for the anonymous client.
+    citizen_ip: Vec<crate::citizen_ip::CitizenIpSource>,
+    /// Whether a client's start without a citizen address was warned about yet (once each).
+    warned_without_citizen_ip: Vec<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -99,8 +105,9 @@ pub enum ReceiptMatch {
 pub struct NewVerification {
     pub phone: Phone,
     pub region: Option<phonenumber::country::Id>,
-    /// The citizen's IP (the body's `client_ip`, else the peer address).
-    pub ip: IpAddr,
+    /// The citizen's address, for the per-IP limit (`crate::citizen_ip`); `None` when the
+    /// start is not limited per IP.
+    pub ip: Option<IpAddr>,
     pub locale: Option<String>,
     pub web_origin_host: Option<String>,
     pub app_hash: Option<String>,
@@ -224,6 +231,7 @@ impl Verifier {
                 overload: config.overload,
                 failed_checks_rule: config.limits.failed_checks_per_phone,
                 countries: config.limits.countries.clone(),
+                ipv6_prefix: config.limits.ipv6_prefix,
                 backend,
                 queue,
                 keys: CodeKeys::new(&secret, config.verification.code_length),
@@ -276,6 +284,44 @@ impl Verifier {
     /// The store's back-end.
     pub fn backend(&self) -> &Backend {
         &self.shared.backend
+    }
+
+    /// Whether API keys are configured (otherwise everyone is the anonymous client).
+    pub fn has_clients(&self) -> bool {
+        !self.shared.clients.by_key_hash.is_empty()
+    }
+
+    /// Where `client`'s citizen addresses come from; `None` for the anonymous client of local
+    /// development, whose starts fall back to the peer address.
+    pub fn citizen_ip_source(
+        &self,
+        client: ClientId,
+    ) -> Option<&crate::citizen_ip::CitizenIpSource> {
+        self.shared.clients.citizen_ip.get(client as usize)
+    }
+
+    /// A start of `client` came without the citizen address its source allows to be missing:
+    /// it is not limited per IP. Counted, and warned about once per client, since the frontend
+    /// most likely forgot `client_ip`.
+    pub fn started_without_citizen_ip(&self, client: ClientId) {
+        let clients = &self.shared.clients;
+        self.shared.metrics.started_without_citizen_ip(client);
+        let first = clients
+            .warned_without_citizen_ip
+            .get(client as usize)
+            .is_some_and(|warned| !warned.swap(true, Ordering::Relaxed));
+        if first {
+            tracing::warn!(
+                client = %clients.name(client),
+                "a start came without client_ip: it is not limited per citizen IP; send \
+                 client_ip, or set this client's citizen_ip (see otpgate_starts_without_citizen_ip_total)"
+            );
+        }
+    }
+
+    /// The regions phone numbers may belong to.
+    pub fn countries(&self) -> &crate::phone::CountryAllowList {
+        &self.shared.countries
     }
 
     pub fn code_length(&self) -> u8 {
@@ -418,8 +464,9 @@ impl Verifier {
         let shared = &*self.shared;
         let phone = request.phone;
         let lane = shared.clients.priority(client);
-        // With no IP rule there is nothing to spend between reading and writing: one round.
-        let mut ip_spent = !shared.backend.has_ip_rules();
+        // With no IP rule, or no citizen address to count, there is nothing to spend between
+        // reading and writing: one round.
+        let mut ip_spent = !shared.backend.has_ip_rules() || request.ip.is_none();
         for _ in 0..START_ROUNDS {
             let step = shared
                 .backend
@@ -467,8 +514,11 @@ impl Verifier {
                 }
                 StartStep::Again => {}
                 StartStep::SpendIp => {
-                    if let Some(rejection) = shared.backend.limit_ip(request.ip).await? {
-                        return Err(self.rejected(rejection));
+                    if let Some(ip) = request.ip {
+                        let key = crate::citizen_ip::limit_key(ip, shared.ipv6_prefix);
+                        if let Some(rejection) = shared.backend.limit_ip(key).await? {
+                            return Err(self.rejected(rejection));
+                        }
                     }
                     ip_spent = true;
                 }
@@ -718,24 +768,26 @@ impl Verifier {
             .map(|index| index as CarrierId)
     }
 
-    /// Checks the token a carrier presents with its receipts, in constant time.
+    /// The carrier named `name`, if the token it presents with its receipts is its own (compared
+    /// in constant time). An unknown name, a carrier without a `receipt_token` and a wrong token
+    /// are the same `401`, and the token is hashed in every case, so neither the answer nor its
+    /// timing tells which carrier names exist.
     pub fn authenticate_carrier(
         &self,
-        carrier: CarrierId,
+        name: &str,
         bearer: Option<&str>,
-    ) -> Result<(), ApiError> {
-        let expected = self
-            .shared
-            .carriers
-            .get(carrier as usize)
-            .and_then(|carrier| carrier.receipt_token_sha256)
-            .ok_or(ApiError::Unauthorized)?;
-        let presented: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(
-            bearer.ok_or(ApiError::Unauthorized)?.as_bytes(),
-        )
-        .into();
+    ) -> Result<CarrierId, ApiError> {
+        let presented: [u8; 32] =
+            <sha2::Sha256 as sha2::Digest>::digest(bearer.unwrap_or_default().as_bytes()).into();
+        let carrier = self.carrier_by_name(name);
+        let expected = carrier
+            .and_then(|carrier| self.shared.carriers.get(carrier as usize))
+            .and_then(|carrier| carrier.receipt_token_sha256);
+        let (Some(carrier), Some(expected), Some(_)) = (carrier, expected, bearer) else {
+            return Err(ApiError::Unauthorized);
+        };
         if bool::from(subtle::ConstantTimeEq::ct_eq(&presented[..], &expected[..])) {
-            Ok(())
+            Ok(carrier)
         } else {
             Err(ApiError::Unauthorized)
         }
@@ -917,6 +969,8 @@ impl Clients {
                 by_key_hash: HashMap::new(),
                 names: vec!["anonymous".to_owned()],
                 priorities: vec![0],
+                citizen_ip: Vec::new(),
+                warned_without_citizen_ip: Vec::new(),
             };
         }
         Clients {
@@ -927,6 +981,11 @@ impl Clients {
                 .collect(),
             names: configs.iter().map(|client| client.name.clone()).collect(),
             priorities: configs.iter().map(|client| client.priority).collect(),
+            citizen_ip: configs
+                .iter()
+                .map(|client| client.citizen_ip.clone())
+                .collect(),
+            warned_without_citizen_ip: configs.iter().map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
