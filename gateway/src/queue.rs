@@ -1150,7 +1150,7 @@ mod tests {
         let (queue, clock) = adaptive(Some(Duration::from_secs(60)));
         // What each job says of when it was queued, read as it is pushed (real time moves on
         // too, so the test compares these, never the clock again).
-        let mut push = |clock: &Clock| {
+        let push = |clock: &Clock| {
             let job = queued_now(clock, 500_000);
             let enqueued = job.enqueued_ms;
             queue.push(job).unwrap();
