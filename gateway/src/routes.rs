@@ -186,6 +186,22 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
             ));
         }
     }
+    // A configured client's SMS bind codes only to its own origins and apps.
+    let (web_origin_host, app_hash) = match state.verifier.autofill_of(client) {
+        Some(allowed) => allowed
+            .choose(web_origin_host, body.app_hash)
+            .map_err(|refusal| match refusal {
+                crate::sms::NotAllowed::WebOrigin => ApiError::bad_request(
+                    "web_origin_not_allowed",
+                    "web_origin: not one of this client's web_origins",
+                ),
+                crate::sms::NotAllowed::AppHash => ApiError::bad_request(
+                    "app_hash_not_allowed",
+                    "app_hash: not one of this client's app_hashes",
+                ),
+            })?,
+        None => (web_origin_host, body.app_hash),
+    };
     let idempotency = idempotency_key(&parts.headers)?.map(|key| {
         let mut hasher = std::hash::DefaultHasher::new();
         bytes.hash(&mut hasher);
@@ -202,7 +218,7 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
                 ip,
                 locale,
                 web_origin_host,
-                app_hash: body.app_hash,
+                app_hash,
                 idempotency,
             },
         )

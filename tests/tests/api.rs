@@ -750,6 +750,72 @@ async fn the_sms_speaks_the_locale_and_carries_app_hash_and_web_otp_lines() {
     gateway.stop().await.unwrap();
 }
 
+/// With API keys configured, a client's SMS carry only its own web origin and app hash: naming
+/// another is refused (the code would bind to someone else's site or app), naming none takes the
+/// client's only one, and a client with none configured may name none.
+#[tokio::test]
+async fn a_client_binds_codes_only_to_its_own_origin_and_app() {
+    let clients = format!(
+        "[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{}\"\n\
+         web_origins = [\"https://portal.example.it\"]\napp_hashes = [\"FA+9qCX9VSu\"]\n\n\
+         [[clients]]\nname = \"pharmacies\"\napi_key_sha256 = \"{}\"\n",
+        sha256_hex(KEY_A),
+        sha256_hex(KEY_B)
+    );
+    let (gateway, carrier) = gateway_with(&clients).await;
+    let mut gateway = gateway.with_api_key(KEY_A);
+    for (field, value, code) in [
+        (
+            "web_origin",
+            "https://evil.example",
+            "web_origin_not_allowed",
+        ),
+        ("app_hash", "ZZZZZZZZZZZ", "app_hash_not_allowed"),
+    ] {
+        let refused = gateway
+            .post(
+                "/v1/verifications",
+                json!({ "phone": phone(170), field: value }),
+            )
+            .await;
+        assert_eq!(refused.status, 400, "{}", refused.text);
+        assert_eq!(refused.error_code(), code, "{}", refused.text);
+    }
+    // Naming nothing takes the portal's own: the hash line, then the WebOTP line.
+    let started = gateway
+        .post("/v1/verifications", json!({ "phone": phone(171) }))
+        .await;
+    assert_eq!(started.status, 202, "{}", started.text);
+    let received = carrier.wait_for(1, TIMEOUT).await;
+    let code = extract_code(&received[0].text).expect("a code in the SMS");
+    let lines: Vec<&str> = received[0].text.lines().collect();
+    assert_eq!(
+        lines[1..],
+        [
+            "FA+9qCX9VSu".to_owned(),
+            format!("@portal.example.it #{code}")
+        ],
+        "{:?}",
+        received[0].text
+    );
+    // The pharmacies' client has none: it may name none.
+    gateway.api_key = Some(KEY_B.to_owned());
+    let refused = gateway
+        .post(
+            "/v1/verifications",
+            json!({ "phone": phone(172), "web_origin": "https://portal.example.it" }),
+        )
+        .await;
+    assert_eq!(
+        refused.error_code(),
+        "web_origin_not_allowed",
+        "{}",
+        refused.text
+    );
+    assert_eq!(carrier.received().len(), 1, "no SMS for a refused start");
+    gateway.stop().await.unwrap();
+}
+
 /// A `[templates]` entry that needs UCS-2 (an emoji) reaches the carrier intact and is counted as
 /// a UCS-2 segment.
 #[tokio::test]

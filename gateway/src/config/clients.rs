@@ -32,6 +32,8 @@ pub struct RawClient {
     pub citizen_ip: Option<String>,
     pub citizen_ip_header: Option<String>,
     pub citizen_ip_trusted_proxies: Option<Vec<String>>,
+    pub web_origins: Option<Vec<String>>,
+    pub app_hashes: Option<Vec<String>>,
 }
 
 /// How webhook events are delivered to clients.
@@ -62,6 +64,11 @@ pub struct ClientConfig {
     /// Where the address of the citizen behind each start comes from, for the per-IP limit;
     /// never this client's own address, which every citizen it serves shares.
     pub citizen_ip: CitizenIpSource,
+    /// The hosts of the web origins this client's SMS may bind a code to (WebOTP), from its
+    /// `web_origins`; a start may name only these, and with exactly one it need not name it.
+    pub web_origin_hosts: Vec<String>,
+    /// The Android SMS Retriever hashes of this client's apps (`app_hashes`), on the same terms.
+    pub app_hashes: Vec<String>,
 }
 
 /// A client's webhook: its URL, the secret its events are signed with, and after how long in
@@ -142,6 +149,22 @@ impl RawClient {
             self.citizen_ip_header,
             self.citizen_ip_trusted_proxies,
         )?;
+        let mut web_origin_hosts = Vec::new();
+        for (n, origin) in self.web_origins.unwrap_or_default().iter().enumerate() {
+            let host = crate::sms::web_otp_host(origin).or_else(|error| {
+                invalid(format!("{}[{n}]", key("web_origins")), error.to_string())
+            })?;
+            web_origin_hosts.push(host);
+        }
+        let app_hashes = self.app_hashes.unwrap_or_default();
+        for (n, hash) in app_hashes.iter().enumerate() {
+            if !crate::sms::is_valid_app_hash(hash) {
+                return invalid(
+                    format!("{}[{n}]", key("app_hashes")),
+                    "expected the 11-character Android SMS Retriever hash",
+                );
+            }
+        }
         Ok(ClientConfig {
             name: self.name,
             api_key_sha256,
@@ -149,6 +172,8 @@ impl RawClient {
             priority,
             webhook,
             citizen_ip,
+            web_origin_hosts,
+            app_hashes,
         })
     }
 }

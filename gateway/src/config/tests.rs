@@ -293,3 +293,32 @@ fn citizen_ip_keys_are_checked_and_named() {
         );
     }
 }
+
+#[test]
+fn a_clients_web_origins_and_app_hashes_are_checked() {
+    let client = |extra: &str| {
+        format!(
+            "[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{}\"\n{extra}\n[[carriers]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/sms\"\nfrom = \"Otp\"\n",
+            "ab".repeat(32)
+        )
+    };
+    let config = Config::from_toml(&client(
+        "web_origins = [\"https://portal.example.it\"]\napp_hashes = [\"FA+9qCX9VSu\"]",
+    ))
+    .unwrap();
+    assert_eq!(config.clients[0].web_origin_hosts, ["portal.example.it"]);
+    assert_eq!(config.clients[0].app_hashes, ["FA+9qCX9VSu"]);
+    for (extra, key) in [
+        (
+            "web_origins = [\"https://portal.example.it/path\"]",
+            "clients[0].web_origins[0]",
+        ),
+        ("app_hashes = [\"short\"]", "clients[0].app_hashes[0]"),
+    ] {
+        let error = Config::from_toml(&client(extra)).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("config key {key}:")),
+            "{extra:?} gave {error}"
+        );
+    }
+}

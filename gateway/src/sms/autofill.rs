@@ -121,3 +121,45 @@ fn parse_port(port: &str) -> Result<u16, OriginError> {
 pub(crate) fn checked_web_otp_host(host: &str) -> Option<String> {
     web_otp_host(&format!("https://{host}")).ok()
 }
+
+/// The web origins and app hashes a client's SMS may bind a code to (`[[clients]] web_origins`,
+/// `app_hashes`). A caller-chosen origin or hash would let anyone with the client's API key make
+/// SMS that bind the code to their own site or app (and lengthen them into more segments), so a
+/// start may name only the client's own; naming none takes the client's only one, if it has
+/// exactly one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientAutofill {
+    pub web_origin_hosts: Vec<String>,
+    pub app_hashes: Vec<String>,
+}
+
+/// Why a start's web origin or app hash was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotAllowed {
+    WebOrigin,
+    AppHash,
+}
+
+impl ClientAutofill {
+    /// The web origin host and app hash a start of this client gets, from what it named.
+    pub fn choose(
+        &self,
+        web_origin_host: Option<String>,
+        app_hash: Option<String>,
+    ) -> Result<(Option<String>, Option<String>), NotAllowed> {
+        let pick = |named: Option<String>, allowed: &[String], refusal| match named {
+            Some(named) if allowed.contains(&named) => Ok(Some(named)),
+            Some(_) => Err(refusal),
+            None if allowed.len() == 1 => Ok(allowed.first().cloned()),
+            None => Ok(None),
+        };
+        Ok((
+            pick(
+                web_origin_host,
+                &self.web_origin_hosts,
+                NotAllowed::WebOrigin,
+            )?,
+            pick(app_hash, &self.app_hashes, NotAllowed::AppHash)?,
+        ))
+    }
+}

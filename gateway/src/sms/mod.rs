@@ -23,7 +23,9 @@ mod template;
 mod tests;
 mod text;
 
-pub use self::autofill::{OriginError, is_valid_app_hash, web_otp_host};
+pub use self::autofill::{
+    ClientAutofill, NotAllowed, OriginError, is_valid_app_hash, web_otp_host,
+};
 pub use self::template::{BUILTIN_TEMPLATES, RenderParams, TemplateError, Templates};
 pub use self::text::{Encoding, SmsText, gsm7_unpacked};
 pub(crate) use self::text::{GSM7_BASIC, GSM7_ESCAPE, GSM7_EXTENSION};

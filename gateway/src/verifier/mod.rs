@@ -78,6 +78,9 @@ struct Clients {
     citizen_ip: Vec<crate::citizen_ip::CitizenIpSource>,
     /// Whether a client's start without a citizen address was warned about yet (once each).
     warned_without_citizen_ip: Vec<AtomicBool>,
+    /// The web origin hosts and app hashes each client's SMS may carry; empty for the
+    /// anonymous client, which may name any.
+    autofill: Vec<crate::sms::ClientAutofill>,
 }
 
 #[derive(Debug)]
@@ -298,6 +301,12 @@ impl Verifier {
         client: ClientId,
     ) -> Option<&crate::citizen_ip::CitizenIpSource> {
         self.shared.clients.citizen_ip.get(client as usize)
+    }
+
+    /// The web origins and app hashes `client`'s SMS may carry; `None` for the anonymous
+    /// client of local development, which may name any.
+    pub fn autofill_of(&self, client: ClientId) -> Option<&crate::sms::ClientAutofill> {
+        self.shared.clients.autofill.get(client as usize)
     }
 
     /// A start of `client` came without the citizen address its source allows to be missing:
@@ -971,6 +980,7 @@ impl Clients {
                 priorities: vec![0],
                 citizen_ip: Vec::new(),
                 warned_without_citizen_ip: Vec::new(),
+                autofill: Vec::new(),
             };
         }
         Clients {
@@ -986,6 +996,13 @@ impl Clients {
                 .map(|client| client.citizen_ip.clone())
                 .collect(),
             warned_without_citizen_ip: configs.iter().map(|_| AtomicBool::new(false)).collect(),
+            autofill: configs
+                .iter()
+                .map(|client| crate::sms::ClientAutofill {
+                    web_origin_hosts: client.web_origin_hosts.clone(),
+                    app_hashes: client.app_hashes.clone(),
+                })
+                .collect(),
         }
     }
 
