@@ -12,7 +12,7 @@
 //! pace and window allow, and weights do not matter. When carriers wait for jobs, a new job wakes
 //! one idle eligible carrier, drawn by weight: that is how weights share out a light load.
 //!
-//! Under overload the order changes ([`Overload`], the adaptive policy): once the oldest job has
+//! Under overload the order changes ([`OverloadPolicy`], the adaptive policy): once the oldest job has
 //! waited longer than a target for a while (a standing queue, in the manner of CoDel), a carrier
 //! takes the newest job of a lane first (adaptive LIFO), since its citizen is the one most
 //! likely still looking at the screen; a job older than `unseen_after` goes before the newest,
