@@ -682,6 +682,36 @@ async fn limiter_keys_are_swept() {
     gateway.wait_for_metric(series, |keys| keys == 0.0).await;
 }
 
+/// Wrong codes lock a phone only while they are consecutive: the right code resets the count,
+/// so the owner's typos spread over several sign-ups never add up to a lock-out.
+#[tokio::test]
+async fn the_right_code_resets_the_phones_wrong_codes() {
+    let extra = "[limits]\nfailed_checks_per_phone = { max = 3, per_secs = 3600 }";
+    let (gateway, carrier) = gateway_with(extra).await;
+    let number = phone(451);
+    for round in 1..=3 {
+        let started = gateway.start_verification(&number).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        let id = started.id();
+        carrier.wait_for(round, PATIENCE).await;
+        let code = carrier.code_for(&number).expect("a code in the SMS");
+        // Two typos each time: six in all, twice the limit, but never three in a row.
+        for _ in 0..2 {
+            let typo = gateway.check(&id, wrong_code(&code)).await;
+            assert_eq!(typo.body["valid"], false, "{}", typo.text);
+        }
+        let approved = gateway.check(&id, &code).await;
+        assert_eq!(approved.status, 200, "round {round}: {}", approved.text);
+        assert_eq!(
+            approved.body["valid"], true,
+            "round {round}: {}",
+            approved.text
+        );
+        gateway.clock.advance(Duration::from_secs(31));
+    }
+    assert_eq!(rejections(&gateway, "failed_checks").await, 0.0);
+}
+
 /// Rejections are counted by the limit that refused, each in its own series.
 #[tokio::test]
 async fn rejections_are_counted_by_limit() {

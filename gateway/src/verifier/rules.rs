@@ -102,6 +102,12 @@ impl Verifier {
         let record = shard.records.get_mut(id).ok_or(ApiError::NotFound)?;
         if shared.keys.matches(id, &record.phone, typed, &record.code) {
             record.end(Status::Approved, None, now);
+            // Failures count while consecutive: the owner typing the right code resets them,
+            // so a few typos never add up to a lock-out across the day.
+            shard.failed_checks.remove(&phone_key);
+            let Some(record) = shard.records.get_mut(id) else {
+                return Err(ApiError::NotFound);
+            };
             let answer = CheckAnswer {
                 valid: true,
                 status: record.status,
