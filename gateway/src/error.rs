@@ -188,6 +188,10 @@ impl From<crate::ratelimit::Rejection> for ApiError {
                 "resend_cooldown",
                 "a resend is not allowed yet; see Retry-After",
             ),
+            LimitKind::CountryRate => (
+                "rate_limited_country",
+                "too many verifications to this country's numbers; try again later",
+            ),
             LimitKind::Country => (
                 "country_not_allowed",
                 "numbers in this country are not allowed",

@@ -128,7 +128,7 @@ struct Shared {
     ended: [Counter; 5],
     live: Gauge,
     store_up: Gauge,
-    rejections: [Counter; 6],
+    rejections: [Counter; 7],
     /// By client id; empty for the anonymous client.
     starts_without_citizen_ip: Vec<Counter>,
     limiter_keys: [Gauge; 2],
@@ -541,6 +541,7 @@ impl Metrics {
             "failed_checks",
             "resend_cooldown",
             "country",
+            "country_rate",
         ]
         .iter()
         .map(|limit| {

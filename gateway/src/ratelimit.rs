@@ -30,6 +30,8 @@ pub enum LimitKind {
     FailedChecks,
     ResendCooldown,
     Country,
+    /// A country's velocity limit (`country_sends`).
+    CountryRate,
 }
 
 type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, Clock, NoOpMiddleware<Nanos>>;
@@ -41,6 +43,9 @@ pub struct Limiters {
     clock: Clock,
     phone: Vec<(Rule, Keyed<u64>)>,
     ip: Vec<(Rule, Keyed<IpAddr>)>,
+    /// Keyed by the phone's region code, or `"001"` for numbers of no region (satellite and
+    /// other non-geographic ranges).
+    country: Vec<(Rule, Keyed<Box<str>>)>,
     /// One per client, indexed by [`ClientId`].
     clients: Vec<(Rule, Direct)>,
     /// When housekeeping last walked the keys, and last shrank the maps (clock time).
@@ -85,6 +90,15 @@ impl Limiters {
                 )
             })
             .collect();
+        let country = sorted(&limits.country_sends)
+            .iter()
+            .map(|rule| {
+                (
+                    *rule,
+                    RateLimiter::new(quota(rule), DashMapStateStore::default(), clock.clone()),
+                )
+            })
+            .collect();
         let client_rules: Vec<Rule> = if clients.is_empty() {
             vec![anonymous_rate]
         } else {
@@ -109,6 +123,7 @@ impl Limiters {
             clock,
             phone,
             ip,
+            country,
             clients,
             last_retain: Mutex::new(None),
             last_shrink: Mutex::new(None),
@@ -123,6 +138,22 @@ impl Limiters {
     /// The IP's rules, in the order they are checked.
     pub fn ip_rules(&self) -> Vec<Rule> {
         self.ip.iter().map(|(rule, _)| *rule).collect()
+    }
+
+    /// The country rules, in the order they are checked.
+    pub fn country_rules(&self) -> Vec<Rule> {
+        self.country.iter().map(|(rule, _)| *rule).collect()
+    }
+
+    /// Counts one verification to a phone of `country` (a region code, see
+    /// [`country_key`]) against every country rule.
+    pub fn check_country(&self, country: &str) -> Result<(), Rejection> {
+        check_all(
+            &self.country,
+            &Box::from(country),
+            LimitKind::CountryRate,
+            &self.clock,
+        )
     }
 
     /// A client's rate.
@@ -221,6 +252,12 @@ where
     Ok(())
 }
 
+/// The key a phone's region counts under for `country_sends`: its region code, or `"001"`
+/// (libphonenumber's name for them) for numbers of no region.
+pub fn country_key(region: Option<phonenumber::country::Id>) -> String {
+    region.map_or_else(|| "001".to_owned(), |region| format!("{region:?}"))
+}
+
 /// Rules in the order [`check_all`] wants them: shortest period first.
 fn sorted(rules: &[Rule]) -> Vec<Rule> {
     let mut rules = rules.to_vec();
@@ -256,6 +293,7 @@ mod tests {
         let limits = Limits {
             phone_sends: vec![rule(1, 30), rule(5, 600)],
             ip_sends: vec![rule(3, 3600)],
+            country_sends: Vec::new(),
             ipv6_prefix: 64,
             failed_checks_per_phone: rule(100, 86_400),
             countries: CountryAllowList::default(),
@@ -339,5 +377,12 @@ mod tests {
         assert_eq!(limiters.housekeep().0, 200);
         clock.advance(Duration::from_secs(601));
         assert_eq!(limiters.housekeep(), (0, 0));
+    }
+
+    #[test]
+    fn a_phone_counts_under_its_region_code() {
+        let (_, italian) = crate::phone::Phone::parse("+393331234567").unwrap();
+        assert_eq!(country_key(italian), "IT");
+        assert_eq!(country_key(None), "001");
     }
 }

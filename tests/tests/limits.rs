@@ -712,6 +712,26 @@ async fn the_right_code_resets_the_phones_wrong_codes() {
     assert_eq!(rejections(&gateway, "failed_checks").await, 0.0);
 }
 
+/// `country_sends` caps the verifications started to one country's numbers, whatever the
+/// client or citizen (a velocity limit against SMS pumping); other countries are not touched.
+#[tokio::test]
+async fn a_country_velocity_limit_caps_starts_to_its_numbers() {
+    let extra = "[limits]\ncountry_sends = [{ max = 2, per_secs = 3600 }]";
+    let (gateway, carrier) = gateway_with(extra).await;
+    for n in 0..2 {
+        let started = start_from_ip(&gateway, &phone(461 + n), &format!("198.51.100.{n}")).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+    }
+    let refused = start_from_ip(&gateway, &phone(463), "198.51.100.9").await;
+    assert_rate_limited(&refused, "rate_limited_country", "2;w=3600");
+    // A British number is another country's.
+    let british = start_from_ip(&gateway, "+447911123456", "198.51.100.10").await;
+    assert_eq!(british.status, 202, "{}", british.text);
+    carrier.wait_for(3, PATIENCE).await;
+    assert_eq!(carrier.received().len(), 3, "no SMS for the refused start");
+    assert_eq!(rejections(&gateway, "country_rate").await, 1.0);
+}
+
 /// Rejections are counted by the limit that refused, each in its own series.
 #[tokio::test]
 async fn rejections_are_counted_by_limit() {

@@ -27,6 +27,7 @@ pub struct RawVerification {
 pub struct RawLimits {
     pub phone_sends: Option<Vec<RawRule>>,
     pub ip_sends: Option<Vec<RawRule>>,
+    pub country_sends: Option<Vec<RawRule>>,
     pub ipv6_prefix: Option<u8>,
     pub failed_checks_per_phone: Option<RawRule>,
     pub countries: Option<Vec<String>>,
@@ -63,6 +64,9 @@ pub struct VerificationPolicy {
 pub struct Limits {
     pub phone_sends: Vec<Rule>,
     pub ip_sends: Vec<Rule>,
+    /// Verifications started per phone country (region), whatever the client: a velocity limit
+    /// against SMS pumping, where a fraudster sends codes to ranges that pay them back.
+    pub country_sends: Vec<Rule>,
     /// IPv6 addresses count against `ip_sends` by their first this many bits: a subscriber
     /// commonly holds a whole /64 and can pick a fresh address in it for every request.
     pub ipv6_prefix: u8,
@@ -174,6 +178,10 @@ impl RawLimits {
             self.phone_sends.unwrap_or(default_phone),
         )?;
         let ip_sends = rules("limits.ip_sends", self.ip_sends.unwrap_or(default_ip))?;
+        let country_sends = rules(
+            "limits.country_sends",
+            self.country_sends.unwrap_or_default(),
+        )?;
         let ipv6_prefix = self.ipv6_prefix.unwrap_or(64);
         if !(32..=128).contains(&ipv6_prefix) {
             return invalid("limits.ipv6_prefix", "must be between 32 and 128");
@@ -190,6 +198,7 @@ impl RawLimits {
         Ok(Limits {
             phone_sends,
             ip_sends,
+            country_sends,
             ipv6_prefix,
             failed_checks_per_phone,
             countries,

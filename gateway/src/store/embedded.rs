@@ -229,6 +229,10 @@ impl Embedded {
         self.limiters.check_ip(ip)
     }
 
+    pub fn limit_country(&self, country: &str) -> Result<(), Rejection> {
+        self.limiters.check_country(country)
+    }
+
     pub fn spend_phone(&self, phone: u64) -> Result<(), Rejection> {
         self.limiters.check_phone(phone)
     }

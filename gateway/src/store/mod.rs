@@ -183,6 +183,22 @@ impl Backend {
         }
     }
 
+    /// Spends one verification of a phone country's velocity limit (`country_sends`).
+    pub async fn limit_country(&self, country: &str) -> Result<Option<Rejection>, ApiError> {
+        match self {
+            Backend::Embedded(embedded) => Ok(embedded.limit_country(country).err()),
+            Backend::Redis(redis) => redis.limit_country(country).await,
+        }
+    }
+
+    /// Whether a new verification spends a country limit.
+    pub fn has_country_rules(&self) -> bool {
+        match self {
+            Backend::Embedded(embedded) => !embedded.limiters().country_rules().is_empty(),
+            Backend::Redis(redis) => redis.has_country_rules(),
+        }
+    }
+
     /// Whether a new verification spends an IP limit (else a start needs one round, not two).
     pub fn has_ip_rules(&self) -> bool {
         match self {

@@ -475,7 +475,10 @@ impl Verifier {
         let lane = shared.clients.priority(client);
         // With no IP rule, or no citizen address to count, there is nothing to spend between
         // reading and writing: one round.
-        let mut ip_spent = !shared.backend.has_ip_rules() || request.ip.is_none();
+        // The IP's and the country's limits are spent between the start's two rounds, only
+        // when nothing before them refused it.
+        let mut ip_spent = (!shared.backend.has_ip_rules() || request.ip.is_none())
+            && !shared.backend.has_country_rules();
         for _ in 0..START_ROUNDS {
             let step = shared
                 .backend
@@ -528,6 +531,10 @@ impl Verifier {
                         if let Some(rejection) = shared.backend.limit_ip(key).await? {
                             return Err(self.rejected(rejection));
                         }
+                    }
+                    let country = crate::ratelimit::country_key(request.region);
+                    if let Some(rejection) = shared.backend.limit_country(&country).await? {
+                        return Err(self.rejected(rejection));
                     }
                     ip_spent = true;
                 }

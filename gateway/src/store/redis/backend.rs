@@ -388,6 +388,28 @@ impl RedisBackend {
         }))
     }
 
+    pub async fn limit_country(&self, country: &str) -> Result<Option<Rejection>, ApiError> {
+        let rules = self.limiters.country_rules();
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let limited = self
+            .store
+            .limit_country(country, &rules, self.clock.advanced_ms())
+            .await
+            .map_err(unavailable)?;
+        Ok(limited.map(|(rule, retry_after)| Rejection {
+            limit: LimitKind::CountryRate,
+            rule: rules[rule.min(rules.len() - 1)],
+            retry_after,
+        }))
+    }
+
+    /// Whether a start spends a country's limit between its two reads.
+    pub fn has_country_rules(&self) -> bool {
+        !self.limiters.country_rules().is_empty()
+    }
+
     /// Whether a start must spend the IP's limit between its two reads.
     pub fn has_ip_rules(&self) -> bool {
         !self.limiters.ip_rules().is_empty()

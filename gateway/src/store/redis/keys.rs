@@ -118,6 +118,10 @@ impl Keys {
         format!("{}:{{ip:{ip}}}:{rule}", self.prefix)
     }
 
+    pub(crate) fn country_limit(&self, country: &str, rule: usize) -> String {
+        format!("{}:{{cc:{country}}}:{rule}", self.prefix)
+    }
+
     pub(crate) fn idempotency(&self, client: ClientId, key: &str) -> String {
         let digest = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes());
         format!(

@@ -37,6 +37,17 @@ impl RedisStore {
         self.limit(key, rules, clock_offset_ms).await
     }
 
+    /// Spends one verification of a phone country's `rules`.
+    pub async fn limit_country(
+        &self,
+        country: &str,
+        rules: &[Rule],
+        clock_offset_ms: i64,
+    ) -> Result<Option<(usize, Duration)>, StoreError> {
+        let key = |keys: &Keys, rule| keys.country_limit(country, rule);
+        self.limit(key, rules, clock_offset_ms).await
+    }
+
     /// Spends one send of `rules`, the key of each rule by its index.
     async fn limit(
         &self,
