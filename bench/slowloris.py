@@ -14,7 +14,8 @@ Every loop is bounded by the deadline, SECONDS from the start (at most 600).
 
 Prints, every second, `held N` (sockets open); at the end one line
 `slowloris-result held_min=… held_mean=… held_max=… opened=… closed_by_server=… connect_errors=…`
-where the held figures are sampled over the window from --measure-from seconds to the end.
+where the held figures are sampled once a second from --measure-from seconds after the start, for
+--measure-secs seconds.
 """
 
 import argparse
@@ -122,7 +123,7 @@ async def main(args):
     while time.monotonic() < until:
         await asyncio.sleep(1.0)
         print(f"held {tally.held}", flush=True)
-        if time.monotonic() - start >= args.measure_from:
+        if args.measure_from <= time.monotonic() - start <= args.measure_from + args.measure_secs:
             samples.append(tally.held)
     await asyncio.gather(*tasks, return_exceptions=True)
     samples = samples or [0]
@@ -141,6 +142,7 @@ if __name__ == "__main__":
     parser.add_argument("--addresses", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--measure-from", type=float, default=0.0)
+    parser.add_argument("--measure-secs", type=float, default=600.0)
     arguments = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, arguments.sockets + 256)

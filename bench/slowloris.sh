@@ -86,7 +86,7 @@ start_fresh_gateway
 attack_secs=$((RAMP_SECS + duration_secs + 3))
 say "slowloris.py: $SOCKETS sockets from $ADDRESSES addresses for $attack_secs s"
 python3 "$BENCH_DIR/slowloris.py" --target "$GATEWAY_ADDR" --sockets "$SOCKETS" \
-    --addresses "$ADDRESSES" --seconds "$attack_secs" --measure-from "$RAMP_SECS" \
+    --addresses "$ADDRESSES" --seconds "$attack_secs" --measure-from "$RAMP_SECS" --measure-secs "$duration_secs" \
     >"$WORK_DIR/slowloris.out" 2>"$WORK_DIR/slowloris.err" &
 ATTACK_PID=$!
 STARTED_PIDS+=("$ATTACK_PID")
