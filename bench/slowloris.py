@@ -114,18 +114,25 @@ async def main(args):
     until = start + seconds
     tally = Tally()
     sources = [str(ipaddress.ip_address("127.0.0.2") + i) for i in range(args.addresses)]
+    samples = []
+
+    async def sample():
+        # Its own task from the start, so that opening thousands of sockets cannot delay it.
+        while time.monotonic() < until:
+            await asyncio.sleep(1.0)
+            print(f"held {tally.held}", flush=True)
+            if args.measure_from <= time.monotonic() - start <= args.measure_from + args.measure_secs:
+                samples.append(tally.held)
+
+    sampler = asyncio.ensure_future(sample())
     tasks = []
     for i in range(args.sockets):
+        if time.monotonic() >= until:
+            break
         tasks.append(asyncio.ensure_future(one_socket(i, args, sources[i % len(sources)], tally, until)))
         if i % 200 == 199:
             await asyncio.sleep(0.05)  # let the handshakes through
-    samples = []
-    while time.monotonic() < until:
-        await asyncio.sleep(1.0)
-        print(f"held {tally.held}", flush=True)
-        if args.measure_from <= time.monotonic() - start <= args.measure_from + args.measure_secs:
-            samples.append(tally.held)
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(sampler, *tasks, return_exceptions=True)
     samples = samples or [0]
     print(
         f"slowloris-result held_min={min(samples)} held_mean={sum(samples) / len(samples):.0f} "
