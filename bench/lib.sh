@@ -111,13 +111,15 @@ stop_pid() {
 }
 
 # Prints the part of a benchmark gateway configuration every script shares: no auth on
-# loopback, no per-IP limit, and a queue large enough for any run. Carriers come after it.
+# loopback, no per-IP limit or per-address connection cap (every client is on 127.0.0.1), and a
+# queue large enough for any run. Carriers come after it.
 # Usage: gateway_config_base LISTEN ADMIN_LISTEN
 gateway_config_base() {
     cat <<TOML
 listen = "$1"
 admin_listen = "$2"
 max_connections = 10000
+max_connections_per_ip = 0
 
 [verification]
 code_ttl_secs = 600

@@ -34,6 +34,7 @@ listen = "$GATEWAY_ADDR"
 admin_listen = "$ADMIN_ADDR"
 public_url = "http://$GATEWAY_ADDR"
 max_connections = 4096
+max_connections_per_ip = 0
 
 [limits]
 ip_sends = []

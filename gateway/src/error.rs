@@ -33,6 +33,9 @@ pub enum ApiError {
     NotPending { status: &'static str },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The body was not complete within `body_timeout_ms` of the request's headers.
+    #[error("request body did not arrive in time")]
+    BodyTimeout,
     #[error("Idempotency-Key was already used with a different request")]
     IdempotencyMismatch,
     #[error("{message}")]
@@ -88,6 +91,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotPending { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded { .. } | ApiError::ShuttingDown | ApiError::StoreUnavailable => {
@@ -109,6 +113,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::NotPending { .. } => "not_pending",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::BodyTimeout => "body_timeout",
             ApiError::IdempotencyMismatch => "idempotency_key_reused",
             ApiError::RateLimited { code, .. } => code,
             ApiError::Overloaded { code, .. } => code,

@@ -281,7 +281,8 @@ pub async fn run(
             max_body_bytes: config.max_body_bytes,
             shutdown: api_shutdown.clone(),
         }),
-        config.max_connections,
+        config.connections,
+        metrics.listener(metrics::Listener::Api),
         api_shutdown.clone(),
         config.shutdown_grace,
     )));
@@ -291,7 +292,8 @@ pub async fn run(
             verifier: verifier.clone(),
             carriers: breakers,
         }),
-        64,
+        config.connections.for_admin(),
+        metrics.listener(metrics::Listener::Admin),
         background.clone(),
         std::time::Duration::from_secs(1),
     )));

@@ -44,7 +44,7 @@ pub enum Route {
 
 /// Statuses the API answers with: the closed set behind the `status` label.
 pub const STATUSES: &[u16] = &[
-    200, 202, 400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 500, 503,
+    200, 202, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 500, 503,
 ];
 
 /// Outcomes of a verification that ended.
@@ -92,6 +92,26 @@ pub enum QueueRefusal {
     PredictedWait,
     /// The predicted wait passed the adaptive policy's `max_wait`.
     MaxWait,
+}
+
+/// The two listeners, behind the `listener` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Api,
+    Admin,
+}
+
+/// Why the gateway closed a connection (or, for a late body, answered `408`) before the peer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionClosed {
+    /// No complete first request within `prelude_timeout_ms`.
+    PreludeTimeout,
+    /// No request in flight for `idle_timeout_ms`.
+    Idle,
+    /// Its address already held `max_connections_per_ip`.
+    PerIpCap,
+    /// A request body not complete within `body_timeout_ms`.
+    BodyTimeout,
 }
 
 /// Outcomes of one submit to a carrier.
@@ -146,6 +166,14 @@ struct Shared {
     webhook_outbox: Gauge,
     code_ttl: Gauge,
     max_extension: Gauge,
+    listeners: [ListenerMetrics; 2],
+}
+
+/// Handles for one listener's connections.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    open: Gauge,
+    closed: [Counter; 4],
 }
 
 /// Handles for one client's webhook.
@@ -767,6 +795,40 @@ impl Metrics {
         let queue_oldest_wait = gauge_at_zero("otpgate_queue_oldest_wait_seconds");
         let queue_drain = gauge_at_zero("otpgate_queue_drain_per_second");
 
+        r.describe_gauge(
+            "otpgate_connections_open",
+            "Connections open, by listener (api, admin).",
+        );
+        r.describe_counter(
+            "otpgate_connections_closed_total",
+            "Connections the gateway closed before the peer did, by listener and reason: no \
+             complete first request in time (prelude_timeout), nothing in flight for too long \
+             (idle), over the per-address cap (per_ip_cap); body_timeout counts request bodies \
+             not complete in time, answered 408.",
+        );
+        let listeners: Vec<ListenerMetrics> = ["api", "admin"]
+            .iter()
+            .map(|listener| {
+                let label = || Label::new("listener", *listener);
+                let open = r.gauge("otpgate_connections_open", vec![label()]);
+                open.set(0.0);
+                let closed: Vec<Counter> =
+                    ["prelude_timeout", "idle", "per_ip_cap", "body_timeout"]
+                        .iter()
+                        .map(|reason| {
+                            r.counter(
+                                "otpgate_connections_closed_total",
+                                vec![label(), Label::new("reason", *reason)],
+                            )
+                        })
+                        .collect();
+                ListenerMetrics {
+                    open,
+                    closed: to_array(closed),
+                }
+            })
+            .collect();
+
         Metrics {
             shared: Arc::new(Shared {
                 handle,
@@ -794,6 +856,7 @@ impl Metrics {
                 webhook_outbox,
                 code_ttl: r.gauge("otpgate_code_ttl_seconds", vec![]),
                 max_extension: r.gauge("otpgate_session_max_extension_seconds", vec![]),
+                listeners: to_array(listeners),
             }),
         }
     }
@@ -931,6 +994,11 @@ impl Metrics {
         self.shared.webhook_outbox.set(depth as f64);
     }
 
+    /// Handles for one listener's connections.
+    pub fn listener(&self, listener: Listener) -> ListenerMetrics {
+        self.shared.listeners[listener as usize].clone()
+    }
+
     fn lane(&self, priority: u8) -> Option<&Lane> {
         self.shared
             .lanes
@@ -1058,6 +1126,29 @@ impl CarrierMetrics {
 impl std::fmt::Debug for CarrierMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CarrierMetrics").finish_non_exhaustive()
+    }
+}
+
+// === impl ListenerMetrics ===
+
+impl ListenerMetrics {
+    pub fn opened(&self) {
+        self.open.increment(1.0);
+    }
+
+    /// A connection that was [`opened`](Self::opened) ended, whoever closed it.
+    pub fn ended(&self) {
+        self.open.decrement(1.0);
+    }
+
+    pub fn closed(&self, reason: ConnectionClosed) {
+        self.closed[reason as usize].increment(1);
+    }
+}
+
+impl std::fmt::Debug for ListenerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerMetrics").finish_non_exhaustive()
     }
 }
 

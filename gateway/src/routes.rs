@@ -429,8 +429,14 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     axum::body::to_bytes(body, limit).await.map_err(|error| {
         let too_large = std::error::Error::source(&error)
             .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        let mut causes = std::iter::successors(
+            Some(&error as &(dyn std::error::Error + 'static)),
+            |cause| cause.source(),
+        );
         if too_large {
             ApiError::PayloadTooLarge { limit }
+        } else if causes.any(|cause| cause.is::<crate::server::BodyTimedOut>()) {
+            ApiError::BodyTimeout
         } else {
             ApiError::bad_request("unreadable_body", "request body could not be read")
         }

@@ -30,6 +30,8 @@ pub(crate) const OBSERVED_CODES: &[&str] = &[
     "no_route",
     "method_not_allowed",
     "payload_too_large",
+    // Asserted by the connections module.
+    "body_timeout",
     // Asserted by the api module.
     "unauthorized",
     "not_pending",

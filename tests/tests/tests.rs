@@ -3,6 +3,7 @@
 //! One test binary of modules (like ripgrep's), so the harness compiles once.
 
 mod api;
+mod connections;
 mod delivery;
 mod engine;
 mod errors;

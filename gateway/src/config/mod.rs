@@ -8,6 +8,7 @@
 
 mod carriers;
 mod clients;
+mod connections;
 mod error;
 mod limits;
 mod redis;
@@ -27,6 +28,7 @@ pub use self::carriers::{
     BindMode, CarrierConfig, CarrierKind, HttpVersion, RawCarrier, SmppSettings,
 };
 pub use self::clients::{ClientConfig, RawClient, RawWebhooks, WebhookPolicy, WebhookTarget};
+pub use self::connections::{ConnectionPolicy, Ping, RawConnections};
 pub use self::error::ConfigError;
 use self::error::{invalid, is_absolute_http, secs};
 pub use self::limits::{Limits, RawLimits, RawRule, RawVerification, Rule, VerificationPolicy};
@@ -98,6 +100,12 @@ pub struct RawConfig {
     pub default_locale: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub prelude_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
+    pub ping_interval_ms: Option<u64>,
+    pub ping_timeout_ms: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
     pub sweep_interval_ms: Option<u64>,
     #[serde(default)]
@@ -158,7 +166,8 @@ pub struct Config {
     pub public_url: String,
     pub templates: Templates,
     pub max_body_bytes: usize,
-    pub max_connections: usize,
+    /// The API listener's connection guards (the admin listener's: [`ConnectionPolicy::for_admin`]).
+    pub connections: ConnectionPolicy,
     pub shutdown_grace: Duration,
     pub sweep_interval: Duration,
     pub verification: VerificationPolicy,
@@ -301,10 +310,16 @@ impl RawConfig {
         if !(256..=1024 * 1024).contains(&max_body_bytes) {
             return invalid("max_body_bytes", "must be between 256 and 1048576");
         }
-        let max_connections = self.max_connections.unwrap_or(10_000);
-        if !(1..=1_000_000).contains(&max_connections) {
-            return invalid("max_connections", "must be between 1 and 1000000");
+        let connections = RawConnections {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            prelude_timeout_ms: self.prelude_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            body_timeout_ms: self.body_timeout_ms,
+            ping_interval_ms: self.ping_interval_ms,
+            ping_timeout_ms: self.ping_timeout_ms,
         }
+        .validate()?;
         let shutdown_grace = secs("shutdown_grace_secs", self.shutdown_grace_secs, 30, 0, 3600)?;
         let sweep_interval = Duration::from_millis(self.sweep_interval_ms.unwrap_or(1000));
         if sweep_interval.is_zero() || sweep_interval > Duration::from_secs(60) {
@@ -377,7 +392,7 @@ impl RawConfig {
             public_url,
             templates,
             max_body_bytes,
-            max_connections,
+            connections,
             shutdown_grace,
             sweep_interval,
             verification,

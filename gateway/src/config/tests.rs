@@ -295,6 +295,53 @@ fn citizen_ip_keys_are_checked_and_named() {
 }
 
 #[test]
+fn connection_guards_default_to_the_documented_values() {
+    let connections = Config::from_toml("").unwrap().connections;
+    assert_eq!(connections.max_connections, 10_000);
+    assert_eq!(connections.max_per_ip, Some(256));
+    assert_eq!(connections.prelude_timeout, Duration::from_secs(10));
+    assert_eq!(connections.idle_timeout, Duration::from_secs(60));
+    assert_eq!(connections.body_timeout, Duration::from_secs(10));
+    let ping = connections.ping.expect("pings on by default");
+    assert_eq!(ping.interval, Duration::from_secs(30));
+    assert_eq!(ping.timeout, Duration::from_secs(10));
+    let admin = connections.for_admin();
+    assert_eq!((admin.max_connections, admin.max_per_ip), (64, Some(16)));
+}
+
+#[test]
+fn zero_turns_the_per_address_cap_and_pings_off() {
+    let connections = Config::from_toml("max_connections_per_ip = 0\nping_interval_ms = 0\n")
+        .unwrap()
+        .connections;
+    assert_eq!(connections.max_per_ip, None);
+    assert_eq!(connections.for_admin().max_per_ip, None);
+    assert_eq!(connections.ping, None);
+}
+
+#[test]
+fn connection_guards_out_of_range_name_their_key() {
+    for (toml, key) in [
+        ("max_connections_per_ip = 2000000", "max_connections_per_ip"),
+        ("prelude_timeout_ms = 0", "prelude_timeout_ms"),
+        ("idle_timeout_ms = 99", "idle_timeout_ms"),
+        ("body_timeout_ms = 600001", "body_timeout_ms"),
+        ("ping_interval_ms = 50", "ping_interval_ms"),
+        (
+            "ping_interval_ms = 0\nping_timeout_ms = 0",
+            "ping_timeout_ms",
+        ),
+        ("max_connections = 0", "max_connections"),
+    ] {
+        let error = Config::from_toml(toml).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("config key {key}:")),
+            "{toml}: {error}"
+        );
+    }
+}
+
+#[test]
 fn a_clients_web_origins_and_app_hashes_are_checked() {
     let client = |extra: &str| {
         format!(

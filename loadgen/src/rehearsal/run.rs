@@ -380,7 +380,7 @@ pub fn gateway_config(
     let secs = |scenario_secs: f64, min: u64| ((scenario_secs / c).round() as u64).max(min);
     let mut toml = format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\npublic_url = \"http://{api_addr}\"\n\
-         max_connections = {}\nshutdown_grace_secs = 5\nsweep_interval_ms = {}\n\n\
+         max_connections = {}\nmax_connections_per_ip = 0\nshutdown_grace_secs = 5\nsweep_interval_ms = {}\n\n\
          [verification]\ncode_ttl_secs = {}\nmax_extension_secs = {}\nresend_cooldown_secs = {}\n\
          reroutes = {}\nexpiry_follows_delivery = {}\n\n\
          [limits]\nphone_sends = [{{ max = 1, per_secs = {} }}, {{ max = 5, per_secs = {} }}]\n\n\
