@@ -20,7 +20,7 @@ use crate::sms::SmsText;
 
 pub use self::console::ConsoleConnector;
 pub use self::http::HttpConnector;
-pub use self::smpp::{ReceiptSink, SmppConnector};
+pub use self::smpp::{ReceiptSink, SmppConnector, read_receipt};
 
 /// One SMS, ready for a carrier. Its text holds the code, so it never prints.
 pub struct OutboundSms {

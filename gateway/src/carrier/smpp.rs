@@ -560,7 +560,9 @@ async fn serve(
 
 /// Reads a `deliver_sm` as a receipt: the receipted message id, and the final status it reports
 /// (`None` for an intermediate state). `None` when it is not a receipt.
-fn read_receipt(deliver: &DeliverSm) -> Option<(String, Option<ReceiptStatus>)> {
+///
+/// Public for the `smpp_pdu` fuzz target (fuzz/), which feeds it whatever an SMSC could send.
+pub fn read_receipt(deliver: &DeliverSm) -> Option<(String, Option<ReceiptStatus>)> {
     let mut id = None;
     let mut state = None;
     for tlv in deliver.tlvs() {
