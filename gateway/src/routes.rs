@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -242,7 +242,7 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
 /// made between two polls.
 async fn read(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    Segment(id): Segment,
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
@@ -272,6 +272,24 @@ fn with_etag(view: crate::verification::View, version: u32) -> Response {
     response
 }
 
+/// A path segment (`{id}`, `{name}`) as text. One that does not decode (percent-encoded bytes
+/// that are not UTF-8) names no verification and no carrier: it reads as empty, which the
+/// handlers answer as an unknown id (`404`) or carrier (`401`) in the API's JSON shape, where
+/// axum's own `Path` would answer a plain-text `400`.
+struct Segment(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Segment {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Segment, Self::Rejection> {
+        let text = Path::<String>::from_request_parts(parts, state).await;
+        Ok(Segment(text.map(|Path(text)| text).unwrap_or_default()))
+    }
+}
+
 /// The version in an ETag this gateway gave (`"v12"`, possibly weak).
 fn parse_etag(value: &str) -> Option<u32> {
     let value = value.trim();
@@ -281,7 +299,7 @@ fn parse_etag(value: &str) -> Option<u32> {
 
 async fn check(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    Segment(id): Segment,
     request: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
@@ -295,7 +313,7 @@ async fn check(
 
 async fn resend(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    Segment(id): Segment,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let client = state.verifier.authenticate(bearer(&headers))?;
@@ -306,7 +324,7 @@ async fn resend(
 
 async fn cancel(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    Segment(id): Segment,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let client = state.verifier.authenticate(bearer(&headers))?;
@@ -322,7 +340,7 @@ async fn cancel(
 /// way the answer is `200`, so carriers do not retry it.
 async fn receipt(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    Segment(name): Segment,
     request: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();

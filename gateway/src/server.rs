@@ -4,13 +4,13 @@
 //! than `max_connections` (the machine allows 20,000 open files per process). A connection from
 //! an address that already holds `max_connections_per_ip` (an IPv6 /64 counts as one address) is
 //! closed at once. Each connection is served by hyper-util's auto builder (HTTP/1.1 keep-alive or
-//! HTTP/2) and driven by [`drive`], which holds its deadlines, since neither hyper-util's first
+//! HTTP/2) and driven by `drive`, which holds its deadlines, since neither hyper-util's first
 //! read (telling HTTP/1 from HTTP/2) nor hyper's HTTP/2 server has one:
 //! - the *prelude*: the first request's headers (for HTTP/2, the preface, the settings and the
 //!   first `HEADERS`) must have arrived within `prelude_timeout`, or the connection is dropped;
 //! - *idle*: a connection with no request in flight for `idle_timeout` is shut down gracefully
 //!   (HTTP/2: a `GOAWAY`), and dropped if it has not ended within another `prelude_timeout`;
-//! - each request body must be complete within `body_timeout` of its headers ([`DeadlineBody`];
+//! - each request body must be complete within `body_timeout` of its headers (`DeadlineBody`;
 //!   the API answers `408`);
 //! - HTTP/2 keep-alive pings find peers that went away.
 //!

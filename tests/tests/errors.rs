@@ -292,6 +292,46 @@ async fn post_chunked(addr: SocketAddr, path: &str, chunks: &[Vec<u8>]) -> (u16,
 
 /// Bodies that are not JSON, not an object, or miss, misspell or mistype a field are refused
 /// with 400 and the right code; messages about a field name it.
+/// A path segment that is not UTF-8 once decoded names no verification and no carrier: the
+/// answer is the API's JSON, `404 not_found` or `401 unauthorized`, never a plain-text 400.
+#[tokio::test]
+async fn an_undecodable_path_segment_gets_the_apis_json_error() {
+    let (gateway, _carrier) = gateway("").await;
+    for (method, path, status, code) in [
+        (http::Method::GET, "/v1/verifications/%FF", 404, "not_found"),
+        (
+            http::Method::DELETE,
+            "/v1/verifications/%C3%28",
+            404,
+            "not_found",
+        ),
+        (
+            http::Method::POST,
+            "/v1/verifications/%FF/resend",
+            404,
+            "not_found",
+        ),
+        (
+            http::Method::POST,
+            "/v1/carriers/%FF/receipts",
+            401,
+            "unauthorized",
+        ),
+    ] {
+        let answer = gateway
+            .request(method.clone(), path, Some(b"{}".to_vec()), &[])
+            .await;
+        assert_eq!(answer.status, status, "{method} {path}: {}", answer.text);
+        assert_eq!(
+            answer.error_code(),
+            code,
+            "{method} {path}: {}",
+            answer.text
+        );
+    }
+    gateway.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn bad_start_bodies_are_400_with_the_field_named() {
     let (gateway, _carrier) = gateway("").await;
