@@ -85,7 +85,13 @@ fn router(config: Config) -> Router {
         .map(|c| (c.name.clone(), matches!(c.kind, CarrierKind::Smpp(_))))
         .collect();
     let webhook_clients: Vec<String> = Vec::new();
-    let metrics = Metrics::new(&Verifier::lanes(&config), &carriers, &webhook_clients);
+    let client_names: Vec<String> = config.clients.iter().map(|c| c.name.clone()).collect();
+    let metrics = Metrics::new(
+        &Verifier::lanes(&config),
+        &carriers,
+        &client_names,
+        &webhook_clients,
+    );
     let weights: Vec<_> = config.carriers.iter().map(|c| c.weight).collect();
     let queue = Queue::with_policy(
         config.queue_capacity,
