@@ -70,8 +70,9 @@ pub enum Checked {
 pub enum Started {
     /// A new verification.
     Created,
-    /// The live verification for this phone and client, returned again.
-    Existing,
+    /// A second caller's own verification, beside this phone and client's live one and
+    /// carrying its code.
+    Sibling,
     /// An `Idempotency-Key` replay.
     Replayed,
 }
@@ -332,7 +333,7 @@ impl Metrics {
             Unit::Seconds,
             "Time to answer an API request, by route template and method.",
         );
-        r.describe_counter("otpgate_verifications_started_total", "Start requests answered with a verification: created, an existing live one, or an idempotent replay.");
+        r.describe_counter("otpgate_verifications_started_total", "Start requests answered with a verification: created, a sibling (a second caller's own, with the live one's code), or an idempotent replay.");
         r.describe_counter(
             "otpgate_verification_checks_total",
             "Code checks, by outcome (valid, invalid, locked by the failed-checks limit).",
@@ -546,7 +547,7 @@ impl Metrics {
         };
         let started = outcome(
             "otpgate_verifications_started_total",
-            &["created", "existing", "replayed"],
+            &["created", "sibling", "replayed"],
         );
         let checks = outcome(
             "otpgate_verification_checks_total",

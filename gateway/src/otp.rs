@@ -77,11 +77,18 @@ impl CodeKeys {
         // ThreadRng is a CSPRNG (ChaCha12, reseeded from the OS); see rand's `rngs` docs.
         let value = rand::rng().random_range(0..modulus);
         let code = Code(format!("{value:0width$}", width = self.length as usize));
-        let stored = StoredCode {
+        let stored = self.store(id, phone, &code);
+        (code, stored)
+    }
+
+    /// What the store keeps of `code` for the verification `id`: a second caller's verification
+    /// carries the live one's code, tagged and sealed for its own id.
+    pub fn store(&self, id: &VerificationId, phone: &Phone, code: &Code) -> StoredCode {
+        let value: u32 = code.0.parse().unwrap_or(0);
+        StoredCode {
             tag: self.tag(id, phone, &code.0),
             sealed: value ^ self.pad(id, phone),
-        };
-        (code, stored)
+        }
     }
 
     /// Compares a typed code with the stored tag in constant time.
@@ -217,6 +224,18 @@ mod tests {
         let (keys, id, phone) = fixture();
         let (code, stored) = keys.generate(&id, &phone);
         assert_eq!(keys.unseal(&id, &phone, &stored), code);
+    }
+
+    #[test]
+    fn a_code_stored_again_for_another_id_matches_there_only() {
+        let (keys, id, phone) = fixture();
+        let (code, stored) = keys.generate(&id, &phone);
+        let second = VerificationId::new_for(&phone);
+        let again = keys.store(&second, &phone, &code);
+        assert!(keys.matches(&second, &phone, code.expose(), &again));
+        assert_eq!(keys.unseal(&second, &phone, &again), code);
+        assert!(!keys.matches(&second, &phone, code.expose(), &stored));
+        assert!(!keys.matches(&id, &phone, code.expose(), &again));
     }
 
     #[test]

@@ -178,29 +178,84 @@ async fn start_send_check_end_to_end() {
     gateway.stop().await.unwrap();
 }
 
-/// Starting again for the same phone and client returns the same verification with 202, and
-/// sends no second SMS while the cooldown runs.
+/// A second start for a phone with a live verification (the owner in a second tab, or a
+/// stranger who typed the number) never learns the live one's id: it gets a verification of its
+/// own, carrying the same code, once the phone's send limit allows another SMS. Wrong codes
+/// and a cancel through it leave the first exactly as it was, and the first SMS's code works
+/// in both.
 #[tokio::test]
-async fn starting_again_returns_the_same_verification_without_a_second_sms() {
+async fn a_second_caller_gets_its_own_verification_with_the_same_code() {
     let (gateway, carrier) = gateway_with_carrier().await;
     let number = phone(10);
     let first = gateway.start_verification(&number).await;
     assert_eq!(first.status, 202, "{}", first.text);
-    carrier.wait_for(1, TIMEOUT).await;
+    let sent = carrier.wait_for(1, TIMEOUT).await;
+    let code = extract_code(&sent[0].text).expect("a code in the SMS");
 
+    // At once: the phone had its SMS less than 30 s ago.
+    let early = gateway.start_verification(&number).await;
+    assert_error(&early, 429, "rate_limited_phone");
+    assert!(!early.text.contains(&first.id()), "{}", early.text);
+
+    gateway.clock.advance(Duration::from_secs(31));
     let second = gateway.start_verification(&number).await;
     assert_eq!(second.status, 202, "{}", second.text);
-    assert_eq!(second.id(), first.id());
-    assert_eq!(second.body["resend_after"], first.body["resend_after"]);
-    assert_eq!(second.header("idempotent-replayed"), None);
+    assert_ne!(second.id(), first.id());
+    assert_eq!(second.body["status"], "pending");
     assert_eq!(
         gateway
-            .metric(r#"otpgate_verifications_started_total{outcome="existing"}"#)
+            .metric(r#"otpgate_verifications_started_total{outcome="sibling"}"#)
             .await,
         Some(1.0)
     );
+    let sent = carrier.wait_for(2, TIMEOUT).await;
+    let again = sms_of(&sent, &second.id(), 1);
+    assert_eq!(extract_code(&again.text).as_deref(), Some(code.as_str()));
 
-    assert_no_more_sms(&gateway, &carrier, 1, &phone(11)).await;
+    // Its caller can use up its own attempts and cancel it; the first does not notice.
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    for left in (0..5).rev() {
+        let answer = gateway.check(&second.id(), wrong).await;
+        assert_eq!(answer.body["attempts_left"], left, "{}", answer.text);
+    }
+    let canceled = gateway.delete(&path_of(&second.id())).await;
+    assert_eq!(canceled.status, 409, "{}", canceled.text);
+    let read = gateway.get(&path_of(&first.id())).await;
+    assert_eq!(read.body["status"], "pending", "{}", read.text);
+    let checked = gateway.check(&first.id(), &code).await;
+    assert_eq!(
+        checked.body,
+        json!({"valid": true, "status": "approved", "attempts_left": 5})
+    );
+    gateway.stop().await.unwrap();
+}
+
+/// A second caller's cancel ends only its own verification, and the first SMS's code approves
+/// the second one too.
+#[tokio::test]
+async fn a_second_callers_cancel_leaves_the_first_and_the_code_works_in_both() {
+    let (gateway, carrier) = gateway_with_carrier().await;
+    let number = phone(12);
+    let first = gateway.start_verification(&number).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    let sent = carrier.wait_for(1, TIMEOUT).await;
+    let code = extract_code(&sent[0].text).expect("a code in the SMS");
+    gateway.clock.advance(Duration::from_secs(31));
+    let second = gateway.start_verification(&number).await;
+    assert_eq!(second.status, 202, "{}", second.text);
+    let third_caller = {
+        gateway.clock.advance(Duration::from_secs(31));
+        gateway.start_verification(&number).await
+    };
+    assert_eq!(third_caller.status, 202, "{}", third_caller.text);
+
+    let canceled = gateway.delete(&path_of(&first.id())).await;
+    assert_eq!(canceled.status, 200, "{}", canceled.text);
+    assert_eq!(canceled.body["status"], "canceled");
+    let checked = gateway.check(&second.id(), &code).await;
+    assert_eq!(checked.body["valid"], true, "{}", checked.text);
+    let read = gateway.get(&path_of(&third_caller.id())).await;
+    assert_eq!(read.body["status"], "pending", "{}", read.text);
     gateway.stop().await.unwrap();
 }
 
@@ -277,9 +332,10 @@ async fn resend_waits_for_its_cooldown_and_sends_the_same_code() {
     gateway.stop().await.unwrap();
 }
 
-/// Starting again once the cooldown has passed resends the same code, for the same verification.
+/// Starting again once the phone may have another SMS sends the same code, for a verification
+/// of the second caller's own; the code approves both.
 #[tokio::test]
-async fn starting_again_after_the_cooldown_resends_the_same_code() {
+async fn starting_again_sends_the_same_code_for_a_verification_of_its_own() {
     let (gateway, carrier) = gateway_with_carrier().await;
     let number = phone(30);
     let first = gateway.start_verification(&number).await;
@@ -293,18 +349,20 @@ async fn starting_again_after_the_cooldown_resends_the_same_code() {
     gateway.clock.advance(Duration::from_secs(31));
     let again = gateway.start_verification(&number).await;
     assert_eq!(again.status, 202, "{}", again.text);
-    assert_eq!(again.id(), id);
+    assert_ne!(again.id(), id);
     assert_eq!(again.body["delivery"]["state"], "queued", "{}", again.text);
 
     let received = carrier.wait_for(2, TIMEOUT).await;
-    let second = sms_of(&received, &id, 2);
+    let second = sms_of(&received, &again.id(), 1);
     assert_eq!(
         extract_code(&second.text).as_deref(),
         Some(code.as_str()),
         "the same code again"
     );
-    let answer = gateway.check(&id, &code).await;
-    assert_eq!(answer.body["valid"], true, "{}", answer.text);
+    for id in [id, again.id()] {
+        let answer = gateway.check(&id, &code).await;
+        assert_eq!(answer.body["valid"], true, "{}", answer.text);
+    }
     gateway.stop().await.unwrap();
 }
 
@@ -697,12 +755,16 @@ async fn the_same_phone_gets_a_verification_per_client() {
     let of_b = gateway.start_verification(&number).await;
     assert_eq!(of_b.status, 202, "{}", of_b.text);
     assert_ne!(of_a.id(), of_b.id(), "each client has its own verification");
-    // B starting again is deduplicated within B.
-    assert_eq!(gateway.start_verification(&number).await.id(), of_b.id());
+    // B starting again gets a verification of its own, with B's code, never A's.
+    let again_b = gateway.start_verification(&number).await;
+    assert_eq!(again_b.status, 202, "{}", again_b.text);
+    assert_ne!(again_b.id(), of_b.id());
 
-    let received = carrier.wait_for(2, TIMEOUT).await;
+    let received = carrier.wait_for(3, TIMEOUT).await;
     let code_a = extract_code(&sms_of(&received, &of_a.id(), 1).text).expect("code of A");
     let code_b = extract_code(&sms_of(&received, &of_b.id(), 1).text).expect("code of B");
+    let code_again = extract_code(&sms_of(&received, &again_b.id(), 1).text).expect("code");
+    assert_eq!(code_again, code_b);
     assert!(received.iter().all(|sms| sms.to == number));
 
     // Each client approves its own verification with its own code.
@@ -711,7 +773,7 @@ async fn the_same_phone_gets_a_verification_per_client() {
     gateway.api_key = Some(KEY_A.to_owned());
     let answer = gateway.check(&of_a.id(), &code_a).await;
     assert_eq!(answer.body["valid"], true, "{}", answer.text);
-    assert_no_more_sms(&gateway, &carrier, 2, &phone(141)).await;
+    assert_no_more_sms(&gateway, &carrier, 3, &phone(141)).await;
     gateway.stop().await.unwrap();
 }
 

@@ -37,6 +37,7 @@ pub(crate) const OBSERVED_CODES: &[&str] = &[
     "not_pending",
     "resend_cooldown",
     "idempotency_key_reused",
+    "rate_limited_phone",
 ];
 
 /// A verification id that is well formed but was never handed out.

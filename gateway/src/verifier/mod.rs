@@ -149,8 +149,9 @@ pub enum Completion {
 /// A step of a start.
 #[derive(Debug)]
 enum StartStep {
-    Existing(View),
     Created(View),
+    /// A second caller's verification beside the live one, with its code.
+    Sibling(View),
     /// The live verification expired just now; that was written, now start over.
     Again,
     /// No live verification: the IP's limit is spent next, then the phone's with the write.
@@ -363,7 +364,8 @@ impl Verifier {
 
     // --- the frontend's calls ---
 
-    /// Starts a verification, or returns the live one of this phone and client.
+    /// Starts a verification; beside a live one of this phone and client, a sibling with its
+    /// code (`Verifier::create`).
     pub async fn start(
         &self,
         client: ClientId,
@@ -486,38 +488,40 @@ impl Verifier {
                     // A phone locked by wrong codes gets no SMS, not even its live
                     // verification's resend.
                     self.unlocked(shard, phone.as_u64(), now)?;
+                    let mut live = None;
                     if let Some(id) = shard.live.get(&(phone.as_u64(), client)).copied() {
                         let was_pending = shard.records.get(&id).is_some_and(|r| r.is_pending());
                         self.settle(shard, fx, &id, now);
                         if shard.records.get(&id).is_some_and(|r| r.is_pending()) {
-                            self.seen(shard, fx, &id, now);
-                            self.resend_if_due(shard, fx, &id, now);
-                            let view = self.view_of(shard, &id, now).ok_or(ApiError::NotFound)?;
-                            return Ok(StartStep::Existing(view));
-                        }
-                        if was_pending {
+                            // Whoever typed the number is not told the live verification's id
+                            // (it could be a stranger): they get one of their own, with the
+                            // same code, and the live one is left exactly as it is.
+                            live = Some(id);
+                        } else if was_pending {
                             // It just expired: that is written first, then the new one.
                             return Ok(StartStep::Again);
                         }
                     }
                     // The queue first (it spends nothing), then the IP, then the phone: a
                     // limit is spent only when everything before it allowed the send. The
-                    // phone's budget is the one a citizen feels, so it is spent last; repeated
-                    // presses for a live verification never get here (they return the
-                    // existing one above).
+                    // phone's budget is the one a citizen feels, so it is spent last.
                     self.admit(lane, carriers)?;
                     if !ip_spent {
                         return Ok(StartStep::SpendIp);
                     }
-                    let id = self.create(shard, fx, client, request, carriers, lane, now)?;
+                    let id = self.create(shard, fx, client, request, carriers, lane, live, now)?;
                     let view = self.view_of(shard, &id, now).ok_or(ApiError::NotFound)?;
-                    Ok(StartStep::Created(view))
+                    Ok(match live {
+                        Some(_) => StartStep::Sibling(view),
+                        None => StartStep::Created(view),
+                    })
                 })
                 .await?;
             match step {
-                StartStep::Existing(view) => {
-                    shared.metrics.started(Started::Existing);
-                    return Ok((Started::Existing, view));
+                StartStep::Sibling(view) => {
+                    shared.metrics.started(Started::Sibling);
+                    tracing::debug!(verification = %view.id, phone = %phone, client = %shared.clients.name(client), "verification started beside a live one, with its code");
+                    return Ok((Started::Sibling, view));
                 }
                 StartStep::Created(view) => {
                     shared.metrics.started(Started::Created);

@@ -23,6 +23,11 @@ use crate::verification::{
 
 impl Verifier {
     /// Creates a verification and queues its first SMS, spending one send of the phone's limit.
+    ///
+    /// With `same_code_as`, the phone's live verification of this client, the new one is a
+    /// second caller's: its own id, status and attempts, carrying the live one's code, so
+    /// whichever of their SMS arrives works in both, and neither caller can cancel or use up
+    /// the other's.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn create(
         &self,
@@ -32,13 +37,21 @@ impl Verifier {
         request: &NewVerification,
         carriers: CarrierSet,
         lane: u8,
+        same_code_as: Option<VerificationId>,
         now: Millis,
     ) -> Result<VerificationId, ApiError> {
         let shared = &*self.shared;
         let phone = request.phone;
         self.spend_phone(fx, phone.as_u64())?;
         let id = VerificationId::new_for(&phone);
-        let (_code, stored_code) = shared.keys.generate(&id, &phone);
+        let live = same_code_as.and_then(|live| Some((live, shard.records.get(&live)?)));
+        let stored_code = match live {
+            Some((live, record)) if record.is_pending() => {
+                let code = shared.keys.unseal(&live, &phone, &record.code);
+                shared.keys.store(&id, &phone, &code)
+            }
+            _ => shared.keys.generate(&id, &phone).1,
+        };
         let extras = (request.locale.is_some()
             || request.web_origin_host.is_some()
             || request.app_hash.is_some())
@@ -672,33 +685,6 @@ impl Verifier {
         fx.notify(id);
         self.announce(shard, fx, id, EventKind::Expired, now);
         self.ended(Ended::Expired);
-    }
-
-    /// Queues the same code again if the verification's resend cooldown has passed (a start
-    /// request for a phone that already has a live verification).
-    pub(super) fn resend_if_due(
-        &self,
-        shard: &mut Shard,
-        fx: &mut Effects,
-        id: &VerificationId,
-        now: Millis,
-    ) {
-        let Some(record) = shard.records.get(id) else {
-            return;
-        };
-        if now < record.resend_after_ms || record.delivery == DeliveryState::Queued {
-            return;
-        }
-        // A full queue leaves the verification as it is, and spends no limit.
-        if self.shared.backend.queue_is_full() {
-            return;
-        }
-        let phone = record.phone.as_u64();
-        if self.spend_phone(fx, phone).is_err() {
-            return;
-        }
-        // A full queue leaves the verification as it is; the frontend may resend later.
-        let _ = self.queue_resend(shard, fx, id, now);
     }
 
     fn queue_resend(
