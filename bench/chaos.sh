@@ -32,7 +32,8 @@
 # is still there until another took it over after CLAIM_AFTER_SECS and sent it), or until
 # nothing moved for STALL_SECS (20), or DRAIN_MAX_SECS (180) passed.
 #
-# It prints, per case: starts accepted (and failed, retried, replayed), SMS delivered (distinct
+# It prints, per case: starts accepted (and failed, retried, replayed), how long a start took
+# with its retries (p50, p99, the slowest), SMS delivered (distinct
 # verifications, or numbers on SMPP), lost (accepted starts whose SMS never arrived; target 0),
 # SMS for starts not counted accepted, duplicates (SMS beyond the first per verification or
 # number) against their bound, the kills and the Redis restart, the jobs taken over from dead
@@ -391,7 +392,9 @@ run_case() {
     local bound=$((KILLS * WINDOW)) jobs_taken times_taken total_secs
     read -r jobs_taken times_taken < <(takeovers)
     total_secs=$(awk -v a="$started_micros" -v b="$last_micros" 'BEGIN { printf "%.1f", (b > a) ? (b - a) / 1e6 : 0 }')
-    R[$CASE.accepted]="$n_accepted of $COUNT ($(jq -r '"failed \(.failed) \(.failed_by), retried \(.retried), replayed \(.replayed), slowest start \(.slowest_start_secs) s"' <<<"$load"))"
+    R[$CASE.accepted]="$n_accepted of $COUNT ($(jq -r '"failed \(.failed) \(.failed_by), retried \(.retried), replayed \(.replayed)"' <<<"$load"))"
+    R[$CASE.start_secs]=$(jq -r '"p50 \(.start_secs_p50) s, p99 \(.start_secs_p99) s, slowest \(.slowest_start_secs) s; \(.starts_over_5s) took 5 s or more"' <<<"$load")
+    R[$CASE.slow]=$(grep '^slow start' "$WORK_DIR/$CASE-load.err" | head -n 3 | paste -sd ';' || true)
     R[$CASE.attempts]=$(jq -c .attempts_by_outcome <<<"$load")
     R[$CASE.delivered]="$delivered accepted starts got their SMS ($sms SMS received, $distinct distinct $(
         [[ "$CASE" == http ]] && echo verifications || echo numbers))"
@@ -451,6 +454,8 @@ for case_name in "${CASES[@]}"; do
     printf '%-30s %s\n' \
         "starts accepted (202)" "${R[$case_name.accepted]}" \
         "attempts by outcome" "${R[$case_name.attempts]}" \
+        "start time, retries included" "${R[$case_name.start_secs]}" \
+        "slowest starts" "${R[$case_name.slow]:--}" \
         "SMS delivered" "${R[$case_name.delivered]}" \
         "lost" "${R[$case_name.lost]}" \
         "SMS for starts not accepted" "${R[$case_name.extra]}" \

@@ -17,7 +17,8 @@ Accepted (202) starts are written to --ids, one line `INDEX PHONE VERIFICATION_I
 --progress holds the number accepted so far, rewritten every half second. At the end one JSON
 line on stdout: accepted, failed (by last status or error), retried (starts that took more than
 one attempt), replayed (answers with `Idempotent-Replayed: true`), attempts by outcome, the
-slowest start (retries included) and the elapsed time.
+time a start took until accepted, retries included (p50, p99, the slowest, and how many took 5 s
+or more; the first five of those are listed on stderr with their attempts) and the elapsed time.
 Loopback only: every target must be http://127.x.y.z:PORT.
 """
 
@@ -35,6 +36,9 @@ FIRST_NATIONAL_NUMBER = 3_200_000_000
 REQUEST_TIMEOUT_SECS = 5.0
 MAX_BACKOFF_SECS = 0.5
 MAX_DEADLINE_SECS = 1800
+# Accepted starts that took this long are counted, and the first few listed on stderr.
+SLOW_START_SECS = 5.0
+SLOW_STARTS_SHOWN = 5
 
 
 def parse_args():
@@ -84,6 +88,9 @@ class Run:
         self.failed = collections.Counter()
         self.attempts = collections.Counter()
         self.slowest = 0.0
+        # Seconds each accepted start took, retries included.
+        self.took = []
+        self.slow_shown = 0
         self.lines = []
 
     def take(self):
@@ -141,21 +148,30 @@ class Worker:
         began = time.monotonic()
         give_up = min(began + args.start_timeout, run.deadline)
         attempt = 0
+        outcomes = []
         while True:
             target = args.targets[(index + attempt) % len(args.targets)]
             attempt += 1
             outcome, status, response, payload = self.post(target, body, key)
+            outcomes.append(outcome)
             with run.lock:
                 run.attempts[outcome] += 1
             if status == 202:
                 verification = json.loads(payload)["id"]
                 replayed = response.getheader("Idempotent-Replayed") == "true"
+                took = time.monotonic() - began
                 with run.lock:
                     run.accepted += 1
                     run.replayed += replayed
                     run.retried += attempt > 1
-                    run.slowest = max(run.slowest, time.monotonic() - began)
+                    run.slowest = max(run.slowest, took)
+                    run.took.append(took)
                     run.lines.append(f"{index} {phone} {verification} {attempt}\n")
+                    if took >= SLOW_START_SECS and run.slow_shown < SLOW_STARTS_SHOWN:
+                        run.slow_shown += 1
+                        counts = collections.Counter(outcomes)
+                        print(f"slow start {index}: {took:.1f} s, attempts {dict(counts)}",
+                              file=sys.stderr)
                 return
             retry = status is None or status in (409, 429) or status >= 500
             now = time.monotonic()
@@ -181,6 +197,14 @@ class Worker:
             if due > now:
                 time.sleep(due - now)
             self.start(index)
+
+
+def percentile(values, share):
+    """The value below which `share` of `values` fall (nearest rank), or None."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(share * len(ordered)))], 3)
 
 
 def write_progress(run, path, stop):
@@ -219,7 +243,10 @@ def main():
             "retried": run.retried,
             "replayed": run.replayed,
             "attempts_by_outcome": dict(run.attempts),
+            "start_secs_p50": percentile(run.took, 0.50),
+            "start_secs_p99": percentile(run.took, 0.99),
             "slowest_start_secs": round(run.slowest, 3),
+            "starts_over_5s": sum(took >= SLOW_START_SECS for took in run.took),
             "elapsed_secs": round(elapsed, 2),
         }
     print(json.dumps(summary))
