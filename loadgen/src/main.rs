@@ -230,9 +230,9 @@ async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
             let file = tokio::fs::File::create(path)
                 .await
                 .with_context(|| format!("smsc: cannot create {}", path.display()))?;
-            let (sender, receiver) = tokio::sync::mpsc::channel(MESSAGES_FILE_QUEUE);
+            let (sender, receiver) = tokio::sync::mpsc::channel(smsc::MESSAGES_FILE_QUEUE);
             settings.messages = Some(sender);
-            Some(tokio::spawn(write_messages(
+            Some(tokio::spawn(smsc::write_messages_file(
                 file,
                 receiver,
                 written_done.clone(),
@@ -267,50 +267,4 @@ async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
     }
     println!("{}", serde_json::to_string(&summary)?);
     Ok(ExitCode::SUCCESS)
-}
-
-/// Messages waiting to be written to `loadgen smsc --messages-file`; one that finds it full is
-/// left out of the file (and the summary's `messages` says so).
-const MESSAGES_FILE_QUEUE: usize = 1 << 16;
-
-/// Writes one line `UNIX_MICROS DESTINATION` for every message the simulator hands over,
-/// flushed whenever none is waiting so that a reader sees each one soon, until `done` fires
-/// and what is queued has been written. Returns the lines written.
-async fn write_messages(
-    file: tokio::fs::File,
-    mut messages: tokio::sync::mpsc::Receiver<loadgen::carriers::smsc::SmscMessage>,
-    done: tokio_util::sync::CancellationToken,
-) -> std::io::Result<u64> {
-    use tokio::io::AsyncWriteExt;
-    let mut out = tokio::io::BufWriter::new(file);
-    let mut written = 0;
-    loop {
-        let message = tokio::select! {
-            biased;
-            message = messages.recv() => message,
-            () = done.cancelled() => None,
-        };
-        let Some(message) = message else {
-            break;
-        };
-        out.write_all(message_line(&message).as_bytes()).await?;
-        written += 1;
-        if messages.is_empty() {
-            out.flush().await?;
-        }
-    }
-    while let Ok(message) = messages.try_recv() {
-        out.write_all(message_line(&message).as_bytes()).await?;
-        written += 1;
-    }
-    out.flush().await?;
-    Ok(written)
-}
-
-/// `UNIX_MICROS DESTINATION\n`: the moment it was written and the number it went to.
-fn message_line(message: &loadgen::carriers::smsc::SmscMessage) -> String {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_micros());
-    format!("{micros} {}\n", message.destination)
 }
