@@ -269,3 +269,22 @@ wait_for_sink() {
 rss_kb() {
     awk '$1 == "VmRSS:" { print $2 }' "/proc/$1/status"
 }
+
+# Installs redis-server and redis-cli from Debian's packages when either is missing.
+ensure_redis() {
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        apt_install redis-server redis-tools
+    fi
+}
+
+# Prints the entries left in the SMS streams on the Redis at REDIS_PORT: the sum of XLEN over the
+# keys otp:*:q:* (one stream per hash-tag group and lane; an entry is deleted once its SMS is sent).
+redis_backlog() {
+    local key len total=0
+    while read -r key; do
+        [[ -n "$key" ]] || continue
+        len=$(redis-cli -p "$REDIS_PORT" XLEN "$key")
+        total=$((total + len))
+    done < <(redis-cli -p "$REDIS_PORT" --scan --pattern 'otp:*:q:*')
+    echo "$total"
+}

@@ -43,13 +43,6 @@ SINK_WAIT_MAX_SECS=120
 
 ((CONNECTIONS >= 2)) || die "CONNECTIONS must be at least 2 (it is split over two wrk processes)"
 
-# Installs redis-server and redis-cli from Debian's packages when either is missing.
-ensure_redis() {
-    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-        apt_install redis-server redis-tools
-    fi
-}
-
 # Starts a fresh redis-server on a free loopback port, stopping the one started before if any,
 # waits until it answers PING, and sets REDIS_PID and REDIS_PORT.
 REDIS_PID=""
@@ -74,18 +67,6 @@ start_redis() {
     done
     tail -n 20 "$WORK_DIR/redis-$REDIS_PORT.log" >&2
     die "redis-server did not answer PING on port $REDIS_PORT within 10 s"
-}
-
-# Prints the entries left in the SMS streams on the current Redis: the sum of XLEN over the keys
-# otp:*:q:* (one stream per hash-tag group and lane; an entry is deleted once its SMS is sent).
-redis_backlog() {
-    local key len total=0
-    while read -r key; do
-        [[ -n "$key" ]] || continue
-        len=$(redis-cli -p "$REDIS_PORT" XLEN "$key")
-        total=$((total + len))
-    done < <(redis-cli -p "$REDIS_PORT" --scan --pattern 'otp:*:q:*')
-    echo "$total"
 }
 
 # Waits up to DRAIN_SECS for the SMS streams to empty and sets BACKLOG to what is left in them.

@@ -233,4 +233,10 @@ pub struct SmscArgs {
     /// How receipts quote the message id: `short` (lower case, no leading zeros) or `same`.
     #[arg(long, env = "LOADGEN_RECEIPT_IDS", value_enum, default_value = "short")]
     pub receipt_ids: crate::carriers::ReceiptIds,
+
+    /// Appends one line `UNIX_MICROS DESTINATION` to this file for every whole message, as
+    /// it arrives (a message that arrives twice is listed twice), so a benchmark can tell
+    /// which numbers got their SMS; the text (which holds the code) is not written.
+    #[arg(long, env = "LOADGEN_MESSAGES_FILE")]
+    pub messages_file: Option<std::path::PathBuf>,
 }

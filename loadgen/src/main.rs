@@ -224,6 +224,22 @@ async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
     );
     let mut settings = SmscSettings::from_carrier(&carrier, std::time::Instant::now());
     settings.capacity_rule = args.capacity_rule;
+    let written_done = tokio_util::sync::CancellationToken::new();
+    let writer = match &args.messages_file {
+        Some(path) => {
+            let file = tokio::fs::File::create(path)
+                .await
+                .with_context(|| format!("smsc: cannot create {}", path.display()))?;
+            let (sender, receiver) = tokio::sync::mpsc::channel(smsc::MESSAGES_FILE_QUEUE);
+            settings.messages = Some(sender);
+            Some(tokio::spawn(smsc::write_messages_file(
+                file,
+                receiver,
+                written_done.clone(),
+            )))
+        }
+        None => None,
+    };
     let stop = tokio_util::sync::CancellationToken::new();
     let network = std::sync::Arc::new(loadgen::carriers::Network::without_users());
     let smsc = smsc::start(settings, network, stop.clone())
@@ -235,6 +251,20 @@ async fn run_smsc(args: SmscArgs) -> anyhow::Result<ExitCode> {
         () = tokio::time::sleep(std::time::Duration::from_secs(args.duration_secs)) => {}
     }
     stop.cancel();
-    println!("{}", serde_json::to_string(&smsc.summary())?);
+    let summary = smsc.summary();
+    if let Some(writer) = writer {
+        written_done.cancel();
+        let written = writer
+            .await
+            .context("smsc: the messages file writer failed")?
+            .context("smsc: cannot write the messages file")?;
+        if written != summary.messages {
+            eprintln!(
+                "smsc: the messages file lists {written} of {} messages (its queue was full)",
+                summary.messages
+            );
+        }
+    }
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(ExitCode::SUCCESS)
 }

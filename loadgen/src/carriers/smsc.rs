@@ -227,6 +227,56 @@ impl SimSmsc {
     }
 }
 
+/// Messages waiting to be written by [`write_messages_file`] (`loadgen smsc --messages-file`);
+/// one that finds the channel full is left out of the file (the summary's `messages` has it).
+pub const MESSAGES_FILE_QUEUE: usize = 1 << 16;
+
+/// Writes one line `UNIX_MICROS DESTINATION` to `file` for every message on `messages` (a
+/// simulator's [`SmscSettings::messages`]); the text, which holds the code, is left out. Lines are
+/// flushed whenever none is waiting so that a reader sees each one soon, until `done` fires
+/// and what is queued has been written (or every sender is gone). Returns the lines written.
+///
+/// # Errors
+///
+/// Writing to the file failed.
+pub async fn write_messages_file(
+    file: tokio::fs::File,
+    mut messages: mpsc::Receiver<SmscMessage>,
+    done: CancellationToken,
+) -> std::io::Result<u64> {
+    let mut out = tokio::io::BufWriter::new(file);
+    let mut written = 0;
+    loop {
+        let message = tokio::select! {
+            biased;
+            message = messages.recv() => message,
+            () = done.cancelled() => None,
+        };
+        let Some(message) = message else {
+            break;
+        };
+        out.write_all(message_line(&message).as_bytes()).await?;
+        written += 1;
+        if messages.is_empty() {
+            out.flush().await?;
+        }
+    }
+    while let Ok(message) = messages.try_recv() {
+        out.write_all(message_line(&message).as_bytes()).await?;
+        written += 1;
+    }
+    out.flush().await?;
+    Ok(written)
+}
+
+/// `UNIX_MICROS DESTINATION\n`: the moment it was written and the number it went to.
+fn message_line(message: &SmscMessage) -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros());
+    format!("{micros} {}\n", message.destination)
+}
+
 /// The rate between the 10% and the 90% marks of `at` (microseconds, in arrival order).
 fn steady_rate(at: &[u64]) -> Option<f64> {
     if at.len() < 10 {

@@ -727,3 +727,44 @@ async fn a_lost_receipt_is_never_sent_but_the_sms_arrives() {
     assert!(next.is_err(), "{next:?}");
     assert_eq!(load(&counts.smpp.deliver_sm), 0);
 }
+
+#[tokio::test]
+async fn the_messages_file_lists_each_destination_without_the_text() {
+    let (sender, receiver) = mpsc::channel(MESSAGES_FILE_QUEUE);
+    let sim = sim(|settings| settings.messages = Some(sender)).await;
+    let path = std::env::temp_dir().join(format!(
+        "loadgen-smsc-messages-{}-{}.txt",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let file = tokio::fs::File::create(&path).await.unwrap();
+    let done = CancellationToken::new();
+    let writer = tokio::spawn(write_messages_file(file, receiver, done.clone()));
+    let first = sim.network.phones.phone(1);
+    let second = sim.network.phones.phone(2);
+    let mut esme = Esme::bound(sim.smsc.local_addr()).await;
+    let part = &parts("Il tuo codice: 123456", &Coding::default())[0];
+    for to in [&first, &second, &first] {
+        esme.send(submit(to, part, false)).await;
+        assert_eq!(esme.recv().await.unwrap().status(), CommandStatus::EsmeRok);
+    }
+    // Each line is flushed as it comes, so a reader sees it before the writer stops.
+    eventually("three lines in the file", || {
+        std::fs::read_to_string(&path).is_ok_and(|listed| listed.lines().count() == 3)
+    })
+    .await;
+    done.cancel();
+    assert_eq!(writer.await.unwrap().unwrap(), 3);
+    let listed = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let destinations: Vec<&str> = listed
+        .lines()
+        .map(|line| {
+            let (micros, destination) = line.split_once(' ').unwrap();
+            assert!(micros.parse::<u64>().unwrap() > 0, "{line}");
+            destination
+        })
+        .collect();
+    assert_eq!(destinations, [&first, &second, &first]);
+    assert!(!listed.contains("123456"), "the code is never written");
+}
