@@ -148,7 +148,7 @@ struct Shared {
     ended: [Counter; 5],
     live: Gauge,
     store_up: Gauge,
-    rejections: [Counter; 7],
+    rejections: [Counter; 10],
     /// By client id; empty for the anonymous client.
     starts_without_citizen_ip: Vec<Counter>,
     limiter_keys: [Gauge; 2],
@@ -570,6 +570,9 @@ impl Metrics {
             "resend_cooldown",
             "country",
             "country_rate",
+            "prefix_rate",
+            "budget",
+            "fraud_guard",
         ]
         .iter()
         .map(|limit| {

@@ -28,6 +28,8 @@ pub struct RawLimits {
     pub phone_sends: Option<Vec<RawRule>>,
     pub ip_sends: Option<Vec<RawRule>>,
     pub country_sends: Option<Vec<RawRule>>,
+    pub prefix_sends: Option<Vec<RawRule>>,
+    pub prefix_digits: Option<u8>,
     pub ipv6_prefix: Option<u8>,
     pub failed_checks_per_phone: Option<RawRule>,
     pub countries: Option<Vec<String>>,
@@ -67,6 +69,12 @@ pub struct Limits {
     /// Verifications started per phone country (region), whatever the client: a velocity limit
     /// against SMS pumping, where a fraudster sends codes to ranges that pay them back.
     pub country_sends: Vec<Rule>,
+    /// Verifications started per number prefix ([`Limits::prefix_digits`]), whatever the client:
+    /// slows a fraudster walking a premium range while the rest of the country is untouched.
+    pub prefix_sends: Vec<Rule>,
+    /// How many leading digits of the E.164 number (country code included) make its prefix for
+    /// `prefix_sends`; never more than all but the last four digits of a number.
+    pub prefix_digits: u8,
     /// IPv6 addresses count against `ip_sends` by their first this many bits: a subscriber
     /// commonly holds a whole /64 and can pick a fresh address in it for every request.
     pub ipv6_prefix: u8,
@@ -182,6 +190,21 @@ impl RawLimits {
             "limits.country_sends",
             self.country_sends.unwrap_or_default(),
         )?;
+        // A 7-digit prefix is a block of 10,000 to 1,000,000 numbers (an operator's range):
+        // 600 an hour is many times what a national sign-up rush brings to one block, and
+        // still slows a walk through a premium range to one SMS every six seconds.
+        let default_prefix = vec![RawRule {
+            max: 600,
+            per_secs: 3600,
+        }];
+        let prefix_sends = rules(
+            "limits.prefix_sends",
+            self.prefix_sends.unwrap_or(default_prefix),
+        )?;
+        let prefix_digits = self.prefix_digits.unwrap_or(7);
+        if !(4..=12).contains(&prefix_digits) {
+            return invalid("limits.prefix_digits", "must be between 4 and 12");
+        }
         let ipv6_prefix = self.ipv6_prefix.unwrap_or(64);
         if !(32..=128).contains(&ipv6_prefix) {
             return invalid("limits.ipv6_prefix", "must be between 32 and 128");
@@ -199,6 +222,8 @@ impl RawLimits {
             phone_sends,
             ip_sends,
             country_sends,
+            prefix_sends,
+            prefix_digits,
             ipv6_prefix,
             failed_checks_per_phone,
             countries,

@@ -50,6 +50,8 @@ struct Shared {
     countries: crate::phone::CountryAllowList,
     /// IPv6 citizen addresses are limited by their first this many bits.
     ipv6_prefix: u8,
+    /// A number's first this many digits are its prefix (`prefix_sends`).
+    prefix_digits: u8,
     backend: Backend,
     queue: Queue,
     keys: CodeKeys,
@@ -235,6 +237,7 @@ impl Verifier {
                 failed_checks_rule: config.limits.failed_checks_per_phone,
                 countries: config.limits.countries.clone(),
                 ipv6_prefix: config.limits.ipv6_prefix,
+                prefix_digits: config.limits.prefix_digits,
                 backend,
                 queue,
                 keys: CodeKeys::new(&secret, config.verification.code_length),
@@ -475,10 +478,10 @@ impl Verifier {
         let lane = shared.clients.priority(client);
         // With no IP rule, or no citizen address to count, there is nothing to spend between
         // reading and writing: one round.
-        // The IP's and the country's limits are spent between the start's two rounds, only
-        // when nothing before them refused it.
+        // The IP's, the country's and the prefix's limits are spent between the start's two
+        // rounds, only when nothing before them refused it.
         let mut ip_spent = (!shared.backend.has_ip_rules() || request.ip.is_none())
-            && !shared.backend.has_country_rules();
+            && !shared.backend.has_destination_rules();
         for _ in 0..START_ROUNDS {
             let step = shared
                 .backend
@@ -533,7 +536,10 @@ impl Verifier {
                         }
                     }
                     let country = crate::ratelimit::country_key(request.region);
-                    if let Some(rejection) = shared.backend.limit_country(&country).await? {
+                    let prefix = crate::ratelimit::prefix_key(&phone, shared.prefix_digits);
+                    if let Some(rejection) =
+                        shared.backend.limit_destination(&country, &prefix).await?
+                    {
                         return Err(self.rejected(rejection));
                     }
                     ip_spent = true;

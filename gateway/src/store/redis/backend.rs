@@ -388,26 +388,48 @@ impl RedisBackend {
         }))
     }
 
-    pub async fn limit_country(&self, country: &str) -> Result<Option<Rejection>, ApiError> {
-        let rules = self.limiters.country_rules();
-        if rules.is_empty() {
+    /// Spends one verification of the phone country's and the number prefix's velocity
+    /// limits, all or nothing; `Some` when one refused.
+    pub async fn limit_destination(
+        &self,
+        country: &str,
+        prefix: &str,
+    ) -> Result<Option<Rejection>, ApiError> {
+        let country_rules = self.limiters.country_rules();
+        let prefix_rules = self.limiters.prefix_rules();
+        if country_rules.is_empty() && prefix_rules.is_empty() {
             return Ok(None);
         }
         let limited = self
             .store
-            .limit_country(country, &rules, self.clock.advanced_ms())
+            .limit_destination(
+                country,
+                prefix,
+                &country_rules,
+                &prefix_rules,
+                self.clock.advanced_ms(),
+            )
             .await
             .map_err(unavailable)?;
-        Ok(limited.map(|(rule, retry_after)| Rejection {
-            limit: LimitKind::CountryRate,
-            rule: rules[rule.min(rules.len() - 1)],
-            retry_after,
+        Ok(limited.map(|(rule, retry_after)| {
+            let (limit, rule) = match rule.checked_sub(country_rules.len()) {
+                None => (LimitKind::CountryRate, country_rules[rule]),
+                Some(rule) => (
+                    LimitKind::PrefixRate,
+                    prefix_rules[rule.min(prefix_rules.len() - 1)],
+                ),
+            };
+            Rejection {
+                limit,
+                rule,
+                retry_after,
+            }
         }))
     }
 
-    /// Whether a start spends a country's limit between its two reads.
-    pub fn has_country_rules(&self) -> bool {
-        !self.limiters.country_rules().is_empty()
+    /// Whether a start spends a country's or a prefix's limit between its two reads.
+    pub fn has_destination_rules(&self) -> bool {
+        !self.limiters.country_rules().is_empty() || !self.limiters.prefix_rules().is_empty()
     }
 
     /// Whether a start must spend the IP's limit between its two reads.

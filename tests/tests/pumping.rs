@@ -1,0 +1,83 @@
+//! Defences against SMS pumping (toll fraud), end to end: velocity limits per number prefix,
+//! SMS budgets per client and per country, the conversion monitor (fraud guard), and the
+//! counts by country on `/metrics`.
+//!
+//! Test numbers are Italian mobiles from `tests::phone` (`+39333` and seven digits), so with
+//! the default 7-digit prefix `phone(0)` … `phone(99_999)` share the prefix `3933300`.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::{Answer, FakeCarrier, Gateway, phone};
+
+/// Upper bound on any wait for the gateway to reach a state; never a fixed delay.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A gateway with a fast fake carrier, a 50 ms sweeper and `extra` config.
+async fn gateway_with(extra: &str) -> (Gateway, FakeCarrier) {
+    let carrier = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 50\n{extra}\n{}",
+        carrier.config("alpha", 1000, 10)
+    );
+    (Gateway::start(&config).await, carrier)
+}
+
+/// Starts a verification for `number` on behalf of the citizen at `client_ip`, with `key`.
+async fn start(gateway: &Gateway, number: &str, client_ip: &str, key: Option<&str>) -> Answer {
+    let body: Value = json!({ "phone": number, "client_ip": client_ip });
+    let bearer = key.map(|key| format!("Bearer {key}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|value| ("authorization", value.as_str()))
+        .collect();
+    gateway
+        .request(
+            http::Method::POST,
+            "/v1/verifications",
+            Some(body.to_string().into_bytes()),
+            &headers,
+        )
+        .await
+}
+
+/// How many requests `limit` has turned away.
+async fn rejections(gateway: &Gateway, limit: &str) -> f64 {
+    gateway
+        .registered_metric(&format!(
+            "otpgate_ratelimit_rejections_total{{limit=\"{limit}\"}}"
+        ))
+        .await
+}
+
+/// A 429 with this code and a `Retry-After`.
+fn assert_refused(answer: &Answer, code: &str) {
+    assert_eq!(answer.status, 429, "{}", answer.text);
+    assert_eq!(answer.error_code(), code, "{}", answer.text);
+    assert!(answer.retry_after().is_some_and(|secs| secs >= 1), "{:?}", answer.headers);
+}
+
+/// Walking a range (`+39 333 00…`) meets `prefix_sends`, while a number of another range of the
+/// same country still starts; an hour later the range may send again.
+#[tokio::test]
+async fn walking_a_prefix_is_rate_limited_and_its_neighbours_are_not() {
+    let extra = "[limits]\nprefix_sends = [{ max = 3, per_secs = 3600 }]";
+    let (gateway, carrier) = gateway_with(extra).await;
+    for n in 0..3 {
+        let started = start(&gateway, &phone(501 + n), &format!("198.51.100.{n}"), None).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+    }
+    let refused = start(&gateway, &phone(504), "198.51.100.9", None).await;
+    assert_refused(&refused, "rate_limited_prefix");
+    assert_eq!(refused.header("ratelimit-policy"), Some("3;w=3600"));
+    // Another range of the same country: +39 333 12…
+    let neighbour = start(&gateway, "+393331234567", "198.51.100.10", None).await;
+    assert_eq!(neighbour.status, 202, "{}", neighbour.text);
+    carrier.wait_for(4, PATIENCE).await;
+    assert_eq!(carrier.received().len(), 4, "no SMS for the refused start");
+    assert_eq!(rejections(&gateway, "prefix_rate").await, 1.0);
+
+    gateway.clock.advance(Duration::from_secs(1200));
+    let later = start(&gateway, &phone(505), "198.51.100.11", None).await;
+    assert_eq!(later.status, 202, "a third of an hour later: {}", later.text);
+}
