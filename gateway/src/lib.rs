@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod breaker;
+pub mod budget;
 pub mod carrier;
 pub mod citizen_ip;
 pub mod clock;

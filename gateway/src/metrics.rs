@@ -149,6 +149,8 @@ struct Shared {
     live: Gauge,
     store_up: Gauge,
     rejections: [Counter; 10],
+    /// By scope (client, country), then by send (first, resend).
+    budget_refusals: [[Counter; 2]; 2],
     /// By client id; empty for the anonymous client.
     starts_without_citizen_ip: Vec<Counter>,
     limiter_keys: [Gauge; 2],
@@ -583,6 +585,19 @@ impl Metrics {
         })
         .collect();
         r.describe_counter(
+            "otpgate_sms_budget_refusals_total",
+            "SMS an SMS budget refused, by scope (client, country) and send (first: a start \
+             got 429 budget_exhausted; resend: a resend did).",
+        );
+        let budget_refusals = ["client", "country"].map(|scope| {
+            ["first", "resend"].map(|send| {
+                r.counter(
+                    "otpgate_sms_budget_refusals_total",
+                    vec![Label::new("scope", scope), Label::new("send", send)],
+                )
+            })
+        });
+        r.describe_counter(
             "otpgate_starts_without_citizen_ip_total",
             "Starts that came without the citizen's address (no client_ip) from a client whose \
              citizen_ip is \"optional\", by client: they are not limited per IP. A warning \
@@ -843,6 +858,7 @@ impl Metrics {
                 live,
                 store_up,
                 rejections: to_array(rejections),
+                budget_refusals,
                 starts_without_citizen_ip,
                 limiter_keys: to_array(limiter_keys),
                 session_extension,
@@ -907,6 +923,15 @@ impl Metrics {
 
     pub fn rejected(&self, limit: crate::ratelimit::LimitKind) {
         self.shared.rejections[limit as usize].increment(1);
+    }
+
+    /// An SMS an SMS budget refused.
+    pub fn budget_refused(
+        &self,
+        scope: crate::budget::BudgetScope,
+        send: crate::budget::BudgetedSend,
+    ) {
+        self.shared.budget_refusals[scope as usize][send as usize].increment(1);
     }
 
     /// A start of `client` not limited per IP because its citizen address was missing.

@@ -348,6 +348,7 @@ mod tests {
             country_sends: Vec::new(),
             prefix_sends: vec![rule(2, 3600)],
             prefix_digits: 7,
+            country_budgets: Vec::new(),
             ipv6_prefix: 64,
             failed_checks_per_phone: rule(100, 86_400),
             countries: CountryAllowList::default(),

@@ -54,7 +54,11 @@ async fn rejections(gateway: &Gateway, limit: &str) -> f64 {
 fn assert_refused(answer: &Answer, code: &str) {
     assert_eq!(answer.status, 429, "{}", answer.text);
     assert_eq!(answer.error_code(), code, "{}", answer.text);
-    assert!(answer.retry_after().is_some_and(|secs| secs >= 1), "{:?}", answer.headers);
+    assert!(
+        answer.retry_after().is_some_and(|secs| secs >= 1),
+        "{:?}",
+        answer.headers
+    );
 }
 
 /// Walking a range (`+39 333 00…`) meets `prefix_sends`, while a number of another range of the
@@ -79,5 +83,90 @@ async fn walking_a_prefix_is_rate_limited_and_its_neighbours_are_not() {
 
     gateway.clock.advance(Duration::from_secs(1200));
     let later = start(&gateway, &phone(505), "198.51.100.11", None).await;
-    assert_eq!(later.status, 202, "a third of an hour later: {}", later.text);
+    assert_eq!(
+        later.status, 202,
+        "a third of an hour later: {}",
+        later.text
+    );
+}
+
+/// Two clients, `portal` with an SMS budget of `budget` (TOML) and `other` without one.
+fn two_clients(budget: &str) -> String {
+    format!(
+        "[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{}\"\nsms_budget = {budget}\n\
+         [[clients]]\nname = \"other\"\napi_key_sha256 = \"{}\"\n",
+        tests::sha256_hex("k-portal"),
+        tests::sha256_hex("k-other"),
+    )
+}
+
+/// A client's budget refuses its starts once spent, and its resends too, while another client
+/// still sends; each refusal is counted by scope and send.
+#[tokio::test]
+async fn a_clients_sms_budget_refuses_once_spent_and_spares_other_clients() {
+    let (gateway, carrier) = gateway_with(&two_clients("{ max = 2, per_secs = 86400 }")).await;
+    let first = start(&gateway, &phone(601), "198.51.100.1", Some("k-portal")).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    let second = start(&gateway, &phone(602), "198.51.100.2", Some("k-portal")).await;
+    assert_eq!(second.status, 202, "{}", second.text);
+    let refused = start(&gateway, &phone(603), "198.51.100.3", Some("k-portal")).await;
+    assert_refused(&refused, "budget_exhausted");
+    assert_eq!(refused.header("ratelimit-policy"), Some("2;w=86400"));
+    let other = start(&gateway, &phone(604), "198.51.100.4", Some("k-other")).await;
+    assert_eq!(
+        other.status, 202,
+        "another client still sends: {}",
+        other.text
+    );
+    carrier.wait_for(3, PATIENCE).await;
+
+    // A resend of the portal's verification, past its cooldown, is an SMS too.
+    gateway.clock.advance(Duration::from_secs(31));
+    let path = format!("/v1/verifications/{}/resend", first.id());
+    let bearer = "Bearer k-portal";
+    let resend = gateway
+        .request(
+            http::Method::POST,
+            &path,
+            None,
+            &[("authorization", bearer)],
+        )
+        .await;
+    assert_refused(&resend, "budget_exhausted");
+    assert_eq!(
+        carrier.received().len(),
+        3,
+        "no SMS for the refused start or resend"
+    );
+    let refusals = |send: &str| {
+        format!("otpgate_sms_budget_refusals_total{{scope=\"client\",send=\"{send}\"}}")
+    };
+    assert_eq!(gateway.registered_metric(&refusals("first")).await, 1.0);
+    assert_eq!(gateway.registered_metric(&refusals("resend")).await, 1.0);
+    assert_eq!(rejections(&gateway, "budget").await, 2.0);
+
+    // The budget refills one SMS every 12 hours.
+    gateway.clock.advance(Duration::from_secs(43_200));
+    let later = start(&gateway, &phone(605), "198.51.100.5", Some("k-portal")).await;
+    assert_eq!(later.status, 202, "{}", later.text);
+    carrier.wait_for(4, PATIENCE).await;
+}
+
+/// A country's budget counts every client's SMS to its numbers; other countries are spared.
+#[tokio::test]
+async fn a_countrys_sms_budget_counts_every_clients_sms() {
+    let extra = format!(
+        "[limits]\ncountry_budgets = {{ IT = {{ max = 1, per_secs = 3600 }} }}\n{}",
+        two_clients("{ max = 100, per_secs = 3600 }")
+    );
+    let (gateway, carrier) = gateway_with(&extra).await;
+    let first = start(&gateway, &phone(611), "198.51.100.1", Some("k-portal")).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    let refused = start(&gateway, &phone(612), "198.51.100.2", Some("k-other")).await;
+    assert_refused(&refused, "budget_exhausted");
+    let british = start(&gateway, "+447911123456", "198.51.100.3", Some("k-other")).await;
+    assert_eq!(british.status, 202, "{}", british.text);
+    carrier.wait_for(2, PATIENCE).await;
+    let series = "otpgate_sms_budget_refusals_total{scope=\"country\",send=\"first\"}";
+    assert_eq!(gateway.registered_metric(series).await, 1.0);
 }

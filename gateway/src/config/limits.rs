@@ -30,6 +30,7 @@ pub struct RawLimits {
     pub country_sends: Option<Vec<RawRule>>,
     pub prefix_sends: Option<Vec<RawRule>>,
     pub prefix_digits: Option<u8>,
+    pub country_budgets: Option<std::collections::BTreeMap<String, RawRule>>,
     pub ipv6_prefix: Option<u8>,
     pub failed_checks_per_phone: Option<RawRule>,
     pub countries: Option<Vec<String>>,
@@ -75,6 +76,9 @@ pub struct Limits {
     /// How many leading digits of the E.164 number (country code included) make its prefix for
     /// `prefix_sends`; never more than all but the last four digits of a number.
     pub prefix_digits: u8,
+    /// SMS budgets per phone country (region code, or `"001"`): at most this many SMS to its
+    /// numbers, first SMS and resends, whatever the client (`crate::budget`).
+    pub country_budgets: Vec<(String, Rule)>,
     /// IPv6 addresses count against `ip_sends` by their first this many bits: a subscriber
     /// commonly holds a whole /64 and can pick a fresh address in it for every request.
     pub ipv6_prefix: u8,
@@ -205,6 +209,21 @@ impl RawLimits {
         if !(4..=12).contains(&prefix_digits) {
             return invalid("limits.prefix_digits", "must be between 4 and 12");
         }
+        let mut country_budgets = Vec::new();
+        for (region, rule) in self.country_budgets.unwrap_or_default() {
+            let key = format!("limits.country_budgets.{region}");
+            let known = region == "001"
+                || (region.len() == 2
+                    && region.bytes().all(|byte| byte.is_ascii_uppercase())
+                    && region.parse::<phonenumber::country::Id>().is_ok());
+            if !known {
+                return invalid(
+                    key,
+                    "must be an upper-case ISO 3166 alpha-2 region, or \"001\" for numbers of no region",
+                );
+            }
+            country_budgets.push((region, rule.validate(&key)?));
+        }
         let ipv6_prefix = self.ipv6_prefix.unwrap_or(64);
         if !(32..=128).contains(&ipv6_prefix) {
             return invalid("limits.ipv6_prefix", "must be between 32 and 128");
@@ -224,6 +243,7 @@ impl RawLimits {
             country_sends,
             prefix_sends,
             prefix_digits,
+            country_budgets,
             ipv6_prefix,
             failed_checks_per_phone,
             countries,
@@ -242,7 +262,7 @@ fn rules(key: &str, raw: Vec<RawRule>) -> Result<Vec<Rule>, ConfigError> {
 }
 
 impl RawRule {
-    fn validate(self, key: &str) -> Result<Rule, ConfigError> {
+    pub(super) fn validate(self, key: &str) -> Result<Rule, ConfigError> {
         let Some(max) = NonZeroU32::new(self.max) else {
             return invalid(format!("{key}.max"), "must be at least 1");
         };

@@ -369,3 +369,63 @@ fn a_clients_web_origins_and_app_hashes_are_checked() {
         );
     }
 }
+
+#[test]
+fn anti_pumping_keys_default_and_are_checked_by_name() {
+    const CARRIER: &str = "[[carriers]]\nname = \"a\"\nkind = \"http\"\n\
+                           url = \"http://127.0.0.1:9/sms\"\nfrom = \"Otp\"\n";
+    let config = Config::from_toml("").unwrap();
+    assert_eq!(config.limits.prefix_digits, 7);
+    assert_eq!(config.limits.prefix_sends.len(), 1);
+    assert_eq!(config.limits.prefix_sends[0].max.get(), 600);
+    assert!(config.limits.country_budgets.is_empty());
+    let key = "0".repeat(64);
+    let config = Config::from_toml(&format!(
+        "[limits]\nprefix_sends = []\nprefix_digits = 9\n\
+         country_budgets = {{ IT = {{ max = 5, per_secs = 60 }}, \"001\" = {{ max = 1, per_secs = 60 }} }}\n\
+         [[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\"\n\
+         sms_budget = {{ max = 10, per_secs = 3600 }}\n{CARRIER}"
+    ))
+    .unwrap();
+    assert!(config.limits.prefix_sends.is_empty());
+    assert_eq!(config.limits.prefix_digits, 9);
+    assert_eq!(config.limits.country_budgets.len(), 2);
+    assert_eq!(
+        config.clients[0].sms_budget.map(|rule| rule.max.get()),
+        Some(10)
+    );
+    let client = format!("[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\"\n");
+    for (toml, named) in [
+        (
+            "[limits]\nprefix_digits = 3".to_owned(),
+            "limits.prefix_digits",
+        ),
+        (
+            "[limits]\nprefix_digits = 13".to_owned(),
+            "limits.prefix_digits",
+        ),
+        (
+            "[limits]\nprefix_sends = [{ max = 0, per_secs = 60 }]".to_owned(),
+            "limits.prefix_sends[0].max",
+        ),
+        (
+            "[limits]\ncountry_budgets = { XX = { max = 1, per_secs = 60 } }".to_owned(),
+            "limits.country_budgets.XX",
+        ),
+        (
+            "[limits]\ncountry_budgets = { it = { max = 1, per_secs = 60 } }".to_owned(),
+            "limits.country_budgets.it",
+        ),
+        (
+            "[limits]\ncountry_budgets = { IT = { max = 1, per_secs = 0 } }".to_owned(),
+            "limits.country_budgets.IT.per_secs",
+        ),
+        (
+            format!("{client}sms_budget = {{ max = 0, per_secs = 60 }}\n{CARRIER}"),
+            "clients[0].sms_budget.max",
+        ),
+    ] {
+        let error = Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(error.contains(named), "{toml}: {error}");
+    }
+}

@@ -207,6 +207,23 @@ impl Backend {
         }
     }
 
+    /// Spends one SMS of every budget in `budgets` (`crate::budget`), or none; `Some` when one
+    /// refused. The embedded back-end keeps the buckets in `held`; Redis keeps them shared.
+    pub async fn spend_budgets(
+        &self,
+        held: &crate::budget::Budgets,
+        budgets: &[crate::budget::BudgetKey],
+        now: Millis,
+    ) -> Result<Option<crate::budget::BudgetRefusal>, ApiError> {
+        if budgets.is_empty() {
+            return Ok(None);
+        }
+        match self {
+            Backend::Embedded(_) => Ok(held.spend_here(budgets, now).err()),
+            Backend::Redis(redis) => redis.spend_budgets(budgets).await,
+        }
+    }
+
     /// Whether a new verification spends an IP limit (else a start needs one round, not two).
     pub fn has_ip_rules(&self) -> bool {
         match self {

@@ -52,6 +52,8 @@ struct Shared {
     ipv6_prefix: u8,
     /// A number's first this many digits are its prefix (`prefix_sends`).
     prefix_digits: u8,
+    /// SMS budgets per client and per country (their buckets too, on the embedded back-end).
+    budgets: crate::budget::Budgets,
     backend: Backend,
     queue: Queue,
     keys: CodeKeys,
@@ -238,6 +240,7 @@ impl Verifier {
                 countries: config.limits.countries.clone(),
                 ipv6_prefix: config.limits.ipv6_prefix,
                 prefix_digits: config.limits.prefix_digits,
+                budgets: crate::budget::Budgets::new(&config.clients, &config.limits),
                 backend,
                 queue,
                 keys: CodeKeys::new(&secret, config.verification.code_length),
@@ -480,8 +483,11 @@ impl Verifier {
         // reading and writing: one round.
         // The IP's, the country's and the prefix's limits are spent between the start's two
         // rounds, only when nothing before them refused it.
+        let country = crate::ratelimit::country_key(request.region);
+        let budgets = shared.budgets.keys_for(client, &country);
         let mut ip_spent = (!shared.backend.has_ip_rules() || request.ip.is_none())
-            && !shared.backend.has_destination_rules();
+            && !shared.backend.has_destination_rules()
+            && budgets.is_empty();
         for _ in 0..START_ROUNDS {
             let step = shared
                 .backend
@@ -535,13 +541,15 @@ impl Verifier {
                             return Err(self.rejected(rejection));
                         }
                     }
-                    let country = crate::ratelimit::country_key(request.region);
                     let prefix = crate::ratelimit::prefix_key(&phone, shared.prefix_digits);
                     if let Some(rejection) =
                         shared.backend.limit_destination(&country, &prefix).await?
                     {
                         return Err(self.rejected(rejection));
                     }
+                    // The budgets last: they are money, spent only on an SMS that goes.
+                    self.spend_budgets(&budgets, crate::budget::BudgetedSend::First)
+                        .await?;
                     ip_spent = true;
                 }
             }
@@ -630,14 +638,55 @@ impl Verifier {
             .await
     }
 
-    /// Sends the same code again, once the cooldown has passed.
+    /// Sends the same code again, once the cooldown has passed. With SMS budgets, a resend
+    /// that everything else allows spends them between two rounds, then is written.
     pub async fn resend(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
-        self.shared
+        let shared = &*self.shared;
+        let mut budget_spent = !shared.budgets.is_configured();
+        for _ in 0..2 {
+            let resent = shared
+                .backend
+                .run(Keys::checking(*id), |shard, fx, now| {
+                    self.resend_in(shard, fx, client, id, budget_spent, now)
+                })
+                .await?;
+            match resent {
+                rules::Resent::Done(view) => return Ok(view),
+                rules::Resent::NeedsBudget(phone) => {
+                    let region = Phone::parse(&phone.e164())
+                        .ok()
+                        .and_then(|(_, region)| region);
+                    let country = crate::ratelimit::country_key(region);
+                    let budgets = shared.budgets.keys_for(client, &country);
+                    self.spend_budgets(&budgets, crate::budget::BudgetedSend::Resend)
+                        .await?;
+                    budget_spent = true;
+                }
+            }
+        }
+        Err(ApiError::StoreUnavailable)
+    }
+
+    /// Spends one SMS of `budgets`; a refusal is counted and becomes `429 budget_exhausted`.
+    async fn spend_budgets(
+        &self,
+        budgets: &[crate::budget::BudgetKey],
+        send: crate::budget::BudgetedSend,
+    ) -> Result<(), ApiError> {
+        let shared = &*self.shared;
+        let refused = shared
             .backend
-            .run(Keys::checking(*id), |shard, fx, now| {
-                self.resend_in(shard, fx, client, id, now)
-            })
-            .await
+            .spend_budgets(&shared.budgets, budgets, shared.clock.now_ms())
+            .await?;
+        let Some(refused) = refused else {
+            return Ok(());
+        };
+        shared.metrics.budget_refused(refused.scope, send);
+        Err(self.rejected(crate::ratelimit::Rejection {
+            limit: LimitKind::Budget,
+            rule: refused.rule,
+            retry_after: refused.retry_after,
+        }))
     }
 
     /// Cancels a pending verification.

@@ -21,6 +21,15 @@ use crate::verification::{
     DeliveryState, EventKind, Extras, FailureReason, Status, Verification, View,
 };
 
+/// What a resend did.
+#[derive(Debug)]
+pub(super) enum Resent {
+    Done(View),
+    /// Everything allows the resend but the SMS budgets, not spent yet: spend them, then run
+    /// again. Nothing was written.
+    NeedsBudget(crate::phone::Phone),
+}
+
 impl Verifier {
     /// Creates a verification and queues its first SMS, spending one send of the phone's limit.
     #[allow(clippy::too_many_arguments)]
@@ -186,8 +195,9 @@ impl Verifier {
         fx: &mut Effects,
         client: ClientId,
         id: &VerificationId,
+        budget_spent: bool,
         now: Millis,
-    ) -> Result<View, ApiError> {
+    ) -> Result<Resent, ApiError> {
         let shared = &*self.shared;
         self.owned(shard, client, id)?;
         self.settle(shard, fx, id, now);
@@ -212,10 +222,14 @@ impl Verifier {
             }
             let phone = record.phone.as_u64();
             self.unlocked(shard, phone, now)?;
+            if !budget_spent {
+                return Ok(Resent::NeedsBudget(record.phone));
+            }
             self.spend_phone(fx, phone)?;
             self.queue_resend(shard, fx, id, now)?;
         }
-        self.view_of(shard, id, now).ok_or(ApiError::NotFound)
+        let view = self.view_of(shard, id, now).ok_or(ApiError::NotFound)?;
+        Ok(Resent::Done(view))
     }
 
     pub(super) fn cancel_in(

@@ -427,6 +427,26 @@ impl RedisBackend {
         }))
     }
 
+    /// Spends one SMS of every budget in `budgets`, all or nothing, on Redis's clock.
+    pub async fn spend_budgets(
+        &self,
+        budgets: &[crate::budget::BudgetKey],
+    ) -> Result<Option<crate::budget::BudgetRefusal>, ApiError> {
+        let refused = self
+            .store
+            .spend_budgets(budgets, self.clock.advanced_ms())
+            .await
+            .map_err(unavailable)?;
+        Ok(refused.map(|(index, retry_after)| {
+            let budget = &budgets[index.min(budgets.len() - 1)];
+            crate::budget::BudgetRefusal {
+                scope: budget.scope,
+                rule: budget.rule,
+                retry_after,
+            }
+        }))
+    }
+
     /// Whether a start spends a country's or a prefix's limit between its two reads.
     pub fn has_destination_rules(&self) -> bool {
         !self.limiters.country_rules().is_empty() || !self.limiters.prefix_rules().is_empty()

@@ -60,6 +60,17 @@ impl RedisStore {
         self.limit(key, &rules, clock_offset_ms).await
     }
 
+    /// Spends one SMS of every budget in `budgets`, or none; the index of the one that refused.
+    pub async fn spend_budgets(
+        &self,
+        budgets: &[crate::budget::BudgetKey],
+        clock_offset_ms: i64,
+    ) -> Result<Option<(usize, Duration)>, StoreError> {
+        let key = |keys: &Keys, index: usize| keys.budget(&budgets[index]);
+        let rules: Vec<Rule> = budgets.iter().map(|budget| budget.rule).collect();
+        self.limit(key, &rules, clock_offset_ms).await
+    }
+
     /// Spends one send of `rules`, the key of each rule by its index.
     async fn limit(
         &self,
