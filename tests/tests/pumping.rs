@@ -170,3 +170,123 @@ async fn a_countrys_sms_budget_counts_every_clients_sms() {
     let series = "otpgate_sms_budget_refusals_total{scope=\"country\",send=\"first\"}";
     assert_eq!(gateway.registered_metric(series).await, 1.0);
 }
+
+/// A fraud guard that judges after five endings, blocks under 10% for ten minutes and slows
+/// under 30%.
+const GUARD: &str = "[fraud_guard]\nmin_volume = 5\nblock_below = 0.1\nslow_below = 0.3\n\
+                     cool_off_secs = 600\nslowed_sends = { max = 1, per_secs = 600 }\n";
+
+/// Starts `number` and waits for its SMS to be accepted; returns the verification id.
+async fn sent(gateway: &Gateway, carrier: &FakeCarrier, number: &str, n: usize) -> String {
+    let started = start(gateway, number, &format!("198.51.100.{n}"), None).await;
+    assert_eq!(started.status, 202, "{}", started.text);
+    carrier.wait_for(n + 1, PATIENCE).await;
+    started.id()
+}
+
+/// A prefix whose delivered codes are never typed is blocked (`429 fraud_suspected`, with the
+/// cool-off as `Retry-After`) while the rest of the country, which converts, still starts; after
+/// the cool-off it is slowed, not blocked. Country counts follow on `/metrics`.
+#[tokio::test]
+async fn the_fraud_guard_blocks_a_prefix_whose_codes_are_never_typed() {
+    let (gateway, carrier) = gateway_with(GUARD).await;
+    // The country converts: five approvals in +39 333 12…
+    for n in 0..5 {
+        let number = format!("+3933312000{n:02}");
+        let id = sent(&gateway, &carrier, &number, n).await;
+        let code = carrier.code_for(&number).expect("a code");
+        let checked = gateway.check(&id, &code).await;
+        assert_eq!(checked.body["valid"], true, "{}", checked.text);
+    }
+    // Five SMS to +39 333 00… that nobody types: canceled unused.
+    for n in 0..5 {
+        let id = sent(&gateway, &carrier, &phone(701 + n as u32), 5 + n).await;
+        let canceled = gateway.delete(&format!("/v1/verifications/{id}")).await;
+        assert_eq!(canceled.status, 200, "{}", canceled.text);
+    }
+    let refused = start(&gateway, &phone(710), "198.51.100.50", None).await;
+    assert_refused(&refused, "fraud_suspected");
+    let retry_after = refused.retry_after().unwrap_or_default();
+    assert!(
+        (590..=600).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    let elsewhere = start(&gateway, "+39333120099", "198.51.100.51", None).await;
+    assert_eq!(
+        elsewhere.status, 202,
+        "the rest of the country: {}",
+        elsewhere.text
+    );
+    gateway
+        .wait_for_metric("otpgate_fraud_guard_blocked{scope=\"prefix\"}", |v| {
+            v == 1.0
+        })
+        .await;
+    let country = |name: &str| format!("{name}{{country=\"IT\"}}");
+    assert_eq!(
+        gateway
+            .registered_metric(&country("otpgate_fraud_guard_refusals_total"))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gateway
+            .registered_metric(&country("otpgate_country_verifications_started_total"))
+            .await,
+        11.0
+    );
+    assert_eq!(
+        gateway
+            .registered_metric(&country("otpgate_country_verifications_approved_total"))
+            .await,
+        5.0
+    );
+    carrier.wait_for(11, PATIENCE).await;
+    gateway
+        .wait_for_metric(&country("otpgate_country_sms_sent_total"), |v| v == 11.0)
+        .await;
+    assert_eq!(
+        gateway
+            .registered_metric("otpgate_country_sms_sent_total{country=\"GB\"}")
+            .await,
+        0.0
+    );
+
+    // After the cool-off: slowed to one start per ten minutes, then refused again.
+    gateway.clock.advance(Duration::from_secs(600));
+    let probation = start(&gateway, &phone(711), "198.51.100.52", None).await;
+    assert_eq!(probation.status, 202, "{}", probation.text);
+    let slowed = start(&gateway, &phone(712), "198.51.100.53", None).await;
+    assert_refused(&slowed, "fraud_suspected");
+}
+
+/// A carrier outage collapses conversion too, but nobody received a code: those endings are
+/// not judged, and starts to the country go on.
+#[tokio::test]
+async fn the_fraud_guard_does_not_block_when_the_carrier_never_delivers() {
+    let (gateway, carrier) = gateway_with(GUARD).await;
+    carrier.script(&[tests::Reply::Status(500, None)]);
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        let started = start(&gateway, &phone(801 + n), &format!("198.51.100.{n}"), None).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        ids.push(started.id());
+    }
+    carrier.wait_for_submits(5, PATIENCE).await;
+    // Their codes run out unsent (past the code's time and the longest queueing extension).
+    gateway.clock.advance(Duration::from_secs(1600));
+    for id in &ids {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while gateway.read(id).await.body["status"] != "expired" {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} did not expire"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    carrier.script(&[tests::Reply::Accept]);
+    let after = start(&gateway, &phone(820), "198.51.100.60", None).await;
+    assert_eq!(after.status, 202, "{}", after.text);
+    assert_eq!(rejections(&gateway, "fraud_guard").await, 0.0);
+}

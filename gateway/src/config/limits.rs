@@ -262,7 +262,7 @@ fn rules(key: &str, raw: Vec<RawRule>) -> Result<Vec<Rule>, ConfigError> {
 }
 
 impl RawRule {
-    pub(super) fn validate(self, key: &str) -> Result<Rule, ConfigError> {
+    pub(crate) fn validate(self, key: &str) -> Result<Rule, ConfigError> {
         let Some(max) = NonZeroU32::new(self.max) else {
             return invalid(format!("{key}.max"), "must be at least 1");
         };

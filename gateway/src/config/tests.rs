@@ -429,3 +429,42 @@ fn anti_pumping_keys_default_and_are_checked_by_name() {
         assert!(error.contains(named), "{toml}: {error}");
     }
 }
+
+#[test]
+fn the_fraud_guard_is_on_by_default_and_its_keys_are_checked() {
+    let config = Config::from_toml("").unwrap();
+    let guard = &config.fraud_guard;
+    assert!(guard.enabled);
+    assert_eq!(guard.window, Duration::from_secs(3600));
+    assert_eq!(guard.min_volume, 50);
+    assert_eq!(guard.cool_off, Duration::from_secs(1800));
+    assert_eq!(guard.slowed_sends.max.get(), 10);
+    let config = Config::from_toml("[fraud_guard]\nenabled = false\nmin_volume = 20").unwrap();
+    assert!(!config.fraud_guard.enabled);
+    assert_eq!(config.fraud_guard.min_volume, 20);
+    for (toml, named) in [
+        ("[fraud_guard]\nmin_volume = 1", "fraud_guard.min_volume"),
+        ("[fraud_guard]\nslow_below = 1.5", "fraud_guard.slow_below"),
+        (
+            "[fraud_guard]\nblock_below = -0.1",
+            "fraud_guard.block_below",
+        ),
+        (
+            "[fraud_guard]\nblock_below = 0.5\nslow_below = 0.2",
+            "fraud_guard.block_below",
+        ),
+        ("[fraud_guard]\nwindow_secs = 10", "fraud_guard.window_secs"),
+        (
+            "[fraud_guard]\ncool_off_secs = 0",
+            "fraud_guard.cool_off_secs",
+        ),
+        (
+            "[fraud_guard]\nslowed_sends = { max = 0, per_secs = 60 }",
+            "fraud_guard.slowed_sends.max",
+        ),
+        ("[fraud_guard]\nthreshold = 1", "threshold"),
+    ] {
+        let error = Config::from_toml(toml).unwrap_err().to_string();
+        assert!(error.contains(named), "{toml}: {error}");
+    }
+}

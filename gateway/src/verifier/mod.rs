@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::carrier::OutboundSms;
-use crate::clock::Clock;
+use crate::clock::{Clock, Millis};
 use crate::config::{CarrierConfig, ClientConfig, Config, Rule, VerificationPolicy};
 use crate::delivery::Deliveries;
 use crate::error::ApiError;
+use crate::fraud_guard::GuardKey;
 use crate::ids::{CarrierId, ClientId, VerificationId};
 use crate::metrics::{Ended, Metrics, Started};
 use crate::otp::CodeKeys;
@@ -54,6 +55,9 @@ struct Shared {
     prefix_digits: u8,
     /// SMS budgets per client and per country (their buckets too, on the embedded back-end).
     budgets: crate::budget::Budgets,
+    /// The conversion monitor: this instance's view of how verifications by country and
+    /// prefix end.
+    fraud_guard: crate::fraud_guard::FraudGuard,
     backend: Backend,
     queue: Queue,
     keys: CodeKeys,
@@ -241,6 +245,10 @@ impl Verifier {
                 ipv6_prefix: config.limits.ipv6_prefix,
                 prefix_digits: config.limits.prefix_digits,
                 budgets: crate::budget::Budgets::new(&config.clients, &config.limits),
+                fraud_guard: crate::fraud_guard::FraudGuard::new(
+                    config.fraud_guard.clone(),
+                    clock.clone(),
+                ),
                 backend,
                 queue,
                 keys: CodeKeys::new(&secret, config.verification.code_length),
@@ -484,10 +492,12 @@ impl Verifier {
         // The IP's, the country's and the prefix's limits are spent between the start's two
         // rounds, only when nothing before them refused it.
         let country = crate::ratelimit::country_key(request.region);
+        let prefix = crate::ratelimit::prefix_key(&phone, shared.prefix_digits);
         let budgets = shared.budgets.keys_for(client, &country);
         let mut ip_spent = (!shared.backend.has_ip_rules() || request.ip.is_none())
             && !shared.backend.has_destination_rules()
-            && budgets.is_empty();
+            && budgets.is_empty()
+            && !shared.fraud_guard.is_enabled();
         for _ in 0..START_ROUNDS {
             let step = shared
                 .backend
@@ -530,18 +540,44 @@ impl Verifier {
                 }
                 StartStep::Created(view) => {
                     shared.metrics.started(Started::Created);
+                    shared
+                        .metrics
+                        .by_country(&country, crate::metrics::CountryEvent::Started);
                     tracing::debug!(verification = %view.id, phone = %phone, client = %shared.clients.name(client), "verification started");
                     return Ok((Started::Created, view));
                 }
                 StartStep::Again => {}
                 StartStep::SpendIp => {
+                    // A blocked destination spends nothing; a slowed one its slowed limit.
+                    let guarded = [
+                        GuardKey::Country(country.as_str().into()),
+                        GuardKey::Prefix(prefix.as_str().into()),
+                    ];
+                    if let Err(refusal) = shared.fraud_guard.admit(&guarded, shared.clock.now_ms())
+                    {
+                        shared.metrics.rejected(LimitKind::FraudGuard);
+                        shared
+                            .metrics
+                            .by_country(&country, crate::metrics::CountryEvent::GuardRefused);
+                        return Err(ApiError::RateLimited {
+                            code: "fraud_suspected",
+                            message: if refusal.blocked {
+                                "verifications to numbers of this range are paused: almost \
+                                 none are completed; try again later"
+                            } else {
+                                "verifications to numbers of this range are slowed: few are \
+                                 completed; try again later"
+                            },
+                            retry_after: refusal.retry_after,
+                            rule: None,
+                        });
+                    }
                     if let Some(ip) = request.ip {
                         let key = crate::citizen_ip::limit_key(ip, shared.ipv6_prefix);
                         if let Some(rejection) = shared.backend.limit_ip(key).await? {
                             return Err(self.rejected(rejection));
                         }
                     }
-                    let prefix = crate::ratelimit::prefix_key(&phone, shared.prefix_digits);
                     if let Some(rejection) =
                         shared.backend.limit_destination(&country, &prefix).await?
                     {
@@ -943,6 +979,9 @@ impl Verifier {
         let kept = tokio::task::spawn_blocking(move || verifier.shared.backend.housekeep(now))
             .await
             .unwrap_or_default();
+        shared
+            .metrics
+            .set_fraud_guard(shared.fraud_guard.housekeep(now));
         if let Some((phone_keys, ip_keys)) = kept.limiter_keys {
             shared.metrics.set_limiter_keys(phone_keys, ip_keys);
         }
@@ -1019,6 +1058,42 @@ impl Verifier {
             (None, None) => {}
         }
         shared.metrics.run_upkeep();
+    }
+
+    /// A verification ended: counted by country if approved, and told to the fraud guard if
+    /// its SMS reached the phone (`reached`), so that a carrier outage judges nothing.
+    fn conversion_ended(&self, phone: &Phone, reached: bool, approved: bool, now: Millis) {
+        let shared = &*self.shared;
+        if !approved && !(reached && shared.fraud_guard.is_enabled()) {
+            return;
+        }
+        let region = Phone::parse(&phone.e164())
+            .ok()
+            .and_then(|(_, region)| region);
+        let country = crate::ratelimit::country_key(region);
+        if approved {
+            shared
+                .metrics
+                .by_country(&country, crate::metrics::CountryEvent::Approved);
+        }
+        if reached {
+            let keys = [
+                GuardKey::Country(country.into()),
+                GuardKey::Prefix(crate::ratelimit::prefix_key(phone, shared.prefix_digits).into()),
+            ];
+            shared.fraud_guard.ended(&keys, approved, now);
+        }
+    }
+
+    /// A carrier accepted an SMS to `phone`: counted by country.
+    fn sms_sent_to(&self, phone: &Phone) {
+        let region = Phone::parse(&phone.e164())
+            .ok()
+            .and_then(|(_, region)| region);
+        self.shared.metrics.by_country(
+            &crate::ratelimit::country_key(region),
+            crate::metrics::CountryEvent::SmsSent,
+        );
     }
 
     fn rejected(&self, rejection: crate::ratelimit::Rejection) -> ApiError {

@@ -128,6 +128,9 @@ impl Verifier {
             self.announce(shard, fx, id, EventKind::Approved, now);
             shared.metrics.checked(Checked::Valid);
             self.ended(Ended::Approved);
+            if let Some(record) = shard.records.get(id) {
+                self.conversion_ended(&record.phone, true, true, now);
+            }
             return Ok(answer);
         }
         record.attempts_left = record.attempts_left.saturating_sub(1);
@@ -155,6 +158,7 @@ impl Verifier {
         if record.attempts_left == 0 {
             record.end(Status::Failed, Some(FailureReason::TooManyAttempts), now);
             self.ended(Ended::TooManyAttempts);
+            self.conversion_ended(&record.phone, reached_phone(record), false, now);
             let key = (phone_key, record.client);
             let answer = CheckAnswer {
                 status: record.status,
@@ -247,6 +251,7 @@ impl Verifier {
             return Err(not_pending(record.status));
         }
         record.end(Status::Canceled, None, now);
+        self.conversion_ended(&record.phone, reached_phone(record), false, now);
         let key = (record.phone.as_u64(), record.client);
         forget_live(shard, key, id);
         fx.notify(id);
@@ -354,6 +359,7 @@ impl Verifier {
         let mut event = None;
         match completion {
             Completion::Accepted { carrier_message_id } => {
+                self.sms_sent_to(&record.phone);
                 receipt_id = carrier_message_id.clone();
                 let carrier_message_id = carrier_message_id.map(String::into_boxed_str);
                 if !record.is_pending() {
@@ -681,6 +687,7 @@ impl Verifier {
         }
         let expires_at = record.expires_at(now, &self.shared.policy);
         record.end(Status::Expired, None, expires_at.min(now));
+        self.conversion_ended(&record.phone, reached_phone(record), false, now);
         let key = (record.phone.as_u64(), record.client);
         forget_live(shard, key, id);
         fx.notify(id);
@@ -936,6 +943,17 @@ impl Verifier {
             }
             PushError::Closed => ApiError::ShuttingDown,
         }
+    }
+}
+
+/// Whether a verification's SMS reached the phone, as far as the gateway knows: delivered by
+/// a receipt, or accepted by a carrier whose receipts were not awaited. The fraud guard judges
+/// only these, so that SMS a carrier never delivered (an outage) block nothing.
+fn reached_phone(record: &Verification) -> bool {
+    match record.delivery {
+        DeliveryState::Delivered => true,
+        DeliveryState::Undeliverable => false,
+        _ => record.accepted_ms.is_some() && !record.awaits_receipt,
     }
 }
 
