@@ -1064,7 +1064,8 @@ impl Verifier {
     /// its SMS reached the phone (`reached`), so that a carrier outage judges nothing.
     fn conversion_ended(&self, phone: &Phone, reached: bool, approved: bool, now: Millis) {
         let shared = &*self.shared;
-        if !approved && !(reached && shared.fraud_guard.is_enabled()) {
+        let judged = reached && shared.fraud_guard.is_enabled();
+        if !approved && !judged {
             return;
         }
         let region = Phone::parse(&phone.e164())
@@ -1076,7 +1077,7 @@ impl Verifier {
                 .metrics
                 .by_country(&country, crate::metrics::CountryEvent::Approved);
         }
-        if reached {
+        if judged {
             let keys = [
                 GuardKey::Country(country.into()),
                 GuardKey::Prefix(crate::ratelimit::prefix_key(phone, shared.prefix_digits).into()),
