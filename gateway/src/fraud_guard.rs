@@ -4,9 +4,12 @@
 //!
 //! SMS pumping sends codes nobody types: a fraudster's numbers pay per SMS received, so their
 //! verifications never end approved. A real rush of sign-ups converts well. What counts is
-//! only a verification whose SMS reached the phone: delivered by a receipt, or accepted by a
+//! only a verification whose SMS reached the phone promptly: delivered by a receipt, or accepted by a
 //! carrier whose receipts are not awaited. A carrier outage (SMS refused, or accepted and never
 //! delivered) therefore counts nothing and blocks nothing: nobody could have typed the code.
+//!
+//! A late SMS (reaching the phone more than [`PROMPT_SMS`] after its start) does not count
+//! either: under a lagging carrier citizens give up, and conversion falls for no fraud.
 //!
 //! Over a sliding window (`window`, kept as [`SLICES`] slices), once at least `min_volume`
 //! such verifications of a key have ended: a conversion below `block_below` blocks new starts
@@ -30,6 +33,9 @@ use governor::{Quota, RateLimiter};
 use crate::clock::{Clock, Millis};
 use crate::config::FraudGuardPolicy;
 
+/// An SMS that reached the phone later than this after its start does not count: its
+/// citizen may have left, which says nothing about fraud (a lagging carrier's SMS).
+pub const PROMPT_SMS: Duration = Duration::from_secs(60);
 /// Slices a window is kept in: an ending leaves the window at most a twelfth of it late.
 pub const SLICES: u64 = 12;
 /// Keys tracked at most; past it new keys are not judged until old ones are forgotten.

@@ -194,17 +194,10 @@ impl RawLimits {
             "limits.country_sends",
             self.country_sends.unwrap_or_default(),
         )?;
-        // A 7-digit prefix is a block of 10,000 to 1,000,000 numbers (an operator's range):
-        // 600 an hour is many times what a national sign-up rush brings to one block, and
-        // still slows a walk through a premium range to one SMS every six seconds.
-        let default_prefix = vec![RawRule {
-            max: 600,
-            per_secs: 3600,
-        }];
-        let prefix_sends = rules(
-            "limits.prefix_sends",
-            self.prefix_sends.unwrap_or(default_prefix),
-        )?;
+        // Off by default: how many numbers a prefix holds depends on the country's numbering
+        // (a 7-digit prefix is 10,000 numbers in one country, 1,000,000 in another), so no one
+        // cap fits every range; the fraud guard, on by default, judges ranges by conversion.
+        let prefix_sends = rules("limits.prefix_sends", self.prefix_sends.unwrap_or_default())?;
         let prefix_digits = self.prefix_digits.unwrap_or(7);
         if !(4..=12).contains(&prefix_digits) {
             return invalid("limits.prefix_digits", "must be between 4 and 12");

@@ -376,18 +376,17 @@ fn anti_pumping_keys_default_and_are_checked_by_name() {
                            url = \"http://127.0.0.1:9/sms\"\nfrom = \"Otp\"\n";
     let config = Config::from_toml("").unwrap();
     assert_eq!(config.limits.prefix_digits, 7);
-    assert_eq!(config.limits.prefix_sends.len(), 1);
-    assert_eq!(config.limits.prefix_sends[0].max.get(), 600);
+    assert!(config.limits.prefix_sends.is_empty());
     assert!(config.limits.country_budgets.is_empty());
     let key = "0".repeat(64);
     let config = Config::from_toml(&format!(
-        "[limits]\nprefix_sends = []\nprefix_digits = 9\n\
+        "[limits]\nprefix_sends = [{{ max = 600, per_secs = 3600 }}]\nprefix_digits = 9\n\
          country_budgets = {{ IT = {{ max = 5, per_secs = 60 }}, \"001\" = {{ max = 1, per_secs = 60 }} }}\n\
          [[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\"\n\
          sms_budget = {{ max = 10, per_secs = 3600 }}\n{CARRIER}"
     ))
     .unwrap();
-    assert!(config.limits.prefix_sends.is_empty());
+    assert_eq!(config.limits.prefix_sends[0].max.get(), 600);
     assert_eq!(config.limits.prefix_digits, 9);
     assert_eq!(config.limits.country_budgets.len(), 2);
     assert_eq!(

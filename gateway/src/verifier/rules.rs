@@ -946,15 +946,20 @@ impl Verifier {
     }
 }
 
-/// Whether a verification's SMS reached the phone, as far as the gateway knows: delivered by
-/// a receipt, or accepted by a carrier whose receipts were not awaited. The fraud guard judges
-/// only these, so that SMS a carrier never delivered (an outage) block nothing.
+/// Whether a verification's SMS reached the phone promptly, as far as the gateway knows:
+/// delivered by a receipt, or accepted by a carrier whose receipts were not awaited, within
+/// [`crate::fraud_guard::PROMPT_SMS`] of the start. The fraud guard judges only these: SMS a
+/// carrier never delivered (an outage) or delivered late (a lagging carrier, whose citizens
+/// had left) say nothing about fraud, and must block nothing.
 fn reached_phone(record: &Verification) -> bool {
-    match record.delivery {
-        DeliveryState::Delivered => true,
-        DeliveryState::Undeliverable => false,
-        _ => record.accepted_ms.is_some() && !record.awaits_receipt,
-    }
+    let reached_ms = match record.delivery {
+        DeliveryState::Delivered => record.delivered_ms.or(record.accepted_ms),
+        DeliveryState::Undeliverable => None,
+        _ if record.awaits_receipt => None,
+        _ => record.accepted_ms,
+    };
+    let prompt_ms = crate::fraud_guard::PROMPT_SMS.as_millis() as Millis;
+    reached_ms.is_some_and(|at| at.saturating_sub(record.created_ms) <= prompt_ms)
 }
 
 fn forget_live(shard: &mut Shard, key: (u64, ClientId), id: &VerificationId) {
