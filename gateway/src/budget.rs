@@ -2,7 +2,7 @@
 //! (`[limits] country_budgets`) over a period, whatever else allows them.
 //!
 //! A budget counts SMS, not segments: it is spent when the gateway decides to send (a new
-//! verification's first SMS, a resend), before the text is rendered, so that a start can be
+//! verification's first SMS, a resend; not yet the gateway's own reroutes), before the text is rendered, so that a start can be
 //! refused (`429 budget_exhausted`) while nothing has gone out; one verification's SMS is as
 //! long as its client's template makes it, so a budget in SMS is a budget in segments times a
 //! constant the operator knows (`otpgate_sms_segments_total` shows it).
@@ -31,7 +31,7 @@ pub enum BudgetScope {
 pub enum BudgetedSend {
     /// A new verification's first SMS.
     First,
-    /// A resend the frontend asked for.
+    /// A resend the frontend asked for, or that a start for the live verification caused.
     Resend,
 }
 

@@ -290,3 +290,30 @@ async fn the_fraud_guard_does_not_block_when_the_carrier_never_delivers() {
     assert_eq!(after.status, 202, "{}", after.text);
     assert_eq!(rejections(&gateway, "fraud_guard").await, 0.0);
 }
+
+/// A start for a phone with a live verification sends its SMS again once the cooldown has
+/// passed: that resend spends the budgets too, and a spent budget returns the live
+/// verification without sending anything.
+#[tokio::test]
+async fn a_starts_resend_of_the_live_verification_spends_the_budget() {
+    let (gateway, carrier) = gateway_with(&two_clients("{ max = 1, per_secs = 86400 }")).await;
+    let number = phone(901);
+    let first = start(&gateway, &number, "198.51.100.1", Some("k-portal")).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    carrier.wait_for(1, PATIENCE).await;
+    gateway.clock.advance(Duration::from_secs(31));
+    let again = start(&gateway, &number, "198.51.100.1", Some("k-portal")).await;
+    assert_eq!(again.status, 202, "{}", again.text);
+    let series = "otpgate_sms_budget_refusals_total{scope=\"client\",send=\"resend\"}";
+    assert_eq!(gateway.registered_metric(series).await, 1.0);
+    // Another client's start is sent, and only then is the count of SMS read.
+    let other = start(&gateway, &phone(902), "198.51.100.2", Some("k-other")).await;
+    assert_eq!(other.status, 202, "{}", other.text);
+    carrier.wait_for(2, PATIENCE).await;
+    let to_number = carrier
+        .received()
+        .iter()
+        .filter(|sms| sms.to == number)
+        .count();
+    assert_eq!(to_number, 1, "no second SMS past the budget");
+}

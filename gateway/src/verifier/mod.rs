@@ -163,6 +163,20 @@ enum StartStep {
     Again,
     /// No live verification: the IP's limit is spent next, then the phone's with the write.
     SpendIp,
+    /// The live verification's resend is due and the SMS budgets are not spent for it yet:
+    /// spend them, then run again. Nothing was written.
+    SpendResendBudget,
+}
+
+/// Where a start's resend of the live verification stands with the SMS budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResendBudget {
+    /// No budget applies, or they were spent: the resend may go.
+    Free,
+    /// A budget applies and was not asked yet.
+    Unasked,
+    /// A budget refused: the live verification is returned without a resend.
+    Refused,
 }
 
 /// Tries of a start whose phone another request keeps changing.
@@ -494,6 +508,11 @@ impl Verifier {
         let country = crate::ratelimit::country_key(request.region);
         let prefix = crate::ratelimit::prefix_key(&phone, shared.prefix_digits);
         let budgets = shared.budgets.keys_for(client, &country);
+        let mut resend_budget = if budgets.is_empty() {
+            ResendBudget::Free
+        } else {
+            ResendBudget::Unasked
+        };
         let mut ip_spent = (!shared.backend.has_ip_rules() || request.ip.is_none())
             && !shared.backend.has_destination_rules()
             && budgets.is_empty()
@@ -510,7 +529,13 @@ impl Verifier {
                         self.settle(shard, fx, &id, now);
                         if shard.records.get(&id).is_some_and(|r| r.is_pending()) {
                             self.seen(shard, fx, &id, now);
-                            self.resend_if_due(shard, fx, &id, now);
+                            match resend_budget {
+                                ResendBudget::Unasked if self.resend_is_due(shard, &id, now) => {
+                                    return Ok(StartStep::SpendResendBudget);
+                                }
+                                ResendBudget::Refused => {}
+                                _ => self.resend_if_due(shard, fx, &id, now),
+                            }
                             let view = self.view_of(shard, &id, now).ok_or(ApiError::NotFound)?;
                             return Ok(StartStep::Existing(view));
                         }
@@ -547,6 +572,17 @@ impl Verifier {
                     return Ok((Started::Created, view));
                 }
                 StartStep::Again => {}
+                StartStep::SpendResendBudget => {
+                    let spent = self
+                        .spend_budgets(&budgets, crate::budget::BudgetedSend::Resend)
+                        .await;
+                    resend_budget = match spent {
+                        Ok(()) => ResendBudget::Free,
+                        // Counted; the live verification is still returned, without an SMS.
+                        Err(ApiError::RateLimited { .. }) => ResendBudget::Refused,
+                        Err(error) => return Err(error),
+                    };
+                }
                 StartStep::SpendIp => {
                     // A blocked destination spends nothing; a slowed one its slowed limit.
                     let guarded = [

@@ -704,22 +704,29 @@ impl Verifier {
         id: &VerificationId,
         now: Millis,
     ) {
+        // A full queue leaves the verification as it is, and spends no limit.
+        if !self.resend_is_due(shard, id, now) {
+            return;
+        }
         let Some(record) = shard.records.get(id) else {
             return;
         };
-        if now < record.resend_after_ms || record.delivery == DeliveryState::Queued {
-            return;
-        }
-        // A full queue leaves the verification as it is, and spends no limit.
-        if self.shared.backend.queue_is_full() {
-            return;
-        }
         let phone = record.phone.as_u64();
         if self.spend_phone(fx, phone).is_err() {
             return;
         }
         // A full queue leaves the verification as it is; the frontend may resend later.
         let _ = self.queue_resend(shard, fx, id, now);
+    }
+
+    /// Whether a start for the live verification `id` would send its SMS again now: its
+    /// cooldown has passed, its SMS is not queued, and the queue has room.
+    pub(super) fn resend_is_due(&self, shard: &Shard, id: &VerificationId, now: Millis) -> bool {
+        shard.records.get(id).is_some_and(|record| {
+            now >= record.resend_after_ms
+                && record.delivery != DeliveryState::Queued
+                && !self.shared.backend.queue_is_full()
+        })
     }
 
     fn queue_resend(
