@@ -197,6 +197,19 @@ impl From<crate::ratelimit::Rejection> for ApiError {
                 "rate_limited_country",
                 "too many verifications to this country's numbers; try again later",
             ),
+            LimitKind::PrefixRate => (
+                "rate_limited_prefix",
+                "too many verifications to numbers of this range; try again later",
+            ),
+            LimitKind::Budget => (
+                "budget_exhausted",
+                "the SMS budget for this client or country is spent; try again later",
+            ),
+            LimitKind::FraudGuard => (
+                "fraud_suspected",
+                "verifications to numbers of this range are paused: almost none are completed; \
+                 try again later",
+            ),
             LimitKind::Country => (
                 "country_not_allowed",
                 "numbers in this country are not allowed",

@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod breaker;
+pub mod budget;
 pub mod carrier;
 pub mod citizen_ip;
 pub mod clock;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod delivery;
 pub mod dispatch;
 pub mod error;
+pub mod fraud_guard;
 pub mod http_client;
 pub mod ids;
 pub mod metrics;
@@ -156,6 +158,7 @@ pub async fn run(
         &client_names,
         &webhook_clients,
     );
+    metrics.register_countries(&config.limits.countries.metric_labels());
     metrics.set_policy(
         config.verification.code_ttl,
         config.verification.max_extension,

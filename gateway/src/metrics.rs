@@ -149,7 +149,9 @@ struct Shared {
     ended: [Counter; 5],
     live: Gauge,
     store_up: Gauge,
-    rejections: [Counter; 7],
+    rejections: [Counter; 10],
+    /// By scope (client, country), then by send (first, resend).
+    budget_refusals: [[Counter; 2]; 2],
     /// By client id; empty for the anonymous client.
     starts_without_citizen_ip: Vec<Counter>,
     limiter_keys: [Gauge; 2],
@@ -168,6 +170,36 @@ struct Shared {
     code_ttl: Gauge,
     max_extension: Gauge,
     listeners: [ListenerMetrics; 2],
+    /// Kept to register the series by country once their labels are known.
+    recorder: PrometheusRecorder,
+    by_country: std::sync::OnceLock<CountryMetrics>,
+}
+
+/// Series by phone country (one `country` label, a closed set: see
+/// [`Metrics::register_countries`]), and the fraud guard's.
+struct CountryMetrics {
+    index: std::collections::HashMap<String, usize>,
+    /// The `other` label's index: a region outside the set.
+    other: usize,
+    started: Vec<Counter>,
+    sms_sent: Vec<Counter>,
+    approved: Vec<Counter>,
+    guard_refusals: Vec<Counter>,
+    /// By kind: country, prefix.
+    guard_slowed: [Gauge; 2],
+    guard_blocked: [Gauge; 2],
+}
+
+/// What happened to a verification, counted by its phone's country.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountryEvent {
+    /// A new verification.
+    Started,
+    /// A carrier accepted one of its SMS.
+    SmsSent,
+    Approved,
+    /// The fraud guard refused a start.
+    GuardRefused,
 }
 
 /// Handles for one listener's connections.
@@ -571,6 +603,9 @@ impl Metrics {
             "resend_cooldown",
             "country",
             "country_rate",
+            "prefix_rate",
+            "budget",
+            "fraud_guard",
         ]
         .iter()
         .map(|limit| {
@@ -580,6 +615,19 @@ impl Metrics {
             )
         })
         .collect();
+        r.describe_counter(
+            "otpgate_sms_budget_refusals_total",
+            "SMS an SMS budget refused, by scope (client, country) and send (first: a start \
+             got 429 budget_exhausted; resend: a resend did).",
+        );
+        let budget_refusals = ["client", "country"].map(|scope| {
+            ["first", "resend"].map(|send| {
+                r.counter(
+                    "otpgate_sms_budget_refusals_total",
+                    vec![Label::new("scope", scope), Label::new("send", send)],
+                )
+            })
+        });
         r.describe_counter(
             "otpgate_starts_without_citizen_ip_total",
             "Starts that came without the citizen's address (no client_ip) from a client whose \
@@ -841,6 +889,7 @@ impl Metrics {
                 live,
                 store_up,
                 rejections: to_array(rejections),
+                budget_refusals,
                 starts_without_citizen_ip,
                 limiter_keys: to_array(limiter_keys),
                 session_extension,
@@ -858,6 +907,8 @@ impl Metrics {
                 code_ttl: r.gauge("otpgate_code_ttl_seconds", vec![]),
                 max_extension: r.gauge("otpgate_session_max_extension_seconds", vec![]),
                 listeners: to_array(listeners),
+                recorder,
+                by_country: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -905,6 +956,112 @@ impl Metrics {
 
     pub fn rejected(&self, limit: crate::ratelimit::LimitKind) {
         self.shared.rejections[limit as usize].increment(1);
+    }
+
+    /// Registers the series by country, labelled by `regions` (region codes, `"001"` for
+    /// numbers of no region) and `"other"`; once, at start-up (a second call changes nothing).
+    pub fn register_countries(&self, regions: &[String]) {
+        let r = Registrar {
+            recorder: &self.shared.recorder,
+        };
+        r.describe_counter(
+            "otpgate_country_verifications_started_total",
+            "New verifications, by phone country (region code; 001: no region; other: outside the set).",
+        );
+        r.describe_counter(
+            "otpgate_country_sms_sent_total",
+            "SMS carriers accepted (first SMS, resends, reroutes), by phone country.",
+        );
+        r.describe_counter(
+            "otpgate_country_verifications_approved_total",
+            "Verifications that ended approved, by phone country.",
+        );
+        r.describe_counter(
+            "otpgate_fraud_guard_refusals_total",
+            "Starts the fraud guard refused (429 fraud_suspected: blocked or slowed), by phone country.",
+        );
+        r.describe_gauge(
+            "otpgate_fraud_guard_slowed",
+            "Countries and number prefixes whose starts the fraud guard slows now, by scope (this instance's view).",
+        );
+        r.describe_gauge(
+            "otpgate_fraud_guard_blocked",
+            "Countries and number prefixes whose starts the fraud guard blocks now, by scope (this instance's view).",
+        );
+        let mut labels: Vec<String> = regions.to_vec();
+        labels.sort();
+        labels.dedup();
+        labels.retain(|label| label != "other");
+        labels.push("other".to_owned());
+        let series = |name: &str| -> Vec<Counter> {
+            labels
+                .iter()
+                .map(|label| r.counter(name, vec![Label::new("country", label.clone())]))
+                .collect()
+        };
+        let scoped = |name: &str| {
+            ["country", "prefix"].map(|scope| {
+                let gauge = r.gauge(name, vec![Label::new("scope", scope)]);
+                gauge.set(0.0);
+                gauge
+            })
+        };
+        let by_country = CountryMetrics {
+            index: labels
+                .iter()
+                .enumerate()
+                .map(|(index, label)| (label.clone(), index))
+                .collect(),
+            other: labels.len() - 1,
+            started: series("otpgate_country_verifications_started_total"),
+            sms_sent: series("otpgate_country_sms_sent_total"),
+            approved: series("otpgate_country_verifications_approved_total"),
+            guard_refusals: series("otpgate_fraud_guard_refusals_total"),
+            guard_slowed: scoped("otpgate_fraud_guard_slowed"),
+            guard_blocked: scoped("otpgate_fraud_guard_blocked"),
+        };
+        let _ = self.shared.by_country.set(by_country);
+    }
+
+    /// Counts `event` for a phone of `country` (a region code, `"001"`, or anything else,
+    /// which counts as `other`).
+    pub fn by_country(&self, country: &str, event: CountryEvent) {
+        let Some(by_country) = self.shared.by_country.get() else {
+            return;
+        };
+        let index = by_country
+            .index
+            .get(country)
+            .copied()
+            .unwrap_or(by_country.other);
+        let series = match event {
+            CountryEvent::Started => &by_country.started,
+            CountryEvent::SmsSent => &by_country.sms_sent,
+            CountryEvent::Approved => &by_country.approved,
+            CountryEvent::GuardRefused => &by_country.guard_refusals,
+        };
+        if let Some(counter) = series.get(index) {
+            counter.increment(1);
+        }
+    }
+
+    /// How many countries and prefixes the fraud guard slows and blocks now.
+    pub fn set_fraud_guard(&self, counts: crate::fraud_guard::GuardCounts) {
+        if let Some(by_country) = self.shared.by_country.get() {
+            for kind in 0..2 {
+                by_country.guard_slowed[kind].set(counts.slowed[kind] as f64);
+                by_country.guard_blocked[kind].set(counts.blocked[kind] as f64);
+            }
+        }
+    }
+
+    /// An SMS an SMS budget refused.
+    pub fn budget_refused(
+        &self,
+        scope: crate::budget::BudgetScope,
+        send: crate::budget::BudgetedSend,
+    ) {
+        self.shared.budget_refusals[scope as usize][send as usize].increment(1);
     }
 
     /// A start of `client` not limited per IP because its citizen address was missing.

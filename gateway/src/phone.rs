@@ -249,6 +249,21 @@ impl CountryAllowList {
         Ok(CountryAllowList { regions })
     }
 
+    /// The labels of the metrics by country: the allowed regions, or with no list every
+    /// region libphonenumber knows; `"001"` (numbers of no region) either way.
+    pub fn metric_labels(&self) -> Vec<String> {
+        let mut labels: Vec<String> = if self.regions.is_empty() {
+            phonenumber::metadata::DATABASE
+                .iter()
+                .map(|metadata| metadata.id().to_owned())
+                .collect()
+        } else {
+            self.regions.iter().map(|id| format!("{id:?}")).collect()
+        };
+        labels.push("001".to_owned());
+        labels
+    }
+
     /// Whether every region is allowed (no list configured): premium-rate and satellite ranges
     /// included, which is what SMS pumping feeds on.
     pub fn allows_every_region(&self) -> bool {

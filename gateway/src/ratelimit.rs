@@ -32,6 +32,12 @@ pub enum LimitKind {
     Country,
     /// A country's velocity limit (`country_sends`).
     CountryRate,
+    /// A number prefix's velocity limit (`prefix_sends`).
+    PrefixRate,
+    /// A client's or a country's SMS budget (`crate::budget`).
+    Budget,
+    /// The conversion monitor's block or slow-down of a prefix or country (`crate::fraud_guard`).
+    FraudGuard,
 }
 
 type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, Clock, NoOpMiddleware<Nanos>>;
@@ -46,6 +52,8 @@ pub struct Limiters {
     /// Keyed by the phone's region code, or `"001"` for numbers of no region (satellite and
     /// other non-geographic ranges).
     country: Vec<(Rule, Keyed<Box<str>>)>,
+    /// Keyed by the number's prefix ([`prefix_key`]).
+    prefix: Vec<(Rule, Keyed<Box<str>>)>,
     /// One per client, indexed by [`ClientId`].
     clients: Vec<(Rule, Direct)>,
     /// When housekeeping last walked the keys, and last shrank the maps (clock time).
@@ -99,6 +107,15 @@ impl Limiters {
                 )
             })
             .collect();
+        let prefix = sorted(&limits.prefix_sends)
+            .iter()
+            .map(|rule| {
+                (
+                    *rule,
+                    RateLimiter::new(quota(rule), DashMapStateStore::default(), clock.clone()),
+                )
+            })
+            .collect();
         let client_rules: Vec<Rule> = if clients.is_empty() {
             vec![anonymous_rate]
         } else {
@@ -124,6 +141,7 @@ impl Limiters {
             phone,
             ip,
             country,
+            prefix,
             clients,
             last_retain: Mutex::new(None),
             last_shrink: Mutex::new(None),
@@ -152,6 +170,22 @@ impl Limiters {
             &self.country,
             &Box::from(country),
             LimitKind::CountryRate,
+            &self.clock,
+        )
+    }
+
+    /// The prefix rules, in the order they are checked.
+    pub fn prefix_rules(&self) -> Vec<Rule> {
+        self.prefix.iter().map(|(rule, _)| *rule).collect()
+    }
+
+    /// Counts one verification to a number of `prefix` (see [`prefix_key`]) against every
+    /// prefix rule.
+    pub fn check_prefix(&self, prefix: &str) -> Result<(), Rejection> {
+        check_all(
+            &self.prefix,
+            &Box::from(prefix),
+            LimitKind::PrefixRate,
             &self.clock,
         )
     }
@@ -210,6 +244,14 @@ impl Limiters {
             n_phone_keys += limiter.len();
         }
         let mut n_ip_keys = 0;
+        for (_, limiter) in self.country.iter().chain(&self.prefix) {
+            if retain {
+                limiter.retain_recent();
+            }
+            if shrink {
+                limiter.shrink_to_fit();
+            }
+        }
         for (_, limiter) in &self.ip {
             if retain {
                 limiter.retain_recent();
@@ -258,6 +300,16 @@ pub fn country_key(region: Option<phonenumber::country::Id>) -> String {
     region.map_or_else(|| "001".to_owned(), |region| format!("{region:?}"))
 }
 
+/// The key a number counts under for `prefix_sends`: its first `digits` digits (country code
+/// included), but never more than all of them save the last four, so that a key never names a
+/// whole number (a short number's prefix may be just its country code).
+pub fn prefix_key(phone: &crate::phone::Phone, digits: u8) -> String {
+    let e164 = phone.e164();
+    let number = e164.trim_start_matches('+');
+    let n_digits = usize::from(digits).min(number.len().saturating_sub(4));
+    number[..n_digits].to_owned()
+}
+
 /// Rules in the order [`check_all`] wants them: shortest period first.
 fn sorted(rules: &[Rule]) -> Vec<Rule> {
     let mut rules = rules.to_vec();
@@ -294,6 +346,9 @@ mod tests {
             phone_sends: vec![rule(1, 30), rule(5, 600)],
             ip_sends: vec![rule(3, 3600)],
             country_sends: Vec::new(),
+            prefix_sends: vec![rule(2, 3600)],
+            prefix_digits: 7,
+            country_budgets: Vec::new(),
             ipv6_prefix: 64,
             failed_checks_per_phone: rule(100, 86_400),
             countries: CountryAllowList::default(),
@@ -377,6 +432,28 @@ mod tests {
         assert_eq!(limiters.housekeep().0, 200);
         clock.advance(Duration::from_secs(601));
         assert_eq!(limiters.housekeep(), (0, 0));
+    }
+
+    #[test]
+    fn a_number_counts_under_its_prefix_never_its_whole_number() {
+        let british = crate::phone::Phone::from_parts(447_700_900_123, 2);
+        assert_eq!(prefix_key(&british, 7), "4477009");
+        assert_eq!(prefix_key(&british, 12), "44770090");
+        // Saint Helena's numbers are 7 digits: only the country code is a prefix.
+        let short = crate::phone::Phone::from_parts(2_905_123, 3);
+        assert_eq!(prefix_key(&short, 7), "290");
+    }
+
+    #[test]
+    fn a_prefix_is_limited_apart_from_its_neighbours() {
+        let clock = Clock::system();
+        let limiters = limiters(&clock);
+        assert!(limiters.check_prefix("4477009").is_ok());
+        assert!(limiters.check_prefix("4477009").is_ok());
+        let refused = limiters.check_prefix("4477009").unwrap_err();
+        assert_eq!(refused.limit, LimitKind::PrefixRate);
+        assert_eq!(refused.rule, rule(2, 3600));
+        assert!(limiters.check_prefix("4477008").is_ok());
     }
 
     #[test]

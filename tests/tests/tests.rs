@@ -15,6 +15,7 @@ mod limits;
 mod npm_smsc_harness;
 mod openapi;
 mod overload;
+mod pumping;
 mod receipts;
 mod redis;
 mod redis_harness;

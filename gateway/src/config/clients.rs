@@ -34,6 +34,7 @@ pub struct RawClient {
     pub citizen_ip_trusted_proxies: Option<Vec<String>>,
     pub web_origins: Option<Vec<String>>,
     pub app_hashes: Option<Vec<String>>,
+    pub sms_budget: Option<super::limits::RawRule>,
 }
 
 /// How webhook events are delivered to clients.
@@ -69,6 +70,9 @@ pub struct ClientConfig {
     pub web_origin_hosts: Vec<String>,
     /// The Android SMS Retriever hashes of this client's apps (`app_hashes`), on the same terms.
     pub app_hashes: Vec<String>,
+    /// At most this many SMS (first SMS and resends) for this client, across every instance
+    /// (`crate::budget`); `None`: no budget.
+    pub sms_budget: Option<super::Rule>,
 }
 
 /// A client's webhook: its URL, the secret its events are signed with, and after how long in
@@ -165,7 +169,12 @@ impl RawClient {
                 );
             }
         }
+        let sms_budget = self
+            .sms_budget
+            .map(|rule| rule.validate(&key("sms_budget")))
+            .transpose()?;
         Ok(ClientConfig {
+            sms_budget,
             name: self.name,
             api_key_sha256,
             rate_per_sec,

@@ -28,6 +28,9 @@ pub struct RawLimits {
     pub phone_sends: Option<Vec<RawRule>>,
     pub ip_sends: Option<Vec<RawRule>>,
     pub country_sends: Option<Vec<RawRule>>,
+    pub prefix_sends: Option<Vec<RawRule>>,
+    pub prefix_digits: Option<u8>,
+    pub country_budgets: Option<std::collections::BTreeMap<String, RawRule>>,
     pub ipv6_prefix: Option<u8>,
     pub failed_checks_per_phone: Option<RawRule>,
     pub countries: Option<Vec<String>>,
@@ -67,6 +70,15 @@ pub struct Limits {
     /// Verifications started per phone country (region), whatever the client: a velocity limit
     /// against SMS pumping, where a fraudster sends codes to ranges that pay them back.
     pub country_sends: Vec<Rule>,
+    /// Verifications started per number prefix ([`Limits::prefix_digits`]), whatever the client:
+    /// slows a fraudster walking a premium range while the rest of the country is untouched.
+    pub prefix_sends: Vec<Rule>,
+    /// How many leading digits of the E.164 number (country code included) make its prefix for
+    /// `prefix_sends`; never more than all but the last four digits of a number.
+    pub prefix_digits: u8,
+    /// SMS budgets per phone country (region code, or `"001"`): at most this many SMS to its
+    /// numbers, first SMS and resends, whatever the client (`crate::budget`).
+    pub country_budgets: Vec<(String, Rule)>,
     /// IPv6 addresses count against `ip_sends` by their first this many bits: a subscriber
     /// commonly holds a whole /64 and can pick a fresh address in it for every request.
     pub ipv6_prefix: u8,
@@ -182,6 +194,29 @@ impl RawLimits {
             "limits.country_sends",
             self.country_sends.unwrap_or_default(),
         )?;
+        // Off by default: how many numbers a prefix holds depends on the country's numbering
+        // (a 7-digit prefix is 10,000 numbers in one country, 1,000,000 in another), so no one
+        // cap fits every range; the fraud guard, on by default, judges ranges by conversion.
+        let prefix_sends = rules("limits.prefix_sends", self.prefix_sends.unwrap_or_default())?;
+        let prefix_digits = self.prefix_digits.unwrap_or(7);
+        if !(4..=12).contains(&prefix_digits) {
+            return invalid("limits.prefix_digits", "must be between 4 and 12");
+        }
+        let mut country_budgets = Vec::new();
+        for (region, rule) in self.country_budgets.unwrap_or_default() {
+            let key = format!("limits.country_budgets.{region}");
+            let known = region == "001"
+                || (region.len() == 2
+                    && region.bytes().all(|byte| byte.is_ascii_uppercase())
+                    && region.parse::<phonenumber::country::Id>().is_ok());
+            if !known {
+                return invalid(
+                    key,
+                    "must be an upper-case ISO 3166 alpha-2 region, or \"001\" for numbers of no region",
+                );
+            }
+            country_budgets.push((region, rule.validate(&key)?));
+        }
         let ipv6_prefix = self.ipv6_prefix.unwrap_or(64);
         if !(32..=128).contains(&ipv6_prefix) {
             return invalid("limits.ipv6_prefix", "must be between 32 and 128");
@@ -199,6 +234,9 @@ impl RawLimits {
             phone_sends,
             ip_sends,
             country_sends,
+            prefix_sends,
+            prefix_digits,
+            country_budgets,
             ipv6_prefix,
             failed_checks_per_phone,
             countries,
@@ -217,7 +255,7 @@ fn rules(key: &str, raw: Vec<RawRule>) -> Result<Vec<Rule>, ConfigError> {
 }
 
 impl RawRule {
-    fn validate(self, key: &str) -> Result<Rule, ConfigError> {
+    pub(crate) fn validate(self, key: &str) -> Result<Rule, ConfigError> {
         let Some(max) = NonZeroU32::new(self.max) else {
             return invalid(format!("{key}.max"), "must be at least 1");
         };

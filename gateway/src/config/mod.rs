@@ -10,6 +10,7 @@ mod carriers;
 mod clients;
 mod connections;
 mod error;
+mod fraud_guard;
 mod limits;
 mod redis;
 #[cfg(test)]
@@ -31,6 +32,7 @@ pub use self::clients::{ClientConfig, RawClient, RawWebhooks, WebhookPolicy, Web
 pub use self::connections::{ConnectionPolicy, Ping, RawConnections};
 pub use self::error::ConfigError;
 use self::error::{invalid, is_absolute_http, secs};
+pub use self::fraud_guard::{FraudGuardPolicy, RawFraudGuard};
 pub use self::limits::{Limits, RawLimits, RawRule, RawVerification, Rule, VerificationPolicy};
 use self::redis::validate_redis;
 pub use self::redis::{RawRedis, RedisConfig, StoreKind};
@@ -113,6 +115,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
+    pub fraud_guard: RawFraudGuard,
+    #[serde(default)]
     pub queue: RawQueue,
     #[serde(default)]
     pub webhooks: RawWebhooks,
@@ -172,6 +176,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     pub verification: VerificationPolicy,
     pub limits: Limits,
+    /// The conversion monitor (`crate::fraud_guard`).
+    pub fraud_guard: FraudGuardPolicy,
     pub queue_capacity: usize,
     /// `None`: the deadline policy (earliest deadline first always, and starts refused only
     /// when the predicted wait passes `max_extension`).
@@ -328,6 +334,7 @@ impl RawConfig {
 
         let verification = self.verification.validate()?;
         let limits = self.limits.validate()?;
+        let fraud_guard = self.fraud_guard.validate()?;
         let queue_capacity = self.queue.capacity.unwrap_or(200_000);
         if !(1..=100_000_000).contains(&queue_capacity) {
             return invalid("queue.capacity", "must be between 1 and 100000000");
@@ -397,6 +404,7 @@ impl RawConfig {
             sweep_interval,
             verification,
             limits,
+            fraud_guard,
             queue_capacity,
             overload,
             webhooks,

@@ -369,3 +369,101 @@ fn a_clients_web_origins_and_app_hashes_are_checked() {
         );
     }
 }
+
+#[test]
+fn anti_pumping_keys_default_and_are_checked_by_name() {
+    const CARRIER: &str = "[[carriers]]\nname = \"a\"\nkind = \"http\"\n\
+                           url = \"http://127.0.0.1:9/sms\"\nfrom = \"Otp\"\n";
+    let config = Config::from_toml("").unwrap();
+    assert_eq!(config.limits.prefix_digits, 7);
+    assert!(config.limits.prefix_sends.is_empty());
+    assert!(config.limits.country_budgets.is_empty());
+    let key = "0".repeat(64);
+    let config = Config::from_toml(&format!(
+        "[limits]\nprefix_sends = [{{ max = 600, per_secs = 3600 }}]\nprefix_digits = 9\n\
+         country_budgets = {{ IT = {{ max = 5, per_secs = 60 }}, \"001\" = {{ max = 1, per_secs = 60 }} }}\n\
+         [[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\"\n\
+         sms_budget = {{ max = 10, per_secs = 3600 }}\n{CARRIER}"
+    ))
+    .unwrap();
+    assert_eq!(config.limits.prefix_sends[0].max.get(), 600);
+    assert_eq!(config.limits.prefix_digits, 9);
+    assert_eq!(config.limits.country_budgets.len(), 2);
+    assert_eq!(
+        config.clients[0].sms_budget.map(|rule| rule.max.get()),
+        Some(10)
+    );
+    let client = format!("[[clients]]\nname = \"portal\"\napi_key_sha256 = \"{key}\"\n");
+    for (toml, named) in [
+        (
+            "[limits]\nprefix_digits = 3".to_owned(),
+            "limits.prefix_digits",
+        ),
+        (
+            "[limits]\nprefix_digits = 13".to_owned(),
+            "limits.prefix_digits",
+        ),
+        (
+            "[limits]\nprefix_sends = [{ max = 0, per_secs = 60 }]".to_owned(),
+            "limits.prefix_sends[0].max",
+        ),
+        (
+            "[limits]\ncountry_budgets = { XX = { max = 1, per_secs = 60 } }".to_owned(),
+            "limits.country_budgets.XX",
+        ),
+        (
+            "[limits]\ncountry_budgets = { it = { max = 1, per_secs = 60 } }".to_owned(),
+            "limits.country_budgets.it",
+        ),
+        (
+            "[limits]\ncountry_budgets = { IT = { max = 1, per_secs = 0 } }".to_owned(),
+            "limits.country_budgets.IT.per_secs",
+        ),
+        (
+            format!("{client}sms_budget = {{ max = 0, per_secs = 60 }}\n{CARRIER}"),
+            "clients[0].sms_budget.max",
+        ),
+    ] {
+        let error = Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(error.contains(named), "{toml}: {error}");
+    }
+}
+
+#[test]
+fn the_fraud_guard_is_on_by_default_and_its_keys_are_checked() {
+    let config = Config::from_toml("").unwrap();
+    let guard = &config.fraud_guard;
+    assert!(guard.enabled);
+    assert_eq!(guard.window, Duration::from_secs(3600));
+    assert_eq!(guard.min_volume, 50);
+    assert_eq!(guard.cool_off, Duration::from_secs(1800));
+    assert_eq!(guard.slowed_sends.max.get(), 10);
+    let config = Config::from_toml("[fraud_guard]\nenabled = false\nmin_volume = 20").unwrap();
+    assert!(!config.fraud_guard.enabled);
+    assert_eq!(config.fraud_guard.min_volume, 20);
+    for (toml, named) in [
+        ("[fraud_guard]\nmin_volume = 1", "fraud_guard.min_volume"),
+        ("[fraud_guard]\nslow_below = 1.5", "fraud_guard.slow_below"),
+        (
+            "[fraud_guard]\nblock_below = -0.1",
+            "fraud_guard.block_below",
+        ),
+        (
+            "[fraud_guard]\nblock_below = 0.5\nslow_below = 0.2",
+            "fraud_guard.block_below",
+        ),
+        ("[fraud_guard]\nwindow_secs = 10", "fraud_guard.window_secs"),
+        (
+            "[fraud_guard]\ncool_off_secs = 0",
+            "fraud_guard.cool_off_secs",
+        ),
+        (
+            "[fraud_guard]\nslowed_sends = { max = 0, per_secs = 60 }",
+            "fraud_guard.slowed_sends.max",
+        ),
+        ("[fraud_guard]\nthreshold = 1", "threshold"),
+    ] {
+        let error = Config::from_toml(toml).unwrap_err().to_string();
+        assert!(error.contains(named), "{toml}: {error}");
+    }
+}

@@ -229,7 +229,10 @@ impl Embedded {
         self.limiters.check_ip(ip)
     }
 
-    pub fn limit_country(&self, country: &str) -> Result<(), Rejection> {
+    /// The prefix first: it is the narrower limit, the one a walk through a range meets, and
+    /// a refusal by it leaves the country's budget of sends alone.
+    pub fn limit_destination(&self, country: &str, prefix: &str) -> Result<(), Rejection> {
+        self.limiters.check_prefix(prefix)?;
         self.limiters.check_country(country)
     }
 

@@ -183,19 +183,44 @@ impl Backend {
         }
     }
 
-    /// Spends one verification of a phone country's velocity limit (`country_sends`).
-    pub async fn limit_country(&self, country: &str) -> Result<Option<Rejection>, ApiError> {
+    /// Spends one verification of a phone country's velocity limit (`country_sends`) and of
+    /// its number prefix's (`prefix_sends`); `Some` when one refused.
+    pub async fn limit_destination(
+        &self,
+        country: &str,
+        prefix: &str,
+    ) -> Result<Option<Rejection>, ApiError> {
         match self {
-            Backend::Embedded(embedded) => Ok(embedded.limit_country(country).err()),
-            Backend::Redis(redis) => redis.limit_country(country).await,
+            Backend::Embedded(embedded) => Ok(embedded.limit_destination(country, prefix).err()),
+            Backend::Redis(redis) => redis.limit_destination(country, prefix).await,
         }
     }
 
-    /// Whether a new verification spends a country limit.
-    pub fn has_country_rules(&self) -> bool {
+    /// Whether a new verification spends a country or a prefix limit.
+    pub fn has_destination_rules(&self) -> bool {
         match self {
-            Backend::Embedded(embedded) => !embedded.limiters().country_rules().is_empty(),
-            Backend::Redis(redis) => redis.has_country_rules(),
+            Backend::Embedded(embedded) => {
+                let limiters = embedded.limiters();
+                !limiters.country_rules().is_empty() || !limiters.prefix_rules().is_empty()
+            }
+            Backend::Redis(redis) => redis.has_destination_rules(),
+        }
+    }
+
+    /// Spends one SMS of every budget in `budgets` (`crate::budget`), or none; `Some` when one
+    /// refused. The embedded back-end keeps the buckets in `held`; Redis keeps them shared.
+    pub async fn spend_budgets(
+        &self,
+        held: &crate::budget::Budgets,
+        budgets: &[crate::budget::BudgetKey],
+        now: Millis,
+    ) -> Result<Option<crate::budget::BudgetRefusal>, ApiError> {
+        if budgets.is_empty() {
+            return Ok(None);
+        }
+        match self {
+            Backend::Embedded(_) => Ok(held.spend_here(budgets, now).err()),
+            Backend::Redis(redis) => redis.spend_budgets(budgets).await,
         }
     }
 

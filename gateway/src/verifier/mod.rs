@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::carrier::OutboundSms;
-use crate::clock::Clock;
+use crate::clock::{Clock, Millis};
 use crate::config::{CarrierConfig, ClientConfig, Config, Rule, VerificationPolicy};
 use crate::delivery::Deliveries;
 use crate::error::ApiError;
+use crate::fraud_guard::GuardKey;
 use crate::ids::{CarrierId, ClientId, VerificationId};
 use crate::metrics::{Ended, Metrics, Started};
 use crate::otp::CodeKeys;
@@ -50,6 +51,13 @@ struct Shared {
     countries: crate::phone::CountryAllowList,
     /// IPv6 citizen addresses are limited by their first this many bits.
     ipv6_prefix: u8,
+    /// A number's first this many digits are its prefix (`prefix_sends`).
+    prefix_digits: u8,
+    /// SMS budgets per client and per country (their buckets too, on the embedded back-end).
+    budgets: crate::budget::Budgets,
+    /// The conversion monitor: this instance's view of how verifications by country and
+    /// prefix end.
+    fraud_guard: crate::fraud_guard::FraudGuard,
     backend: Backend,
     queue: Queue,
     keys: CodeKeys,
@@ -236,6 +244,12 @@ impl Verifier {
                 failed_checks_rule: config.limits.failed_checks_per_phone,
                 countries: config.limits.countries.clone(),
                 ipv6_prefix: config.limits.ipv6_prefix,
+                prefix_digits: config.limits.prefix_digits,
+                budgets: crate::budget::Budgets::new(&config.clients, &config.limits),
+                fraud_guard: crate::fraud_guard::FraudGuard::new(
+                    config.fraud_guard.clone(),
+                    clock.clone(),
+                ),
                 backend,
                 queue,
                 keys: CodeKeys::new(&secret, config.verification.code_length),
@@ -477,10 +491,15 @@ impl Verifier {
         let lane = shared.clients.priority(client);
         // With no IP rule, or no citizen address to count, there is nothing to spend between
         // reading and writing: one round.
-        // The IP's and the country's limits are spent between the start's two rounds, only
-        // when nothing before them refused it.
+        // The IP's, the country's and the prefix's limits are spent between the start's two
+        // rounds, only when nothing before them refused it.
+        let country = crate::ratelimit::country_key(request.region);
+        let prefix = crate::ratelimit::prefix_key(&phone, shared.prefix_digits);
+        let budgets = shared.budgets.keys_for(client, &country);
         let mut ip_spent = (!shared.backend.has_ip_rules() || request.ip.is_none())
-            && !shared.backend.has_country_rules();
+            && !shared.backend.has_destination_rules()
+            && budgets.is_empty()
+            && !shared.fraud_guard.is_enabled();
         for _ in 0..START_ROUNDS {
             let step = shared
                 .backend
@@ -520,26 +539,60 @@ impl Verifier {
             match step {
                 StartStep::Sibling(view) => {
                     shared.metrics.started(Started::Sibling);
+                    shared
+                        .metrics
+                        .by_country(&country, crate::metrics::CountryEvent::Started);
                     tracing::debug!(verification = %view.id, phone = %phone, client = %shared.clients.name(client), "verification started beside a live one, with its code");
                     return Ok((Started::Sibling, view));
                 }
                 StartStep::Created(view) => {
                     shared.metrics.started(Started::Created);
+                    shared
+                        .metrics
+                        .by_country(&country, crate::metrics::CountryEvent::Started);
                     tracing::debug!(verification = %view.id, phone = %phone, client = %shared.clients.name(client), "verification started");
                     return Ok((Started::Created, view));
                 }
                 StartStep::Again => {}
                 StartStep::SpendIp => {
+                    // A blocked destination spends nothing; a slowed one its slowed limit.
+                    let guarded = [
+                        GuardKey::Country(country.as_str().into()),
+                        GuardKey::Prefix(prefix.as_str().into()),
+                    ];
+                    if let Err(refusal) = shared.fraud_guard.admit(&guarded, shared.clock.now_ms())
+                    {
+                        shared.metrics.rejected(LimitKind::FraudGuard);
+                        shared
+                            .metrics
+                            .by_country(&country, crate::metrics::CountryEvent::GuardRefused);
+                        return Err(ApiError::RateLimited {
+                            code: "fraud_suspected",
+                            message: if refusal.blocked {
+                                "verifications to numbers of this range are paused: almost \
+                                 none are completed; try again later"
+                            } else {
+                                "verifications to numbers of this range are slowed: few are \
+                                 completed; try again later"
+                            },
+                            retry_after: refusal.retry_after,
+                            rule: None,
+                        });
+                    }
                     if let Some(ip) = request.ip {
                         let key = crate::citizen_ip::limit_key(ip, shared.ipv6_prefix);
                         if let Some(rejection) = shared.backend.limit_ip(key).await? {
                             return Err(self.rejected(rejection));
                         }
                     }
-                    let country = crate::ratelimit::country_key(request.region);
-                    if let Some(rejection) = shared.backend.limit_country(&country).await? {
+                    if let Some(rejection) =
+                        shared.backend.limit_destination(&country, &prefix).await?
+                    {
                         return Err(self.rejected(rejection));
                     }
+                    // The budgets last: they are money, spent only on an SMS that goes.
+                    self.spend_budgets(&budgets, crate::budget::BudgetedSend::First)
+                        .await?;
                     ip_spent = true;
                 }
             }
@@ -628,14 +681,55 @@ impl Verifier {
             .await
     }
 
-    /// Sends the same code again, once the cooldown has passed.
+    /// Sends the same code again, once the cooldown has passed. With SMS budgets, a resend
+    /// that everything else allows spends them between two rounds, then is written.
     pub async fn resend(&self, client: ClientId, id: &VerificationId) -> Result<View, ApiError> {
-        self.shared
+        let shared = &*self.shared;
+        let mut budget_spent = !shared.budgets.is_configured();
+        for _ in 0..2 {
+            let resent = shared
+                .backend
+                .run(Keys::checking(*id), |shard, fx, now| {
+                    self.resend_in(shard, fx, client, id, budget_spent, now)
+                })
+                .await?;
+            match resent {
+                rules::Resent::Done(view) => return Ok(view),
+                rules::Resent::NeedsBudget(phone) => {
+                    let region = Phone::parse(&phone.e164())
+                        .ok()
+                        .and_then(|(_, region)| region);
+                    let country = crate::ratelimit::country_key(region);
+                    let budgets = shared.budgets.keys_for(client, &country);
+                    self.spend_budgets(&budgets, crate::budget::BudgetedSend::Resend)
+                        .await?;
+                    budget_spent = true;
+                }
+            }
+        }
+        Err(ApiError::StoreUnavailable)
+    }
+
+    /// Spends one SMS of `budgets`; a refusal is counted and becomes `429 budget_exhausted`.
+    async fn spend_budgets(
+        &self,
+        budgets: &[crate::budget::BudgetKey],
+        send: crate::budget::BudgetedSend,
+    ) -> Result<(), ApiError> {
+        let shared = &*self.shared;
+        let refused = shared
             .backend
-            .run(Keys::checking(*id), |shard, fx, now| {
-                self.resend_in(shard, fx, client, id, now)
-            })
-            .await
+            .spend_budgets(&shared.budgets, budgets, shared.clock.now_ms())
+            .await?;
+        let Some(refused) = refused else {
+            return Ok(());
+        };
+        shared.metrics.budget_refused(refused.scope, send);
+        Err(self.rejected(crate::ratelimit::Rejection {
+            limit: LimitKind::Budget,
+            rule: refused.rule,
+            retry_after: refused.retry_after,
+        }))
     }
 
     /// Cancels a pending verification.
@@ -892,6 +986,9 @@ impl Verifier {
         let kept = tokio::task::spawn_blocking(move || verifier.shared.backend.housekeep(now))
             .await
             .unwrap_or_default();
+        shared
+            .metrics
+            .set_fraud_guard(shared.fraud_guard.housekeep(now));
         if let Some((phone_keys, ip_keys)) = kept.limiter_keys {
             shared.metrics.set_limiter_keys(phone_keys, ip_keys);
         }
@@ -968,6 +1065,43 @@ impl Verifier {
             (None, None) => {}
         }
         shared.metrics.run_upkeep();
+    }
+
+    /// A verification ended: counted by country if approved, and told to the fraud guard if
+    /// its SMS reached the phone (`reached`), so that a carrier outage judges nothing.
+    fn conversion_ended(&self, phone: &Phone, reached: bool, approved: bool, now: Millis) {
+        let shared = &*self.shared;
+        let judged = reached && shared.fraud_guard.is_enabled();
+        if !approved && !judged {
+            return;
+        }
+        let region = Phone::parse(&phone.e164())
+            .ok()
+            .and_then(|(_, region)| region);
+        let country = crate::ratelimit::country_key(region);
+        if approved {
+            shared
+                .metrics
+                .by_country(&country, crate::metrics::CountryEvent::Approved);
+        }
+        if judged {
+            let keys = [
+                GuardKey::Country(country.into()),
+                GuardKey::Prefix(crate::ratelimit::prefix_key(phone, shared.prefix_digits).into()),
+            ];
+            shared.fraud_guard.ended(&keys, approved, now);
+        }
+    }
+
+    /// A carrier accepted an SMS to `phone`: counted by country.
+    fn sms_sent_to(&self, phone: &Phone) {
+        let region = Phone::parse(&phone.e164())
+            .ok()
+            .and_then(|(_, region)| region);
+        self.shared.metrics.by_country(
+            &crate::ratelimit::country_key(region),
+            crate::metrics::CountryEvent::SmsSent,
+        );
     }
 
     fn rejected(&self, rejection: crate::ratelimit::Rejection) -> ApiError {

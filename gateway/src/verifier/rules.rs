@@ -21,6 +21,15 @@ use crate::verification::{
     DeliveryState, EventKind, Extras, FailureReason, Status, Verification, View,
 };
 
+/// What a resend did.
+#[derive(Debug)]
+pub(super) enum Resent {
+    Done(View),
+    /// Everything allows the resend but the SMS budgets, not spent yet: spend them, then run
+    /// again. Nothing was written.
+    NeedsBudget(crate::phone::Phone),
+}
+
 impl Verifier {
     /// Creates a verification and queues its first SMS, spending one send of the phone's limit.
     ///
@@ -132,6 +141,9 @@ impl Verifier {
             self.announce(shard, fx, id, EventKind::Approved, now);
             shared.metrics.checked(Checked::Valid);
             self.ended(Ended::Approved);
+            if let Some(record) = shard.records.get(id) {
+                self.conversion_ended(&record.phone, true, true, now);
+            }
             return Ok(answer);
         }
         record.attempts_left = record.attempts_left.saturating_sub(1);
@@ -159,6 +171,7 @@ impl Verifier {
         if record.attempts_left == 0 {
             record.end(Status::Failed, Some(FailureReason::TooManyAttempts), now);
             self.ended(Ended::TooManyAttempts);
+            self.conversion_ended(&record.phone, reached_phone(record), false, now);
             let key = (phone_key, record.client);
             let answer = CheckAnswer {
                 status: record.status,
@@ -199,8 +212,9 @@ impl Verifier {
         fx: &mut Effects,
         client: ClientId,
         id: &VerificationId,
+        budget_spent: bool,
         now: Millis,
-    ) -> Result<View, ApiError> {
+    ) -> Result<Resent, ApiError> {
         let shared = &*self.shared;
         self.owned(shard, client, id)?;
         self.settle(shard, fx, id, now);
@@ -225,10 +239,14 @@ impl Verifier {
             }
             let phone = record.phone.as_u64();
             self.unlocked(shard, phone, now)?;
+            if !budget_spent {
+                return Ok(Resent::NeedsBudget(record.phone));
+            }
             self.spend_phone(fx, phone)?;
             self.queue_resend(shard, fx, id, now)?;
         }
-        self.view_of(shard, id, now).ok_or(ApiError::NotFound)
+        let view = self.view_of(shard, id, now).ok_or(ApiError::NotFound)?;
+        Ok(Resent::Done(view))
     }
 
     pub(super) fn cancel_in(
@@ -246,6 +264,7 @@ impl Verifier {
             return Err(not_pending(record.status));
         }
         record.end(Status::Canceled, None, now);
+        self.conversion_ended(&record.phone, reached_phone(record), false, now);
         let key = (record.phone.as_u64(), record.client);
         forget_live(shard, key, id);
         fx.notify(id);
@@ -353,6 +372,7 @@ impl Verifier {
         let mut event = None;
         match completion {
             Completion::Accepted { carrier_message_id } => {
+                self.sms_sent_to(&record.phone);
                 receipt_id = carrier_message_id.clone();
                 let carrier_message_id = carrier_message_id.map(String::into_boxed_str);
                 if !record.is_pending() {
@@ -680,6 +700,7 @@ impl Verifier {
         }
         let expires_at = record.expires_at(now, &self.shared.policy);
         record.end(Status::Expired, None, expires_at.min(now));
+        self.conversion_ended(&record.phone, reached_phone(record), false, now);
         let key = (record.phone.as_u64(), record.client);
         forget_live(shard, key, id);
         fx.notify(id);
@@ -909,6 +930,22 @@ impl Verifier {
             PushError::Closed => ApiError::ShuttingDown,
         }
     }
+}
+
+/// Whether a verification's SMS reached the phone promptly, as far as the gateway knows:
+/// delivered by a receipt, or accepted by a carrier whose receipts were not awaited, within
+/// [`crate::fraud_guard::PROMPT_SMS`] of the start. The fraud guard judges only these: SMS a
+/// carrier never delivered (an outage) or delivered late (a lagging carrier, whose citizens
+/// had left) say nothing about fraud, and must block nothing.
+fn reached_phone(record: &Verification) -> bool {
+    let reached_ms = match record.delivery {
+        DeliveryState::Delivered => record.delivered_ms.or(record.accepted_ms),
+        DeliveryState::Undeliverable => None,
+        _ if record.awaits_receipt => None,
+        _ => record.accepted_ms,
+    };
+    let prompt_ms = crate::fraud_guard::PROMPT_SMS.as_millis() as Millis;
+    reached_ms.is_some_and(|at| at.saturating_sub(record.created_ms) <= prompt_ms)
 }
 
 fn forget_live(shard: &mut Shard, key: (u64, ClientId), id: &VerificationId) {

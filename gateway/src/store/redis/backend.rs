@@ -388,26 +388,68 @@ impl RedisBackend {
         }))
     }
 
-    pub async fn limit_country(&self, country: &str) -> Result<Option<Rejection>, ApiError> {
-        let rules = self.limiters.country_rules();
-        if rules.is_empty() {
+    /// Spends one verification of the phone country's and the number prefix's velocity
+    /// limits, all or nothing; `Some` when one refused.
+    pub async fn limit_destination(
+        &self,
+        country: &str,
+        prefix: &str,
+    ) -> Result<Option<Rejection>, ApiError> {
+        let country_rules = self.limiters.country_rules();
+        let prefix_rules = self.limiters.prefix_rules();
+        if country_rules.is_empty() && prefix_rules.is_empty() {
             return Ok(None);
         }
         let limited = self
             .store
-            .limit_country(country, &rules, self.clock.advanced_ms())
+            .limit_destination(
+                country,
+                prefix,
+                &country_rules,
+                &prefix_rules,
+                self.clock.advanced_ms(),
+            )
             .await
             .map_err(unavailable)?;
-        Ok(limited.map(|(rule, retry_after)| Rejection {
-            limit: LimitKind::CountryRate,
-            rule: rules[rule.min(rules.len() - 1)],
-            retry_after,
+        Ok(limited.map(|(rule, retry_after)| {
+            let (limit, rule) = match rule.checked_sub(country_rules.len()) {
+                None => (LimitKind::CountryRate, country_rules[rule]),
+                Some(rule) => (
+                    LimitKind::PrefixRate,
+                    prefix_rules[rule.min(prefix_rules.len() - 1)],
+                ),
+            };
+            Rejection {
+                limit,
+                rule,
+                retry_after,
+            }
         }))
     }
 
-    /// Whether a start spends a country's limit between its two reads.
-    pub fn has_country_rules(&self) -> bool {
-        !self.limiters.country_rules().is_empty()
+    /// Spends one SMS of every budget in `budgets`, all or nothing, on Redis's clock.
+    pub async fn spend_budgets(
+        &self,
+        budgets: &[crate::budget::BudgetKey],
+    ) -> Result<Option<crate::budget::BudgetRefusal>, ApiError> {
+        let refused = self
+            .store
+            .spend_budgets(budgets, self.clock.advanced_ms())
+            .await
+            .map_err(unavailable)?;
+        Ok(refused.map(|(index, retry_after)| {
+            let budget = &budgets[index.min(budgets.len() - 1)];
+            crate::budget::BudgetRefusal {
+                scope: budget.scope,
+                rule: budget.rule,
+                retry_after,
+            }
+        }))
+    }
+
+    /// Whether a start spends a country's or a prefix's limit between its two reads.
+    pub fn has_destination_rules(&self) -> bool {
+        !self.limiters.country_rules().is_empty() || !self.limiters.prefix_rules().is_empty()
     }
 
     /// Whether a start must spend the IP's limit between its two reads.

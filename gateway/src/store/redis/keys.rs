@@ -17,6 +17,10 @@
 //! | `P:{G}:none`                | never written: stands in a script's key list for a key it does not use |
 //! | `P:{c:<client>}:<rule>`     | a client's send limit                                       |
 //! | `P:{ip:<ip>}:<rule>`        | a citizen IP's send limit                                   |
+//! | `P:{cc:<country>}:<rule>`   | a phone country's velocity limit (`country_sends`)          |
+//! | `P:{cc:<country>}:px:<prefix>:<rule>` | a number prefix's velocity limit (`prefix_sends`), under its country's tag so both are spent in one script |
+//! | `P:{budget}:c:<client>`     | a client's SMS budget (GCRA), beside every other budget so one script spends a client's and a country's together |
+//! | `P:{budget}:cc:<country>`   | a phone country's SMS budget                                |
 //! | `P:{i:<client>:<hash>}`     | an `Idempotency-Key`                                        |
 //! | `P:rc:<carrier>:<reading>`  | a carrier message id, for receipts                          |
 //! | `P:er:<carrier>:<reading>`  | a receipt that came before its submit answer                |
@@ -120,6 +124,23 @@ impl Keys {
 
     pub(crate) fn country_limit(&self, country: &str, rule: usize) -> String {
         format!("{}:{{cc:{country}}}:{rule}", self.prefix)
+    }
+
+    /// A number prefix's velocity limit: under its country's hash tag, so that the country's
+    /// and the prefix's rules are spent together, all or nothing. A prefix never names a whole
+    /// number (`crate::ratelimit::prefix_key`).
+    pub(crate) fn prefix_limit(&self, country: &str, prefix: &str, rule: usize) -> String {
+        format!("{}:{{cc:{country}}}:px:{prefix}:{rule}", self.prefix)
+    }
+
+    /// An SMS budget (`crate::budget`): every budget under one hash tag, so that the client's
+    /// and the country's budgets of one SMS are spent in one script, all or nothing.
+    pub(crate) fn budget(&self, budget: &crate::budget::BudgetKey) -> String {
+        let scope = match budget.scope {
+            crate::budget::BudgetScope::Client => "c",
+            crate::budget::BudgetScope::Country => "cc",
+        };
+        format!("{}:{{budget}}:{scope}:{}", self.prefix, budget.key)
     }
 
     pub(crate) fn idempotency(&self, client: ClientId, key: &str) -> String {

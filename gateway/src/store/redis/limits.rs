@@ -37,15 +37,38 @@ impl RedisStore {
         self.limit(key, rules, clock_offset_ms).await
     }
 
-    /// Spends one verification of a phone country's `rules`.
-    pub async fn limit_country(
+    /// Spends one verification of a phone country's `country_rules` and of its number
+    /// prefix's `prefix_rules`, all or nothing, in one script (the keys share the country's
+    /// hash tag). The index of the rule that refused counts the country's rules first.
+    pub async fn limit_destination(
         &self,
         country: &str,
-        rules: &[Rule],
+        prefix: &str,
+        country_rules: &[Rule],
+        prefix_rules: &[Rule],
         clock_offset_ms: i64,
     ) -> Result<Option<(usize, Duration)>, StoreError> {
-        let key = |keys: &Keys, rule| keys.country_limit(country, rule);
-        self.limit(key, rules, clock_offset_ms).await
+        let n_country = country_rules.len();
+        let key = |keys: &Keys, rule: usize| {
+            if rule < n_country {
+                keys.country_limit(country, rule)
+            } else {
+                keys.prefix_limit(country, prefix, rule - n_country)
+            }
+        };
+        let rules: Vec<Rule> = country_rules.iter().chain(prefix_rules).copied().collect();
+        self.limit(key, &rules, clock_offset_ms).await
+    }
+
+    /// Spends one SMS of every budget in `budgets`, or none; the index of the one that refused.
+    pub async fn spend_budgets(
+        &self,
+        budgets: &[crate::budget::BudgetKey],
+        clock_offset_ms: i64,
+    ) -> Result<Option<(usize, Duration)>, StoreError> {
+        let key = |keys: &Keys, index: usize| keys.budget(&budgets[index]);
+        let rules: Vec<Rule> = budgets.iter().map(|budget| budget.rule).collect();
+        self.limit(key, &rules, clock_offset_ms).await
     }
 
     /// Spends one send of `rules`, the key of each rule by its index.
