@@ -148,7 +148,7 @@ struct Shared {
     ended: [Counter; 5],
     live: Gauge,
     store_up: Gauge,
-    rejections: [Counter; 7],
+    rejections: [Counter; 9],
     /// By client id; empty for the anonymous client.
     starts_without_citizen_ip: Vec<Counter>,
     limiter_keys: [Gauge; 2],
@@ -353,7 +353,9 @@ impl Metrics {
         );
         r.describe_counter(
             "otpgate_ratelimit_rejections_total",
-            "Requests turned away by a limit, by limit.",
+            "Requests turned away by a limit, by limit (failed_checks: wrong codes per phone \
+             and client; failed_checks_ip and failed_checks_client: wrong codes per citizen \
+             address and per client).",
         );
         r.describe_gauge(
             "otpgate_ratelimit_keys",
@@ -570,6 +572,8 @@ impl Metrics {
             "resend_cooldown",
             "country",
             "country_rate",
+            "failed_checks_ip",
+            "failed_checks_client",
         ]
         .iter()
         .map(|limit| {

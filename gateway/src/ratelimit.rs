@@ -32,6 +32,10 @@ pub enum LimitKind {
     Country,
     /// A country's velocity limit (`country_sends`).
     CountryRate,
+    /// Wrong codes from one citizen address (`failed_checks_per_ip`, `guess_caps.rs`).
+    FailedChecksIp,
+    /// Wrong codes through one client (`failed_checks_per_client`).
+    FailedChecksClient,
 }
 
 type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, Clock, NoOpMiddleware<Nanos>>;
@@ -296,6 +300,8 @@ mod tests {
             country_sends: Vec::new(),
             ipv6_prefix: 64,
             failed_checks_per_phone: rule(100, 86_400),
+            failed_checks_per_ip: Vec::new(),
+            failed_checks_per_client: Vec::new(),
             countries: CountryAllowList::default(),
         };
         Limiters::new(&limits, &[], rule(2, 1), clock.clone())

@@ -37,6 +37,9 @@ pub(crate) const OBSERVED_CODES: &[&str] = &[
     "not_pending",
     "resend_cooldown",
     "idempotency_key_reused",
+    // Asserted by the guessing module.
+    "too_many_failed_checks_ip",
+    "too_many_failed_checks_client",
 ];
 
 /// A verification id that is well formed but was never handed out.

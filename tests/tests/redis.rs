@@ -321,6 +321,72 @@ async fn a_redis_cluster_serves_the_whole_journey() {
         let good = gateway.check(id, &code).await;
         assert_eq!(good.body["valid"], true, "{}", good.text);
     }
+    let numbers: Vec<String> = started.iter().map(|(number, _)| number.clone()).collect();
+    let keys: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .flat_map(|node| key_names(node))
+        .collect();
+    assert_no_key_names_a_phone(&keys, &numbers);
+    gateway.stop().await.unwrap();
+}
+
+/// Every key name on `redis`.
+fn key_names(redis: &RedisServer) -> Vec<String> {
+    redis
+        .command(&["KEYS", "*"])
+        .lines()
+        .filter(|line| *line != "(empty array)")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// No key name spells one of `numbers` (their national digits, in any key), though keys for
+/// phones are there: their live index, send limits and wrong codes.
+fn assert_no_key_names_a_phone(keys: &[String], numbers: &[String]) {
+    for kind in [":l:", ":pl:", ":f:"] {
+        assert!(
+            keys.iter().any(|key| key.contains(kind)),
+            "a {kind} key among {keys:?}"
+        );
+    }
+    for number in numbers {
+        let national = &number[3..];
+        let named: Vec<&String> = keys.iter().filter(|key| key.contains(national)).collect();
+        assert!(named.is_empty(), "keys naming {number}: {named:?}");
+    }
+}
+
+/// Phones are named in Redis keys by a keyed hash, never by their digits: whoever can list the
+/// keys learns no number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_redis_key_names_a_phone() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let carrier = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 50\n[verification]\nmax_attempts = 5\n{}",
+        carrier.config("alpha", 1000, 10)
+    );
+    let gateway = instance(&config, &redis.url()).await;
+    let numbers = [phone(9101), phone(9102)];
+    let mut ids = Vec::new();
+    for number in &numbers {
+        let started = gateway.start_verification(number).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        ids.push(started.id());
+    }
+    carrier.wait_for(numbers.len(), TIMEOUT).await;
+    for (number, id) in numbers.iter().zip(&ids) {
+        // A wrong code: the failed checks of the phone and client are written.
+        let code = carrier.code_for(number).expect("a code in the SMS");
+        let wrong = if code == "000000" { "111111" } else { "000000" };
+        let checked = gateway.check(id, wrong).await;
+        assert_eq!(checked.body["valid"], false, "{}", checked.text);
+    }
+    assert_no_key_names_a_phone(&key_names(&redis), &numbers);
     gateway.stop().await.unwrap();
 }
 

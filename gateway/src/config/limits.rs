@@ -30,6 +30,8 @@ pub struct RawLimits {
     pub country_sends: Option<Vec<RawRule>>,
     pub ipv6_prefix: Option<u8>,
     pub failed_checks_per_phone: Option<RawRule>,
+    pub failed_checks_per_ip: Option<Vec<RawRule>>,
+    pub failed_checks_per_client: Option<Vec<RawRule>>,
     pub countries: Option<Vec<String>>,
 }
 
@@ -70,7 +72,13 @@ pub struct Limits {
     /// IPv6 addresses count against `ip_sends` by their first this many bits: a subscriber
     /// commonly holds a whole /64 and can pick a fresh address in it for every request.
     pub ipv6_prefix: u8,
+    /// Consecutive wrong codes per phone, counted apart for each client.
     pub failed_checks_per_phone: Rule,
+    /// Wrong codes per citizen address (IPv6 grouped by `ipv6_prefix`); empty: no cap.
+    pub failed_checks_per_ip: Vec<Rule>,
+    /// Wrong codes per client, a ceiling against credential stuffing; empty (the default): no
+    /// cap.
+    pub failed_checks_per_client: Vec<Rule>,
     pub countries: CountryAllowList,
 }
 
@@ -193,6 +201,17 @@ impl RawLimits {
                 per_secs: 86_400,
             })
             .validate("limits.failed_checks_per_phone")?;
+        let failed_checks_per_ip = rules(
+            "limits.failed_checks_per_ip",
+            self.failed_checks_per_ip.unwrap_or(vec![RawRule {
+                max: 50,
+                per_secs: 3600,
+            }]),
+        )?;
+        let failed_checks_per_client = rules(
+            "limits.failed_checks_per_client",
+            self.failed_checks_per_client.unwrap_or_default(),
+        )?;
         let countries = CountryAllowList::new(&self.countries.unwrap_or_default())
             .or_else(|message| invalid("limits.countries", message))?;
         Ok(Limits {
@@ -201,6 +220,8 @@ impl RawLimits {
             country_sends,
             ipv6_prefix,
             failed_checks_per_phone,
+            failed_checks_per_ip,
+            failed_checks_per_client,
             countries,
         })
     }
