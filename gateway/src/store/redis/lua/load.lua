@@ -26,7 +26,9 @@ end
 local failed = false
 if read_failed == '1' then
   failed = redis.call('GET', failed_key)
-elseif read_failed == 'R' and phone_client then
+elseif read_failed == 'R' and phone_client and string.find(phone_client, ':', 1, true) then
+  -- A record written before phones were keyed by HMAC holds bare digits: its failed checks
+  -- are not read (COMMIT checks those of the new key, which start from none).
   failed = redis.call('GET', failed_of .. phone_client)
 end
 return {live or '', rev or '', blob or '', failed or ''}
