@@ -4,8 +4,9 @@
 //! Keyed limiters grow by one entry per phone or IP they have seen; [`Limiters::housekeep`] runs
 //! on the sweeper's timer and drops the entries whose limits have fully recovered, so memory
 //! stays bounded by the traffic of one limit period. Wrong codes are limited elsewhere: per
-//! verification in its record, per phone in the store's shard (they must count exactly, and
-//! are cleared with the verification's own lock).
+//! verification in its record, per phone and client in the store's shard (they must count
+//! exactly, and are cleared with the verification's own lock), and per citizen address and per
+//! client in `guess_caps.rs`.
 
 use std::net::IpAddr;
 use std::sync::Mutex;

@@ -325,7 +325,7 @@ async fn a_redis_cluster_serves_the_whole_journey() {
     let keys: Vec<String> = cluster
         .nodes()
         .iter()
-        .flat_map(|node| key_names(node))
+        .flat_map(key_names)
         .collect();
     assert_no_key_names_a_phone(&keys, &numbers);
     gateway.stop().await.unwrap();

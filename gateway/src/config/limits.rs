@@ -92,8 +92,9 @@ pub struct Rule {
 impl RawVerification {
     pub(crate) fn validate(self) -> Result<VerificationPolicy, ConfigError> {
         let code_length = self.code_length.unwrap_or(6);
-        // Four or five digits fall to guessing: the 100 wrong codes a phone may spend a day (by
-        // default) find a 4-digit code one time in a hundred, on each phone an attacker tries.
+        // Four or five digits fall to guessing: the 100 wrong codes a phone may take a day
+        // through each client (by default) find a 4-digit code one time in a hundred, on each
+        // phone an attacker tries.
         if !(6..=9).contains(&code_length) {
             return invalid(
                 "verification.code_length",
