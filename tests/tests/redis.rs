@@ -322,11 +322,7 @@ async fn a_redis_cluster_serves_the_whole_journey() {
         assert_eq!(good.body["valid"], true, "{}", good.text);
     }
     let numbers: Vec<String> = started.iter().map(|(number, _)| number.clone()).collect();
-    let keys: Vec<String> = cluster
-        .nodes()
-        .iter()
-        .flat_map(key_names)
-        .collect();
+    let keys: Vec<String> = cluster.nodes().iter().flat_map(key_names).collect();
     assert_no_key_names_a_phone(&keys, &numbers);
     gateway.stop().await.unwrap();
 }
