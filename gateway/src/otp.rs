@@ -35,7 +35,7 @@ pub struct CodeKeys {
 }
 
 /// Phones as a shared store's key names spell them: a keyed hash, so that whoever can list the
-/// keys (a Redis `KEYS`, `SCAN` or `MONITOR`, a dump) learns no phone number from their names.
+/// keys (a Redis `KEYS` or `SCAN`) learns no phone number from their names.
 /// Every instance derives the same key from the shared secret, so they agree on the names.
 #[derive(Clone)]
 pub struct PhoneKeys {
