@@ -89,6 +89,30 @@ impl CitizenIpSource {
     }
 }
 
+/// The citizen address of a check, for the caps on wrong codes (`crate::guess_caps`): as for a
+/// start, except that no source makes `client_ip` required on a check (checks took the field
+/// after starts, and a refused check would lock citizens out of codes they hold), and that the
+/// peer address never stands in for it, not even for the anonymous client (`source` `None`):
+/// every wrong code of a frontend's citizens would count against the frontend's own address. A
+/// check without an address is not capped per address; the client's and the phone's caps hold.
+///
+/// # Errors
+///
+/// `400 invalid_client_ip` for an address that does not parse, and for the `header` source, as
+/// for a start, `400 missing_client_ip` without its header.
+pub fn of_check(
+    source: Option<&CitizenIpSource>,
+    body_ip: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Option<IpAddr>, ApiError> {
+    let body_ip = body_ip.map(parse_body_ip).transpose()?;
+    match source {
+        None | Some(CitizenIpSource::Optional | CitizenIpSource::Body) => Ok(body_ip),
+        Some(CitizenIpSource::Header(header)) => header.citizen_ip(headers).map(Some),
+        Some(CitizenIpSource::None) => Ok(None),
+    }
+}
+
 /// The citizen address of the anonymous client (no clients configured: local development):
 /// the body's `client_ip`, else the peer address.
 ///

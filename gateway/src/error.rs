@@ -214,6 +214,14 @@ impl From<crate::ratelimit::Rejection> for ApiError {
                 "country_not_allowed",
                 "numbers in this country are not allowed",
             ),
+            LimitKind::FailedChecksIp => (
+                "too_many_failed_checks_ip",
+                "too many wrong codes from this IP address; try again later",
+            ),
+            LimitKind::FailedChecksClient => (
+                "too_many_failed_checks_client",
+                "too many wrong codes through this API key; try again later",
+            ),
         };
         ApiError::RateLimited {
             code,

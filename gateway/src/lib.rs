@@ -23,6 +23,7 @@ pub mod delivery;
 pub mod dispatch;
 pub mod error;
 pub mod fraud_guard;
+pub mod guess_caps;
 pub mod http_client;
 pub mod ids;
 pub mod metrics;
@@ -180,9 +181,14 @@ pub async fn run(
     let redis = match &config.store {
         config::StoreKind::Embedded => None,
         config::StoreKind::Redis(redis_config) => Some(
-            store::redis::RedisStore::connect(redis_config, &lanes)
-                .await
-                .map_err(|error| anyhow::anyhow!("redis: {error}"))?,
+            // The redis back-end's configuration requires a secret (`config/redis.rs`).
+            store::redis::RedisStore::connect(
+                redis_config,
+                config.secret.as_deref().unwrap_or_default(),
+                &lanes,
+            )
+            .await
+            .map_err(|error| anyhow::anyhow!("redis: {error}"))?,
         ),
     };
     let verifier = Verifier::new(

@@ -149,7 +149,7 @@ struct Shared {
     ended: [Counter; 5],
     live: Gauge,
     store_up: Gauge,
-    rejections: [Counter; 10],
+    rejections: [Counter; 12],
     /// By scope (client, country), then by send (first, resend).
     budget_refusals: [[Counter; 2]; 2],
     /// By client id; empty for the anonymous client.
@@ -386,7 +386,9 @@ impl Metrics {
         );
         r.describe_counter(
             "otpgate_ratelimit_rejections_total",
-            "Requests turned away by a limit, by limit.",
+            "Requests turned away by a limit, by limit (failed_checks: wrong codes per phone \
+             and client; failed_checks_ip and failed_checks_client: wrong codes per citizen \
+             address and per client).",
         );
         r.describe_gauge(
             "otpgate_ratelimit_keys",
@@ -606,6 +608,8 @@ impl Metrics {
             "prefix_rate",
             "budget",
             "fraud_guard",
+            "failed_checks_ip",
+            "failed_checks_client",
         ]
         .iter()
         .map(|limit| {

@@ -10,6 +10,9 @@
 //! Both keys are derived from the server secret, which never leaves this module. [`Code`] prints
 //! as `**REDACTED**`; the only way to read its digits is [`Code::expose`], called when the SMS text
 //! is rendered for a carrier.
+//!
+//! A third key, [`PhoneKeys`], names phones where a shared store's key names would otherwise
+//! spell them out (Redis): `HMAC-SHA256(phone_key, phone)`, its first 16 bytes in hex.
 
 use std::fmt;
 
@@ -29,6 +32,14 @@ pub struct CodeKeys {
     check_key: [u8; 32],
     seal_key: [u8; 32],
     length: u8,
+}
+
+/// Phones as a shared store's key names spell them: a keyed hash, so that whoever can list the
+/// keys (a Redis `KEYS` or `SCAN`) learns no phone number from their names.
+/// Every instance derives the same key from the shared secret, so they agree on the names.
+#[derive(Clone)]
+pub struct PhoneKeys {
+    key: [u8; 32],
 }
 
 /// A one-time code in clear: only ever held briefly, and never printed.
@@ -148,6 +159,32 @@ fn derive(secret: &[u8], label: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+// === impl PhoneKeys ===
+
+impl PhoneKeys {
+    /// Derives the key from the server secret, apart from the codes' keys.
+    pub fn new(secret: &[u8]) -> PhoneKeys {
+        PhoneKeys {
+            key: derive(secret, b"otpgate phone key name v1"),
+        }
+    }
+
+    /// The name of `phone` (its E.164 digits as [`Phone::as_u64`] holds them) in key names:
+    /// 16 bytes of its HMAC in hex (128 bits: collisions between numbers are out of reach, and
+    /// without the secret the name cannot be tied back to a number by trying them all).
+    pub fn name(&self, phone: u64) -> String {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(&phone.to_be_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+}
+
+impl fmt::Debug for PhoneKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PhoneKeys(**REDACTED**)")
+    }
+}
+
 // === impl Code ===
 
 impl Code {
@@ -250,6 +287,25 @@ mod tests {
         ] {
             assert!(!printed.contains(code.expose()), "{printed}");
         }
+    }
+
+    #[test]
+    fn phone_names_are_keyed_and_spell_no_digits() {
+        let (_, _, phone) = fixture();
+        let keys = PhoneKeys::new(b"0123456789abcdef0123456789abcdef");
+        let name = keys.name(phone.as_u64());
+        assert_eq!(name.len(), 32);
+        assert_eq!(
+            name,
+            keys.name(phone.as_u64()),
+            "the same for every instance"
+        );
+        assert!(!name.contains("3331234567"), "{name}");
+        let (other, _) = Phone::parse("+393331234568").unwrap();
+        assert_ne!(name, keys.name(other.as_u64()));
+        let other_secret = PhoneKeys::new(b"another secret of enough length!");
+        assert_ne!(name, other_secret.name(phone.as_u64()));
+        assert_eq!(format!("{keys:?}"), "PhoneKeys(**REDACTED**)");
     }
 
     proptest! {

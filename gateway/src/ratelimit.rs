@@ -4,8 +4,9 @@
 //! Keyed limiters grow by one entry per phone or IP they have seen; [`Limiters::housekeep`] runs
 //! on the sweeper's timer and drops the entries whose limits have fully recovered, so memory
 //! stays bounded by the traffic of one limit period. Wrong codes are limited elsewhere: per
-//! verification in its record, per phone in the store's shard (they must count exactly, and
-//! are cleared with the verification's own lock).
+//! verification in its record, per phone and client in the store's shard (they must count
+//! exactly, and are cleared with the verification's own lock), and per citizen address and per
+//! client in `guess_caps.rs`.
 
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -38,6 +39,10 @@ pub enum LimitKind {
     Budget,
     /// The conversion monitor's block or slow-down of a prefix or country (`crate::fraud_guard`).
     FraudGuard,
+    /// Wrong codes from one citizen address (`failed_checks_per_ip`, `guess_caps.rs`).
+    FailedChecksIp,
+    /// Wrong codes through one client (`failed_checks_per_client`).
+    FailedChecksClient,
 }
 
 type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, Clock, NoOpMiddleware<Nanos>>;
@@ -351,6 +356,8 @@ mod tests {
             country_budgets: Vec::new(),
             ipv6_prefix: 64,
             failed_checks_per_phone: rule(100, 86_400),
+            failed_checks_per_ip: Vec::new(),
+            failed_checks_per_client: Vec::new(),
             countries: CountryAllowList::default(),
         };
         Limiters::new(&limits, &[], rule(2, 1), clock.clone())

@@ -71,6 +71,8 @@ struct StartBody {
 #[serde(deny_unknown_fields)]
 struct CheckBody {
     code: String,
+    /// The citizen's address, for the cap on wrong codes per address.
+    client_ip: Option<String>,
 }
 
 /// A delivery receipt (docs/DESIGN.md section 5). Unknown fields are allowed: carriers add their own.
@@ -307,7 +309,15 @@ async fn check(
     let id = parse_id(&id)?;
     let bytes = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let body: CheckBody = parse_json(&bytes)?;
-    let answer = state.verifier.check(client, &id, body.code.trim()).await?;
+    let ip = citizen_ip::of_check(
+        state.verifier.citizen_ip_source(client),
+        body.client_ip.as_deref(),
+        &parts.headers,
+    )?;
+    let answer = state
+        .verifier
+        .check(client, &id, body.code.trim(), ip)
+        .await?;
     Ok(axum::Json(answer).into_response())
 }
 

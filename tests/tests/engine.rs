@@ -66,7 +66,7 @@ async fn engine() -> Engine {
     let store = match &config.store {
         StoreKind::Embedded => None,
         StoreKind::Redis(redis) => Some(
-            RedisStore::connect(redis, &lanes)
+            RedisStore::connect(redis, config.secret.as_deref().unwrap_or_default(), &lanes)
                 .await
                 .expect("redis answers"),
         ),

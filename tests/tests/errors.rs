@@ -38,6 +38,9 @@ pub(crate) const OBSERVED_CODES: &[&str] = &[
     "resend_cooldown",
     "idempotency_key_reused",
     "rate_limited_phone",
+    // Asserted by the guessing module.
+    "too_many_failed_checks_ip",
+    "too_many_failed_checks_client",
 ];
 
 /// A verification id that is well formed but was never handed out.

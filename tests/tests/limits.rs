@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 use tests::{Answer, FakeCarrier, Gateway, phone, sha256_hex};
 
 /// Upper bound on any wait for the gateway to reach a state; never a fixed delay.
-const PATIENCE: Duration = Duration::from_secs(10);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A gateway with a fast fake carrier, a 50 ms sweeper and `extra` config (top-level tables
 /// such as `[limits]` or `[[clients]]`).
-async fn gateway_with(extra: &str) -> (Gateway, FakeCarrier) {
+pub(crate) async fn gateway_with(extra: &str) -> (Gateway, FakeCarrier) {
     let carrier = FakeCarrier::start().await;
     let config = format!(
         "sweep_interval_ms = 50\n{extra}\n{}",
@@ -53,7 +53,7 @@ async fn start_from_ip(gateway: &Gateway, number: &str, client_ip: &str) -> Answ
 }
 
 /// Sends a request with the API key `key`.
-async fn send_as(
+pub(crate) async fn send_as(
     gateway: &Gateway,
     method: http::Method,
     path: &str,
@@ -75,7 +75,7 @@ async fn cancel(gateway: &Gateway, id: &str) {
 }
 
 /// How many requests `limit` has turned away.
-async fn rejections(gateway: &Gateway, limit: &str) -> f64 {
+pub(crate) async fn rejections(gateway: &Gateway, limit: &str) -> f64 {
     gateway
         .registered_metric(&format!(
             "otpgate_ratelimit_rejections_total{{limit=\"{limit}\"}}"
@@ -84,12 +84,12 @@ async fn rejections(gateway: &Gateway, limit: &str) -> f64 {
 }
 
 /// A code of the right length that differs from `code`.
-fn wrong_code(code: &str) -> &'static str {
+pub(crate) fn wrong_code(code: &str) -> &'static str {
     if code == "000000" { "111111" } else { "000000" }
 }
 
 /// Asserts a 429 from `code` whose `RateLimit-*` headers name the rule `policy` ("max;w=secs").
-fn assert_rate_limited(answer: &Answer, code: &str, policy: &str) {
+pub(crate) fn assert_rate_limited(answer: &Answer, code: &str, policy: &str) {
     assert_eq!(answer.status, 429, "{}", answer.text);
     assert_eq!(answer.error_code(), code, "{}", answer.text);
     let retry_after = answer.retry_after().expect("a whole-second Retry-After");
@@ -264,7 +264,7 @@ async fn citizen_ip_is_limited() {
 }
 
 /// A client's config with its API key `k-<name>` and `extra` keys (such as `citizen_ip`).
-fn client(name: &str, extra: &str) -> String {
+pub(crate) fn client(name: &str, extra: &str) -> String {
     format!(
         "[[clients]]\nname = \"{name}\"\napi_key_sha256 = \"{}\"\n{extra}\n",
         sha256_hex(&format!("k-{name}"))
@@ -272,7 +272,12 @@ fn client(name: &str, extra: &str) -> String {
 }
 
 /// Starts a verification as the client with API key `key`, with this body and these headers.
-async fn start_as(gateway: &Gateway, key: &str, body: Value, headers: &[(&str, &str)]) -> Answer {
+pub(crate) async fn start_as(
+    gateway: &Gateway,
+    key: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> Answer {
     let bearer = format!("Bearer {key}");
     let mut all = vec![("authorization", bearer.as_str())];
     all.extend_from_slice(headers);

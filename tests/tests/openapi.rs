@@ -264,3 +264,40 @@ async fn every_ref_resolves_inside_the_document() {
     }
     gateway.stop().await.unwrap();
 }
+
+/// A body made of the first example of every property a request schema documents.
+fn example_body(document: &Value, schema: &str) -> Value {
+    let properties = document["components"]["schemas"][schema]["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{schema} has properties"));
+    properties
+        .iter()
+        .map(|(name, property)| {
+            let example = property["examples"][0].clone();
+            assert!(!example.is_null(), "{schema}.{name} has no example");
+            (name.clone(), example)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Every field the request schemas document is one the gateway takes: a start and a check sent
+/// with all of their documented fields are served, not refused as unknown fields.
+#[tokio::test]
+async fn the_documented_request_fields_are_accepted() {
+    let gateway = gateway().await;
+    let document = document(&gateway).await;
+    let started = gateway
+        .post("/v1/verifications", example_body(&document, "StartRequest"))
+        .await;
+    assert_eq!(started.status, 202, "{}", started.text);
+    let checked = gateway
+        .post(
+            &format!("/v1/verifications/{}/check", started.id()),
+            example_body(&document, "CheckRequest"),
+        )
+        .await;
+    assert_eq!(checked.status, 200, "{}", checked.text);
+    assert!(checked.body["valid"].is_boolean(), "{}", checked.text);
+    gateway.stop().await.unwrap();
+}

@@ -323,6 +323,91 @@ async fn a_redis_cluster_serves_the_whole_journey() {
         let good = gateway.check(id, &code).await;
         assert_eq!(good.body["valid"], true, "{}", good.text);
     }
+    let numbers: Vec<String> = started.iter().map(|(number, _)| number.clone()).collect();
+    let keys: Vec<String> = cluster.nodes().iter().flat_map(key_names).collect();
+    // Every verification was approved: only the send limits are left of its phone's keys.
+    assert_no_key_names_a_phone(&keys, &numbers, &[":pl:"]);
+    gateway.stop().await.unwrap();
+}
+
+/// Every key name on `redis`.
+fn key_names(redis: &RedisServer) -> Vec<String> {
+    redis
+        .command(&["KEYS", "*"])
+        .lines()
+        .filter(|line| *line != "(empty array)")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// No key name spells one of `numbers` (their national digits, in any key), though keys for
+/// phones are there: `kinds` such as `:l:` (live index), `:pl:` (send limits), `:f:` (wrong
+/// codes).
+fn assert_no_key_names_a_phone(keys: &[String], numbers: &[String], kinds: &[&str]) {
+    for kind in kinds {
+        assert!(
+            keys.iter().any(|key| key.contains(kind)),
+            "a {kind} key among {keys:?}"
+        );
+    }
+    for number in numbers {
+        let national = &number[3..];
+        let named: Vec<&String> = keys.iter().filter(|key| key.contains(national)).collect();
+        assert!(named.is_empty(), "keys naming {number}: {named:?}");
+    }
+}
+
+/// Phones are named in Redis keys by a keyed hash, never by their digits: whoever can list the
+/// keys learns no number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_redis_key_names_a_phone() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let carrier = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 50\n[verification]\nmax_attempts = 5\n{}",
+        carrier.config("alpha", 1000, 10)
+    );
+    let gateway = instance(&config, &redis.url()).await;
+    let numbers = [phone(9101), phone(9102)];
+    let mut ids = Vec::new();
+    for number in &numbers {
+        let started = gateway.start_verification(number).await;
+        assert_eq!(started.status, 202, "{}", started.text);
+        ids.push(started.id());
+    }
+    carrier.wait_for(numbers.len(), TIMEOUT).await;
+    // A verification as an earlier version wrote it (its record naming the phone's digits, and
+    // wrong codes under them) is still checked: the old count is no longer read. (Once its
+    // SMS is recorded as submitted, so that nothing rewrites it before the check.)
+    for id in &ids {
+        gateway.wait_for_delivery(id, "submitted").await;
+    }
+    let record = key_names(&redis)
+        .into_iter()
+        .find(|key| key.ends_with(&format!(":v:{}", ids[0])))
+        .expect("the record's key");
+    let digits = &numbers[0][1..];
+    let group = &record[..record.find(":v:").expect("a record key")];
+    assert_eq!(redis.command(&["HSET", &record, "p", digits]), "0");
+    let now_ms = gateway::clock::Clock::system().now_ms().to_string();
+    let old_failed = format!("{group}:f:{digits}");
+    redis.command(&["SET", &old_failed, &format!("1:{now_ms}")]);
+    redis.command(&["EXPIRE", &old_failed, "600"]);
+    for (number, id) in numbers.iter().zip(&ids) {
+        // A wrong code: the failed checks of the phone and client are written.
+        let code = carrier.code_for(number).expect("a code in the SMS");
+        let wrong = if code == "000000" { "111111" } else { "000000" };
+        let checked = gateway.check(id, wrong).await;
+        assert_eq!(checked.body["valid"], false, "{}", checked.text);
+    }
+    let keys: Vec<String> = key_names(&redis)
+        .into_iter()
+        .filter(|key| *key != old_failed)
+        .collect();
+    assert_no_key_names_a_phone(&keys, &numbers, &[":l:", ":pl:", ":f:"]);
     gateway.stop().await.unwrap();
 }
 

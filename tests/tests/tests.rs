@@ -9,6 +9,7 @@ mod engine;
 mod errors;
 mod expiry;
 mod failover;
+mod guessing;
 mod kannel;
 mod kannel_harness;
 mod limits;

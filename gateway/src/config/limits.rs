@@ -33,6 +33,8 @@ pub struct RawLimits {
     pub country_budgets: Option<std::collections::BTreeMap<String, RawRule>>,
     pub ipv6_prefix: Option<u8>,
     pub failed_checks_per_phone: Option<RawRule>,
+    pub failed_checks_per_ip: Option<Vec<RawRule>>,
+    pub failed_checks_per_client: Option<Vec<RawRule>>,
     pub countries: Option<Vec<String>>,
 }
 
@@ -82,7 +84,13 @@ pub struct Limits {
     /// IPv6 addresses count against `ip_sends` by their first this many bits: a subscriber
     /// commonly holds a whole /64 and can pick a fresh address in it for every request.
     pub ipv6_prefix: u8,
+    /// Consecutive wrong codes per phone, counted apart for each client.
     pub failed_checks_per_phone: Rule,
+    /// Wrong codes per citizen address (IPv6 grouped by `ipv6_prefix`); empty: no cap.
+    pub failed_checks_per_ip: Vec<Rule>,
+    /// Wrong codes per client, a ceiling against credential stuffing; empty (the default): no
+    /// cap.
+    pub failed_checks_per_client: Vec<Rule>,
     pub countries: CountryAllowList,
 }
 
@@ -96,8 +104,9 @@ pub struct Rule {
 impl RawVerification {
     pub(crate) fn validate(self) -> Result<VerificationPolicy, ConfigError> {
         let code_length = self.code_length.unwrap_or(6);
-        // Four or five digits fall to guessing: the 100 wrong codes a phone may spend a day (by
-        // default) find a 4-digit code one time in a hundred, on each phone an attacker tries.
+        // Four or five digits fall to guessing: the 100 wrong codes a phone may take a day
+        // through each client (by default) find a 4-digit code one time in a hundred, on each
+        // phone an attacker tries.
         if !(6..=9).contains(&code_length) {
             return invalid(
                 "verification.code_length",
@@ -228,6 +237,17 @@ impl RawLimits {
                 per_secs: 86_400,
             })
             .validate("limits.failed_checks_per_phone")?;
+        let failed_checks_per_ip = rules(
+            "limits.failed_checks_per_ip",
+            self.failed_checks_per_ip.unwrap_or(vec![RawRule {
+                max: 50,
+                per_secs: 3600,
+            }]),
+        )?;
+        let failed_checks_per_client = rules(
+            "limits.failed_checks_per_client",
+            self.failed_checks_per_client.unwrap_or_default(),
+        )?;
         let countries = CountryAllowList::new(&self.countries.unwrap_or_default())
             .or_else(|message| invalid("limits.countries", message))?;
         Ok(Limits {
@@ -239,6 +259,8 @@ impl RawLimits {
             country_budgets,
             ipv6_prefix,
             failed_checks_per_phone,
+            failed_checks_per_ip,
+            failed_checks_per_client,
             countries,
         })
     }

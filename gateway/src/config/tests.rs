@@ -467,3 +467,48 @@ fn the_fraud_guard_is_on_by_default_and_its_keys_are_checked() {
         assert!(error.contains(named), "{toml}: {error}");
     }
 }
+
+#[test]
+fn guessing_caps_default_to_50_an_hour_per_ip_and_none_per_client() {
+    let config = Config::from_toml("").unwrap();
+    let rule = |max, secs| Rule {
+        max: std::num::NonZeroU32::new(max).unwrap(),
+        per: Duration::from_secs(secs),
+    };
+    assert_eq!(config.limits.failed_checks_per_ip, vec![rule(50, 3600)]);
+    assert!(config.limits.failed_checks_per_client.is_empty());
+    assert_eq!(config.limits.failed_checks_per_phone, rule(100, 86_400));
+
+    let config = Config::from_toml(
+        "[limits]\nfailed_checks_per_ip = []\n\
+         failed_checks_per_client = [{ max = 5000, per_secs = 3600 }, { max = 20000, per_secs = 86400 }]",
+    )
+    .unwrap();
+    assert!(config.limits.failed_checks_per_ip.is_empty());
+    assert_eq!(
+        config.limits.failed_checks_per_client,
+        vec![rule(5000, 3600), rule(20000, 86_400)]
+    );
+}
+
+#[test]
+fn guessing_caps_out_of_range_name_their_key() {
+    let cases = [
+        (
+            "[limits]\nfailed_checks_per_ip = [{ max = 0, per_secs = 3600 }]",
+            "limits.failed_checks_per_ip[0].max",
+        ),
+        (
+            "[limits]\nfailed_checks_per_client = [{ max = 10, per_secs = 0 }]",
+            "limits.failed_checks_per_client[0].per_secs",
+        ),
+        (
+            "[limits]\nfailed_checks_per_ip = { max = 10, per_secs = 60 }",
+            "failed_checks_per_ip",
+        ),
+    ];
+    for (text, key) in cases {
+        let error = Config::from_toml(text).unwrap_err();
+        assert!(error.to_string().contains(key), "{text}: {error}");
+    }
+}

@@ -22,7 +22,7 @@ use crate::verification::{EventKind, Verification, View};
 use crate::webhook::Webhooks;
 
 /// What an engine call reads and may write: one verification, by id or as the live one of a
-/// phone and client, and (when asked) its phone's failed checks.
+/// phone and client, and (when asked) the failed checks of its phone and client.
 #[derive(Debug, Clone, Copy)]
 pub struct Keys {
     /// The phone's shard byte (see [`crate::ids::shard_byte`]): where all of it lives.
@@ -30,7 +30,7 @@ pub struct Keys {
     pub id: Option<VerificationId>,
     /// `(phone, client)`: the live verification of this phone and client.
     pub live: Option<(u64, ClientId)>,
-    /// Whether the call needs the phone's failed checks (a check of a code).
+    /// Whether the call needs the failed checks of the phone and client (a check of a code).
     pub failed_checks: bool,
 }
 
@@ -43,8 +43,9 @@ pub struct Shard {
     pub records: HashMap<VerificationId, Box<Verification>, BuildHasherDefault<IdHasher>>,
     /// The live (pending) verification of each phone and client.
     pub live: HashMap<(u64, ClientId), VerificationId>,
-    /// Wrong codes per phone, in a fixed window.
-    pub failed_checks: HashMap<u64, FailedChecks>,
+    /// Wrong codes per phone and client, in a fixed window: one client's wrong codes never
+    /// lock the phone out of another client's verifications.
+    pub failed_checks: HashMap<(u64, ClientId), FailedChecks>,
     /// When the embedded sweep should next look at each verification: its earliest possible
     /// expiry while pending, the end of its retention once ended. A min-heap, so a sweep touches
     /// only what is due instead of every record. Rules never touch it; they say what they want
@@ -52,7 +53,7 @@ pub struct Shard {
     pub deadlines: BinaryHeap<Reverse<(Millis, VerificationId)>>,
 }
 
-/// Wrong codes typed for one phone since `window_start_ms`.
+/// Wrong codes typed for one phone through one client since `window_start_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FailedChecks {
     pub count: u32,
@@ -160,7 +161,7 @@ impl Keys {
         }
     }
 
-    /// The verification `id` and its phone's failed checks.
+    /// The verification `id` and the failed checks of its phone and client.
     pub fn checking(id: VerificationId) -> Keys {
         Keys {
             failed_checks: true,
@@ -168,8 +169,8 @@ impl Keys {
         }
     }
 
-    /// The live verification of `phone` for `client`, if any, and the phone's failed checks
-    /// (a locked phone gets no SMS).
+    /// The live verification of `phone` for `client`, if any, and the failed checks of the
+    /// phone and client (a phone locked for this client gets no SMS through it).
     pub fn live(phone: &Phone, client: ClientId) -> Keys {
         Keys {
             shard_byte: shard_byte(phone),

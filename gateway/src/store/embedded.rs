@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, Millis};
 use crate::error::ApiError;
+use crate::guess_caps::{GuessCaps, GuessLimiter};
 use crate::ids::{CarrierId, ClientId, VerificationId};
 use crate::queue::{Job, PushError, Queue};
 use crate::ratelimit::{Limiters, Rejection};
@@ -47,6 +48,8 @@ pub struct Embedded {
     shards: Box<[Mutex<Shard>]>,
     idempotency: Box<[Mutex<HashMap<IdempotencyKey, Idempotency>>]>,
     limiters: Limiters,
+    /// The caps on wrong codes per citizen address and per client.
+    guesses: GuessLimiter,
     receipts: ReceiptIndex,
     early_receipts: EarlyReceipts,
     /// When the receipt index was last cleaned of verifications that are gone (clock time).
@@ -86,6 +89,7 @@ pub struct EmbeddedParts {
     pub retention: Duration,
     pub idempotency_ttl: Duration,
     pub failed_checks_window: Duration,
+    pub guess_caps: GuessCaps,
 }
 
 // === impl Embedded ===
@@ -98,6 +102,7 @@ impl Embedded {
                 .collect(),
             idempotency: (0..N_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             limiters: parts.limiters,
+            guesses: GuessLimiter::new(parts.guess_caps),
             receipts: ReceiptIndex::new(),
             early_receipts: EarlyReceipts::new(EARLY_RECEIPTS_HELD),
             last_receipt_sweep: Mutex::new(Duration::ZERO),
@@ -238,6 +243,23 @@ impl Embedded {
 
     pub fn spend_phone(&self, phone: u64) -> Result<(), Rejection> {
         self.limiters.check_phone(phone)
+    }
+
+    /// Whether `ip` and `client` may have a code compared (spends nothing).
+    pub fn peek_guesses(&self, ip: Option<IpAddr>, client: ClientId) -> Result<(), Rejection> {
+        let now = self.clock.now_ms();
+        for guesser in self.guesses.caps().guessers(ip, client) {
+            self.guesses.peek(guesser, now)?;
+        }
+        Ok(())
+    }
+
+    /// Spends one wrong code of the caps of `ip` and `client`.
+    pub fn spend_guess(&self, ip: Option<IpAddr>, client: ClientId) {
+        let now = self.clock.now_ms();
+        for guesser in self.guesses.caps().guessers(ip, client) {
+            self.guesses.spend(guesser, now);
+        }
     }
 
     // --- idempotency keys ---
@@ -389,6 +411,7 @@ impl Embedded {
                 None => now < held.since_ms + IDEMPOTENCY_CLAIM_MS,
             });
         }
+        self.guesses.housekeep(now);
         self.watchers.prune();
         let elapsed = self.clock.elapsed();
         let receipts_due = {

@@ -196,6 +196,31 @@ impl Backend {
         }
     }
 
+    /// Whether a check from `ip` (its limit key, when known) through `client` may have its code
+    /// compared: `Some` with the guessing cap that refuses. Spends nothing: only a wrong code
+    /// spends the caps ([`Backend::spend_guess`]).
+    pub async fn peek_guesses(
+        &self,
+        ip: Option<IpAddr>,
+        client: ClientId,
+    ) -> Result<Option<Rejection>, ApiError> {
+        match self {
+            Backend::Embedded(embedded) => Ok(embedded.peek_guesses(ip, client).err()),
+            Backend::Redis(redis) => redis.peek_guesses(ip, client).await,
+        }
+    }
+
+    /// Spends one wrong code of the guessing caps of `ip` and `client`.
+    pub async fn spend_guess(&self, ip: Option<IpAddr>, client: ClientId) -> Result<(), ApiError> {
+        match self {
+            Backend::Embedded(embedded) => {
+                embedded.spend_guess(ip, client);
+                Ok(())
+            }
+            Backend::Redis(redis) => redis.spend_guess(ip, client).await,
+        }
+    }
+
     /// Whether a new verification spends a country or a prefix limit.
     pub fn has_destination_rules(&self) -> bool {
         match self {

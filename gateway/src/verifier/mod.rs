@@ -21,7 +21,7 @@ use crate::delivery::Deliveries;
 use crate::error::ApiError;
 use crate::fraud_guard::GuardKey;
 use crate::ids::{CarrierId, ClientId, VerificationId};
-use crate::metrics::{Ended, Metrics, Started};
+use crate::metrics::{Checked, Ended, Metrics, Started};
 use crate::otp::CodeKeys;
 use crate::phone::Phone;
 use crate::queue::{Job, Queue};
@@ -202,6 +202,10 @@ impl Verifier {
             anonymous_rate,
             clock.clone(),
         );
+        let guess_caps = crate::guess_caps::GuessCaps {
+            per_ip: config.limits.failed_checks_per_ip.clone(),
+            per_client: config.limits.failed_checks_per_client.clone(),
+        };
         let backend = match redis {
             None => Backend::Embedded(Embedded::new(EmbeddedParts {
                 limiters,
@@ -211,6 +215,7 @@ impl Verifier {
                 retention: config.verification.retention,
                 idempotency_ttl: config.verification.idempotency_ttl,
                 failed_checks_window: config.limits.failed_checks_per_phone.per,
+                guess_caps: guess_caps.clone(),
             })),
             Some(store) => Backend::Redis(RedisBackend::new(RedisParts {
                 store,
@@ -221,6 +226,7 @@ impl Verifier {
                 clock: clock.clone(),
                 policy: config.verification.clone(),
                 failed_checks_rule: config.limits.failed_checks_per_phone,
+                guess_caps,
             })),
         };
         let carriers = config
@@ -506,7 +512,7 @@ impl Verifier {
                 .run(Keys::live(&phone, client), |shard, fx, now| {
                     // A phone locked by wrong codes gets no SMS, not even its live
                     // verification's resend.
-                    self.unlocked(shard, phone.as_u64(), now)?;
+                    self.unlocked(shard, (phone.as_u64(), client), now)?;
                     let mut live = None;
                     if let Some(id) = shard.live.get(&(phone.as_u64(), client)).copied() {
                         let was_pending = shard.records.get(&id).is_some_and(|r| r.is_pending());
@@ -659,12 +665,16 @@ impl Verifier {
         }
     }
 
-    /// Checks a typed code.
+    /// Checks a typed code, typed by the citizen at `ip` when it is known (`crate::citizen_ip`).
+    ///
+    /// A check over the guessing caps of its citizen address or its client is refused before
+    /// its code is compared; a wrong code spends one of each (`crate::guess_caps`).
     pub async fn check(
         &self,
         client: ClientId,
         id: &VerificationId,
         typed: &str,
+        ip: Option<IpAddr>,
     ) -> Result<CheckAnswer, ApiError> {
         let shared = &*self.shared;
         if !shared.keys.is_well_formed(typed) {
@@ -673,12 +683,24 @@ impl Verifier {
                 format!("code: expected {} digits", shared.keys.length()),
             ));
         }
-        shared
+        let ip = ip.map(|ip| crate::citizen_ip::limit_key(ip, shared.ipv6_prefix));
+        if let Some(rejection) = shared.backend.peek_guesses(ip, client).await? {
+            shared.metrics.checked(Checked::Locked);
+            return Err(self.rejected(rejection));
+        }
+        let answer = shared
             .backend
             .run(Keys::checking(*id), |shard, fx, now| {
                 self.check_in(shard, fx, client, id, typed, now)
             })
-            .await
+            .await?;
+        if !answer.valid {
+            // The code was compared and was wrong (every refusal before comparing is an error).
+            if let Err(error) = shared.backend.spend_guess(ip, client).await {
+                tracing::warn!(%error, "a wrong code could not be counted against its guessing caps");
+            }
+        }
+        Ok(answer)
     }
 
     /// Sends the same code again, once the cooldown has passed. With SMS budgets, a resend

@@ -115,9 +115,12 @@ impl Verifier {
             return Err(not_pending(record.status));
         }
         let phone_key = record.phone.as_u64();
+        // Counted per phone *and client*: an attacker typing codes through one client locks the
+        // phone out of that client only, never out of every other tenant.
+        let failed_key = (phone_key, record.client);
         let rule = shared.failed_checks_rule;
         let window_ms = rule.per.as_millis() as Millis;
-        if let Err(locked) = self.unlocked(shard, phone_key, now) {
+        if let Err(locked) = self.unlocked(shard, failed_key, now) {
             shared.metrics.checked(Checked::Locked);
             return Err(locked);
         }
@@ -126,7 +129,7 @@ impl Verifier {
             record.end(Status::Approved, None, now);
             // Failures count while consecutive: the owner typing the right code resets them,
             // so a few typos never add up to a lock-out across the day.
-            shard.failed_checks.remove(&phone_key);
+            shard.failed_checks.remove(&failed_key);
             let Some(record) = shard.records.get_mut(id) else {
                 return Err(ApiError::NotFound);
             };
@@ -150,7 +153,7 @@ impl Verifier {
         record.touch();
         let failed = shard
             .failed_checks
-            .entry(phone_key)
+            .entry(failed_key)
             .or_insert(FailedChecks {
                 count: 0,
                 window_start_ms: now,
@@ -186,13 +189,19 @@ impl Verifier {
         Ok(answer)
     }
 
-    /// Refuses (`429 too_many_failed_checks`, counted) anything for a phone locked by too many
-    /// wrong codes: no check is compared, and no SMS is sent to it, until its window passes.
-    pub(super) fn unlocked(&self, shard: &Shard, phone: u64, now: Millis) -> Result<(), ApiError> {
+    /// Refuses (`429 too_many_failed_checks`, counted) anything for a phone that a client
+    /// locked by too many wrong codes: no check of that client is compared, and no SMS is sent
+    /// to the phone for that client, until its window passes. Other clients are not affected.
+    pub(super) fn unlocked(
+        &self,
+        shard: &Shard,
+        phone_and_client: (u64, ClientId),
+        now: Millis,
+    ) -> Result<(), ApiError> {
         let shared = &*self.shared;
         let rule = shared.failed_checks_rule;
         let window_ms = rule.per.as_millis() as Millis;
-        let Some(failed) = shard.failed_checks.get(&phone) else {
+        let Some(failed) = shard.failed_checks.get(&phone_and_client) else {
             return Ok(());
         };
         if now >= failed.window_start_ms + window_ms || failed.count < rule.max.get() {
@@ -238,7 +247,7 @@ impl Verifier {
                 return Err(self.refused_at_queue(PushError::Full));
             }
             let phone = record.phone.as_u64();
-            self.unlocked(shard, phone, now)?;
+            self.unlocked(shard, (phone, record.client), now)?;
             if !budget_spent {
                 return Ok(Resent::NeedsBudget(record.phone));
             }

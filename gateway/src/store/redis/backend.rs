@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::clock::{Clock, Millis};
 use crate::config::{Rule, VerificationPolicy};
 use crate::error::ApiError;
+use crate::guess_caps::GuessCaps;
 use crate::ids::{AckToken, CarrierId, ClientId, VerificationId};
 use crate::queue::{Job, Queue};
 use crate::ratelimit::{LimitKind, Limiters, Rejection};
@@ -16,8 +17,8 @@ use crate::store::effects::{
     Claim, DeadlineWrite, Effects, Held, Keys, LaneBacklog, Outcome, Shard, Snapshot,
 };
 use crate::store::redis::{
-    Commit, Committed, FailedChecksOf, GROUPS, IdempotencyHolder, LiveWrite, LoadKeys, Loaded,
-    RedisStore, StoreError, encode_record,
+    Commit, Committed, FailedChecksOf, GROUPS, GuessOp, IdempotencyHolder, LiveWrite, LoadKeys,
+    Loaded, RedisStore, StoreError, encode_record,
 };
 use crate::store::watchers::Watchers;
 use crate::sync::lock;
@@ -44,6 +45,8 @@ pub struct RedisBackend {
     clock: Clock,
     policy: VerificationPolicy,
     failed_checks_rule: Rule,
+    /// The caps on wrong codes per citizen address and per client.
+    guess_caps: GuessCaps,
     /// Jobs not yet acknowledged in each lane's streams, by every instance, as of the last
     /// sweep: `(lane, jobs)`.
     backlog: std::sync::Mutex<Vec<(u8, u64)>>,
@@ -60,6 +63,7 @@ pub struct RedisParts {
     pub clock: Clock,
     pub policy: VerificationPolicy,
     pub failed_checks_rule: Rule,
+    pub guess_caps: GuessCaps,
 }
 
 // === impl RedisBackend ===
@@ -76,6 +80,7 @@ impl RedisBackend {
             clock: parts.clock,
             policy: parts.policy,
             failed_checks_rule: parts.failed_checks_rule,
+            guess_caps: parts.guess_caps,
             backlog: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -114,9 +119,9 @@ impl RedisBackend {
             id: keys.id,
             live: keys.live,
             failed_checks: if keys.failed_checks {
-                // A start names the phone; every other call, the record it reads.
+                // A start names the phone and client; every other call, the record it reads.
                 match (keys.id, keys.live) {
-                    (None, Some((phone, _))) => FailedChecksOf::Phone(phone),
+                    (None, Some(phone_and_client)) => FailedChecksOf::Phone(phone_and_client),
                     _ => FailedChecksOf::Record,
                 }
             } else {
@@ -141,7 +146,8 @@ impl RedisBackend {
             };
             let loaded_id = keys.id.or(loaded.live);
             let mut before: Option<(u64, Vec<u8>)> = None;
-            let mut phone = keys.live.map(|(phone, _)| phone);
+            // Whose failed checks the call read and may write: the phone's and client's.
+            let mut failed_owner = keys.live;
             if let (Some(id), Some((revision, record))) = (loaded_id, loaded.record) {
                 // Past retention it is gone, as in the embedded store (Redis forgets it on its
                 // own clock; a test's clock may run ahead).
@@ -151,7 +157,7 @@ impl RedisBackend {
                 if !gone {
                     let blob = encode_record(&record).map_err(unavailable)?;
                     before = Some((revision, blob));
-                    phone = Some(record.phone.as_u64());
+                    failed_owner = Some((record.phone.as_u64(), record.client));
                     if record.is_pending() {
                         shard
                             .live
@@ -163,8 +169,8 @@ impl RedisBackend {
             if let (Some(live), Some(key)) = (loaded.live, keys.live) {
                 shard.live.insert(key, live);
             }
-            if let (Some(phone), Some(failed)) = (phone, loaded.failed_checks) {
-                shard.failed_checks.insert(phone, failed);
+            if let (Some(owner), Some(failed)) = (failed_owner, loaded.failed_checks) {
+                shard.failed_checks.insert(owner, failed);
             }
             let live_before = shard.live.clone();
             let failed_before = shard.failed_checks.clone();
@@ -223,9 +229,9 @@ impl RedisBackend {
                     commit.live = LiveWrite::Remove(*id);
                 }
             }
-            if let Some(phone) = phone {
-                let after = shard.failed_checks.get(&phone).copied();
-                let before = failed_before.get(&phone).copied();
+            if let Some(owner) = failed_owner {
+                let after = shard.failed_checks.get(&owner).copied();
+                let before = failed_before.get(&owner).copied();
                 if before != after {
                     let window_ms = self.failed_checks_rule.per.as_millis() as Millis;
                     let keep = after.map_or(1, |failed| {
@@ -233,7 +239,7 @@ impl RedisBackend {
                             .saturating_sub(now)
                             .max(1)
                     });
-                    commit.failed_checks = Some((phone, after, Duration::from_millis(keep)));
+                    commit.failed_checks = Some((owner, after, Duration::from_millis(keep)));
                     // Two verifications of one phone may count wrong codes at once.
                     commit.expected_failed_checks = Some(before);
                 }
@@ -254,6 +260,7 @@ impl RedisBackend {
             commit.push = effects.job.clone();
             commit.ack = effects.ack;
             if effects.spends_phone_limit {
+                let phone = failed_owner.map(|(phone, _)| phone);
                 if let Some(phone) = phone.or(commit.record.as_ref().map(|(r, _)| r.phone.as_u64()))
                 {
                     commit.phone_limit = Some((phone, self.limiters.phone_rules()));
@@ -445,6 +452,47 @@ impl RedisBackend {
                 retry_after,
             }
         }))
+    }
+
+    /// Whether `ip` and `client` may have a code compared (spends nothing); `Some` with the
+    /// cap that refuses.
+    pub async fn peek_guesses(
+        &self,
+        ip: Option<IpAddr>,
+        client: ClientId,
+    ) -> Result<Option<Rejection>, ApiError> {
+        for guesser in self.guess_caps.guessers(ip, client) {
+            let refused = self
+                .store
+                .guesses(
+                    guesser,
+                    self.guess_caps.rules(guesser),
+                    GuessOp::Peek,
+                    self.clock.advanced_ms(),
+                )
+                .await
+                .map_err(unavailable)?;
+            if let Some((rule, retry_after)) = refused {
+                return Ok(Some(self.guess_caps.rejection(guesser, rule, retry_after)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Spends one wrong code of the caps of `ip` and `client`.
+    pub async fn spend_guess(&self, ip: Option<IpAddr>, client: ClientId) -> Result<(), ApiError> {
+        for guesser in self.guess_caps.guessers(ip, client) {
+            self.store
+                .guesses(
+                    guesser,
+                    self.guess_caps.rules(guesser),
+                    GuessOp::Spend,
+                    self.clock.advanced_ms(),
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
     }
 
     /// Whether a start spends a country's or a prefix's limit between its two reads.

@@ -2,13 +2,15 @@
 //!
 //! Everything one engine call touches for one phone lives under one hash tag, the phone's
 //! *group* (`{0}` … `{f}`, the low nibble of the verification id's first byte), so every script
-//! runs on one Cluster slot. `P` is the configured key prefix:
+//! runs on one Cluster slot. `P` is the configured key prefix. No key name spells a phone
+//! number: `<phone>` is the phone's keyed hash ([`crate::otp::PhoneKeys`], 32 hex digits), which
+//! only holders of the secret can compute; the group still comes from the phone itself.
 //!
 //! | key                         | what                                                        |
 //! |-----------------------------|-------------------------------------------------------------|
-//! | `P:{G}:v:<id>`              | a verification: hash of `r` (revision), `b` (the record) and `p` (its phone) |
+//! | `P:{G}:v:<id>`              | a verification: hash of `r` (revision), `b` (the record) and `p` (`<phone>:<client>`, its failed-checks key's tail) |
 //! | `P:{G}:l:<phone>:<client>`  | the phone's live verification for a client                  |
-//! | `P:{G}:f:<phone>`           | wrong codes typed for the phone, `count:window_start`       |
+//! | `P:{G}:f:<phone>:<client>`  | wrong codes typed for the phone through a client, `count:window_start` |
 //! | `P:{G}:pl:<phone>:<rule>`   | the phone's send limit (GCRA theoretical arrival time)      |
 //! | `P:{G}:d`                   | sorted set: each verification's next deadline               |
 //! | `P:{G}:q:<lane>`            | the SMS jobs of a lane: a stream with one consumer group    |
@@ -21,6 +23,8 @@
 //! | `P:{cc:<country>}:px:<prefix>:<rule>` | a number prefix's velocity limit (`prefix_sends`), under its country's tag so both are spent in one script |
 //! | `P:{budget}:c:<client>`     | a client's SMS budget (GCRA), beside every other budget so one script spends a client's and a country's together |
 //! | `P:{budget}:cc:<country>`   | a phone country's SMS budget                                |
+//! | `P:{gi:<ip>}:<rule>`        | a citizen IP's wrong codes (`failed_checks_per_ip`)         |
+//! | `P:{gc:<client>}:<rule>`    | a client's wrong codes (`failed_checks_per_client`)         |
 //! | `P:{i:<client>:<hash>}`     | an `Idempotency-Key`                                        |
 //! | `P:rc:<carrier>:<reading>`  | a carrier message id, for receipts                          |
 //! | `P:er:<carrier>:<reading>`  | a receipt that came before its submit answer                |
@@ -29,7 +33,9 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use crate::guess_caps::Guesser;
 use crate::ids::{CarrierId, ClientId, VerificationId, shard_byte};
+use crate::otp::PhoneKeys;
 use crate::phone::Phone;
 use crate::receipt::Reading;
 
@@ -53,11 +59,13 @@ pub(crate) const CONSUMER_GROUP: &str = "otpgate";
 #[derive(Debug)]
 pub(crate) struct Keys {
     prefix: String,
+    /// How phones are named in keys.
+    phones: PhoneKeys,
 }
 
 impl Keys {
-    pub(crate) fn new(prefix: String) -> Keys {
-        Keys { prefix }
+    pub(crate) fn new(prefix: String, phones: PhoneKeys) -> Keys {
+        Keys { prefix, phones }
     }
 
     pub(crate) fn prefix(&self) -> &str {
@@ -81,20 +89,32 @@ impl Keys {
         self.tagged(group, format_args!("none"))
     }
 
+    /// `<phone>:<client>`: how a phone and client are named in keys (and in a record's `p`).
+    pub(crate) fn phone_client(&self, phone: u64, client: ClientId) -> String {
+        format!("{}:{client}", self.phones.name(phone))
+    }
+
     pub(crate) fn live(&self, group: u8, phone: u64, client: ClientId) -> String {
-        self.tagged(group, format_args!("l:{phone}:{client}"))
+        self.tagged(
+            group,
+            format_args!("l:{}", self.phone_client(phone, client)),
+        )
     }
 
-    pub(crate) fn failed(&self, group: u8, phone: u64) -> String {
-        self.tagged(group, format_args!("f:{phone}"))
+    pub(crate) fn failed(&self, group: u8, phone: u64, client: ClientId) -> String {
+        self.tagged(
+            group,
+            format_args!("f:{}", self.phone_client(phone, client)),
+        )
     }
 
-    /// What a failed-checks key of `group` starts with: the phone follows.
+    /// What a failed-checks key of `group` starts with: `<phone>:<client>` follows.
     pub(crate) fn failed_of(&self, group: u8) -> String {
         self.tagged(group, format_args!("f:"))
     }
 
     pub(crate) fn phone_limit(&self, group: u8, phone: u64, rule: usize) -> String {
+        let phone = self.phones.name(phone);
         self.tagged(group, format_args!("pl:{phone}:{rule}"))
     }
 
@@ -120,6 +140,14 @@ impl Keys {
 
     pub(crate) fn ip_limit(&self, ip: IpAddr, rule: usize) -> String {
         format!("{}:{{ip:{ip}}}:{rule}", self.prefix)
+    }
+
+    /// A guessing cap's rule for `guesser` (`guess_caps.rs`).
+    pub(crate) fn guess_cap(&self, guesser: Guesser, rule: usize) -> String {
+        match guesser {
+            Guesser::Ip(ip) => format!("{}:{{gi:{ip}}}:{rule}", self.prefix),
+            Guesser::Client(client) => format!("{}:{{gc:{client}}}:{rule}", self.prefix),
+        }
     }
 
     pub(crate) fn country_limit(&self, country: &str, rule: usize) -> String {

@@ -17,18 +17,21 @@
 //!   keys and arguments are named once, for the Rust that passes them and the Lua that reads
 //!   them.
 //! - `limits.rs`: client and IP send limits (`GCRA`), and the rule text both scripts read.
+//! - `guess_caps.rs`: the caps on wrong codes per citizen IP and per client (`GUESSES`).
 //! - `idempotency.rs`, `receipts.rs`, `deadlines.rs`: `Idempotency-Key`s, the receipt index
 //!   and held receipts, the sweeper's deadlines and the delay watches.
 //! - `streams.rs`: the SMS and webhook streams; `feed.rs`: the task that moves their entries
 //!   into this instance's queue and webhook outbox.
 //! - `lua/`: the scripts, each with its keys, arguments and answer described at its top;
-//!   `gcra.lua` is the GCRA function that `GCRA` (`limits.lua`) and `COMMIT` both start with.
+//!   `gcra.lua` is the GCRA function that `GCRA` (`limits.lua`), `GUESSES` (`guesses.lua`)
+//!   and `COMMIT` start with.
 
 pub mod backend;
 mod codec;
 mod deadlines;
 mod error;
 mod feed;
+mod guess_caps;
 mod idempotency;
 mod keys;
 mod limits;
@@ -41,6 +44,7 @@ mod txn;
 pub use self::codec::{StreamEntry, decode_record, encode_record};
 pub use self::error::StoreError;
 pub use self::feed::{Feed, feed};
+pub use self::guess_caps::GuessOp;
 pub use self::idempotency::IdempotencyHolder;
 pub use self::keys::{GROUPS, group, phone_group};
 pub use self::pool::RedisStore;

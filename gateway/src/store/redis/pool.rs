@@ -13,6 +13,7 @@ use super::error::StoreError;
 use super::keys::{CONSUMER_GROUP, GROUPS, Keys};
 use crate::clock::Millis;
 use crate::config::RedisConfig;
+use crate::otp::PhoneKeys;
 use crate::sync::lock;
 
 /// The pool: one Redis, or a Cluster.
@@ -88,12 +89,17 @@ pub(crate) struct Shared {
 // === impl RedisStore ===
 
 impl RedisStore {
-    /// Builds the pool and checks that Redis answers; creates the consumer groups.
+    /// Builds the pool and checks that Redis answers; creates the consumer groups. `secret` is
+    /// the server secret every instance shares: phones are named in keys by a hash keyed from it.
     ///
     /// # Errors
     /// When the URLs are malformed. An unreachable Redis is not an error here: the gateway
     /// starts not ready and connects when Redis comes up.
-    pub async fn connect(config: &RedisConfig, lanes: &[u8]) -> Result<RedisStore, StoreError> {
+    pub async fn connect(
+        config: &RedisConfig,
+        secret: &[u8],
+        lanes: &[u8],
+    ) -> Result<RedisStore, StoreError> {
         let timeouts = deadpool_redis::Timeouts {
             wait: Some(config.timeout),
             create: Some(config.timeout),
@@ -129,7 +135,7 @@ impl RedisStore {
                     .map(|_| std::sync::Mutex::new(None))
                     .collect(),
                 next_conn: std::sync::atomic::AtomicUsize::new(0),
-                keys: Keys::new(config.key_prefix.clone()),
+                keys: Keys::new(config.key_prefix.clone(), PhoneKeys::new(secret)),
                 timeout: config.timeout,
                 consumer: format!("{}-{}", std::process::id(), hex::encode(random)),
                 reachable: AtomicBool::new(false),

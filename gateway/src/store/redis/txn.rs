@@ -31,7 +31,7 @@ pub struct Loaded {
 }
 
 /// Which keys a `LOAD` reads: a record by id, or the live record of a phone and client, and the
-/// phone's failed checks.
+/// failed checks of a phone and client.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadKeys {
     pub group: u8,
@@ -56,8 +56,9 @@ impl LoadKeys {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailedChecksOf {
     None,
-    Phone(u64),
-    /// The phone of the record read.
+    /// This phone's, counted for this client.
+    Phone((u64, ClientId)),
+    /// Those of the record's phone and client.
     Record,
 }
 
@@ -77,7 +78,8 @@ pub struct Commit {
     pub expected_live: Option<VerificationId>,
     pub check_live: bool,
     pub live: LiveWrite,
-    pub failed_checks: Option<(u64, Option<FailedChecks>, Duration)>,
+    /// `((phone, client), failed checks or none, time to keep them)`.
+    pub failed_checks: Option<((u64, ClientId), Option<FailedChecks>, Duration)>,
     pub deadline: DeadlineWrite,
     pub push: Option<Job>,
     pub ack: Option<(u8, AckToken)>,
@@ -124,7 +126,8 @@ pub enum Committed {
 }
 
 impl RedisStore {
-    /// Reads a record (by id or through the phone's live index) and the phone's failed checks.
+    /// Reads a record (by id or through the phone's live index) and the failed checks of the
+    /// phone and client.
     pub async fn load(&self, keys: LoadKeys) -> Result<Loaded, StoreError> {
         let group = keys.group;
         let placeholder = self.keys().placeholder(group);
@@ -136,7 +139,7 @@ impl RedisStore {
             |(phone, client)| self.keys().live(group, phone, client),
         );
         let failed_key = match keys.failed_checks {
-            FailedChecksOf::Phone(phone) => self.keys().failed(group, phone),
+            FailedChecksOf::Phone((phone, client)) => self.keys().failed(group, phone, client),
             FailedChecksOf::None | FailedChecksOf::Record => placeholder.clone(),
         };
         let mut invocation = LOAD_SCRIPT.prepare_invoke();
@@ -189,11 +192,11 @@ impl RedisStore {
         let group = commit.group;
         let keys = self.keys();
         let placeholder = || keys.placeholder(group);
-        let (record, keep_ms, phone) = match &commit.record {
+        let (record, keep_ms, phone_client) = match &commit.record {
             Some((record, keep)) => (
                 encode_record(record)?,
                 keep.as_millis().max(1) as u64,
-                record.phone.as_u64().to_string(),
+                keys.phone_client(record.phone.as_u64(), record.client),
             ),
             None => (Vec::new(), 0, String::new()),
         };
@@ -256,7 +259,9 @@ impl RedisStore {
                 commit
                     .failed_checks
                     .as_ref()
-                    .map_or_else(placeholder, |(phone, _, _)| keys.failed(group, *phone)),
+                    .map_or_else(placeholder, |((phone, client), _, _)| {
+                        keys.failed(group, *phone, *client)
+                    }),
             )
             .key("deadlines_key", keys.deadlines(group))
             .key(
@@ -301,7 +306,7 @@ impl RedisStore {
                     .map_or_else(String::new, |(_, rules)| gcra_rules(rules)),
             )
             .arg("clock_offset_ms", commit.clock_offset_ms)
-            .arg("phone", phone)
+            .arg("phone_client", phone_client)
             .arg("watch_due", watch_due)
             .arg("watch_member", watch_member)
             .arg(
@@ -420,7 +425,7 @@ static COMMIT_NAMES: Names = Names {
         "consumer_group",
         "phone_rules",
         "clock_offset_ms",
-        "phone",
+        "phone_client",
         "watch_due",
         "watch_member",
         "unwatch_member",

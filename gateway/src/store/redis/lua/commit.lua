@@ -31,7 +31,7 @@ local ack_entry = ARGV[14] -- acknowledged and deleted
 local consumer_group = ARGV[15]
 local phone_rules = ARGV[16] -- 'emission,tolerance;…' (gcra.lua)
 local clock_offset_ms = ARGV[17]
-local phone = ARGV[18] -- the record's phone digits
+local phone_client = ARGV[18] -- the record's phone (keyed by HMAC) and client, as key names hold them
 local watch_due = ARGV[19] -- a delay watch to start: when it is due
 local watch_member = ARGV[20]
 local unwatch_member = ARGV[21] -- the events are written only if this watch was there
@@ -69,7 +69,7 @@ end
 local newrev = tonumber(rev) or 0
 if record ~= '' then
   newrev = redis.call('HINCRBY', record_key, 'r', 1)
-  redis.call('HSET', record_key, 'b', record, 'p', phone)
+  redis.call('HSET', record_key, 'b', record, 'p', phone_client)
   redis.call('PEXPIRE', record_key, keep_ms)
 end
 if live_op == 'S' then
