@@ -369,3 +369,18 @@ fn a_clients_web_origins_and_app_hashes_are_checked() {
         );
     }
 }
+
+#[test]
+fn long_polls_per_client_defaults_to_1000_and_is_bounded() {
+    let config = Config::from_toml("").unwrap();
+    assert_eq!(config.verification.long_polls_per_client, 1000);
+    let config = Config::from_toml("[verification]\nlong_polls_per_client = 0").unwrap();
+    assert_eq!(config.verification.long_polls_per_client, 0);
+    let error = Config::from_toml("[verification]\nlong_polls_per_client = 1000001")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("config key verification.long_polls_per_client:"),
+        "{error}"
+    );
+}
