@@ -269,12 +269,11 @@ pub async fn run(
             // Long-polls here wake on changes other instances publish.
             let wake: store::redis::changes::Wake = {
                 let verifier = verifier.clone();
-                Box::new(move |id| match id {
+                std::sync::Arc::new(move |id| match id {
                     Some(id) => verifier.backend().watchers().notify(id),
                     None => verifier.backend().watchers().notify_all(),
                 })
             };
-            let wake = std::sync::Arc::new(wake);
             let (urls, channel, timeout) = (
                 redis_config.urls.clone(),
                 redis.changes_channel(),
@@ -286,12 +285,11 @@ pub async fn run(
                 metrics.clone(),
                 background.clone(),
                 move || {
-                    let wake = wake.clone();
                     store::redis::changes::listen(
                         urls.clone(),
                         channel.clone(),
                         timeout,
-                        Box::new(move |id| wake(id)),
+                        wake.clone(),
                         stop.clone(),
                     )
                 },

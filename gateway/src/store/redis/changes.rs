@@ -23,7 +23,7 @@ const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// What to wake: one verification's long-polls, or (`None`) all of them.
-pub type Wake = Box<dyn Fn(Option<&VerificationId>) + Send + Sync>;
+pub type Wake = std::sync::Arc<dyn Fn(Option<&VerificationId>) + Send + Sync>;
 
 /// Listens on `channel` through one of `urls` until `stop` fires, calling `wake` with each
 /// published id, and with `None` each time the subscription is made again. `timeout` bounds
