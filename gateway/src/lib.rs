@@ -40,6 +40,7 @@ pub mod shutdown;
 pub mod sms;
 pub mod sms_wire;
 pub mod store;
+pub mod supervise;
 pub mod sync;
 pub mod verification;
 pub mod verifier;
@@ -58,6 +59,7 @@ use crate::config::{CarrierConfig, CarrierKind, Config};
 use crate::dispatch::Carrier;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
+use crate::supervise::supervise;
 use crate::verifier::Verifier;
 
 /// The two bound listeners the gateway serves.
@@ -254,30 +256,76 @@ pub async fn run(
                 .sum::<usize>()
                 .clamp(64, 20_000);
             // Every task of the gateway ends with `run`, even when `run` is dropped mid-way (a
-            // test's stand-in for a crash), as they would with the process.
-            Some(AbortOnDropHandle::new(tokio::spawn(store::redis::feed(
-                store::redis::Feed {
-                    store: redis.clone(),
-                    queue: queue.clone(),
-                    webhooks: webhooks.clone(),
-                    clock: verifier.clock().clone(),
-                    lanes: lanes.clone(),
-                    prefetch,
-                    claim_after: redis_config.claim_after,
-                    draining: draining.clone(),
-                },
+            // test's stand-in for a crash), as they would with the process. Each background
+            // task is supervised: started again should it ever end or panic before its stop.
+            let feed = store::redis::Feed {
+                store: redis.clone(),
+                queue: queue.clone(),
+                webhooks: webhooks.clone(),
+                clock: verifier.clock().clone(),
+                lanes: lanes.clone(),
+                prefetch,
+                claim_after: redis_config.claim_after,
+                draining: draining.clone(),
+            };
+            let stop = feeding.clone();
+            let feeder = AbortOnDropHandle::new(tokio::spawn(supervise(
+                metrics::Task::Feed,
+                metrics.clone(),
                 feeding.clone(),
-            ))))
+                move || store::redis::feed(feed.clone(), stop.clone()),
+            )));
+            // Long-polls here wake on changes other instances publish.
+            let wake: store::redis::changes::Wake = {
+                let verifier = verifier.clone();
+                std::sync::Arc::new(move |id| match id {
+                    Some(id) => verifier.backend().watchers().notify(id),
+                    None => verifier.backend().watchers().notify_all(),
+                })
+            };
+            let (urls, channel, timeout) = (
+                redis_config.urls.clone(),
+                redis.changes_channel(),
+                redis_config.timeout,
+            );
+            let stop = background.clone();
+            let listener = AbortOnDropHandle::new(tokio::spawn(supervise(
+                metrics::Task::Changes,
+                metrics.clone(),
+                background.clone(),
+                move || {
+                    store::redis::changes::listen(
+                        urls.clone(),
+                        channel.clone(),
+                        timeout,
+                        wake.clone(),
+                        stop.clone(),
+                    )
+                },
+            )));
+            Some((feeder, listener))
         }
         _ => None,
     };
     let webhooks_stop = CancellationToken::new();
-    let webhook_sender =
-        AbortOnDropHandle::new(tokio::spawn(webhooks.clone().run(webhooks_stop.clone())));
-    let sweeper = AbortOnDropHandle::new(tokio::spawn(sweep(
-        verifier.clone(),
-        config.sweep_interval,
+    let webhook_sender = AbortOnDropHandle::new(tokio::spawn(supervise(
+        metrics::Task::Webhooks,
+        metrics.clone(),
+        webhooks_stop.clone(),
+        {
+            let (webhooks, stop) = (webhooks.clone(), webhooks_stop.clone());
+            move || webhooks.clone().run(stop.clone())
+        },
+    )));
+    let sweeper = AbortOnDropHandle::new(tokio::spawn(supervise(
+        metrics::Task::Sweeper,
+        metrics.clone(),
         background.clone(),
+        {
+            let (verifier, interval, stop) =
+                (verifier.clone(), config.sweep_interval, background.clone());
+            move || sweep(verifier.clone(), interval, stop.clone())
+        },
     )));
 
     let api_shutdown = CancellationToken::new();
@@ -379,15 +427,22 @@ pub async fn run(
     }
     webhooks_stop.cancel();
     let _ = webhook_sender.await;
-    if let Some(feeder) = feeder {
-        // One more pass acknowledges the events delivered last.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        feeding.cancel();
-        let _ = feeder.await;
-    }
+    let listener = match feeder {
+        Some((feeder, listener)) => {
+            // One more pass acknowledges the events delivered last.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            feeding.cancel();
+            let _ = feeder.await;
+            Some(listener)
+        }
+        None => None,
+    };
 
     background.cancel();
     let _ = sweeper.await;
+    if let Some(listener) = listener {
+        let _ = listener.await;
+    }
     let _ = admin.await;
     tracing::info!("otpgate stopped");
     Ok(())

@@ -134,6 +134,32 @@ pub enum WebhookOutcome {
     Dropped,
 }
 
+/// The gateway's supervised background tasks (`otpgate_task_restarts_total{task}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// The sweeper: expiry, retention, housekeeping, gauges.
+    Sweeper,
+    /// The webhook sender.
+    Webhooks,
+    /// The redis back-end's feeder of SMS jobs and webhook events (and its keep-alive).
+    Feed,
+    /// The redis back-end's subscription to changed verifications, which wakes long-polls.
+    Changes,
+}
+
+impl Task {
+    pub const ALL: [Task; 4] = [Task::Sweeper, Task::Webhooks, Task::Feed, Task::Changes];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Sweeper => "sweeper",
+            Task::Webhooks => "webhooks",
+            Task::Feed => "feed",
+            Task::Changes => "changes",
+        }
+    }
+}
+
 /// Every handle the gateway records into. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -154,6 +180,9 @@ struct Shared {
     budget_refusals: [[Counter; 2]; 2],
     /// By client id; empty for the anonymous client.
     starts_without_citizen_ip: Vec<Counter>,
+    /// By client id; empty for the anonymous client.
+    long_polls_refused: Vec<Counter>,
+    task_restarts: [Counter; 4],
     limiter_keys: [Gauge; 2],
     session_extension: Histogram,
     queue_dropped: [Counter; 3],
@@ -647,6 +676,34 @@ impl Metrics {
                 )
             })
             .collect();
+        r.describe_counter(
+            "otpgate_long_polls_refused_total",
+            "GETs with ?wait= answered at once, by client, because the client already held \
+             [verification] long_polls_per_client long-polls on this instance.",
+        );
+        let long_polls_refused: Vec<Counter> = clients
+            .iter()
+            .map(|name| {
+                r.counter(
+                    "otpgate_long_polls_refused_total",
+                    vec![Label::new("client", name.clone())],
+                )
+            })
+            .collect();
+        r.describe_counter(
+            "otpgate_task_restarts_total",
+            "Background tasks restarted after they ended or panicked, by task: sweeper, \
+             webhooks, feed, changes. Any increase is a bug or a lasting outage worth a look.",
+        );
+        let task_restarts: Vec<Counter> = Task::ALL
+            .iter()
+            .map(|task| {
+                r.counter(
+                    "otpgate_task_restarts_total",
+                    vec![Label::new("task", task.name())],
+                )
+            })
+            .collect();
         let limiter_keys: Vec<Gauge> = ["phone", "ip"]
             .iter()
             .map(|limit| r.gauge("otpgate_ratelimit_keys", vec![Label::new("limit", *limit)]))
@@ -895,6 +952,8 @@ impl Metrics {
                 rejections: to_array(rejections),
                 budget_refusals,
                 starts_without_citizen_ip,
+                long_polls_refused,
+                task_restarts: to_array(task_restarts),
                 limiter_keys: to_array(limiter_keys),
                 session_extension,
                 queue_dropped: to_array(queue_dropped),
@@ -1073,6 +1132,18 @@ impl Metrics {
         if let Some(counter) = self.shared.starts_without_citizen_ip.get(client as usize) {
             counter.increment(1);
         }
+    }
+
+    /// A long-poll of `client` answered at once: the client held its cap of long-polls.
+    pub fn long_poll_refused(&self, client: crate::ids::ClientId) {
+        if let Some(counter) = self.shared.long_polls_refused.get(client as usize) {
+            counter.increment(1);
+        }
+    }
+
+    /// A background task ended or panicked and is started again.
+    pub fn task_restarted(&self, task: Task) {
+        self.shared.task_restarts[task as usize].increment(1);
     }
 
     pub fn set_limiter_keys(&self, n_phone_keys: usize, n_ip_keys: usize) {

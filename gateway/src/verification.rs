@@ -455,6 +455,7 @@ mod tests {
             idempotency_ttl: Duration::from_secs(86_400),
             reroutes: 1,
             expiry_follows_delivery: true,
+            long_polls_per_client: 1000,
         }
     }
 

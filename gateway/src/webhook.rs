@@ -244,22 +244,24 @@ impl Webhooks {
         }
     }
 
-    /// Puts a rendered event in the client's line. An event from a redis outbox stream
-    /// (`entry`) that finds the line full stays there, unacknowledged, for later; any other is
-    /// dropped and counted. Returns whether it was taken.
+    /// Puts a rendered event in the client's line. One that finds the line full is dropped and
+    /// counted, whichever back-end raised it: an event from a redis outbox stream (`entry`) is
+    /// then finished (acknowledged and deleted there) like a delivered one, so that a client
+    /// whose endpoint is down never leaves events in the stream that would hold up the others'.
+    /// Returns whether it was taken.
     pub fn enqueue(
         &self,
         event: RenderedEvent,
         entry: Option<(u8, AckToken)>,
         now: Millis,
     ) -> bool {
-        let Some(target) = self.target(event.client) else {
+        if self.target(event.client).is_none() {
             // Nobody to deliver it to (the client lost its webhook): done with it.
             if let Some(entry) = entry {
                 lock(&self.shared.finished).push(entry);
             }
             return true;
-        };
+        }
         let client = event.client;
         let mut outbox = self.lock();
         let Some(line) = outbox.lines.get_mut(client as usize) else {
@@ -267,20 +269,10 @@ impl Webhooks {
         };
         if line.depth() >= self.shared.capacity_per_client {
             drop(outbox);
-            if entry.is_some() {
-                return false;
+            if let Some(entry) = entry {
+                lock(&self.shared.finished).push(entry);
             }
-            target.metrics.outcome(WebhookOutcome::Dropped);
-            let last = self
-                .shared
-                .last_full_warning
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if now >= last + 10_000 {
-                self.shared
-                    .last_full_warning
-                    .store(now, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(host = %target.host, "webhook outbox full for this client; events dropped");
-            }
+            self.count_dropped(client, now);
             return false;
         }
         line.queued.push_back(Delivery {
@@ -297,6 +289,32 @@ impl Webhooks {
         self.shared.metrics.set_webhook_outbox(depth);
         self.shared.ready.notify_one();
         true
+    }
+
+    /// Counts an event of `client` dropped because its share of the outbox (or, on Redis, the
+    /// outbox stream) was full, with a warning at most every ten seconds.
+    pub fn count_dropped(&self, client: ClientId, now: Millis) {
+        let Some(target) = self.target(client) else {
+            return;
+        };
+        target.metrics.outcome(WebhookOutcome::Dropped);
+        let last = self
+            .shared
+            .last_full_warning
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now >= last + 10_000 {
+            self.shared
+                .last_full_warning
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(host = %target.host, "webhook outbox full for this client; events dropped");
+        }
+    }
+
+    /// How many events each redis outbox stream (one per hash-tag group) may hold, read or
+    /// not: `outbox_capacity`. Streams are drained at once (an event a full line cannot take is
+    /// dropped), so they fill only while no instance reads them.
+    pub fn stream_capacity(&self) -> usize {
+        self.shared.policy.outbox_capacity
     }
 
     /// Puts back finished events whose acknowledgement failed, to try again.

@@ -623,6 +623,52 @@ async fn a_long_poll_returns_when_the_verification_is_canceled() {
     gateway.stop().await.unwrap();
 }
 
+/// A client holds at most `long_polls_per_client` long-polls on an instance: one more is
+/// answered at once, as a GET without `?wait=` would, and counted; once they end, a long-poll
+/// waits again.
+#[tokio::test]
+async fn long_polls_are_capped_per_client() {
+    let (gateway, carrier) = gateway_with(&format!(
+        "[verification]\nlong_polls_per_client = 2\n{}",
+        two_clients()
+    ))
+    .await;
+    let gateway = gateway.with_api_key(KEY_A);
+    let started = gateway.start_verification(&phone(105)).await;
+    assert_eq!(started.status, 202, "{}", started.text);
+    let id = started.id();
+    carrier.wait_for(1, TIMEOUT).await;
+    gateway.wait_for_delivery(&id, "submitted").await;
+    let path = format!("{}?wait=3", path_of(&id));
+    let poll = || async {
+        let started = Instant::now();
+        let answer = gateway.get(&path).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        started.elapsed()
+    };
+    let third = async {
+        // The first two have begun waiting by then.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        poll().await
+    };
+    let (first, second, third) = tokio::join!(poll(), poll(), third);
+    assert!(first >= Duration::from_millis(2900), "{first:?}");
+    assert!(second >= Duration::from_millis(2900), "{second:?}");
+    assert!(third < Duration::from_secs(1), "over the cap: {third:?}");
+    let refused = r#"otpgate_long_polls_refused_total{client="portal"}"#;
+    assert_eq!(gateway.metric(refused).await, Some(1.0));
+    assert_eq!(
+        gateway
+            .metric(r#"otpgate_long_polls_refused_total{client="pharmacies"}"#)
+            .await,
+        Some(0.0)
+    );
+    // The slots were given back.
+    assert!(poll().await >= Duration::from_millis(2900));
+    assert_eq!(gateway.metric(refused).await, Some(1.0));
+    gateway.stop().await.unwrap();
+}
+
 /// `GET …?wait=1` with nothing changing answers after about a second, unchanged.
 #[tokio::test]
 async fn a_long_poll_without_a_change_returns_after_its_wait() {

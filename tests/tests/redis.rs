@@ -494,3 +494,172 @@ async fn a_late_or_emptied_redis_is_recovered() {
     carrier.wait_for(2, TIMEOUT).await;
     gateway.stop().await.unwrap();
 }
+
+/// The calls to Lua scripts (`EVALSHA`, `EVAL`) Redis has answered so far.
+fn script_calls(node: &RedisServer) -> u64 {
+    node.command(&["INFO", "commandstats"])
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            let calls = line.split_once("calls=")?.1;
+            calls.split(',').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// `n` verifications started on `gateway` and accepted by `carrier`, by id.
+async fn submitted(
+    gateway: &Gateway,
+    carrier: &FakeCarrier,
+    first_phone: u32,
+    n: u32,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let answer = gateway.start_verification(&phone(first_phone + i)).await;
+        assert_eq!(answer.status, 202, "{}", answer.text);
+        ids.push(answer.id());
+    }
+    carrier.wait_for(n as usize, TIMEOUT).await;
+    for id in &ids {
+        gateway.wait_for_delivery(id, "submitted").await;
+    }
+    ids
+}
+
+/// Long-polls `ids` on `gateway` (`?wait=` `wait_secs`), each in a task: what each answered,
+/// and after how long.
+fn long_polls(
+    gateway: &Gateway,
+    ids: &[String],
+    wait_secs: u32,
+) -> tokio::task::JoinSet<(String, u16, serde_json::Value, Duration)> {
+    let client = reqwest::Client::new();
+    let mut polls = tokio::task::JoinSet::new();
+    for id in ids {
+        let url = gateway.url(&format!("/v1/verifications/{id}?wait={wait_secs}"));
+        let (client, id) = (client.clone(), id.clone());
+        polls.spawn(async move {
+            let started = std::time::Instant::now();
+            let answer = client.get(url).send().await.expect("the gateway answers");
+            let status = answer.status().as_u16();
+            let body = answer.json().await.unwrap_or_default();
+            (id, status, body, started.elapsed())
+        });
+    }
+    polls
+}
+
+/// Long-polls cost Redis nothing while they wait: 200 of them held on one instance add no
+/// script calls a second (they used to cost one `LOAD` every 250 ms each: 800 a second); and a
+/// change made through another instance wakes its poll at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_cost_redis_nothing_and_wake_on_other_instances_changes() {
+    if !require_redis() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let carrier = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 200\nmax_connections_per_ip = 0\n[limits]\nip_sends = []\n{}",
+        carrier.config("alpha", 5000, 16)
+    );
+    let waiting = instance(&config, &redis.url()).await;
+    let changing = instance(&config, &redis.url()).await;
+    let ids = submitted(&waiting, &carrier, 3000, 200).await;
+
+    // What the two instances cost with nobody waiting (sweeps, keep-alives), over 2 s.
+    let before = script_calls(&redis);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = script_calls(&redis) - before;
+
+    let mut polls = long_polls(&waiting, &ids, 8);
+    // Every poll has made its reads and waits by then.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = script_calls(&redis);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = script_calls(&redis) - before;
+    assert!(
+        held <= idle + 20,
+        "200 long-polls held for 2 s cost {held} script calls (idle: {idle})"
+    );
+    assert_eq!(polls.len(), 200, "every poll still waits");
+
+    // Canceled through the other instance: the poll on this one answers within a second.
+    let canceled = changing
+        .delete(&format!("/v1/verifications/{}", ids[7]))
+        .await;
+    assert_eq!(canceled.status, 200, "{}", canceled.text);
+    let woken = std::time::Instant::now();
+    let (id, status, body, _) = polls.join_next().await.unwrap().unwrap();
+    assert!(
+        woken.elapsed() < Duration::from_secs(1),
+        "woken after {:?}",
+        woken.elapsed()
+    );
+    assert_eq!((id.as_str(), status), (ids[7].as_str(), 200));
+    assert_eq!(body["status"], "canceled", "{body}");
+    // The others wait out their 8 s, unchanged.
+    while let Some(poll) = polls.join_next().await {
+        let (_, status, body, waited) = poll.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body["status"], "pending", "{body}");
+        assert!(waited >= Duration::from_millis(7900), "{waited:?}");
+    }
+    waiting.stop().await.unwrap();
+    changing.stop().await.unwrap();
+}
+
+/// On a Redis Cluster, changes written on every master (verifications of many groups) reach
+/// the one subscription of another instance: each of its long-polls is woken at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_wake_on_changes_from_every_cluster_node() {
+    if !require_redis() {
+        return;
+    }
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls().join(",");
+    let carrier = FakeCarrier::start().await;
+    let config = format!(
+        "sweep_interval_ms = 200\n{}",
+        carrier.config("alpha", 1000, 10)
+    );
+    let toml = format!("{}cluster = true\n", on_redis(&config, &urls));
+    let start = async || {
+        let gateway = Gateway::start_configured(&toml, gateway::clock::Clock::system()).await;
+        gateway.wait_ready().await;
+        gateway
+    };
+    let waiting = start().await;
+    let changing = start().await;
+    let ids = submitted(&waiting, &carrier, 8000, 48).await;
+    let groups: HashSet<u8> = ids
+        .iter()
+        .map(|id| gateway::store::redis::group(&gateway::ids::VerificationId::parse(id).unwrap()))
+        .collect();
+    assert!(
+        groups.len() >= 8,
+        "verifications of many groups: {groups:?}"
+    );
+
+    let mut polls = long_polls(&waiting, &ids, 8);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let canceled_at = std::time::Instant::now();
+    for id in &ids {
+        let canceled = changing.delete(&format!("/v1/verifications/{id}")).await;
+        assert_eq!(canceled.status, 200, "{}", canceled.text);
+    }
+    let canceling = canceled_at.elapsed();
+    while let Some(poll) = polls.join_next().await {
+        let (id, status, body, _) = poll.unwrap();
+        assert_eq!(status, 200, "{id}");
+        assert_eq!(body["status"], "canceled", "{body}");
+    }
+    let woken = canceled_at.elapsed();
+    assert!(
+        woken < canceling + Duration::from_secs(1),
+        "the last poll answered {woken:?} after the first cancel ({canceling:?} to cancel all)"
+    );
+    waiting.stop().await.unwrap();
+    changing.stop().await.unwrap();
+}

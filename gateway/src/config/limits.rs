@@ -20,6 +20,7 @@ pub struct RawVerification {
     pub idempotency_ttl_secs: Option<u64>,
     pub reroutes: Option<u8>,
     pub expiry_follows_delivery: Option<bool>,
+    pub long_polls_per_client: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +63,9 @@ pub struct VerificationPolicy {
     /// For a carrier whose receipts are awaited, the code's clock starts at the `delivered`
     /// receipt rather than at acceptance (within the same `max_extension` cap).
     pub expiry_follows_delivery: bool,
+    /// `GET …?wait=` long-polls one client may hold at once on one instance; past it, a
+    /// long-poll is answered at once, as a plain GET.
+    pub long_polls_per_client: usize,
 }
 
 /// Limits on sends and checks.
@@ -164,7 +168,15 @@ impl RawVerification {
         if reroutes > 5 {
             return invalid("verification.reroutes", "must be between 0 and 5");
         }
+        let long_polls_per_client = self.long_polls_per_client.unwrap_or(1000);
+        if long_polls_per_client > 1_000_000 {
+            return invalid(
+                "verification.long_polls_per_client",
+                "must be between 0 and 1000000",
+            );
+        }
         Ok(VerificationPolicy {
+            long_polls_per_client,
             reroutes,
             expiry_follows_delivery: self.expiry_follows_delivery.unwrap_or(true),
             code_length,

@@ -512,3 +512,18 @@ fn guessing_caps_out_of_range_name_their_key() {
         assert!(error.to_string().contains(key), "{text}: {error}");
     }
 }
+
+#[test]
+fn long_polls_per_client_defaults_to_1000_and_is_bounded() {
+    let config = Config::from_toml("").unwrap();
+    assert_eq!(config.verification.long_polls_per_client, 1000);
+    let config = Config::from_toml("[verification]\nlong_polls_per_client = 0").unwrap();
+    assert_eq!(config.verification.long_polls_per_client, 0);
+    let error = Config::from_toml("[verification]\nlong_polls_per_client = 1000001")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("config key verification.long_polls_per_client:"),
+        "{error}"
+    );
+}

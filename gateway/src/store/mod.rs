@@ -13,7 +13,6 @@ pub mod redis;
 pub mod watchers;
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use crate::clock::Millis;
 use crate::error::ApiError;
@@ -29,9 +28,6 @@ pub use self::effects::{
 use self::embedded::Embedded;
 use self::redis::backend::RedisBackend;
 use self::watchers::Watchers;
-
-/// How often a long-poll looks again when other instances may change what it waits on.
-const REMOTE_LONG_POLL_EVERY: Duration = Duration::from_millis(250);
 
 /// The back-end the engine runs on.
 #[derive(Debug)]
@@ -74,11 +70,6 @@ impl Backend {
     /// long-poll looks again now and then for changes other instances made.
     pub fn is_remote(&self) -> bool {
         matches!(self, Backend::Redis(_))
-    }
-
-    /// How often a long-poll must look again, beside being woken by this instance's changes.
-    pub fn long_poll_every(&self) -> Option<Duration> {
-        self.is_remote().then_some(REMOTE_LONG_POLL_EVERY)
     }
 
     pub fn watchers(&self) -> &Watchers {

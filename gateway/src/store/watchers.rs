@@ -1,5 +1,6 @@
 //! Long-polls waiting for a verification to change: always this instance's own, whatever the
-//! back-end (on Redis a long-poll also looks again now and then for changes made elsewhere).
+//! back-end. This instance's changes wake them directly; on Redis, other instances' changes wake
+//! them through the changes channel (`store::redis::changes`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,15 @@ impl Watchers {
     pub fn notify(&self, id: &VerificationId) {
         if let Some(notify) = lock(self.shard(id)).get(id) {
             notify.notify_waiters();
+        }
+    }
+
+    /// Wakes every long-poll, to read again (changes may have gone unheard).
+    pub fn notify_all(&self) {
+        for shard in self.shards.iter() {
+            for notify in lock(shard).values() {
+                notify.notify_waiters();
+            }
         }
     }
 

@@ -75,6 +75,9 @@ struct Shared {
     deliveries: Deliveries,
     /// Cleared when shutdown begins: new verifications are refused from then on.
     accepting: AtomicBool,
+    /// Long-polls each client holds on this instance now (by client id), against
+    /// `policy.long_polls_per_client`.
+    long_polls: Box<[std::sync::atomic::AtomicUsize]>,
 }
 
 #[derive(Debug)]
@@ -109,6 +112,15 @@ pub enum ReceiptMatch {
     Held,
     /// The SMS it names is gone (past retention).
     Unmatched,
+}
+
+/// One long-poll's place among its client's; given back when dropped.
+struct LongPollSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for LongPollSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A start request, validated by the route.
@@ -268,6 +280,9 @@ impl Verifier {
                 deliveries: Deliveries::new(&config.carriers, &metrics),
                 webhooks,
                 accepting: AtomicBool::new(true),
+                long_polls: (0..config.clients.len().max(1))
+                    .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                    .collect(),
             }),
         }
     }
@@ -626,7 +641,12 @@ impl Verifier {
     }
 
     /// Waits until the verification's version differs from `version`, or `timeout` passes, or
-    /// `cancel` fires; then returns it as it is, with its version.
+    /// `cancel` fires; then returns it as it is, with its version. A client that already holds
+    /// `long_polls_per_client` long-polls on this instance gets the answer at once, as a GET
+    /// without `?wait=` would.
+    ///
+    /// Waiting costs the store nothing: every change wakes the watchers of its verification,
+    /// this instance's directly and (on Redis) other instances' through the changes channel.
     pub async fn wait_for_change(
         &self,
         client: ClientId,
@@ -635,10 +655,12 @@ impl Verifier {
         timeout: Duration,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<(View, u32), ApiError> {
+        let Some(_slot) = self.long_poll_slot(client) else {
+            self.shared.metrics.long_poll_refused(client);
+            return self.get(client, id).await;
+        };
         let backend = &self.shared.backend;
         let deadline = tokio::time::Instant::now() + timeout;
-        // When other instances may make the change, look again this often.
-        let poll = backend.long_poll_every().unwrap_or(timeout);
         // Only a verification the client may see gets a watcher.
         self.get(client, id).await?;
         loop {
@@ -652,17 +674,23 @@ impl Verifier {
             }
             // Every change notifies, the sweeper's expiries included; otherwise the poll ends at
             // its deadline or at shutdown.
-            let next_look = (tokio::time::Instant::now() + poll).min(deadline);
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(next_look) => {
-                    if next_look >= deadline {
-                        return self.get(client, id).await;
-                    }
-                }
+                _ = tokio::time::sleep_until(deadline) => return self.get(client, id).await,
                 _ = cancel.cancelled() => return self.get(client, id).await,
             }
         }
+    }
+
+    /// A place among `client`'s long-polls, held until dropped; `None` when it holds its cap.
+    fn long_poll_slot(&self, client: ClientId) -> Option<LongPollSlot<'_>> {
+        let held = self.shared.long_polls.get(client as usize)?;
+        let cap = self.shared.policy.long_polls_per_client;
+        held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < cap).then_some(n + 1)
+        })
+        .ok()?;
+        Some(LongPollSlot(held))
     }
 
     /// Checks a typed code, typed by the citizen at `ip` when it is known (`crate::citizen_ip`).

@@ -251,6 +251,8 @@ impl RedisBackend {
                 .filter_map(|(client, kind, view)| self.webhooks.render(*client, *kind, view, now))
                 .collect();
             commit.events = events.clone();
+            commit.outbox_max = self.webhooks.stream_capacity();
+            commit.changed = effects.notified.clone();
             // At most one SMS is queued per call: its delay watch goes with the change.
             commit.watch_delay = effects.delay_watches.first().and_then(|(client, _, send)| {
                 Some((self.webhooks.delay_due(*client, now)?, *send))
@@ -279,12 +281,18 @@ impl RedisBackend {
                 || commit.owns.is_some();
             let written_record = commit.record.clone();
             let mut written = None;
+            let mut dropped_events = 0;
             if writes {
                 match self.store.commit(commit).await.map_err(unavailable)? {
-                    Committed::Done { revision, .. } => {
+                    Committed::Done {
+                        revision,
+                        dropped_events: dropped,
+                        ..
+                    } => {
                         if let Some((record, _)) = written_record {
                             written = Some(Box::new((revision, record)));
                         }
+                        dropped_events = dropped;
                     }
                     Committed::Conflict => continue,
                     Committed::NotOwned => return Ok(Outcome::NotOwned),
@@ -307,6 +315,10 @@ impl RedisBackend {
             effects.delay_watches.clear();
             for event in &events {
                 self.webhooks.count(event);
+            }
+            // The stream was full: the last events were not written.
+            for event in &events[events.len().saturating_sub(dropped_events)..] {
+                self.webhooks.count_dropped(event.client, now);
             }
             return match result {
                 Ok(value) => Ok(Outcome::Ran {

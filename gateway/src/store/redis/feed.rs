@@ -11,7 +11,7 @@ use super::streams::StreamJob;
 use crate::sync::lock;
 
 /// What [`feed`] moves jobs and webhook events between.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Feed {
     pub store: RedisStore,
     pub queue: crate::queue::Queue,
@@ -31,7 +31,7 @@ pub struct Feed {
 /// Moves SMS jobs from the streams into this instance's queue, as fast as its carriers take
 /// them: reads new jobs while the queue holds fewer than `prefetch`, takes over jobs other
 /// instances stopped acknowledging, and keeps its own held jobs claimed. Stops when `stop`
-/// fires or the queue closes.
+/// fires; once the queue closes it only waits for that.
 pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
     let Feed {
         store,
@@ -47,8 +47,6 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
     // does not fill the room before urgent ones in another.
     lanes.sort_unstable_by(|a, b| b.cmp(a));
     let with_webhooks = webhooks.any_enabled();
-    // Events read while their client's line was full: held (and kept claimed) until it drains.
-    let mut parked: Vec<(u8, StreamEntry, crate::webhook::RenderedEvent)> = Vec::new();
     let mut last_reclaim = tokio::time::Instant::now();
     let mut last_keep = tokio::time::Instant::now();
     let mut last_own = tokio::time::Instant::now();
@@ -76,6 +74,8 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
                         Ok(jobs) => {
                             got += jobs.len();
                             if !push_all(&store, &queue, jobs) {
+                                // Shutting down: wait to be stopped (ending early would count as a crash).
+                                stop.cancelled().await;
                                 return;
                             }
                         }
@@ -91,10 +91,10 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
         // Every read failing means Redis is away: wait before trying again.
         let failed = passes > 0 && failures == passes;
         if reading && with_webhooks && !failed {
-            got += move_events(&store, &webhooks, &clock, Source::New, &mut parked, &lanes).await;
+            got += move_events(&store, &webhooks, &clock, Source::New, &lanes).await;
         } else if with_webhooks {
             // While draining, only acknowledge what was delivered.
-            move_events(&store, &webhooks, &clock, Source::None, &mut parked, &lanes).await;
+            move_events(&store, &webhooks, &clock, Source::None, &lanes).await;
         }
         let now = tokio::time::Instant::now();
         if reading && !failed && now >= last_reclaim + claim_after / 2 {
@@ -105,7 +105,6 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
                     &webhooks,
                     &clock,
                     Source::Reclaim(claim_after),
-                    &mut parked,
                     &lanes,
                 )
                 .await;
@@ -124,6 +123,8 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
                             }
                             got += jobs.len();
                             if !push_all(&store, &queue, jobs) {
+                                // Shutting down: wait to be stopped (ending early would count as a crash).
+                                stop.cancelled().await;
                                 return;
                             }
                         }
@@ -140,6 +141,8 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
                 match store.read_jobs(group, &lanes, 256, true).await {
                     Ok(jobs) => {
                         if !push_all(&store, &queue, jobs) {
+                            // Shutting down: wait to be stopped (ending early would count as a crash).
+                            stop.cancelled().await;
                             return;
                         }
                     }
@@ -147,7 +150,7 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
                 }
             }
             if with_webhooks {
-                move_events(&store, &webhooks, &clock, Source::Own, &mut parked, &lanes).await;
+                move_events(&store, &webhooks, &clock, Source::Own, &lanes).await;
             }
         }
         // Always, even after failed reads and while draining: the others must not take over
@@ -177,13 +180,15 @@ pub async fn feed(feed: Feed, stop: tokio_util::sync::CancellationToken) {
 
 /// Moves webhook events from the outbox streams (new ones, this instance's own pending ones, or
 /// those another instance held too long) into this instance's webhook outbox, and acknowledges
-/// those it finished. Returns how many it took.
+/// those it finished. An event whose client's line is full is dropped and counted there, and
+/// acknowledged with the finished ones: the feeder never stops reading a stream because one
+/// client's endpoint is down, so every other client's events keep flowing. Returns how many it
+/// read.
 async fn move_events(
     store: &RedisStore,
     webhooks: &crate::webhook::Webhooks,
     clock: &crate::clock::Clock,
     source: Source,
-    parked: &mut Vec<(u8, StreamEntry, crate::webhook::RenderedEvent)>,
     lanes: &[u8],
 ) -> usize {
     let mut finished: HashMap<u8, Vec<StreamEntry>> = HashMap::new();
@@ -200,17 +205,7 @@ async fn move_events(
         return 0;
     }
     let mut taken = 0;
-    for (group, entry, event) in std::mem::take(parked) {
-        if webhooks.enqueue(event.clone(), Some((group, entry.into())), clock.now_ms()) {
-            taken += 1;
-        } else {
-            parked.push((group, entry, event));
-        }
-    }
     for group in 0..GROUPS {
-        if parked.len() >= MAX_PARKED_EVENTS {
-            break;
-        }
         let events = match source {
             Source::New => store.read_events(group, 64, false).await,
             Source::Own => store.read_events(group, 256, true).await,
@@ -225,16 +220,11 @@ async fn move_events(
             }
         };
         for (entry, event) in events {
-            if lock(&store.shared.held_events).contains_key(&entry) {
+            if !lock(&store.shared.held_events).insert((group, entry)) {
                 continue;
             }
-            lock(&store.shared.held_events).insert(entry, group);
-            // A full line parks it here until the line drains.
-            if webhooks.enqueue(event.clone(), Some((group, entry.into())), clock.now_ms()) {
-                taken += 1;
-            } else {
-                parked.push((group, entry, event));
-            }
+            webhooks.enqueue(event, Some((group, entry.into())), clock.now_ms());
+            taken += 1;
         }
     }
     taken
@@ -254,10 +244,6 @@ enum Source {
 
 /// How often the feeder reads its own pending entries again.
 const OWN_PENDING_EVERY: Duration = Duration::from_secs(1);
-
-/// Webhook events an instance holds while their clients' lines are full; past it, it reads no
-/// more (they wait in Redis).
-const MAX_PARKED_EVENTS: usize = 1024;
 
 /// How long the feeder waits when every stream was empty.
 const FEED_IDLE_PAUSE: Duration = Duration::from_millis(10);

@@ -29,6 +29,10 @@
 //! | `P:rc:<carrier>:<reading>`  | a carrier message id, for receipts                          |
 //! | `P:er:<carrier>:<reading>`  | a receipt that came before its submit answer                |
 //! | `P:er:due`                  | sorted set: `carrier:message id` of each held receipt, by when it runs out |
+//!
+//! Beside the keys, one pub/sub channel, `P:changed`: `COMMIT` publishes on it the id of each
+//! verification whose long-polls a change wakes (a plain `PUBLISH`, which a Cluster forwards to
+//! every node).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -188,6 +192,11 @@ impl Keys {
     /// A receipt held until its submit answer comes, by one of its readings.
     pub(crate) fn held_receipt(&self, carrier: CarrierId, reading: &Reading) -> String {
         format!("{}:er:{carrier}:{reading}", self.prefix)
+    }
+
+    /// The pub/sub channel of changed verifications' ids.
+    pub(crate) fn changes(&self) -> String {
+        format!("{}:changed", self.prefix)
     }
 
     /// When each held receipt runs out.

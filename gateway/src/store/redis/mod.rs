@@ -21,12 +21,16 @@
 //! - `idempotency.rs`, `receipts.rs`, `deadlines.rs`: `Idempotency-Key`s, the receipt index
 //!   and held receipts, the sweeper's deadlines and the delay watches.
 //! - `streams.rs`: the SMS and webhook streams; `feed.rs`: the task that moves their entries
-//!   into this instance's queue and webhook outbox.
+//!   into this instance's queue and webhook outbox (dropping and counting the events a client's
+//!   full line cannot take, as the embedded outbox does).
+//! - `changes.rs`: the one pub/sub subscription per instance that wakes long-polls when
+//!   another instance changes their verification.
 //! - `lua/`: the scripts, each with its keys, arguments and answer described at its top;
 //!   `gcra.lua` is the GCRA function that `GCRA` (`limits.lua`), `GUESSES` (`guesses.lua`)
 //!   and `COMMIT` start with.
 
 pub mod backend;
+pub mod changes;
 mod codec;
 mod deadlines;
 mod error;

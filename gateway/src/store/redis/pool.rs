@@ -82,8 +82,9 @@ pub(crate) struct Shared {
     /// Stream entries this instance has read and not yet acknowledged, with their group and
     /// lane: kept claimed (so no one takes them over) while held.
     pub(crate) held: std::sync::Mutex<HashMap<StreamEntry, (u8, u8)>>,
-    /// Webhook events this instance read from the outbox streams and holds, by group.
-    pub(crate) held_events: std::sync::Mutex<HashMap<StreamEntry, u8>>,
+    /// Webhook events this instance read from the outbox streams and holds: `(group, entry)`,
+    /// since two groups' streams may give the same entry id.
+    pub(crate) held_events: std::sync::Mutex<std::collections::HashSet<(u8, StreamEntry)>>,
 }
 
 // === impl RedisStore ===
@@ -140,7 +141,7 @@ impl RedisStore {
                 consumer: format!("{}-{}", std::process::id(), hex::encode(random)),
                 reachable: AtomicBool::new(false),
                 held: std::sync::Mutex::new(HashMap::new()),
-                held_events: std::sync::Mutex::new(HashMap::new()),
+                held_events: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         };
         if let Err(error) = store.prepare_streams(lanes).await {
@@ -175,6 +176,11 @@ impl RedisStore {
             }
         }
         Ok(())
+    }
+
+    /// The pub/sub channel on which `COMMIT` publishes the ids of changed verifications.
+    pub fn changes_channel(&self) -> String {
+        self.shared.keys.changes()
     }
 
     pub(crate) fn keys(&self) -> &Keys {

@@ -273,7 +273,7 @@ impl RedisStore {
             .await?;
         let mut held = lock(&self.shared.held_events);
         for entry in entries {
-            held.remove(entry);
+            held.remove(&(group, *entry));
         }
         Ok(())
     }
@@ -298,7 +298,7 @@ impl RedisStore {
             }
         }
         let mut events: HashMap<u8, Vec<StreamEntry>> = HashMap::new();
-        for (entry, group) in lock(&self.shared.held_events).iter() {
+        for (group, entry) in lock(&self.shared.held_events).iter() {
             events.entry(*group).or_default().push(*entry);
         }
         for (group, entries) in events {
@@ -307,7 +307,7 @@ impl RedisStore {
                     Ok(lost) => {
                         let mut held = lock(&self.shared.held_events);
                         for entry in lost {
-                            held.remove(&entry);
+                            held.remove(&(group, entry));
                         }
                     }
                     Err(error) => {

@@ -85,8 +85,13 @@ pub struct Commit {
     pub ack: Option<(u8, AckToken)>,
     /// The phone's send rules, when this commit spends one send of them.
     pub phone_limit: Option<(u64, Vec<Rule>)>,
-    /// Webhook events the change raises: added to the group's outbox stream with it.
+    /// Webhook events the change raises: added to the group's outbox stream with it, as long
+    /// as the stream holds fewer than `outbox_max` entries (the rest are dropped).
     pub events: Vec<crate::webhook::RenderedEvent>,
+    pub outbox_max: usize,
+    /// Verifications whose long-polls the change wakes, on every instance: their ids are
+    /// published on the changes channel.
+    pub changed: Vec<VerificationId>,
     /// A `verification.delayed` watch to start: when it is due, and the send it watches.
     pub watch_delay: Option<(Millis, u8)>,
     /// A due watch the call has dealt with: the send it watched. Its events are written only
@@ -116,6 +121,9 @@ pub enum Committed {
         entry: Option<StreamEntry>,
         /// The record's revision after the write.
         revision: u64,
+        /// How many of the commit's webhook events (the last ones) found the outbox stream
+        /// full and were dropped.
+        dropped_events: usize,
     },
     /// Something it read changed meanwhile: read again and start over.
     Conflict,
@@ -318,7 +326,18 @@ impl RedisStore {
             .arg("owned_entry", entry(commit.owns))
             .arg("consumer", &self.shared.consumer)
             .arg("expected_failed", expected_failed)
-            .arg("event_count", commit.events.len());
+            .arg("event_count", commit.events.len())
+            .arg("outbox_max", commit.outbox_max)
+            .arg("changed_channel", keys.changes())
+            .arg(
+                "changed",
+                commit
+                    .changed
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
         if let Some((phone, rules)) = &commit.phone_limit {
             for rule in 0..rules.len() {
                 named = named.more_key(keys.phone_limit(group, *phone, rule));
@@ -351,6 +370,7 @@ impl RedisStore {
                 Ok(Committed::Done {
                     entry,
                     revision: int(1).unwrap_or(0).max(0) as u64,
+                    dropped_events: int(3).unwrap_or(0).max(0) as usize,
                 })
             }
             Some(0) => Ok(Committed::Conflict),
@@ -433,6 +453,9 @@ static COMMIT_NAMES: Names = Names {
         "consumer",
         "expected_failed",
         "event_count",
+        "outbox_max",
+        "changed_channel",
+        "changed",
     ],
     more_keys: Some("first_limit_key"),
     more_args: Some("first_event_arg"),

@@ -5,7 +5,9 @@
 -- (add) and 'R' (remove); '' also stands for a job, entry or watch that there is none of.
 -- Past the named ones: KEYS from first_limit_key are the phone's limit keys, one per rule of
 -- phone_rules; ARGV from first_event_arg are each webhook event's client, kind, id and body.
--- Returns {1, revision, entry} | {0} (conflict) | {2, retry ms, rule} | {3} (entry not ours).
+-- Returns {1, revision, entry, events dropped} | {0} (conflict) | {2, retry ms, rule} |
+-- {3} (entry not ours). Events that find the outbox stream at outbox_max entries are dropped
+-- (the last ones of the list), and the caller counts them as the embedded outbox does.
 local record_key = KEYS[1]
 local live_key = KEYS[2]
 local failed_key = KEYS[3]
@@ -39,8 +41,11 @@ local owned_entry = ARGV[22] -- must be pending to consumer
 local consumer = ARGV[23]
 local expected_failed = ARGV[24]
 local event_count = ARGV[25]
+local outbox_max = ARGV[26] -- entries the outbox stream may hold, read or not
+local changed_channel = ARGV[27] -- where the ids of changed verifications are published
+local changed = ARGV[28] -- ids to publish, comma-separated: long-polls wake on them
 local first_limit_key = 9
-local first_event_arg = 26
+local first_event_arg = 29
 
 -- Whether a value is as read: `expected` '*' is unchecked, '' absent.
 local function as_read(value, expected)
@@ -102,8 +107,19 @@ local announce = true
 if unwatch_member ~= '' then
   announce = redis.call('ZREM', delays_key, unwatch_member) == 1
 end
-for e = 0, (announce and tonumber(event_count) or 0) - 1 do
-  local at = first_event_arg + e * 4
-  redis.call('XADD', outbox_key, '*', 'c', ARGV[at], 'k', ARGV[at + 1], 'i', ARGV[at + 2], 'b', ARGV[at + 3])
+local dropped = 0
+if announce and tonumber(event_count) > 0 then
+  local room = tonumber(outbox_max) - redis.call('XLEN', outbox_key)
+  for e = 0, tonumber(event_count) - 1 do
+    if e < room then
+      local at = first_event_arg + e * 4
+      redis.call('XADD', outbox_key, '*', 'c', ARGV[at], 'k', ARGV[at + 1], 'i', ARGV[at + 2], 'b', ARGV[at + 3])
+    else
+      dropped = dropped + 1
+    end
+  end
 end
-return {1, newrev, entry}
+for id in string.gmatch(changed, '[^,]+') do
+  redis.call('PUBLISH', changed_channel, id)
+end
+return {1, newrev, entry, dropped}
