@@ -297,6 +297,7 @@ mod tests {
             ipv6_prefix: 64,
             failed_checks_per_phone: rule(100, 86_400),
             countries: CountryAllowList::default(),
+            number_types: crate::phone::NumberTypes::MOBILE,
         };
         Limiters::new(&limits, &[], rule(2, 1), clock.clone())
     }

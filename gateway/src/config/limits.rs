@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::error::{ConfigError, invalid, secs};
-use crate::phone::CountryAllowList;
+use crate::phone::{CountryAllowList, NumberTypes};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,6 +31,8 @@ pub struct RawLimits {
     pub ipv6_prefix: Option<u8>,
     pub failed_checks_per_phone: Option<RawRule>,
     pub countries: Option<Vec<String>>,
+    pub non_geographic: Option<bool>,
+    pub number_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -71,7 +73,11 @@ pub struct Limits {
     /// commonly holds a whole /64 and can pick a fresh address in it for every request.
     pub ipv6_prefix: u8,
     pub failed_checks_per_phone: Rule,
+    /// The regions codes go to, and whether non-geographic numbers (+881, +882, +883) do.
     pub countries: CountryAllowList,
+    /// The types of number codes go to: mobile only by default, since personal numbers and the
+    /// like are where SMS pumping makes its money.
+    pub number_types: NumberTypes,
 }
 
 /// At most `max` events per `per`.
@@ -193,8 +199,16 @@ impl RawLimits {
                 per_secs: 86_400,
             })
             .validate("limits.failed_checks_per_phone")?;
-        let countries = CountryAllowList::new(&self.countries.unwrap_or_default())
-            .or_else(|message| invalid("limits.countries", message))?;
+        let countries = CountryAllowList::new(
+            &self.countries.unwrap_or_default(),
+            self.non_geographic.unwrap_or(false),
+        )
+        .or_else(|message| invalid("limits.countries", message))?;
+        let number_types = match self.number_types {
+            None => NumberTypes::MOBILE,
+            Some(names) => NumberTypes::parse(&names)
+                .or_else(|message| invalid("limits.number_types", message))?,
+        };
         Ok(Limits {
             phone_sends,
             ip_sends,
@@ -202,6 +216,7 @@ impl RawLimits {
             ipv6_prefix,
             failed_checks_per_phone,
             countries,
+            number_types,
         })
     }
 }
