@@ -31,11 +31,29 @@ pub enum PhoneError {
     NotMobile,
 }
 
-/// ISO 3166 alpha-2 regions that phone numbers may belong to; empty allows all.
+/// ISO 3166 alpha-2 regions that phone numbers may belong to; empty allows all. Non-geographic
+/// numbers (+881 satellite phones, +882 and +883 international networks, and the like), which
+/// belong to no region, are allowed only when configured so.
 #[derive(Clone, Debug, Default)]
 pub struct CountryAllowList {
     regions: Vec<phonenumber::country::Id>,
+    non_geographic: bool,
 }
+
+/// What kind of number that can take SMS a phone is, by libphonenumber's types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NumberType {
+    Mobile,
+    Pager,
+    /// A personal number that forwards elsewhere (the UK's 070 range): a favourite of SMS
+    /// pumping, as its owner sets its price.
+    Personal,
+    Voip,
+}
+
+/// The number types a gateway sends codes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NumberTypes(u8);
 
 // === impl Phone ===
 
@@ -49,6 +67,13 @@ impl Phone {
     /// Parses and validates a number given in E.164 (`+` and 8 to 15 digits; spaces, dashes, dots
     /// and brackets are tolerated) and returns it with its region.
     pub fn parse(input: &str) -> Result<(Phone, Option<phonenumber::country::Id>), PhoneError> {
+        Phone::parse_typed(input).map(|(phone, region, _)| (phone, region))
+    }
+
+    /// [`Phone::parse`], with the number's type.
+    pub fn parse_typed(
+        input: &str,
+    ) -> Result<(Phone, Option<phonenumber::country::Id>, NumberType), PhoneError> {
         let trimmed = input.trim();
         let Some(rest) = trimmed.strip_prefix('+') else {
             return Err(PhoneError::NotE164);
@@ -79,9 +104,9 @@ impl Phone {
             .ok_or(PhoneError::Invalid)?;
         // The national number keeps its leading zeros (Italian landlines start with 0).
         let (region, kind) = classify(&regions, &digits[country_code_len..])?;
-        if !matches!(kind, Kind::Mobile) {
+        let Kind::Sms(number_type) = kind else {
             return Err(PhoneError::NotMobile);
-        }
+        };
         let digits: u64 = digits.parse().map_err(|_| PhoneError::NotE164)?;
         let country_code_len = country_code_len as u8;
         Ok((
@@ -90,6 +115,7 @@ impl Phone {
                 country_code_len,
             },
             region,
+            number_type,
         ))
     }
 
@@ -150,7 +176,7 @@ impl fmt::Debug for Phone {
 /// What a valid number is, as far as SMS is concerned.
 enum Kind {
     /// Mobile, pager, personal or VoIP: can receive SMS.
-    Mobile,
+    Sms(NumberType),
     /// Fixed line, premium rate, toll free and the rest.
     Other,
 }
@@ -175,12 +201,19 @@ fn classify(
         // the common case, a mobile, costs two matches. Premium-rate, toll-free and shared-cost
         // numbers never match here and never get a code: sending to them is how SMS pumping
         // fraud makes money.
-        let takes_sms = matches(descriptors.mobile())
-            || matches(descriptors.pager())
-            || matches(descriptors.personal_number())
-            || matches(descriptors.voip());
-        if takes_sms {
-            return Ok((meta.id().parse().ok(), Kind::Mobile));
+        let takes_sms = if matches(descriptors.mobile()) {
+            Some(NumberType::Mobile)
+        } else if matches(descriptors.pager()) {
+            Some(NumberType::Pager)
+        } else if matches(descriptors.personal_number()) {
+            Some(NumberType::Personal)
+        } else if matches(descriptors.voip()) {
+            Some(NumberType::Voip)
+        } else {
+            None
+        };
+        if let Some(number_type) = takes_sms {
+            return Ok((meta.id().parse().ok(), Kind::Sms(number_type)));
         }
         let known = matches(descriptors.fixed_line())
             || matches(descriptors.premium_rate())
@@ -237,7 +270,7 @@ fn is_match(descriptor: &phonenumber::metadata::Descriptor, national: &str) -> b
 
 impl CountryAllowList {
     /// Builds the list from ISO 3166 alpha-2 codes such as `"IT"`.
-    pub fn new(codes: &[String]) -> Result<CountryAllowList, String> {
+    pub fn new(codes: &[String], non_geographic: bool) -> Result<CountryAllowList, String> {
         let mut regions = Vec::with_capacity(codes.len());
         for code in codes {
             let id = code
@@ -246,7 +279,10 @@ impl CountryAllowList {
                 .map_err(|_| format!("unknown ISO 3166 alpha-2 region {code:?}"))?;
             regions.push(id);
         }
-        Ok(CountryAllowList { regions })
+        Ok(CountryAllowList {
+            regions,
+            non_geographic,
+        })
     }
 
     /// The labels of the metrics by country: the allowed regions, or with no list every
@@ -270,12 +306,68 @@ impl CountryAllowList {
         self.regions.is_empty()
     }
 
-    /// Whether a number from `region` may be sent to.
+    /// Whether a number from `region` (`None`: non-geographic) may be sent to.
     pub fn allows(&self, region: Option<phonenumber::country::Id>) -> bool {
-        if self.regions.is_empty() {
-            return true;
+        match region {
+            None => self.non_geographic,
+            Some(_) if self.regions.is_empty() => true,
+            Some(region) => self.regions.contains(&region),
         }
-        region.is_some_and(|region| self.regions.contains(&region))
+    }
+}
+
+// === impl NumberTypes ===
+
+impl NumberTypes {
+    /// Mobile numbers only.
+    pub const MOBILE: NumberTypes = NumberTypes(1);
+
+    /// The types named in `names` (`mobile`, `pager`, `personal`, `voip`).
+    pub fn parse(names: &[String]) -> Result<NumberTypes, String> {
+        let mut bits = 0;
+        for name in names {
+            bits |= match name.as_str() {
+                "mobile" => NumberTypes::bit(NumberType::Mobile),
+                "pager" => NumberTypes::bit(NumberType::Pager),
+                "personal" => NumberTypes::bit(NumberType::Personal),
+                "voip" => NumberTypes::bit(NumberType::Voip),
+                other => {
+                    return Err(format!(
+                        "unknown number type {other:?} (mobile, pager, personal or voip)"
+                    ));
+                }
+            };
+        }
+        if bits == 0 {
+            return Err("name at least one number type".to_owned());
+        }
+        Ok(NumberTypes(bits))
+    }
+
+    /// Whether codes go to numbers of this type.
+    pub fn allows(self, number_type: NumberType) -> bool {
+        self.0 & NumberTypes::bit(number_type) != 0
+    }
+
+    fn bit(number_type: NumberType) -> u8 {
+        match number_type {
+            NumberType::Mobile => 1,
+            NumberType::Pager => 2,
+            NumberType::Personal => 4,
+            NumberType::Voip => 8,
+        }
+    }
+}
+
+impl NumberType {
+    /// Its name in `limits.number_types` and in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            NumberType::Mobile => "mobile",
+            NumberType::Pager => "pager",
+            NumberType::Personal => "personal",
+            NumberType::Voip => "voip",
+        }
     }
 }
 
@@ -402,14 +494,47 @@ mod tests {
 
     #[test]
     fn allow_list_filters_regions() {
-        let all = CountryAllowList::new(&[]).unwrap();
-        let it_only = CountryAllowList::new(&["it".to_string()]).unwrap();
+        let all = CountryAllowList::new(&[], false).unwrap();
+        let it_only = CountryAllowList::new(&["it".to_string()], false).unwrap();
         let (it, it_region) = Phone::parse("+393331234567").unwrap();
         let (_, us_region) = Phone::parse("+12015550123").unwrap();
         let _ = it;
         assert!(all.allows(us_region));
         assert!(it_only.allows(it_region));
         assert!(!it_only.allows(us_region));
-        assert!(CountryAllowList::new(&["XX".to_string()]).is_err());
+        assert!(CountryAllowList::new(&["XX".to_string()], false).is_err());
     }
+
+    /// Satellite phones (+881) belong to no region: refused unless non-geographic numbers are
+    /// allowed, even with no country list.
+    #[test]
+    fn non_geographic_numbers_need_their_own_permission() {
+        let (_, region, number_type) = Phone::parse_typed(SATELLITE).unwrap();
+        assert_eq!(region, None);
+        assert_eq!(number_type, NumberType::Mobile);
+        assert!(!CountryAllowList::new(&[], false).unwrap().allows(region));
+        assert!(CountryAllowList::new(&[], true).unwrap().allows(region));
+        let it_only = CountryAllowList::new(&["IT".to_string()], true).unwrap();
+        assert!(it_only.allows(region));
+    }
+
+    /// A UK personal number (070) is told apart from a UK mobile (07[1-9]), and only the types
+    /// configured are allowed.
+    #[test]
+    fn number_types_tell_personal_numbers_from_mobiles() {
+        let (_, _, personal) = Phone::parse_typed("+447012345678").unwrap();
+        let (_, _, mobile) = Phone::parse_typed("+447911123456").unwrap();
+        assert_eq!(personal, NumberType::Personal);
+        assert_eq!(mobile, NumberType::Mobile);
+        assert!(NumberTypes::MOBILE.allows(mobile));
+        assert!(!NumberTypes::MOBILE.allows(personal));
+        let both = NumberTypes::parse(&["mobile".into(), "personal".into()]).unwrap();
+        assert!(both.allows(personal) && both.allows(mobile));
+        assert!(!both.allows(NumberType::Voip));
+        assert!(NumberTypes::parse(&[]).is_err());
+        assert!(NumberTypes::parse(&["landline".into()]).is_err());
+    }
+
+    /// An Iridium satellite phone.
+    const SATELLITE: &str = "+881631234567";
 }

@@ -359,6 +359,7 @@ mod tests {
             failed_checks_per_ip: Vec::new(),
             failed_checks_per_client: Vec::new(),
             countries: CountryAllowList::default(),
+            number_types: crate::phone::NumberTypes::MOBILE,
         };
         Limiters::new(&limits, &[], rule(2, 1), clock.clone())
     }

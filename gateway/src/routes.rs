@@ -136,7 +136,7 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
     let bytes = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let body: StartBody = parse_json(&bytes)?;
 
-    let (phone, region) = Phone::parse(&body.phone).map_err(|error| {
+    let (phone, region, number_type) = Phone::parse_typed(&body.phone).map_err(|error| {
         let message = match error {
             PhoneError::NotE164 => "phone: expected an E.164 number such as +393331234567",
             PhoneError::Invalid => "phone: not a valid number for its country",
@@ -217,6 +217,7 @@ async fn start(State(state): State<ApiState>, request: Request) -> Result<Respon
             NewVerification {
                 phone,
                 region,
+                number_type,
                 ip,
                 locale,
                 web_origin_host,

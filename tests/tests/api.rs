@@ -1033,3 +1033,31 @@ async fn long_polls_with_an_etag_never_miss_a_change() {
     assert_eq!(waited.header("etag"), Some(current_etag.as_str()));
     gateway.stop().await.unwrap();
 }
+
+/// SMS pumping's favourite numbers get no code by default: a UK personal number (070, priced by
+/// its owner) is refused as a type, a satellite phone (+881) as belonging to no country; both
+/// are allowed when configured.
+#[tokio::test]
+async fn personal_and_satellite_numbers_get_codes_only_when_configured() {
+    const PERSONAL: &str = "+447012345678";
+    const SATELLITE: &str = "+881631234567";
+    let (gateway, _carrier) = gateway_with_carrier().await;
+    let personal = gateway.start_verification(PERSONAL).await;
+    assert_error(&personal, 400, "invalid_phone");
+    assert!(personal.text.contains("personal"), "{}", personal.text);
+    let satellite = gateway.start_verification(SATELLITE).await;
+    assert_error(&satellite, 403, "country_not_allowed");
+    let mobile = gateway.start_verification("+447911123456").await;
+    assert_eq!(mobile.status, 202, "{}", mobile.text);
+    gateway.stop().await.unwrap();
+
+    let (gateway, carrier) =
+        gateway_with("[limits]\nnon_geographic = true\nnumber_types = [\"mobile\", \"personal\"]")
+            .await;
+    for number in [PERSONAL, SATELLITE] {
+        let started = gateway.start_verification(number).await;
+        assert_eq!(started.status, 202, "{number}: {}", started.text);
+    }
+    carrier.wait_for(2, TIMEOUT).await;
+    gateway.stop().await.unwrap();
+}

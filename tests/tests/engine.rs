@@ -81,10 +81,11 @@ async fn engine() -> Engine {
 }
 
 fn request(phone: &str, idempotency: Option<(&str, u64)>) -> NewVerification {
-    let (phone, region) = Phone::parse(phone).expect("a valid number");
+    let (phone, region, number_type) = Phone::parse_typed(phone).expect("a valid number");
     NewVerification {
         phone,
         region,
+        number_type,
         ip: Some("192.0.2.7".parse().expect("an IP")),
         locale: None,
         web_origin_host: None,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::error::{ConfigError, invalid, secs};
-use crate::phone::CountryAllowList;
+use crate::phone::{CountryAllowList, NumberTypes};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +37,8 @@ pub struct RawLimits {
     pub failed_checks_per_ip: Option<Vec<RawRule>>,
     pub failed_checks_per_client: Option<Vec<RawRule>>,
     pub countries: Option<Vec<String>>,
+    pub non_geographic: Option<bool>,
+    pub number_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -95,7 +97,11 @@ pub struct Limits {
     /// Wrong codes per client, a ceiling against credential stuffing; empty (the default): no
     /// cap.
     pub failed_checks_per_client: Vec<Rule>,
+    /// The regions codes go to, and whether non-geographic numbers (+881, +882, +883) do.
     pub countries: CountryAllowList,
+    /// The types of number codes go to: mobile only by default, since personal numbers and the
+    /// like are where SMS pumping makes its money.
+    pub number_types: NumberTypes,
 }
 
 /// At most `max` events per `per`.
@@ -260,8 +266,16 @@ impl RawLimits {
             "limits.failed_checks_per_client",
             self.failed_checks_per_client.unwrap_or_default(),
         )?;
-        let countries = CountryAllowList::new(&self.countries.unwrap_or_default())
-            .or_else(|message| invalid("limits.countries", message))?;
+        let countries = CountryAllowList::new(
+            &self.countries.unwrap_or_default(),
+            self.non_geographic.unwrap_or(false),
+        )
+        .or_else(|message| invalid("limits.countries", message))?;
+        let number_types = match self.number_types {
+            None => NumberTypes::MOBILE,
+            Some(names) => NumberTypes::parse(&names)
+                .or_else(|message| invalid("limits.number_types", message))?,
+        };
         Ok(Limits {
             phone_sends,
             ip_sends,
@@ -274,6 +288,7 @@ impl RawLimits {
             failed_checks_per_ip,
             failed_checks_per_client,
             countries,
+            number_types,
         })
     }
 }

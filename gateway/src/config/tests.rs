@@ -99,6 +99,11 @@ fn names_the_key_at_fault() {
             "clients[0].api_key_sha256",
         ),
         ("[limits]\ncountries = [\"XX\"]", "limits.countries"),
+        ("[limits]\nnumber_types = []", "limits.number_types"),
+        (
+            "[limits]\nnumber_types = [\"landline\"]",
+            "limits.number_types",
+        ),
         (
             "[limits]\nphone_sends = [{ max = 0, per_secs = 1 }]",
             "limits.phone_sends[0].max",

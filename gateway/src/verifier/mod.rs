@@ -49,6 +49,7 @@ struct Shared {
     overload: Option<crate::config::OverloadPolicy>,
     failed_checks_rule: Rule,
     countries: crate::phone::CountryAllowList,
+    number_types: crate::phone::NumberTypes,
     /// IPv6 citizen addresses are limited by their first this many bits.
     ipv6_prefix: u8,
     /// A number's first this many digits are its prefix (`prefix_sends`).
@@ -128,6 +129,7 @@ impl Drop for LongPollSlot<'_> {
 pub struct NewVerification {
     pub phone: Phone,
     pub region: Option<phonenumber::country::Id>,
+    pub number_type: crate::phone::NumberType,
     /// The citizen's address, for the per-IP limit (`crate::citizen_ip`); `None` when the
     /// start is not limited per IP.
     pub ip: Option<IpAddr>,
@@ -261,6 +263,7 @@ impl Verifier {
                 overload: config.overload,
                 failed_checks_rule: config.limits.failed_checks_per_phone,
                 countries: config.limits.countries.clone(),
+                number_types: config.limits.number_types,
                 ipv6_prefix: config.limits.ipv6_prefix,
                 prefix_digits: config.limits.prefix_digits,
                 budgets: crate::budget::Budgets::new(&config.clients, &config.limits),
@@ -432,6 +435,15 @@ impl Verifier {
         if !shared.countries.allows(request.region) {
             shared.metrics.rejected(LimitKind::Country);
             return Err(ApiError::CountryNotAllowed);
+        }
+        if !shared.number_types.allows(request.number_type) {
+            return Err(ApiError::bad_request(
+                "invalid_phone",
+                format!(
+                    "phone: a {} number; this gateway sends codes only to the number types in limits.number_types",
+                    request.number_type.name()
+                ),
+            ));
         }
         let carriers = shared.routes.eligible_for(&request.phone);
         if carriers == 0 {
