@@ -18,6 +18,12 @@
 //! the cool-off the key is slowed until `min_volume` fresh endings convert again. It recovers
 //! by itself.
 //!
+//! Only a prefix is ever slowed or blocked. A country is judged the same way, and its standing
+//! is reported (the gauges, a warning in the log), but it never refuses a start: a hundred
+//! starts to random numbers of a country in a quiet hour, never typed, would otherwise stop
+//! every citizen of that country from signing up, which is the failure this gateway exists to
+//! prevent.
+//!
 //! The state is this instance's own: on Redis each instance judges the endings it recorded
 //! (the checks and expiries it ran), a share of the traffic, with the same thresholds.
 
@@ -106,16 +112,20 @@ impl FraudGuard {
         self.policy.enabled
     }
 
-    /// Lets a start to `keys` through, or refuses it: blocked keys first, then slowed ones
-    /// (each spends one start of its slowed limit).
+    /// Lets a start to `keys` through, or refuses it: blocked prefixes first, then slowed ones
+    /// (each spends one start of its slowed limit). Countries are only reported, never refused.
     pub fn admit(&self, keys: &[GuardKey], now: Millis) -> Result<(), GuardRefusal> {
         if !self.policy.enabled {
             return Ok(());
         }
+        let keys: Vec<&GuardKey> = keys
+            .iter()
+            .filter(|key| matches!(key, GuardKey::Prefix(_)))
+            .collect();
         let standings: Vec<Standing> = {
             let mut trackers = crate::sync::lock(&self.trackers);
             keys.iter()
-                .map(|key| match trackers.get_mut(key) {
+                .map(|key| match trackers.get_mut(*key) {
                     Some(tracker) => tracker.standing_at(now),
                     None => Standing::Normal,
                 })
@@ -131,7 +141,7 @@ impl FraudGuard {
         }
         for (key, standing) in keys.iter().zip(&standings) {
             if *standing == Standing::Slowed {
-                if let Err(not_until) = self.slowed.check_key(key) {
+                if let Err(not_until) = self.slowed.check_key(*key) {
                     let retry_after =
                         not_until.wait_time_from(governor::clock::Clock::now(self.slowed.clock()));
                     return Err(GuardRefusal {
@@ -181,7 +191,7 @@ impl FraudGuard {
                 tracker.slices.clear();
                 match key {
                     GuardKey::Country(country) => {
-                        tracing::warn!(%country, ended, approvals, "fraud guard: almost no verifications to this country are completed; new starts are blocked for the cool-off");
+                        tracing::warn!(%country, ended, approvals, "fraud guard: almost no verifications to this country are completed; its prefixes are judged one by one, the country is never blocked");
                     }
                     GuardKey::Prefix(prefix) => {
                         tracing::warn!(%prefix, ended, approvals, "fraud guard: almost no verifications to this number prefix are completed; new starts are blocked for the cool-off");
@@ -348,17 +358,30 @@ mod tests {
     #[test]
     fn endings_leave_the_window_and_idle_keys_are_forgotten() {
         let guard = FraudGuard::new(policy(), Clock::system());
-        let country = [GuardKey::Country("IT".into())];
+        let prefix = [GuardKey::Prefix("4470123".into())];
         for _ in 0..9 {
-            guard.ended(&country, false, 0);
+            guard.ended(&prefix, false, 0);
         }
         // An hour later those nine are out of the window: one more does not make ten.
-        guard.ended(&country, false, 3_700_000);
-        assert!(guard.admit(&country, 3_700_000).is_ok());
+        guard.ended(&prefix, false, 3_700_000);
+        assert!(guard.admit(&prefix, 3_700_000).is_ok());
         guard.housekeep(3_700_000);
         assert_eq!(crate::sync::lock(&guard.trackers).len(), 1);
         guard.housekeep(7_400_000);
         assert!(crate::sync::lock(&guard.trackers).is_empty());
+    }
+
+    /// A country whose verifications collapse is reported, never refused: an attacker could
+    /// otherwise stop a whole country's sign-ups with a few dozen starts.
+    #[test]
+    fn a_collapsed_country_is_reported_and_never_refused() {
+        let guard = FraudGuard::new(policy(), Clock::system());
+        let country = [GuardKey::Country("IT".into())];
+        for _ in 0..20 {
+            guard.ended(&country, false, 0);
+        }
+        assert_eq!(guard.housekeep(0).blocked, [1, 0]);
+        assert!(guard.admit(&country, 0).is_ok());
     }
 
     #[test]

@@ -430,19 +430,25 @@ impl RedisBackend {
             )
             .await
             .map_err(unavailable)?;
-        Ok(limited.map(|(rule, retry_after)| {
-            let (limit, rule) = match rule.checked_sub(country_rules.len()) {
-                None => (LimitKind::CountryRate, country_rules[rule]),
-                Some(rule) => (
-                    LimitKind::PrefixRate,
-                    prefix_rules[rule.min(prefix_rules.len() - 1)],
-                ),
-            };
-            Rejection {
-                limit,
-                rule,
-                retry_after,
-            }
+        let Some((rule, retry_after)) = limited else {
+            return Ok(None);
+        };
+        // The index comes from Redis: never trusted to fit this configuration's rules.
+        let found = match rule.checked_sub(country_rules.len()) {
+            None => country_rules
+                .get(rule)
+                .map(|rule| (LimitKind::CountryRate, *rule)),
+            Some(rule) => prefix_rules
+                .get(rule)
+                .map(|rule| (LimitKind::PrefixRate, *rule)),
+        };
+        let Some((limit, rule)) = found else {
+            return Err(ApiError::StoreUnavailable);
+        };
+        Ok(Some(Rejection {
+            limit,
+            rule,
+            retry_after,
         }))
     }
 
@@ -456,13 +462,17 @@ impl RedisBackend {
             .spend_budgets(budgets, self.clock.advanced_ms())
             .await
             .map_err(unavailable)?;
-        Ok(refused.map(|(index, retry_after)| {
-            let budget = &budgets[index.min(budgets.len() - 1)];
-            crate::budget::BudgetRefusal {
-                scope: budget.scope,
-                rule: budget.rule,
-                retry_after,
-            }
+        let Some((index, retry_after)) = refused else {
+            return Ok(None);
+        };
+        // The index comes from Redis: never trusted to fit `budgets`.
+        let Some(budget) = budgets.get(index) else {
+            return Err(ApiError::StoreUnavailable);
+        };
+        Ok(Some(crate::budget::BudgetRefusal {
+            scope: budget.scope,
+            rule: budget.rule,
+            retry_after,
         }))
     }
 

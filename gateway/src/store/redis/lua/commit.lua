@@ -119,7 +119,9 @@ if announce and tonumber(event_count) > 0 then
     end
   end
 end
+-- Long-poll wake-ups come last and never fail the commit: everything above is written, and an
+-- error here (a user without channel rights) must not turn a written change into an error.
 for id in string.gmatch(changed, '[^,]+') do
-  redis.call('PUBLISH', changed_channel, id)
+  redis.pcall('PUBLISH', changed_channel, id)
 end
 return {1, newrev, entry, dropped}
